@@ -1,0 +1,226 @@
+//! The backward pass: a reverse walk over one tape's graph.
+//!
+//! The graph reachable from the roots is collected under the tape lock in one
+//! go ([`Tape::plan`]); then, with no lock held and grad mode off, each node's
+//! backward runs in reverse topological order, its input gradients summed in a
+//! buffer indexed by plan position, and leaf gradients accumulated into each
+//! leaf's grad slot under that leaf's own lock.
+//!
+//! [`Tape::plan`]: crate::autograd::tape::Tape::plan
+
+use ndarray::ArrayD;
+use smallvec::SmallVec;
+
+use crate::autograd::function::InputGrads;
+use crate::autograd::mode::GradGuard;
+use crate::autograd::tape::{NodeId, PlanEdge, Tape};
+use crate::error::{Error, Result};
+use crate::sync::Arc;
+use crate::tensor::Tensor;
+
+/// Where gradients arriving at leaves (and watched nodes) go.
+trait Sink {
+    /// Called once the graph is collected: where each watched node sits in
+    /// the plan, if it is reachable.
+    fn planned(&mut self, _watched: &[Option<usize>]) {}
+    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>);
+    fn node(&mut self, position: usize, grad: &ArrayD<f32>);
+}
+
+/// `backward()`: accumulate into every leaf's `.grad()`.
+struct Accumulate;
+
+impl Sink for Accumulate {
+    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>) {
+        leaf.accumulate_grad(grad);
+    }
+
+    fn node(&mut self, _: usize, _: &ArrayD<f32>) {}
+}
+
+/// `autograd::grad()`: keep the gradients of the requested inputs only.
+struct Capture<'a> {
+    inputs: &'a [&'a Tensor],
+    /// The input each watched node belongs to.
+    watched_inputs: Vec<usize>,
+    /// For each input, its position in the plan if it is a reachable node.
+    positions: Vec<Option<usize>>,
+    grads: Vec<Option<ArrayD<f32>>>,
+}
+
+impl Sink for Capture<'_> {
+    fn planned(&mut self, watched: &[Option<usize>]) {
+        for (&input, &position) in self.watched_inputs.iter().zip(watched) {
+            self.positions[input] = position;
+        }
+    }
+
+    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>) {
+        if let Some(i) = self.inputs.iter().position(|input| input.same(leaf)) {
+            accumulate(&mut self.grads[i], grad);
+        }
+    }
+
+    fn node(&mut self, position: usize, grad: &ArrayD<f32>) {
+        for (i, input_position) in self.positions.iter().enumerate() {
+            if *input_position == Some(position) {
+                self.grads[i] = Some(grad.clone());
+            }
+        }
+    }
+}
+
+fn accumulate(slot: &mut Option<ArrayD<f32>>, grad: ArrayD<f32>) {
+    match slot {
+        None => *slot = Some(grad),
+        Some(sum) => *sum += &grad,
+    }
+}
+
+/// A root of a backward pass with the gradient it starts from.
+pub(crate) struct Root<'a> {
+    pub(crate) tensor: &'a Tensor,
+    pub(crate) grad: ArrayD<f32>,
+}
+
+/// The roots that are recorded nodes, all on one tape; leaf roots go straight
+/// to the sink.
+struct Split {
+    tape: Option<Arc<Tape>>,
+    ids: Vec<NodeId>,
+    seeds: Vec<ArrayD<f32>>,
+}
+
+fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut dyn Sink) -> Result<Split> {
+    let mut split = Split {
+        tape: None,
+        ids: Vec::with_capacity(roots.len()),
+        seeds: Vec::with_capacity(roots.len()),
+    };
+    // Validate every root before any gradient reaches a leaf.
+    for root in &roots {
+        if !root.tensor.requires_grad() {
+            return Err(Error::NoGraph { op });
+        }
+        if let Some(node) = root.tensor.node() {
+            match &split.tape {
+                None => split.tape = Some(node.tape.clone()),
+                Some(tape) if !Arc::ptr_eq(tape, &node.tape) => {
+                    return Err(Error::TapeMismatch {
+                        op,
+                        first: tape.id(),
+                        second: node.tape.id(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for root in roots {
+        match root.tensor.node() {
+            Some(node) => {
+                split.ids.push(node.id);
+                split.seeds.push(root.grad);
+            }
+            None => sink.leaf(root.tensor, root.grad),
+        }
+    }
+    Ok(split)
+}
+
+fn run(
+    tape: &Tape,
+    ids: &[NodeId],
+    seeds: Vec<ArrayD<f32>>,
+    watch: &[NodeId],
+    retain: bool,
+    sink: &mut dyn Sink,
+) -> Result<()> {
+    let plan = tape.plan(ids, watch, retain)?;
+    sink.planned(&plan.watched);
+    // Backward functions compute with plain arrays, but a custom one may call
+    // tensor ops: none of them may record.
+    let _no_grad = GradGuard::new(false);
+
+    let mut grads: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(plan.nodes.len());
+    grads.resize_with(plan.nodes.len(), || None);
+    for (&position, seed) in plan.roots.iter().zip(seeds) {
+        accumulate(&mut grads[position], seed);
+    }
+
+    let mut needs: SmallVec<[bool; 4]> = SmallVec::new();
+    let mut slots: SmallVec<[Option<ArrayD<f32>>; 4]> = SmallVec::new();
+    // Consume the plan node by node, so each node's saved state is released
+    // as soon as its backward has run.
+    for (position, node) in plan.nodes.into_iter().enumerate() {
+        let Some(grad) = grads[position].take() else {
+            continue;
+        };
+        sink.node(position, &grad);
+        needs.clear();
+        needs.extend(node.edges.iter().map(|e| !matches!(e, PlanEdge::None)));
+        slots.clear();
+        slots.resize_with(needs.len(), || None);
+        let mut input_grads = InputGrads::new(&needs, &mut slots);
+        node.backward.backward(grad, &mut input_grads);
+        if let Some(error) = input_grads.take_error() {
+            return Err(error);
+        }
+        for (edge, slot) in node.edges.iter().zip(slots.drain(..)) {
+            let Some(input_grad) = slot else { continue };
+            match edge {
+                PlanEdge::None => {}
+                PlanEdge::Leaf(leaf) => sink.leaf(leaf, input_grad),
+                PlanEdge::Local(input) => {
+                    debug_assert!(*input > position, "plan is not topological");
+                    accumulate(&mut grads[*input], input_grad);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tensor.backward()` and its variants: accumulate gradients into leaves.
+pub(crate) fn backward(roots: Vec<Root<'_>>, retain: bool) -> Result<()> {
+    let mut sink = Accumulate;
+    let split = split_roots("backward", roots, &mut sink)?;
+    if let Some(tape) = split.tape {
+        run(&tape, &split.ids, split.seeds, &[], retain, &mut sink)?;
+    }
+    Ok(())
+}
+
+/// `autograd::grad`: the gradients of `inputs`, leaving `.grad()` untouched.
+/// An input the roots do not reach gets a zero gradient.
+pub(crate) fn grad(
+    roots: Vec<Root<'_>>,
+    inputs: &[&Tensor],
+    retain: bool,
+) -> Result<Vec<ArrayD<f32>>> {
+    let mut sink = Capture {
+        inputs,
+        watched_inputs: Vec::new(),
+        positions: vec![None; inputs.len()],
+        grads: vec![None; inputs.len()],
+    };
+    let split = split_roots("grad", roots, &mut sink)?;
+    if let Some(tape) = split.tape {
+        // An input recorded on another tape cannot be reached from these
+        // roots, so it is not watched.
+        let mut watch = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            if let Some(node) = input.node().filter(|node| Arc::ptr_eq(&node.tape, &tape)) {
+                sink.watched_inputs.push(i);
+                watch.push(node.id);
+            }
+        }
+        run(&tape, &split.ids, split.seeds, &watch, retain, &mut sink)?;
+    }
+    Ok(sink
+        .grads
+        .into_iter()
+        .zip(inputs)
+        .map(|(grad, input)| grad.unwrap_or_else(|| ArrayD::zeros(input.dim())))
+        .collect())
+}

@@ -1,0 +1,241 @@
+//! The one path every op records through: [`apply_op`] and the [`Backward`]
+//! trait.
+
+use ndarray::{ArrayD, Dimension, IxDyn};
+use smallvec::SmallVec;
+
+use crate::autograd::mode::{current_tape, is_grad_enabled};
+use crate::autograd::tape::{Edge, Edges};
+use crate::error::{Error, Result};
+use crate::sync::Arc;
+use crate::tensor::{Data, NodeRef, Tensor};
+
+/// The backward function of a recorded op: given the gradient of the loss
+/// with respect to the op's output, it computes the gradients with respect to
+/// the op's inputs.
+///
+/// The saved state an op needs (input values, its output) is data owned by
+/// the implementing type, and is dropped when the node is released: after a
+/// backward without `retain_graph`, or when no tensor reaches the node any
+/// more. Save arrays (`ArcArray` clones are cheap), not [`Tensor`]s.
+///
+/// `backward` runs with grad mode off on the calling thread and no lock held.
+///
+/// Closures `Fn(ArrayD<f32>, &mut InputGrads<'_>)` implement this trait; see
+/// [`apply_op`].
+pub trait Backward: Send + Sync + 'static {
+    /// Computes input gradients from `grad`, the gradient with respect to the
+    /// output (it has the output's shape), and stores them with
+    /// [`InputGrads::set`]. Inputs for which [`InputGrads::needs_grad`] is
+    /// false may be skipped.
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>);
+}
+
+impl<F> Backward for F
+where
+    F: Fn(ArrayD<f32>, &mut InputGrads<'_>) + Send + Sync + 'static,
+{
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        self(grad, grads)
+    }
+}
+
+/// Where a [`Backward`] puts the gradients of its op's inputs, one slot per
+/// input in the order the inputs were given to [`apply_op`].
+pub struct InputGrads<'a> {
+    needs: &'a [bool],
+    slots: &'a mut [Option<ArrayD<f32>>],
+    error: Option<Error>,
+}
+
+impl<'a> InputGrads<'a> {
+    pub(crate) fn new(needs: &'a [bool], slots: &'a mut [Option<ArrayD<f32>>]) -> Self {
+        debug_assert_eq!(needs.len(), slots.len());
+        InputGrads {
+            needs,
+            slots,
+            error: None,
+        }
+    }
+
+    /// The error a checked backward reported, if any.
+    pub(crate) fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
+    }
+
+    /// The number of inputs.
+    pub fn len(&self) -> usize {
+        self.needs.len()
+    }
+
+    /// True for an op without inputs.
+    pub fn is_empty(&self) -> bool {
+        self.needs.is_empty()
+    }
+
+    /// Whether input `input`'s gradient is used. Computing it when this is
+    /// false is wasted work (it is discarded).
+    ///
+    /// # Panics
+    ///
+    /// If `input` is not an input position.
+    pub fn needs_grad(&self, input: usize) -> bool {
+        self.needs[input]
+    }
+
+    /// Stores the gradient of input `input`, which must have that input's
+    /// shape.
+    ///
+    /// # Panics
+    ///
+    /// If `input` is not an input position.
+    pub fn set(&mut self, input: usize, grad: ArrayD<f32>) {
+        assert!(
+            input < self.slots.len(),
+            "InputGrads::set: input {input} out of range for an op with {} inputs",
+            self.slots.len()
+        );
+        if self.needs[input] {
+            self.slots[input] = Some(grad);
+        }
+    }
+
+    pub(crate) fn get(&self, input: usize) -> Option<&ArrayD<f32>> {
+        self.slots[input].as_ref()
+    }
+}
+
+/// Records `output` as the result of op `op` applied to `inputs`, the path
+/// every built-in op takes.
+///
+/// A node is pushed only when grad mode is on for this thread and some input
+/// requires grad; `save` (which gathers the backward's state) runs only then.
+/// Otherwise the output is a plain tensor and no lock is taken.
+pub(crate) fn record<B: Backward>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    output: Data,
+    save: impl FnOnce(&Data) -> B,
+) -> Result<Tensor> {
+    if !is_grad_enabled() || !inputs.iter().any(|input| input.requires_grad()) {
+        return Ok(Tensor::from_data(output));
+    }
+
+    // A graph lives on one tape: the one the inputs were recorded on, else
+    // the current thread's.
+    let mut tape = None;
+    for input in inputs {
+        if let Some(node) = input.node() {
+            match tape {
+                None => tape = Some(&node.tape),
+                Some(first) if !Arc::ptr_eq(first, &node.tape) => {
+                    return Err(Error::TapeMismatch {
+                        op,
+                        first: first.id(),
+                        second: node.tape.id(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let tape = match tape {
+        Some(tape) => tape.clone(),
+        None => current_tape(),
+    };
+
+    let edges: Edges = inputs
+        .iter()
+        .map(|input| match input.node() {
+            Some(node) => Edge::Node(node.id),
+            None if input.requires_grad() => Edge::Leaf((*input).clone()),
+            None => Edge::None,
+        })
+        .collect();
+    let backward: std::sync::Arc<dyn Backward> = std::sync::Arc::new(save(&output));
+    let id = tape.push(op, edges, backward);
+    Ok(Tensor::from_node(output, NodeRef { tape, id, op }))
+}
+
+/// Defines a differentiable op: records `output` as the result of `op`
+/// applied to `inputs`, with the backward function that `save` returns.
+///
+/// This is the path every built-in op takes. When grad mode is off on this
+/// thread or no input requires grad, `save` is not called and the output is a
+/// plain tensor; otherwise `save` runs once, and what it returns is the
+/// node's backward, holding whatever state it captured until the node is
+/// released. The gradients a backward sets are checked against the inputs'
+/// shapes.
+///
+/// # Errors
+///
+/// [`Error::TapeMismatch`] if inputs were recorded on different tapes. A
+/// backward that sets a gradient of the wrong shape makes the backward pass
+/// fail with [`Error::GradShape`].
+///
+/// # Examples
+///
+/// `cube(x) = x³`, whose derivative `3x²` needs the input saved:
+///
+/// ```
+/// use netcl::autograd::{InputGrads, apply_op};
+/// use netcl::{Result, Tensor};
+/// use ndarray::ArrayD;
+///
+/// fn cube(x: &Tensor) -> Result<Tensor> {
+///     let input = x.data();
+///     let output = input.mapv(|v| v * v * v);
+///     apply_op("cube", &[x], output, move || {
+///         move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+///             grads.set(0, grad * input.mapv(|v| 3.0 * v * v));
+///         }
+///     })
+/// }
+///
+/// let x = Tensor::from_vec(vec![1.0, -2.0, 0.5], &[3])?.requires_grad_(true);
+/// let y = cube(&x)?;
+/// assert_eq!(y.grad_fn().unwrap().name(), "cube");
+/// y.sum().backward();
+/// // d/dx x³ = 3x²
+/// assert_eq!(x.grad().unwrap().to_vec(), vec![3.0, 12.0, 0.75]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn apply_op<B: Backward>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    output: ArrayD<f32>,
+    save: impl FnOnce() -> B,
+) -> Result<Tensor> {
+    record(op, inputs, output.into_shared(), |_| Checked {
+        op,
+        shapes: inputs.iter().map(|input| input.dim()).collect(),
+        inner: save(),
+    })
+}
+
+/// A user-defined backward whose gradients are checked against the inputs'
+/// shapes before the engine uses them.
+struct Checked<B> {
+    op: &'static str,
+    shapes: SmallVec<[IxDyn; 2]>,
+    inner: B,
+}
+
+impl<B: Backward> Backward for Checked<B> {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        self.inner.backward(grad, grads);
+        for (input, expected) in self.shapes.iter().enumerate() {
+            if let Some(got) = grads.get(input) {
+                if got.shape() != expected.slice() {
+                    let error = Error::GradShape {
+                        op: self.op,
+                        input,
+                        expected: expected.slice().to_vec(),
+                        got: got.shape().to_vec(),
+                    };
+                    grads.error.get_or_insert(error);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Reverse-mode automatic differentiation and the per-thread grad mode.
+//!
+//! # Grad mode is per thread
+//!
+//! Whether ops record is a property of the *thread*: [`no_grad`] on one
+//! thread never switches off recording on another, so evaluation in one
+//! thread cannot silently break a training step in the next. The family:
+//!
+//! | | |
+//! |---|---|
+//! | [`is_grad_enabled`] | this thread's mode (on by default) |
+//! | [`no_grad`], [`enable_grad`], [`GradGuard::new`] | guards: set the mode until dropped, restore after, also on panic |
+//! | [`with_grad_enabled`] | the closure form |
+//! | [`set_grad_enabled`] | one-shot switch, returns the previous mode |
+//! | [`GradMode`] | a snapshot of the thread's mode and tape, to re-enter in other threads |
+//!
+//! Under `no_grad` an op computes the same values at the same speed but
+//! records nothing: its output has `requires_grad() == false` and no
+//! `grad_fn`, whatever its inputs, and no node is pushed.
+//!
+//! # Examples
+//!
+//! The evaluation loop of a classifier (the seed library's, in Rust):
+//!
+//! ```
+//! use netcl::{Tensor, autograd};
+//!
+//! # let w = Tensor::ones(&[4, 3]).requires_grad_(true);
+//! # let batches = vec![(Tensor::ones(&[2, 4]), Tensor::from_vec(vec![0.0, 1.0], &[2])?)];
+//! let (mut correct, mut total) = (0.0, 0);
+//! {
+//!     let _guard = autograd::no_grad();
+//!     for (x, y) in &batches {
+//!         let logits = x.matmul(&w);
+//!         let pred = logits.argmax(-1);
+//!         correct += pred.eq(y).sum().item();
+//!         total += y.shape()[0];
+//!     }
+//! }
+//! println!("accuracy: {:.2}%", 100.0 * correct / total as f32);
+//! # Ok::<(), netcl::Error>(())
+//! ```
+
+pub(crate) mod engine;
+mod engine_api;
+pub(crate) mod function;
+pub(crate) mod mode;
+pub(crate) mod tape;
+
+pub use engine_api::{grad, grad_retain_graph};
+pub use function::{Backward, InputGrads, apply_op};
+pub use mode::{
+    GradGuard, GradMode, ModeGuard, current_tape, enable_grad, is_grad_enabled, no_grad,
+    set_grad_enabled, with_grad_enabled,
+};
+pub use tape::{Tape, TapeStats};

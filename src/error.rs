@@ -1,0 +1,198 @@
+//! The crate's error type.
+//!
+//! Every fallible operation has a `try_` method returning [`Result`]; its plain
+//! twin panics with the same message (the `Display` of the [`Error`]).
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in netcl, each variant naming the operation
+/// and the shapes, axes or values at fault.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::{Error, Tensor};
+///
+/// let a = Tensor::zeros(&[2, 3]);
+/// let b = Tensor::zeros(&[4]);
+/// let err = a.try_add(&b).unwrap_err();
+/// assert!(matches!(err, Error::Broadcast { op: "add", .. }));
+/// assert_eq!(
+///     err.to_string(),
+///     "add: shapes [2, 3] and [4] cannot be broadcast together"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Two shapes that must be broadcast together are incompatible.
+    #[error("{op}: shapes {lhs:?} and {rhs:?} cannot be broadcast together")]
+    Broadcast {
+        /// The operation.
+        op: &'static str,
+        /// Shape of the left operand.
+        lhs: Vec<usize>,
+        /// Shape of the right operand.
+        rhs: Vec<usize>,
+    },
+
+    /// Two shapes that must be equal differ.
+    #[error("{op}: shape mismatch, {lhs:?} vs {rhs:?}")]
+    ShapeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The first shape.
+        lhs: Vec<usize>,
+        /// The second shape.
+        rhs: Vec<usize>,
+    },
+
+    /// The inner dimensions of a matrix product do not agree.
+    #[error(
+        "matmul: cannot multiply {lhs:?} by {rhs:?} (inner dimensions {lhs_inner} and {rhs_inner} differ)"
+    )]
+    MatmulShape {
+        /// Shape of the left operand.
+        lhs: Vec<usize>,
+        /// Shape of the right operand.
+        rhs: Vec<usize>,
+        /// Last dimension of the left operand.
+        lhs_inner: usize,
+        /// Second-to-last dimension of the right operand.
+        rhs_inner: usize,
+    },
+
+    /// An operation needs a tensor with a different number of dimensions.
+    #[error("{op}: expected {expected}, got a tensor of shape {shape:?}")]
+    Rank {
+        /// The operation.
+        op: &'static str,
+        /// What was expected, in words (for example "at least 2 dimensions").
+        expected: &'static str,
+        /// The shape that was given.
+        shape: Vec<usize>,
+    },
+
+    /// An axis is out of range for a tensor of `ndim` dimensions.
+    #[error("{op}: axis {axis} is out of range for a tensor with {ndim} dimensions")]
+    Axis {
+        /// The operation.
+        op: &'static str,
+        /// The axis that was given (negative counts from the end).
+        axis: isize,
+        /// The number of dimensions of the tensor.
+        ndim: usize,
+    },
+
+    /// A number of elements does not fit a shape.
+    #[error("{op}: {len} elements cannot have shape {shape:?} ({expected} elements)")]
+    ElementCount {
+        /// The operation.
+        op: &'static str,
+        /// The requested shape.
+        shape: Vec<usize>,
+        /// The number of elements that shape holds.
+        expected: usize,
+        /// The number of elements given.
+        len: usize,
+    },
+
+    /// An operation needs a tensor with exactly one element.
+    #[error("{op}: expected a tensor with one element, got shape {shape:?}")]
+    NotScalar {
+        /// The operation.
+        op: &'static str,
+        /// The shape that was given.
+        shape: Vec<usize>,
+    },
+
+    /// `backward` (or `autograd::grad`) was called on a tensor that has no
+    /// graph to walk.
+    #[error(
+        "{op}: tensor does not require grad and has no grad_fn (was it computed under no_grad, or from inputs that do not require grad?)"
+    )]
+    NoGraph {
+        /// The operation.
+        op: &'static str,
+    },
+
+    /// A backward pass reached a node whose saved tensors were already
+    /// released by an earlier backward.
+    #[error(
+        "backward through node `{node}` a second time: its saved tensors were released by the first backward; use the retain-graph variant for the first call if you need to backward twice"
+    )]
+    GraphReleased {
+        /// The op that recorded the node.
+        node: &'static str,
+    },
+
+    /// Inputs of one operation were recorded on different tapes.
+    #[error(
+        "{op}: inputs were recorded on different tapes (tape {first} and tape {second}); record a graph on one tape, for example by entering the first tape's GradMode"
+    )]
+    TapeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// Id of the first tape.
+        first: u64,
+        /// Id of the second tape.
+        second: u64,
+    },
+
+    /// `requires_grad_` was called on a tensor computed by an op.
+    #[error(
+        "requires_grad_: only leaf tensors can change requires_grad; this tensor was computed by `{op}` (use detach() to get a leaf)"
+    )]
+    NotLeaf {
+        /// The op that computed the tensor.
+        op: &'static str,
+    },
+
+    /// A custom op's backward returned a gradient of the wrong shape.
+    #[error(
+        "{op}: backward returned a gradient of shape {got:?} for input {input} of shape {expected:?}"
+    )]
+    GradShape {
+        /// The op.
+        op: &'static str,
+        /// The input position.
+        input: usize,
+        /// The input's shape.
+        expected: Vec<usize>,
+        /// The gradient's shape.
+        got: Vec<usize>,
+    },
+
+    /// A class-index target is not an integer in `0..classes`.
+    #[error("{op}: target {index} is {value}, expected a class index in 0..{classes}")]
+    InvalidTarget {
+        /// The operation.
+        op: &'static str,
+        /// Position of the target in the batch.
+        index: usize,
+        /// The value found.
+        value: f32,
+        /// The number of classes.
+        classes: usize,
+    },
+
+    /// An argument is outside the values an operation accepts.
+    #[error("{op}: {message}")]
+    InvalidArgument {
+        /// The operation.
+        op: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Unwraps `result`, panicking with the error's message: the plain (non-`try_`)
+/// methods are this applied to their `try_` twin.
+#[track_caller]
+pub(crate) fn or_panic<T>(result: Result<T>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(err) => panic!("{err}"),
+    }
+}

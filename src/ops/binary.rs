@@ -1,0 +1,375 @@
+//! Element-wise arithmetic with NumPy broadcasting: add, sub, mul, div, their
+//! scalar forms and the `std::ops` operators.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use ndarray::{ArrayD, Dimension, IxDyn, Zip};
+
+use crate::autograd::function::{Backward, InputGrads, record};
+use crate::error::{Result, or_panic};
+use crate::ops::{broadcast_shape, reduce_to_shape};
+use crate::tensor::{Data, Tensor};
+
+/// `f(a, b)` element-wise over the broadcast of `a` and `b`.
+fn zip_broadcast(
+    op: &'static str,
+    a: &Data,
+    b: &Data,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<ArrayD<f32>> {
+    if a.shape() == b.shape() {
+        if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
+            let values = x.iter().zip(y).map(|(&x, &y)| f(x, y)).collect();
+            return Ok(ArrayD::from_shape_vec(a.raw_dim(), values).expect("same shape"));
+        }
+        return Ok(Zip::from(a).and(b).map_collect(|&x, &y| f(x, y)));
+    }
+    let shape = broadcast_shape(op, a.shape(), b.shape())?;
+    let a = a
+        .broadcast(shape.clone())
+        .expect("shape is a broadcast of a");
+    let b = b.broadcast(shape).expect("shape is a broadcast of b");
+    Ok(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)))
+}
+
+/// Records a binary op whose backward needs only the operands' shapes.
+fn linear_op(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32,
+    sign_b: f32,
+) -> Result<Tensor> {
+    let (x, y) = (a.read(), b.read());
+    let out = zip_broadcast(op, &x, &y, f)?.into_shared();
+    record(op, &[a, b], out, |_| AddBackward {
+        a: a.dim(),
+        b: b.dim(),
+        sign_b,
+    })
+}
+
+/// d(a ± b)/da = 1, d(a ± b)/db = ±1, summed over broadcast axes.
+struct AddBackward {
+    a: IxDyn,
+    b: IxDyn,
+    sign_b: f32,
+}
+
+impl Backward for AddBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let grad_b = grads.needs_grad(1).then(|| {
+            let mut g = reduce_to_shape(grad.clone(), self.b.slice());
+            if self.sign_b != 1.0 {
+                g.mapv_inplace(|v| v * self.sign_b);
+            }
+            g
+        });
+        if grads.needs_grad(0) {
+            grads.set(0, reduce_to_shape(grad, self.a.slice()));
+        }
+        if let Some(g) = grad_b {
+            grads.set(1, g);
+        }
+    }
+}
+
+/// d(a*b)/da = b, d(a*b)/db = a.
+struct MulBackward {
+    a: Data,
+    b: Data,
+}
+
+impl Backward for MulBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        if grads.needs_grad(0) {
+            grads.set(0, reduce_to_shape(&grad * &self.b, self.a.shape()));
+        }
+        if grads.needs_grad(1) {
+            grads.set(1, reduce_to_shape(grad * &self.a, self.b.shape()));
+        }
+    }
+}
+
+/// d(a/b)/da = 1/b, d(a/b)/db = -a/b².
+struct DivBackward {
+    a: Data,
+    b: Data,
+}
+
+impl Backward for DivBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        if grads.needs_grad(1) {
+            let shape = grad.raw_dim();
+            let a = self
+                .a
+                .broadcast(shape.clone())
+                .expect("broadcast in forward");
+            let b = self.b.broadcast(shape).expect("broadcast in forward");
+            let g = Zip::from(&grad)
+                .and(&a)
+                .and(&b)
+                .map_collect(|&g, &a, &b| -g * a / (b * b));
+            grads.set(1, reduce_to_shape(g, self.b.shape()));
+        }
+        if grads.needs_grad(0) {
+            grads.set(0, reduce_to_shape(grad / &self.b, self.a.shape()));
+        }
+    }
+}
+
+impl Tensor {
+    /// Element-wise `self + rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
+    pub fn add(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_add(rhs))
+    }
+
+    /// Element-wise `self + rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes cannot be
+    /// broadcast together; [`Error::TapeMismatch`](crate::Error::TapeMismatch)
+    /// if the operands were recorded on different tapes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2])?;
+    /// let b = Tensor::from_vec(vec![10.0, 20.0], &[2])?;
+    /// assert_eq!(a.try_add(&b)?.to_vec(), vec![11.0, 22.0, 13.0, 24.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_add(&self, rhs: &Tensor) -> Result<Tensor> {
+        linear_op("add", self, rhs, |a, b| a + b, 1.0)
+    }
+
+    /// Element-wise `self - rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_sub`](Tensor::try_sub).
+    #[track_caller]
+    pub fn sub(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_sub(rhs))
+    }
+
+    /// Element-wise `self - rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    pub fn try_sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        linear_op("sub", self, rhs, |a, b| a - b, -1.0)
+    }
+
+    /// Element-wise `self * rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_mul`](Tensor::try_mul).
+    #[track_caller]
+    pub fn mul(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_mul(rhs))
+    }
+
+    /// Element-wise `self * rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.read(), rhs.read());
+        let out = zip_broadcast("mul", &a, &b, |x, y| x * y)?.into_shared();
+        record("mul", &[self, rhs], out, |_| MulBackward {
+            a: a.clone(),
+            b: b.clone(),
+        })
+    }
+
+    /// Element-wise `self / rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_div`](Tensor::try_div).
+    #[track_caller]
+    pub fn div(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_div(rhs))
+    }
+
+    /// Element-wise `self / rhs`, broadcasting as NumPy does. Division by
+    /// zero follows IEEE 754 (infinities and NaN), as in NumPy.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.read(), rhs.read());
+        let out = zip_broadcast("div", &a, &b, |x, y| x / y)?.into_shared();
+        record("div", &[self, rhs], out, |_| DivBackward {
+            a: a.clone(),
+            b: b.clone(),
+        })
+    }
+}
+
+/// Scalar forms: infallible, one input.
+impl Tensor {
+    fn scalar_op<B: Backward>(
+        &self,
+        op: &'static str,
+        f: impl Fn(f32) -> f32,
+        save: impl FnOnce(&Data) -> B,
+    ) -> Tensor {
+        let x = self.read();
+        let out = x.mapv(f).into_shared();
+        let input = &*x;
+        record(op, &[self], out, |_| save(input)).expect("one input cannot mismatch tapes")
+    }
+
+    /// `self + value` element-wise.
+    pub fn add_scalar(&self, value: f32) -> Tensor {
+        self.scalar_op(
+            "add_scalar",
+            |x| x + value,
+            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad),
+        )
+    }
+
+    /// `self - value` element-wise.
+    pub fn sub_scalar(&self, value: f32) -> Tensor {
+        self.scalar_op(
+            "sub_scalar",
+            |x| x - value,
+            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad),
+        )
+    }
+
+    /// `value - self` element-wise.
+    pub fn rsub_scalar(&self, value: f32) -> Tensor {
+        self.scalar_op(
+            "rsub_scalar",
+            |x| value - x,
+            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad),
+        )
+    }
+
+    /// `self * value` element-wise.
+    pub fn mul_scalar(&self, value: f32) -> Tensor {
+        self.scalar_op(
+            "mul_scalar",
+            |x| x * value,
+            |_| move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad * value),
+        )
+    }
+
+    /// `self / value` element-wise.
+    pub fn div_scalar(&self, value: f32) -> Tensor {
+        self.scalar_op(
+            "div_scalar",
+            |x| x / value,
+            |_| move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad / value),
+        )
+    }
+
+    /// `value / self` element-wise.
+    pub fn rdiv_scalar(&self, value: f32) -> Tensor {
+        // d(v/x)/dx = -v/x²
+        self.scalar_op(
+            "rdiv_scalar",
+            |x| value / x,
+            |x| {
+                let x = x.clone();
+                move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                    grad.zip_mut_with(&x, |g, &x| *g *= -value / (x * x));
+                    grads.set(0, grad);
+                }
+            },
+        )
+    }
+}
+
+// `std::ops` for every combination of `Tensor`, `&Tensor` and `f32`. Tensor
+// operands broadcast; an incompatible pair panics like the plain method.
+macro_rules! tensor_operator {
+    ($trait:ident, $method:ident, $tensor_fn:ident, $scalar_fn:ident, $rscalar_fn:ident) => {
+        impl $trait<&Tensor> for &Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: &Tensor) -> Tensor {
+                Tensor::$tensor_fn(self, rhs)
+            }
+        }
+        impl $trait<Tensor> for &Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: Tensor) -> Tensor {
+                Tensor::$tensor_fn(self, &rhs)
+            }
+        }
+        impl $trait<&Tensor> for Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: &Tensor) -> Tensor {
+                Tensor::$tensor_fn(&self, rhs)
+            }
+        }
+        impl $trait<Tensor> for Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: Tensor) -> Tensor {
+                Tensor::$tensor_fn(&self, &rhs)
+            }
+        }
+        impl $trait<f32> for &Tensor {
+            type Output = Tensor;
+            fn $method(self, rhs: f32) -> Tensor {
+                self.$scalar_fn(rhs)
+            }
+        }
+        impl $trait<f32> for Tensor {
+            type Output = Tensor;
+            fn $method(self, rhs: f32) -> Tensor {
+                self.$scalar_fn(rhs)
+            }
+        }
+        impl $trait<&Tensor> for f32 {
+            type Output = Tensor;
+            fn $method(self, rhs: &Tensor) -> Tensor {
+                rhs.$rscalar_fn(self)
+            }
+        }
+        impl $trait<Tensor> for f32 {
+            type Output = Tensor;
+            fn $method(self, rhs: Tensor) -> Tensor {
+                rhs.$rscalar_fn(self)
+            }
+        }
+    };
+}
+
+tensor_operator!(Add, add, add, add_scalar, add_scalar);
+tensor_operator!(Sub, sub, sub, sub_scalar, rsub_scalar);
+tensor_operator!(Mul, mul, mul, mul_scalar, mul_scalar);
+tensor_operator!(Div, div, div, div_scalar, rdiv_scalar);
+
+impl Neg for &Tensor {
+    type Output = Tensor;
+    fn neg(self) -> Tensor {
+        Tensor::neg(self)
+    }
+}
+
+impl Neg for Tensor {
+    type Output = Tensor;
+    fn neg(self) -> Tensor {
+        Tensor::neg(&self)
+    }
+}

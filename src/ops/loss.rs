@@ -1,0 +1,160 @@
+//! Loss functions: cross-entropy over class indices and mean squared error.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::autograd::function::{InputGrads, record};
+use crate::error::{Error, Result, or_panic};
+use crate::ops::softmax::softmax_inplace;
+use crate::tensor::Tensor;
+
+/// Reads class indices from a 1-D tensor of `n` integral values in
+/// `0..classes`.
+fn class_indices(targets: &Tensor, n: usize, classes: usize) -> Result<Vec<usize>> {
+    if targets.shape() != [n] {
+        return Err(Error::ShapeMismatch {
+            op: "cross_entropy",
+            lhs: vec![n],
+            rhs: targets.shape().to_vec(),
+        });
+    }
+    targets
+        .read()
+        .iter()
+        .enumerate()
+        .map(|(index, &value)| {
+            if value >= 0.0 && value.fract() == 0.0 && (value as usize) < classes {
+                Ok(value as usize)
+            } else {
+                Err(Error::InvalidTarget {
+                    op: "cross_entropy",
+                    index,
+                    value,
+                    classes,
+                })
+            }
+        })
+        .collect()
+}
+
+impl Tensor {
+    /// Mean cross-entropy of `logits` against class-index `targets`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_cross_entropy`](Tensor::try_cross_entropy).
+    #[track_caller]
+    pub fn cross_entropy(&self, targets: &Tensor) -> Tensor {
+        or_panic(self.try_cross_entropy(targets))
+    }
+
+    /// Mean cross-entropy of `self`, logits of shape `[n, classes]`, against
+    /// `targets`, `n` class indices stored as `f32`:
+    /// `-mean_i log_softmax(self)[i, targets[i]]`. Fused: the backward is
+    /// `(softmax - onehot) / n`, with no intermediate graph.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if the logits are not 2-D, [`Error::ShapeMismatch`] if
+    /// `targets` is not of shape `[n]`, [`Error::InvalidTarget`] naming the
+    /// first target that is not an integer in `0..classes`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let logits = Tensor::from_vec(vec![0.0, 0.0, 0.0, 0.0], &[2, 2])?;
+    /// let targets = Tensor::from_vec(vec![0.0, 1.0], &[2])?;
+    /// let loss = logits.try_cross_entropy(&targets)?;
+    /// assert!((loss.item() - 2f32.ln()).abs() < 1e-6);
+    ///
+    /// let bad = Tensor::from_vec(vec![0.0, 2.0], &[2])?;
+    /// assert_eq!(
+    ///     logits.try_cross_entropy(&bad).unwrap_err().to_string(),
+    ///     "cross_entropy: target 1 is 2, expected a class index in 0..2"
+    /// );
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_cross_entropy(&self, targets: &Tensor) -> Result<Tensor> {
+        if self.ndim() != 2 {
+            return Err(Error::Rank {
+                op: "cross_entropy",
+                expected: "logits of shape [n, classes]",
+                shape: self.shape().to_vec(),
+            });
+        }
+        let (n, classes) = (self.shape()[0], self.shape()[1]);
+        let targets = class_indices(targets, n, classes)?;
+        let mut probs = self.read().to_owned();
+        softmax_inplace(&mut probs, 1);
+        let total: f32 = targets
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| -probs[[i, t]].max(f32::MIN_POSITIVE).ln())
+            .sum();
+        let out = ArrayD::from_elem(IxDyn(&[]), total / n as f32).into_shared();
+        record("cross_entropy", &[self], out, |_| {
+            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                let scale = grad.first().copied().unwrap_or(0.0) / n as f32;
+                let mut g = probs.clone();
+                for (mut row, &t) in g.axis_iter_mut(Axis(0)).zip(&targets) {
+                    row[t] -= 1.0;
+                    row.mapv_inplace(|v| v * scale);
+                }
+                grads.set(0, g);
+            }
+        })
+    }
+
+    /// Mean squared error between `self` and `target`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_mse_loss`](Tensor::try_mse_loss).
+    #[track_caller]
+    pub fn mse_loss(&self, target: &Tensor) -> Tensor {
+        or_panic(self.try_mse_loss(target))
+    }
+
+    /// Mean squared error `mean((self - target)²)`; both tensors must have
+    /// the same shape (no broadcasting, which usually hides a bug here).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] if the shapes differ.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let pred = Tensor::from_vec(vec![1.0, 2.0], &[2])?;
+    /// let target = Tensor::from_vec(vec![1.0, 4.0], &[2])?;
+    /// assert_eq!(pred.try_mse_loss(&target)?.item(), 2.0);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_mse_loss(&self, target: &Tensor) -> Result<Tensor> {
+        if self.shape() != target.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "mse_loss",
+                lhs: self.shape().to_vec(),
+                rhs: target.shape().to_vec(),
+            });
+        }
+        let diff = (&*self.read() - &*target.read()).into_shared();
+        let n = diff.len() as f32;
+        let loss = diff.iter().map(|d| d * d).sum::<f32>() / n;
+        let out = ArrayD::from_elem(IxDyn(&[]), loss).into_shared();
+        record("mse_loss", &[self, target], out, |_| {
+            // d/dpred = 2 (pred - target) / n, d/dtarget = its negation
+            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                let scale = 2.0 * grad.first().copied().unwrap_or(0.0) / n;
+                let g = diff.mapv(|d| d * scale);
+                if grads.needs_grad(1) {
+                    grads.set(1, -&g);
+                }
+                grads.set(0, g);
+            }
+        })
+    }
+}

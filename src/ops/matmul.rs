@@ -1,0 +1,158 @@
+//! Matrix product: 2-D, and batched over leading dimensions that broadcast.
+
+use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
+
+use crate::autograd::function::{Backward, InputGrads, record};
+use crate::error::{Error, Result, or_panic};
+use crate::ops::gemm::{gemm, gemm_into};
+use crate::ops::{broadcast_shape, reduce_to_shape};
+use crate::tensor::{Data, Tensor};
+
+/// The matrices of a batched operand at one batch index.
+fn matrix_at<'a>(mut view: ArrayViewD<'a, f32>, index: &[usize]) -> ndarray::ArrayView2<'a, f32> {
+    for &i in index {
+        view = view.index_axis_move(Axis(0), i);
+    }
+    view.into_dimensionality::<Ix2>()
+        .expect("two trailing axes")
+}
+
+/// `a · b` over the last two axes, broadcasting the leading (batch) axes.
+/// Shapes have been validated by [`check_shapes`].
+fn batched_matmul(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32> {
+    let (an, bn) = (a.ndim(), b.ndim());
+    if an == 2 && bn == 2 {
+        let a = a.into_dimensionality::<Ix2>().expect("2-D");
+        let b = b.into_dimensionality::<Ix2>().expect("2-D");
+        return gemm(a, b).into_dyn();
+    }
+    let batch = broadcast_shape("matmul", &a.shape()[..an - 2], &b.shape()[..bn - 2])
+        .expect("validated in forward");
+    let (m, k, n) = (a.shape()[an - 2], a.shape()[an - 1], b.shape()[bn - 1]);
+    let with = |rows, cols| {
+        let mut shape = batch.slice().to_vec();
+        shape.extend([rows, cols]);
+        IxDyn(&shape)
+    };
+    let a = a.broadcast(with(m, k)).expect("batch axes broadcast");
+    let b = b.broadcast(with(k, n)).expect("batch axes broadcast");
+    let mut out = ArrayD::zeros(with(m, n));
+    for index in ndarray::indices(batch.clone()) {
+        let index = index.slice();
+        let mut c = out.view_mut();
+        for &i in index {
+            c = c.index_axis_move(Axis(0), i);
+        }
+        let c = c.into_dimensionality::<Ix2>().expect("two trailing axes");
+        gemm_into(matrix_at(a.view(), index), matrix_at(b.view(), index), c);
+    }
+    out
+}
+
+fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
+    for shape in [a, b] {
+        if shape.len() < 2 {
+            return Err(Error::Rank {
+                op: "matmul",
+                expected: "at least 2 dimensions",
+                shape: shape.to_vec(),
+            });
+        }
+    }
+    let (lhs_inner, rhs_inner) = (a[a.len() - 1], b[b.len() - 2]);
+    if lhs_inner != rhs_inner {
+        return Err(Error::MatmulShape {
+            lhs: a.to_vec(),
+            rhs: b.to_vec(),
+            lhs_inner,
+            rhs_inner,
+        });
+    }
+    broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2]).map_err(|_| {
+        Error::Broadcast {
+            op: "matmul",
+            lhs: a.to_vec(),
+            rhs: b.to_vec(),
+        }
+    })?;
+    Ok(())
+}
+
+/// The view with its last two axes swapped (no copy).
+fn transposed(array: &Data) -> ArrayViewD<'_, f32> {
+    let mut view = array.view();
+    let n = view.ndim();
+    view.swap_axes(n - 2, n - 1);
+    view
+}
+
+/// d(a·b)/da = grad · bᵀ, d(a·b)/db = aᵀ · grad, each summed over the batch
+/// axes its operand was broadcast along.
+struct MatmulBackward {
+    a: Data,
+    b: Data,
+}
+
+impl Backward for MatmulBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        if grads.needs_grad(0) {
+            let g = batched_matmul(grad.view(), transposed(&self.b));
+            grads.set(0, reduce_to_shape(g, self.a.shape()));
+        }
+        if grads.needs_grad(1) {
+            let g = batched_matmul(transposed(&self.a), grad.view());
+            grads.set(1, reduce_to_shape(g, self.b.shape()));
+        }
+    }
+}
+
+impl Tensor {
+    /// Matrix product.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_matmul`](Tensor::try_matmul).
+    #[track_caller]
+    pub fn matmul(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_matmul(rhs))
+    }
+
+    /// Matrix product over the last two axes: `[.., m, k] · [.., k, n]` gives
+    /// `[.., m, n]`, the leading (batch) axes broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if an operand has fewer than 2 dimensions,
+    /// [`Error::MatmulShape`] if the inner dimensions differ,
+    /// [`Error::Broadcast`] if the batch axes are incompatible.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    /// let b = Tensor::ones(&[3, 1]);
+    /// assert_eq!(a.try_matmul(&b)?.to_vec(), vec![6.0, 15.0]);
+    ///
+    /// // A batch of 4 matrices times one shared matrix.
+    /// let batch = Tensor::ones(&[4, 2, 3]);
+    /// assert_eq!(batch.try_matmul(&b)?.shape(), &[4, 2, 1]);
+    ///
+    /// let err = a.try_matmul(&a).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "matmul: cannot multiply [2, 3] by [2, 3] (inner dimensions 3 and 2 differ)"
+    /// );
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        check_shapes(self.shape(), rhs.shape())?;
+        let (a, b) = (self.read(), rhs.read());
+        let out = batched_matmul(a.view(), b.view()).into_shared();
+        record("matmul", &[self, rhs], out, |_| MatmulBackward {
+            a: a.clone(),
+            b: b.clone(),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! The built-in ops, one family per file: forward, backward and docs side by
+//! side. Every op records through [`record`](crate::autograd::function::record).
+
+mod binary;
+mod compare;
+pub(crate) mod gemm;
+mod loss;
+mod matmul;
+mod reduce;
+mod shape;
+mod softmax;
+mod unary;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::error::{Error, Result};
+
+/// Resolves a possibly negative `axis` (`-1` is the last) for a tensor of
+/// `ndim` dimensions.
+pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Result<usize> {
+    let resolved = if axis < 0 { axis + ndim as isize } else { axis };
+    if resolved < 0 || resolved >= ndim as isize {
+        return Err(Error::Axis { op, axis, ndim });
+    }
+    Ok(resolved as usize)
+}
+
+/// The NumPy broadcast of two shapes: aligned from the right, each pair of
+/// lengths equal or one of them 1.
+pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Result<IxDyn> {
+    let ndim = lhs.len().max(rhs.len());
+    let mut shape = vec![0; ndim];
+    for (i, out) in shape.iter_mut().enumerate() {
+        let l = (i + lhs.len()).checked_sub(ndim).map_or(1, |j| lhs[j]);
+        let r = (i + rhs.len()).checked_sub(ndim).map_or(1, |j| rhs[j]);
+        *out = match (l, r) {
+            (l, r) if l == r => l,
+            (1, r) => r,
+            (l, 1) => l,
+            _ => {
+                return Err(Error::Broadcast {
+                    op,
+                    lhs: lhs.to_vec(),
+                    rhs: rhs.to_vec(),
+                });
+            }
+        };
+    }
+    Ok(IxDyn(&shape))
+}
+
+/// Sums a gradient of a broadcast result back to the shape of the operand
+/// that was broadcast: over the leading axes it lacked and over the axes
+/// where it had length 1.
+pub(crate) fn reduce_to_shape(grad: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    if grad.shape() == shape {
+        return grad;
+    }
+    let mut grad = grad;
+    while grad.ndim() > shape.len() {
+        grad = grad.sum_axis(Axis(0));
+    }
+    for (axis, &len) in shape.iter().enumerate() {
+        if len == 1 && grad.shape()[axis] != 1 {
+            grad = grad.sum_axis(Axis(axis)).insert_axis(Axis(axis));
+        }
+    }
+    grad
+}
+
+/// `array` in standard (row-major) layout with the given shape, copying only
+/// if its layout is not already standard.
+pub(crate) fn reshape_owned(array: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    let array = if array.is_standard_layout() {
+        array
+    } else {
+        array.as_standard_layout().into_owned()
+    };
+    array
+        .into_shape_with_order(IxDyn(shape))
+        .expect("element count checked by the caller")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_shape_follows_numpy_rules() {
+        assert_eq!(broadcast_shape("t", &[2, 3], &[3]).unwrap(), IxDyn(&[2, 3]));
+        assert_eq!(
+            broadcast_shape("t", &[4, 1, 3], &[2, 1]).unwrap(),
+            IxDyn(&[4, 2, 3])
+        );
+        assert_eq!(broadcast_shape("t", &[], &[5]).unwrap(), IxDyn(&[5]));
+        assert!(matches!(
+            broadcast_shape("t", &[2, 3], &[2]),
+            Err(Error::Broadcast { op: "t", .. })
+        ));
+    }
+
+    #[test]
+    fn reduce_to_shape_sums_broadcast_axes() {
+        let grad = ArrayD::from_elem(IxDyn(&[4, 2, 3]), 1.0_f32);
+        let reduced = reduce_to_shape(grad, &[2, 1]);
+        assert_eq!(reduced.shape(), &[2, 1]);
+        // Each element collects 4 (leading axis) * 3 (length-1 axis) ones.
+        assert!(reduced.iter().all(|&v| v == 12.0));
+    }
+
+    #[test]
+    fn negative_axes_count_from_the_end() {
+        assert_eq!(normalize_axis("t", -1, 3).unwrap(), 2);
+        assert_eq!(normalize_axis("t", 0, 3).unwrap(), 0);
+        assert_eq!(
+            normalize_axis("t", 3, 3),
+            Err(Error::Axis {
+                op: "t",
+                axis: 3,
+                ndim: 3
+            })
+        );
+        assert!(normalize_axis("t", -4, 3).is_err());
+    }
+}

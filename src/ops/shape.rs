@@ -1,0 +1,131 @@
+//! Shape ops: reshape and transpose. Both share the input's storage when its
+//! layout allows (no copy).
+
+use ndarray::{ArrayD, Dimension, IxDyn};
+
+use crate::autograd::function::{InputGrads, record};
+use crate::error::{Error, Result, or_panic};
+use crate::ops::{normalize_axis, reshape_owned};
+use crate::tensor::Tensor;
+
+impl Tensor {
+    /// The same values with a new shape, in row-major order.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_reshape`](Tensor::try_reshape).
+    #[track_caller]
+    pub fn reshape(&self, shape: &[usize]) -> Tensor {
+        or_panic(self.try_reshape(shape))
+    }
+
+    /// The same values with a new shape, in row-major order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ElementCount`] if `shape` holds a different number of
+    /// elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let t = Tensor::arange(0.0, 6.0, 1.0);
+    /// assert_eq!(t.try_reshape(&[2, 3])?.shape(), &[2, 3]);
+    /// assert!(t.try_reshape(&[4, 2]).is_err());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let expected: usize = shape.iter().product();
+        if expected != self.numel() {
+            return Err(Error::ElementCount {
+                op: "reshape",
+                shape: shape.to_vec(),
+                expected,
+                len: self.numel(),
+            });
+        }
+        let data = self.read();
+        let out = if data.is_standard_layout() {
+            data.clone()
+                .into_shape_with_order(IxDyn(shape))
+                .expect("element count checked")
+        } else {
+            reshape_owned(data.to_owned(), shape).into_shared()
+        };
+        let input = self.dim();
+        record("reshape", &[self], out, |_| {
+            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                grads.set(0, reshape_owned(grad, input.slice()));
+            }
+        })
+    }
+
+    /// Swaps axes `axis0` and `axis1`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_transpose`](Tensor::try_transpose).
+    #[track_caller]
+    pub fn transpose(&self, axis0: isize, axis1: isize) -> Tensor {
+        or_panic(self.try_transpose(axis0, axis1))
+    }
+
+    /// Swaps axes `axis0` and `axis1` (negative counts from the end). The
+    /// result shares storage with `self`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Axis`] if an axis is out of range.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let t = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    /// let u = t.try_transpose(0, -1)?;
+    /// assert_eq!(u.shape(), &[3, 2]);
+    /// assert_eq!(u.to_vec(), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_transpose(&self, axis0: isize, axis1: isize) -> Result<Tensor> {
+        let a = normalize_axis("transpose", axis0, self.ndim())?;
+        let b = normalize_axis("transpose", axis1, self.ndim())?;
+        let mut out = self.read().clone();
+        out.swap_axes(a, b);
+        record("transpose", &[self], out, |_| {
+            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                grad.swap_axes(a, b);
+                grads.set(0, grad);
+            }
+        })
+    }
+
+    /// The transpose of a 2-D tensor.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_t`](Tensor::try_t).
+    #[track_caller]
+    pub fn t(&self) -> Tensor {
+        or_panic(self.try_t())
+    }
+
+    /// The transpose of a 2-D tensor.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if the tensor is not 2-D.
+    pub fn try_t(&self) -> Result<Tensor> {
+        if self.ndim() != 2 {
+            return Err(Error::Rank {
+                op: "t",
+                expected: "a 2-D tensor",
+                shape: self.shape().to_vec(),
+            });
+        }
+        self.try_transpose(0, 1)
+    }
+}

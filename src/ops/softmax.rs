@@ -1,0 +1,117 @@
+//! Softmax and log-softmax along an axis, numerically stable (the lane's
+//! maximum is subtracted before exponentiating).
+
+use ndarray::{ArrayD, Axis, Zip};
+
+use crate::autograd::function::{InputGrads, record};
+use crate::error::{Result, or_panic};
+use crate::tensor::{Data, Tensor};
+
+/// `softmax` of each lane along `axis` of `x`, in place.
+pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+    for mut lane in x.lanes_mut(Axis(axis)) {
+        let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        lane.mapv_inplace(|v| {
+            let e = (v - max).exp();
+            sum += e;
+            e
+        });
+        lane.mapv_inplace(|e| e / sum);
+    }
+}
+
+/// `log_softmax` of each lane along `axis` of `x`, in place.
+pub(crate) fn log_softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+    for mut lane in x.lanes_mut(Axis(axis)) {
+        let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let log_sum = lane.fold(0.0, |s, &v| s + (v - max).exp()).ln();
+        lane.mapv_inplace(|v| v - max - log_sum);
+    }
+}
+
+impl Tensor {
+    /// Softmax along `axis`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_softmax`](Tensor::try_softmax).
+    #[track_caller]
+    pub fn softmax(&self, axis: isize) -> Tensor {
+        or_panic(self.try_softmax(axis))
+    }
+
+    /// Softmax along `axis` (negative counts from the end): each lane is
+    /// exponentiated and normalised to sum to 1. Stable for large inputs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Axis`](crate::Error::Axis) if `axis` is out of range.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![1000.0, 1000.0, 0.0, 0.0], &[2, 2])?;
+    /// assert_eq!(x.try_softmax(-1)?.to_vec(), vec![0.5, 0.5, 0.5, 0.5]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_softmax(&self, axis: isize) -> Result<Tensor> {
+        let axis = crate::ops::normalize_axis("softmax", axis, self.ndim())?;
+        let mut out = self.read().to_owned();
+        softmax_inplace(&mut out, axis);
+        record("softmax", &[self], out.into_shared(), |y: &Data| {
+            let y = y.clone();
+            // dx = y * (g - Σ g·y) along the axis
+            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                for (mut g, y) in grad
+                    .lanes_mut(Axis(axis))
+                    .into_iter()
+                    .zip(y.lanes(Axis(axis)))
+                {
+                    let dot = Zip::from(&g).and(&y).fold(0.0, |s, &g, &y| s + g * y);
+                    g.zip_mut_with(&y, |g, &y| *g = y * (*g - dot));
+                }
+                grads.set(0, grad);
+            }
+        })
+    }
+
+    /// Log-softmax along `axis`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_log_softmax`](Tensor::try_log_softmax).
+    #[track_caller]
+    pub fn log_softmax(&self, axis: isize) -> Tensor {
+        or_panic(self.try_log_softmax(axis))
+    }
+
+    /// Log-softmax along `axis` (negative counts from the end):
+    /// `x - log Σ exp(x)` per lane, computed without overflow.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Axis`](crate::Error::Axis) if `axis` is out of range.
+    pub fn try_log_softmax(&self, axis: isize) -> Result<Tensor> {
+        let axis = crate::ops::normalize_axis("log_softmax", axis, self.ndim())?;
+        let mut out = self.read().to_owned();
+        log_softmax_inplace(&mut out, axis);
+        record("log_softmax", &[self], out.into_shared(), |y: &Data| {
+            let y = y.clone();
+            // dx = g - softmax · Σ g along the axis, softmax = exp(y)
+            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                for (mut g, y) in grad
+                    .lanes_mut(Axis(axis))
+                    .into_iter()
+                    .zip(y.lanes(Axis(axis)))
+                {
+                    let total = g.sum();
+                    g.zip_mut_with(&y, |g, &y| *g -= y.exp() * total);
+                }
+                grads.set(0, grad);
+            }
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! Element-wise functions of one tensor. Each forward sits beside its
+//! derivative, written as `grad_in = df(grad_out, saved)` where `saved` is the
+//! input or the output, whichever the derivative is cheaper from.
+
+use ndarray::ArrayD;
+
+use crate::autograd::function::{Backward, InputGrads, record};
+use crate::tensor::{Data, Tensor};
+
+/// Which value the derivative reads.
+#[derive(Clone, Copy)]
+enum Saved {
+    Input,
+    Output,
+}
+
+/// Backward of an element-wise op: `grad_in[i] = df(grad_out[i], saved[i])`,
+/// computed in place in the incoming gradient.
+struct Elementwise<F> {
+    saved: Data,
+    df: F,
+}
+
+impl<F> Backward for Elementwise<F>
+where
+    F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
+{
+    fn backward(&self, mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        grad.zip_mut_with(&self.saved, |g, &v| *g = (self.df)(*g, v));
+        grads.set(0, grad);
+    }
+}
+
+fn map_op<F>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, saved: Saved, df: F) -> Tensor
+where
+    F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
+{
+    let input = x.read();
+    let out = input.mapv(f).into_shared();
+    record(op, &[x], out, |out| Elementwise {
+        saved: match saved {
+            Saved::Input => input.clone(),
+            Saved::Output => out.clone(),
+        },
+        df,
+    })
+    .expect("one input cannot mismatch tapes")
+}
+
+impl Tensor {
+    /// `-self` element-wise (also the `-` operator).
+    #[allow(clippy::should_implement_trait)]
+    pub fn neg(&self) -> Tensor {
+        let out = self.read().mapv(|x| -x).into_shared();
+        record("neg", &[self], out, |_| {
+            |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad)
+        })
+        .expect("one input cannot mismatch tapes")
+    }
+
+    /// `self` raised to the power `exponent`, element-wise. A negative base
+    /// with a non-integer exponent gives NaN, as in NumPy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![2.0, 3.0], &[2])?.requires_grad_(true);
+    /// let y = x.powf(3.0);
+    /// assert_eq!(y.to_vec(), vec![8.0, 27.0]);
+    /// y.sum().backward();
+    /// assert_eq!(x.grad().unwrap().to_vec(), vec![12.0, 27.0]); // 3x²
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn powf(&self, exponent: f32) -> Tensor {
+        // d(x^p)/dx = p x^(p-1)
+        map_op(
+            self,
+            "powf",
+            |x| x.powf(exponent),
+            Saved::Input,
+            move |g, x| g * exponent * x.powf(exponent - 1.0),
+        )
+    }
+
+    /// `e^self` element-wise.
+    pub fn exp(&self) -> Tensor {
+        // d(e^x)/dx = e^x, the output
+        map_op(self, "exp", f32::exp, Saved::Output, |g, y| g * y)
+    }
+
+    /// Natural logarithm element-wise (NaN below 0, -inf at 0).
+    pub fn log(&self) -> Tensor {
+        // d(ln x)/dx = 1/x
+        map_op(self, "log", f32::ln, Saved::Input, |g, x| g / x)
+    }
+
+    /// Square root element-wise (NaN below 0).
+    pub fn sqrt(&self) -> Tensor {
+        // d(√x)/dx = 1/(2√x), from the output
+        map_op(self, "sqrt", f32::sqrt, Saved::Output, |g, y| g / (2.0 * y))
+    }
+
+    /// Absolute value element-wise; its gradient at 0 is taken as 0.
+    pub fn abs(&self) -> Tensor {
+        // d|x|/dx = sign(x), 0 at 0
+        map_op(self, "abs", f32::abs, Saved::Input, |g, x| {
+            if x > 0.0 {
+                g
+            } else if x < 0.0 {
+                -g
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// `max(self, 0)` element-wise; its gradient at 0 is taken as 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![-1.0, 0.0, 2.0], &[3])?;
+    /// assert_eq!(x.relu().to_vec(), vec![0.0, 0.0, 2.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn relu(&self) -> Tensor {
+        // d relu(x)/dx = 1 if x > 0 else 0, read from the output
+        map_op(
+            self,
+            "relu",
+            |x| if x > 0.0 { x } else { 0.0 },
+            Saved::Output,
+            |g, y| if y > 0.0 { g } else { 0.0 },
+        )
+    }
+
+    /// The logistic function `1 / (1 + e^-x)` element-wise.
+    pub fn sigmoid(&self) -> Tensor {
+        // dσ/dx = σ(1 - σ)
+        map_op(
+            self,
+            "sigmoid",
+            |x| 1.0 / (1.0 + (-x).exp()),
+            Saved::Output,
+            |g, y| g * y * (1.0 - y),
+        )
+    }
+
+    /// Hyperbolic tangent element-wise.
+    pub fn tanh(&self) -> Tensor {
+        // d tanh/dx = 1 - tanh²
+        map_op(self, "tanh", f32::tanh, Saved::Output, |g, y| {
+            g * (1.0 - y * y)
+        })
+    }
+}

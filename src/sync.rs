@@ -1,0 +1,114 @@
+//! The synchronisation shim: the only file that names `parking_lot` or `loom`.
+//!
+//! Normal builds use `parking_lot` locks and `std` atomics. Under `--cfg loom`
+//! every primitive here is loom's, so the model checker in `loom-tests/` sees
+//! (and permutes) each lock acquisition and atomic access the crate makes.
+//! The rest of the crate names only `crate::sync::*`, which gives one API for
+//! both: `lock()`, `read()` and `write()` return guards directly (loom's return
+//! a `LockResult`, which is unwrapped here; netcl never poisons a lock because
+//! no user code runs while one of its locks is held).
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, Ordering};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, Ordering};
+
+/// A mutual-exclusion lock (`parking_lot::Mutex`, or loom's under `cfg(loom)`).
+pub(crate) struct Mutex<T>(
+    #[cfg(not(loom))] parking_lot::Mutex<T>,
+    #[cfg(loom)] loom::sync::Mutex<T>,
+);
+
+/// The guard of [`Mutex`].
+#[cfg(not(loom))]
+pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+/// The guard of [`Mutex`].
+#[cfg(loom)]
+pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(not(loom))]
+        return Self(parking_lot::Mutex::new(value));
+        #[cfg(loom)]
+        return Self(loom::sync::Mutex::new(value));
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        #[cfg(not(loom))]
+        return self.0.lock();
+        #[cfg(loom)]
+        return self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+}
+
+/// A reader-writer lock (`parking_lot::RwLock`, or loom's under `cfg(loom)`).
+pub(crate) struct RwLock<T>(
+    #[cfg(not(loom))] parking_lot::RwLock<T>,
+    #[cfg(loom)] loom::sync::RwLock<T>,
+);
+
+/// The shared guard of [`RwLock`].
+#[cfg(not(loom))]
+pub(crate) type RwLockReadGuard<'a, T> = parking_lot::RwLockReadGuard<'a, T>;
+/// The shared guard of [`RwLock`].
+#[cfg(loom)]
+pub(crate) type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+/// The exclusive guard of [`RwLock`].
+#[cfg(not(loom))]
+pub(crate) type RwLockWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
+/// The exclusive guard of [`RwLock`].
+#[cfg(loom)]
+pub(crate) type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+impl<T> RwLock<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(not(loom))]
+        return Self(parking_lot::RwLock::new(value));
+        #[cfg(loom)]
+        return Self(loom::sync::RwLock::new(value));
+    }
+
+    /// Shared access. Recursive on purpose: `x.mul(&x)` reads the same
+    /// tensor twice on one thread, which must not wait behind a queued writer.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+        #[cfg(not(loom))]
+        return self.0.read_recursive();
+        #[cfg(loom)]
+        return self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+        #[cfg(not(loom))]
+        return self.0.write();
+        #[cfg(loom)]
+        return self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+}
+
+/// Declares a thread-local. std's form takes a `const` initialiser (no lazy
+/// init check on access); loom's has none and gives every modelled thread its
+/// own copy.
+macro_rules! thread_local_const {
+    ($(#[$attr:meta])* static $name:ident: $ty:ty = $init:expr;) => {
+        #[cfg(not(loom))]
+        std::thread_local! { $(#[$attr])* static $name: $ty = const { $init }; }
+        #[cfg(loom)]
+        loom::thread_local! { $(#[$attr])* static $name: $ty = $init; }
+    };
+}
+pub(crate) use thread_local_const;

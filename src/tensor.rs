@@ -1,0 +1,693 @@
+//! [`Tensor`]: an n-dimensional array of `f32` with reverse-mode autograd.
+
+use std::fmt;
+
+use ndarray::{ArcArray, Array, ArrayD, ArrayViewMutD, Dimension, IxDyn};
+use rand::{Rng, RngExt};
+
+use crate::autograd::engine::{self, Root};
+use crate::autograd::tape::{NodeId, Tape};
+use crate::error::{Error, Result, or_panic};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard};
+
+/// The storage of a tensor's values: a reference-counted, copy-on-write
+/// ndarray, so saving a tensor's data for backward or handing it out with
+/// [`Tensor::data`] copies nothing.
+pub(crate) type Data = ArcArray<f32, IxDyn>;
+
+/// An n-dimensional array of `f32` that can record the operations applied to
+/// it and compute gradients by reverse-mode automatic differentiation.
+///
+/// A `Tensor` is a handle: `clone` is cheap and shares the values, the
+/// gradient and the graph. It is `Send + Sync`; tensors can be shared by any
+/// number of threads.
+///
+/// Leaves are tensors created directly (not computed by a recorded op). Mark
+/// a leaf with [`requires_grad_`](Tensor::requires_grad_) and every op applied
+/// to it, while grad mode is on for the thread, records a node; calling
+/// [`backward`](Tensor::backward) on a scalar result accumulates gradients
+/// into the leaves' [`grad`](Tensor::grad).
+///
+/// Every op comes as a `try_` method returning [`Result`] and a plain method
+/// that panics with the same message.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+///
+/// // y = sum(w * x + 1), so dy/dw = x.
+/// let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3])?;
+/// let w = Tensor::from_vec(vec![0.5, -1.0, 2.0], &[3])?.requires_grad_(true);
+/// let y = (&w * &x + 1.0).sum();
+/// assert_eq!(y.item(), 7.5);
+/// y.backward();
+/// assert_eq!(w.grad().unwrap().to_vec(), vec![1.0, 2.0, 3.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<Inner>);
+
+pub(crate) struct Inner {
+    /// The values. Locked for reading by every op, for writing only by
+    /// [`Tensor::with_data_mut`] (optimizers); the shape never changes.
+    data: RwLock<Data>,
+    shape: IxDyn,
+    /// The leaf flag; tensors computed by a recorded op require grad through
+    /// their node instead.
+    requires_grad: AtomicBool,
+    /// Accumulated gradient of a leaf, under the leaf's own lock.
+    grad: Mutex<Option<Data>>,
+    node: Option<NodeRef>,
+}
+
+/// The graph node that computed a tensor. It holds one reference to the node,
+/// released when the tensor's last handle drops.
+pub(crate) struct NodeRef {
+    pub(crate) tape: Arc<Tape>,
+    pub(crate) id: NodeId,
+    pub(crate) op: &'static str,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.tape.release(node.id);
+        }
+    }
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tensor>();
+};
+
+/// Names the op that computed a tensor; returned by [`Tensor::grad_fn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GradFn {
+    name: &'static str,
+    tape: u64,
+}
+
+impl GradFn {
+    /// The op's name, such as `"matmul"` or a custom op's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The id of the tape the node was recorded on.
+    pub fn tape_id(&self) -> u64 {
+        self.tape
+    }
+}
+
+impl fmt::Display for GradFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.name)
+    }
+}
+
+/// Construction.
+impl Tensor {
+    fn with_parts(data: Data, requires_grad: bool, node: Option<NodeRef>) -> Tensor {
+        Tensor(Arc::new(Inner {
+            shape: data.raw_dim(),
+            data: RwLock::new(data),
+            requires_grad: AtomicBool::new(requires_grad),
+            grad: Mutex::new(None),
+            node,
+        }))
+    }
+
+    /// A leaf holding `data`, not requiring grad.
+    pub(crate) fn from_data(data: Data) -> Tensor {
+        Tensor::with_parts(data, false, None)
+    }
+
+    /// The output of a recorded op.
+    pub(crate) fn from_node(data: Data, node: NodeRef) -> Tensor {
+        Tensor::with_parts(data, false, Some(node))
+    }
+
+    /// A tensor of the given shape from values in row-major order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ElementCount`] if `values.len()` is not the product of `shape`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let t = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    /// assert_eq!(t.shape(), &[2, 3]);
+    /// assert!(Tensor::from_vec(vec![1.0; 5], &[2, 3]).is_err());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn from_vec(values: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        let expected = shape.iter().product();
+        if values.len() != expected {
+            return Err(Error::ElementCount {
+                op: "from_vec",
+                shape: shape.to_vec(),
+                expected,
+                len: values.len(),
+            });
+        }
+        let array = ArrayD::from_shape_vec(IxDyn(shape), values).expect("length checked above");
+        Ok(Tensor::from_array(array))
+    }
+
+    /// A leaf tensor owning `array` (also available as `From`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use ndarray::array;
+    ///
+    /// let t = Tensor::from_array(array![[1.0, 2.0], [3.0, 4.0]]);
+    /// assert_eq!(t.shape(), &[2, 2]);
+    /// let u: Tensor = array![5.0_f32, 6.0].into();
+    /// assert_eq!(u.to_vec(), vec![5.0, 6.0]);
+    /// ```
+    pub fn from_array<D: Dimension>(array: Array<f32, D>) -> Tensor {
+        Tensor::from_data(array.into_dyn().into_shared())
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::full(shape, 0.0)
+    }
+
+    /// A tensor of ones.
+    pub fn ones(shape: &[usize]) -> Tensor {
+        Tensor::full(shape, 1.0)
+    }
+
+    /// A tensor with every element equal to `value`.
+    pub fn full(shape: &[usize], value: f32) -> Tensor {
+        Tensor::from_array(ArrayD::from_elem(IxDyn(shape), value))
+    }
+
+    /// A zero-dimensional tensor holding `value`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let s = Tensor::scalar(2.5);
+    /// assert_eq!(s.ndim(), 0);
+    /// assert_eq!(s.item(), 2.5);
+    /// ```
+    pub fn scalar(value: f32) -> Tensor {
+        Tensor::full(&[], value)
+    }
+
+    /// The 1-D tensor `start, start + step, ...` up to but excluding `end`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_arange`](Tensor::try_arange).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// assert_eq!(Tensor::arange(0.0, 4.0, 1.0).to_vec(), vec![0.0, 1.0, 2.0, 3.0]);
+    /// assert_eq!(Tensor::arange(1.0, 0.0, -0.5).to_vec(), vec![1.0, 0.5]);
+    /// ```
+    #[track_caller]
+    pub fn arange(start: f32, end: f32, step: f32) -> Tensor {
+        or_panic(Tensor::try_arange(start, end, step))
+    }
+
+    /// The 1-D tensor `start, start + step, ...` up to but excluding `end`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `step` is zero or any argument is not
+    /// finite.
+    pub fn try_arange(start: f32, end: f32, step: f32) -> Result<Tensor> {
+        if step == 0.0 || !(start.is_finite() && end.is_finite() && step.is_finite()) {
+            return Err(Error::InvalidArgument {
+                op: "arange",
+                message: format!(
+                    "need finite bounds and a non-zero finite step, got start {start}, end {end}, step {step}"
+                ),
+            });
+        }
+        let count = ((end - start) / step).ceil().max(0.0) as usize;
+        let values = (0..count).map(|i| start + i as f32 * step).collect();
+        Tensor::from_vec(values, &[count])
+    }
+
+    /// A tensor of values drawn uniformly from `[0, 1)` with `rng`.
+    ///
+    /// Seed the generator for reproducible values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use rand::SeedableRng;
+    /// use rand::rngs::StdRng;
+    ///
+    /// let a = Tensor::rand(&[2, 3], &mut StdRng::seed_from_u64(7));
+    /// let b = Tensor::rand(&[2, 3], &mut StdRng::seed_from_u64(7));
+    /// assert_eq!(a.to_vec(), b.to_vec());
+    /// assert!(a.to_vec().iter().all(|v| (0.0..1.0).contains(v)));
+    /// ```
+    pub fn rand<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Tensor {
+        Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+            rng.random::<f32>()
+        }))
+    }
+
+    /// A tensor of values drawn uniformly from `[low, high)` with `rng`.
+    pub fn uniform<R: Rng + ?Sized>(shape: &[usize], low: f32, high: f32, rng: &mut R) -> Tensor {
+        Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+            low + (high - low) * rng.random::<f32>()
+        }))
+    }
+
+    /// A tensor of values drawn from the standard normal distribution with
+    /// `rng` (Box-Muller transform).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use rand::SeedableRng;
+    /// use rand::rngs::StdRng;
+    ///
+    /// let t = Tensor::randn(&[10_000], &mut StdRng::seed_from_u64(1));
+    /// let mean = t.mean().item();
+    /// let var = (&t - mean).powf(2.0).mean().item();
+    /// assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05);
+    /// ```
+    pub fn randn<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Tensor {
+        let count: usize = shape.iter().product();
+        let mut values = Vec::with_capacity(count + 1);
+        while values.len() < count {
+            // 1 - u lies in (0, 1], so the logarithm is finite.
+            let u1 = 1.0 - rng.random::<f64>();
+            let u2 = rng.random::<f64>();
+            let radius = (-2.0 * u1.ln()).sqrt();
+            let angle = std::f64::consts::TAU * u2;
+            values.push((radius * angle.cos()) as f32);
+            values.push((radius * angle.sin()) as f32);
+        }
+        values.truncate(count);
+        Tensor::from_vec(values, shape).expect("count matches the shape")
+    }
+}
+
+impl<D: Dimension> From<Array<f32, D>> for Tensor {
+    fn from(array: Array<f32, D>) -> Tensor {
+        Tensor::from_array(array)
+    }
+}
+
+/// Reading values.
+impl Tensor {
+    /// The length of each dimension.
+    pub fn shape(&self) -> &[usize] {
+        self.0.shape.slice()
+    }
+
+    /// The shape as an ndarray dimension.
+    pub(crate) fn dim(&self) -> IxDyn {
+        self.0.shape.clone()
+    }
+
+    /// The number of dimensions.
+    pub fn ndim(&self) -> usize {
+        self.0.shape.ndim()
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.0.shape.size()
+    }
+
+    /// The value of a one-element tensor.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_item`](Tensor::try_item).
+    #[track_caller]
+    pub fn item(&self) -> f32 {
+        or_panic(self.try_item())
+    }
+
+    /// The value of a one-element tensor.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotScalar`] if the tensor has more or fewer than one element.
+    pub fn try_item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::NotScalar {
+                op: "item",
+                shape: self.shape().to_vec(),
+            });
+        }
+        Ok(*self.read().iter().next().expect("one element"))
+    }
+
+    /// The values in row-major order.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let data = self.read();
+        match data.as_slice() {
+            Some(slice) => slice.to_vec(),
+            None => data.iter().copied().collect(),
+        }
+    }
+
+    /// The values as a shared, copy-on-write ndarray: no copy is made, and
+    /// later in-place updates of the tensor do not show through it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let t = Tensor::ones(&[2, 2]);
+    /// let data = t.data();
+    /// assert_eq!(data.sum(), 4.0);
+    /// assert_eq!(data.view().shape(), &[2, 2]);
+    /// ```
+    pub fn data(&self) -> ArcArray<f32, IxDyn> {
+        self.read().clone()
+    }
+
+    /// The values as an owned ndarray (a copy).
+    pub fn to_array(&self) -> ArrayD<f32> {
+        self.read().to_owned()
+    }
+
+    /// Updates the values in place, as optimizers do; the shape cannot
+    /// change. Graphs recorded before keep the values they saw.
+    ///
+    /// The update is not recorded. While `f` runs the tensor is locked: `f`
+    /// must not apply ops to this same tensor (that would deadlock).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let w = Tensor::ones(&[3]);
+    /// w.with_data_mut(|mut values| values *= 0.5);
+    /// assert_eq!(w.to_vec(), vec![0.5; 3]);
+    /// ```
+    pub fn with_data_mut<R>(&self, f: impl FnOnce(ArrayViewMutD<'_, f32>) -> R) -> R {
+        let mut data = self.0.data.write();
+        f(data.view_mut())
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Data> {
+        self.0.data.read()
+    }
+
+    /// True if both handles name the same tensor.
+    pub(crate) fn same(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Autograd.
+impl Tensor {
+    /// Marks a leaf as requiring grad (or not) and returns it, for use as a
+    /// builder: `Tensor::zeros(&[3]).requires_grad_(true)`.
+    ///
+    /// The flag belongs to the tensor, so every handle sees the change.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_requires_grad_`](Tensor::try_requires_grad_).
+    #[track_caller]
+    pub fn requires_grad_(self, requires_grad: bool) -> Tensor {
+        or_panic(self.try_requires_grad_(requires_grad))
+    }
+
+    /// Marks a leaf as requiring grad (or not) and returns it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeaf`] if the tensor was computed by a recorded op.
+    pub fn try_requires_grad_(self, requires_grad: bool) -> Result<Tensor> {
+        if let Some(node) = &self.0.node {
+            return Err(Error::NotLeaf { op: node.op });
+        }
+        self.0.requires_grad.store(requires_grad, Ordering::Relaxed);
+        Ok(self)
+    }
+
+    /// Whether gradients flow to this tensor: a leaf marked with
+    /// [`requires_grad_`](Tensor::requires_grad_), or the output of a
+    /// recorded op.
+    pub fn requires_grad(&self) -> bool {
+        self.0.node.is_some() || self.0.requires_grad.load(Ordering::Relaxed)
+    }
+
+    /// True unless the tensor was computed by a recorded op.
+    pub fn is_leaf(&self) -> bool {
+        self.0.node.is_none()
+    }
+
+    /// The op that computed this tensor, if it was recorded.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::ones(&[2]).requires_grad_(true);
+    /// assert!(x.grad_fn().is_none());
+    /// assert_eq!(x.exp().grad_fn().unwrap().name(), "exp");
+    /// ```
+    pub fn grad_fn(&self) -> Option<GradFn> {
+        self.0.node.as_ref().map(|node| GradFn {
+            name: node.op,
+            tape: node.tape.id(),
+        })
+    }
+
+    /// The tape this tensor's node is on, if it was recorded.
+    pub fn tape(&self) -> Option<Arc<Tape>> {
+        self.0.node.as_ref().map(|node| node.tape.clone())
+    }
+
+    pub(crate) fn node(&self) -> Option<&NodeRef> {
+        self.0.node.as_ref()
+    }
+
+    /// The gradient accumulated into this leaf by backward passes, as a new
+    /// leaf tensor (sharing storage until either is modified).
+    pub fn grad(&self) -> Option<Tensor> {
+        self.0.grad.lock().clone().map(Tensor::from_data)
+    }
+
+    /// Clears the accumulated gradient (`grad()` becomes `None`).
+    pub fn zero_grad(&self) {
+        let old = self.0.grad.lock().take();
+        drop(old);
+    }
+
+    /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
+    pub(crate) fn accumulate_grad(&self, grad: ArrayD<f32>) {
+        let mut slot = self.0.grad.lock();
+        match &mut *slot {
+            None => *slot = Some(grad.into_shared()),
+            Some(sum) => *sum += &grad,
+        }
+    }
+
+    /// A leaf sharing this tensor's values, outside any graph.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::ones(&[2]).requires_grad_(true);
+    /// let y = x.exp().detach();
+    /// assert!(y.is_leaf() && !y.requires_grad());
+    /// ```
+    pub fn detach(&self) -> Tensor {
+        Tensor::from_data(self.data())
+    }
+
+    /// Computes the gradient of this one-element tensor with respect to every
+    /// leaf it depends on, accumulating into their [`grad`](Tensor::grad).
+    ///
+    /// The graph's saved tensors are released: a second backward through it
+    /// is an error (see
+    /// [`backward_retain_graph`](Tensor::backward_retain_graph)).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_backward`](Tensor::try_backward).
+    #[track_caller]
+    pub fn backward(&self) {
+        or_panic(self.try_backward())
+    }
+
+    /// Computes the gradient of this one-element tensor with respect to every
+    /// leaf it depends on, accumulating into their [`grad`](Tensor::grad).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::NotScalar`] if the tensor has more than one element (use
+    ///   [`try_backward_with`](Tensor::try_backward_with));
+    /// - [`Error::NoGraph`] if it does not require grad;
+    /// - [`Error::GraphReleased`] if the graph was released by an earlier
+    ///   backward.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::{Error, Tensor};
+    ///
+    /// let x = Tensor::ones(&[2]).requires_grad_(true);
+    /// let y = x.exp();
+    /// assert!(matches!(y.try_backward(), Err(Error::NotScalar { .. })));
+    /// let loss = y.sum();
+    /// loss.try_backward()?;
+    /// assert!(matches!(loss.try_backward(), Err(Error::GraphReleased { .. })));
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_backward(&self) -> Result<()> {
+        let seed = self.scalar_seed("backward")?;
+        engine::backward(
+            vec![Root {
+                tensor: self,
+                grad: seed,
+            }],
+            false,
+        )
+    }
+
+    /// Like [`backward`](Tensor::backward), but keeps the graph's saved
+    /// tensors so that it can be walked again.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_backward_retain_graph`](Tensor::try_backward_retain_graph).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::ones(&[2]).requires_grad_(true);
+    /// let loss = (&x * 3.0).sum();
+    /// loss.backward_retain_graph();
+    /// loss.backward();
+    /// assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 6.0]);
+    /// ```
+    #[track_caller]
+    pub fn backward_retain_graph(&self) {
+        or_panic(self.try_backward_retain_graph())
+    }
+
+    /// Like [`try_backward`](Tensor::try_backward), but keeps the graph's
+    /// saved tensors so that it can be walked again.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_backward`](Tensor::try_backward).
+    pub fn try_backward_retain_graph(&self) -> Result<()> {
+        let seed = self.scalar_seed("backward")?;
+        engine::backward(
+            vec![Root {
+                tensor: self,
+                grad: seed,
+            }],
+            true,
+        )
+    }
+
+    /// Backward from a tensor of any shape, given the gradient of the loss
+    /// with respect to it (`grad` has this tensor's shape). The graph is
+    /// released afterwards.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_backward_with`](Tensor::try_backward_with).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
+    /// let y = &x * &x;
+    /// y.backward_with(&Tensor::from_vec(vec![1.0, 0.5], &[2])?);
+    /// // dy_i/dx_i = 2 x_i, weighted by the incoming gradient.
+    /// assert_eq!(x.grad().unwrap().to_vec(), vec![2.0, 2.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn backward_with(&self, grad: &Tensor) {
+        or_panic(self.try_backward_with(grad, false))
+    }
+
+    /// Backward from a tensor of any shape, given the gradient of the loss
+    /// with respect to it; `retain_graph` keeps the graph for another pass.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] if `grad`'s shape differs from this tensor's,
+    /// and the errors of [`try_backward`](Tensor::try_backward).
+    pub fn try_backward_with(&self, grad: &Tensor, retain_graph: bool) -> Result<()> {
+        if grad.shape() != self.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "backward_with",
+                lhs: self.shape().to_vec(),
+                rhs: grad.shape().to_vec(),
+            });
+        }
+        let root = Root {
+            tensor: self,
+            grad: grad.to_array(),
+        };
+        engine::backward(vec![root], retain_graph)
+    }
+
+    /// The gradient `1` that starts a backward pass from this tensor, which
+    /// must have one element.
+    pub(crate) fn scalar_seed(&self, op: &'static str) -> Result<ArrayD<f32>> {
+        if self.numel() != 1 {
+            return Err(Error::NotScalar {
+                op,
+                shape: self.shape().to_vec(),
+            });
+        }
+        Ok(ArrayD::ones(self.dim()))
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Tensor");
+        s.field("shape", &self.shape());
+        s.field("data", &format_args!("{}", &*self.read()));
+        s.field("requires_grad", &self.requires_grad());
+        if let Some(grad_fn) = self.grad_fn() {
+            s.field("grad_fn", &grad_fn.name());
+        }
+        s.finish()
+    }
+}
+
+impl fmt::Display for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.read(), f)
+    }
+}
