@@ -44,10 +44,16 @@
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 pub mod autograd;
+pub mod data;
 mod error;
+pub mod io;
+pub mod nn;
 mod ops;
+pub mod optim;
+pub mod parallel;
 mod sync;
 mod tensor;
+pub mod train;
 
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, set_grad_enabled};
 pub use error::{Error, Result};
