@@ -1,7 +1,83 @@
 //! Parallel helpers that carry the caller's grad mode into every task: the
-//! only file that uses rayon.
+//! only file of netcl that uses rayon.
+//!
+//! # The bug
+//!
+//! Grad mode is per thread, and rayon runs closures on its worker threads,
+//! which have their own mode (on, by default). A plain parallel evaluation
+//! inside `no_grad` therefore records a graph in every worker:
+//!
+//! ```
+//! use netcl::{Tensor, autograd};
+//! use rayon::prelude::*;
+//!
+//! let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+//! let w = Tensor::ones(&[4, 4]).requires_grad_(true);
+//! let batches: Vec<Tensor> = (0..8).map(|_| Tensor::ones(&[2, 4])).collect();
+//!
+//! let _guard = autograd::no_grad();
+//! let outputs: Vec<Tensor> =
+//!     pool.install(|| batches.par_iter().map(|x| x.matmul(&w)).collect());
+//! // The workers never saw the caller's no_grad: every output recorded a
+//! // graph (and holds its memory) that the caller asked not to build.
+//! assert!(outputs.iter().all(|y| y.requires_grad()));
+//! ```
+//!
+//! Worse, a worker blocked in `join` may steal a task of *another* caller
+//! whose mode is the opposite, and run it in the wrong mode; and a closure
+//! left unwrapped (a plain `reduce` after a wrapped `map`) silently records,
+//! or silently drops gradients.
+//!
+//! # The fix
+//!
+//! Every helper here captures the caller's [`GradMode`] (flag and tape) on
+//! the calling thread and enters it in every task, restoring the worker's own
+//! context afterwards. The mode is entered once per chunk of work, not per
+//! item.
+//!
+//! ```
+//! use netcl::parallel::prelude::*;
+//! use netcl::{Tensor, autograd};
+//!
+//! let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+//! let w = Tensor::ones(&[4, 4]).requires_grad_(true);
+//! let batches: Vec<Tensor> = (0..8).map(|_| Tensor::ones(&[2, 4])).collect();
+//!
+//! let _guard = autograd::no_grad();
+//! let total: f32 = netcl::parallel::install(&pool, || {
+//!     batches
+//!     .par_iter()
+//!     .with_grad_mode() // everything after this runs in the caller's mode
+//!     .map(|x| x.matmul(&w).sum())
+//!     .map(|y| {
+//!         assert!(!y.requires_grad());
+//!         y.item()
+//!     })
+//!     .sum()
+//! });
+//! assert_eq!(total, 8.0 * 32.0);
+//! ```
+//!
+//! [`with_grad_mode`](ParallelIteratorExt::with_grad_mode) covers every
+//! closure of the chain, the combining closures of `reduce`, `fold` and `sum`
+//! included. It returns an unindexed iterator on purpose: adaptors that
+//! rayon drives through producers (`zip`, `enumerate`, `chunks`) would run
+//! user code outside the mode, so they cannot follow it; put them before it.
+//!
+//! For whole operations there are [`map`], [`join`], [`scope`], [`install`]
+//! and the deterministic data-parallel [`backward_shards`].
+//!
+//! # Locks
+//!
+//! Tasks of one parallel operation may record into the same tape
+//! concurrently. Each op takes its inputs' read locks, then the tape lock for
+//! the push; the tape lock is never held while any other lock is taken or any
+//! user code runs, and a tensor's gradient lock is taken alone. So there is
+//! no lock-order cycle, whatever the threads do.
 
 use crate::autograd::GradMode;
+use crate::error::Result;
+use crate::tensor::Tensor;
 
 /// Applies `f` to every item in parallel and returns the results in order.
 /// Every call of `f` runs in the caller's grad mode (flag and tape), entered
@@ -50,4 +126,420 @@ where
 fn chunk_len(len: usize) -> usize {
     let chunks = 4 * rayon::current_num_threads().max(1);
     len.div_ceil(chunks).max(1)
+}
+
+/// Runs `a` and `b`, potentially in parallel, both in the caller's grad mode
+/// (`rayon::join` with the mode carried).
+///
+/// # Examples
+///
+/// ```
+/// use netcl::{Tensor, autograd, parallel};
+///
+/// let w = Tensor::ones(&[2]).requires_grad_(true);
+/// let _guard = autograd::no_grad();
+/// let (a, b) = parallel::join(|| &w * 2.0, || &w * 3.0);
+/// assert!(!a.requires_grad() && !b.requires_grad());
+/// ```
+pub fn join<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
+where
+    A: FnOnce() -> RA + Send,
+    B: FnOnce() -> RB + Send,
+    RA: Send,
+    RB: Send,
+{
+    let mode = GradMode::current();
+    #[cfg(not(loom))]
+    {
+        rayon::join(|| mode.run(a), || mode.run(b))
+    }
+    #[cfg(loom)]
+    {
+        (mode.run(a), mode.run(b))
+    }
+}
+
+/// A scope in which tasks can be spawned, each running in the grad mode of
+/// the thread that called [`scope`].
+pub struct Scope<'a, 'scope> {
+    #[cfg(not(loom))]
+    inner: &'a rayon::Scope<'scope>,
+    #[cfg(loom)]
+    inner: std::marker::PhantomData<&'a &'scope ()>,
+    mode: GradMode,
+}
+
+impl<'scope> Scope<'_, 'scope> {
+    /// Spawns `body` into the scope. It runs in the scope's grad mode and
+    /// may spawn further tasks, which inherit the same mode.
+    pub fn spawn<F>(&self, body: F)
+    where
+        F: for<'a> FnOnce(&Scope<'a, 'scope>) + Send + 'scope,
+    {
+        let mode = self.mode.clone();
+        #[cfg(not(loom))]
+        self.inner.spawn(move |inner| {
+            let scope = Scope {
+                inner,
+                mode: mode.clone(),
+            };
+            mode.run(|| body(&scope));
+        });
+        #[cfg(loom)]
+        {
+            let scope = Scope {
+                inner: std::marker::PhantomData,
+                mode: mode.clone(),
+            };
+            mode.run(|| body(&scope));
+        }
+    }
+}
+
+/// Creates a scope for spawning tasks that borrow from the caller, all
+/// running in the caller's grad mode (`rayon::scope` with the mode carried).
+/// Returns once every spawned task has finished.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::{Tensor, autograd, parallel};
+/// use std::sync::Mutex;
+///
+/// let w = Tensor::ones(&[2]).requires_grad_(true);
+/// let results = Mutex::new(Vec::new());
+/// let _guard = autograd::no_grad();
+/// parallel::scope(|s| {
+///     for i in 0..4 {
+///         let (w, results) = (&w, &results);
+///         s.spawn(move |_| results.lock().unwrap().push(w * i as f32));
+///     }
+/// });
+/// assert!(results.into_inner().unwrap().iter().all(|y| !y.requires_grad()));
+/// ```
+pub fn scope<'scope, OP, R>(op: OP) -> R
+where
+    OP: for<'a> FnOnce(&Scope<'a, 'scope>) -> R + Send,
+    R: Send,
+{
+    let mode = GradMode::current();
+    #[cfg(not(loom))]
+    {
+        rayon::scope(|inner| {
+            let scope = Scope {
+                inner,
+                mode: mode.clone(),
+            };
+            mode.run(|| op(&scope))
+        })
+    }
+    #[cfg(loom)]
+    {
+        let scope = Scope {
+            inner: std::marker::PhantomData,
+            mode: mode.clone(),
+        };
+        mode.run(|| op(&scope))
+    }
+}
+
+/// Runs `f` inside `pool` (`ThreadPool::install`) in the caller's grad mode,
+/// so that rayon work started by `f` (and by netcl's helpers) uses that pool.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::{Tensor, autograd, parallel};
+///
+/// let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+/// let w = Tensor::ones(&[2]).requires_grad_(true);
+/// let _guard = autograd::no_grad();
+/// let y = parallel::install(&pool, || &w * 2.0);
+/// assert!(!y.requires_grad());
+/// ```
+#[cfg(not(loom))]
+pub fn install<R, F>(pool: &rayon::ThreadPool, f: F) -> R
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    let mode = GradMode::current();
+    pool.install(|| mode.run(f))
+}
+
+/// Computes the gradients of a loss split into shards, the shards in
+/// parallel, and accumulates them into the parameters' [`grad`] in shard
+/// order. Returns each shard's loss.
+///
+/// Each shard's gradient is computed on its own (with
+/// [`autograd::grad`](crate::autograd::grad)) and the sum is formed in shard
+/// order, so for a fixed set of shards the accumulated gradients are
+/// bitwise identical whatever the number of threads. The shard losses are
+/// recorded with grad on, whatever the caller's mode (this helper exists to
+/// compute gradients), into the caller's tape; their graphs are released.
+///
+/// # Errors
+///
+/// The first error (in shard order) returned by `loss`, or raised while
+/// differentiating it (for instance [`Error::NotScalar`] if a shard's loss
+/// has more than one element).
+///
+/// [`grad`]: Tensor::grad
+///
+/// # Examples
+///
+/// ```
+/// use netcl::{Tensor, parallel};
+///
+/// let w = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
+/// let shards: Vec<Tensor> = (0..4).map(|i| Tensor::full(&[2], i as f32)).collect();
+/// let params = [w.clone()];
+/// let losses = parallel::backward_shards(&shards, &params, |x| Ok((x * &w).sum()))?;
+/// assert_eq!(losses, vec![0.0, 3.0, 6.0, 9.0]);
+/// // d/dw Σ_shards Σ x·w = Σ_shards x = 0 + 1 + 2 + 3
+/// assert_eq!(w.grad().unwrap().to_vec(), vec![6.0, 6.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn backward_shards<S, F>(shards: &[S], params: &[Tensor], loss: F) -> Result<Vec<f32>>
+where
+    S: Sync,
+    F: Fn(&S) -> Result<Tensor> + Sync + Send,
+{
+    let mode = GradMode::current().with_enabled(true);
+    let inputs: Vec<&Tensor> = params.iter().collect();
+    let shard_grads = |shard: &S| -> Result<(f32, Vec<Tensor>)> {
+        let loss = loss(shard)?;
+        let value = loss.try_item()?;
+        Ok((value, crate::autograd::grad(&[&loss], &inputs)?))
+    };
+    let per_shard: Vec<Result<(f32, Vec<Tensor>)>> = mode.run(|| map(shards, shard_grads));
+
+    let mut losses = Vec::with_capacity(shards.len());
+    let mut sums: Vec<Option<ndarray::ArrayD<f32>>> = vec![None; params.len()];
+    for result in per_shard {
+        let (value, grads) = result?;
+        losses.push(value);
+        for (sum, grad) in sums.iter_mut().zip(grads) {
+            let grad = grad.to_array();
+            match sum {
+                None => *sum = Some(grad),
+                Some(sum) => *sum += &grad,
+            }
+        }
+    }
+    for (param, sum) in params.iter().zip(sums) {
+        if let Some(sum) = sum {
+            param.accumulate_grad(sum);
+        }
+    }
+    Ok(losses)
+}
+
+/// The extension trait and rayon's prelude, for `use
+/// netcl::parallel::prelude::*`.
+#[cfg(not(loom))]
+pub mod prelude {
+    pub use super::ParallelIteratorExt;
+    pub use rayon::prelude::*;
+}
+
+#[cfg(not(loom))]
+pub use iter::{ParallelIteratorExt, WithGradMode};
+
+/// The rayon version netcl is built with, for building thread pools to pass
+/// to [`install`].
+#[cfg(not(loom))]
+pub use rayon;
+
+#[cfg(not(loom))]
+mod iter {
+    use rayon::iter::ParallelIterator;
+    use rayon::iter::plumbing::{Consumer, Folder, Reducer, UnindexedConsumer};
+
+    use crate::autograd::{GradMode, ModeGuard};
+
+    /// Adds [`with_grad_mode`](ParallelIteratorExt::with_grad_mode) to every
+    /// rayon parallel iterator.
+    pub trait ParallelIteratorExt: ParallelIterator {
+        /// Captures this thread's grad mode (flag and tape) and runs the rest
+        /// of the chain in it: every closure after this call, the combining
+        /// closures of `reduce`, `fold` and `sum` included, and the folding of
+        /// everything before it. The mode is entered once per chunk a worker
+        /// processes, and the worker's own mode is restored afterwards.
+        ///
+        /// Call it on the calling thread, right after the source iterator.
+        ///
+        /// # Examples
+        ///
+        /// ```
+        /// use netcl::parallel::prelude::*;
+        /// use netcl::{Tensor, autograd};
+        ///
+        /// let w = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
+        /// let shards: Vec<Tensor> = (0..4).map(|i| Tensor::full(&[2], i as f32)).collect();
+        /// // Data-parallel forward with grad on: workers record into the
+        /// // caller's tape, and one backward covers every shard.
+        /// let loss = shards
+        ///     .par_iter()
+        ///     .with_grad_mode()
+        ///     .map(|x| (x * &w).sum())
+        ///     .reduce(|| Tensor::scalar(0.0), |a, b| a + b);
+        /// loss.backward();
+        /// assert_eq!(w.grad().unwrap().to_vec(), vec![6.0, 6.0]);
+        /// # Ok::<(), netcl::Error>(())
+        /// ```
+        fn with_grad_mode(self) -> WithGradMode<Self> {
+            self.with_mode(GradMode::current())
+        }
+
+        /// Runs the rest of the chain in `mode`, as
+        /// [`with_grad_mode`](ParallelIteratorExt::with_grad_mode) does with
+        /// the current thread's.
+        fn with_mode(self, mode: GradMode) -> WithGradMode<Self> {
+            WithGradMode { base: self, mode }
+        }
+    }
+
+    impl<I: ParallelIterator> ParallelIteratorExt for I {}
+
+    /// A parallel iterator whose chain runs in a captured [`GradMode`];
+    /// created by [`ParallelIteratorExt::with_grad_mode`].
+    ///
+    /// Deliberately not an `IndexedParallelIterator`: see the module docs.
+    #[derive(Debug, Clone)]
+    pub struct WithGradMode<I> {
+        base: I,
+        mode: GradMode,
+    }
+
+    impl<I: ParallelIterator> ParallelIterator for WithGradMode<I> {
+        type Item = I::Item;
+
+        fn drive_unindexed<C>(self, consumer: C) -> C::Result
+        where
+            C: UnindexedConsumer<Self::Item>,
+        {
+            let consumer = ModeConsumer {
+                base: consumer,
+                mode: self.mode,
+            };
+            self.base.drive_unindexed(consumer)
+        }
+
+        fn opt_len(&self) -> Option<usize> {
+            self.base.opt_len()
+        }
+    }
+
+    /// Wraps the downstream consumer: its folders hold the mode entered,
+    /// its reducers enter it around each reduction.
+    struct ModeConsumer<C> {
+        base: C,
+        mode: GradMode,
+    }
+
+    impl<T, C: Consumer<T>> Consumer<T> for ModeConsumer<C> {
+        type Folder = ModeFolder<C::Folder>;
+        type Reducer = ModeReducer<C::Reducer>;
+        type Result = C::Result;
+
+        fn split_at(self, index: usize) -> (Self, Self, Self::Reducer) {
+            let (left, right, reducer) = self.base.split_at(index);
+            (
+                ModeConsumer {
+                    base: left,
+                    mode: self.mode.clone(),
+                },
+                ModeConsumer {
+                    base: right,
+                    mode: self.mode.clone(),
+                },
+                ModeReducer {
+                    base: reducer,
+                    mode: self.mode,
+                },
+            )
+        }
+
+        fn into_folder(self) -> Self::Folder {
+            // Entered before the downstream folder exists, so its creation
+            // (a fold's identity, say) runs in the mode too.
+            let guard = self.mode.enter();
+            ModeFolder {
+                base: self.base.into_folder(),
+                _guard: guard,
+            }
+        }
+
+        fn full(&self) -> bool {
+            self.base.full()
+        }
+    }
+
+    impl<T, C: UnindexedConsumer<T>> UnindexedConsumer<T> for ModeConsumer<C> {
+        fn split_off_left(&self) -> Self {
+            ModeConsumer {
+                base: self.base.split_off_left(),
+                mode: self.mode.clone(),
+            }
+        }
+
+        fn to_reducer(&self) -> Self::Reducer {
+            ModeReducer {
+                base: self.base.to_reducer(),
+                mode: self.mode.clone(),
+            }
+        }
+    }
+
+    /// A folder that keeps the mode entered for as long as it exists: one
+    /// chunk of work on one thread. Field order matters: the downstream
+    /// folder (which may hold guards of its own) drops before the guard.
+    struct ModeFolder<F> {
+        base: F,
+        _guard: ModeGuard,
+    }
+
+    impl<T, F: Folder<T>> Folder<T> for ModeFolder<F> {
+        type Result = F::Result;
+
+        fn consume(self, item: T) -> Self {
+            ModeFolder {
+                base: self.base.consume(item),
+                _guard: self._guard,
+            }
+        }
+
+        fn consume_iter<It>(self, iter: It) -> Self
+        where
+            It: IntoIterator<Item = T>,
+        {
+            ModeFolder {
+                base: self.base.consume_iter(iter),
+                _guard: self._guard,
+            }
+        }
+
+        fn complete(self) -> Self::Result {
+            let result = self.base.complete();
+            drop(self._guard);
+            result
+        }
+
+        fn full(&self) -> bool {
+            self.base.full()
+        }
+    }
+
+    struct ModeReducer<R> {
+        base: R,
+        mode: GradMode,
+    }
+
+    impl<T, R: Reducer<T>> Reducer<T> for ModeReducer<R> {
+        fn reduce(self, left: T, right: T) -> T {
+            let ModeReducer { base, mode } = self;
+            mode.run(|| base.reduce(left, right))
+        }
+    }
 }
