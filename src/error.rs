@@ -185,6 +185,76 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+
+    /// Reading or writing a file failed.
+    #[error("{op}: {path}: {message}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The kind of I/O error.
+        kind: std::io::ErrorKind,
+        /// The I/O error's message.
+        message: String,
+    },
+
+    /// A line of a text data file (CSV) is malformed.
+    #[error("{source_name}:{line}: {message}")]
+    Parse {
+        /// The file name, or a description of the source that was read.
+        source_name: String,
+        /// The line number, counting from 1 (the header is line 1).
+        line: usize,
+        /// What is wrong with the line.
+        message: String,
+    },
+
+    /// A file is not valid in the format it is read as (truncated, garbage,
+    /// an inconsistent header).
+    #[error("{op}: {source_name} is not a valid {format} file: {message}")]
+    Format {
+        /// The operation.
+        op: &'static str,
+        /// The file name, or a description of the bytes that were read.
+        source_name: String,
+        /// The expected format, such as `"safetensors"`.
+        format: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The tensors stored in a checkpoint are not the parameters of the model
+    /// it is loaded into: names are missing or unexpected.
+    #[error(
+        "{op}: checkpoint does not match the model's parameters (missing: {missing:?}; unexpected: {unexpected:?})"
+    )]
+    ParameterNames {
+        /// The operation.
+        op: &'static str,
+        /// Parameters of the model absent from the checkpoint.
+        missing: Vec<String>,
+        /// Tensors of the checkpoint that the model has no parameter for.
+        unexpected: Vec<String>,
+    },
+
+    /// A stored tensor's shape or element type does not match the model's
+    /// parameter of the same name (netcl parameters are `F32`).
+    #[error(
+        "{op}: parameter `{name}` is stored as {found_dtype} {found:?}, the model expects F32 {expected:?}"
+    )]
+    ParameterMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The parameter's name.
+        name: String,
+        /// The model's shape for it.
+        expected: Vec<usize>,
+        /// The stored shape.
+        found: Vec<usize>,
+        /// The stored element type, such as `"F32"` or `"F16"`.
+        found_dtype: String,
+    },
 }
 
 /// Unwraps `result`, panicking with the error's message: the plain (non-`try_`)

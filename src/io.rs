@@ -1,1 +1,343 @@
-//! Placeholder: filled in by the training-stack work.
+//! Saving and loading a model's parameters in the
+//! [safetensors](https://github.com/huggingface/safetensors) format.
+//!
+//! Parameters are stored by the names of
+//! [`Module::named_parameters`] (`layers.0.weight`, ...), as little-endian
+//! `F32` tensors in row-major order, so files open with any safetensors
+//! reader. Loading checks the file against the model before changing
+//! anything: names (missing and unexpected), element type and shapes, and
+//! the file's own consistency (truncation, garbage). Any problem is an
+//! [`Error`] naming what is wrong; the model is then left untouched, and
+//! nothing panics whatever the bytes.
+//!
+//! # Examples
+//!
+//! ```
+//! use netcl::nn::{Activation, Mlp, Module};
+//! use netcl::io;
+//! use rand::SeedableRng;
+//! use rand::rngs::StdRng;
+//!
+//! let model = Mlp::new(&[4, 8, 2], Activation::Relu, &mut StdRng::seed_from_u64(1));
+//! let path = std::env::temp_dir().join(format!("netcl-doc-io-{}.safetensors", std::process::id()));
+//! io::save(&model, &path)?;
+//!
+//! // A model of the same architecture, initialised differently...
+//! let fresh = Mlp::new(&[4, 8, 2], Activation::Relu, &mut StdRng::seed_from_u64(2));
+//! io::load(&fresh, &path)?;
+//! // ...now has exactly the saved values.
+//! for ((_, a), (_, b)) in model.named_parameters().iter().zip(fresh.named_parameters()) {
+//!     assert_eq!(a.to_vec(), b.to_vec());
+//! }
+//! # std::fs::remove_file(&path).unwrap();
+//! # Ok::<(), netcl::Error>(())
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::error::{Error, Result};
+use crate::nn::Module;
+use crate::tensor::Tensor;
+
+const FORMAT: &str = "safetensors";
+
+fn io_error(op: &'static str, path: &Path, err: &std::io::Error) -> Error {
+    Error::Io {
+        op,
+        path: path.display().to_string(),
+        kind: err.kind(),
+        message: err.to_string(),
+    }
+}
+
+/// The parameters by name, checking that names are unique.
+fn parameters_by_name<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut params = BTreeMap::new();
+    for (name, p) in model.named_parameters() {
+        if params.contains_key(&name) {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("the model has two parameters named `{name}`"),
+            });
+        }
+        params.insert(name, p);
+    }
+    Ok(params)
+}
+
+/// The model's parameters in safetensors form.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] if two parameters have the same name (a bug
+/// in a custom [`Module`]), [`Error::Format`] if the safetensors encoder
+/// fails.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let bytes = netcl::io::to_bytes(&layer)?;
+/// // An 8-byte header length, the JSON header, then 4 bytes per value.
+/// let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+/// assert_eq!(bytes.len(), 8 + header + 4 * (3 * 2 + 2));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
+    let params = parameters_by_name("io::to_bytes", model)?;
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = params
+        .into_iter()
+        .map(|(name, p)| {
+            let bytes = p.to_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, p.shape().to_vec(), bytes)
+        })
+        .collect();
+    let format_error = |message: String| Error::Format {
+        op: "io::to_bytes",
+        source_name: "the model".to_string(),
+        format: FORMAT,
+        message,
+    };
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(|err| format_error(err.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None).map_err(|err| format_error(err.to_string()))
+}
+
+/// Saves the model's parameters to `path` in safetensors format.
+///
+/// The file is written under a temporary name beside `path` and renamed
+/// into place, so a reader never sees a half-written file and an existing
+/// file is replaced only by a complete one.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be written, and the errors of
+/// [`to_bytes`].
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let path = std::env::temp_dir().join(format!("netcl-doc-save-{}.safetensors", std::process::id()));
+/// netcl::io::save(&layer, &path)?;
+/// assert!(path.exists());
+/// # std::fs::remove_file(&path).unwrap();
+///
+/// let err = netcl::io::save(&layer, "/no/such/dir/layer.safetensors").unwrap_err();
+/// assert!(matches!(err, Error::Io { op: "io::save", .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn save<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = to_bytes(model)?;
+    let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
+    temp_name.push(format!(".{}.tmp", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    let written = std::fs::File::create(&temp).and_then(|mut file| {
+        file.write_all(&bytes)?;
+        file.sync_all()
+    });
+    if let Err(err) = written.and_then(|()| std::fs::rename(&temp, path)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(io_error("io::save", path, &err));
+    }
+    Ok(())
+}
+
+/// Loads parameters saved by [`save`] (or any safetensors file with the
+/// same names, shapes and `F32` values) into `model`, in place.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be read, and the errors of
+/// [`load_bytes`]. On error the model is unchanged.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let err = netcl::io::load(&layer, "missing.safetensors").unwrap_err();
+/// assert!(matches!(err, Error::Io { kind: std::io::ErrorKind::NotFound, .. }));
+/// assert!(err.to_string().starts_with("io::load: missing.safetensors: "));
+/// ```
+pub fn load<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|err| io_error("io::load", path, &err))?;
+    load_named(model, &bytes, &path.display().to_string())
+}
+
+/// Loads parameters in safetensors form from `bytes` into `model`, in place.
+///
+/// Every check is done before any parameter changes, so on error the model
+/// is unchanged.
+///
+/// # Errors
+///
+/// - [`Error::Format`] if `bytes` is not a valid safetensors file
+///   (truncated, garbage, an inconsistent header);
+/// - [`Error::ParameterNames`] listing the model's parameters absent from
+///   the file and the file's tensors the model has no parameter for;
+/// - [`Error::ParameterMismatch`] for the first parameter whose stored
+///   element type is not `F32` or whose shape differs from the model's;
+/// - [`Error::InvalidArgument`] if two parameters of the model have the same
+///   name.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let bytes = netcl::io::to_bytes(&Linear::new(3, 2, &mut rng))?;
+///
+/// let wider = Linear::new(3, 4, &mut rng);
+/// let err = netcl::io::load_bytes(&wider, &bytes).unwrap_err();
+/// assert!(matches!(err, Error::ParameterMismatch { .. }));
+///
+/// let err = netcl::io::load_bytes(&wider, &bytes[..bytes.len() - 1]).unwrap_err();
+/// assert!(matches!(err, Error::Format { .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn load_bytes<M: Module + ?Sized>(model: &M, bytes: &[u8]) -> Result<()> {
+    load_named(model, bytes, "the given bytes")
+}
+
+fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) -> Result<()> {
+    const OP: &str = "io::load";
+    let file = SafeTensors::deserialize(bytes).map_err(|err| Error::Format {
+        op: OP,
+        source_name: source_name.to_string(),
+        format: FORMAT,
+        message: err.to_string(),
+    })?;
+    let params = parameters_by_name(OP, model)?;
+    let stored: BTreeSet<&str> = file.names().into_iter().collect();
+    let missing: Vec<String> = params
+        .keys()
+        .filter(|name| !stored.contains(name.as_str()))
+        .cloned()
+        .collect();
+    let unexpected: Vec<String> = stored
+        .iter()
+        .filter(|name| !params.contains_key(**name))
+        .map(|name| name.to_string())
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(Error::ParameterNames {
+            op: OP,
+            missing,
+            unexpected,
+        });
+    }
+    let mut updates = Vec::with_capacity(params.len());
+    for (name, param) in &params {
+        let view = file.tensor(name).map_err(|err| Error::Format {
+            op: OP,
+            source_name: source_name.to_string(),
+            format: FORMAT,
+            message: err.to_string(),
+        })?;
+        if view.dtype() != Dtype::F32 || view.shape() != param.shape() {
+            return Err(Error::ParameterMismatch {
+                op: OP,
+                name: name.clone(),
+                expected: param.shape().to_vec(),
+                found: view.shape().to_vec(),
+                found_dtype: view.dtype().to_string(),
+            });
+        }
+        // deserialize checked that the data has shape · 4 bytes.
+        updates.push((param, view.data()));
+    }
+    for (param, data) in updates {
+        param.with_data_mut(|mut values| {
+            for (value, chunk) in values.iter_mut().zip(data.chunks_exact(4)) {
+                *value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file of `F32` tensors, by name (in
+/// name order), to inspect a checkpoint without a model.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be read, [`Error::Format`] if it is not
+/// a valid safetensors file, [`Error::ParameterMismatch`] for a tensor that
+/// is not `F32`.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::nn::{Linear, Module};
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let path = std::env::temp_dir().join(format!("netcl-doc-read-{}.safetensors", std::process::id()));
+/// netcl::io::save(&layer, &path)?;
+/// let tensors = netcl::io::read_tensors(&path)?;
+/// let names: Vec<&str> = tensors.iter().map(|(name, _)| name.as_str()).collect();
+/// assert_eq!(names, ["bias", "weight"]);
+/// assert_eq!(tensors[1].1.to_vec(), layer.weight().to_vec());
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
+    const OP: &str = "io::read_tensors";
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|err| io_error(OP, path, &err))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|err| Error::Format {
+        op: OP,
+        source_name: path.display().to_string(),
+        format: FORMAT,
+        message: err.to_string(),
+    })?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(file.len());
+    for (name, view) in file.iter() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::ParameterMismatch {
+                op: OP,
+                name: name.to_string(),
+                expected: view.shape().to_vec(),
+                found: view.shape().to_vec(),
+                found_dtype: view.dtype().to_string(),
+            });
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push((name.to_string(), Tensor::from_vec(values, view.shape())?));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
+}

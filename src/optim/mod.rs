@@ -1,1 +1,148 @@
-//! Placeholder: filled in by the training-stack work.
+//! Optimizers that update parameters from their gradients, and
+//! learning-rate schedules.
+//!
+//! | | |
+//! |---|---|
+//! | [`Sgd`] | stochastic gradient descent, with momentum, Nesterov momentum and weight decay |
+//! | [`Adam`] | Adam, with L2 weight decay added to the gradient |
+//! | [`AdamW`] | Adam with decoupled weight decay |
+//! | [`StepDecay`], [`CosineAnnealing`] | learning rate as a function of the epoch |
+//!
+//! Every [`step`](Optimizer::step) runs under
+//! [`no_grad`](crate::autograd::no_grad) whatever the caller's mode, updates
+//! the parameters in place (through
+//! [`Tensor::with_data_mut`](crate::Tensor::with_data_mut)) and skips
+//! parameters that have no gradient. The update formulas are PyTorch's, so
+//! hyper-parameters carry over.
+//!
+//! # Examples
+//!
+//! One training step:
+//!
+//! ```
+//! use netcl::Tensor;
+//! use netcl::nn::{Activation, Mlp, Module};
+//! use netcl::optim::{Adam, AdamConfig, Optimizer};
+//! use rand::SeedableRng;
+//!
+//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let model = Mlp::new(&[4, 8, 3], Activation::Relu, &mut rng);
+//! let mut optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
+//!
+//! let x = Tensor::rand(&[16, 4], &mut rng);
+//! let y = Tensor::from_vec((0..16).map(|i| (i % 3) as f32).collect(), &[16])?;
+//! let before = model.forward(&x)?.cross_entropy(&y).item();
+//! for _ in 0..20 {
+//!     let loss = model.forward(&x)?.try_cross_entropy(&y)?;
+//!     optimizer.zero_grad();
+//!     loss.try_backward()?;
+//!     optimizer.step();
+//! }
+//! assert!(model.forward(&x)?.cross_entropy(&y).item() < before);
+//! # Ok::<(), netcl::Error>(())
+//! ```
+
+mod adam;
+mod schedule;
+mod sgd;
+
+pub use adam::{Adam, AdamConfig, AdamW};
+pub use schedule::{Constant, CosineAnnealing, LrSchedule, StepDecay};
+pub use sgd::{Sgd, SgdConfig};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Updates a set of parameters from their accumulated gradients.
+///
+/// The usual step is `zero_grad`, forward, `backward`, `step`.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::optim::{Optimizer, Sgd, SgdConfig};
+///
+/// // Minimise (w - 3)² from w = 0.
+/// let w = Tensor::zeros(&[1]).requires_grad_(true);
+/// let mut optimizer = Sgd::new([w.clone()], SgdConfig::new(0.1));
+/// for _ in 0..100 {
+///     optimizer.zero_grad();
+///     (&w - 3.0).powf(2.0).sum().backward();
+///     optimizer.step();
+/// }
+/// assert!((w.item() - 3.0).abs() < 1e-4);
+/// ```
+pub trait Optimizer: Send {
+    /// Updates every parameter that has a gradient, in place. Runs under
+    /// [`no_grad`](crate::autograd::no_grad): nothing is recorded, whatever
+    /// the caller's grad mode.
+    fn step(&mut self);
+
+    /// Clears the gradient of every parameter.
+    fn zero_grad(&self);
+
+    /// The current learning rate.
+    fn learning_rate(&self) -> f32;
+
+    /// Sets the learning rate used by the following steps (for example from
+    /// an [`LrSchedule`]).
+    fn set_learning_rate(&mut self, lr: f32);
+}
+
+impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
+    fn step(&mut self) {
+        (**self).step()
+    }
+    fn zero_grad(&self) {
+        (**self).zero_grad()
+    }
+    fn learning_rate(&self) -> f32 {
+        (**self).learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f32) {
+        (**self).set_learning_rate(lr)
+    }
+}
+
+/// Collects the parameters an optimizer updates: each distinct tensor once,
+/// in order; each must be a leaf.
+fn collect_params(
+    op: &'static str,
+    params: impl IntoIterator<Item = Tensor>,
+) -> Result<Vec<Tensor>> {
+    let mut unique: Vec<Tensor> = Vec::new();
+    for (i, p) in params.into_iter().enumerate() {
+        if let Some(grad_fn) = p.grad_fn() {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "parameter {i} was computed by `{}`; optimizers update leaf tensors",
+                    grad_fn.name()
+                ),
+            });
+        }
+        if !unique.iter().any(|q| q.same(&p)) {
+            unique.push(p);
+        }
+    }
+    Ok(unique)
+}
+
+/// Checks that a hyper-parameter is finite and within `range`.
+fn check(
+    op: &'static str,
+    name: &str,
+    value: f32,
+    ok: impl FnOnce(f32) -> bool,
+    expected: &str,
+) -> Result<()> {
+    if value.is_finite() && ok(value) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            op,
+            message: format!("{name} must be {expected}, got {value}"),
+        })
+    }
+}

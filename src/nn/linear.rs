@@ -1,0 +1,246 @@
+//! The fully connected layer.
+
+use std::fmt;
+
+use rand::Rng;
+
+use crate::error::{Error, Result, or_panic};
+use crate::nn::{Module, TrainingFlag};
+use crate::tensor::Tensor;
+
+/// A fully connected layer: `y = x · W + b`.
+///
+/// `W` has shape `[in_features, out_features]` and `b` shape
+/// `[out_features]`. The input is `[.., in_features]` (a batch of rows, or
+/// any number of leading batch axes) and the output `[.., out_features]`.
+///
+/// The weight is stored input-major so the forward is one matrix product of
+/// two row-major operands with no transpose node on the tape. PyTorch's
+/// `nn.Linear` stores the transpose (`[out_features, in_features]`): transpose
+/// such weights when importing them.
+///
+/// New layers use the usual default initialisation (Kaiming-uniform with
+/// `a = √5`, as PyTorch's `nn.Linear`): weight and bias drawn uniformly from
+/// `[-1/√in_features, 1/√in_features)` with the caller's generator, so a seeded
+/// generator gives the same layer every time.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::{Linear, Module};
+/// use rand::SeedableRng;
+/// use rand::rngs::StdRng;
+///
+/// let layer = Linear::new(3, 2, &mut StdRng::seed_from_u64(0));
+/// let y = layer.forward(&Tensor::ones(&[5, 3]))?;
+/// assert_eq!(y.shape(), &[5, 2]);
+///
+/// let bound = 1.0 / 3f32.sqrt();
+/// assert!(layer.weight().to_vec().iter().all(|w| w.abs() <= bound));
+///
+/// // Same seed, same layer.
+/// let again = Linear::new(3, 2, &mut StdRng::seed_from_u64(0));
+/// assert_eq!(layer.weight().to_vec(), again.weight().to_vec());
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    training: TrainingFlag,
+}
+
+impl Linear {
+    /// A layer from `in_features` to `out_features` with a bias, initialised
+    /// from `rng`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_new`](Linear::try_new).
+    #[track_caller]
+    pub fn new<R: Rng + ?Sized>(in_features: usize, out_features: usize, rng: &mut R) -> Linear {
+        or_panic(Linear::try_new(in_features, out_features, rng))
+    }
+
+    /// A layer from `in_features` to `out_features` with a bias, initialised
+    /// from `rng`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if either size is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::Linear;
+    /// use rand::SeedableRng;
+    ///
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let err = Linear::try_new(0, 4, &mut rng).unwrap_err();
+    /// assert_eq!(err.to_string(), "Linear: sizes must be positive, got 0 -> 4");
+    /// ```
+    pub fn try_new<R: Rng + ?Sized>(
+        in_features: usize,
+        out_features: usize,
+        rng: &mut R,
+    ) -> Result<Linear> {
+        Linear::build(in_features, out_features, true, rng)
+    }
+
+    /// A layer without bias (`y = x · W`), initialised from `rng`.
+    ///
+    /// # Panics
+    ///
+    /// If either size is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Module};
+    /// use rand::SeedableRng;
+    ///
+    /// let layer = Linear::without_bias(4, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// assert!(layer.bias().is_none());
+    /// assert_eq!(layer.named_parameters().len(), 1);
+    /// ```
+    #[track_caller]
+    pub fn without_bias<R: Rng + ?Sized>(
+        in_features: usize,
+        out_features: usize,
+        rng: &mut R,
+    ) -> Linear {
+        or_panic(Linear::build(in_features, out_features, false, rng))
+    }
+
+    fn build<R: Rng + ?Sized>(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        rng: &mut R,
+    ) -> Result<Linear> {
+        if in_features == 0 || out_features == 0 {
+            return Err(Error::InvalidArgument {
+                op: "Linear",
+                message: format!("sizes must be positive, got {in_features} -> {out_features}"),
+            });
+        }
+        // kaiming_uniform(a = √5): gain √(2 / (1 + 5)) = √(1/3), bound
+        // gain · √(3 / fan_in) = 1/√fan_in; the bias uses the same bound.
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let weight = Tensor::uniform(&[in_features, out_features], -bound, bound, rng);
+        let bias = bias.then(|| Tensor::uniform(&[out_features], -bound, bound, rng));
+        Ok(Linear {
+            weight: weight.requires_grad_(true),
+            bias: bias.map(|b| b.requires_grad_(true)),
+            training: TrainingFlag::new(),
+        })
+    }
+
+    /// A layer with the given weight, `[in_features, out_features]`, and
+    /// optional bias, `[out_features]`. Both are marked as requiring grad.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if the weight is not 2-D, [`Error::ShapeMismatch`] if
+    /// the bias does not have shape `[out_features]`, [`Error::NotLeaf`] if
+    /// either was computed by a recorded op (use
+    /// [`detach`](Tensor::detach)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Linear, Module};
+    ///
+    /// let w = Tensor::from_vec(vec![1.0, 2.0], &[2, 1])?;
+    /// let b = Tensor::from_vec(vec![0.5], &[1])?;
+    /// let layer = Linear::from_parts(w, Some(b))?;
+    /// let x = Tensor::from_vec(vec![3.0, 4.0], &[1, 2])?;
+    /// assert_eq!(layer.forward(&x)?.to_vec(), vec![11.5]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        if weight.ndim() != 2 {
+            return Err(Error::Rank {
+                op: "Linear::from_parts",
+                expected: "a weight of shape [in_features, out_features]",
+                shape: weight.shape().to_vec(),
+            });
+        }
+        let out_features = weight.shape()[1];
+        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [out_features]) {
+            return Err(Error::ShapeMismatch {
+                op: "Linear::from_parts",
+                lhs: vec![out_features],
+                rhs: b.shape().to_vec(),
+            });
+        }
+        Ok(Linear {
+            weight: weight.try_requires_grad_(true)?,
+            bias: bias.map(|b| b.try_requires_grad_(true)).transpose()?,
+            training: TrainingFlag::new(),
+        })
+    }
+
+    /// The weight, `[in_features, out_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out_features]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The size of each input row.
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    /// The size of each output row.
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+}
+
+impl Module for Linear {
+    /// `input · W + b`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if `input` has fewer than 2 dimensions,
+    /// [`Error::MatmulShape`] if its last dimension is not `in_features`.
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        let out = input.try_matmul(&self.weight)?;
+        match &self.bias {
+            Some(bias) => out.try_add(bias),
+            None => Ok(out),
+        }
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut params = vec![("weight".to_string(), self.weight.clone())];
+        if let Some(bias) = &self.bias {
+            params.push(("bias".to_string(), bias.clone()));
+        }
+        params
+    }
+
+    fn set_training(&self, training: bool) {
+        self.training.set(training);
+    }
+
+    fn is_training(&self) -> bool {
+        self.training.get()
+    }
+}
+
+impl fmt::Debug for Linear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Linear")
+            .field("in_features", &self.in_features())
+            .field("out_features", &self.out_features())
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,353 @@
+//! Adam and AdamW.
+
+use std::fmt;
+
+use ndarray::{ArrayD, Zip};
+
+use crate::autograd::no_grad;
+use crate::error::{Result, or_panic};
+use crate::optim::{Optimizer, check, collect_params};
+use crate::tensor::Tensor;
+
+/// The hyper-parameters of [`Adam`] and [`AdamW`], built from the learning
+/// rate; the defaults are PyTorch's (`betas = (0.9, 0.999)`, `eps = 1e-8`,
+/// no weight decay).
+///
+/// # Examples
+///
+/// ```
+/// use netcl::optim::AdamConfig;
+///
+/// let config = AdamConfig::new(1e-3).betas(0.9, 0.99).weight_decay(0.01);
+/// assert_eq!((config.beta1, config.beta2, config.eps), (0.9, 0.99, 1e-8));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamConfig {
+    /// The learning rate, `>= 0`.
+    pub lr: f32,
+    /// Decay of the running mean of gradients, in `[0, 1)`.
+    pub beta1: f32,
+    /// Decay of the running mean of squared gradients, in `[0, 1)`.
+    pub beta2: f32,
+    /// Added to the denominator for numerical stability, `> 0`.
+    pub eps: f32,
+    /// Weight decay `λ >= 0`: an L2 penalty added to the gradient in
+    /// [`Adam`], a decoupled shrinkage `w -= η·λ·w` in [`AdamW`].
+    pub weight_decay: f32,
+}
+
+impl AdamConfig {
+    /// PyTorch's defaults with learning rate `lr`.
+    pub fn new(lr: f32) -> AdamConfig {
+        AdamConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Sets both decay rates.
+    #[must_use]
+    pub fn betas(mut self, beta1: f32, beta2: f32) -> AdamConfig {
+        self.beta1 = beta1;
+        self.beta2 = beta2;
+        self
+    }
+
+    /// Sets `eps`.
+    #[must_use]
+    pub fn eps(mut self, eps: f32) -> AdamConfig {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets the weight decay.
+    #[must_use]
+    pub fn weight_decay(mut self, weight_decay: f32) -> AdamConfig {
+        self.weight_decay = weight_decay;
+        self
+    }
+
+    fn validate(&self, op: &'static str) -> Result<()> {
+        let unit = |v: f32| (0.0..1.0).contains(&v);
+        check(op, "lr", self.lr, |v| v >= 0.0, "finite and >= 0")?;
+        check(op, "beta1", self.beta1, unit, "in [0, 1)")?;
+        check(op, "beta2", self.beta2, unit, "in [0, 1)")?;
+        check(op, "eps", self.eps, |v| v > 0.0, "finite and > 0")?;
+        check(
+            op,
+            "weight_decay",
+            self.weight_decay,
+            |v| v >= 0.0,
+            "finite and >= 0",
+        )
+    }
+}
+
+/// The running moments of one parameter.
+struct Moments {
+    /// Steps taken by this parameter.
+    step: i32,
+    m: ArrayD<f32>,
+    v: ArrayD<f32>,
+}
+
+/// What Adam and AdamW share: parameters, moments and the update.
+struct AdamCore {
+    params: Vec<Tensor>,
+    moments: Vec<Option<Moments>>,
+    config: AdamConfig,
+}
+
+impl AdamCore {
+    fn new(
+        op: &'static str,
+        params: impl IntoIterator<Item = Tensor>,
+        config: AdamConfig,
+    ) -> Result<AdamCore> {
+        config.validate(op)?;
+        let params = collect_params(op, params)?;
+        Ok(AdamCore {
+            moments: params.iter().map(|_| None).collect(),
+            params,
+            config,
+        })
+    }
+
+    /// One step; `decoupled` selects AdamW's weight decay.
+    fn step(&mut self, decoupled: bool) {
+        let _guard = no_grad();
+        let AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay: wd,
+        } = self.config;
+        // Adam adds λ·w to the gradient; AdamW shrinks w by (1 - η·λ) first.
+        let (l2, shrink) = if decoupled {
+            (0.0, 1.0 - lr * wd)
+        } else {
+            (wd, 1.0)
+        };
+        for (param, moments) in self.params.iter().zip(&mut self.moments) {
+            let Some(grad) = param.grad() else { continue };
+            let grad = grad.data();
+            param.with_data_mut(|mut w| {
+                let state = moments.get_or_insert_with(|| Moments {
+                    step: 0,
+                    m: ArrayD::zeros(w.raw_dim()),
+                    v: ArrayD::zeros(w.raw_dim()),
+                });
+                state.step += 1;
+                // Bias corrections in f64, as PyTorch computes them.
+                let bc1 = 1.0 - f64::from(beta1).powi(state.step);
+                let bc2 = 1.0 - f64::from(beta2).powi(state.step);
+                let step_size = (f64::from(lr) / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                Zip::from(&mut w)
+                    .and(&grad)
+                    .and(&mut state.m)
+                    .and(&mut state.v)
+                    .for_each(|w, &g, m, v| {
+                        *w *= shrink;
+                        let d = g + l2 * *w;
+                        *m = beta1 * *m + (1.0 - beta1) * d;
+                        *v = beta2 * *v + (1.0 - beta2) * d * d;
+                        *w -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                    });
+            });
+        }
+    }
+
+    fn zero_grad(&self) {
+        for p in &self.params {
+            p.zero_grad();
+        }
+    }
+}
+
+/// Adam (Kingma & Ba, 2015), as PyTorch's `torch.optim.Adam`: weight decay
+/// is an L2 penalty added to the gradient.
+///
+/// For each parameter `w` with gradient `g`, at its step `t` (from 1):
+///
+/// ```text
+/// d = g + λ·w
+/// m = β1·m + (1 - β1)·d
+/// v = β2·v + (1 - β2)·d²
+/// w = w - η/(1 - β1^t) · m / (√v / √(1 - β2^t) + ε)
+/// ```
+///
+/// The moment buffers are allocated at a parameter's first step and reused.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::optim::{Adam, AdamConfig, Optimizer};
+///
+/// let w = Tensor::from_vec(vec![1.0, -1.0], &[2])?.requires_grad_(true);
+/// let mut adam = Adam::new([w.clone()], AdamConfig::new(0.1));
+/// (&w * &w).sum().backward();
+/// adam.step();
+/// // The first Adam step moves each weight by about lr against its gradient's sign.
+/// let w1 = w.to_vec();
+/// assert!((w1[0] - 0.9).abs() < 1e-5 && (w1[1] + 0.9).abs() < 1e-5);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub struct Adam(AdamCore);
+
+impl Adam {
+    /// An optimizer for `params` with the given hyper-parameters.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_new`](Adam::try_new).
+    #[track_caller]
+    pub fn new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Adam {
+        or_panic(Adam::try_new(params, config))
+    }
+
+    /// An optimizer for `params` (each distinct tensor is updated once) with
+    /// the given hyper-parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if a
+    /// hyper-parameter is out of range or a parameter is not a leaf tensor.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::optim::{Adam, AdamConfig};
+    ///
+    /// let err = Adam::try_new(Vec::new(), AdamConfig::new(1e-3).betas(0.9, 1.0)).unwrap_err();
+    /// assert_eq!(err.to_string(), "Adam: beta2 must be in [0, 1), got 1");
+    /// ```
+    pub fn try_new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Result<Adam> {
+        AdamCore::new("Adam", params, config).map(Adam)
+    }
+
+    /// The hyper-parameters (the learning rate as last set).
+    pub fn config(&self) -> &AdamConfig {
+        &self.0.config
+    }
+
+    /// The parameters this optimizer updates.
+    pub fn params(&self) -> &[Tensor] {
+        &self.0.params
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self) {
+        self.0.step(false);
+    }
+
+    fn zero_grad(&self) {
+        self.0.zero_grad();
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.0.config.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) {
+        self.0.config.lr = lr;
+    }
+}
+
+impl fmt::Debug for Adam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adam")
+            .field("params", &self.0.params.len())
+            .field("config", &self.0.config)
+            .finish()
+    }
+}
+
+/// Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as
+/// PyTorch's `torch.optim.AdamW`: each step first shrinks the weights,
+/// `w = w·(1 - η·λ)`, then takes an Adam step on the plain gradient.
+///
+/// PyTorch's default weight decay for AdamW is 0.01; [`AdamConfig::new`]
+/// starts from 0, so set it explicitly.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::optim::{AdamConfig, AdamW, Optimizer};
+///
+/// let w = Tensor::from_vec(vec![2.0], &[1])?.requires_grad_(true);
+/// let mut adamw = AdamW::new([w.clone()], AdamConfig::new(0.1).weight_decay(0.5));
+/// // A zero gradient: only the decay acts, w = 2·(1 - 0.1·0.5) = 1.9.
+/// (&w * 0.0).sum().backward();
+/// adamw.step();
+/// assert!((w.item() - 1.9).abs() < 1e-6);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub struct AdamW(AdamCore);
+
+impl AdamW {
+    /// An optimizer for `params` with the given hyper-parameters.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_new`](AdamW::try_new).
+    #[track_caller]
+    pub fn new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> AdamW {
+        or_panic(AdamW::try_new(params, config))
+    }
+
+    /// An optimizer for `params` (each distinct tensor is updated once) with
+    /// the given hyper-parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if a
+    /// hyper-parameter is out of range or a parameter is not a leaf tensor.
+    pub fn try_new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Result<AdamW> {
+        AdamCore::new("AdamW", params, config).map(AdamW)
+    }
+
+    /// The hyper-parameters (the learning rate as last set).
+    pub fn config(&self) -> &AdamConfig {
+        &self.0.config
+    }
+
+    /// The parameters this optimizer updates.
+    pub fn params(&self) -> &[Tensor] {
+        &self.0.params
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self) {
+        self.0.step(true);
+    }
+
+    fn zero_grad(&self) {
+        self.0.zero_grad();
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.0.config.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) {
+        self.0.config.lr = lr;
+    }
+}
+
+impl fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdamW")
+            .field("params", &self.0.params.len())
+            .field("config", &self.0.config)
+            .finish()
+    }
+}

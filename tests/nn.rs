@@ -1,0 +1,348 @@
+//! Layers and containers: forward values, initialisation, parameter names,
+//! train/eval mode, dropout determinism and sharing one model between
+//! threads.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use netcl::nn::{Activation, Dropout, Linear, Mlp, Module, ReLU, Sequential, Sigmoid, Tanh};
+use netcl::{Error, Tensor, autograd};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+fn names(module: &dyn Module) -> Vec<String> {
+    module
+        .named_parameters()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[test]
+fn models_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Linear>();
+    assert_send_sync::<Dropout>();
+    assert_send_sync::<Sequential>();
+    assert_send_sync::<Mlp>();
+    assert_send_sync::<Arc<dyn Module>>();
+}
+
+#[test]
+fn linear_forward_is_x_times_w_plus_b() -> netcl::Result<()> {
+    // W = [[1, 2], [3, 4], [5, 6]] (3 inputs, 2 outputs), b = [0.5, -1]
+    // x = [[1, 0, -1], [2, 1, 0]]
+    // x·W = [[1 - 5, 2 - 6], [2 + 3, 4 + 4]] = [[-4, -4], [5, 8]]
+    let w = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2])?;
+    let b = Tensor::from_vec(vec![0.5, -1.0], &[2])?;
+    let layer = Linear::from_parts(w, Some(b))?;
+    assert_eq!((layer.in_features(), layer.out_features()), (3, 2));
+    let x = Tensor::from_vec(vec![1.0, 0.0, -1.0, 2.0, 1.0, 0.0], &[2, 3])?;
+    let y = layer.forward(&x)?;
+    assert_eq!(y.shape(), &[2, 2]);
+    assert_eq!(y.to_vec(), vec![-3.5, -5.0, 5.5, 7.0]);
+    Ok(())
+}
+
+#[test]
+fn linear_gradients_match_hand_derivation() -> netcl::Result<()> {
+    // loss = sum(x·W + b): dW[i, j] = sum_n x[n, i], db[j] = n.
+    let layer = Linear::new(3, 2, &mut rng(0));
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    layer.forward(&x)?.sum().backward();
+    let dw = layer.weight().grad().expect("weight grad").to_vec();
+    assert_eq!(dw, vec![5.0, 5.0, 7.0, 7.0, 9.0, 9.0]);
+    let db = layer.bias().unwrap().grad().expect("bias grad").to_vec();
+    assert_eq!(db, vec![2.0, 2.0]);
+    Ok(())
+}
+
+#[test]
+fn linear_init_is_seeded_and_kaiming_uniform() {
+    let fan_in = 64;
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let a = Linear::new(fan_in, 128, &mut rng(3));
+    let b = Linear::new(fan_in, 128, &mut rng(3));
+    let c = Linear::new(fan_in, 128, &mut rng(4));
+    assert_eq!(a.weight().to_vec(), b.weight().to_vec());
+    assert_eq!(a.bias().unwrap().to_vec(), b.bias().unwrap().to_vec());
+    assert_ne!(a.weight().to_vec(), c.weight().to_vec());
+
+    let w = a.weight().to_vec();
+    assert!(w.iter().all(|v| v.abs() <= bound));
+    // Uniform on [-bound, bound): the extremes are nearly reached and the
+    // variance is bound² / 3.
+    let max = w.iter().fold(0.0_f32, |m, v| m.max(v.abs()));
+    assert!(max > 0.99 * bound, "max |w| = {max}, bound = {bound}");
+    let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+    let expected = bound * bound / 3.0;
+    assert!((var - expected).abs() < 0.05 * expected, "variance {var}");
+    assert!(a.bias().unwrap().to_vec().iter().all(|v| v.abs() <= bound));
+    // Parameters are leaves that require grad.
+    assert!(
+        a.parameters()
+            .iter()
+            .all(|p| p.is_leaf() && p.requires_grad())
+    );
+}
+
+#[test]
+fn linear_reports_a_wrong_input_width() {
+    let layer = Linear::new(4, 2, &mut rng(0));
+    let err = layer.forward(&Tensor::zeros(&[3, 5])).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::MatmulShape {
+            lhs_inner: 5,
+            rhs_inner: 4,
+            ..
+        }
+    ));
+    assert!(matches!(
+        Linear::try_new(4, 0, &mut rng(0)),
+        Err(Error::InvalidArgument { op: "Linear", .. })
+    ));
+}
+
+#[test]
+fn activations_compute_their_functions() -> netcl::Result<()> {
+    let x = Tensor::from_vec(vec![-2.0, 0.0, 3.0], &[1, 3])?;
+    assert_eq!(ReLU::new().forward(&x)?.to_vec(), vec![0.0, 0.0, 3.0]);
+    let s = Sigmoid::new().forward(&x)?.to_vec();
+    let t = Tanh::new().forward(&x)?.to_vec();
+    for (i, v) in [-2.0_f32, 0.0, 3.0].into_iter().enumerate() {
+        assert!((s[i] - 1.0 / (1.0 + (-v).exp())).abs() < 1e-6);
+        assert!((t[i] - v.tanh()).abs() < 1e-6);
+    }
+    Ok(())
+}
+
+#[test]
+fn parameter_names_are_stable_and_prefixed() {
+    let mut r = rng(0);
+    let inner = Sequential::new()
+        .with(Linear::new(2, 3, &mut r))
+        .with(Tanh::new());
+    let model = Sequential::new()
+        .with(Linear::new(4, 2, &mut r))
+        .with(inner)
+        .with(Dropout::new(0.1, 0))
+        .with(Linear::without_bias(3, 1, &mut r));
+    assert_eq!(
+        names(&model),
+        ["0.weight", "0.bias", "1.0.weight", "1.0.bias", "3.weight"]
+    );
+    // The same model lists its parameters in the same order every time.
+    assert_eq!(names(&model), names(&model));
+    assert_eq!(model.parameters().len(), 5);
+
+    let mlp = Mlp::new(&[64, 128, 10], Activation::Relu, &mut r);
+    assert_eq!(
+        names(&mlp),
+        [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.2.weight",
+            "layers.2.bias"
+        ]
+    );
+    let shapes: Vec<Vec<usize>> = mlp
+        .parameters()
+        .iter()
+        .map(|p| p.shape().to_vec())
+        .collect();
+    assert_eq!(shapes, [vec![64, 128], vec![128], vec![128, 10], vec![10]]);
+}
+
+#[test]
+fn named_parameters_are_handles_not_copies() {
+    let layer = Linear::new(2, 2, &mut rng(0));
+    let (_, w) = layer.named_parameters().remove(0);
+    w.with_data_mut(|mut v| v.fill(7.0));
+    assert_eq!(layer.weight().to_vec(), vec![7.0; 4]);
+}
+
+#[test]
+fn mlp_rejects_bad_widths() {
+    for dims in [&[][..], &[4], &[4, 0, 2]] {
+        let err = Mlp::try_new(dims, Activation::Tanh, &mut rng(0)).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { op: "Mlp", .. }),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn mlp_is_linear_activation_linear() -> netcl::Result<()> {
+    let mlp = Mlp::new(&[3, 4, 2], Activation::Sigmoid, &mut rng(5));
+    let layers = mlp.layers();
+    assert_eq!(layers.len(), 3);
+    let x = Tensor::rand(&[5, 3], &mut rng(6));
+    let by_hand = {
+        let h = layers.get(0).unwrap().forward(&x)?.sigmoid();
+        layers.get(2).unwrap().forward(&h)?
+    };
+    assert_eq!(mlp.forward(&x)?.to_vec(), by_hand.to_vec());
+    Ok(())
+}
+
+#[test]
+fn train_and_eval_reach_every_child() {
+    let model = Sequential::new()
+        .with(Linear::new(2, 2, &mut rng(0)))
+        .with(Sequential::new().with(Dropout::new(0.5, 0)));
+    assert!(model.is_training());
+    model.eval();
+    assert!(!model.is_training());
+    assert!(model.iter().all(|layer| !layer.is_training()));
+    let nested = model.get(1).unwrap();
+    assert!(!nested.is_training());
+    model.train();
+    assert!(model.iter().all(|layer| layer.is_training()));
+}
+
+#[test]
+fn zero_grad_clears_every_parameter() -> netcl::Result<()> {
+    let mlp = Mlp::new(&[3, 4, 2], Activation::Relu, &mut rng(1));
+    mlp.forward(&Tensor::ones(&[2, 3]))?.sum().backward();
+    assert!(mlp.parameters().iter().all(|p| p.grad().is_some()));
+    mlp.zero_grad();
+    assert!(mlp.parameters().iter().all(|p| p.grad().is_none()));
+    Ok(())
+}
+
+#[test]
+fn dropout_differs_between_train_and_eval() -> netcl::Result<()> {
+    let dropout = Dropout::new(0.25, 11);
+    let x = Tensor::rand(&[8, 64], &mut rng(2)) + 1.0; // no zeros in x
+    let xs = x.to_vec();
+
+    let train = dropout.forward(&x)?.to_vec();
+    assert_ne!(train, xs);
+    let mut dropped = 0;
+    for (y, x) in train.iter().zip(&xs) {
+        if *y == 0.0 {
+            dropped += 1;
+        } else {
+            // Kept values are scaled by 1 / (1 - p).
+            assert!((y - x / 0.75).abs() < 1e-6);
+        }
+    }
+    // 512 draws with p = 0.25: 128 expected, far from 0 and 512.
+    assert!((80..180).contains(&dropped), "dropped {dropped}");
+
+    dropout.eval();
+    assert_eq!(dropout.forward(&x)?.to_vec(), xs);
+    Ok(())
+}
+
+#[test]
+fn dropout_gradient_flows_through_kept_elements_only() -> netcl::Result<()> {
+    let dropout = Dropout::new(0.5, 3);
+    let x = Tensor::ones(&[4, 16]).requires_grad_(true);
+    let y = dropout.forward(&x)?;
+    let mask = y.to_vec();
+    y.sum().backward();
+    // d sum(x * mask) / dx = mask.
+    assert_eq!(x.grad().unwrap().to_vec(), mask);
+    Ok(())
+}
+
+#[test]
+fn dropout_is_deterministic_for_a_seed() -> netcl::Result<()> {
+    let x = Tensor::ones(&[4, 32]);
+    let a = Dropout::new(0.5, 99);
+    let b = Dropout::new(0.5, 99);
+    let c = Dropout::new(0.5, 100);
+    let a1 = a.forward(&x)?.to_vec();
+    let a2 = a.forward(&x)?.to_vec();
+    assert_eq!(a1, b.forward(&x)?.to_vec());
+    assert_eq!(a2, b.forward(&x)?.to_vec());
+    assert_ne!(a1, a2, "successive calls draw new masks");
+    assert_ne!(a1, c.forward(&x)?.to_vec(), "another seed, another mask");
+    a.reset();
+    assert_eq!(a.forward(&x)?.to_vec(), a1);
+    Ok(())
+}
+
+#[test]
+fn dropout_serves_several_threads_at_once() {
+    // Calls are numbered atomically, so concurrent calls draw exactly the
+    // masks of calls 0..n of a fresh layer with the same seed, in some order.
+    let threads = 4;
+    let per_thread = 25;
+    let shared = Dropout::new(0.5, 5);
+    let x = Tensor::ones(&[2, 16]);
+    let mut concurrent: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..per_thread)
+                        .map(|_| {
+                            let y = shared.forward(&x).unwrap().to_vec();
+                            y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let fresh = Dropout::new(0.5, 5);
+    let mut sequential: Vec<Vec<u32>> = (0..threads * per_thread)
+        .map(|_| {
+            let y = fresh.forward(&x).unwrap().to_vec();
+            y.iter().map(|v| v.to_bits()).collect()
+        })
+        .collect();
+    concurrent.sort();
+    sequential.sort();
+    assert_eq!(concurrent, sequential);
+    let distinct: BTreeSet<_> = sequential.iter().collect();
+    assert!(distinct.len() > 90, "masks should differ between calls");
+}
+
+#[test]
+fn one_model_serves_many_threads() -> netcl::Result<()> {
+    let model = Arc::new(Mlp::new(&[8, 16, 3], Activation::Tanh, &mut rng(9)));
+    model.eval();
+    let inputs: Vec<Tensor> = (0..8).map(|i| Tensor::rand(&[4, 8], &mut rng(i))).collect();
+    let expected: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| model.forward(x).map(|y| y.to_vec()))
+        .collect::<netcl::Result<_>>()?;
+    let tape = autograd::current_tape();
+    let recorded = tape.stats().recorded;
+    std::thread::scope(|s| {
+        for (x, want) in inputs.iter().zip(&expected) {
+            let model = Arc::clone(&model);
+            s.spawn(move || {
+                let _guard = autograd::no_grad();
+                let y = model.forward(x).unwrap();
+                assert!(!y.requires_grad());
+                assert_eq!(&y.to_vec(), want);
+            });
+        }
+    });
+    // The worker threads recorded nothing anywhere, this thread's tape included.
+    assert_eq!(tape.stats().recorded, recorded);
+    Ok(())
+}
+
+#[test]
+fn boxed_and_shared_modules_are_modules() -> netcl::Result<()> {
+    let layer: Box<dyn Module> = Box::new(Linear::new(2, 3, &mut rng(0)));
+    let shared: Arc<dyn Module> = Arc::new(ReLU::new());
+    let chain = Sequential::new().with(layer).with(shared);
+    assert_eq!(chain.forward(&Tensor::ones(&[1, 2]))?.shape(), &[1, 3]);
+    assert_eq!(format!("{:?}", chain.get(1).unwrap()), "ReLU");
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! The Trainer: it learns the digits, is deterministic for a seed, and its
+//! evaluation records nothing, weights by sample and switches the model to
+//! eval mode only while it runs.
+
+use std::sync::Mutex;
+
+use netcl::autograd::{self, GradMode, Tape};
+use netcl::data::{self, Dataset, TensorDataset};
+use netcl::nn::{Activation, Dropout, Linear, Mlp, Module, Sequential};
+use netcl::optim::{Adam, AdamConfig, Sgd, SgdConfig, StepDecay};
+use netcl::train::{self, Trainer};
+use netcl::{Error, Result, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// The digits scaled to [0, 1], split 80/20 with seed 42.
+fn digits() -> (TensorDataset, TensorDataset) {
+    let path = format!("{}/data/digits.csv", env!("CARGO_MANIFEST_DIR"));
+    let all = data::load_digits(path).unwrap();
+    let all = TensorDataset::new(all.inputs() / 16.0, all.targets().clone()).unwrap();
+    all.split(0.8, 42).unwrap()
+}
+
+fn digits_trainer(seed: u64) -> Trainer<Mlp, Adam> {
+    let (train, test) = digits();
+    let model = Mlp::new(
+        &[64, 32, 10],
+        Activation::Relu,
+        &mut StdRng::seed_from_u64(seed),
+    );
+    let optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
+    Trainer::new(model, optimizer, train)
+        .batch_size(32)
+        .seed(seed)
+        .eval_set(test)
+        .progress(false)
+}
+
+#[test]
+fn an_mlp_learns_the_digits_in_a_few_epochs() -> Result<()> {
+    let mut trainer = digits_trainer(0);
+    let before = trainer.evaluate()?;
+    // Ten classes: an untrained model is near chance.
+    assert!(
+        before.accuracy < 0.3,
+        "untrained accuracy {}",
+        before.accuracy
+    );
+
+    let history = trainer.fit(4)?;
+    assert_eq!(history.len(), 4);
+    for (i, epoch) in history.iter().enumerate() {
+        assert_eq!(epoch.epoch, i);
+        assert!(epoch.seconds > 0.0);
+        assert_eq!(epoch.eval.unwrap().samples, 360);
+    }
+    assert!(history[3].train_loss < history[0].train_loss);
+    let after = trainer.evaluate()?;
+    // The last epoch's evaluation is the model's current one.
+    assert_eq!(Some(after), history[3].eval);
+    assert!(
+        after.accuracy >= 0.93,
+        "accuracy after 4 epochs: {}",
+        after.accuracy
+    );
+    assert!(after.loss < before.loss / 5.0);
+    Ok(())
+}
+
+#[test]
+fn fit_is_deterministic_for_a_seed() -> Result<()> {
+    let mut a = digits_trainer(7);
+    let mut b = digits_trainer(7);
+    let mut c = digits_trainer(8);
+    let ha = a.fit(2)?;
+    let hb = b.fit(2)?;
+    let hc = c.fit(2)?;
+    let losses = |h: &[train::EpochMetrics]| -> Vec<(u32, u32)> {
+        h.iter()
+            .map(|m| (m.train_loss.to_bits(), m.eval.unwrap().loss.to_bits()))
+            .collect()
+    };
+    assert_eq!(losses(&ha), losses(&hb));
+    assert_ne!(losses(&ha), losses(&hc));
+    for (p, q) in a.model().parameters().iter().zip(b.model().parameters()) {
+        assert_eq!(p.to_vec(), q.to_vec());
+    }
+    Ok(())
+}
+
+#[test]
+fn fit_in_pieces_equals_fit_at_once() -> Result<()> {
+    let mut once = digits_trainer(3);
+    let mut pieces = digits_trainer(3);
+    once.fit(2)?;
+    pieces.fit(1)?;
+    pieces.fit(1)?;
+    assert_eq!(pieces.history().len(), 2);
+    assert_eq!(pieces.history()[1].epoch, 1);
+    assert_eq!(
+        once.history()[1].train_loss.to_bits(),
+        pieces.history()[1].train_loss.to_bits()
+    );
+    Ok(())
+}
+
+#[test]
+fn fit_trains_even_when_called_under_no_grad() -> Result<()> {
+    let mut trainer = digits_trainer(1);
+    let _guard = autograd::no_grad();
+    let history = trainer.fit(1)?;
+    assert!(history[0].eval_accuracy().unwrap() > 0.5);
+    assert!(
+        !autograd::is_grad_enabled(),
+        "the caller's mode is restored"
+    );
+    Ok(())
+}
+
+#[test]
+fn evaluate_records_nothing_even_with_grad_on() -> Result<()> {
+    let trainer = digits_trainer(2);
+    // This thread's own tape, grad on.
+    assert!(autograd::is_grad_enabled());
+    let tape = autograd::current_tape();
+    let before = tape.stats().recorded;
+    trainer.evaluate()?;
+    assert_eq!(tape.stats().recorded, before);
+
+    // A fresh mode with its own tape: the rayon workers enter the caller's
+    // mode, so anything they recorded would land on this tape.
+    let fresh = Tape::new();
+    GradMode::new(true, fresh.clone()).run(|| -> Result<()> {
+        trainer.evaluate()?;
+        train::evaluate(trainer.model(), &digits().1, 7)?;
+        assert!(autograd::is_grad_enabled());
+        Ok(())
+    })?;
+    assert_eq!(fresh.stats().recorded, 0);
+    assert_eq!(fresh.stats().peak_live_nodes, 0);
+    // A control: the same forward outside evaluate does record there.
+    GradMode::new(true, fresh.clone()).run(|| {
+        let _ = trainer.model().forward(&Tensor::zeros(&[1, 64]));
+    });
+    assert!(fresh.stats().recorded > 0);
+    Ok(())
+}
+
+/// Wraps a module and records the training flag it sees in each forward.
+#[derive(Debug)]
+struct ModeSpy<M> {
+    inner: M,
+    seen: Mutex<Vec<bool>>,
+}
+
+impl<M: Module> Module for ModeSpy<M> {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.seen.lock().unwrap().push(self.inner.is_training());
+        self.inner.forward(input)
+    }
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.inner.named_parameters()
+    }
+    fn set_training(&self, training: bool) {
+        self.inner.set_training(training);
+    }
+    fn is_training(&self) -> bool {
+        self.inner.is_training()
+    }
+}
+
+#[test]
+fn evaluate_uses_eval_mode_and_restores_the_previous_mode() -> Result<()> {
+    let (train, test) = digits();
+    let mut rng = StdRng::seed_from_u64(4);
+    let spy = ModeSpy {
+        inner: Sequential::new()
+            .with(Linear::new(64, 10, &mut rng))
+            .with(Dropout::new(0.5, 1)),
+        seen: Mutex::new(Vec::new()),
+    };
+    let optimizer = Sgd::new(spy.parameters(), SgdConfig::new(0.1));
+    let mut trainer = Trainer::new(spy, optimizer, train)
+        .batch_size(256)
+        .eval_set(test)
+        .progress(false);
+
+    // Training mode before: eval inside, training again after.
+    assert!(trainer.model().is_training());
+    let first = trainer.evaluate()?;
+    assert!(trainer.model().is_training());
+    let seen: Vec<bool> = trainer.model().seen.lock().unwrap().drain(..).collect();
+    assert!(!seen.is_empty() && seen.iter().all(|&t| !t), "{seen:?}");
+    // Dropout is off in eval mode, so evaluation is repeatable.
+    assert_eq!(trainer.evaluate()?, first);
+
+    // Eval mode before: still eval after.
+    trainer.model().eval();
+    trainer.evaluate()?;
+    assert!(!trainer.model().is_training());
+
+    // fit trains in training mode and evaluates in eval mode.
+    trainer.model().seen.lock().unwrap().clear();
+    trainer.fit(1)?;
+    let seen = trainer.model().seen.lock().unwrap().clone();
+    let (train_batches, eval_batches) = (6, 2); // 1437 / 256, 360 / 256, rounded up
+    assert_eq!(seen.len(), train_batches + eval_batches);
+    assert!(seen[..train_batches].iter().all(|&t| t));
+    assert!(seen[train_batches..].iter().all(|&t| !t));
+    Ok(())
+}
+
+#[test]
+fn evaluation_is_weighted_by_sample() -> Result<()> {
+    // One input feature, logits [-x, x]: predicts class 1 when x > 0.
+    let w = Tensor::from_vec(vec![-1.0, 1.0], &[1, 2])?;
+    let model = Linear::from_parts(w, None)?;
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0], &[5, 1])?;
+    // Right, right | wrong, wrong | wrong.
+    let y = Tensor::from_vec(vec![1.0, 1.0, 0.0, 0.0, 0.0], &[5])?;
+    let ds = TensorDataset::new(x.clone(), y.clone())?;
+    let result = train::evaluate(&model, &ds, 2)?;
+    // By sample: 2 of 5. (A mean of batch accuracies would give 1/3.)
+    assert_eq!(result.samples, 5);
+    assert!((result.accuracy - 0.4).abs() < 1e-6);
+    let whole = {
+        let _guard = autograd::no_grad();
+        model.forward(&x)?.cross_entropy(&y).item()
+    };
+    assert!(
+        (result.loss - whole).abs() < 1e-5,
+        "{} vs {whole}",
+        result.loss
+    );
+    // Any batch size gives the same result.
+    for batch_size in [1, 3, 5, 100] {
+        let other = train::evaluate(&model, &ds, batch_size)?;
+        assert!((other.accuracy - 0.4).abs() < 1e-6);
+        assert!((other.loss - whole).abs() < 1e-5);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_schedule_sets_each_epochs_learning_rate() -> Result<()> {
+    let (train, _) = digits();
+    let train = train.subset(&(0..128).collect::<Vec<_>>())?;
+    let model = Mlp::new(&[64, 10], Activation::Relu, &mut StdRng::seed_from_u64(0));
+    let optimizer = Sgd::new(model.parameters(), SgdConfig::new(1.0));
+    let mut trainer = Trainer::new(model, optimizer, train)
+        .schedule(StepDecay::new(0.2, 2, 0.5))
+        .progress(false);
+    let history = trainer.fit(5)?;
+    let rates: Vec<f32> = history.iter().map(|m| m.lr).collect();
+    assert_eq!(rates, [0.2, 0.2, 0.1, 0.1, 0.05]);
+    assert!(history.iter().all(|m| m.eval.is_none()));
+    Ok(())
+}
+
+#[test]
+fn misuse_gives_clear_errors() -> Result<()> {
+    let (train, test) = digits();
+    let model = Mlp::new(&[64, 10], Activation::Relu, &mut StdRng::seed_from_u64(0));
+    let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    let mut trainer = Trainer::new(model, optimizer, train.clone()).batch_size(0);
+    assert!(matches!(
+        trainer.fit(1),
+        Err(Error::InvalidArgument {
+            op: "Trainer::fit",
+            ..
+        })
+    ));
+    let err = trainer.evaluate().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Trainer::evaluate: no evaluation set; add one with Trainer::eval_set"
+    );
+
+    // A model whose output does not fit the targets.
+    let wrong = Linear::new(64, 3, &mut StdRng::seed_from_u64(0));
+    let err = train::evaluate(&wrong, &test, 64).unwrap_err();
+    assert!(matches!(err, Error::InvalidTarget { .. }), "{err}");
+    let empty = train.subset(&[])?;
+    assert!(empty.is_empty());
+    assert!(train::evaluate(&wrong, &empty, 64).is_err());
+    Ok(())
+}
