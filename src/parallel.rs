@@ -110,6 +110,7 @@ where
             .par_chunks(chunk_len(items.len()))
             .flat_map_iter(|chunk| {
                 let _guard = mode.enter();
+                let _task = TaskMark::enter();
                 chunk.iter().map(&f).collect::<Vec<_>>()
             })
             .collect()
@@ -117,6 +118,45 @@ where
     #[cfg(loom)]
     {
         mode.run(|| items.iter().map(f).collect())
+    }
+}
+
+#[cfg(not(loom))]
+thread_local! {
+    /// True while this thread runs a task of a netcl data-parallel operation:
+    /// kernels called from it run on one thread, the parallelism being
+    /// already taken by the operation.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as running a data-parallel task until dropped.
+#[cfg(not(loom))]
+struct TaskMark(bool);
+
+#[cfg(not(loom))]
+impl TaskMark {
+    fn enter() -> TaskMark {
+        TaskMark(IN_TASK.with(|flag| flag.replace(true)))
+    }
+}
+
+#[cfg(not(loom))]
+impl Drop for TaskMark {
+    fn drop(&mut self) {
+        IN_TASK.with(|flag| flag.set(self.0));
+    }
+}
+
+/// How many threads a compute kernel with `work` multiply-adds should use:
+/// the current pool's, for work large enough to pay for the split, and one
+/// inside a data-parallel task.
+#[cfg(not(loom))]
+pub(crate) fn kernel_threads(work: usize) -> usize {
+    const MIN_PARALLEL_WORK: usize = 1 << 22;
+    if work < MIN_PARALLEL_WORK || IN_TASK.with(std::cell::Cell::get) {
+        1
+    } else {
+        rayon::current_num_threads()
     }
 }
 
@@ -465,8 +505,10 @@ mod iter {
             // Entered before the downstream folder exists, so its creation
             // (a fold's identity, say) runs in the mode too.
             let guard = self.mode.enter();
+            let task = super::TaskMark::enter();
             ModeFolder {
                 base: self.base.into_folder(),
+                _task: task,
                 _guard: guard,
             }
         }
@@ -493,10 +535,12 @@ mod iter {
     }
 
     /// A folder that keeps the mode entered for as long as it exists: one
-    /// chunk of work on one thread. Field order matters: the downstream
-    /// folder (which may hold guards of its own) drops before the guard.
+    /// chunk of work on one thread, marked as a data-parallel task. Field
+    /// order matters: the downstream folder (which may hold guards of its
+    /// own) drops first, then the task mark, then the guard.
     struct ModeFolder<F> {
         base: F,
+        _task: super::TaskMark,
         _guard: ModeGuard,
     }
 
@@ -506,6 +550,7 @@ mod iter {
         fn consume(self, item: T) -> Self {
             ModeFolder {
                 base: self.base.consume(item),
+                _task: self._task,
                 _guard: self._guard,
             }
         }
@@ -516,12 +561,14 @@ mod iter {
         {
             ModeFolder {
                 base: self.base.consume_iter(iter),
+                _task: self._task,
                 _guard: self._guard,
             }
         }
 
         fn complete(self) -> Self::Result {
             let result = self.base.complete();
+            drop(self._task);
             drop(self._guard);
             result
         }

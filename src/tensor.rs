@@ -418,6 +418,11 @@ impl Tensor {
     pub(crate) fn same(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+
+    /// An address naming this tensor, for identity maps.
+    pub(crate) fn identity(&self) -> *const () {
+        Arc::as_ptr(&self.0).cast()
+    }
 }
 
 /// Autograd.
@@ -504,7 +509,7 @@ impl Tensor {
         let mut slot = self.0.grad.lock();
         match &mut *slot {
             None => *slot = Some(grad.into_shared()),
-            Some(sum) => *sum += &grad,
+            Some(sum) => crate::ops::add_assign(sum, &grad),
         }
     }
 

@@ -73,7 +73,7 @@ impl Sink for Capture<'_> {
 fn accumulate(slot: &mut Option<ArrayD<f32>>, grad: ArrayD<f32>) {
     match slot {
         None => *slot = Some(grad),
-        Some(sum) => *sum += &grad,
+        Some(sum) => crate::ops::add_assign(sum, &grad),
     }
 }
 
@@ -148,6 +148,10 @@ fn run(
         accumulate(&mut grads[position], seed);
     }
 
+    // Leaf gradients are summed here and reach each leaf once, at the end.
+    let mut leaf_grads: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(plan.leaves.len());
+    leaf_grads.resize_with(plan.leaves.len(), || None);
+
     let mut needs: SmallVec<[bool; 4]> = SmallVec::new();
     let mut slots: SmallVec<[Option<ArrayD<f32>>; 4]> = SmallVec::new();
     // Consume the plan node by node, so each node's saved state is released
@@ -170,12 +174,17 @@ fn run(
             let Some(input_grad) = slot else { continue };
             match edge {
                 PlanEdge::None => {}
-                PlanEdge::Leaf(leaf) => sink.leaf(leaf, input_grad),
+                PlanEdge::Leaf(leaf) => accumulate(&mut leaf_grads[*leaf], input_grad),
                 PlanEdge::Local(input) => {
                     debug_assert!(*input > position, "plan is not topological");
                     accumulate(&mut grads[*input], input_grad);
                 }
             }
+        }
+    }
+    for (leaf, grad) in plan.leaves.iter().zip(leaf_grads) {
+        if let Some(grad) = grad {
+            sink.leaf(leaf, grad);
         }
     }
     Ok(())

@@ -5,7 +5,6 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 use smallvec::SmallVec;
 
 use crate::autograd::mode::{current_tape, is_grad_enabled};
-use crate::autograd::tape::{Edge, Edges};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
 use crate::tensor::{Data, NodeRef, Tensor};
@@ -144,16 +143,8 @@ pub(crate) fn record<B: Backward>(
         None => current_tape(),
     };
 
-    let edges: Edges = inputs
-        .iter()
-        .map(|input| match input.node() {
-            Some(node) => Edge::Node(node.id),
-            None if input.requires_grad() => Edge::Leaf((*input).clone()),
-            None => Edge::None,
-        })
-        .collect();
-    let backward: std::sync::Arc<dyn Backward> = std::sync::Arc::new(save(&output));
-    let id = tape.push(op, edges, backward);
+    let backward: Box<dyn Backward> = Box::new(save(&output));
+    let id = tape.push(op, inputs, backward);
     Ok(Tensor::from_node(output, NodeRef { tape, id, op }))
 }
 

@@ -109,9 +109,6 @@ pub(crate) enum Edge {
     Node(NodeId),
 }
 
-/// A node's input edges, inline for up to two inputs.
-pub(crate) type Edges = SmallVec<[Edge; 2]>;
-
 struct Slot {
     /// Counts the tensor the node produced and the nodes consuming it; 0 when
     /// the slot is free.
@@ -120,8 +117,9 @@ struct Slot {
     seq: u64,
     op: &'static str,
     /// `None` once a backward without `retain_graph` has released it.
-    backward: Option<std::sync::Arc<dyn Backward>>,
-    edges: Edges,
+    backward: Option<BackwardFn>,
+    /// Empty while the slot is free; its capacity is kept for the next node.
+    edges: Vec<Edge>,
     /// Scratch for [`Tape::plan`]: the backward that last visited this node,
     /// and the node's position in that backward's plan.
     mark: u64,
@@ -139,15 +137,60 @@ struct Arena {
     recorded: u64,
 }
 
+/// A node's backward function: owned by the node until a retain-graph
+/// backward first needs to run it while the node keeps it, then shared.
+/// (A box of a stateless backward does not allocate; an `Arc` always would.)
+pub(crate) enum BackwardFn {
+    Unique(Box<dyn Backward>),
+    Shared(std::sync::Arc<dyn Backward>),
+}
+
+impl BackwardFn {
+    /// A handle to run while the node keeps the function.
+    fn share(&mut self) -> BackwardFn {
+        let shared = match self {
+            BackwardFn::Shared(shared) => shared.clone(),
+            BackwardFn::Unique(_) => {
+                // Swap in a stateless placeholder (its box does not allocate).
+                let BackwardFn::Unique(owned) =
+                    std::mem::replace(self, BackwardFn::Unique(Box::new(NoBackward)))
+                else {
+                    unreachable!("matched above")
+                };
+                let shared: std::sync::Arc<dyn Backward> = std::sync::Arc::from(owned);
+                *self = BackwardFn::Shared(shared.clone());
+                shared
+            }
+        };
+        BackwardFn::Shared(shared)
+    }
+}
+
+impl std::ops::Deref for BackwardFn {
+    type Target = dyn Backward;
+
+    fn deref(&self) -> &(dyn Backward + 'static) {
+        match self {
+            BackwardFn::Unique(owned) => &**owned,
+            BackwardFn::Shared(shared) => &**shared,
+        }
+    }
+}
+
+/// Placeholder while a backward function changes hands.
+struct NoBackward;
+
+impl Backward for NoBackward {
+    fn backward(&self, _: ndarray::ArrayD<f32>, _: &mut crate::autograd::InputGrads<'_>) {}
+}
+
 /// What a release drops once the lock is released. The values are only held,
 /// never read: dropping them is the point.
 #[allow(dead_code)]
 enum Garbage {
-    Backward(std::sync::Arc<dyn Backward>),
+    Backward(BackwardFn),
     Leaf(Tensor),
 }
-
-type GarbageList = SmallVec<[Garbage; 4]>;
 
 /// A backward pass's view of the graph, taken under the lock in one go.
 pub(crate) struct Plan {
@@ -157,18 +200,59 @@ pub(crate) struct Plan {
     pub(crate) roots: Vec<usize>,
     /// The position in `nodes` of each watched node, `None` if unreachable.
     pub(crate) watched: Vec<Option<usize>>,
+    /// The distinct leaves the graph reaches; `PlanEdge::Leaf` indexes it.
+    pub(crate) leaves: Vec<Tensor>,
 }
 
 pub(crate) struct PlannedNode {
-    pub(crate) backward: std::sync::Arc<dyn Backward>,
+    pub(crate) backward: BackwardFn,
     pub(crate) edges: SmallVec<[PlanEdge; 2]>,
 }
 
-/// An [`Edge`] with node inputs translated to positions in the plan.
+/// An [`Edge`] with node inputs translated to positions in the plan and
+/// leaves to positions in [`Plan::leaves`].
 pub(crate) enum PlanEdge {
     None,
-    Leaf(Tensor),
+    Leaf(usize),
     Local(usize),
+}
+
+/// Gives each distinct leaf of a plan one position, so that a leaf used by
+/// many nodes has its gradient summed locally and accumulated (under its
+/// lock) once per backward pass.
+#[derive(Default)]
+struct LeafIndex {
+    leaves: Vec<Tensor>,
+    /// Used once there are too many leaves for a linear scan.
+    map: Option<std::collections::HashMap<*const (), usize>>,
+}
+
+impl LeafIndex {
+    const LINEAR_SCAN: usize = 32;
+
+    fn position(&mut self, leaf: &Tensor) -> usize {
+        let key = leaf.identity();
+        if let Some(map) = &mut self.map {
+            return *map.entry(key).or_insert_with(|| {
+                self.leaves.push(leaf.clone());
+                self.leaves.len() - 1
+            });
+        }
+        if let Some(i) = self.leaves.iter().position(|l| l.identity() == key) {
+            return i;
+        }
+        self.leaves.push(leaf.clone());
+        if self.leaves.len() > Self::LINEAR_SCAN {
+            let map = self
+                .leaves
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.identity(), i))
+                .collect();
+            self.map = Some(map);
+        }
+        self.leaves.len() - 1
+    }
 }
 
 impl Tape {
@@ -210,20 +294,26 @@ impl Tape {
         }
     }
 
-    /// Records a node. Each `Edge::Node` input gains a reference; the new node
-    /// starts with one, owned by the tensor the op returns.
+    /// Records a node for op `op` applied to `inputs`. Each input computed by
+    /// a node gains a reference; the new node starts with one, owned by the
+    /// tensor the op returns. Every input node must be on this tape.
     pub(crate) fn push(
         &self,
         op: &'static str,
-        edges: Edges,
-        backward: std::sync::Arc<dyn Backward>,
+        inputs: &[&Tensor],
+        backward: Box<dyn Backward>,
     ) -> NodeId {
+        let edge = |input: &&Tensor| match input.node() {
+            Some(node) => Edge::Node(node.id),
+            None if input.requires_grad() => Edge::Leaf((*input).clone()),
+            None => Edge::None,
+        };
         let mut arena = self.arena.lock();
         let arena = &mut *arena;
-        for edge in &edges {
-            if let Edge::Node(input) = edge {
-                let slot = &mut arena.slots[input.index as usize];
-                debug_assert_eq!(slot.generation, input.generation, "input node was freed");
+        for input in inputs {
+            if let Some(node) = input.node() {
+                let slot = &mut arena.slots[node.id.index as usize];
+                debug_assert_eq!(slot.generation, node.id.generation, "input node was freed");
                 slot.refs += 1;
             }
         }
@@ -238,10 +328,9 @@ impl Tape {
                 slot.refs = 1;
                 slot.seq = seq;
                 slot.op = op;
-                slot.backward = Some(backward);
-                // Keep the slot's edge storage if it spilled to the heap.
-                slot.edges.clear();
-                slot.edges.extend(edges);
+                slot.backward = Some(BackwardFn::Unique(backward));
+                // Reuses the edge storage of the slot's previous node.
+                slot.edges.extend(inputs.iter().map(edge));
                 index
             }
             None => {
@@ -251,8 +340,8 @@ impl Tape {
                     generation: 0,
                     seq,
                     op,
-                    backward: Some(backward),
-                    edges,
+                    backward: Some(BackwardFn::Unique(backward)),
+                    edges: inputs.iter().map(edge).collect(),
                     mark: 0,
                     local: 0,
                 });
@@ -268,19 +357,30 @@ impl Tape {
     /// Drops one reference to `id`, freeing it and, transitively, every input
     /// node nothing else reaches.
     pub(crate) fn release(&self, id: NodeId) {
-        let mut garbage = GarbageList::new();
-        {
-            let mut arena = self.arena.lock();
-            let arena = &mut *arena;
-            let mut pending: SmallVec<[u32; 8]> = SmallVec::new();
-            pending.push(id.index);
-            debug_assert_eq!(arena.slots[id.index as usize].generation, id.generation);
-            while let Some(index) = pending.pop() {
-                let slot = &mut arena.slots[index as usize];
-                slot.refs -= 1;
-                if slot.refs > 0 {
-                    continue;
-                }
+        let queued = GARBAGE.try_with(|garbage| {
+            let mut garbage = garbage.queue.borrow_mut();
+            self.free(id, &mut garbage);
+        });
+        match queued {
+            Ok(()) => dispose(),
+            // Thread-locals are being torn down: drop in place.
+            Err(_) => self.free(id, &mut Vec::new()),
+        }
+    }
+
+    /// The locked part of [`release`](Tape::release): everything the freed
+    /// nodes owned goes to `garbage`, to be dropped after the lock is
+    /// released.
+    fn free(&self, id: NodeId, garbage: &mut Vec<Garbage>) {
+        let mut arena = self.arena.lock();
+        let arena = &mut *arena;
+        debug_assert_eq!(arena.slots[id.index as usize].generation, id.generation);
+        let mut index = id.index;
+        let mut pending: Vec<u32> = Vec::new();
+        loop {
+            let slot = &mut arena.slots[index as usize];
+            slot.refs -= 1;
+            if slot.refs == 0 {
                 slot.generation = slot.generation.wrapping_add(1);
                 if let Some(backward) = slot.backward.take() {
                     garbage.push(Garbage::Backward(backward));
@@ -295,8 +395,11 @@ impl Tape {
                 arena.free.push(index);
                 arena.live -= 1;
             }
+            match pending.pop() {
+                Some(next) => index = next,
+                None => break,
+            }
         }
-        dispose(garbage);
     }
 
     /// Collects everything reachable from `roots` for one backward pass:
@@ -340,6 +443,7 @@ impl Tape {
         }
 
         let mut nodes = Vec::with_capacity(order.len());
+        let mut leaves = LeafIndex::default();
         for &index in &order {
             let slot = &arena.slots[index as usize];
             let edges = slot
@@ -347,7 +451,7 @@ impl Tape {
                 .iter()
                 .map(|edge| match edge {
                     Edge::None => PlanEdge::None,
-                    Edge::Leaf(leaf) => PlanEdge::Leaf(leaf.clone()),
+                    Edge::Leaf(leaf) => PlanEdge::Leaf(leaves.position(leaf)),
                     Edge::Node(input) => {
                         PlanEdge::Local(arena.slots[input.index as usize].local as usize)
                     }
@@ -355,7 +459,7 @@ impl Tape {
                 .collect();
             let slot = &mut arena.slots[index as usize];
             let backward = if retain {
-                slot.backward.clone()
+                slot.backward.as_mut().map(BackwardFn::share)
             } else {
                 slot.backward.take()
             };
@@ -380,6 +484,7 @@ impl Tape {
             nodes,
             roots,
             watched,
+            leaves: leaves.leaves,
         })
     }
 }
@@ -395,50 +500,43 @@ impl fmt::Debug for Tape {
     }
 }
 
-thread_local_const! {
-    /// True while this thread is dropping a release's garbage.
-    static DISPOSING: Cell<bool> = Cell::new(false);
-}
-thread_local_const! {
-    /// Garbage produced by releases that ran inside another release's drop.
-    static DEFERRED: RefCell<Vec<Garbage>> = RefCell::new(Vec::new());
+/// What releases on this thread freed, waiting to be dropped outside the
+/// tape lock.
+struct GarbageQueue {
+    queue: RefCell<Vec<Garbage>>,
+    disposing: Cell<bool>,
 }
 
-/// Drops a release's garbage without recursing: a backward closure that owns
-/// a tensor releases that tensor's node when dropped, which may free another
-/// closure owning another tensor, and so on along a chain. Nested releases
-/// queue their garbage here and the outermost one drains the queue.
-fn dispose(garbage: GarbageList) {
-    if garbage.is_empty() {
-        return;
-    }
-    let nested = DISPOSING
-        .try_with(|disposing| disposing.replace(true))
-        // Thread-locals are being torn down: drop in place.
-        .unwrap_or(false);
-    if nested {
-        let queued = DEFERRED.try_with(|deferred| {
-            deferred.borrow_mut().extend(garbage);
-        });
-        debug_assert!(queued.is_ok());
-        return;
-    }
+thread_local_const! {
+    static GARBAGE: GarbageQueue = GarbageQueue {
+        queue: RefCell::new(Vec::new()),
+        disposing: Cell::new(false),
+    };
+}
 
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            let _ = DISPOSING.try_with(|disposing| disposing.set(false));
+/// Drops this thread's queued garbage, one item at a time and without
+/// recursing: a backward closure that owns a tensor releases that tensor's
+/// node when dropped, which may free another closure owning another tensor,
+/// and so on along a chain. A release inside that drop only queues its
+/// garbage; the outermost call drains the queue.
+fn dispose() {
+    let _ = GARBAGE.try_with(|garbage| {
+        if garbage.disposing.replace(true) {
+            return;
         }
-    }
-    let _reset = Reset;
-    drop(garbage);
-    loop {
-        let batch = DEFERRED
-            .try_with(|deferred| std::mem::take(&mut *deferred.borrow_mut()))
-            .unwrap_or_default();
-        if batch.is_empty() {
-            break;
+        struct Reset<'a>(&'a Cell<bool>);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
         }
-        drop(batch);
-    }
+        let _reset = Reset(&garbage.disposing);
+        loop {
+            let next = garbage.queue.borrow_mut().pop();
+            match next {
+                Some(item) => drop(item),
+                None => break,
+            }
+        }
+    });
 }

@@ -7,7 +7,7 @@ use ndarray::{ArrayD, Dimension, IxDyn, Zip};
 
 use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Result, or_panic};
-use crate::ops::{broadcast_shape, reduce_to_shape};
+use crate::ops::{broadcast_shape, reduce_to_shape, zip_assign};
 use crate::tensor::{Data, Tensor};
 
 /// `f(a, b)` element-wise over the broadcast of `a` and `b`.
@@ -42,36 +42,67 @@ fn linear_op(
 ) -> Result<Tensor> {
     let (x, y) = (a.read(), b.read());
     let out = zip_broadcast(op, &x, &y, f)?.into_shared();
+    if x.shape() == y.shape() {
+        return if sign_b == 1.0 {
+            record(op, &[a, b], out, |_| SameShapeSum::<false>)
+        } else {
+            record(op, &[a, b], out, |_| SameShapeSum::<true>)
+        };
+    }
     record(op, &[a, b], out, |_| AddBackward {
-        a: a.dim(),
-        b: b.dim(),
+        shapes: (a.dim(), b.dim()),
         sign_b,
     })
 }
 
+/// d(a ± b)/da = 1, d(a ± b)/db = ±1 for operands of one shape. Stateless,
+/// so recording it allocates nothing.
+struct SameShapeSum<const SUB: bool>;
+
+impl<const SUB: bool> Backward for SameShapeSum<SUB> {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let grad_b = grads.needs_grad(1).then(|| {
+            let g = grad.clone();
+            if SUB { -g } else { g }
+        });
+        if grads.needs_grad(0) {
+            grads.set(0, grad);
+        }
+        if let Some(g) = grad_b {
+            grads.set(1, g);
+        }
+    }
+}
+
 /// d(a ± b)/da = 1, d(a ± b)/db = ±1, summed over broadcast axes.
 struct AddBackward {
-    a: IxDyn,
-    b: IxDyn,
+    shapes: (IxDyn, IxDyn),
     sign_b: f32,
 }
 
 impl Backward for AddBackward {
     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
         let grad_b = grads.needs_grad(1).then(|| {
-            let mut g = reduce_to_shape(grad.clone(), self.b.slice());
+            let mut g = reduce_to_shape(grad.clone(), self.shapes.1.slice());
             if self.sign_b != 1.0 {
                 g.mapv_inplace(|v| v * self.sign_b);
             }
             g
         });
         if grads.needs_grad(0) {
-            grads.set(0, reduce_to_shape(grad, self.a.slice()));
+            grads.set(0, reduce_to_shape(grad, self.shapes.0.slice()));
         }
         if let Some(g) = grad_b {
             grads.set(1, g);
         }
     }
+}
+
+/// `grad * factor` (element-wise, `factor` broadcasting to `grad`), summed
+/// back to `shape`.
+fn scaled(mut grad: ArrayD<f32>, factor: &Data, shape: &[usize]) -> ArrayD<f32> {
+    zip_assign(&mut grad, factor, |g, f| *g *= f);
+    reduce_to_shape(grad, shape)
 }
 
 /// d(a*b)/da = b, d(a*b)/db = a.
@@ -82,11 +113,14 @@ struct MulBackward {
 
 impl Backward for MulBackward {
     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let grad_b = grads
+            .needs_grad(1)
+            .then(|| scaled(grad.clone(), &self.a, self.b.shape()));
         if grads.needs_grad(0) {
-            grads.set(0, reduce_to_shape(&grad * &self.b, self.a.shape()));
+            grads.set(0, scaled(grad, &self.b, self.a.shape()));
         }
-        if grads.needs_grad(1) {
-            grads.set(1, reduce_to_shape(grad * &self.a, self.b.shape()));
+        if let Some(g) = grad_b {
+            grads.set(1, g);
         }
     }
 }
@@ -113,7 +147,9 @@ impl Backward for DivBackward {
             grads.set(1, reduce_to_shape(g, self.b.shape()));
         }
         if grads.needs_grad(0) {
-            grads.set(0, reduce_to_shape(grad / &self.b, self.a.shape()));
+            let mut grad = grad;
+            zip_assign(&mut grad, &self.b, |g, b| *g /= b);
+            grads.set(0, reduce_to_shape(grad, self.a.shape()));
         }
     }
 }
@@ -288,7 +324,7 @@ impl Tensor {
             |x| {
                 let x = x.clone();
                 move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                    grad.zip_mut_with(&x, |g, &x| *g *= -value / (x * x));
+                    zip_assign(&mut grad, &x, |g, x| *g *= -value / (x * x));
                     grads.set(0, grad);
                 }
             },

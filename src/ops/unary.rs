@@ -5,6 +5,7 @@
 use ndarray::ArrayD;
 
 use crate::autograd::function::{Backward, InputGrads, record};
+use crate::ops::zip_assign;
 use crate::tensor::{Data, Tensor};
 
 /// Which value the derivative reads.
@@ -26,7 +27,7 @@ where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
     fn backward(&self, mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        grad.zip_mut_with(&self.saved, |g, &v| *g = (self.df)(*g, v));
+        zip_assign(&mut grad, &self.saved, |g, v| *g = (self.df)(*g, v));
         grads.set(0, grad);
     }
 }

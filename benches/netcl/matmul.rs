@@ -1,0 +1,91 @@
+//! Matrix multiply throughput at the MLP's shapes and at 1024³: netcl's
+//! matmul (no_grad) against ndarray's `dot` (matrixmultiply) and the `gemm`
+//! crate called directly, on 1 and 2 threads.
+//!
+//! matrixmultiply's threads come from `MATMUL_NUM_THREADS`, read once per
+//! process; BENCHMARKS.md runs this topic with it set to 1 and to 2.
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use ndarray::Array2;
+use netcl::{Tensor, autograd};
+use std::hint::black_box;
+
+use crate::common::{iter_in, pool};
+
+/// (m, k, n): the forward and weight-gradient products of 784-256-256-10 at
+/// batch 32 and 256, and a large square.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (32, 784, 256),
+    (784, 32, 256),
+    (32, 256, 256),
+    (256, 784, 256),
+    (1024, 1024, 1024),
+];
+
+fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, threads: usize) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: row-major owned matrices of the stated shapes; `c` is a
+    // distinct allocation.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+pub fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matmul");
+    for &(m, k, n) in SHAPES {
+        let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
+        let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
+        let mut out = Array2::zeros((m, n));
+        let (ta, tb) = (Tensor::from_array(a.clone()), Tensor::from_array(b.clone()));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        if m * k * n > 100_000_000 {
+            group.sample_size(10);
+        }
+        let shape = format!("{m}x{k}x{n}");
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            let _guard = autograd::no_grad();
+            group.bench_function(
+                BenchmarkId::new(format!("netcl/{threads}t"), &shape),
+                |bench| iter_in(bench, &pool, || black_box(&ta).matmul(black_box(&tb))),
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("gemm/{threads}t"), &shape),
+                |bench| bench.iter(|| gemm_direct(black_box(&a), black_box(&b), &mut out, threads)),
+            );
+        }
+        group.bench_function(BenchmarkId::new("matrixmultiply/env", &shape), |bench| {
+            bench.iter(|| {
+                ndarray::linalg::general_mat_mul(1.0, black_box(&a), black_box(&b), 0.0, &mut out)
+            })
+        });
+    }
+    group.finish();
+}
