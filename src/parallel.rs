@@ -147,13 +147,16 @@ impl Drop for TaskMark {
     }
 }
 
-/// How many threads a compute kernel with `work` multiply-adds should use:
-/// the current pool's, for work large enough to pay for the split, and one
-/// inside a data-parallel task.
+/// How many threads an m×k by k×n matrix product should use: one inside a
+/// data-parallel task (the parallelism is already taken) and for products
+/// too small to pay for the split (measured: BENCHMARKS.md); otherwise the
+/// current pool's.
 #[cfg(not(loom))]
-pub(crate) fn kernel_threads(work: usize) -> usize {
+pub(crate) fn kernel_threads(m: usize, k: usize, n: usize) -> usize {
     const MIN_PARALLEL_WORK: usize = 1 << 22;
-    if work < MIN_PARALLEL_WORK || IN_TASK.with(std::cell::Cell::get) {
+    if m.saturating_mul(n).saturating_mul(k) < MIN_PARALLEL_WORK
+        || IN_TASK.with(std::cell::Cell::get)
+    {
         1
     } else {
         rayon::current_num_threads()

@@ -1,69 +1,43 @@
 //! Models and data shared by the topics.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, Axis, Ix1, Ix2};
 use netcl::Tensor;
+use netcl::nn::{Activation, Mlp, Module};
+use netcl::optim::{Optimizer, Sgd, SgdConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-/// An MLP written with netcl tensors: weights `[in, out]`, ReLU between
-/// layers, logits out.
-pub struct Mlp {
-    pub layers: Vec<(Tensor, Tensor)>,
+/// The library's MLP (Linear + ReLU layers), seeded.
+pub fn mlp(sizes: &[usize], seed: u64) -> Mlp {
+    Mlp::new(sizes, Activation::Relu, &mut StdRng::seed_from_u64(seed))
 }
 
-impl Mlp {
-    pub fn new(sizes: &[usize], seed: u64) -> Mlp {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let layers = sizes
-            .windows(2)
-            .map(|w| {
-                let bound = 1.0 / (w[0] as f32).sqrt();
-                let weight =
-                    Tensor::uniform(&[w[0], w[1]], -bound, bound, &mut rng).requires_grad_(true);
-                let bias = Tensor::uniform(&[w[1]], -bound, bound, &mut rng).requires_grad_(true);
-                (weight, bias)
-            })
-            .collect();
-        Mlp { layers }
-    }
+/// A training step as a user writes it: forward, cross-entropy, backward,
+/// SGD step, zero_grad. Returns the loss.
+pub fn train_step(model: &Mlp, optimizer: &mut Sgd, x: &Tensor, y: &Tensor) -> f32 {
+    let loss = model.forward(x).unwrap().cross_entropy(y);
+    loss.backward();
+    optimizer.step();
+    optimizer.zero_grad();
+    loss.item()
+}
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = x.clone();
-        for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h.matmul(w).add(b);
-            if i + 1 < self.layers.len() {
-                h = h.relu();
-            }
-        }
-        h
-    }
+/// Plain SGD over the model's parameters.
+pub fn sgd(model: &Mlp, lr: f32) -> Sgd {
+    Sgd::new(model.parameters(), SgdConfig::new(lr))
+}
 
-    /// One SGD step on `(x, y)`; returns the loss.
-    pub fn train_step(&self, x: &Tensor, y: &Tensor, lr: f32) -> f32 {
-        let loss = self.forward(x).cross_entropy(y);
-        loss.backward();
-        let _guard = netcl::autograd::no_grad();
-        for (w, b) in &self.layers {
-            for p in [w, b] {
-                let grad = p.grad().expect("used").data();
-                p.with_data_mut(|mut v| v.scaled_add(-lr, &grad));
-                p.zero_grad();
-            }
-        }
-        loss.item()
-    }
-
-    /// The same weights as plain ndarray matrices, for raw baselines.
-    pub fn raw(&self) -> Vec<(Array2<f32>, Array1<f32>)> {
-        self.layers
-            .iter()
-            .map(|(w, b)| {
-                let w = w.to_array().into_dimensionality().unwrap();
-                let b = b.to_array().into_dimensionality().unwrap();
-                (w, b)
-            })
-            .collect()
-    }
+/// The model's weights as plain ndarray matrices, for raw baselines.
+pub fn raw(model: &Mlp) -> Vec<(Array2<f32>, Array1<f32>)> {
+    model
+        .parameters()
+        .chunks(2)
+        .map(|p| {
+            let w = p[0].to_array().into_dimensionality::<Ix2>().unwrap();
+            let b = p[1].to_array().into_dimensionality::<Ix1>().unwrap();
+            (w, b)
+        })
+        .collect()
 }
 
 /// The same forward pass in raw ndarray: no tensors, no autograd.
@@ -98,7 +72,7 @@ pub fn pool(threads: usize) -> netcl::parallel::rayon::ThreadPool {
 pub fn iter_in<R>(
     bench: &mut criterion::Bencher<'_>,
     pool: &netcl::parallel::rayon::ThreadPool,
-    f: impl Fn() -> R + Sync,
+    mut f: impl FnMut() -> R + Send,
 ) {
     bench.iter_custom(|iters| {
         pool.install(|| {
@@ -109,4 +83,41 @@ pub fn iter_in<R>(
             start.elapsed()
         })
     });
+}
+
+/// `c = a · b` with the gemm crate called directly on row-major matrices:
+/// the kernel netcl's matmul wraps, as a reference.
+pub fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, threads: usize) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: row-major owned matrices of the stated shapes; `c` is a
+    // distinct allocation.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }

@@ -2,13 +2,14 @@
 //! batches of 256 through `netcl::parallel::map`, on 1 and 2 threads.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use netcl::nn::Module;
 use netcl::{autograd, parallel};
 
-use crate::common::{Mlp, batch, iter_in, pool};
+use crate::common::{batch, iter_in, mlp, pool};
 
 pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("eval");
-    let model = Mlp::new(&[784, 256, 256, 10], 5);
+    let model = mlp(&[784, 256, 256, 10], 5);
     let batches: Vec<_> = (0..20_000usize.div_ceil(256))
         .map(|i| {
             let n = (20_000 - i * 256).min(256);
@@ -25,7 +26,7 @@ pub fn bench(c: &mut Criterion) {
                 iter_in(bench, &pool, || {
                     let _guard = autograd::no_grad();
                     let correct: Vec<f32> = parallel::map(&batches, |(x, y)| {
-                        model.forward(x).argmax(-1).eq(y).sum().item()
+                        model.forward(x).unwrap().argmax(-1).eq(y).sum().item()
                     });
                     correct.iter().sum::<f32>()
                 })

@@ -3,24 +3,25 @@
 
 use criterion::Criterion;
 use netcl::autograd;
+use netcl::nn::Module;
 use std::hint::black_box;
 
-use crate::common::{Mlp, batch, iter_in, pool, raw_forward};
+use crate::common::{batch, iter_in, mlp, pool, raw, raw_forward};
 
 pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
-    let model = Mlp::new(&[784, 256, 256, 10], 1);
-    let raw = model.raw();
+    let model = mlp(&[784, 256, 256, 10], 1);
+    let raw = raw(&model);
     let (x, _) = batch(256, 784, 10, 2);
     let x_raw = x.to_array().into_dimensionality::<ndarray::Ix2>().unwrap();
     let pool = pool(1);
-    group.bench_function("mlp784/no_grad", |bench| {
+    group.bench_function("mlp784_b256/no_grad", |bench| {
         iter_in(bench, &pool, || {
             let _guard = autograd::no_grad();
-            model.forward(black_box(&x))
+            model.forward(black_box(&x)).unwrap()
         })
     });
-    group.bench_function("mlp784/raw_ndarray", |bench| {
+    group.bench_function("mlp784_b256/raw_ndarray", |bench| {
         iter_in(bench, &pool, || raw_forward(&raw, black_box(x_raw.view())))
     });
     group.finish();

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod chain;
 mod common;
+mod digits;
 mod eval;
 mod forward;
 mod matmul;
@@ -28,6 +29,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = tiny::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench
+    targets = tiny::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench, digits::bench
 }
 criterion_main!(benches);

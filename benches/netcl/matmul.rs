@@ -7,10 +7,10 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use ndarray::Array2;
-use netcl::{Tensor, autograd};
+use netcl::Tensor;
 use std::hint::black_box;
 
-use crate::common::{iter_in, pool};
+use crate::common::{gemm_direct, iter_in, pool};
 
 /// (m, k, n): the forward and weight-gradient products of 784-256-256-10 at
 /// batch 32 and 256, and a large square.
@@ -21,41 +21,6 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (256, 784, 256),
     (1024, 1024, 1024),
 ];
-
-fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, threads: usize) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: row-major owned matrices of the stated shapes; `c` is a
-    // distinct allocation.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul");
@@ -71,7 +36,6 @@ pub fn bench(c: &mut Criterion) {
         let shape = format!("{m}x{k}x{n}");
         for threads in [1, 2] {
             let pool = pool(threads);
-            let _guard = autograd::no_grad();
             group.bench_function(
                 BenchmarkId::new(format!("netcl/{threads}t"), &shape),
                 |bench| iter_in(bench, &pool, || black_box(&ta).matmul(black_box(&tb))),

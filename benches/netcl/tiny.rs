@@ -13,12 +13,10 @@ pub fn bench(c: &mut Criterion) {
     group.bench_function("add/grad", |bench| {
         bench.iter(|| black_box(&a) + black_box(&b))
     });
-    {
+    group.bench_function("add/no_grad", |bench| {
         let _guard = autograd::no_grad();
-        group.bench_function("add/no_grad", |bench| {
-            bench.iter(|| black_box(&a) + black_box(&b))
-        });
-    }
+        bench.iter(|| black_box(&a) + black_box(&b))
+    });
     let x = ArrayD::<f32>::ones(IxDyn(&[1]));
     let y = ArrayD::<f32>::ones(IxDyn(&[1]));
     group.bench_function("add/raw_ndarray", |bench| {

@@ -204,18 +204,15 @@ impl Linear {
 }
 
 impl Module for Linear {
-    /// `input · W + b`.
+    /// `input · W + b` for `input` of shape `[.., in_features]`, as one
+    /// fused op ([`Tensor::try_linear`]).
     ///
     /// # Errors
     ///
-    /// [`Error::Rank`] if `input` has fewer than 2 dimensions,
+    /// [`Error::Rank`] if `input` is 0-dimensional,
     /// [`Error::MatmulShape`] if its last dimension is not `in_features`.
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        let out = input.try_matmul(&self.weight)?;
-        match &self.bias {
-            Some(bias) => out.try_add(bias),
-            None => Ok(out),
-        }
+        input.try_linear(&self.weight, self.bias.as_ref())
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {

@@ -11,10 +11,25 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 /// `c = a · b` for 2-D views of any strides (transposed and broadcast views
 /// included).
-pub(crate) fn gemm_into(
+pub(crate) fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
+    gemm_update(a, b, c, false);
+}
+
+/// `c += a · b`.
+pub(crate) fn gemm_acc_into(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    c: ArrayViewMut2<'_, f32>,
+) {
+    gemm_update(a, b, c, true);
+}
+
+/// `c = a · b`, or `c += a · b` when `accumulate`.
+fn gemm_update(
     a: ArrayView2<'_, f32>,
     b: ArrayView2<'_, f32>,
     mut c: ArrayViewMut2<'_, f32>,
+    accumulate: bool,
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
@@ -24,62 +39,104 @@ pub(crate) fn gemm_into(
         return;
     }
     if k == 0 {
-        c.fill(0.0);
+        if !accumulate {
+            c.fill(0.0);
+        }
         return;
     }
     #[cfg(loom)]
-    ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+    ndarray::linalg::general_mat_mul(1.0, &a, &b, if accumulate { 1.0 } else { 0.0 }, &mut c);
     #[cfg(not(loom))]
     {
-        let threads = crate::parallel::kernel_threads(m * n * k);
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
-        let (b_rs, b_cs) = (b.strides()[0], b.strides()[1]);
         let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
-        // SAFETY: `gemm` reads an m×k matrix at `a` and a k×n matrix at `b`
-        // and writes an m×n matrix at `c`, each element at
-        // `ptr + row * row_stride + col * col_stride`. The pointers and
-        // strides come from ndarray views of exactly those shapes (checked
-        // above), so every such address is inside the views' memory; the
-        // views' lifetimes cover this call. `c` is a mutable view, so it
-        // cannot alias `a` or `b`, and ndarray never gives a mutable view
-        // overlapping strides. With `read_dst` false the output is only
-        // written (`alpha` is ignored), `beta` = 1 scales the product.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                c_cs,
-                c_rs,
-                false,
-                a.as_ptr(),
-                a_cs,
-                a_rs,
-                b.as_ptr(),
-                b_cs,
-                b_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        // SAFETY: `c` is a mutable view of an m×n matrix with these strides
+        // (checked above), its elements initialised, alive for the call and
+        // not aliasing `a` or `b`; see `kernel`.
+        unsafe { kernel(a, b, c.as_mut_ptr(), c_rs, c_cs, accumulate) }
     }
 }
 
 /// `a · b` into a new row-major matrix.
 pub(crate) fn gemm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
-    let mut c = Array2::zeros((a.nrows(), b.ncols()));
+    let (m, n) = (a.nrows(), b.ncols());
+    #[cfg(not(loom))]
+    if a.ncols() > 0 && m > 0 && n > 0 {
+        assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
+        // The output is written without being zeroed first: on large
+        // matrices the zeroing pass costs 5-7% of a one-thread product.
+        let mut c = Array2::<f32>::uninit((m, n));
+        let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+        // SAFETY: `c` owns an m×n allocation with these strides, not
+        // aliasing `a` or `b`; `MaybeUninit<f32>` has the layout of `f32`.
+        // With `accumulate` false and k > 0 the kernel only writes the
+        // output and writes every one of its m×n elements, so all are
+        // initialised when `assume_init` runs.
+        unsafe {
+            kernel(a, b, c.as_mut_ptr().cast::<f32>(), c_rs, c_cs, false);
+            return c.assume_init();
+        }
+    }
+    let mut c = Array2::zeros((m, n));
     gemm_into(a, b, c.view_mut());
     c
+}
+
+/// The `gemm` crate's kernel on ndarray operands and a raw output.
+///
+/// # Safety
+///
+/// `c` must point to an m×n matrix (m = `a.nrows()`, n = `b.ncols()`, with
+/// `a.ncols() == b.nrows()`) whose element (i, j) is at
+/// `c + i * c_rs + j * c_cs`, valid for writes (and for reads of
+/// initialised values when `accumulate`), distinct for distinct (i, j), and
+/// not overlapping `a` or `b` for the duration of the call.
+#[cfg(not(loom))]
+unsafe fn kernel(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    accumulate: bool,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let threads = crate::parallel::kernel_threads(m, k, n);
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `gemm` reads an m×k matrix at `a` and a k×n matrix at `b`,
+    // each element at `ptr + row * row_stride + col * col_stride`: the
+    // pointers and strides come from ndarray views of exactly those shapes,
+    // alive for this call, so every address read is inside them (zero
+    // strides of broadcast views included). It writes the m×n output at `c`
+    // as the caller guarantees is valid. `alpha` = 1 keeps the output's old
+    // values when `accumulate` (read_dst), `beta` = 1 scales the product.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            c_cs,
+            c_rs,
+            accumulate,
+            a.as_ptr(),
+            a.strides()[1],
+            a.strides()[0],
+            b.as_ptr(),
+            b.strides()[1],
+            b.strides()[0],
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +194,16 @@ mod tests {
         let a = row.broadcast((4, 6)).unwrap();
         let b = filled(6, 3, 0.2);
         assert_close(&gemm(a, b.view()), &reference(a, b.view()));
+    }
+
+    #[test]
+    fn accumulating_adds_the_product_to_the_output() {
+        let a = filled(5, 7, 0.3);
+        let b = filled(7, 4, 0.7);
+        let start = filled(5, 4, 0.9);
+        let mut c = start.clone();
+        gemm_acc_into(a.view(), b.view(), c.view_mut());
+        assert_close(&c, &(&start + &reference(a.view(), b.view())));
     }
 
     #[test]

@@ -4,8 +4,8 @@ use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
 
 use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::ops::gemm::{gemm, gemm_into};
-use crate::ops::{broadcast_shape, reduce_to_shape};
+use crate::ops::gemm::{gemm, gemm_acc_into, gemm_into};
+use crate::ops::{broadcast_shape, reduce_to_shape, reshape_owned};
 use crate::tensor::{Data, Tensor};
 
 /// The matrices of a batched operand at one batch index.
@@ -154,5 +154,155 @@ impl Tensor {
             a: a.clone(),
             b: b.clone(),
         })
+    }
+}
+
+/// `x` as a matrix of rows: its last axis against all the others.
+fn as_rows(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
+    let cols = x.shape().last().copied().unwrap_or(1);
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    x.to_shape((rows, cols)).expect("element count matches")
+}
+
+fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
+    if x.is_empty() {
+        return Err(Error::Rank {
+            op: "linear",
+            expected: "an input with at least 1 dimension",
+            shape: x.to_vec(),
+        });
+    }
+    if weight.len() != 2 {
+        return Err(Error::Rank {
+            op: "linear",
+            expected: "a 2-D weight [in, out]",
+            shape: weight.to_vec(),
+        });
+    }
+    if x[x.len() - 1] != weight[0] {
+        return Err(Error::MatmulShape {
+            lhs: x.to_vec(),
+            rhs: weight.to_vec(),
+            lhs_inner: x[x.len() - 1],
+            rhs_inner: weight[0],
+        });
+    }
+    if let Some(bias) = bias {
+        if bias != [weight[1]] {
+            return Err(Error::ShapeMismatch {
+                op: "linear",
+                lhs: vec![weight[1]],
+                rhs: bias.to_vec(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Backward of `x · W + b` over rows `X` (x with its leading axes
+/// flattened): dX = G · Wᵀ, dW = Xᵀ · G, db = Σ_rows G.
+struct LinearBackward {
+    x: Data,
+    weight: Data,
+}
+
+impl Backward for LinearBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let out_features = self.weight.shape()[1];
+        let rows = grad.len() / out_features.max(1);
+        let grad = reshape_owned(grad, &[rows, out_features])
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        let weight = self
+            .weight
+            .view()
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        if grads.needs_grad(0) {
+            let dx = gemm(grad.view(), weight.t());
+            grads.set(0, reshape_owned(dx.into_dyn(), self.x.shape()));
+        }
+        if grads.needs_grad(1) {
+            let x = as_rows(&self.x);
+            grads.set(1, gemm(x.t(), grad.view()).into_dyn());
+        }
+        if grads.len() > 2 && grads.needs_grad(2) {
+            grads.set(2, grad.sum_axis(Axis(0)).into_dyn());
+        }
+    }
+}
+
+impl Tensor {
+    /// The affine map `self · weight + bias`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_linear`](Tensor::try_linear).
+    #[track_caller]
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        or_panic(self.try_linear(weight, bias))
+    }
+
+    /// The affine map `self · weight + bias` of a fully connected layer,
+    /// fused: one output array and one graph node, where
+    /// `self.matmul(weight).add(bias)` makes two of each. `self` is
+    /// `[.., in]`, `weight` `[in, out]`, `bias` `[out]`; the result is
+    /// `[.., out]`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if `self` is 0-dimensional or `weight` is not 2-D,
+    /// [`Error::MatmulShape`] if `self`'s last dimension is not `weight`'s
+    /// first, [`Error::ShapeMismatch`] if `bias` is not `[out]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![1.0, 2.0], &[1, 2])?;
+    /// let w = Tensor::from_vec(vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0], &[2, 3])?;
+    /// let b = Tensor::from_vec(vec![10.0, 20.0, 30.0], &[3])?;
+    /// let y = x.try_linear(&w, Some(&b))?;
+    /// assert_eq!(y.to_vec(), x.matmul(&w).add(&b).to_vec());
+    /// assert_eq!(y.to_vec(), vec![11.0, 22.0, 33.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        let (x, w) = (self.read(), weight.read());
+        let rows = as_rows(&x);
+        let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
+        let out_features = w2.ncols();
+        let mut out = match bias {
+            Some(bias) => {
+                let b = bias.read();
+                let b = b
+                    .view()
+                    .into_dimensionality::<ndarray::Ix1>()
+                    .expect("checked 1-D");
+                let mut out = ndarray::Array2::zeros((rows.nrows(), out_features));
+                out.rows_mut()
+                    .into_iter()
+                    .for_each(|mut row| row.assign(&b));
+                gemm_acc_into(rows.view(), w2, out.view_mut());
+                out
+            }
+            None => gemm(rows.view(), w2),
+        }
+        .into_dyn();
+        let mut shape = self.shape().to_vec();
+        *shape.last_mut().expect("checked non-empty") = out_features;
+        out = reshape_owned(out, &shape);
+        let save = || LinearBackward {
+            x: x.clone(),
+            weight: w.clone(),
+        };
+        match bias {
+            Some(bias) => record("linear", &[self, weight, bias], out.into_shared(), |_| {
+                save()
+            }),
+            None => record("linear", &[self, weight], out.into_shared(), |_| save()),
+        }
     }
 }
