@@ -9,7 +9,6 @@
 //! [`Tape::plan`]: crate::autograd::tape::Tape::plan
 
 use ndarray::ArrayD;
-use smallvec::SmallVec;
 
 use crate::autograd::function::InputGrads;
 use crate::autograd::mode::GradGuard;
@@ -152,8 +151,7 @@ fn run(
     let mut leaf_grads: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(plan.leaves.len());
     leaf_grads.resize_with(plan.leaves.len(), || None);
 
-    let mut needs: SmallVec<[bool; 4]> = SmallVec::new();
-    let mut slots: SmallVec<[Option<ArrayD<f32>>; 4]> = SmallVec::new();
+    let mut slots: Vec<Option<ArrayD<f32>>> = Vec::new();
     // Consume the plan node by node, so each node's saved state is released
     // as soon as its backward has run.
     for (position, node) in plan.nodes.into_iter().enumerate() {
@@ -161,16 +159,15 @@ fn run(
             continue;
         };
         sink.node(position, &grad);
-        needs.clear();
-        needs.extend(node.edges.iter().map(|e| !matches!(e, PlanEdge::None)));
+        let needs = &plan.needs[node.edges.clone()];
         slots.clear();
         slots.resize_with(needs.len(), || None);
-        let mut input_grads = InputGrads::new(&needs, &mut slots);
+        let mut input_grads = InputGrads::new(needs, &mut slots);
         node.backward.backward(grad, &mut input_grads);
         if let Some(error) = input_grads.take_error() {
             return Err(error);
         }
-        for (edge, slot) in node.edges.iter().zip(slots.drain(..)) {
+        for (edge, slot) in plan.edges[node.edges].iter().zip(slots.drain(..)) {
             let Some(input_grad) = slot else { continue };
             match edge {
                 PlanEdge::None => {}

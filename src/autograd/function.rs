@@ -2,7 +2,6 @@
 //! trait.
 
 use ndarray::{ArrayD, Dimension, IxDyn};
-use smallvec::SmallVec;
 
 use crate::autograd::mode::{current_tape, is_grad_enabled};
 use crate::error::{Error, Result};
@@ -208,7 +207,7 @@ pub fn apply_op<B: Backward>(
 /// shapes before the engine uses them.
 struct Checked<B> {
     op: &'static str,
-    shapes: SmallVec<[IxDyn; 2]>,
+    shapes: Vec<IxDyn>,
     inner: B,
 }
 

@@ -29,8 +29,6 @@ use std::cmp::Reverse;
 use std::fmt;
 use std::sync::atomic::AtomicU64 as IdCounter;
 
-use smallvec::SmallVec;
-
 use crate::autograd::function::Backward;
 use crate::error::{Error, Result};
 use crate::sync::{Arc, Mutex, thread_local_const};
@@ -196,6 +194,10 @@ enum Garbage {
 pub(crate) struct Plan {
     /// Reachable nodes in reverse topological order (latest first).
     pub(crate) nodes: Vec<PlannedNode>,
+    /// Every node's input edges, back to back; a node's are `edges[node.edges]`.
+    pub(crate) edges: Vec<PlanEdge>,
+    /// Whether each edge's input needs a gradient (`edges[i]` is not `None`).
+    pub(crate) needs: Vec<bool>,
     /// The position in `nodes` of each root passed to [`Tape::plan`].
     pub(crate) roots: Vec<usize>,
     /// The position in `nodes` of each watched node, `None` if unreachable.
@@ -206,7 +208,7 @@ pub(crate) struct Plan {
 
 pub(crate) struct PlannedNode {
     pub(crate) backward: BackwardFn,
-    pub(crate) edges: SmallVec<[PlanEdge; 2]>,
+    pub(crate) edges: std::ops::Range<usize>,
 }
 
 /// An [`Edge`] with node inputs translated to positions in the plan and
@@ -443,20 +445,19 @@ impl Tape {
         }
 
         let mut nodes = Vec::with_capacity(order.len());
+        let mut edges = Vec::with_capacity(2 * order.len());
         let mut leaves = LeafIndex::default();
         for &index in &order {
-            let slot = &arena.slots[index as usize];
-            let edges = slot
-                .edges
-                .iter()
-                .map(|edge| match edge {
+            let start = edges.len();
+            for edge in &arena.slots[index as usize].edges {
+                edges.push(match edge {
                     Edge::None => PlanEdge::None,
                     Edge::Leaf(leaf) => PlanEdge::Leaf(leaves.position(leaf)),
                     Edge::Node(input) => {
                         PlanEdge::Local(arena.slots[input.index as usize].local as usize)
                     }
-                })
-                .collect();
+                });
+            }
             let slot = &mut arena.slots[index as usize];
             let backward = if retain {
                 slot.backward.as_mut().map(BackwardFn::share)
@@ -465,9 +466,10 @@ impl Tape {
             };
             nodes.push(PlannedNode {
                 backward: backward.expect("checked during the search"),
-                edges,
+                edges: start..edges.len(),
             });
         }
+        let needs = edges.iter().map(|e| !matches!(e, PlanEdge::None)).collect();
         let roots = roots
             .iter()
             .map(|id| arena.slots[id.index as usize].local as usize)
@@ -482,6 +484,8 @@ impl Tape {
             .collect();
         Ok(Plan {
             nodes,
+            edges,
+            needs,
             roots,
             watched,
             leaves: leaves.leaves,
