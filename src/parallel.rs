@@ -149,11 +149,17 @@ impl Drop for TaskMark {
 
 /// How many threads an m×k by k×n matrix product should use: one inside a
 /// data-parallel task (the parallelism is already taken) and for products
-/// too small to pay for the split (measured: BENCHMARKS.md); otherwise the
-/// current pool's.
+/// too small to pay for waking another worker; otherwise the current pool's.
+///
+/// The threshold, 16M multiply-adds (about 150 µs on one core), comes from
+/// measurement on 2-vCPU virtual machines, where a rayon worker idle for
+/// more than ~10 µs is asleep and takes from 20 µs to several hundred to
+/// wake: below it, splitting the products of a training step loses more to
+/// wake-ups than it gains, although back-to-back products would gain
+/// (BENCHMARKS.md).
 #[cfg(not(loom))]
 pub(crate) fn kernel_threads(m: usize, k: usize, n: usize) -> usize {
-    const MIN_PARALLEL_WORK: usize = 1 << 22;
+    const MIN_PARALLEL_WORK: usize = 1 << 24;
     if m.saturating_mul(n).saturating_mul(k) < MIN_PARALLEL_WORK
         || IN_TASK.with(std::cell::Cell::get)
     {

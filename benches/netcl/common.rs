@@ -22,6 +22,43 @@ pub fn train_step(model: &Mlp, optimizer: &mut Sgd, x: &Tensor, y: &Tensor) -> f
     loss.item()
 }
 
+/// The same step data-parallel: the batch split into `shards` equal parts
+/// whose gradients `parallel::backward_shards` computes on the pool's
+/// workers (one thread each) and sums in shard order. Each shard's mean
+/// loss is scaled by its share, so the summed gradient is the full batch's.
+pub fn train_step_sharded(
+    model: &Mlp,
+    optimizer: &mut Sgd,
+    shards: &[(Tensor, Tensor)],
+    params: &[Tensor],
+) -> f32 {
+    let share = 1.0 / shards.len() as f32;
+    let losses = netcl::parallel::backward_shards(shards, params, |(x, y)| {
+        Ok(model.forward(x)?.try_cross_entropy(y)? * share)
+    })
+    .unwrap();
+    optimizer.step();
+    optimizer.zero_grad();
+    losses.iter().sum()
+}
+
+/// `(x, y)` split into `shards` batches of consecutive rows.
+pub fn split_batch(x: &Tensor, y: &Tensor, shards: usize) -> Vec<(Tensor, Tensor)> {
+    let (n, features) = (x.shape()[0], x.shape()[1]);
+    let rows = n / shards;
+    let (xs, ys) = (x.to_vec(), y.to_vec());
+    (0..shards)
+        .map(|s| {
+            let xs = xs[s * rows * features..(s + 1) * rows * features].to_vec();
+            let ys = ys[s * rows..(s + 1) * rows].to_vec();
+            (
+                Tensor::from_vec(xs, &[rows, features]).unwrap(),
+                Tensor::from_vec(ys, &[rows]).unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Plain SGD over the model's parameters.
 pub fn sgd(model: &Mlp, lr: f32) -> Sgd {
     Sgd::new(model.parameters(), SgdConfig::new(lr))

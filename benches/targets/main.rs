@@ -24,7 +24,10 @@ use netcl::{Tensor, autograd, parallel};
 #[allow(dead_code)]
 mod common;
 
-use common::{batch, gemm_direct, mlp, pool, raw, raw_forward, sgd, train_step};
+use common::{
+    batch, gemm_direct, mlp, pool, raw, raw_forward, sgd, split_batch, train_step,
+    train_step_sharded,
+};
 
 /// PyTorch 2.15 on this kind of machine (2-core AMD EPYC Zen 3, MKL), as
 /// given in the benchmarks issue; medians.
@@ -191,10 +194,31 @@ fn main() {
         }) / 1e3;
         let ratio = ours / theirs;
         report.add(
-            &format!("MLP 784-256-256-10 step, batch {batch_size}, {threads} thread(s)"),
+            &format!("MLP 784-256-256-10 step, batch {batch_size}, {threads} thread(s), intra-op"),
             format!("{ours:.0} us = {ratio:.2}x PyTorch"),
             &format!("<= {goal:.1}x"),
             ratio <= goal,
+        );
+    }
+
+    // The same step on 2 threads, data-parallel: two shards of 64.
+    {
+        let (x, y) = batch(128, 784, 10, 3);
+        let shards = split_batch(&x, &y, 2);
+        let model = mlp(&[784, 256, 256, 10], 4);
+        let params = model.parameters();
+        let mut optimizer = sgd(&model, 1e-3);
+        let ours = two.install(|| {
+            median_ns(20, 31, || {
+                black_box(train_step_sharded(&model, &mut optimizer, &shards, &params));
+            })
+        }) / 1e3;
+        let ratio = ours / pytorch::MLP_STEP_B128_2T_US;
+        report.add(
+            "MLP step, batch 128, 2 threads, data-parallel (2 shards)",
+            format!("{ours:.0} us = {ratio:.2}x PyTorch"),
+            "<= 1.0x",
+            ratio <= 1.0,
         );
     }
 
@@ -304,6 +328,8 @@ fn main() {
         );
     }
 
+    wake_latency(&two);
+
     let missed = report.rows.iter().filter(|row| !row.3).count();
     println!(
         "{} targets, {} met, {} missed",
@@ -354,4 +380,36 @@ fn digits_20_epochs() -> f64 {
     median_ns(1, 11, || {
         black_box(train());
     }) / 1e9
+}
+
+/// Context for the 2-thread figures (not a target): how long `join` of two
+/// 20 µs tasks takes when the pool's other worker has been idle for a while.
+/// 20 µs means the two ran in parallel; 40 µs means the caller ran both
+/// because the other worker was asleep and did not wake in time.
+fn wake_latency(pool: &netcl::parallel::rayon::ThreadPool) {
+    use std::time::Duration;
+    fn spin(duration: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < duration {}
+    }
+    println!("context: rayon join of two 20 us tasks on 2 threads, after the other worker idled");
+    for idle_us in [0u64, 10, 50, 200] {
+        let mut samples: Vec<f64> = pool.install(|| {
+            (0..200)
+                .map(|_| {
+                    spin(Duration::from_micros(idle_us));
+                    let start = Instant::now();
+                    netcl::parallel::rayon::join(
+                        || spin(Duration::from_micros(20)),
+                        || spin(Duration::from_micros(20)),
+                    );
+                    start.elapsed().as_secs_f64() * 1e6
+                })
+                .collect()
+        });
+        println!(
+            "  idle {idle_us:>3} us: median {:.1} us",
+            median(&mut samples)
+        );
+    }
 }
