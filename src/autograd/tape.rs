@@ -20,9 +20,10 @@
 //! number gives a topological order.
 //!
 //! The lock is held for a push, a release or a backward's graph collection,
-//! never while user code or a backward function runs, and never while a
-//! tensor's own locks are taken. The lock order is therefore trivial: a tape
-//! lock is always innermost.
+//! never while user code or a backward function runs. It is always the
+//! innermost lock: an op takes it for the push while holding its inputs'
+//! read locks, but nothing takes another lock (or drops a tensor) while
+//! holding it, so no lock-order cycle can form.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
