@@ -11,16 +11,8 @@ use netcl::{Error, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-fn leaf(values: &[f32]) -> Tensor {
-    Tensor::from_vec(values.to_vec(), &[values.len()])
-        .unwrap()
-        .requires_grad_(true)
-}
-
-fn on_fresh_tape<R>(f: impl FnOnce(&Tape) -> R) -> R {
-    let tape = Tape::new();
-    GradMode::current().with_tape(tape.clone()).run(|| f(&tape))
-}
+mod common;
+use common::{leaf, on_fresh_tape};
 
 /// A 10,000-step training loop of a small MLP: the tape's live nodes return
 /// to 0 after every step and its storage stops growing after the first.

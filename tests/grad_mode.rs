@@ -9,18 +9,8 @@ use netcl::autograd::{
 };
 use netcl::{Error, Tensor};
 
-fn leaf(values: &[f32]) -> Tensor {
-    Tensor::from_vec(values.to_vec(), &[values.len()])
-        .unwrap()
-        .requires_grad_(true)
-}
-
-/// Runs `f` on a tape of its own, so counts are not disturbed by other tests
-/// sharing this thread.
-fn on_fresh_tape<R>(f: impl FnOnce(&Tape) -> R) -> R {
-    let tape = Tape::new();
-    GradMode::current().with_tape(tape.clone()).run(|| f(&tape))
-}
+mod common;
+use common::{leaf, on_fresh_tape};
 
 #[test]
 fn grad_is_enabled_by_default_on_every_thread() {

@@ -158,3 +158,36 @@ pub fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, thread
         )
     }
 }
+
+/// The digits data, inputs scaled to [0, 1], split 80/20 with seed 42.
+pub fn digits_split() -> (netcl::data::TensorDataset, netcl::data::TensorDataset) {
+    use netcl::data::{self, TensorDataset};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
+    let digits = data::load_digits(path).expect("data/digits.csv");
+    let digits = TensorDataset::new(digits.inputs() / 16.0, digits.targets().clone()).unwrap();
+    digits.split(0.8, 42).unwrap()
+}
+
+/// Trains a fresh 64-128-10 MLP on `train_set` for `epochs` epochs at batch
+/// 32 with Adam (lr 2e-3), through the shuffling data loader, as the main
+/// example does.
+pub fn train_digits(train_set: &netcl::data::TensorDataset, epochs: u64) -> Mlp {
+    use netcl::data::DataLoader;
+    use netcl::optim::{Adam, AdamConfig};
+    let model = mlp(&[64, 128, 10], 42);
+    let mut optimizer = Adam::new(model.parameters(), AdamConfig::new(2e-3));
+    let loader = DataLoader::new(train_set.clone(), 32).shuffle(42);
+    for epoch in 0..epochs {
+        for batch in loader.epoch(epoch) {
+            let batch = batch.unwrap();
+            let loss = model
+                .forward(&batch.inputs)
+                .unwrap()
+                .cross_entropy(&batch.targets);
+            loss.backward();
+            optimizer.step();
+            optimizer.zero_grad();
+        }
+    }
+    model
+}

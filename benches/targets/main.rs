@@ -25,8 +25,8 @@ use netcl::{Tensor, autograd, parallel};
 mod common;
 
 use common::{
-    batch, gemm_direct, mlp, pool, raw, raw_forward, sgd, split_batch, train_step,
-    train_step_sharded,
+    batch, digits_split, gemm_direct, mlp, pool, raw, raw_forward, sgd, split_batch, train_digits,
+    train_step, train_step_sharded,
 };
 
 /// PyTorch 2.15 on this kind of machine (2-core AMD EPYC Zen 3, MKL), as
@@ -342,43 +342,13 @@ fn main() {
 /// Median wall time of 20 epochs of digits training (data loader, model,
 /// Adam), after checking the run reaches 96% test accuracy.
 fn digits_20_epochs() -> f64 {
-    use netcl::data::{self, DataLoader, TensorDataset};
-    use netcl::nn::{Activation, Mlp};
-    use netcl::optim::{Adam, AdamConfig, Optimizer};
-    use rand::SeedableRng;
-
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
-    let digits = data::load_digits(path).expect("data/digits.csv");
-    let digits = TensorDataset::new(digits.inputs() / 16.0, digits.targets().clone()).unwrap();
-    let (train_set, test_set) = digits.split(0.8, 42).unwrap();
-    let train = || {
-        let model = Mlp::new(
-            &[64, 128, 10],
-            Activation::Relu,
-            &mut rand::rngs::StdRng::seed_from_u64(42),
-        );
-        let mut optimizer = Adam::new(model.parameters(), AdamConfig::new(2e-3));
-        let loader = DataLoader::new(train_set.clone(), 32).shuffle(42);
-        for epoch in 0..20 {
-            for batch in loader.epoch(epoch) {
-                let batch = batch.unwrap();
-                let loss = model
-                    .forward(&batch.inputs)
-                    .unwrap()
-                    .cross_entropy(&batch.targets);
-                loss.backward();
-                optimizer.step();
-                optimizer.zero_grad();
-            }
-        }
-        model
-    };
-    let accuracy = netcl::train::evaluate(&train(), &test_set, 256)
+    let (train_set, test_set) = digits_split();
+    let accuracy = netcl::train::evaluate(&train_digits(&train_set, 20), &test_set, 256)
         .unwrap()
         .accuracy;
     assert!(accuracy >= 0.96, "20 epochs reach {accuracy}, below 0.96");
     median_ns(1, 11, || {
-        black_box(train());
+        black_box(train_digits(&train_set, 20));
     }) / 1e9
 }
 

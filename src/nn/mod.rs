@@ -231,50 +231,28 @@ pub trait Module: Send + Sync + fmt::Debug {
     }
 }
 
-impl<M: Module + ?Sized> Module for Box<M> {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        (**self).forward(input)
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        (**self).named_parameters()
-    }
-    fn set_training(&self, training: bool) {
-        (**self).set_training(training)
-    }
-    fn is_training(&self) -> bool {
-        (**self).is_training()
-    }
+/// A model behind a pointer is the model: `Box<dyn Module>`, `Arc<M>` (one
+/// model shared by threads) and `&M` forward every method.
+macro_rules! forward_module {
+    ($($pointer:ty),*) => {$(
+        impl<M: Module + ?Sized> Module for $pointer {
+            fn forward(&self, input: &Tensor) -> Result<Tensor> {
+                (**self).forward(input)
+            }
+            fn named_parameters(&self) -> Vec<(String, Tensor)> {
+                (**self).named_parameters()
+            }
+            fn set_training(&self, training: bool) {
+                (**self).set_training(training)
+            }
+            fn is_training(&self) -> bool {
+                (**self).is_training()
+            }
+        }
+    )*};
 }
 
-impl<M: Module + ?Sized> Module for Arc<M> {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        (**self).forward(input)
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        (**self).named_parameters()
-    }
-    fn set_training(&self, training: bool) {
-        (**self).set_training(training)
-    }
-    fn is_training(&self) -> bool {
-        (**self).is_training()
-    }
-}
-
-impl<M: Module + ?Sized> Module for &M {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        (**self).forward(input)
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        (**self).named_parameters()
-    }
-    fn set_training(&self, training: bool) {
-        (**self).set_training(training)
-    }
-    fn is_training(&self) -> bool {
-        (**self).is_training()
-    }
-}
+forward_module!(Box<M>, Arc<M>, &M);
 
 /// The training/evaluation flag of one layer: an atomic, so that a shared
 /// model can switch mode through `&self`.

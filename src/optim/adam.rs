@@ -200,74 +200,87 @@ impl AdamCore {
 /// ```
 pub struct Adam(AdamCore);
 
-impl Adam {
-    /// An optimizer for `params` with the given hyper-parameters.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_new`](Adam::try_new).
-    #[track_caller]
-    pub fn new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Adam {
-        or_panic(Adam::try_new(params, config))
-    }
+/// The parts of [`Adam`] and [`AdamW`] that differ only in name and in
+/// whether weight decay is decoupled.
+macro_rules! adam_variant {
+    ($name:ident, $decoupled:literal) => {
+        impl $name {
+            /// An optimizer for `params` with the given hyper-parameters.
+            ///
+            /// # Panics
+            ///
+            #[doc = concat!("As [`try_new`](", stringify!($name), "::try_new).")]
+            #[track_caller]
+            pub fn new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> $name {
+                or_panic($name::try_new(params, config))
+            }
 
-    /// An optimizer for `params` (each distinct tensor is updated once) with
-    /// the given hyper-parameters.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if a
-    /// hyper-parameter is out of range or a parameter is not a leaf tensor.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use netcl::optim::{Adam, AdamConfig};
-    ///
-    /// let err = Adam::try_new(Vec::new(), AdamConfig::new(1e-3).betas(0.9, 1.0)).unwrap_err();
-    /// assert_eq!(err.to_string(), "Adam: beta2 must be in [0, 1), got 1");
-    /// ```
-    pub fn try_new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Result<Adam> {
-        AdamCore::new("Adam", params, config).map(Adam)
-    }
+            /// An optimizer for `params` (each distinct tensor is updated
+            /// once) with the given hyper-parameters.
+            ///
+            /// # Errors
+            ///
+            /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if a
+            /// hyper-parameter is out of range or a parameter is not a leaf
+            /// tensor.
+            ///
+            /// # Examples
+            ///
+            /// ```
+            #[doc = concat!("use netcl::optim::{AdamConfig, ", stringify!($name), "};")]
+            ///
+            /// let config = AdamConfig::new(1e-3).betas(0.9, 1.0);
+            #[doc = concat!("let err = ", stringify!($name), "::try_new(Vec::new(), config).unwrap_err();")]
+            #[doc = concat!("assert_eq!(err.to_string(), \"", stringify!($name), ": beta2 must be in [0, 1), got 1\");")]
+            /// ```
+            pub fn try_new(
+                params: impl IntoIterator<Item = Tensor>,
+                config: AdamConfig,
+            ) -> Result<$name> {
+                AdamCore::new(stringify!($name), params, config).map($name)
+            }
 
-    /// The hyper-parameters (the learning rate as last set).
-    pub fn config(&self) -> &AdamConfig {
-        &self.0.config
-    }
+            /// The hyper-parameters (the learning rate as last set).
+            pub fn config(&self) -> &AdamConfig {
+                &self.0.config
+            }
 
-    /// The parameters this optimizer updates.
-    pub fn params(&self) -> &[Tensor] {
-        &self.0.params
-    }
+            /// The parameters this optimizer updates.
+            pub fn params(&self) -> &[Tensor] {
+                &self.0.params
+            }
+        }
+
+        impl Optimizer for $name {
+            fn step(&mut self) {
+                self.0.step($decoupled);
+            }
+
+            fn zero_grad(&self) {
+                self.0.zero_grad();
+            }
+
+            fn learning_rate(&self) -> f32 {
+                self.0.config.lr
+            }
+
+            fn set_learning_rate(&mut self, lr: f32) {
+                self.0.config.lr = lr;
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("params", &self.0.params.len())
+                    .field("config", &self.0.config)
+                    .finish()
+            }
+        }
+    };
 }
 
-impl Optimizer for Adam {
-    fn step(&mut self) {
-        self.0.step(false);
-    }
-
-    fn zero_grad(&self) {
-        self.0.zero_grad();
-    }
-
-    fn learning_rate(&self) -> f32 {
-        self.0.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f32) {
-        self.0.config.lr = lr;
-    }
-}
-
-impl fmt::Debug for Adam {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Adam")
-            .field("params", &self.0.params.len())
-            .field("config", &self.0.config)
-            .finish()
-    }
-}
+adam_variant!(Adam, false);
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as
 /// PyTorch's `torch.optim.AdamW`: each step first shrinks the weights,
@@ -292,62 +305,4 @@ impl fmt::Debug for Adam {
 /// ```
 pub struct AdamW(AdamCore);
 
-impl AdamW {
-    /// An optimizer for `params` with the given hyper-parameters.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_new`](AdamW::try_new).
-    #[track_caller]
-    pub fn new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> AdamW {
-        or_panic(AdamW::try_new(params, config))
-    }
-
-    /// An optimizer for `params` (each distinct tensor is updated once) with
-    /// the given hyper-parameters.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if a
-    /// hyper-parameter is out of range or a parameter is not a leaf tensor.
-    pub fn try_new(params: impl IntoIterator<Item = Tensor>, config: AdamConfig) -> Result<AdamW> {
-        AdamCore::new("AdamW", params, config).map(AdamW)
-    }
-
-    /// The hyper-parameters (the learning rate as last set).
-    pub fn config(&self) -> &AdamConfig {
-        &self.0.config
-    }
-
-    /// The parameters this optimizer updates.
-    pub fn params(&self) -> &[Tensor] {
-        &self.0.params
-    }
-}
-
-impl Optimizer for AdamW {
-    fn step(&mut self) {
-        self.0.step(true);
-    }
-
-    fn zero_grad(&self) {
-        self.0.zero_grad();
-    }
-
-    fn learning_rate(&self) -> f32 {
-        self.0.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f32) {
-        self.0.config.lr = lr;
-    }
-}
-
-impl fmt::Debug for AdamW {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdamW")
-            .field("params", &self.0.params.len())
-            .field("config", &self.0.config)
-            .finish()
-    }
-}
+adam_variant!(AdamW, true);
