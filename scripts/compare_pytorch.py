@@ -129,6 +129,15 @@ def torch_workloads(torch):
     return results
 
 
+def shown(ns):
+    """A duration in readable units."""
+    if ns < 1e4:
+        return f"{ns:.0f} ns"
+    if ns < 1e7:
+        return f"{ns / 1e3:.1f} us"
+    return f"{ns / 1e6:.2f} ms"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-run", action="store_true", help="reuse target/criterion results")
@@ -144,9 +153,9 @@ def main():
     print(f"{'workload':<42} {'PyTorch':>12} {'netcl':>12} {'netcl/PyTorch':>14}")
     for name, torch_ns in theirs.items():
         ours = netcl.get(name)
-        shown = "n/a" if ours is None else f"{ours / 1e3:10.1f}us"
-        ratio = "n/a" if ours is None else f"{ours / torch_ns:13.2f}x"
-        print(f"{name:<42} {torch_ns / 1e3:10.1f}us {shown:>12} {ratio:>14}")
+        ours_shown = "n/a" if ours is None else shown(ours)
+        ratio = "n/a" if ours is None else f"{ours / torch_ns:.2f}x"
+        print(f"{name:<42} {shown(torch_ns):>12} {ours_shown:>12} {ratio:>14}")
 
 
 if __name__ == "__main__":
