@@ -330,8 +330,9 @@ where
 /// # Errors
 ///
 /// The first error (in shard order) returned by `loss`, or raised while
-/// differentiating it (for instance [`Error::NotScalar`] if a shard's loss
-/// has more than one element).
+/// differentiating it (for instance
+/// [`Error::NotScalar`](crate::Error::NotScalar) if a shard's loss has more
+/// than one element).
 ///
 /// [`grad`]: Tensor::grad
 ///
