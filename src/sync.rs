@@ -77,8 +77,10 @@ impl<T> RwLock<T> {
         return Self(loom::sync::RwLock::new(value));
     }
 
-    /// Shared access. Recursive on purpose: `x.mul(&x)` reads the same
-    /// tensor twice on one thread, which must not wait behind a queued writer.
+    /// Shared access. Recursive on purpose: a thread that already holds a
+    /// read guard of this lock must not wait behind a queued writer. (Ops
+    /// on one tensor twice, such as `x.mul(&x)`, take one guard: loom's
+    /// lock does not model a thread holding two.)
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
         #[cfg(not(loom))]
         return self.0.read_recursive();

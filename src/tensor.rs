@@ -61,6 +61,21 @@ pub(crate) struct Inner {
     node: Option<NodeRef>,
 }
 
+/// Read guards of two operands that may be one tensor; see
+/// [`Tensor::read_pair`].
+pub(crate) struct ReadPair<'a> {
+    first: RwLockReadGuard<'a, Data>,
+    second: Option<RwLockReadGuard<'a, Data>>,
+}
+
+impl ReadPair<'_> {
+    /// The two operands' values, in the order given.
+    pub(crate) fn get(&self) -> (&Data, &Data) {
+        let first = &*self.first;
+        (first, self.second.as_deref().unwrap_or(first))
+    }
+}
+
 /// The graph node that computed a tensor. It holds one reference to the node,
 /// released when the tensor's last handle drops.
 pub(crate) struct NodeRef {
@@ -412,6 +427,17 @@ impl Tensor {
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Data> {
         self.0.data.read()
+    }
+
+    /// Read access to two operands, locking once when they are the same
+    /// tensor (`x * x`): one atomic operation fewer, and loom's reader-writer
+    /// lock, unlike the real one, does not allow one thread to hold two read
+    /// guards of one lock.
+    pub(crate) fn read_pair<'a>(&'a self, other: &'a Tensor) -> ReadPair<'a> {
+        ReadPair {
+            first: self.read(),
+            second: (!self.same(other)).then(|| other.read()),
+        }
     }
 
     /// True if both handles name the same tensor.

@@ -62,6 +62,26 @@ fn three_concurrent_backwards_into_one_leaf_lose_no_update() {
     });
 }
 
+/// Model d, retained graph: two threads walk the same graph at once with
+/// `retain_graph`, the first walk converting the node's backward function
+/// to a shared one while the other may be collecting the graph. Both see a
+/// complete graph; the gradient is counted twice.
+#[test]
+fn concurrent_retained_backwards_through_one_graph() {
+    check("d': concurrent retain-graph backwards", || {
+        let w = leaf(&[2.0]);
+        let loss = (&w * &w).sum();
+        let other = {
+            let loss = loss.clone();
+            thread::spawn(move || loss.backward_retain_graph())
+        };
+        loss.backward_retain_graph();
+        other.join().unwrap();
+        // d(w²)/dw = 2w = 4, twice.
+        assert_eq!(w.grad().unwrap().to_vec(), vec![8.0]);
+    });
+}
+
 /// Model e: a backward pass on one thread while another records new nodes
 /// into the same tape; both graphs stay intact.
 #[test]

@@ -40,8 +40,9 @@ fn linear_op(
     f: impl Fn(f32, f32) -> f32,
     sign_b: f32,
 ) -> Result<Tensor> {
-    let (x, y) = (a.read(), b.read());
-    let out = zip_broadcast(op, &x, &y, f)?.into_shared();
+    let operands = a.read_pair(b);
+    let (x, y) = operands.get();
+    let out = zip_broadcast(op, x, y, f)?.into_shared();
     if x.shape() == y.shape() {
         return if sign_b == 1.0 {
             record(op, &[a, b], out, |_| SameShapeSum::<false>)
@@ -222,7 +223,8 @@ impl Tensor {
     ///
     /// As [`try_add`](Tensor::try_add).
     pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let (a, b) = (self.read(), rhs.read());
+        let operands = self.read_pair(rhs);
+        let (a, b) = operands.get();
         let out = zip_broadcast("mul", &a, &b, |x, y| x * y)?.into_shared();
         record("mul", &[self, rhs], out, |_| MulBackward {
             a: a.clone(),
@@ -247,7 +249,8 @@ impl Tensor {
     ///
     /// As [`try_add`](Tensor::try_add).
     pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
-        let (a, b) = (self.read(), rhs.read());
+        let operands = self.read_pair(rhs);
+        let (a, b) = operands.get();
         let out = zip_broadcast("div", &a, &b, |x, y| x / y)?.into_shared();
         record("div", &[self, rhs], out, |_| DivBackward {
             a: a.clone(),

@@ -141,7 +141,9 @@ impl Tensor {
                 rhs: target.shape().to_vec(),
             });
         }
-        let diff = (&*self.read() - &*target.read()).into_shared();
+        let operands = self.read_pair(target);
+        let (pred, target_values) = operands.get();
+        let diff = (pred - target_values).into_shared();
         let n = diff.len() as f32;
         let loss = diff.iter().map(|d| d * d).sum::<f32>() / n;
         let out = ArrayD::from_elem(IxDyn(&[]), loss).into_shared();

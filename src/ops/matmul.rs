@@ -148,7 +148,8 @@ impl Tensor {
     /// ```
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         check_shapes(self.shape(), rhs.shape())?;
-        let (a, b) = (self.read(), rhs.read());
+        let operands = self.read_pair(rhs);
+        let (a, b) = operands.get();
         let out = batched_matmul(a.view(), b.view()).into_shared();
         record("matmul", &[self, rhs], out, |_| MatmulBackward {
             a: a.clone(),
@@ -270,7 +271,8 @@ impl Tensor {
     /// ```
     pub fn try_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
-        let (x, w) = (self.read(), weight.read());
+        let operands = self.read_pair(weight);
+        let (x, w) = operands.get();
         let rows = as_rows(&x);
         let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
         let out_features = w2.ncols();
