@@ -225,7 +225,7 @@ impl Tensor {
     pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let out = zip_broadcast("mul", &a, &b, |x, y| x * y)?.into_shared();
+        let out = zip_broadcast("mul", a, b, |x, y| x * y)?.into_shared();
         record("mul", &[self, rhs], out, |_| MulBackward {
             a: a.clone(),
             b: b.clone(),
@@ -251,7 +251,7 @@ impl Tensor {
     pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let out = zip_broadcast("div", &a, &b, |x, y| x / y)?.into_shared();
+        let out = zip_broadcast("div", a, b, |x, y| x / y)?.into_shared();
         record("div", &[self, rhs], out, |_| DivBackward {
             a: a.clone(),
             b: b.clone(),

@@ -273,7 +273,7 @@ impl Tensor {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let operands = self.read_pair(weight);
         let (x, w) = operands.get();
-        let rows = as_rows(&x);
+        let rows = as_rows(x);
         let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
         let out_features = w2.ncols();
         let mut out = match bias {
