@@ -11,6 +11,18 @@
 //! - Graphs are recorded on a [`Tape`](autograd::Tape), an arena shared by
 //!   `Arc` whose nodes are freed as soon as no tensor reaches them.
 //!
+//! Around the engine:
+//!
+//! | module | |
+//! |---|---|
+//! | [`autograd`] | grad mode, tapes, `autograd::grad`, custom ops ([`apply_op`](autograd::apply_op)) |
+//! | [`parallel`] | rayon helpers that carry the caller's grad mode into every task |
+//! | [`nn`] | `Module`, `Linear`, activations, `Dropout`, `Sequential`, `Mlp` |
+//! | [`optim`] | `Sgd`, `Adam`, `AdamW`, learning-rate schedules |
+//! | [`data`] | datasets, a prefetching `DataLoader`, CSV loading |
+//! | [`train`] | `Trainer` and a parallel, never-recording `evaluate` |
+//! | [`io`] | parameters to and from safetensors files |
+//!
 //! # Quick start
 //!
 //! Fit `y = 2x + 1` by gradient descent, then evaluate without recording:
