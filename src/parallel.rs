@@ -67,6 +67,12 @@
 //! For whole operations there are [`map`], [`join`], [`scope`], [`install`]
 //! and the deterministic data-parallel [`backward_shards`].
 //!
+//! netcl's own parallel work goes through these helpers: `train::evaluate`
+//! maps batches with [`map`], and the data loader's background thread enters
+//! the mode captured when its epoch starts. The one exception is the matrix
+//! kernel, which splits a large product across the pool's workers: it runs
+//! plain arithmetic on buffers, no tensor op, so there is no mode to carry.
+//!
 //! # Locks
 //!
 //! Tasks of one parallel operation may record into the same tape
