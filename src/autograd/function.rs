@@ -108,7 +108,8 @@ impl<'a> InputGrads<'a> {
 ///
 /// A node is pushed only when grad mode is on for this thread and some input
 /// requires grad; `save` (which gathers the backward's state) runs only then.
-/// Otherwise the output is a plain tensor and no lock is taken.
+/// Otherwise the output is a plain tensor: the tape is not touched (no lock,
+/// no node) and nothing is saved.
 pub(crate) fn record<B: Backward>(
     op: &'static str,
     inputs: &[&Tensor],
