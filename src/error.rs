@@ -186,6 +186,17 @@ pub enum Error {
         message: String,
     },
 
+    /// An operation is not available for this value, such as forking a
+    /// custom module that does not implement
+    /// [`Module::try_fork`](crate::nn::Module::try_fork).
+    #[error("{op}: {message}")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// What is not supported, and what to do instead.
+        message: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{op}: {path}: {message}")]
     Io {

@@ -273,14 +273,21 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
             });
         }
         // deserialize checked that the data has shape · 4 bytes.
-        updates.push((param, view.data()));
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let values = ndarray::ArrayD::from_shape_vec(param.dim(), values)
+            .expect("shape checked against the stored shape");
+        updates.push((param, values.into_shared()));
     }
-    for (param, data) in updates {
-        param.with_data_mut(|mut values| {
-            for (value, chunk) in values.iter_mut().zip(data.chunks_exact(4)) {
-                *value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-        });
+    // Every check passed: each parameter now takes its new values in one
+    // O(1) swap. (Readers of the live model may still see some parameters
+    // before and some after; serve a `nn::Published` version to avoid
+    // that.)
+    for (param, values) in updates {
+        param.replace_data(values);
     }
     Ok(())
 }

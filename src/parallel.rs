@@ -175,6 +175,15 @@ pub(crate) fn kernel_threads(m: usize, k: usize, n: usize) -> usize {
     }
 }
 
+/// The index of the rayon worker running this code in its pool, `None` on
+/// a thread that is not a rayon worker (and always under loom).
+pub(crate) fn worker_index() -> Option<usize> {
+    #[cfg(not(loom))]
+    return rayon::current_thread_index();
+    #[cfg(loom)]
+    return None;
+}
+
 /// Items per chunk: about four chunks per worker, so the pool can balance
 /// load while the mode is entered once per chunk rather than per item.
 #[cfg(not(loom))]
@@ -214,40 +223,55 @@ where
     }
 }
 
-/// A scope in which tasks can be spawned, each running in the grad mode of
-/// the thread that called [`scope`].
+/// A scope in which tasks can be spawned, each running in the mode of the
+/// thread that spawned it, as it was at the call to
+/// [`spawn`](Scope::spawn).
 pub struct Scope<'a, 'scope> {
     #[cfg(not(loom))]
     inner: &'a rayon::Scope<'scope>,
     #[cfg(loom)]
     inner: std::marker::PhantomData<&'a &'scope ()>,
-    mode: GradMode,
 }
 
 impl<'scope> Scope<'_, 'scope> {
-    /// Spawns `body` into the scope. It runs in the scope's grad mode and
-    /// may spawn further tasks, which inherit the same mode.
+    /// Spawns `body` into the scope. It runs in the spawning thread's mode
+    /// (grad flag, training mode and tape) as it is now, like
+    /// [`join`]'s closures: a spawn made after entering `no_grad` inside
+    /// the scope runs under `no_grad`. Tasks it spawns inherit its mode the
+    /// same way.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::{Tensor, autograd, parallel};
+    /// use std::sync::Mutex;
+    ///
+    /// let w = Tensor::ones(&[2]).requires_grad_(true);
+    /// let recorded = Mutex::new(Vec::new());
+    /// parallel::scope(|s| {
+    ///     s.spawn(|_| recorded.lock().unwrap().push((&w * 2.0).requires_grad()));
+    ///     let _guard = autograd::no_grad();
+    ///     s.spawn(|_| recorded.lock().unwrap().push((&w * 2.0).requires_grad()));
+    /// });
+    /// let mut recorded = recorded.into_inner().unwrap();
+    /// recorded.sort();
+    /// assert_eq!(recorded, vec![false, true]);
+    /// ```
     pub fn spawn<F>(&self, body: F)
     where
         F: for<'a> FnOnce(&Scope<'a, 'scope>) + Send + 'scope,
     {
-        let mode = self.mode.clone();
+        let mode = GradMode::current();
         #[cfg(not(loom))]
         self.inner.spawn(move |inner| {
-            let scope = Scope {
-                inner,
-                mode: mode.clone(),
-            };
-            mode.run(|| body(&scope));
+            mode.run(|| body(&Scope { inner }));
         });
         #[cfg(loom)]
-        {
-            let scope = Scope {
+        mode.run(|| {
+            body(&Scope {
                 inner: std::marker::PhantomData,
-                mode: mode.clone(),
-            };
-            mode.run(|| body(&scope));
-        }
+            })
+        });
     }
 }
 
@@ -280,21 +304,15 @@ where
     let mode = GradMode::current();
     #[cfg(not(loom))]
     {
-        rayon::scope(|inner| {
-            let scope = Scope {
-                inner,
-                mode: mode.clone(),
-            };
-            mode.run(|| op(&scope))
-        })
+        rayon::scope(|inner| mode.run(|| op(&Scope { inner })))
     }
     #[cfg(loom)]
     {
-        let scope = Scope {
-            inner: std::marker::PhantomData,
-            mode: mode.clone(),
-        };
-        mode.run(|| op(&scope))
+        mode.run(|| {
+            op(&Scope {
+                inner: std::marker::PhantomData,
+            })
+        })
     }
 }
 

@@ -77,13 +77,12 @@ impl<T> RwLock<T> {
         return Self(loom::sync::RwLock::new(value));
     }
 
-    /// Shared access. Recursive on purpose: a thread that already holds a
-    /// read guard of this lock must not wait behind a queued writer. (Ops
-    /// on one tensor twice, such as `x.mul(&x)`, take one guard: loom's
-    /// lock does not model a thread holding two.)
+    /// Shared access. Not recursive: a queued writer holds back new
+    /// readers, so readers cannot starve it. netcl holds these guards only
+    /// for O(1) work (cloning an `Arc`), never while taking another.
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
         #[cfg(not(loom))]
-        return self.0.read_recursive();
+        return self.0.read();
         #[cfg(loom)]
         return self
             .0

@@ -2,13 +2,13 @@
 
 use std::fmt;
 
-use ndarray::{ArcArray, Array, ArrayD, ArrayViewMutD, Dimension, IxDyn};
+use ndarray::{ArcArray, Array, ArrayD, ArrayViewD, ArrayViewMutD, Dimension, IxDyn};
 use rand::{Rng, RngExt};
 
 use crate::autograd::engine::{self, Root};
 use crate::autograd::tape::{NodeId, Tape};
 use crate::error::{Error, Result, or_panic};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, thread_local_const};
 
 /// The storage of a tensor's values: a reference-counted, copy-on-write
 /// ndarray, so saving a tensor's data for backward or handing it out with
@@ -49,9 +49,25 @@ pub(crate) type Data = ArcArray<f32, IxDyn>;
 pub struct Tensor(pub(crate) Arc<Inner>);
 
 pub(crate) struct Inner {
-    /// The values. Locked for reading by every op, for writing only by
-    /// [`Tensor::with_data_mut`] (optimizers); the shape never changes.
-    data: RwLock<Data>,
+    /// The current values.
+    ///
+    /// # Invariant: no lock is held while computing
+    ///
+    /// This lock is only ever held for O(1) work: a reader clones the
+    /// `ArcArray` (a reference-count bump) and computes on that snapshot
+    /// with no lock held; a writer prepares the new values in a buffer of
+    /// its own and swaps it in. So a reader never waits for a computation
+    /// or a writer's update, a writer never waits for a reader's
+    /// computation, and no thread can wait on a lock held lower on its own
+    /// stack (a rayon worker blocked in `join` that steals a job touching
+    /// this tensor takes this lock for a clone or a swap, never while
+    /// holding it).
+    data: Mutex<Data>,
+    /// Serialises the writers of this tensor (so concurrent updates are
+    /// never lost), and keeps the buffer the last write replaced, reused by
+    /// the next write if no snapshot holds it by then. Readers never take
+    /// this lock.
+    writer: Mutex<Option<Data>>,
     shape: IxDyn,
     /// The leaf flag; tensors computed by a recorded op require grad through
     /// their node instead.
@@ -61,18 +77,36 @@ pub(crate) struct Inner {
     node: Option<NodeRef>,
 }
 
-/// Read guards of two operands that may be one tensor; see
-/// [`Tensor::read_pair`].
-pub(crate) struct ReadPair<'a> {
-    first: RwLockReadGuard<'a, Data>,
-    second: Option<RwLockReadGuard<'a, Data>>,
+/// An O(1) snapshot of a tensor's values, taken by [`Tensor::read`]: ops
+/// compute on it with no lock held, and later updates of the tensor do not
+/// show through it.
+pub(crate) struct Snapshot(Data);
+
+impl Snapshot {
+    pub(crate) fn into_data(self) -> Data {
+        self.0
+    }
 }
 
-impl ReadPair<'_> {
+impl std::ops::Deref for Snapshot {
+    type Target = Data;
+
+    fn deref(&self) -> &Data {
+        &self.0
+    }
+}
+
+/// Snapshots of two operands that may be one tensor; see
+/// [`Tensor::read_pair`].
+pub(crate) struct Operands {
+    first: Data,
+    second: Option<Data>,
+}
+
+impl Operands {
     /// The two operands' values, in the order given.
     pub(crate) fn get(&self) -> (&Data, &Data) {
-        let first = &*self.first;
-        (first, self.second.as_deref().unwrap_or(first))
+        (&self.first, self.second.as_ref().unwrap_or(&self.first))
     }
 }
 
@@ -96,6 +130,43 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tensor>();
 };
+
+thread_local_const! {
+    /// The tensors this thread is writing, innermost last.
+    static WRITING: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
+}
+
+/// Marks a tensor as being written by this thread until dropped, so that a
+/// nested write of the same tensor (which would wait for itself forever) is
+/// a clear panic instead of a hang.
+struct WriteMark(usize);
+
+impl WriteMark {
+    #[track_caller]
+    fn enter(tensor: &Tensor) -> WriteMark {
+        let id = tensor.identity() as usize;
+        WRITING.with(|writing| {
+            let mut writing = writing.borrow_mut();
+            assert!(
+                !writing.contains(&id),
+                "with_data_mut: this thread is already updating this tensor; an update inside its own update would wait for itself"
+            );
+            writing.push(id);
+        });
+        WriteMark(id)
+    }
+}
+
+impl Drop for WriteMark {
+    fn drop(&mut self) {
+        let _ = WRITING.try_with(|writing| {
+            let mut writing = writing.borrow_mut();
+            if let Some(i) = writing.iter().rposition(|&id| id == self.0) {
+                writing.remove(i);
+            }
+        });
+    }
+}
 
 /// Names the op that computed a tensor; returned by [`Tensor::grad_fn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +198,8 @@ impl Tensor {
     fn with_parts(data: Data, requires_grad: bool, node: Option<NodeRef>) -> Tensor {
         Tensor(Arc::new(Inner {
             shape: data.raw_dim(),
-            data: RwLock::new(data),
+            data: Mutex::new(data),
+            writer: Mutex::new(None),
             requires_grad: AtomicBool::new(requires_grad),
             grad: Mutex::new(None),
             node,
@@ -383,8 +455,8 @@ impl Tensor {
         }
     }
 
-    /// The values as a shared, copy-on-write ndarray: no copy is made, and
-    /// later in-place updates of the tensor do not show through it.
+    /// The values as a shared, copy-on-write ndarray: an O(1) snapshot, no
+    /// copy is made, and later updates of the tensor do not show through it.
     ///
     /// # Examples
     ///
@@ -394,22 +466,44 @@ impl Tensor {
     /// let t = Tensor::ones(&[2, 2]);
     /// let data = t.data();
     /// assert_eq!(data.sum(), 4.0);
-    /// assert_eq!(data.view().shape(), &[2, 2]);
+    /// t.with_data_mut(|mut v| v.fill(3.0));
+    /// // The snapshot keeps the values it was taken with.
+    /// assert_eq!(data.sum(), 4.0);
+    /// assert_eq!(t.data().sum(), 12.0);
     /// ```
     pub fn data(&self) -> ArcArray<f32, IxDyn> {
-        self.read().clone()
+        self.read().into_data()
     }
 
     /// The values as an owned ndarray (a copy).
     pub fn to_array(&self) -> ArrayD<f32> {
-        self.read().to_owned()
+        self.read().into_data().into_owned()
     }
 
     /// Updates the values in place, as optimizers do; the shape cannot
-    /// change. Graphs recorded before keep the values they saw.
+    /// change. The update is not recorded, and graphs recorded before keep
+    /// the values they saw.
     ///
-    /// The update is not recorded. While `f` runs the tensor is locked: `f`
-    /// must not apply ops to this same tensor (that would deadlock).
+    /// # Threads
+    ///
+    /// The update is atomic: other threads see the values from before or
+    /// after it, never a mix, and never wait for it. `f` works on a private
+    /// buffer holding the current values, which replaces the tensor's values
+    /// in one O(1) step when `f` returns (if `f` panics, the tensor keeps
+    /// its old values). Meanwhile readers, this thread included, see the old
+    /// values. Writers of one tensor take turns, so concurrent updates are
+    /// never lost.
+    ///
+    /// The cost of never blocking readers is a copy of the values into the
+    /// private buffer. The buffer the previous update replaced is reused
+    /// when no snapshot ([`data`](Tensor::data), a recorded graph, a
+    /// published model version) still holds it, so a steady training loop
+    /// allocates nothing.
+    ///
+    /// # Panics
+    ///
+    /// If `f` calls `with_data_mut` on this same tensor (the inner update
+    /// would wait for the outer one forever), and if `f` panics.
     ///
     /// # Examples
     ///
@@ -421,23 +515,75 @@ impl Tensor {
     /// assert_eq!(w.to_vec(), vec![0.5; 3]);
     /// ```
     pub fn with_data_mut<R>(&self, f: impl FnOnce(ArrayViewMutD<'_, f32>) -> R) -> R {
-        let mut data = self.0.data.write();
-        f(data.view_mut())
+        self.write(
+            |current| current.to_owned(),
+            |current, mut next| {
+                next.assign(&current);
+                f(next)
+            },
+        )
     }
 
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Data> {
-        self.0.data.read()
+    /// Replaces the values with new ones computed from the current values:
+    /// `f(current, next)` must write every element of `next`, a buffer of
+    /// the tensor's shape whose contents are unspecified (a recycled
+    /// buffer). As [`with_data_mut`](Tensor::with_data_mut) without its
+    /// copy: the optimizers' update path.
+    pub(crate) fn update<R>(
+        &self,
+        f: impl FnOnce(ArrayViewD<'_, f32>, ArrayViewMutD<'_, f32>) -> R,
+    ) -> R {
+        self.write(|current| ArrayD::zeros(current.raw_dim()), f)
     }
 
-    /// Read access to two operands, locking once when they are the same
-    /// tensor (`x * x`): one atomic operation fewer, and loom's reader-writer
-    /// lock, unlike the real one, does not allow one thread to hold two read
-    /// guards of one lock.
-    pub(crate) fn read_pair<'a>(&'a self, other: &'a Tensor) -> ReadPair<'a> {
-        ReadPair {
-            first: self.read(),
-            second: (!self.same(other)).then(|| other.read()),
-        }
+    /// Replaces the values with `values`, of the tensor's shape, in one
+    /// O(1) step: nothing is copied.
+    pub(crate) fn replace_data(&self, values: Data) {
+        debug_assert_eq!(values.shape(), self.shape(), "replace_data keeps the shape");
+        let _writing = WriteMark::enter(self);
+        let mut spare = self.0.writer.lock();
+        let old = std::mem::replace(&mut *self.0.data.lock(), values);
+        *spare = Some(old);
+    }
+
+    /// The write path. Under this tensor's writer lock (readers never take
+    /// it), `f` computes the next values from a snapshot of the current ones
+    /// into a private buffer: the spare if no snapshot shares it any more,
+    /// else a new one made by `fresh`. The buffer then replaces the values
+    /// in one swap under the data lock, and the replaced buffer becomes the
+    /// spare.
+    fn write<R>(
+        &self,
+        fresh: impl FnOnce(&Data) -> ArrayD<f32>,
+        f: impl FnOnce(ArrayViewD<'_, f32>, ArrayViewMutD<'_, f32>) -> R,
+    ) -> R {
+        let _writing = WriteMark::enter(self);
+        let mut spare = self.0.writer.lock();
+        let current = self.read().into_data();
+        let mut next = match spare.take() {
+            Some(buffer) if buffer.is_unique() => buffer,
+            _ => fresh(&current).into_shared(),
+        };
+        // `next` is unique, so `view_mut` copies nothing.
+        let result = f(current.view(), next.view_mut());
+        let old = std::mem::replace(&mut *self.0.data.lock(), next);
+        drop(current);
+        *spare = Some(old);
+        result
+    }
+
+    /// A snapshot of the values: O(1) under the data lock (see the
+    /// invariant on `Inner::data`).
+    pub(crate) fn read(&self) -> Snapshot {
+        Snapshot(self.0.data.lock().clone())
+    }
+
+    /// Snapshots of two operands, one snapshot when they are the same
+    /// tensor (`x * x`).
+    pub(crate) fn read_pair(&self, other: &Tensor) -> Operands {
+        let first = self.read().into_data();
+        let second = (!self.same(other)).then(|| other.read().into_data());
+        Operands { first, second }
     }
 
     /// True if both handles name the same tensor.
@@ -552,6 +698,30 @@ impl Tensor {
     /// ```
     pub fn detach(&self) -> Tensor {
         Tensor::from_data(self.data())
+    }
+
+    /// A new leaf with this tensor's current values and its
+    /// [`requires_grad`](Tensor::requires_grad) flag, without gradient or
+    /// graph: an independent copy of a parameter.
+    ///
+    /// The values are shared copy-on-write, so forking copies nothing; an
+    /// update of either tensor (such as an optimizer step) never shows in
+    /// the other. This is how [`Module::try_fork`](crate::nn::Module::try_fork)
+    /// copies a model.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let w = Tensor::ones(&[2]).requires_grad_(true);
+    /// let fork = w.fork();
+    /// assert!(fork.requires_grad() && fork.is_leaf());
+    /// w.with_data_mut(|mut v| v.fill(5.0));
+    /// assert_eq!(fork.to_vec(), vec![1.0, 1.0]);
+    /// ```
+    pub fn fork(&self) -> Tensor {
+        Tensor::with_parts(self.read().into_data(), self.requires_grad(), None)
     }
 
     /// Computes the gradient of this one-element tensor with respect to every

@@ -42,7 +42,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::autograd::{enable_grad, no_grad};
+use crate::autograd::{enable_grad, eval_mode, no_grad, train_mode};
 use crate::data::{DataLoader, Dataset};
 use crate::error::{Error, Result};
 use crate::nn::Module;
@@ -134,29 +134,28 @@ pub struct Evaluation {
     pub samples: usize,
 }
 
-/// Sets a model to evaluation mode and restores its previous mode when
-/// dropped (also on error or panic).
-struct EvalMode<'a, M: Module + ?Sized> {
-    model: &'a M,
-    was_training: bool,
+/// What one training step did, passed to the hooks of
+/// [`Trainer::on_step`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct StepInfo {
+    /// The epoch, counting from 0 over the trainer's life.
+    pub epoch: usize,
+    /// The batch within the epoch, counting from 0.
+    pub batch: usize,
+    /// Steps taken over the trainer's life, this one included (the first
+    /// step is 1).
+    pub step: u64,
+    /// The batch's loss.
+    pub loss: f32,
+    /// The number of samples in the batch.
+    pub samples: usize,
+    /// The learning rate of the step.
+    pub lr: f32,
 }
 
-impl<'a, M: Module + ?Sized> EvalMode<'a, M> {
-    fn new(model: &'a M) -> Self {
-        let was_training = model.is_training();
-        model.eval();
-        EvalMode {
-            model,
-            was_training,
-        }
-    }
-}
-
-impl<M: Module + ?Sized> Drop for EvalMode<'_, M> {
-    fn drop(&mut self) {
-        self.model.set_training(self.was_training);
-    }
-}
+/// A hook called after every optimizer step; see [`Trainer::on_step`].
+type StepHook<M> = Box<dyn FnMut(&StepInfo, &M) + Send>;
 
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.try_cross_entropy(targets)
@@ -165,10 +164,13 @@ fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Evaluates a classifier on `dataset` with the cross-entropy loss: batches
 /// of `batch_size` run in parallel, and the result is weighted by sample.
 ///
-/// Always runs under [`no_grad`], whatever the caller's mode, so nothing is
-/// recorded; the model is in evaluation mode meanwhile and its previous
-/// mode is restored afterwards. The model's output must be logits
-/// `[batch, classes]`, the targets class indices `[batch]`.
+/// Always runs under [`no_grad`] and in evaluation mode
+/// ([`eval_mode`]) on this thread and the workers it uses, whatever the
+/// caller's modes, so nothing is recorded and [`Dropout`](crate::nn::Dropout)
+/// is off. The model's own flag is never touched: other threads training or
+/// evaluating the same model at the same time are unaffected, and
+/// evaluations of one model can run concurrently. The model's output must
+/// be logits `[batch, classes]`, the targets class indices `[batch]`.
 ///
 /// # Errors
 ///
@@ -219,7 +221,7 @@ where
         });
     }
     let _no_grad = no_grad();
-    let _eval = EvalMode::new(model);
+    let _eval = eval_mode();
     let ranges: Vec<Range<usize>> = (0..n)
         .step_by(batch_size)
         .map(|start| start..(start + batch_size).min(n))
@@ -315,6 +317,8 @@ pub struct Trainer<M: Module, O: Optimizer> {
     loss_fn: Box<LossFn>,
     progress: bool,
     history: Vec<EpochMetrics>,
+    steps: u64,
+    hooks: Vec<StepHook<M>>,
 }
 
 impl<M: Module, O: Optimizer> Trainer<M, O> {
@@ -335,6 +339,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             loss_fn: Box::new(cross_entropy),
             progress: true,
             history: Vec::new(),
+            steps: 0,
+            hooks: Vec::new(),
         }
     }
 
@@ -406,6 +412,57 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         self
     }
 
+    /// Adds a hook called after every optimizer step of
+    /// [`fit`](Trainer::fit), on the training thread, with what the step
+    /// did and the model. Hooks run in the order they were added.
+    ///
+    /// The model is between two steps when a hook runs, so this is the
+    /// place to publish it for serving ([`Published::publish`]), every step
+    /// or every `n` (`info.step % n == 0`).
+    ///
+    /// [`Published::publish`]: crate::nn::Published::publish
+    ///
+    /// # Examples
+    ///
+    /// Publish a version every 10 steps while training:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module, Published};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    /// use rand::SeedableRng;
+    ///
+    /// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let published = Arc::new(Published::new(&model)?);
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+    /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false).on_step({
+    ///     let published = Arc::clone(&published);
+    ///     move |info, model| {
+    ///         if info.step % 10 == 0 {
+    ///             published.publish(model).unwrap();
+    ///         }
+    ///     }
+    /// });
+    /// trainer.fit(5)?; // 40 steps
+    /// assert_eq!(published.version(), 4);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn on_step(mut self, hook: impl FnMut(&StepInfo, &M) + Send + 'static) -> Self {
+        self.hooks.push(Box::new(hook));
+        self
+    }
+
+    /// Optimizer steps taken so far, over the trainer's life.
+    pub fn steps_done(&self) -> u64 {
+        self.steps
+    }
+
     /// Shows (`true`, the default; only on a terminal) or hides the
     /// progress bar.
     #[must_use]
@@ -449,8 +506,10 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// to [`history`](Trainer::history)). Calling `fit(1)` repeatedly
     /// trains exactly as one `fit(n)` does.
     ///
-    /// The model is in training mode during each epoch and evaluation mode
-    /// during evaluation; it is left in training mode.
+    /// Each epoch runs in training mode ([`train_mode`]) and its evaluation
+    /// in evaluation mode, set for the training thread (and the loader's
+    /// and evaluation's workers) only: the model's own flag is never
+    /// changed, and other threads using the model are unaffected.
     ///
     /// # Errors
     ///
@@ -510,11 +569,12 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         }
         let (mut loss_sum, mut samples) = (0.0_f64, 0_usize);
         {
-            // Training needs a graph, whatever the caller's mode; the loader
-            // thread takes this mode too.
+            // Training needs a graph and training behaviour (Dropout),
+            // whatever the caller's modes; the loader thread takes these
+            // modes too.
             let _grad = enable_grad();
-            self.model.train();
-            for batch in loader.epoch(epoch as u64) {
+            let _train = train_mode();
+            for (index, batch) in loader.epoch(epoch as u64).enumerate() {
                 let batch = batch?;
                 let output = self.model.forward(&batch.inputs)?;
                 let loss = (self.loss_fn)(&output, &batch.targets)?;
@@ -524,6 +584,18 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 let value = loss.try_item()?;
                 loss_sum += f64::from(value) * batch.len() as f64;
                 samples += batch.len();
+                self.steps += 1;
+                let info = StepInfo {
+                    epoch,
+                    batch: index,
+                    step: self.steps,
+                    loss: value,
+                    samples: batch.len(),
+                    lr,
+                };
+                for hook in &mut self.hooks {
+                    hook(&info, &self.model);
+                }
                 bar.inc(1);
                 if !bar.is_hidden() {
                     bar.set_message(format!("loss {value:.4}"));
@@ -549,9 +621,9 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     }
 
     /// Evaluates the model on the evaluation set: as the free function
-    /// [`evaluate`] (no recording whatever the caller's mode, evaluation
-    /// mode restored after, batches in parallel), with this trainer's loss
-    /// and evaluation batch size.
+    /// [`evaluate`] (no recording and evaluation mode on this thread,
+    /// whatever the caller's modes; batches in parallel), with this
+    /// trainer's loss and evaluation batch size.
     ///
     /// # Errors
     ///

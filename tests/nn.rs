@@ -271,43 +271,44 @@ fn dropout_is_deterministic_for_a_seed() -> netcl::Result<()> {
 }
 
 #[test]
-fn dropout_serves_several_threads_at_once() {
-    // Calls are numbered atomically, so concurrent calls draw exactly the
-    // masks of calls 0..n of a fresh layer with the same seed, in some order.
+fn dropout_masks_on_a_thread_do_not_depend_on_other_threads() {
+    // Each thread numbers its own calls of the layer, so a thread draws the
+    // masks of calls 0..n of the seed whatever the other threads do with
+    // the same layer at the same time.
     let threads = 4;
     let per_thread = 25;
-    let shared = Dropout::new(0.5, 5);
+    let bits = |y: Tensor| y.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     let x = Tensor::ones(&[2, 16]);
-    let mut concurrent: Vec<Vec<u32>> = std::thread::scope(|s| {
+    let alone: Vec<Vec<u32>> = {
+        let fresh = Dropout::new(0.5, 5);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                (0..per_thread)
+                    .map(|_| bits(fresh.forward(&x).unwrap()))
+                    .collect()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let shared = Dropout::new(0.5, 5);
+    let concurrent: Vec<Vec<Vec<u32>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
                     (0..per_thread)
-                        .map(|_| {
-                            let y = shared.forward(&x).unwrap().to_vec();
-                            y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
-                        })
+                        .map(|_| bits(shared.forward(&x).unwrap()))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let fresh = Dropout::new(0.5, 5);
-    let mut sequential: Vec<Vec<u32>> = (0..threads * per_thread)
-        .map(|_| {
-            let y = fresh.forward(&x).unwrap().to_vec();
-            y.iter().map(|v| v.to_bits()).collect()
-        })
-        .collect();
-    concurrent.sort();
-    sequential.sort();
-    assert_eq!(concurrent, sequential);
-    let distinct: BTreeSet<_> = sequential.iter().collect();
-    assert!(distinct.len() > 90, "masks should differ between calls");
+    for sequence in &concurrent {
+        assert_eq!(sequence, &alone);
+    }
+    let distinct: BTreeSet<_> = alone.iter().collect();
+    assert!(distinct.len() > 20, "masks should differ between calls");
 }
 
 #[test]

@@ -155,7 +155,10 @@ struct ModeSpy<M> {
 
 impl<M: Module> Module for ModeSpy<M> {
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        self.seen.lock().unwrap().push(self.inner.is_training());
+        self.seen
+            .lock()
+            .unwrap()
+            .push(self.inner.effective_training());
         self.inner.forward(input)
     }
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
@@ -170,7 +173,7 @@ impl<M: Module> Module for ModeSpy<M> {
 }
 
 #[test]
-fn evaluate_uses_eval_mode_and_restores_the_previous_mode() -> Result<()> {
+fn evaluate_and_fit_set_the_threads_mode_and_never_the_models() -> Result<()> {
     let (train, test) = digits();
     let mut rng = StdRng::seed_from_u64(4);
     let spy = ModeSpy {
@@ -185,7 +188,8 @@ fn evaluate_uses_eval_mode_and_restores_the_previous_mode() -> Result<()> {
         .eval_set(test)
         .progress(false);
 
-    // Training mode before: eval inside, training again after.
+    // The model's own flag says training; evaluation runs in eval mode on
+    // its threads without changing that flag.
     assert!(trainer.model().is_training());
     let first = trainer.evaluate()?;
     assert!(trainer.model().is_training());
@@ -199,9 +203,11 @@ fn evaluate_uses_eval_mode_and_restores_the_previous_mode() -> Result<()> {
     trainer.evaluate()?;
     assert!(!trainer.model().is_training());
 
-    // fit trains in training mode and evaluates in eval mode.
+    // fit trains in training mode and evaluates in eval mode, whatever the
+    // model's own flag, and leaves that flag alone.
     trainer.model().seen.lock().unwrap().clear();
     trainer.fit(1)?;
+    assert!(!trainer.model().is_training());
     let seen = trainer.model().seen.lock().unwrap().clone();
     let (train_batches, eval_batches) = (6, 2); // 1437 / 256, 360 / 256, rounded up
     assert_eq!(seen.len(), train_batches + eval_batches);

@@ -44,13 +44,15 @@
 pub(crate) mod engine;
 mod engine_api;
 pub(crate) mod function;
+mod future;
 pub(crate) mod mode;
 pub(crate) mod tape;
 
 pub use engine_api::{grad, grad_retain_graph};
 pub use function::{Backward, InputGrads, apply_op};
+pub use future::{GradModeFuture, GradModeFutureExt};
 pub use mode::{
-    GradGuard, GradMode, ModeGuard, current_tape, enable_grad, is_grad_enabled, no_grad,
-    set_grad_enabled, with_grad_enabled,
+    GradGuard, GradMode, ModeGuard, TrainingGuard, current_tape, enable_grad, eval_mode,
+    is_grad_enabled, no_grad, set_grad_enabled, train_mode, training_mode, with_grad_enabled,
 };
 pub use tape::{Tape, TapeStats};

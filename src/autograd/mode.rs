@@ -1,11 +1,12 @@
 //! Grad mode: the per-thread recording context, its guards and its snapshot.
 //!
 //! Each thread has its own context: a flag (on by default) saying whether ops
-//! record, and a current tape, created on first use. Nothing here is shared
-//! between threads, so one thread's `no_grad` can never switch off recording
-//! in another thread. The price is that a new thread, or a rayon worker, does
-//! not see its caller's mode: [`GradMode`] is the snapshot that carries it
-//! there explicitly.
+//! record, a training/evaluation mode (unset by default: each module's own
+//! flag decides), and a current tape, created on first use. Nothing here is
+//! shared between threads, so one thread's `no_grad` or `eval_mode` can never
+//! change what another thread computes. The price is that a new thread, or a
+//! rayon worker, does not see its caller's mode: [`GradMode`] is the snapshot
+//! that carries it there explicitly.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -16,6 +17,9 @@ use crate::sync::{Arc, thread_local_const};
 
 struct Context {
     enabled: Cell<bool>,
+    /// The thread's training mode, if a guard set one; `None` leaves each
+    /// module's own flag in charge.
+    training: Cell<Option<bool>>,
     tape: RefCell<Option<Arc<Tape>>>,
     /// Number of live guards on this thread, to check they drop in LIFO order.
     depth: Cell<u32>,
@@ -24,6 +28,7 @@ struct Context {
 thread_local_const! {
     static CONTEXT: Context = Context {
         enabled: Cell::new(true),
+        training: Cell::new(None),
         tape: RefCell::new(None),
         depth: Cell::new(0),
     };
@@ -139,6 +144,131 @@ pub fn with_grad_enabled<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// This thread's training mode, if a [`train_mode`] or [`eval_mode`] guard
+/// (or an entered [`GradMode`] carrying one) set it; `None` otherwise, in
+/// which case each module's own flag ([`Module::is_training`]) decides.
+///
+/// Modules read it through [`Module::effective_training`]: that is how
+/// [`Dropout`] knows whether to drop.
+///
+/// [`Module::is_training`]: crate::nn::Module::is_training
+/// [`Module::effective_training`]: crate::nn::Module::effective_training
+/// [`Dropout`]: crate::nn::Dropout
+///
+/// # Examples
+///
+/// ```
+/// use netcl::autograd::{eval_mode, training_mode};
+///
+/// assert_eq!(training_mode(), None);
+/// let _eval = eval_mode();
+/// assert_eq!(training_mode(), Some(false));
+/// ```
+pub fn training_mode() -> Option<bool> {
+    CONTEXT
+        .try_with(|context| context.training.get())
+        .unwrap_or(None)
+}
+
+/// Runs this thread's forwards in training mode until the returned guard
+/// drops: [`Dropout`](crate::nn::Dropout) drops, whatever the model's own
+/// flag. Other threads are unaffected.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::autograd::train_mode;
+/// use netcl::nn::{Dropout, Module};
+///
+/// let dropout = Dropout::new(0.5, 1);
+/// dropout.eval(); // the model's own default: evaluation
+/// let _train = train_mode();
+/// assert!(dropout.effective_training());
+/// ```
+pub fn train_mode() -> TrainingGuard {
+    TrainingGuard::new(true)
+}
+
+/// Runs this thread's forwards in evaluation mode until the returned guard
+/// drops: [`Dropout`](crate::nn::Dropout) is the identity, whatever the
+/// model's own flag. Other threads are unaffected: this is how evaluation
+/// and serving threads use a model that another thread is training.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use netcl::Tensor;
+/// use netcl::autograd::eval_mode;
+/// use netcl::nn::{Dropout, Module};
+///
+/// let dropout = Arc::new(Dropout::new(0.5, 1)); // training by default
+/// let x = Tensor::ones(&[1, 100]);
+/// std::thread::scope(|s| {
+///     s.spawn(|| {
+///         let _eval = eval_mode();
+///         // Identity on this thread...
+///         assert_eq!(dropout.forward(&x).unwrap().to_vec(), x.to_vec());
+///     });
+/// });
+/// // ...while this thread still drops.
+/// assert!(dropout.forward(&x)?.to_vec().contains(&0.0));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn eval_mode() -> TrainingGuard {
+    TrainingGuard::new(false)
+}
+
+/// Restores this thread's previous training mode when dropped; returned by
+/// [`train_mode`], [`eval_mode`] and [`TrainingGuard::new`].
+///
+/// Like [`GradGuard`]: `#[must_use]`, `!Send`, restored also while
+/// unwinding, and guards drop in reverse order of creation.
+///
+/// ```compile_fail
+/// fn assert_send<T: Send>(_: T) {}
+/// assert_send(netcl::autograd::eval_mode());
+/// ```
+#[must_use = "the training mode is restored as soon as the guard drops; bind it with `let _guard = ...`"]
+pub struct TrainingGuard {
+    previous: Option<bool>,
+    depth: u32,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl TrainingGuard {
+    /// Sets this thread's training mode to `training` until the guard drops.
+    pub fn new(training: bool) -> TrainingGuard {
+        let previous = CONTEXT.with(|context| context.training.replace(Some(training)));
+        TrainingGuard {
+            previous,
+            depth: push_guard(),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The mode this guard restores when it drops (`None`: unset).
+    pub fn previous(&self) -> Option<bool> {
+        self.previous
+    }
+}
+
+impl Drop for TrainingGuard {
+    fn drop(&mut self) {
+        let _ = CONTEXT.try_with(|context| context.training.set(self.previous));
+        pop_guard(self.depth);
+    }
+}
+
+impl fmt::Debug for TrainingGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrainingGuard")
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
 /// Returns this thread's current tape, creating it on first use.
 ///
 /// Ops whose inputs are all leaves record here; ops with recorded inputs
@@ -244,8 +374,8 @@ impl fmt::Debug for GradGuard {
     }
 }
 
-/// A snapshot of a thread's recording context (grad flag and current tape)
-/// that can be carried to other threads and re-entered there.
+/// A snapshot of a thread's context (grad flag, training mode and current
+/// tape) that can be carried to other threads and re-entered there.
 ///
 /// Grad mode is per thread, so work handed to another thread runs in *that*
 /// thread's mode unless it enters the caller's. Capture with
@@ -278,22 +408,52 @@ impl fmt::Debug for GradGuard {
 #[derive(Clone)]
 pub struct GradMode {
     enabled: bool,
+    training: Option<bool>,
     tape: Arc<Tape>,
 }
 
 impl GradMode {
-    /// Captures this thread's grad flag and current tape (creating the tape if
-    /// the thread has none yet).
+    /// Captures this thread's grad flag, training mode and current tape
+    /// (creating the tape if the thread has none yet).
     pub fn current() -> GradMode {
         GradMode {
             enabled: is_grad_enabled(),
+            training: training_mode(),
             tape: current_tape(),
         }
     }
 
-    /// A mode that records (or not) into `tape`.
+    /// A mode that records (or not) into `tape`, with no training mode set
+    /// (each module's own flag decides).
     pub fn new(enabled: bool, tape: Arc<Tape>) -> GradMode {
-        GradMode { enabled, tape }
+        GradMode {
+            enabled,
+            training: None,
+            tape,
+        }
+    }
+
+    /// The same mode with the training mode set to `training` (`None`:
+    /// each module's own flag decides).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::autograd::{GradMode, training_mode};
+    ///
+    /// let eval = GradMode::current().with_training(Some(false));
+    /// assert_eq!(eval.run(training_mode), Some(false));
+    /// assert_eq!(training_mode(), None);
+    /// ```
+    #[must_use]
+    pub fn with_training(mut self, training: Option<bool>) -> GradMode {
+        self.training = training;
+        self
+    }
+
+    /// The training mode this mode sets when entered.
+    pub fn training(&self) -> Option<bool> {
+        self.training
     }
 
     /// The same mode with the flag set to `enabled`.
@@ -321,15 +481,18 @@ impl GradMode {
     }
 
     /// Makes this the current thread's context until the guard drops, then
-    /// restores the thread's own flag and tape (also while unwinding).
+    /// restores the thread's own flag, training mode and tape (also while
+    /// unwinding).
     pub fn enter(&self) -> ModeGuard {
-        let (enabled, tape) = CONTEXT.with(|context| {
+        let (enabled, training, tape) = CONTEXT.with(|context| {
             let enabled = context.enabled.replace(self.enabled);
+            let training = context.training.replace(self.training);
             let tape = context.tape.replace(Some(self.tape.clone()));
-            (enabled, tape)
+            (enabled, training, tape)
         });
         ModeGuard {
             previous_enabled: enabled,
+            previous_training: training,
             previous_tape: tape,
             depth: push_guard(),
             _not_send: PhantomData,
@@ -348,6 +511,7 @@ impl fmt::Debug for GradMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GradMode")
             .field("enabled", &self.enabled)
+            .field("training", &self.training)
             .field("tape", &self.tape.id())
             .finish()
     }
@@ -363,6 +527,7 @@ impl fmt::Debug for GradMode {
 #[must_use = "the thread's own mode is restored as soon as the guard drops; bind it with `let _guard = ...`"]
 pub struct ModeGuard {
     previous_enabled: bool,
+    previous_training: Option<bool>,
     previous_tape: Option<Arc<Tape>>,
     depth: u32,
     _not_send: PhantomData<*const ()>,
@@ -373,6 +538,7 @@ impl Drop for ModeGuard {
         let tape = self.previous_tape.take();
         let replaced = CONTEXT.try_with(|context| {
             context.enabled.set(self.previous_enabled);
+            context.training.set(self.previous_training);
             context.tape.replace(tape)
         });
         pop_guard(self.depth);

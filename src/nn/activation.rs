@@ -22,6 +22,15 @@ macro_rules! activation_layer {
             }
         }
 
+        impl Clone for $name {
+            /// A new layer with this one's training flag.
+            fn clone(&self) -> $name {
+                $name {
+                    training: self.training.clone(),
+                }
+            }
+        }
+
         impl Default for $name {
             fn default() -> $name {
                 $name::new()
@@ -44,6 +53,10 @@ macro_rules! activation_layer {
 
             fn is_training(&self) -> bool {
                 self.training.get()
+            }
+
+            fn try_fork(&self) -> Result<Box<dyn Module>> {
+                Ok(Box::new(self.clone()))
             }
         }
 

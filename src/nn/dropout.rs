@@ -1,5 +1,7 @@
 //! Dropout: random zeroing in training mode.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,15 +18,21 @@ use crate::tensor::Tensor;
 /// scales the others by `1 / (1 - p)`, so the expected value is unchanged;
 /// the identity in evaluation mode.
 ///
+/// Which mode applies is decided per thread
+/// ([`Module::effective_training`]): the thread's mode if set
+/// ([`train_mode`](crate::nn::train_mode),
+/// [`eval_mode`](crate::nn::eval_mode)), else the layer's own flag.
+///
 /// # Randomness and threads
 ///
-/// The masks are deterministic for a given seed: call `k` (counting from 0,
-/// or from the last [`reset`](Dropout::reset)) draws its mask from a
-/// generator seeded with `(seed, k)`. The call counter is an atomic, so
-/// several threads can run the same layer at once, each call getting its own
-/// independent mask; which thread gets which call number then depends on
-/// scheduling, so bit-exact runs need the calls in a fixed order (as a
-/// training loop on one thread has).
+/// The masks are deterministic for a given seed, and each thread has its
+/// own sequence: the `k`-th training-mode call of this layer *on a thread*
+/// (counting from 0, or from the last [`reset`](Dropout::reset)) draws its
+/// mask from a generator seeded with `(seed, k)`. So what other threads do
+/// with the layer never changes the masks a thread draws, and a training
+/// loop on one thread is reproducible. On the worker threads of a
+/// `netcl::parallel` operation the worker's index is mixed in too, so
+/// tasks running at once on different workers draw different masks.
 ///
 /// # Examples
 ///
@@ -49,8 +57,22 @@ use crate::tensor::Tensor;
 pub struct Dropout {
     p: f32,
     seed: u64,
-    calls: AtomicU64,
+    /// Names this layer in the per-thread call counters.
+    id: u64,
+    /// Bumped by [`reset`](Dropout::reset): a thread's counter from an
+    /// older generation restarts at 0.
+    generation: AtomicU64,
     training: TrainingFlag,
+}
+
+/// Gives every Dropout layer (forks included) its own counters.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per layer, on this thread: the generation the count belongs to and
+    /// the number of masks drawn in it. One entry per layer that ran in
+    /// training mode on this thread.
+    static CALLS: RefCell<HashMap<u64, (u64, u64)>> = RefCell::new(HashMap::new());
 }
 
 impl Dropout {
@@ -93,7 +115,8 @@ impl Dropout {
         Ok(Dropout {
             p,
             seed,
-            calls: AtomicU64::new(0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             training: TrainingFlag::new(),
         })
     }
@@ -103,8 +126,9 @@ impl Dropout {
         self.p
     }
 
-    /// Restarts the sequence of masks: the next training-mode call draws the
-    /// same mask as the first call after construction.
+    /// Restarts the sequence of masks, on every thread: the next
+    /// training-mode call on a thread draws the same mask as the first call
+    /// after construction.
     ///
     /// # Examples
     ///
@@ -120,12 +144,31 @@ impl Dropout {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn reset(&self) {
-        self.calls.store(0, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The number of this thread's next training-mode call of this layer.
+    fn next_call(&self) -> u64 {
+        let generation = self.generation.load(Ordering::Relaxed);
+        CALLS.with(|calls| {
+            let mut calls = calls.borrow_mut();
+            let entry = calls.entry(self.id).or_insert((generation, 0));
+            if entry.0 != generation {
+                *entry = (generation, 0);
+            }
+            let call = entry.1;
+            entry.1 += 1;
+            call
+        })
     }
 
     /// The mask of call `call`: 0 where dropped, `1 / (1 - p)` elsewhere.
     fn mask(&self, shape: &[usize], call: u64) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(mix_seed(self.seed, call));
+        let seed = match crate::parallel::worker_index() {
+            None => mix_seed(self.seed, call),
+            Some(worker) => mix_seed(mix_seed(self.seed, call), worker as u64 + 1),
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
         let (p, scale) = (self.p, 1.0 / (1.0 - self.p));
         Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
             if rng.random::<f32>() < p { 0.0 } else { scale }
@@ -133,19 +176,33 @@ impl Dropout {
     }
 }
 
+impl Clone for Dropout {
+    /// A fork: a layer with the same probability, seed and training flag,
+    /// whose sequence of masks starts afresh (on every thread).
+    fn clone(&self) -> Dropout {
+        Dropout {
+            p: self.p,
+            seed: self.seed,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            training: self.training.clone(),
+        }
+    }
+}
+
 impl Module for Dropout {
-    /// In training mode, `input * mask` for a fresh random mask (recorded as
-    /// one `mul`, so gradients flow through the kept elements only); in
-    /// evaluation mode, or with `p == 0`, `input` itself.
+    /// In training mode (on this thread, see
+    /// [`Module::effective_training`]), `input * mask` for a fresh random
+    /// mask (recorded as one `mul`, so gradients flow through the kept
+    /// elements only); in evaluation mode, or with `p == 0`, `input` itself.
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        if !self.is_training() || self.p == 0.0 {
+        if !self.effective_training() || self.p == 0.0 {
             return Ok(input.clone());
         }
         if self.p == 1.0 {
             return Ok(input.mul_scalar(0.0));
         }
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        input.try_mul(&self.mask(input.shape(), call))
+        input.try_mul(&self.mask(input.shape(), self.next_call()))
     }
 
     /// None: the layer has no parameters.
@@ -159,6 +216,10 @@ impl Module for Dropout {
 
     fn is_training(&self) -> bool {
         self.training.get()
+    }
+
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Ok(Box::new(self.clone()))
     }
 }
 

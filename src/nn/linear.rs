@@ -118,22 +118,56 @@ impl Linear {
         bias: bool,
         rng: &mut R,
     ) -> Result<Linear> {
+        // kaiming_uniform(a = √5): gain √(2 / (1 + 5)) = √(1/3), bound
+        // gain · √(3 / fan_in) = 1/√fan_in; the bias uses the same bound.
+        let bound = 1.0 / (in_features as f32).sqrt();
+        Linear::build_with(in_features, out_features, bias, |shape| {
+            Tensor::uniform(shape, -bound, bound, rng)
+        })
+    }
+
+    /// A layer whose parameters are made by `init` (weight first), after
+    /// checking the sizes.
+    fn build_with(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        mut init: impl FnMut(&[usize]) -> Tensor,
+    ) -> Result<Linear> {
         if in_features == 0 || out_features == 0 {
             return Err(Error::InvalidArgument {
                 op: "Linear",
                 message: format!("sizes must be positive, got {in_features} -> {out_features}"),
             });
         }
-        // kaiming_uniform(a = √5): gain √(2 / (1 + 5)) = √(1/3), bound
-        // gain · √(3 / fan_in) = 1/√fan_in; the bias uses the same bound.
-        let bound = 1.0 / (in_features as f32).sqrt();
-        let weight = Tensor::uniform(&[in_features, out_features], -bound, bound, rng);
-        let bias = bias.then(|| Tensor::uniform(&[out_features], -bound, bound, rng));
+        let weight = init(&[in_features, out_features]);
+        let bias = bias.then(|| init(&[out_features]));
         Ok(Linear {
             weight: weight.requires_grad_(true),
             bias: bias.map(|b| b.requires_grad_(true)),
             training: TrainingFlag::new(),
         })
+    }
+
+    /// A layer from `in_features` to `out_features` with a bias, all
+    /// parameters zero: the shell to load a checkpoint into (with
+    /// [`io::load`](crate::io::load)), no random generator needed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if either size is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Module};
+    ///
+    /// let layer = Linear::zeros(3, 2)?;
+    /// assert!(layer.parameters().iter().all(|p| p.to_vec().iter().all(|&v| v == 0.0)));
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn zeros(in_features: usize, out_features: usize) -> Result<Linear> {
+        Linear::build_with(in_features, out_features, true, Tensor::zeros)
     }
 
     /// A layer with the given weight, `[in_features, out_features]`, and
@@ -203,6 +237,32 @@ impl Linear {
     }
 }
 
+impl Clone for Linear {
+    /// A fork: an independent layer with this one's training flag and new
+    /// parameters that start with this layer's current values (shared
+    /// copy-on-write, so cloning copies no values; see
+    /// [`Module::try_fork`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::Linear;
+    /// use rand::SeedableRng;
+    ///
+    /// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let fork = layer.clone();
+    /// fork.weight().with_data_mut(|mut w| w.fill(0.0));
+    /// assert_ne!(layer.weight().to_vec(), fork.weight().to_vec());
+    /// ```
+    fn clone(&self) -> Linear {
+        Linear {
+            weight: self.weight.fork(),
+            bias: self.bias.as_ref().map(Tensor::fork),
+            training: self.training.clone(),
+        }
+    }
+}
+
 impl Module for Linear {
     /// `input · W + b` for `input` of shape `[.., in_features]`, as one
     /// fused op ([`Tensor::try_linear`]).
@@ -229,6 +289,10 @@ impl Module for Linear {
 
     fn is_training(&self) -> bool {
         self.training.get()
+    }
+
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Ok(Box::new(self.clone()))
     }
 }
 

@@ -7,18 +7,32 @@
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
+//! | [`Published`] | the versions of a model served while it trains |
 //!
 //! # Sharing one model between threads
 //!
 //! Every module is `Send + Sync` and every method takes `&self`: put a model
 //! in an `Arc` and call [`forward`](Module::forward) from as many threads as
-//! you like. Parameters are [`Tensor`]s, updated in place by an optimizer;
-//! the training/evaluation flag is an atomic, so [`train`](Module::train) and
-//! [`eval`](Module::eval) need no `&mut` either. The flag is a property of
-//! the *model*, not of the thread: switch it around a phase (training,
-//! evaluation), not per request. For inference alone the flag does not
-//! matter unless the model has [`Dropout`]; put the model in eval mode once
-//! and leave it there.
+//! you like. Three rules keep that correct while the model changes:
+//!
+//! - **No lock is held while computing.** An op snapshots its operands'
+//!   values (O(1), copy-on-write) and computes with no lock held; an
+//!   optimizer's update of a parameter is atomic and never waits for a
+//!   forward, nor a forward for it.
+//! - **Served weights are versions.** An optimizer updates one parameter
+//!   at a time, so a forward running beside a training step can see layer
+//!   0 after the step and layer 1 before it. Serve from a [`Published`]
+//!   model instead: the trainer publishes the whole parameter set as one
+//!   immutable version (O(1) per parameter), and readers run each forward
+//!   against one version.
+//! - **Training and evaluation are per thread.** [`eval_mode`] and
+//!   [`train_mode`] set the mode of the calling thread only (and travel with
+//!   its [`GradMode`](crate::autograd::GradMode) into `netcl::parallel`
+//!   tasks); a module's own flag ([`train`](Module::train),
+//!   [`eval`](Module::eval)) is only the default for threads that set no
+//!   mode. `train::evaluate` and `Trainer` set the thread's mode and never
+//!   touch the model's flag, so evaluation on one thread never switches off
+//!   [`Dropout`] in another thread's training step.
 //!
 //! # Examples
 //!
@@ -54,6 +68,7 @@
 mod activation;
 mod dropout;
 mod linear;
+mod published;
 mod sequential;
 
 use std::fmt;
@@ -63,9 +78,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
 pub use dropout::Dropout;
 pub use linear::Linear;
+pub use published::{Published, Version};
 pub use sequential::{Mlp, Sequential};
 
-use crate::error::Result;
+/// The per-thread training mode, also available from [`crate::autograd`].
+pub use crate::autograd::{TrainingGuard, eval_mode, train_mode, training_mode};
+
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// A layer or a model: a function of a tensor with named, trainable
@@ -148,8 +167,71 @@ pub trait Module: Send + Sync + fmt::Debug {
     /// evaluation (`false`) mode.
     fn set_training(&self, training: bool);
 
-    /// Whether the module is in training mode. New modules are.
+    /// Whether the module is in training mode: its own flag, the default
+    /// for threads that set no mode of their own. New modules are.
     fn is_training(&self) -> bool;
+
+    /// Whether a forward on *this thread* runs in training mode: the
+    /// thread's mode if one is set ([`train_mode`], [`eval_mode`], or a
+    /// [`GradMode`](crate::autograd::GradMode) carrying one), else the
+    /// module's own flag ([`is_training`](Module::is_training)).
+    ///
+    /// A module whose forward behaves differently in training (such as
+    /// [`Dropout`]) asks this, never `is_training` directly.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Dropout, Module, eval_mode};
+    ///
+    /// let dropout = Dropout::new(0.5, 0);
+    /// assert!(dropout.effective_training());
+    /// let _eval = eval_mode();
+    /// assert!(!dropout.effective_training());
+    /// assert!(dropout.is_training(), "the module's own flag is untouched");
+    /// ```
+    fn effective_training(&self) -> bool {
+        training_mode().unwrap_or_else(|| self.is_training())
+    }
+
+    /// A fork of this module: an independent module of the same structure,
+    /// settings and training flag, whose parameters are new leaf tensors
+    /// starting with this module's current values, without gradients.
+    ///
+    /// The values are shared copy-on-write ([`Tensor::fork`]), so forking
+    /// costs O(1) per parameter; the first update of a shared parameter, on
+    /// either side, copies it. Updating the fork never changes this module,
+    /// nor the other way round. [`Published`] versions are forks.
+    ///
+    /// The built-in modules implement it (and `Clone`, which forks). A
+    /// custom module implements it by forking its parameters with
+    /// [`Tensor::fork`] and returning `Ok(Box::new(copy))`.
+    ///
+    /// # Errors
+    ///
+    /// The default implementation returns [`Error::Unsupported`] naming the
+    /// type.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Module, ReLU, Sequential};
+    ///
+    /// let model = Sequential::new().with(ReLU::new());
+    /// let fork = model.try_fork()?;
+    /// assert_eq!(fork.forward(&Tensor::ones(&[2]))?.to_vec(), vec![1.0, 1.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Err(Error::Unsupported {
+            op: "Module::try_fork",
+            message: format!(
+                "{} does not implement Module::try_fork",
+                std::any::type_name::<Self>()
+            ),
+        })
+    }
 
     /// The parameters, in the order of
     /// [`named_parameters`](Module::named_parameters).
@@ -248,6 +330,12 @@ macro_rules! forward_module {
             fn is_training(&self) -> bool {
                 (**self).is_training()
             }
+            fn effective_training(&self) -> bool {
+                (**self).effective_training()
+            }
+            fn try_fork(&self) -> Result<Box<dyn Module>> {
+                (**self).try_fork()
+            }
         }
     )*};
 }
@@ -255,9 +343,15 @@ macro_rules! forward_module {
 forward_module!(Box<M>, Arc<M>, &M);
 
 /// The training/evaluation flag of one layer: an atomic, so that a shared
-/// model can switch mode through `&self`.
+/// model can switch its default mode through `&self`.
 #[derive(Debug)]
 pub(crate) struct TrainingFlag(AtomicBool);
+
+impl Clone for TrainingFlag {
+    fn clone(&self) -> TrainingFlag {
+        TrainingFlag(AtomicBool::new(self.get()))
+    }
+}
 
 impl TrainingFlag {
     pub(crate) fn new() -> TrainingFlag {

@@ -94,6 +94,49 @@ impl Sequential {
     pub fn iter(&self) -> impl Iterator<Item = &dyn Module> + '_ {
         self.layers.iter().map(|layer| &**layer)
     }
+
+    /// A fork of the chain: every layer forked with [`Module::try_fork`]
+    /// (new parameters sharing the current values copy-on-write), the
+    /// training flags kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] naming the first layer that cannot be forked
+    /// (a custom module that does not implement [`Module::try_fork`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Module, ReLU, Sequential};
+    /// use rand::SeedableRng;
+    ///
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let model = Sequential::new().with(Linear::new(3, 2, &mut rng)).with(ReLU::new());
+    /// let fork = model.try_clone()?;
+    /// assert_eq!(fork.len(), 2);
+    /// let (a, b) = (&model.parameters()[0], &fork.parameters()[0]);
+    /// assert_eq!(a.to_vec(), b.to_vec());
+    /// b.with_data_mut(|mut w| w.fill(0.0));
+    /// assert_ne!(a.to_vec(), b.to_vec());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_clone(&self) -> Result<Sequential> {
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                layer.try_fork().map_err(|err| Error::Unsupported {
+                    op: "Sequential::try_clone",
+                    message: format!("layer {i}: {err}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Sequential {
+            layers,
+            training: self.training.clone(),
+        })
+    }
 }
 
 impl Default for Sequential {
@@ -141,6 +184,10 @@ impl Module for Sequential {
 
     fn is_training(&self) -> bool {
         self.training.get()
+    }
+
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Ok(Box::new(self.try_clone()?))
     }
 }
 
@@ -214,6 +261,42 @@ impl Mlp {
         activation: Activation,
         rng: &mut R,
     ) -> Result<Mlp> {
+        Mlp::build(dims, activation, |input, output| {
+            Linear::try_new(input, output, rng)
+        })
+    }
+
+    /// An MLP with layer widths `dims` whose parameters are all zero: the
+    /// shell to load a checkpoint into (with [`io::load`](crate::io::load)),
+    /// no random generator needed.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_new`](Mlp::try_new).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Activation, Mlp, Module};
+    /// use rand::SeedableRng;
+    ///
+    /// let trained = Mlp::new(&[4, 8, 2], Activation::Relu, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let bytes = netcl::io::to_bytes(&trained)?;
+    ///
+    /// let restored = Mlp::zeros(&[4, 8, 2], Activation::Relu)?;
+    /// netcl::io::load_bytes(&restored, &bytes)?;
+    /// assert_eq!(restored.parameters()[0].to_vec(), trained.parameters()[0].to_vec());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn zeros(dims: &[usize], activation: Activation) -> Result<Mlp> {
+        Mlp::build(dims, activation, Linear::zeros)
+    }
+
+    fn build(
+        dims: &[usize],
+        activation: Activation,
+        mut linear: impl FnMut(usize, usize) -> Result<Linear>,
+    ) -> Result<Mlp> {
         if dims.len() < 2 || dims.contains(&0) {
             let problem = if dims.len() < 2 {
                 "need at least an input and an output width"
@@ -230,7 +313,7 @@ impl Mlp {
             if i > 0 {
                 layers.push_boxed(activation.layer());
             }
-            layers.push(Linear::try_new(pair[0], pair[1], rng)?);
+            layers.push(linear(pair[0], pair[1])?);
         }
         Ok(Mlp {
             layers,
@@ -255,6 +338,36 @@ impl Mlp {
     }
 }
 
+impl Clone for Mlp {
+    /// A fork: an independent MLP with new parameters that start with this
+    /// one's current values (shared copy-on-write, so cloning copies no
+    /// values; see [`Module::try_fork`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Activation, Mlp, Module};
+    /// use rand::SeedableRng;
+    ///
+    /// let mlp = Mlp::new(&[4, 8, 2], Activation::Relu, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let fork = mlp.clone();
+    /// let x = Tensor::ones(&[1, 4]);
+    /// assert_eq!(mlp.forward(&x)?.to_vec(), fork.forward(&x)?.to_vec());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn clone(&self) -> Mlp {
+        Mlp {
+            layers: self
+                .layers
+                .try_clone()
+                .expect("an Mlp holds only built-in layers, which all fork"),
+            dims: self.dims.clone(),
+            activation: self.activation,
+        }
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
         self.layers.forward(input)
@@ -270,6 +383,10 @@ impl Module for Mlp {
 
     fn is_training(&self) -> bool {
         self.layers.is_training()
+    }
+
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Ok(Box::new(self.clone()))
     }
 }
 

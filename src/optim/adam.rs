@@ -135,7 +135,9 @@ impl AdamCore {
         for (param, moments) in self.params.iter().zip(&mut self.moments) {
             let Some(grad) = param.grad() else { continue };
             let grad = grad.data();
-            param.with_data_mut(|mut w| {
+            // The new values go to a buffer of their own, swapped in at the
+            // end (see `Tensor::with_data_mut`).
+            param.update(|w, mut next| {
                 let state = moments.get_or_insert_with(|| Moments {
                     step: 0,
                     m: ArrayD::zeros(w.raw_dim()),
@@ -147,16 +149,17 @@ impl AdamCore {
                 let bc2 = 1.0 - f64::from(beta2).powi(state.step);
                 let step_size = (f64::from(lr) / bc1) as f32;
                 let bc2_sqrt = bc2.sqrt() as f32;
-                Zip::from(&mut w)
+                Zip::from(&mut next)
+                    .and(&w)
                     .and(&grad)
                     .and(&mut state.m)
                     .and(&mut state.v)
-                    .for_each(|w, &g, m, v| {
-                        *w *= shrink;
-                        let d = g + l2 * *w;
+                    .for_each(|n, &w, &g, m, v| {
+                        let w = w * shrink;
+                        let d = g + l2 * w;
                         *m = beta1 * *m + (1.0 - beta1) * d;
                         *v = beta2 * *v + (1.0 - beta2) * d * d;
-                        *w -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                        *n = w - step_size * *m / (v.sqrt() / bc2_sqrt + eps);
                     });
             });
         }

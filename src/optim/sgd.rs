@@ -194,22 +194,29 @@ impl Optimizer for Sgd {
         for (param, buffer) in self.params.iter().zip(&mut self.buffers) {
             let Some(grad) = param.grad() else { continue };
             let grad = grad.data();
-            param.with_data_mut(|mut w| {
+            // The new values go to a buffer of their own, swapped in at the
+            // end: a forward reading the parameter meanwhile sees the old
+            // values whole (see `Tensor::with_data_mut`).
+            param.update(|w, mut next| {
                 if momentum == 0.0 {
-                    Zip::from(&mut w).and(&grad).for_each(|w, &g| {
-                        *w -= lr * (g + wd * *w);
-                    });
+                    Zip::from(&mut next)
+                        .and(&w)
+                        .and(&grad)
+                        .for_each(|n, &w, &g| {
+                            *n = w - lr * (g + wd * w);
+                        });
                     return;
                 }
                 let buffer = buffer.get_or_insert_with(|| ArrayD::zeros(w.raw_dim()));
-                Zip::from(&mut w)
+                Zip::from(&mut next)
+                    .and(&w)
                     .and(&grad)
                     .and(buffer)
-                    .for_each(|w, &g, b| {
-                        let d = g + wd * *w;
+                    .for_each(|n, &w, &g, b| {
+                        let d = g + wd * w;
                         *b = momentum * *b + d;
                         let d = if nesterov { d + momentum * *b } else { *b };
-                        *w -= lr * d;
+                        *n = w - lr * d;
                     });
             });
         }

@@ -1,0 +1,259 @@
+//! [`Published`]: the versions of a model that readers serve while a
+//! trainer changes it.
+
+use std::fmt;
+use std::ops::Deref;
+use std::time::Instant;
+
+use crate::autograd::{eval_mode, no_grad};
+use crate::error::Result;
+use crate::nn::Module;
+use crate::sync::{Arc, RwLock};
+use crate::tensor::Tensor;
+
+/// The published versions of a model: a trainer publishes its whole
+/// parameter set as one immutable [`Version`], and any number of threads
+/// run forwards against the current version, never a mix of two.
+///
+/// An optimizer updates a model's parameters one at a time, so a forward
+/// running beside a training step on the *live* model can see layer 0
+/// after the step and layer 1 before it. A version is a fork of the model
+/// ([`Module::try_fork`]): new parameter tensors sharing the values the
+/// model had when it was published (copy-on-write, so publishing copies
+/// no values: O(1) per parameter, and the trainer's next update of each
+/// parameter writes into a new buffer instead of the one the version
+/// holds).
+///
+/// # Readers never block the trainer, the trainer never blocks readers
+///
+/// [`load`](Published::load) and [`publish`](Published::publish) hold an
+/// internal lock only to clone or swap one `Arc` (read-copy-update): a
+/// reader keeps its version for as long as it likes while newer ones are
+/// published, and a version is freed when its last reader drops it.
+///
+/// # Versions are frozen and in evaluation mode
+///
+/// A version's parameters do not require grad, so a forward on it records
+/// nothing whatever the thread's grad mode, and its modules' own flags are
+/// set to evaluation mode (a thread that enters
+/// [`train_mode`](crate::autograd::train_mode) still gets training
+/// behaviour). [`Version::predict`] runs a forward under `no_grad` and
+/// [`eval_mode`](crate::autograd::eval_mode).
+///
+/// # Examples
+///
+/// A trainer publishes after every step while four threads serve:
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+///
+/// use netcl::Tensor;
+/// use netcl::nn::{Activation, Mlp, Module, Published};
+/// use netcl::optim::{Optimizer, Sgd, SgdConfig};
+/// use rand::SeedableRng;
+///
+/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let model = Mlp::new(&[4, 8, 3], Activation::Relu, &mut rng);
+/// let published = Published::new(&model)?;
+/// let done = AtomicBool::new(false);
+///
+/// std::thread::scope(|s| {
+///     for _ in 0..4 {
+///         s.spawn(|| {
+///             let mut last = 0;
+///             while !done.load(Ordering::Relaxed) {
+///                 let version = published.load();
+///                 assert!(version.number() >= last, "versions only move forward");
+///                 last = version.number();
+///                 let logits = version.predict(&Tensor::ones(&[2, 4])).unwrap();
+///                 assert_eq!(logits.shape(), &[2, 3]);
+///             }
+///         });
+///     }
+///     let mut sgd = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+///     let x = Tensor::rand(&[16, 4], &mut rng);
+///     let y = Tensor::zeros(&[16]);
+///     for _ in 0..20 {
+///         sgd.zero_grad();
+///         model.forward(&x).unwrap().cross_entropy(&y).backward();
+///         sgd.step();
+///         published.publish(&model).unwrap();
+///     }
+///     done.store(true, Ordering::Relaxed);
+/// });
+/// assert_eq!(published.version(), 20);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub struct Published {
+    /// Held only to clone or replace the `Arc`.
+    current: RwLock<Arc<Version>>,
+}
+
+/// One published version of a model: an immutable fork of it, with its
+/// version number. Dereferences to the model.
+///
+/// Obtained from [`Published::load`]; keep the `Arc` for as long as a
+/// request needs one consistent model.
+pub struct Version {
+    model: Box<dyn Module>,
+    number: u64,
+    published_at: Instant,
+}
+
+impl Published {
+    /// Publishes `model` as version 0.
+    ///
+    /// # Errors
+    ///
+    /// The error of [`Module::try_fork`] (a custom module that cannot be
+    /// forked).
+    pub fn new<M: Module + ?Sized>(model: &M) -> Result<Published> {
+        Published::with_version(model, 0)
+    }
+
+    /// Publishes `model` as version `number`; later versions count on from
+    /// it (for example from the number stored in a checkpoint, so that
+    /// versions keep increasing across restarts).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Published::new).
+    pub fn with_version<M: Module + ?Sized>(model: &M, number: u64) -> Result<Published> {
+        let version = Version::freeze(model.try_fork()?, number);
+        Ok(Published {
+            current: RwLock::new(Arc::new(version)),
+        })
+    }
+
+    /// The current version. Lock-free in effect: an `Arc` clone under a
+    /// lock that a publish holds only to swap that `Arc`.
+    pub fn load(&self) -> Arc<Version> {
+        self.current.read().clone()
+    }
+
+    /// The current version's number.
+    pub fn version(&self) -> u64 {
+        self.current.read().number
+    }
+
+    /// Publishes the current values of `model`'s parameters as the next
+    /// version and returns its number (the previous one plus one).
+    ///
+    /// Call it from the thread that updates the model, between updates
+    /// (for example from a [`Trainer::on_step`](crate::train::Trainer::on_step)
+    /// hook): the version is then a consistent parameter set. Publishing
+    /// while another thread is in the middle of an optimizer step would
+    /// capture that step half done.
+    ///
+    /// # Errors
+    ///
+    /// The error of [`Module::try_fork`]. Nothing is published then.
+    pub fn publish<M: Module + ?Sized>(&self, model: &M) -> Result<u64> {
+        Ok(self.publish_model(model.try_fork()?))
+    }
+
+    /// Publishes `model` itself as the next version (it is frozen and set
+    /// to evaluation mode first) and returns its number. For a model built
+    /// or loaded apart from the one being trained, such as a checkpoint
+    /// read from disk: load it into a fresh model, then publish that.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Activation, Mlp, Module, Published};
+    /// use rand::SeedableRng;
+    ///
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let live = Mlp::new(&[4, 2], Activation::Relu, &mut rng);
+    /// let published = Published::new(&live)?;
+    ///
+    /// let bytes = netcl::io::to_bytes(&Mlp::new(&[4, 2], Activation::Relu, &mut rng))?;
+    /// let reloaded = Mlp::zeros(&[4, 2], Activation::Relu)?;
+    /// netcl::io::load_bytes(&reloaded, &bytes)?;
+    /// assert_eq!(published.publish_model(Box::new(reloaded)), 1);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn publish_model(&self, model: Box<dyn Module>) -> u64 {
+        let mut version = Version::freeze(model, 0);
+        let previous = {
+            let mut current = self.current.write();
+            version.number = current.number + 1;
+            let number = version.number;
+            (std::mem::replace(&mut *current, Arc::new(version)), number)
+        };
+        // The previous version is dropped (if no reader holds it) outside
+        // the lock.
+        let (old, number) = previous;
+        drop(old);
+        number
+    }
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Published")
+            .field("version", &self.version())
+            .finish()
+    }
+}
+
+impl Version {
+    fn freeze(model: Box<dyn Module>, number: u64) -> Version {
+        for (_, p) in model.named_parameters() {
+            // Forked parameters are leaves, so this cannot fail.
+            let _ = p.try_requires_grad_(false);
+        }
+        model.eval();
+        Version {
+            model,
+            number,
+            published_at: Instant::now(),
+        }
+    }
+
+    /// The version number: 0 (or the number given to
+    /// [`Published::with_version`]) for the first, one more for each
+    /// publish after it.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// When this version was published.
+    pub fn published_at(&self) -> Instant {
+        self.published_at
+    }
+
+    /// The model of this version.
+    pub fn model(&self) -> &dyn Module {
+        &*self.model
+    }
+
+    /// The model's output for `input`, computed under `no_grad` and in
+    /// evaluation mode on this thread, whatever the thread's own modes.
+    ///
+    /// # Errors
+    ///
+    /// The error of the model's forward.
+    pub fn predict(&self, input: &Tensor) -> Result<Tensor> {
+        let _no_grad = no_grad();
+        let _eval = eval_mode();
+        self.model.forward(input)
+    }
+}
+
+impl Deref for Version {
+    type Target = dyn Module;
+
+    fn deref(&self) -> &(dyn Module + 'static) {
+        &*self.model
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Version")
+            .field("number", &self.number)
+            .field("model", &self.model)
+            .finish()
+    }
+}
