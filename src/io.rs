@@ -94,6 +94,42 @@ fn parameters_by_name<M: Module + ?Sized>(
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
+    encode(model, None)
+}
+
+/// The model's parameters in safetensors form, with `metadata` (string
+/// pairs, such as a version number) in the file's header, where any
+/// safetensors reader finds it (`__metadata__`).
+///
+/// # Errors
+///
+/// As [`to_bytes`].
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let metadata = BTreeMap::from([("version".to_string(), "7".to_string())]);
+/// let bytes = netcl::io::to_bytes_with_metadata(&layer, &metadata)?;
+/// assert_eq!(netcl::io::metadata_from_bytes(&bytes)?, metadata);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn to_bytes_with_metadata<M: Module + ?Sized>(
+    model: &M,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    encode(model, Some(metadata))
+}
+
+fn encode<M: Module + ?Sized>(
+    model: &M,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
     let params = parameters_by_name("io::to_bytes", model)?;
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .into_iter()
@@ -116,7 +152,8 @@ pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
                 .map_err(|err| format_error(err.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None).map_err(|err| format_error(err.to_string()))
+    let metadata = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    safetensors::serialize(views, metadata).map_err(|err| format_error(err.to_string()))
 }
 
 /// Saves the model's parameters to `path` in safetensors format.
@@ -148,13 +185,49 @@ pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn save<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
-    let path = path.as_ref();
-    let bytes = to_bytes(model)?;
+    write_file(path.as_ref(), &to_bytes(model)?)
+}
+
+/// Saves the model's parameters to `path` as [`save`] does, with
+/// `metadata` in the file's header (see [`to_bytes_with_metadata`]); read
+/// it back with [`read_metadata`].
+///
+/// # Errors
+///
+/// As [`save`].
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::nn::Linear;
+/// use rand::SeedableRng;
+///
+/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let path = std::env::temp_dir().join(format!("netcl-doc-meta-{}.safetensors", std::process::id()));
+/// let metadata = BTreeMap::from([("version".to_string(), "12".to_string())]);
+/// netcl::io::save_with_metadata(&layer, &path, &metadata)?;
+/// assert_eq!(netcl::io::read_metadata(&path)?["version"], "12");
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn save_with_metadata<M: Module + ?Sized>(
+    model: &M,
+    path: impl AsRef<Path>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    write_file(path.as_ref(), &to_bytes_with_metadata(model, metadata)?)
+}
+
+/// Writes `bytes` to `path` atomically: under a temporary name beside it,
+/// then renamed into place.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
     temp_name.push(format!(".{}.tmp", std::process::id()));
     let temp = path.with_file_name(temp_name);
     let written = std::fs::File::create(&temp).and_then(|mut file| {
-        file.write_all(&bytes)?;
+        file.write_all(bytes)?;
         file.sync_all()
     });
     if let Err(err) = written.and_then(|()| std::fs::rename(&temp, path)) {
@@ -347,4 +420,46 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
+}
+
+/// The metadata (string pairs) in the header of the safetensors file at
+/// `path`; empty if it has none.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be read, [`Error::Format`] if its
+/// header is not valid safetensors.
+pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
+    const OP: &str = "io::read_metadata";
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|err| io_error(OP, path, &err))?;
+    metadata_of(OP, &bytes, &path.display().to_string())
+}
+
+/// The metadata (string pairs) in the header of safetensors `bytes`; empty
+/// if it has none.
+///
+/// # Errors
+///
+/// [`Error::Format`] if the header is not valid safetensors.
+pub fn metadata_from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    metadata_of("io::metadata_from_bytes", bytes, "the given bytes")
+}
+
+fn metadata_of(
+    op: &'static str,
+    bytes: &[u8],
+    source_name: &str,
+) -> Result<BTreeMap<String, String>> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|err| Error::Format {
+        op,
+        source_name: source_name.to_string(),
+        format: FORMAT,
+        message: err.to_string(),
+    })?;
+    Ok(metadata
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default())
 }
