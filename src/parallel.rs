@@ -30,7 +30,7 @@
 //!
 //! # The fix
 //!
-//! Every helper here captures the caller's [`GradMode`] (flag and tape) on
+//! Every helper here captures the caller's [`GradMode`] (grad flag, training mode and tape) on
 //! the calling thread and enters it in every task, restoring the worker's own
 //! context afterwards. The mode is entered once per chunk of work, not per
 //! item.
@@ -86,7 +86,7 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Applies `f` to every item in parallel and returns the results in order.
-/// Every call of `f` runs in the caller's grad mode (flag and tape), entered
+/// Every call of `f` runs in the caller's mode (grad flag, training mode and tape), entered
 /// once per chunk of items on whichever worker runs it.
 ///
 /// # Examples
@@ -435,7 +435,7 @@ mod iter {
     /// Adds [`with_grad_mode`](ParallelIteratorExt::with_grad_mode) to every
     /// rayon parallel iterator.
     pub trait ParallelIteratorExt: ParallelIterator {
-        /// Captures this thread's grad mode (flag and tape) and runs the rest
+        /// Captures this thread's mode (grad flag, training mode and tape) and runs the rest
         /// of the chain in it: every closure after this call, the combining
         /// closures of `reduce`, `fold` and `sum` included, and the folding of
         /// everything before it. The mode is entered once per chunk a worker

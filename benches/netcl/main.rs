@@ -16,6 +16,7 @@ mod eval;
 mod forward;
 mod matmul;
 mod mlp;
+mod serving;
 mod tiny;
 
 fn config() -> Criterion {
@@ -29,6 +30,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = tiny::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench, digits::bench
+    targets = tiny::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench, digits::bench, serving::bench
 }
 criterion_main!(benches);

@@ -12,7 +12,8 @@
 //! | [`no_grad`], [`enable_grad`], [`GradGuard::new`] | guards: set the mode until dropped, restore after, also on panic |
 //! | [`with_grad_enabled`] | the closure form |
 //! | [`set_grad_enabled`] | one-shot switch, returns the previous mode |
-//! | [`GradMode`] | a snapshot of the thread's mode and tape, to re-enter in other threads |
+//! | [`train_mode`], [`eval_mode`], [`training_mode`] | the thread's training mode (Dropout), over each module's own default |
+//! | [`GradMode`] | a snapshot of the thread's modes and tape, to re-enter in other threads, and in async tasks ([`GradModeFutureExt`]) |
 //!
 //! Under `no_grad` an op computes the same values at the same speed but
 //! records nothing: its output has `requires_grad() == false` and no

@@ -517,7 +517,7 @@ impl fmt::Debug for GradMode {
     }
 }
 
-/// Restores a thread's own grad flag and tape when dropped; returned by
+/// Restores a thread's own grad flag, training mode and tape when dropped; returned by
 /// [`GradMode::enter`]. `!Send`, like [`GradGuard`].
 ///
 /// ```compile_fail
