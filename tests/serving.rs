@@ -442,6 +442,44 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
          {beside:?} beside 8 serving threads ({} forwards served meanwhile)",
         served.into_inner()
     );
+
+    // The optimizer step alone, beside 8 threads looping forwards on the
+    // *live* model (the writer-starvation scenario): it waits for no
+    // forward, so its time is its own work plus its share of the cores.
+    let loss = model.forward(&batch_x).unwrap().cross_entropy(&batch_y);
+    loss.backward();
+    let mut time_steps = |adam: &mut Adam| {
+        let times: Vec<Duration> = (0..50)
+            .map(|_| {
+                let start = Instant::now();
+                adam.step();
+                start.elapsed()
+            })
+            .collect();
+        (
+            times.iter().sum::<Duration>() / 50,
+            *times.iter().max().unwrap(),
+        )
+    };
+    let (alone_mean, alone_worst) = time_steps(&mut adam);
+    let stop = AtomicBool::new(false);
+    let (beside_mean, beside_worst) = std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let _no_grad = autograd::no_grad();
+                while !stop.load(Ordering::Relaxed) {
+                    model.forward(&batch_x).unwrap();
+                }
+            });
+        }
+        let times = time_steps(&mut adam);
+        stop.store(true, Ordering::Relaxed);
+        times
+    });
+    println!(
+        "optimizer step: mean {alone_mean:?}, worst {alone_worst:?} alone; \
+         mean {beside_mean:?}, worst {beside_worst:?} beside 8 threads looping forwards on the live model"
+    );
 }
 
 /// A model with Dropout trains on one thread (with a learning rate of 0, so
