@@ -1,0 +1,45 @@
+//! A fixed amount of one small op, for instruction counts under callgrind
+//! (`scripts/callgrind_ops.sh`): instructions, unlike seconds, repeat
+//! exactly whatever else the machine is doing.
+//!
+//! ```text
+//! cargo bench --bench instructions --no-run
+//! valgrind --tool=callgrind <binary> add_recorded 100000
+//! ```
+//!
+//! The per-op cost is the difference between a run of `n` ops and a run of
+//! 0, divided by `n`.
+
+use std::hint::black_box;
+
+use netcl::{Tensor, autograd};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(workload), Some(n)) = (args.next(), args.next()) else {
+        eprintln!("usage: instructions <add_recorded|add_no_grad> <count>");
+        std::process::exit(2);
+    };
+    let n: usize = n.parse().expect("count is a number");
+    let a = Tensor::from_vec(vec![1.0], &[1]).unwrap().requires_grad_(true);
+    let b = Tensor::from_vec(vec![2.0], &[1]).unwrap().requires_grad_(true);
+    // Create this thread's tape outside the measured ops.
+    drop(black_box(&a + &b));
+    match workload.as_str() {
+        "add_recorded" => {
+            for _ in 0..n {
+                drop(black_box(&a + &b));
+            }
+        }
+        "add_no_grad" => {
+            for _ in 0..n {
+                let _guard = autograd::no_grad();
+                drop(black_box(&a + &b));
+            }
+        }
+        other => {
+            eprintln!("unknown workload {other}");
+            std::process::exit(2);
+        }
+    }
+}
