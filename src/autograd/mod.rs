@@ -42,7 +42,7 @@
 //! ```
 
 pub(crate) mod engine;
-mod engine_api;
+pub(crate) mod engine_api;
 pub(crate) mod function;
 pub(crate) mod mode;
 pub(crate) mod tape;
