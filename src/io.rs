@@ -308,8 +308,9 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
 /// # Errors
 ///
 /// [`Error::Io`] if the file cannot be read, [`Error::Format`] if it is not
-/// a valid safetensors file, [`Error::ParameterMismatch`] for a tensor that
-/// is not `F32`.
+/// a valid safetensors file or declares a shape too large to exist (see
+/// [`Tensor::MAX_ELEMENTS`]), [`Error::ParameterMismatch`] for a tensor
+/// that is not `F32`.
 ///
 /// # Examples
 ///
@@ -348,6 +349,14 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
                 found_dtype: view.dtype().to_string(),
             });
         }
+        // safetensors accepts any shape whose byte size matches the data,
+        // zero-size shapes whose other axes overflow included.
+        crate::tensor::checked_numel(OP, view.shape()).map_err(|err| Error::Format {
+            op: OP,
+            source_name: path.display().to_string(),
+            format: FORMAT,
+            message: format!("tensor `{name}`: {err}"),
+        })?;
         let values = view
             .data()
             .chunks_exact(4)

@@ -358,3 +358,39 @@ fn concurrent_saves_to_one_path_both_succeed_and_leave_one_complete_file() {
     let files: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
     assert_eq!(files.len(), 1, "{files:?}");
 }
+
+/// A safetensors file whose header is `header` (JSON) followed by `data`.
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+#[test]
+fn read_tensors_rejects_a_zero_size_shape_too_large_to_exist() {
+    // Zero elements (safetensors accepts it), but 2^62 · 2^62 overflows:
+    // from_vec panicked.
+    let big = 1u64 << 62;
+    let header =
+        format!(r#"{{"x":{{"dtype":"F32","shape":[0,{big},{big}],"data_offsets":[0,0]}}}}"#);
+    let bytes = raw_safetensors(&header, &[]);
+    assert!(safetensors::SafeTensors::deserialize(&bytes).is_ok());
+    let dir = TempDir::new("huge");
+    let path = dir.file("huge.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    match io::read_tensors(&path) {
+        Err(Error::Format { message, .. }) => {
+            assert!(
+                message.contains("`x`") && message.contains("too large"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A zero-size tensor whose shape fits reads fine.
+    let header = r#"{"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
+    std::fs::write(&path, raw_safetensors(header, &[])).unwrap();
+    let tensors = io::read_tensors(&path).unwrap();
+    assert_eq!(tensors[0].1.shape(), &[0, 3]);
+}

@@ -46,7 +46,8 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes are
-    /// incompatible.
+    /// incompatible, [`Error::ShapeTooLarge`](crate::Error::ShapeTooLarge)
+    /// if their broadcast could not exist.
     pub fn try_eq(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare("eq", rhs, |x, y| x == y)
     }

@@ -6,7 +6,7 @@ use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm, gemm_acc_into, gemm_into};
 use crate::ops::{broadcast_shape, reduce_to_shape, reshape_owned};
-use crate::tensor::{Data, Tensor};
+use crate::tensor::{Data, Tensor, checked_numel};
 
 /// The matrices of a batched operand at one batch index.
 fn matrix_at<'a>(mut view: ArrayViewD<'a, f32>, index: &[usize]) -> ndarray::ArrayView2<'a, f32> {
@@ -68,13 +68,21 @@ fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
             rhs_inner,
         });
     }
-    broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2]).map_err(|_| {
-        Error::Broadcast {
-            op: "matmul",
-            lhs: a.to_vec(),
-            rhs: b.to_vec(),
-        }
-    })?;
+    let batch =
+        broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2]).map_err(
+            |err| match err {
+                Error::Broadcast { .. } => Error::Broadcast {
+                    op: "matmul",
+                    lhs: a.to_vec(),
+                    rhs: b.to_vec(),
+                },
+                other => other,
+            },
+        )?;
+    // The product of empty operands can have a shape too large to exist.
+    let mut out = batch.slice().to_vec();
+    out.extend([a[a.len() - 2], b[b.len() - 1]]);
+    checked_numel("matmul", &out)?;
     Ok(())
 }
 
@@ -124,7 +132,9 @@ impl Tensor {
     ///
     /// [`Error::Rank`] if an operand has fewer than 2 dimensions,
     /// [`Error::MatmulShape`] if the inner dimensions differ,
-    /// [`Error::Broadcast`] if the batch axes are incompatible.
+    /// [`Error::Broadcast`] if the batch axes are incompatible,
+    /// [`Error::ShapeTooLarge`] if the result could not exist (products of
+    /// empty operands only: see [`Tensor::MAX_ELEMENTS`]).
     ///
     /// # Examples
     ///
@@ -197,6 +207,9 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
             });
         }
     }
+    let mut out = x.to_vec();
+    *out.last_mut().expect("checked non-empty") = weight[1];
+    checked_numel("linear", &out)?;
     Ok(())
 }
 
@@ -254,7 +267,8 @@ impl Tensor {
     ///
     /// [`Error::Rank`] if `self` is 0-dimensional or `weight` is not 2-D,
     /// [`Error::MatmulShape`] if `self`'s last dimension is not `weight`'s
-    /// first, [`Error::ShapeMismatch`] if `bias` is not `[out]`.
+    /// first, [`Error::ShapeMismatch`] if `bias` is not `[out]`,
+    /// [`Error::ShapeTooLarge`] if the result could not exist.
     ///
     /// # Examples
     ///

@@ -14,6 +14,7 @@ mod unary;
 use ndarray::{ArrayD, ArrayRef, Axis, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::tensor::checked_numel;
 
 /// Resolves a possibly negative `axis` (`-1` is the last) for a tensor of
 /// `ndim` dimensions.
@@ -26,7 +27,9 @@ pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Resu
 }
 
 /// The NumPy broadcast of two shapes: aligned from the right, each pair of
-/// lengths equal or one of them 1.
+/// lengths equal or one of them 1. The result must be a shape that can
+/// exist ([`checked_numel`]): two empty operands can broadcast to a shape
+/// whose non-zero lengths overflow.
 pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Result<IxDyn> {
     let ndim = lhs.len().max(rhs.len());
     let mut shape = vec![0; ndim];
@@ -46,6 +49,7 @@ pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) ->
             }
         };
     }
+    checked_numel(op, &shape)?;
     Ok(IxDyn(&shape))
 }
 
