@@ -8,6 +8,48 @@ fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(values.to_vec(), shape).unwrap()
 }
 
+#[test]
+fn linear_with_no_input_features_gives_the_bias() {
+    let x = Tensor::zeros(&[5, 0]).requires_grad_(true);
+    let w = Tensor::zeros(&[0, 3]).requires_grad_(true);
+    let b = tensor(&[1.0, 2.0, 3.0], &[3]).requires_grad_(true);
+    let y = x.try_linear(&w, Some(&b)).unwrap();
+    assert_eq!(y.shape(), &[5, 3]);
+    assert_eq!(y.to_vec(), [1.0, 2.0, 3.0].repeat(5));
+    let y0 = x.try_linear(&w, None).unwrap();
+    assert_eq!(y0.shape(), &[5, 3]);
+    assert_eq!(y0.to_vec(), vec![0.0; 15]);
+    // Matches matmul.
+    assert_eq!(y0.to_vec(), x.matmul(&w).to_vec());
+    y.sum().backward();
+    assert_eq!(x.grad().unwrap().shape(), &[5, 0]);
+    assert_eq!(w.grad().unwrap().shape(), &[0, 3]);
+    // d/db Σ y = the number of rows.
+    assert_eq!(b.grad().unwrap().to_vec(), vec![5.0; 3]);
+
+    // Leading batch axes, one of them empty.
+    let x = Tensor::zeros(&[2, 0, 0]);
+    assert_eq!(x.try_linear(&w, Some(&b)).unwrap().shape(), &[2, 0, 3]);
+}
+
+#[test]
+fn linear_with_no_output_features_backpropagates_zero_gradients() {
+    let x = Tensor::ones(&[5, 4]).requires_grad_(true);
+    let w = Tensor::ones(&[4, 0]).requires_grad_(true);
+    let b = Tensor::zeros(&[0]).requires_grad_(true);
+    let y = x.try_linear(&w, Some(&b)).unwrap();
+    assert_eq!(y.shape(), &[5, 0]);
+    y.sum().try_backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec(), vec![0.0; 20]);
+    assert_eq!(x.grad().unwrap().shape(), &[5, 4]);
+    assert_eq!(w.grad().unwrap().shape(), &[4, 0]);
+    assert_eq!(b.grad().unwrap().shape(), &[0]);
+
+    let x = Tensor::ones(&[2, 3, 4]).requires_grad_(true);
+    x.linear(&w, None).sum().backward();
+    assert_eq!(x.grad().unwrap().to_vec(), vec![0.0; 24]);
+}
+
 const HUGE: usize = (1 << 63) + 1;
 
 fn is_too_large(result: netcl::Result<Tensor>, op: &str) {

@@ -168,11 +168,18 @@ impl Tensor {
     }
 }
 
+/// The number of rows of `shape` seen as a matrix of rows: the product of
+/// all its lengths but the last. Counted from the shape, not from the
+/// element count, which is 0 for every row count when the last axis is.
+fn row_count(shape: &[usize]) -> usize {
+    shape[..shape.len().saturating_sub(1)].iter().product()
+}
+
 /// `x` as a matrix of rows: its last axis against all the others.
 fn as_rows(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
     let cols = x.shape().last().copied().unwrap_or(1);
-    let rows = x.len().checked_div(cols).unwrap_or(0);
-    x.to_shape((rows, cols)).expect("element count matches")
+    x.to_shape((row_count(x.shape()), cols))
+        .expect("element count matches")
 }
 
 fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
@@ -223,7 +230,7 @@ struct LinearBackward {
 impl Backward for LinearBackward {
     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
         let out_features = self.weight.shape()[1];
-        let rows = grad.len() / out_features.max(1);
+        let rows = row_count(self.x.shape());
         let grad = reshape_owned(grad, &[rows, out_features])
             .into_dimensionality::<Ix2>()
             .expect("2-D");
