@@ -112,7 +112,8 @@ impl Tensor {
     }
 
     /// Index of the maximum along `axis`, as `f32` values; the axis is
-    /// removed.
+    /// removed. Ties go to the first maximum, and a lane holding a NaN gives
+    /// the index of its first NaN, as in PyTorch.
     ///
     /// # Errors
     ///
