@@ -85,6 +85,22 @@ pub enum Error {
         ndim: usize,
     },
 
+    /// A shape is too large to exist: the product of its non-zero lengths
+    /// exceeds [`Tensor::MAX_ELEMENTS`](crate::Tensor::MAX_ELEMENTS), the
+    /// most `f32` values one allocation can hold (zero-size shapes
+    /// included, since their strides are computed from that product).
+    #[error(
+        "{op}: shape {shape:?} is too large: the product of its non-zero lengths must be at most {limit}"
+    )]
+    ShapeTooLarge {
+        /// The operation.
+        op: &'static str,
+        /// The shape that was requested or would result.
+        shape: Vec<usize>,
+        /// The limit, [`Tensor::MAX_ELEMENTS`](crate::Tensor::MAX_ELEMENTS).
+        limit: usize,
+    },
+
     /// A number of elements does not fit a shape.
     #[error("{op}: {len} elements cannot have shape {shape:?} ({expected} elements)")]
     ElementCount {

@@ -158,9 +158,12 @@ fn encode<M: Module + ?Sized>(
 
 /// Saves the model's parameters to `path` in safetensors format.
 ///
-/// The file is written under a temporary name beside `path` and renamed
-/// into place, so a reader never sees a half-written file and an existing
-/// file is replaced only by a complete one.
+/// The file is written to a temporary file of a unique name in `path`'s
+/// directory, flushed to disk and atomically renamed over `path`, so a
+/// reader never sees a half-written file and an existing file is replaced
+/// only by a complete one. Concurrent saves to one path (from threads or
+/// processes) each succeed, and the file then holds exactly one of them,
+/// whole. On error no temporary file is left behind.
 ///
 /// # Errors
 ///
@@ -185,7 +188,9 @@ fn encode<M: Module + ?Sized>(
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn save<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
-    write_file(path.as_ref(), &to_bytes(model)?)
+    let path = path.as_ref();
+    let bytes = to_bytes(model)?;
+    write_atomically(path, &bytes).map_err(|err| io_error("io::save", path, &err))
 }
 
 /// Saves the model's parameters to `path` as [`save`] does, with
@@ -217,23 +222,33 @@ pub fn save_with_metadata<M: Module + ?Sized>(
     path: impl AsRef<Path>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    write_file(path.as_ref(), &to_bytes_with_metadata(model, metadata)?)
+    let path = path.as_ref();
+    let bytes = to_bytes_with_metadata(model, metadata)?;
+    write_atomically(path, &bytes).map_err(|err| io_error("io::save", path, &err))
 }
 
-/// Writes `bytes` to `path` atomically: under a temporary name beside it,
-/// then renamed into place.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let written = std::fs::File::create(&temp).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    if let Err(err) = written.and_then(|()| std::fs::rename(&temp, path)) {
-        let _ = std::fs::remove_file(&temp);
-        return Err(io_error("io::save", path, &err));
-    }
+/// Writes `bytes` to a new temporary file beside `path` and renames it over
+/// `path`. The temporary's name is unique (the `tempfile` crate creates it
+/// with `O_EXCL`), so concurrent writers never share one; it is deleted if
+/// anything fails.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // The permissions of a file created with `File::create` (0o666 less the
+    // umask), not the temporary's private 0o600.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut temp = builder.tempfile_in(dir)?;
+    temp.write_all(bytes)?;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|err| err.error)?;
     Ok(())
 }
 
@@ -371,8 +386,9 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
 /// # Errors
 ///
 /// [`Error::Io`] if the file cannot be read, [`Error::Format`] if it is not
-/// a valid safetensors file, [`Error::ParameterMismatch`] for a tensor that
-/// is not `F32`.
+/// a valid safetensors file or declares a shape too large to exist (see
+/// [`Tensor::MAX_ELEMENTS`]), [`Error::ParameterMismatch`] for a tensor
+/// that is not `F32`.
 ///
 /// # Examples
 ///
@@ -411,6 +427,14 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
                 found_dtype: view.dtype().to_string(),
             });
         }
+        // safetensors accepts any shape whose byte size matches the data,
+        // zero-size shapes whose other axes overflow included.
+        crate::tensor::checked_numel(OP, view.shape()).map_err(|err| Error::Format {
+            op: OP,
+            source_name: path.display().to_string(),
+            format: FORMAT,
+            message: format!("tensor `{name}`: {err}"),
+        })?;
         let values = view
             .data()
             .chunks_exact(4)

@@ -53,6 +53,9 @@
 //! ```
 
 #![deny(missing_docs)]
+// Unsafe code is allowed only in the module that documents the invariants
+// it relies on: the matrix kernel, src/ops/gemm.rs.
+#![deny(unsafe_code)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 pub mod autograd;

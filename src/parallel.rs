@@ -350,6 +350,9 @@ where
 /// bitwise identical whatever the number of threads. The shard losses are
 /// recorded with grad on, whatever the caller's mode (this helper exists to
 /// compute gradients), into the caller's tape; their graphs are released.
+/// As with [`Tensor::backward`], a parameter that no shard's loss depends
+/// on (or that does not require grad) is left untouched: its `grad()` stays
+/// `None` rather than becoming zeros, so an optimizer skips it.
 ///
 /// # Errors
 ///
@@ -381,20 +384,26 @@ where
 {
     let mode = GradMode::current().with_enabled(true);
     let inputs: Vec<&Tensor> = params.iter().collect();
-    let shard_grads = |shard: &S| -> Result<(f32, Vec<Tensor>)> {
+    type Grads = Vec<Option<ndarray::ArrayD<f32>>>;
+    let shard_grads = |shard: &S| -> Result<(f32, Grads)> {
         let loss = loss(shard)?;
         let value = loss.try_item()?;
-        Ok((value, crate::autograd::grad(&[&loss], &inputs)?))
+        Ok((
+            value,
+            crate::autograd::engine_api::reached(&[&loss], &inputs, false)?,
+        ))
     };
-    let per_shard: Vec<Result<(f32, Vec<Tensor>)>> = mode.run(|| map(shards, shard_grads));
+    let per_shard: Vec<Result<(f32, Grads)>> = mode.run(|| map(shards, shard_grads));
 
     let mut losses = Vec::with_capacity(shards.len());
-    let mut sums: Vec<Option<ndarray::ArrayD<f32>>> = vec![None; params.len()];
+    // A parameter no shard's gradient reaches keeps its `grad()` as it
+    // was (`None` after `zero_grad`), as with `backward`.
+    let mut sums: Grads = vec![None; params.len()];
     for result in per_shard {
         let (value, grads) = result?;
         losses.push(value);
         for (sum, grad) in sums.iter_mut().zip(grads) {
-            let grad = grad.to_array();
+            let Some(grad) = grad else { continue };
             match sum {
                 None => *sum = Some(grad),
                 Some(sum) => *sum += &grad,

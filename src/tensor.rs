@@ -193,8 +193,47 @@ impl fmt::Display for GradFn {
     }
 }
 
+/// The number of elements of `shape`, checking that the shape can exist:
+/// the product of its non-zero lengths is at most
+/// [`Tensor::MAX_ELEMENTS`] (computed without overflow).
+///
+/// # Errors
+///
+/// [`Error::ShapeTooLarge`] naming `op` if it is not.
+pub(crate) fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let mut product: usize = 1;
+    let mut empty = false;
+    for &len in shape {
+        if len == 0 {
+            empty = true;
+            continue;
+        }
+        product = match product.checked_mul(len) {
+            Some(p) if p <= Tensor::MAX_ELEMENTS => p,
+            _ => {
+                return Err(Error::ShapeTooLarge {
+                    op,
+                    shape: shape.to_vec(),
+                    limit: Tensor::MAX_ELEMENTS,
+                });
+            }
+        };
+    }
+    Ok(if empty { 0 } else { product })
+}
+
 /// Construction.
 impl Tensor {
+    /// The most elements a tensor can have: `isize::MAX / 4`, the number of
+    /// `f32` values the largest allocation Rust permits can hold.
+    ///
+    /// A shape is valid when the product of its non-zero lengths is at most
+    /// this, so a zero-size shape is valid only if its other axes could
+    /// exist too (ndarray computes strides from them). Constructors and
+    /// ops that would create a larger shape return
+    /// [`Error::ShapeTooLarge`] (their `try_` forms) or panic.
+    pub const MAX_ELEMENTS: usize = isize::MAX as usize / std::mem::size_of::<f32>();
+
     fn with_parts(data: Data, requires_grad: bool, node: Option<NodeRef>) -> Tensor {
         Tensor(Arc::new(Inner {
             shape: data.raw_dim(),
@@ -220,6 +259,9 @@ impl Tensor {
     ///
     /// # Errors
     ///
+    /// [`Error::ShapeTooLarge`] if the shape has more than
+    /// [`MAX_ELEMENTS`](Tensor::MAX_ELEMENTS) elements (or, for a zero-size
+    /// shape, its non-zero lengths multiply to more),
     /// [`Error::ElementCount`] if `values.len()` is not the product of `shape`.
     ///
     /// # Examples
@@ -233,7 +275,7 @@ impl Tensor {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn from_vec(values: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        let expected = shape.iter().product();
+        let expected = checked_numel("from_vec", shape)?;
         if values.len() != expected {
             return Err(Error::ElementCount {
                 op: "from_vec",
@@ -264,17 +306,36 @@ impl Tensor {
     }
 
     /// A tensor of zeros.
+    ///
+    /// # Panics
+    ///
+    /// As [`full`](Tensor::full).
+    #[track_caller]
     pub fn zeros(shape: &[usize]) -> Tensor {
         Tensor::full(shape, 0.0)
     }
 
     /// A tensor of ones.
+    ///
+    /// # Panics
+    ///
+    /// As [`full`](Tensor::full).
+    #[track_caller]
     pub fn ones(shape: &[usize]) -> Tensor {
         Tensor::full(shape, 1.0)
     }
 
     /// A tensor with every element equal to `value`.
+    ///
+    /// # Panics
+    ///
+    /// With [`Error::ShapeTooLarge`]'s message if the shape has more than
+    /// [`MAX_ELEMENTS`](Tensor::MAX_ELEMENTS) elements (or, for a zero-size
+    /// shape, its non-zero lengths multiply to more). Like any allocation,
+    /// a shape that fits the limit but not the memory aborts the process.
+    #[track_caller]
     pub fn full(shape: &[usize], value: f32) -> Tensor {
+        or_panic(checked_numel("full", shape));
         Tensor::from_array(ArrayD::from_elem(IxDyn(shape), value))
     }
 
@@ -316,19 +377,50 @@ impl Tensor {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if `step` is zero or any argument is not
-    /// finite.
+    /// [`Error::InvalidArgument`] if `step` is zero, any argument is not
+    /// finite, the range holds more than
+    /// [`MAX_ELEMENTS`](Tensor::MAX_ELEMENTS) elements, or the memory for
+    /// them cannot be allocated.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::{Error, Tensor};
+    ///
+    /// assert_eq!(Tensor::try_arange(0.0, 1.0, 0.25)?.numel(), 4);
+    /// let err = Tensor::try_arange(0.0, 1e10, 1e-10).unwrap_err();
+    /// assert!(matches!(err, Error::InvalidArgument { op: "arange", .. }));
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn try_arange(start: f32, end: f32, step: f32) -> Result<Tensor> {
+        let invalid = |message: String| Error::InvalidArgument {
+            op: "arange",
+            message,
+        };
         if step == 0.0 || !(start.is_finite() && end.is_finite() && step.is_finite()) {
-            return Err(Error::InvalidArgument {
-                op: "arange",
-                message: format!(
-                    "need finite bounds and a non-zero finite step, got start {start}, end {end}, step {step}"
-                ),
-            });
+            return Err(invalid(format!(
+                "need finite bounds and a non-zero finite step, got start {start}, end {end}, step {step}"
+            )));
         }
-        let count = ((end - start) / step).ceil().max(0.0) as usize;
-        let values = (0..count).map(|i| start + i as f32 * step).collect();
+        // In f64, where neither the difference nor the quotient of finite
+        // f32 values overflows.
+        let count = ((f64::from(end) - f64::from(start)) / f64::from(step))
+            .ceil()
+            .max(0.0);
+        if count > Tensor::MAX_ELEMENTS as f64 {
+            return Err(invalid(format!(
+                "start {start}, end {end}, step {step} would give {count:e} elements, more than the limit of {} (Tensor::MAX_ELEMENTS)",
+                Tensor::MAX_ELEMENTS
+            )));
+        }
+        let count = count as usize;
+        let mut values = Vec::new();
+        values.try_reserve_exact(count).map_err(|err| {
+            invalid(format!(
+                "cannot allocate {count} elements for start {start}, end {end}, step {step}: {err}"
+            ))
+        })?;
+        values.extend((0..count).map(|i| start + i as f32 * step));
         Tensor::from_vec(values, &[count])
     }
 
@@ -348,14 +440,26 @@ impl Tensor {
     /// assert_eq!(a.to_vec(), b.to_vec());
     /// assert!(a.to_vec().iter().all(|v| (0.0..1.0).contains(v)));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// As [`full`](Tensor::full).
+    #[track_caller]
     pub fn rand<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Tensor {
+        or_panic(checked_numel("rand", shape));
         Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
             rng.random::<f32>()
         }))
     }
 
     /// A tensor of values drawn uniformly from `[low, high)` with `rng`.
+    ///
+    /// # Panics
+    ///
+    /// As [`full`](Tensor::full).
+    #[track_caller]
     pub fn uniform<R: Rng + ?Sized>(shape: &[usize], low: f32, high: f32, rng: &mut R) -> Tensor {
+        or_panic(checked_numel("uniform", shape));
         Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
             low + (high - low) * rng.random::<f32>()
         }))
@@ -363,6 +467,10 @@ impl Tensor {
 
     /// A tensor of values drawn from the standard normal distribution with
     /// `rng` (Box-Muller transform).
+    ///
+    /// # Panics
+    ///
+    /// As [`full`](Tensor::full).
     ///
     /// # Examples
     ///
@@ -376,8 +484,9 @@ impl Tensor {
     /// let var = (&t - mean).powf(2.0).mean().item();
     /// assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05);
     /// ```
+    #[track_caller]
     pub fn randn<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Tensor {
-        let count: usize = shape.iter().product();
+        let count = or_panic(checked_numel("randn", shape));
         let mut values = Vec::with_capacity(count + 1);
         while values.len() < count {
             // 1 - u lies in (0, 1], so the logarithm is finite.

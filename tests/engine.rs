@@ -214,6 +214,24 @@ fn autograd_grad_of_several_outputs_sums_them() {
     assert_eq!(autograd::grad(&[&b], &[&x]).unwrap()[0].to_vec(), vec![4.0]);
 }
 
+#[test]
+fn grad_of_an_input_given_twice_is_returned_twice() {
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3])
+        .unwrap()
+        .requires_grad_(true);
+    // d/dx Σ x² = 2x, for each mention of x.
+    let grads = autograd::grad(&[&(&x * &x).sum()], &[&x, &x]).unwrap();
+    assert_eq!(grads[0].to_vec(), vec![2.0, 4.0, 6.0]);
+    assert_eq!(grads[1].to_vec(), vec![2.0, 4.0, 6.0]);
+
+    // A leaf root given twice as input: d s / d s = 1.
+    let s = Tensor::scalar(3.0).requires_grad_(true);
+    let grads = autograd::grad(&[&s], &[&s, &x, &s]).unwrap();
+    assert_eq!(grads[0].item(), 1.0);
+    assert_eq!(grads[1].to_vec(), vec![0.0; 3]);
+    assert_eq!(grads[2].item(), 1.0);
+}
+
 /// Counts drops of a backward's saved state.
 struct DropCounter(Arc<AtomicUsize>);
 

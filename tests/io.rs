@@ -319,3 +319,78 @@ fn file_system_errors_name_the_path() {
     let err = io::save(&mlp(0), &nested).unwrap_err();
     assert!(matches!(err, Error::Io { op: "io::save", .. }), "{err}");
 }
+
+#[test]
+fn concurrent_saves_to_one_path_both_succeed_and_leave_one_complete_file() {
+    // Before: both saves wrote `<file>.<pid>.tmp`; one failed in most
+    // rounds, and the file often held the data of the save that failed.
+    let dir = TempDir::new("concurrent");
+    let path = dir.file("model.safetensors");
+    let models = [mlp(21), mlp(22)];
+    let expected = [snapshot(&models[0]), snapshot(&models[1])];
+    let reader = mlp(23);
+    for round in 0..100 {
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<netcl::Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = models
+                .iter()
+                .map(|model| {
+                    let (barrier, path) = (&barrier, &path);
+                    s.spawn(move || {
+                        barrier.wait();
+                        io::save(model, path)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for result in &results {
+            assert!(result.is_ok(), "round {round}: {result:?}");
+        }
+        io::load(&reader, &path).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let loaded = snapshot(&reader);
+        assert!(
+            loaded == expected[0] || loaded == expected[1],
+            "round {round}: the file holds neither save"
+        );
+    }
+    // No temporary file is left behind.
+    let files: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+/// A safetensors file whose header is `header` (JSON) followed by `data`.
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+#[test]
+fn read_tensors_rejects_a_zero_size_shape_too_large_to_exist() {
+    // Zero elements (safetensors accepts it), but 2^62 · 2^62 overflows:
+    // from_vec panicked.
+    let big = 1u64 << 62;
+    let header =
+        format!(r#"{{"x":{{"dtype":"F32","shape":[0,{big},{big}],"data_offsets":[0,0]}}}}"#);
+    let bytes = raw_safetensors(&header, &[]);
+    assert!(safetensors::SafeTensors::deserialize(&bytes).is_ok());
+    let dir = TempDir::new("huge");
+    let path = dir.file("huge.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    match io::read_tensors(&path) {
+        Err(Error::Format { message, .. }) => {
+            assert!(
+                message.contains("`x`") && message.contains("too large"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A zero-size tensor whose shape fits reads fine.
+    let header = r#"{"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
+    std::fs::write(&path, raw_safetensors(header, &[])).unwrap();
+    let tensors = io::read_tensors(&path).unwrap();
+    assert_eq!(tensors[0].1.shape(), &[0, 3]);
+}

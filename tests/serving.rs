@@ -448,7 +448,7 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
     // forward, so its time is its own work plus its share of the cores.
     let loss = model.forward(&batch_x).unwrap().cross_entropy(&batch_y);
     loss.backward();
-    let mut time_steps = |adam: &mut Adam| {
+    let time_steps = |adam: &mut Adam| {
         let times: Vec<Duration> = (0..50)
             .map(|_| {
                 let start = Instant::now();

@@ -325,6 +325,31 @@ fn backward_shards_records_even_when_called_under_no_grad() {
 }
 
 #[test]
+fn backward_shards_leaves_unused_parameters_without_grad_as_backward_does() {
+    let w = Tensor::ones(&[2]).requires_grad_(true);
+    // Takes no part in the loss; a zero gradient would make an optimizer
+    // apply weight decay and momentum to it.
+    let unused = Tensor::ones(&[3]).requires_grad_(true);
+    // Not a trainable tensor at all.
+    let constant = Tensor::ones(&[2]);
+    let params = [w.clone(), unused.clone(), constant.clone()];
+    let shards = vec![1.0f32, 2.0];
+    let losses = parallel::backward_shards(&shards, &params, |s| Ok((&w * *s).sum())).unwrap();
+    assert_eq!(losses, vec![2.0, 4.0]);
+    assert_eq!(w.grad().unwrap().to_vec(), vec![3.0, 3.0]);
+    assert!(unused.grad().is_none());
+    assert!(constant.grad().is_none());
+
+    // The same loss through backward.
+    w.zero_grad();
+    for s in &shards {
+        (&w * *s).sum().backward();
+    }
+    assert_eq!(w.grad().unwrap().to_vec(), vec![3.0, 3.0]);
+    assert!(unused.grad().is_none() && constant.grad().is_none());
+}
+
+#[test]
 fn concurrent_backward_into_shared_parameters_loses_no_update() {
     const THREADS: usize = 8;
     const STEPS: usize = 250;

@@ -21,8 +21,12 @@ fn main() {
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
-    let a = Tensor::from_vec(vec![1.0], &[1]).unwrap().requires_grad_(true);
-    let b = Tensor::from_vec(vec![2.0], &[1]).unwrap().requires_grad_(true);
+    let a = Tensor::from_vec(vec![1.0], &[1])
+        .unwrap()
+        .requires_grad_(true);
+    let b = Tensor::from_vec(vec![2.0], &[1])
+        .unwrap()
+        .requires_grad_(true);
     // Create this thread's tape outside the measured ops.
     drop(black_box(&a + &b));
     match workload.as_str() {

@@ -55,8 +55,26 @@ impl Sink for Capture<'_> {
     }
 
     fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>) {
-        if let Some(i) = self.inputs.iter().position(|input| input.same(leaf)) {
-            accumulate(&mut self.grads[i], grad);
+        // An input may be given more than once: each mention gets the
+        // gradient.
+        let mut grad = Some(grad);
+        let mut mentions = self
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, input)| input.same(leaf))
+            .map(|(i, _)| i)
+            .peekable();
+        while let Some(i) = mentions.next() {
+            let this = if mentions.peek().is_some() {
+                grad.clone()
+            } else {
+                grad.take()
+            };
+            accumulate(
+                &mut self.grads[i],
+                this.expect("taken at the last mention only"),
+            );
         }
     }
 
@@ -198,12 +216,12 @@ pub(crate) fn backward(roots: Vec<Root<'_>>, retain: bool) -> Result<()> {
 }
 
 /// `autograd::grad`: the gradients of `inputs`, leaving `.grad()` untouched.
-/// An input the roots do not reach gets a zero gradient.
+/// An input that no gradient reaches gets `None`.
 pub(crate) fn grad(
     roots: Vec<Root<'_>>,
     inputs: &[&Tensor],
     retain: bool,
-) -> Result<Vec<ArrayD<f32>>> {
+) -> Result<Vec<Option<ArrayD<f32>>>> {
     let mut sink = Capture {
         inputs,
         watched_inputs: Vec::new(),
@@ -223,10 +241,5 @@ pub(crate) fn grad(
         }
         run(&tape, &split.ids, split.seeds, &watch, retain, &mut sink)?;
     }
-    Ok(sink
-        .grads
-        .into_iter()
-        .zip(inputs)
-        .map(|(grad, input)| grad.unwrap_or_else(|| ArrayD::zeros(input.dim())))
-        .collect())
+    Ok(sink.grads)
 }

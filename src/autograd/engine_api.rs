@@ -7,7 +7,8 @@ use crate::tensor::Tensor;
 /// The gradients of the sum of `outputs` with respect to each of `inputs`,
 /// returned instead of accumulated: no tensor's [`grad`](Tensor::grad) is
 /// touched. Each output must have one element. An input the outputs do not
-/// depend on gets a gradient of zeros. The graph is released afterwards.
+/// depend on gets a gradient of zeros; an input given more than once gets
+/// its gradient at each position. The graph is released afterwards.
 ///
 /// # Errors
 ///
@@ -42,6 +43,24 @@ pub fn grad_retain_graph(outputs: &[&Tensor], inputs: &[&Tensor]) -> Result<Vec<
 }
 
 fn run(outputs: &[&Tensor], inputs: &[&Tensor], retain: bool) -> Result<Vec<Tensor>> {
+    let grads = reached(outputs, inputs, retain)?;
+    Ok(grads
+        .into_iter()
+        .zip(inputs)
+        .map(|(grad, input)| {
+            Tensor::from_array(grad.unwrap_or_else(|| ndarray::ArrayD::zeros(input.dim())))
+        })
+        .collect())
+}
+
+/// The gradients of the sum of `outputs` with respect to each of `inputs`,
+/// `None` for an input that no gradient reached (where [`grad`] gives
+/// zeros, and [`Tensor::backward`] leaves `.grad()` untouched).
+pub(crate) fn reached(
+    outputs: &[&Tensor],
+    inputs: &[&Tensor],
+    retain: bool,
+) -> Result<Vec<Option<ndarray::ArrayD<f32>>>> {
     let roots = outputs
         .iter()
         .map(|output| {
@@ -51,6 +70,5 @@ fn run(outputs: &[&Tensor], inputs: &[&Tensor], retain: bool) -> Result<Vec<Tens
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let grads = engine::grad(roots, inputs, retain)?;
-    Ok(grads.into_iter().map(Tensor::from_array).collect())
+    engine::grad(roots, inputs, retain)
 }

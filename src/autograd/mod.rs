@@ -43,7 +43,7 @@
 //! ```
 
 pub(crate) mod engine;
-mod engine_api;
+pub(crate) mod engine_api;
 pub(crate) mod function;
 mod future;
 pub(crate) mod mode;

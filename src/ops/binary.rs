@@ -171,8 +171,10 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes cannot be
-    /// broadcast together; [`Error::TapeMismatch`](crate::Error::TapeMismatch)
-    /// if the operands were recorded on different tapes.
+    /// broadcast together; [`Error::ShapeTooLarge`](crate::Error::ShapeTooLarge)
+    /// if their broadcast could not exist (empty operands with large axes);
+    /// [`Error::TapeMismatch`](crate::Error::TapeMismatch) if the operands
+    /// were recorded on different tapes.
     ///
     /// # Examples
     ///

@@ -46,7 +46,8 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes are
-    /// incompatible.
+    /// incompatible, [`Error::ShapeTooLarge`](crate::Error::ShapeTooLarge)
+    /// if their broadcast could not exist.
     pub fn try_eq(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare("eq", rhs, |x, y| x == y)
     }
@@ -111,7 +112,8 @@ impl Tensor {
     }
 
     /// Index of the maximum along `axis`, as `f32` values; the axis is
-    /// removed.
+    /// removed. Ties go to the first maximum, and a lane holding a NaN gives
+    /// the index of its first NaN, as in PyTorch.
     ///
     /// # Errors
     ///

@@ -6,6 +6,14 @@
 //! and its thread count is chosen per call, so a matmul inside a parallel
 //! evaluation task runs on one thread while a large matmul on the caller's
 //! thread uses the pool. Under `cfg(loom)` ndarray's kernel runs instead.
+//!
+//! # Unsafe code
+//!
+//! This is the only module of netcl allowed `unsafe` (the crate root denies
+//! it). Its one unsafe function, `kernel`, states its contract under
+//! `# Safety`: the output pointer and strides describe an m×n matrix valid
+//! for writes, disjoint from the operands; each call site says with a
+//! `SAFETY` comment why the contract holds there.
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 

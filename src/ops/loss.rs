@@ -4,7 +4,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::ops::softmax::softmax_inplace;
+use crate::ops::softmax::log_softmax_inplace;
 use crate::tensor::Tensor;
 
 /// Reads class indices from a 1-D tensor of `n` integral values in
@@ -52,6 +52,14 @@ impl Tensor {
     /// `-mean_i log_softmax(self)[i, targets[i]]`. Fused: the backward is
     /// `(softmax - onehot) / n`, with no intermediate graph.
     ///
+    /// The loss is computed from the log-softmax, so it is exact however
+    /// confident a wrong prediction is (a logit gap of 200 costs 200), and
+    /// NaN and infinities propagate: a row with a NaN logit has a NaN loss,
+    /// a `+inf` logit on a class other than the target an infinite one, a
+    /// `+inf` logit on the target itself NaN (`inf - inf`; see
+    /// [`try_log_softmax`](Tensor::try_log_softmax)). An empty batch has a
+    /// NaN loss, the mean of nothing, as in PyTorch.
+    ///
     /// # Errors
     ///
     /// [`Error::Rank`] if the logits are not 2-D, [`Error::ShapeMismatch`] if
@@ -85,18 +93,20 @@ impl Tensor {
         }
         let (n, classes) = (self.shape()[0], self.shape()[1]);
         let targets = class_indices(targets, n, classes)?;
-        let mut probs = self.read().to_owned();
-        softmax_inplace(&mut probs, 1);
+        // From log-softmax, never from a clamped probability: exact for
+        // confident mistakes, and NaN and infinities carry through.
+        let mut log_probs = self.read().to_owned();
+        log_softmax_inplace(&mut log_probs, 1);
         let total: f32 = targets
             .iter()
             .enumerate()
-            .map(|(i, &t)| -probs[[i, t]].max(f32::MIN_POSITIVE).ln())
+            .map(|(i, &t)| -log_probs[[i, t]])
             .sum();
         let out = ArrayD::from_elem(IxDyn(&[]), total / n as f32).into_shared();
         record("cross_entropy", &[self], out, |_| {
             move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
                 let scale = grad.first().copied().unwrap_or(0.0) / n as f32;
-                let mut g = probs.clone();
+                let mut g = log_probs.mapv(f32::exp);
                 for (mut row, &t) in g.axis_iter_mut(Axis(0)).zip(&targets) {
                     row[t] -= 1.0;
                     row.mapv_inplace(|v| v * scale);

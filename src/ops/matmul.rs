@@ -6,7 +6,7 @@ use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm, gemm_acc_into, gemm_into};
 use crate::ops::{broadcast_shape, reduce_to_shape, reshape_owned};
-use crate::tensor::{Data, Tensor};
+use crate::tensor::{Data, Tensor, checked_numel};
 
 /// The matrices of a batched operand at one batch index.
 fn matrix_at<'a>(mut view: ArrayViewD<'a, f32>, index: &[usize]) -> ndarray::ArrayView2<'a, f32> {
@@ -68,13 +68,21 @@ fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
             rhs_inner,
         });
     }
-    broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2]).map_err(|_| {
-        Error::Broadcast {
-            op: "matmul",
-            lhs: a.to_vec(),
-            rhs: b.to_vec(),
-        }
-    })?;
+    let batch =
+        broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2]).map_err(
+            |err| match err {
+                Error::Broadcast { .. } => Error::Broadcast {
+                    op: "matmul",
+                    lhs: a.to_vec(),
+                    rhs: b.to_vec(),
+                },
+                other => other,
+            },
+        )?;
+    // The product of empty operands can have a shape too large to exist.
+    let mut out = batch.slice().to_vec();
+    out.extend([a[a.len() - 2], b[b.len() - 1]]);
+    checked_numel("matmul", &out)?;
     Ok(())
 }
 
@@ -124,7 +132,9 @@ impl Tensor {
     ///
     /// [`Error::Rank`] if an operand has fewer than 2 dimensions,
     /// [`Error::MatmulShape`] if the inner dimensions differ,
-    /// [`Error::Broadcast`] if the batch axes are incompatible.
+    /// [`Error::Broadcast`] if the batch axes are incompatible,
+    /// [`Error::ShapeTooLarge`] if the result could not exist (products of
+    /// empty operands only: see [`Tensor::MAX_ELEMENTS`]).
     ///
     /// # Examples
     ///
@@ -158,11 +168,18 @@ impl Tensor {
     }
 }
 
+/// The number of rows of `shape` seen as a matrix of rows: the product of
+/// all its lengths but the last. Counted from the shape, not from the
+/// element count, which is 0 for every row count when the last axis is.
+fn row_count(shape: &[usize]) -> usize {
+    shape[..shape.len().saturating_sub(1)].iter().product()
+}
+
 /// `x` as a matrix of rows: its last axis against all the others.
 fn as_rows(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
     let cols = x.shape().last().copied().unwrap_or(1);
-    let rows = x.len().checked_div(cols).unwrap_or(0);
-    x.to_shape((rows, cols)).expect("element count matches")
+    x.to_shape((row_count(x.shape()), cols))
+        .expect("element count matches")
 }
 
 fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
@@ -197,6 +214,9 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
             });
         }
     }
+    let mut out = x.to_vec();
+    *out.last_mut().expect("checked non-empty") = weight[1];
+    checked_numel("linear", &out)?;
     Ok(())
 }
 
@@ -210,7 +230,7 @@ struct LinearBackward {
 impl Backward for LinearBackward {
     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
         let out_features = self.weight.shape()[1];
-        let rows = grad.len() / out_features.max(1);
+        let rows = row_count(self.x.shape());
         let grad = reshape_owned(grad, &[rows, out_features])
             .into_dimensionality::<Ix2>()
             .expect("2-D");
@@ -254,7 +274,8 @@ impl Tensor {
     ///
     /// [`Error::Rank`] if `self` is 0-dimensional or `weight` is not 2-D,
     /// [`Error::MatmulShape`] if `self`'s last dimension is not `weight`'s
-    /// first, [`Error::ShapeMismatch`] if `bias` is not `[out]`.
+    /// first, [`Error::ShapeMismatch`] if `bias` is not `[out]`,
+    /// [`Error::ShapeTooLarge`] if the result could not exist.
     ///
     /// # Examples
     ///

@@ -3,6 +3,9 @@
 
 mod binary;
 mod compare;
+// The one module with unsafe code: calls into the gemm crate, under the
+// contract written on `gemm::kernel`.
+#[allow(unsafe_code)]
 pub(crate) mod gemm;
 mod loss;
 mod matmul;
@@ -14,6 +17,7 @@ mod unary;
 use ndarray::{ArrayD, ArrayRef, Axis, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::tensor::checked_numel;
 
 /// Resolves a possibly negative `axis` (`-1` is the last) for a tensor of
 /// `ndim` dimensions.
@@ -26,7 +30,9 @@ pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Resu
 }
 
 /// The NumPy broadcast of two shapes: aligned from the right, each pair of
-/// lengths equal or one of them 1.
+/// lengths equal or one of them 1. The result must be a shape that can
+/// exist ([`checked_numel`]): two empty operands can broadcast to a shape
+/// whose non-zero lengths overflow.
 pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Result<IxDyn> {
     let ndim = lhs.len().max(rhs.len());
     let mut shape = vec![0; ndim];
@@ -46,6 +52,7 @@ pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) ->
             }
         };
     }
+    checked_numel(op, &shape)?;
     Ok(IxDyn(&shape))
 }
 

@@ -96,6 +96,8 @@ impl Tensor {
     }
 
     /// The mean of all elements, as a 0-dimensional tensor (NaN when empty).
+    /// Like [`sum`](Tensor::sum) and the axis forms, it propagates NaN and
+    /// infinities by IEEE arithmetic (`inf + -inf` is NaN), as PyTorch does.
     pub fn mean(&self) -> Tensor {
         self.reduce_all("mean", 1.0 / self.numel() as f32)
     }
@@ -202,6 +204,10 @@ impl Tensor {
     /// Maximum along `axis` (negative counts from the end); with `keepdim`
     /// the axis stays, with length 1. The gradient flows to the first
     /// maximal element of each lane.
+    ///
+    /// A lane holding a NaN has a NaN maximum (and its gradient flows to
+    /// the first NaN), as PyTorch's `max` and `amax` do; `f32::max` would
+    /// skip it.
     ///
     /// # Errors
     ///

@@ -6,7 +6,7 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::{normalize_axis, reshape_owned};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, checked_numel};
 
 impl Tensor {
     /// The same values with a new shape, in row-major order.
@@ -23,8 +23,9 @@ impl Tensor {
     ///
     /// # Errors
     ///
-    /// [`Error::ElementCount`] if `shape` holds a different number of
-    /// elements.
+    /// [`Error::ShapeTooLarge`] if `shape` cannot exist (see
+    /// [`Tensor::MAX_ELEMENTS`]), [`Error::ElementCount`] if it holds a
+    /// different number of elements.
     ///
     /// # Examples
     ///
@@ -37,7 +38,7 @@ impl Tensor {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn try_reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let expected: usize = shape.iter().product();
+        let expected = checked_numel("reshape", shape)?;
         if expected != self.numel() {
             return Err(Error::ElementCount {
                 op: "reshape",

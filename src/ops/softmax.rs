@@ -1,16 +1,43 @@
 //! Softmax and log-softmax along an axis, numerically stable (the lane's
 //! maximum is subtracted before exponentiating).
+//!
+//! # NaN and infinities
+//!
+//! A lane holding a NaN is NaN throughout, as in PyTorch (the lane's
+//! maximum is taken so that NaN wins; `f32::max` would skip it). With
+//! infinities, each output is its limit where that exists: a `-inf` entry
+//! has probability 0 (log-probability `-inf`); a `+inf` entry takes all the
+//! mass, so the finite entries of its lane get probability 0 (`-inf`) and
+//! the `+inf` entries themselves, `inf - inf`, are NaN; a lane of only
+//! `-inf` has no mass to share and is NaN.
 
-use ndarray::{ArrayD, Axis, Zip};
+use ndarray::{ArrayD, ArrayView1, Axis, Zip};
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
+/// The largest value of `lane`, or NaN if it holds one (`f32::max` would
+/// skip it); `-inf` for an empty lane.
+fn lane_max(lane: ArrayView1<'_, f32>) -> f32 {
+    lane.fold(
+        f32::NEG_INFINITY,
+        |m, &v| {
+            if m.is_nan() || v <= m { m } else { v }
+        },
+    )
+}
+
 /// `softmax` of each lane along `axis` of `x`, in place.
 pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
     for mut lane in x.lanes_mut(Axis(axis)) {
-        let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = lane_max(lane.view());
+        if !max.is_finite() {
+            // NaN, or infinities: see the module docs. exp(v - max) is
+            // already the limit (0, or NaN for inf - inf and NaN).
+            lane.mapv_inplace(|v| (v - max).exp());
+            continue;
+        }
         let mut sum = 0.0;
         lane.mapv_inplace(|v| {
             let e = (v - max).exp();
@@ -21,12 +48,18 @@ pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
     }
 }
 
-/// `log_softmax` of each lane along `axis` of `x`, in place.
+/// `log_softmax` of each lane along `axis` of `x`, in place: the exact
+/// `(x - max) - ln Σ exp(x - max)`, from which cross-entropy is taken.
 pub(crate) fn log_softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
     for mut lane in x.lanes_mut(Axis(axis)) {
-        let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = lane_max(lane.view());
+        if !max.is_finite() {
+            // v - max is the limit: -inf, or NaN for inf - inf and NaN.
+            lane.mapv_inplace(|v| v - max);
+            continue;
+        }
         let log_sum = lane.fold(0.0, |s, &v| s + (v - max).exp()).ln();
-        lane.mapv_inplace(|v| v - max - log_sum);
+        lane.mapv_inplace(|v| (v - max) - log_sum);
     }
 }
 
@@ -43,6 +76,11 @@ impl Tensor {
 
     /// Softmax along `axis` (negative counts from the end): each lane is
     /// exponentiated and normalised to sum to 1. Stable for large inputs.
+    ///
+    /// A lane holding a NaN is NaN throughout, as in PyTorch. With
+    /// infinities each output is its limit where one exists: a `-inf` entry
+    /// gets 0; in a lane with `+inf` the finite entries get 0 and the `+inf`
+    /// entries, `inf - inf`, NaN; a lane of only `-inf` is NaN.
     ///
     /// # Errors
     ///
@@ -90,6 +128,10 @@ impl Tensor {
 
     /// Log-softmax along `axis` (negative counts from the end):
     /// `x - log Σ exp(x)` per lane, computed without overflow.
+    ///
+    /// NaN and infinities as [`try_softmax`](Tensor::try_softmax): a lane
+    /// with a NaN is NaN, the finite entries of a lane with `+inf` are
+    /// `-inf`.
     ///
     /// # Errors
     ///

@@ -75,13 +75,21 @@ impl Tensor {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn powf(&self, exponent: f32) -> Tensor {
-        // d(x^p)/dx = p x^(p-1)
+        // d(x^p)/dx = p x^(p-1); for p = 0 the derivative is 0 everywhere,
+        // also at x = 0, where p x^(p-1) would be 0 · inf = NaN (PyTorch
+        // gives 0 too). An incoming NaN or infinite gradient stays NaN.
         map_op(
             self,
             "powf",
             |x| x.powf(exponent),
             Saved::Input,
-            move |g, x| g * exponent * x.powf(exponent - 1.0),
+            move |g, x| {
+                if exponent == 0.0 {
+                    g * 0.0
+                } else {
+                    g * exponent * x.powf(exponent - 1.0)
+                }
+            },
         )
     }
 
@@ -103,39 +111,49 @@ impl Tensor {
         map_op(self, "sqrt", f32::sqrt, Saved::Output, |g, y| g / (2.0 * y))
     }
 
-    /// Absolute value element-wise; its gradient at 0 is taken as 0.
+    /// Absolute value element-wise; its gradient at 0 is taken as 0, at NaN
+    /// it is NaN.
     pub fn abs(&self) -> Tensor {
-        // d|x|/dx = sign(x), 0 at 0
+        // d|x|/dx = sign(x), 0 at 0; NaN's sign is NaN.
         map_op(self, "abs", f32::abs, Saved::Input, |g, x| {
-            if x > 0.0 {
-                g
-            } else if x < 0.0 {
-                -g
-            } else {
-                0.0
-            }
+            if x == 0.0 { 0.0 } else { g * x.signum() }
         })
     }
 
     /// `max(self, 0)` element-wise; its gradient at 0 is taken as 0.
+    ///
+    /// NaN stays NaN, as in PyTorch. Its gradient at a NaN input is NaN:
+    /// the slope there is undefined. (PyTorch passes the incoming gradient
+    /// through unchanged at NaN; netcl does not let NaN become a number.)
     ///
     /// # Examples
     ///
     /// ```
     /// use netcl::Tensor;
     ///
-    /// let x = Tensor::from_vec(vec![-1.0, 0.0, 2.0], &[3])?;
-    /// assert_eq!(x.relu().to_vec(), vec![0.0, 0.0, 2.0]);
+    /// let x = Tensor::from_vec(vec![-1.0, 0.0, 2.0, f32::NAN], &[4])?;
+    /// let y = x.relu().to_vec();
+    /// assert_eq!(y[..3], [0.0, 0.0, 2.0]);
+    /// assert!(y[3].is_nan());
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn relu(&self) -> Tensor {
-        // d relu(x)/dx = 1 if x > 0 else 0, read from the output
+        // d relu(x)/dx = 1 if x > 0 else 0 (NaN at NaN), read from the
+        // output
         map_op(
             self,
             "relu",
-            |x| if x > 0.0 { x } else { 0.0 },
+            |x| if x > 0.0 || x.is_nan() { x } else { 0.0 },
             Saved::Output,
-            |g, y| if y > 0.0 { g } else { 0.0 },
+            |g, y| {
+                if y > 0.0 {
+                    g
+                } else if y.is_nan() {
+                    f32::NAN
+                } else {
+                    0.0
+                }
+            },
         )
     }
 
