@@ -202,6 +202,23 @@ pub enum Error {
         message: String,
     },
 
+    /// A training step's loss was NaN or infinite; see
+    /// [`Trainer::on_non_finite`](crate::train::Trainer::on_non_finite).
+    #[error(
+        "Trainer::fit: the loss of epoch {epoch}, batch {batch} (step {step}) is {loss}; the step was not taken (look for NaN or infinite inputs, a too-high learning rate, or run with autograd::detect_anomaly)"
+    )]
+    NonFiniteLoss {
+        /// The epoch, counting from 0.
+        epoch: usize,
+        /// The batch within the epoch, counting from 0.
+        batch: usize,
+        /// The step it would have been, counting from 1 over the trainer's
+        /// life.
+        step: u64,
+        /// The loss.
+        loss: f32,
+    },
+
     /// An operation is not available for this value, such as forking a
     /// custom module that does not implement
     /// [`Module::try_fork`](crate::nn::Module::try_fork).

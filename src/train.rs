@@ -154,6 +154,21 @@ pub struct StepInfo {
     pub lr: f32,
 }
 
+/// What [`Trainer::fit`] does when a batch's loss is NaN or infinite; see
+/// [`Trainer::on_non_finite`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum NonFinite {
+    /// Stop with [`Error::NonFiniteLoss`] naming the epoch and step (the
+    /// default). The step is not taken, so the parameters are those of
+    /// the last finite step.
+    #[default]
+    Error,
+    /// Skip the batch (no backward, no optimizer step), print a warning to
+    /// stderr and go on; [`Trainer::skipped_steps`] counts them.
+    Skip,
+}
+
 /// A hook called after every optimizer step; see [`Trainer::on_step`].
 type StepHook<M> = Box<dyn FnMut(&StepInfo, &M) + Send>;
 
@@ -318,6 +333,8 @@ pub struct Trainer<M: Module, O: Optimizer> {
     progress: bool,
     history: Vec<EpochMetrics>,
     steps: u64,
+    skipped: u64,
+    non_finite: NonFinite,
     hooks: Vec<StepHook<M>>,
 }
 
@@ -340,6 +357,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             progress: true,
             history: Vec::new(),
             steps: 0,
+            skipped: 0,
+            non_finite: NonFinite::Error,
             hooks: Vec::new(),
         }
     }
@@ -463,6 +482,57 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         self.steps
     }
 
+    /// Sets what [`fit`](Trainer::fit) does when a batch's loss is NaN or
+    /// infinite: stop with an error (the default) or skip the batch.
+    ///
+    /// A non-finite loss means the gradients would be too: one such step
+    /// would spread NaN into every parameter and silently ruin the model.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::{NonFinite, Trainer};
+    /// use rand::SeedableRng;
+    ///
+    /// // One sample out of four has a NaN feature.
+    /// let x = Tensor::from_vec(vec![1.0, 2.0, f32::NAN, 4.0], &[4, 1])?;
+    /// let data = TensorDataset::new(x, Tensor::zeros(&[4]))?;
+    /// let model = || Linear::new(1, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    ///
+    /// let layer = model();
+    /// let optimizer = Sgd::new(layer.parameters(), SgdConfig::new(0.1));
+    /// let mut trainer = Trainer::new(layer, optimizer, data.clone()).batch_size(1).progress(false);
+    /// let err = trainer.fit(1).unwrap_err();
+    /// assert!(matches!(err, netcl::Error::NonFiniteLoss { epoch: 0, batch: 2, step: 3, .. }));
+    /// // The parameters are those of the last finite step.
+    /// assert!(trainer.model().weight().to_vec().iter().all(|w| w.is_finite()));
+    ///
+    /// let layer = model();
+    /// let optimizer = Sgd::new(layer.parameters(), SgdConfig::new(0.1));
+    /// let mut trainer = Trainer::new(layer, optimizer, data)
+    ///     .batch_size(1)
+    ///     .progress(false)
+    ///     .on_non_finite(NonFinite::Skip);
+    /// trainer.fit(1)?;
+    /// assert_eq!((trainer.steps_done(), trainer.skipped_steps()), (3, 1));
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn on_non_finite(mut self, policy: NonFinite) -> Self {
+        self.non_finite = policy;
+        self
+    }
+
+    /// Batches skipped so far because their loss was not finite (with
+    /// [`NonFinite::Skip`]).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
     /// Shows (`true`, the default; only on a terminal) or hides the
     /// progress bar.
     #[must_use]
@@ -514,7 +584,9 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if the batch size is 0 or the training set
-    /// is empty; the first error of reading a batch, the forward, the loss
+    /// is empty; [`Error::NonFiniteLoss`] if a batch's loss is NaN or
+    /// infinite (unless [`on_non_finite`](Trainer::on_non_finite) says to
+    /// skip it); the first error of reading a batch, the forward, the loss
     /// or the backward. Epochs completed before an error stay in the
     /// history.
     pub fn fit(&mut self, epochs: usize) -> Result<Vec<EpochMetrics>> {
@@ -578,10 +650,26 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 let batch = batch?;
                 let output = self.model.forward(&batch.inputs)?;
                 let loss = (self.loss_fn)(&output, &batch.targets)?;
+                let value = loss.try_item()?;
+                if !value.is_finite() {
+                    let error = Error::NonFiniteLoss {
+                        epoch,
+                        batch: index,
+                        step: self.steps + 1,
+                        loss: value,
+                    };
+                    match self.non_finite {
+                        NonFinite::Error => return Err(error),
+                        NonFinite::Skip => {
+                            eprintln!("netcl: warning: {error}; skipped");
+                            self.skipped += 1;
+                            continue;
+                        }
+                    }
+                }
                 self.optimizer.zero_grad();
                 loss.try_backward()?;
                 self.optimizer.step();
-                let value = loss.try_item()?;
                 loss_sum += f64::from(value) * batch.len() as f64;
                 samples += batch.len();
                 self.steps += 1;
