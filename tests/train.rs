@@ -291,3 +291,80 @@ fn misuse_gives_clear_errors() -> Result<()> {
     assert!(train::evaluate(&wrong, &empty, 64).is_err());
     Ok(())
 }
+
+/// The realistic NaN: z-scoring the digits divides constant pixel columns
+/// by a standard deviation of 0, so 0/0 puts NaN in every sample. Training
+/// used to report a finite loss and ruin the weights silently; now the
+/// first step stops with an error naming it, and the weights are untouched.
+#[test]
+fn z_scored_digits_with_constant_columns_stop_training_at_the_first_step() -> Result<()> {
+    let digits = data::load_digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?;
+    let x = digits.inputs();
+    let mean = x.mean_axis(0, true);
+    let std = (x - &mean).powf(2.0).mean_axis(0, true).sqrt();
+    let z = (x - &mean) / &std;
+    assert!(
+        z.to_vec().iter().any(|v| v.is_nan()),
+        "some columns are constant"
+    );
+    let data = TensorDataset::new(z, digits.targets().clone())?;
+    let model = Mlp::new(
+        &[64, 32, 10],
+        Activation::Relu,
+        &mut StdRng::seed_from_u64(0),
+    );
+    let before: Vec<Vec<f32>> = model.parameters().iter().map(Tensor::to_vec).collect();
+    let optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-3));
+    let mut trainer = Trainer::new(model, optimizer, data).progress(false);
+    let err = trainer.fit(1).unwrap_err();
+    assert!(
+        matches!(err, Error::NonFiniteLoss { epoch: 0, batch: 0, step: 1, loss } if loss.is_nan()),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("epoch 0, batch 0 (step 1)"),
+        "{err}"
+    );
+    let after: Vec<Vec<f32>> = trainer
+        .model()
+        .parameters()
+        .iter()
+        .map(Tensor::to_vec)
+        .collect();
+    assert_eq!(before, after, "the non-finite step was not taken");
+    assert_eq!(trainer.steps_done(), 0);
+    Ok(())
+}
+
+#[test]
+fn skipping_non_finite_losses_trains_on_the_finite_batches() -> Result<()> {
+    let (train_set, test_set) = digits();
+    // Poison one sample in eight with a NaN pixel.
+    let mut x = train_set.inputs().to_array();
+    for (i, mut row) in x.outer_iter_mut().enumerate() {
+        if i % 8 == 3 {
+            row[0] = f32::NAN;
+        }
+    }
+    let poisoned = TensorDataset::new(Tensor::from_array(x), train_set.targets().clone())?;
+    let model = Mlp::new(
+        &[64, 32, 10],
+        Activation::Relu,
+        &mut StdRng::seed_from_u64(0),
+    );
+    let optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
+    let mut trainer = Trainer::new(model, optimizer, poisoned)
+        .batch_size(1)
+        .eval_set(test_set)
+        .progress(false)
+        .on_non_finite(train::NonFinite::Skip);
+    let history = trainer.fit(1)?;
+    let n = train_set.len() as u64;
+    // The indices i < n with i % 8 == 3.
+    let poisoned = (n + 4) / 8;
+    assert_eq!(trainer.skipped_steps(), poisoned);
+    assert_eq!(trainer.steps_done(), n - poisoned);
+    assert!(history[0].train_loss.is_finite());
+    assert!(history[0].eval_accuracy().unwrap() > 0.8);
+    Ok(())
+}
