@@ -202,6 +202,23 @@ pub enum Error {
         message: String,
     },
 
+    /// Anomaly detection ([`detect_anomaly`](crate::autograd::detect_anomaly))
+    /// found a NaN or an infinite value where an op produced it.
+    #[error("anomaly detected: {message}")]
+    Anomaly {
+        /// The op that produced the value: the op whose forward output, or
+        /// whose backward's gradient, holds it.
+        op: &'static str,
+        /// In backward, the input whose gradient holds it; `None` in
+        /// forward.
+        input: Option<usize>,
+        /// Where the op was called (`file:line:column`), if it was recorded
+        /// with anomaly detection on.
+        location: Option<String>,
+        /// The whole description.
+        message: String,
+    },
+
     /// A training step's loss was NaN or infinite; see
     /// [`Trainer::on_non_finite`](crate::train::Trainer::on_non_finite).
     #[error(

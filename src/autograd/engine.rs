@@ -11,7 +11,8 @@
 use ndarray::ArrayD;
 
 use crate::autograd::function::InputGrads;
-use crate::autograd::mode::GradGuard;
+use crate::autograd::function::non_finite;
+use crate::autograd::mode::{GradGuard, is_anomaly_enabled};
 use crate::autograd::tape::{NodeId, PlanEdge, Tape};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
@@ -153,6 +154,19 @@ fn run(
     retain: bool,
     sink: &mut dyn Sink,
 ) -> Result<()> {
+    // Anomaly detection as the caller has it (checked before any gradient
+    // reaches a leaf, so an anomaly leaves every `.grad()` untouched).
+    let anomaly = is_anomaly_enabled();
+    if anomaly {
+        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed)) {
+            return Err(Error::Anomaly {
+                op: "backward",
+                input: None,
+                location: None,
+                message: format!("the gradient backward starts from has {found}"),
+            });
+        }
+    }
     let plan = tape.plan(ids, watch, retain)?;
     sink.planned(&plan.watched);
     // Backward functions compute with plain arrays, but a custom one may call
@@ -185,6 +199,9 @@ fn run(
         if let Some(error) = input_grads.take_error() {
             return Err(error);
         }
+        if anomaly {
+            check_gradients(node.op, node.location, &slots)?;
+        }
         for (edge, slot) in plan.edges[node.edges].iter().zip(slots.drain(..)) {
             let Some(input_grad) = slot else { continue };
             match edge {
@@ -201,6 +218,36 @@ fn run(
         if let Some(grad) = grad {
             sink.leaf(leaf, grad);
         }
+    }
+    Ok(())
+}
+
+/// Anomaly detection's backward check: the first input gradient of a node
+/// that holds a NaN or an infinity names the node's op, the input and where
+/// the op was recorded.
+fn check_gradients(
+    op: &'static str,
+    location: Option<&'static std::panic::Location<'static>>,
+    slots: &[Option<ArrayD<f32>>],
+) -> Result<()> {
+    for (input, slot) in slots.iter().enumerate() {
+        let Some(found) = slot.as_ref().and_then(|grad| non_finite(grad)) else {
+            continue;
+        };
+        let recorded = match location {
+            Some(location) => format!("`{op}` was recorded at {location}"),
+            None => format!(
+                "`{op}` was recorded with anomaly detection off, so its location is unknown"
+            ),
+        };
+        return Err(Error::Anomaly {
+            op,
+            input: Some(input),
+            location: location.map(ToString::to_string),
+            message: format!(
+                "in backward, the gradient of `{op}` with respect to its input {input} has {found}; {recorded}"
+            ),
+        });
     }
     Ok(())
 }

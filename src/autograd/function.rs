@@ -3,7 +3,9 @@
 
 use ndarray::{ArrayD, Dimension, IxDyn};
 
-use crate::autograd::mode::{current_tape, is_grad_enabled};
+use std::panic::Location;
+
+use crate::autograd::mode::{current_tape, recording_flags};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
 use crate::tensor::{Data, NodeRef, Tensor};
@@ -110,13 +112,27 @@ impl<'a> InputGrads<'a> {
 /// requires grad; `save` (which gathers the backward's state) runs only then.
 /// Otherwise the output is a plain tensor: the tape is not touched (no lock,
 /// no node) and nothing is saved.
+///
+/// With anomaly detection on, the output is checked (see
+/// [`detect_anomaly`](crate::autograd::detect_anomaly)) and the node keeps
+/// the location of the op call: every public op passes its caller's
+/// location down with `#[track_caller]`.
+#[track_caller]
 pub(crate) fn record<B: Backward>(
     op: &'static str,
     inputs: &[&Tensor],
     output: Data,
     save: impl FnOnce(&Data) -> B,
 ) -> Result<Tensor> {
-    if !is_grad_enabled() || !inputs.iter().any(|input| input.requires_grad()) {
+    let (enabled, anomaly) = recording_flags();
+    let location = if anomaly {
+        let location = Location::caller();
+        check_forward(op, inputs, &output, location)?;
+        Some(location)
+    } else {
+        None
+    };
+    if !enabled || !inputs.iter().any(|input| input.requires_grad()) {
         return Ok(Tensor::from_data(output));
     }
 
@@ -144,8 +160,59 @@ pub(crate) fn record<B: Backward>(
     };
 
     let backward: Box<dyn Backward> = Box::new(save(&output));
-    let id = tape.push(op, inputs, backward);
+    let id = tape.push(op, inputs, backward, location);
     Ok(Tensor::from_node(output, NodeRef { tape, id, op }))
+}
+
+/// [`record`] for an op of one input, which cannot fail: its input is on
+/// at most one tape. (With anomaly detection on, an op that makes a NaN or
+/// an infinity from finite input panics with the anomaly's message; ops of
+/// one input without a `try_` form have no other way to report it.)
+#[track_caller]
+pub(crate) fn record_unary<B: Backward>(
+    op: &'static str,
+    input: &Tensor,
+    output: Data,
+    save: impl FnOnce(&Data) -> B,
+) -> Tensor {
+    crate::error::or_panic(record(op, &[input], output, save))
+}
+
+/// What a non-finite array holds, for anomaly messages: `None` if every
+/// value is finite.
+pub(crate) fn non_finite(values: &ndarray::ArrayRef<f32, IxDyn>) -> Option<&'static str> {
+    if values.iter().any(|v| v.is_nan()) {
+        Some("NaN")
+    } else if values.iter().any(|v| v.is_infinite()) {
+        Some("an infinite value")
+    } else {
+        None
+    }
+}
+
+/// Anomaly detection's forward check: an op whose output is not finite
+/// while its inputs all are is where a NaN or infinity first appears.
+fn check_forward(
+    op: &'static str,
+    inputs: &[&Tensor],
+    output: &Data,
+    location: &'static Location<'static>,
+) -> Result<()> {
+    let Some(found) = non_finite(output) else {
+        return Ok(());
+    };
+    if inputs
+        .iter()
+        .any(|input| non_finite(&input.read()).is_some())
+    {
+        return Ok(());
+    }
+    Err(Error::Anomaly {
+        op,
+        input: None,
+        location: Some(location.to_string()),
+        message: format!("in forward, `{op}` at {location} produced {found} from finite inputs"),
+    })
 }
 
 /// Defines a differentiable op: records `output` as the result of `op`
@@ -160,9 +227,10 @@ pub(crate) fn record<B: Backward>(
 ///
 /// # Errors
 ///
-/// [`Error::TapeMismatch`] if inputs were recorded on different tapes. A
-/// backward that sets a gradient of the wrong shape makes the backward pass
-/// fail with [`Error::GradShape`].
+/// [`Error::TapeMismatch`] if inputs were recorded on different tapes;
+/// [`Error::Anomaly`] with anomaly detection on, if `output` is not finite
+/// while the inputs are. A backward that sets a gradient of the wrong shape
+/// makes the backward pass fail with [`Error::GradShape`].
 ///
 /// # Examples
 ///
@@ -191,6 +259,7 @@ pub(crate) fn record<B: Backward>(
 /// assert_eq!(x.grad().unwrap().to_vec(), vec![3.0, 12.0, 0.75]);
 /// # Ok::<(), netcl::Error>(())
 /// ```
+#[track_caller]
 pub fn apply_op<B: Backward>(
     op: &'static str,
     inputs: &[&Tensor],

@@ -13,6 +13,7 @@
 //! | [`with_grad_enabled`] | the closure form |
 //! | [`set_grad_enabled`] | one-shot switch, returns the previous mode |
 //! | [`train_mode`], [`eval_mode`], [`training_mode`] | the thread's training mode (Dropout), over each module's own default |
+//! | [`detect_anomaly`] | debugging: the op, input and source line where a NaN or infinity first appears |
 //! | [`GradMode`] | a snapshot of the thread's modes and tape, to re-enter in other threads, and in async tasks ([`GradModeFutureExt`]) |
 //!
 //! Under `no_grad` an op computes the same values at the same speed but
@@ -53,7 +54,8 @@ pub use engine_api::{grad, grad_retain_graph};
 pub use function::{Backward, InputGrads, apply_op};
 pub use future::{GradModeFuture, GradModeFutureExt};
 pub use mode::{
-    GradGuard, GradMode, ModeGuard, TrainingGuard, current_tape, enable_grad, eval_mode,
-    is_grad_enabled, no_grad, set_grad_enabled, train_mode, training_mode, with_grad_enabled,
+    AnomalyGuard, GradGuard, GradMode, ModeGuard, TrainingGuard, current_tape, detect_anomaly,
+    enable_grad, eval_mode, is_anomaly_enabled, is_grad_enabled, no_grad, set_grad_enabled,
+    train_mode, training_mode, with_grad_enabled,
 };
 pub use tape::{Tape, TapeStats};

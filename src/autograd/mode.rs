@@ -20,6 +20,8 @@ struct Context {
     /// The thread's training mode, if a guard set one; `None` leaves each
     /// module's own flag in charge.
     training: Cell<Option<bool>>,
+    /// Anomaly detection: off by default.
+    anomaly: Cell<bool>,
     tape: RefCell<Option<Arc<Tape>>>,
     /// Number of live guards on this thread, to check they drop in LIFO order.
     depth: Cell<u32>,
@@ -29,6 +31,7 @@ thread_local_const! {
     static CONTEXT: Context = Context {
         enabled: Cell::new(true),
         training: Cell::new(None),
+        anomaly: Cell::new(false),
         tape: RefCell::new(None),
         depth: Cell::new(0),
     };
@@ -57,6 +60,108 @@ pub fn is_grad_enabled() -> bool {
     CONTEXT
         .try_with(|context| context.enabled.get())
         .unwrap_or(false)
+}
+
+/// This thread's grad flag and anomaly-detection flag, in one thread-local
+/// access: what every op asks before recording.
+pub(crate) fn recording_flags() -> (bool, bool) {
+    CONTEXT
+        .try_with(|context| (context.enabled.get(), context.anomaly.get()))
+        .unwrap_or((false, false))
+}
+
+/// Whether anomaly detection is on for this thread; see [`detect_anomaly`].
+pub fn is_anomaly_enabled() -> bool {
+    CONTEXT
+        .try_with(|context| context.anomaly.get())
+        .unwrap_or(false)
+}
+
+/// Switches anomaly detection on for this thread until the returned guard
+/// drops: a debugging mode that finds the op where a NaN or an infinity
+/// first appears.
+///
+/// While it is on:
+///
+/// - every op checks its output: an op that produces a NaN or an infinite
+///   value from finite inputs fails with [`Error::Anomaly`] (its `try_`
+///   form returns it, the plain form and ops without a `try_` form panic
+///   with its message);
+/// - every recorded node keeps the source location (file:line:column) of
+///   the op call that recorded it;
+/// - a backward pass on this thread checks every gradient it computes, and
+///   stops at the first one holding a NaN or an infinity:
+///   [`try_backward`](crate::Tensor::try_backward) returns an
+///   [`Error::Anomaly`] naming the op, the input and the location of the
+///   forward call that recorded it, and `backward` panics with the same
+///   message.
+///
+/// Off (the default), it costs one flag read per op. It is per thread like
+/// grad mode (PyTorch's switch is process-global): other threads are
+/// unaffected, and a [`GradMode`] carries it into `netcl::parallel` tasks.
+///
+/// [`Error::Anomaly`]: crate::Error::Anomaly
+///
+/// # Examples
+///
+/// `sqrt` at 0 has an infinite derivative, so the gradient of `sqrt(x)·0`
+/// is `∞·0 = NaN`:
+///
+/// ```
+/// use netcl::{Error, Tensor, autograd};
+///
+/// let x = Tensor::from_vec(vec![4.0, 0.0], &[2])?.requires_grad_(true);
+/// let _anomaly = autograd::detect_anomaly();
+/// let loss = (x.sqrt() * 0.0).sum();
+/// let err = loss.try_backward().unwrap_err();
+/// assert!(matches!(err, Error::Anomaly { op: "sqrt", input: Some(0), .. }));
+/// // "anomaly detected: in backward, the gradient of `sqrt` with respect to
+/// // its input 0 has NaN; `sqrt` was recorded at src/main.rs:7:13"
+/// assert!(err.to_string().contains("the gradient of `sqrt` with respect to its input 0 has NaN"));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn detect_anomaly() -> AnomalyGuard {
+    AnomalyGuard::new(true)
+}
+
+/// Restores this thread's previous anomaly-detection flag when dropped;
+/// returned by [`detect_anomaly`] and [`AnomalyGuard::new`].
+///
+/// Like [`GradGuard`]: `#[must_use]`, `!Send`, restored also while
+/// unwinding, and guards drop in reverse order of creation.
+#[must_use = "anomaly detection is switched back as soon as the guard drops; bind it with `let _guard = ...`"]
+pub struct AnomalyGuard {
+    previous: bool,
+    depth: u32,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl AnomalyGuard {
+    /// Sets this thread's anomaly detection to `enabled` until the guard
+    /// drops.
+    pub fn new(enabled: bool) -> AnomalyGuard {
+        let previous = CONTEXT.with(|context| context.anomaly.replace(enabled));
+        AnomalyGuard {
+            previous,
+            depth: push_guard(),
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for AnomalyGuard {
+    fn drop(&mut self) {
+        let _ = CONTEXT.try_with(|context| context.anomaly.set(self.previous));
+        pop_guard(self.depth);
+    }
+}
+
+impl fmt::Debug for AnomalyGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnomalyGuard")
+            .field("previous", &self.previous)
+            .finish()
+    }
 }
 
 /// Sets this thread's grad mode and returns the previous value.
@@ -409,6 +514,7 @@ impl fmt::Debug for GradGuard {
 pub struct GradMode {
     enabled: bool,
     training: Option<bool>,
+    anomaly: bool,
     tape: Arc<Tape>,
 }
 
@@ -419,18 +525,33 @@ impl GradMode {
         GradMode {
             enabled: is_grad_enabled(),
             training: training_mode(),
+            anomaly: is_anomaly_enabled(),
             tape: current_tape(),
         }
     }
 
     /// A mode that records (or not) into `tape`, with no training mode set
-    /// (each module's own flag decides).
+    /// (each module's own flag decides) and anomaly detection off.
     pub fn new(enabled: bool, tape: Arc<Tape>) -> GradMode {
         GradMode {
             enabled,
             training: None,
+            anomaly: false,
             tape,
         }
+    }
+
+    /// The same mode with anomaly detection on or off (see
+    /// [`detect_anomaly`]).
+    #[must_use]
+    pub fn with_anomaly(mut self, enabled: bool) -> GradMode {
+        self.anomaly = enabled;
+        self
+    }
+
+    /// Whether this mode has anomaly detection on.
+    pub fn anomaly(&self) -> bool {
+        self.anomaly
     }
 
     /// The same mode with the training mode set to `training` (`None`:
@@ -484,15 +605,17 @@ impl GradMode {
     /// restores the thread's own flag, training mode and tape (also while
     /// unwinding).
     pub fn enter(&self) -> ModeGuard {
-        let (enabled, training, tape) = CONTEXT.with(|context| {
+        let (enabled, training, anomaly, tape) = CONTEXT.with(|context| {
             let enabled = context.enabled.replace(self.enabled);
             let training = context.training.replace(self.training);
+            let anomaly = context.anomaly.replace(self.anomaly);
             let tape = context.tape.replace(Some(self.tape.clone()));
-            (enabled, training, tape)
+            (enabled, training, anomaly, tape)
         });
         ModeGuard {
             previous_enabled: enabled,
             previous_training: training,
+            previous_anomaly: anomaly,
             previous_tape: tape,
             depth: push_guard(),
             _not_send: PhantomData,
@@ -512,6 +635,7 @@ impl fmt::Debug for GradMode {
         f.debug_struct("GradMode")
             .field("enabled", &self.enabled)
             .field("training", &self.training)
+            .field("anomaly", &self.anomaly)
             .field("tape", &self.tape.id())
             .finish()
     }
@@ -528,6 +652,7 @@ impl fmt::Debug for GradMode {
 pub struct ModeGuard {
     previous_enabled: bool,
     previous_training: Option<bool>,
+    previous_anomaly: bool,
     previous_tape: Option<Arc<Tape>>,
     depth: u32,
     _not_send: PhantomData<*const ()>,
@@ -539,6 +664,7 @@ impl Drop for ModeGuard {
         let replaced = CONTEXT.try_with(|context| {
             context.enabled.set(self.previous_enabled);
             context.training.set(self.previous_training);
+            context.anomaly.set(self.previous_anomaly);
             context.tape.replace(tape)
         });
         pop_guard(self.depth);

@@ -28,6 +28,7 @@
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::fmt;
+use std::panic::Location;
 use std::sync::atomic::AtomicU64 as IdCounter;
 
 use crate::autograd::function::Backward;
@@ -115,6 +116,8 @@ struct Slot {
     generation: u32,
     seq: u64,
     op: &'static str,
+    /// Where the op was called, if recorded with anomaly detection on.
+    location: Option<&'static Location<'static>>,
     /// `None` once a backward without `retain_graph` has released it.
     backward: Option<BackwardFn>,
     /// Empty while the slot is free; its capacity is kept for the next node.
@@ -208,6 +211,8 @@ pub(crate) struct Plan {
 }
 
 pub(crate) struct PlannedNode {
+    pub(crate) op: &'static str,
+    pub(crate) location: Option<&'static Location<'static>>,
     pub(crate) backward: BackwardFn,
     pub(crate) edges: std::ops::Range<usize>,
 }
@@ -305,6 +310,7 @@ impl Tape {
         op: &'static str,
         inputs: &[&Tensor],
         backward: Box<dyn Backward>,
+        location: Option<&'static Location<'static>>,
     ) -> NodeId {
         let edge = |input: &&Tensor| match input.node() {
             Some(node) => Edge::Node(node.id),
@@ -331,6 +337,7 @@ impl Tape {
                 slot.refs = 1;
                 slot.seq = seq;
                 slot.op = op;
+                slot.location = location;
                 slot.backward = Some(BackwardFn::Unique(backward));
                 // Reuses the edge storage of the slot's previous node.
                 slot.edges.extend(inputs.iter().map(edge));
@@ -343,6 +350,7 @@ impl Tape {
                     generation: 0,
                     seq,
                     op,
+                    location,
                     backward: Some(BackwardFn::Unique(backward)),
                     edges: inputs.iter().map(edge).collect(),
                     mark: 0,
@@ -466,6 +474,8 @@ impl Tape {
                 slot.backward.take()
             };
             nodes.push(PlannedNode {
+                op: slot.op,
+                location: slot.location,
                 backward: backward.expect("checked during the search"),
                 edges: start..edges.len(),
             });

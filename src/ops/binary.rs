@@ -5,7 +5,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use ndarray::{ArrayD, Dimension, IxDyn, Zip};
 
-use crate::autograd::function::{Backward, InputGrads, record};
+use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
 use crate::ops::{broadcast_shape, reduce_to_shape, zip_assign};
 use crate::tensor::{Data, Tensor};
@@ -33,6 +33,7 @@ fn zip_broadcast(
 }
 
 /// Records a binary op whose backward needs only the operands' shapes.
+#[track_caller]
 fn linear_op(
     op: &'static str,
     a: &Tensor,
@@ -186,6 +187,7 @@ impl Tensor {
     /// assert_eq!(a.try_add(&b)?.to_vec(), vec![11.0, 22.0, 13.0, 24.0]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_add(&self, rhs: &Tensor) -> Result<Tensor> {
         linear_op("add", self, rhs, |a, b| a + b, 1.0)
     }
@@ -205,6 +207,7 @@ impl Tensor {
     /// # Errors
     ///
     /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
     pub fn try_sub(&self, rhs: &Tensor) -> Result<Tensor> {
         linear_op("sub", self, rhs, |a, b| a - b, -1.0)
     }
@@ -224,6 +227,7 @@ impl Tensor {
     /// # Errors
     ///
     /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
     pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
@@ -250,6 +254,7 @@ impl Tensor {
     /// # Errors
     ///
     /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
     pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
@@ -263,6 +268,7 @@ impl Tensor {
 
 /// Scalar forms: infallible, one input.
 impl Tensor {
+    #[track_caller]
     fn scalar_op<B: Backward>(
         &self,
         op: &'static str,
@@ -272,10 +278,11 @@ impl Tensor {
         let x = self.read();
         let out = x.mapv(f).into_shared();
         let input = &*x;
-        record(op, &[self], out, |_| save(input)).expect("one input cannot mismatch tapes")
+        record_unary(op, self, out, |_| save(input))
     }
 
     /// `self + value` element-wise.
+    #[track_caller]
     pub fn add_scalar(&self, value: f32) -> Tensor {
         self.scalar_op(
             "add_scalar",
@@ -285,6 +292,7 @@ impl Tensor {
     }
 
     /// `self - value` element-wise.
+    #[track_caller]
     pub fn sub_scalar(&self, value: f32) -> Tensor {
         self.scalar_op(
             "sub_scalar",
@@ -294,6 +302,7 @@ impl Tensor {
     }
 
     /// `value - self` element-wise.
+    #[track_caller]
     pub fn rsub_scalar(&self, value: f32) -> Tensor {
         self.scalar_op(
             "rsub_scalar",
@@ -303,6 +312,7 @@ impl Tensor {
     }
 
     /// `self * value` element-wise.
+    #[track_caller]
     pub fn mul_scalar(&self, value: f32) -> Tensor {
         self.scalar_op(
             "mul_scalar",
@@ -312,6 +322,7 @@ impl Tensor {
     }
 
     /// `self / value` element-wise.
+    #[track_caller]
     pub fn div_scalar(&self, value: f32) -> Tensor {
         self.scalar_op(
             "div_scalar",
@@ -321,6 +332,7 @@ impl Tensor {
     }
 
     /// `value / self` element-wise.
+    #[track_caller]
     pub fn rdiv_scalar(&self, value: f32) -> Tensor {
         // d(v/x)/dx = -v/x²
         self.scalar_op(
@@ -371,24 +383,28 @@ macro_rules! tensor_operator {
         }
         impl $trait<f32> for &Tensor {
             type Output = Tensor;
+            #[track_caller]
             fn $method(self, rhs: f32) -> Tensor {
                 self.$scalar_fn(rhs)
             }
         }
         impl $trait<f32> for Tensor {
             type Output = Tensor;
+            #[track_caller]
             fn $method(self, rhs: f32) -> Tensor {
                 self.$scalar_fn(rhs)
             }
         }
         impl $trait<&Tensor> for f32 {
             type Output = Tensor;
+            #[track_caller]
             fn $method(self, rhs: &Tensor) -> Tensor {
                 rhs.$rscalar_fn(self)
             }
         }
         impl $trait<Tensor> for f32 {
             type Output = Tensor;
+            #[track_caller]
             fn $method(self, rhs: Tensor) -> Tensor {
                 rhs.$rscalar_fn(self)
             }
@@ -403,6 +419,7 @@ tensor_operator!(Div, div, div, div_scalar, rdiv_scalar);
 
 impl Neg for &Tensor {
     type Output = Tensor;
+    #[track_caller]
     fn neg(self) -> Tensor {
         Tensor::neg(self)
     }
@@ -410,6 +427,7 @@ impl Neg for &Tensor {
 
 impl Neg for Tensor {
     type Output = Tensor;
+    #[track_caller]
     fn neg(self) -> Tensor {
         Tensor::neg(&self)
     }

@@ -83,6 +83,7 @@ impl Tensor {
     /// );
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_cross_entropy(&self, targets: &Tensor) -> Result<Tensor> {
         if self.ndim() != 2 {
             return Err(Error::Rank {
@@ -143,6 +144,7 @@ impl Tensor {
     /// assert_eq!(pred.try_mse_loss(&target)?.item(), 2.0);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_mse_loss(&self, target: &Tensor) -> Result<Tensor> {
         if self.shape() != target.shape() {
             return Err(Error::ShapeMismatch {

@@ -156,6 +156,7 @@ impl Tensor {
     /// );
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         check_shapes(self.shape(), rhs.shape())?;
         let operands = self.read_pair(rhs);
@@ -290,6 +291,7 @@ impl Tensor {
     /// assert_eq!(y.to_vec(), vec![11.0, 22.0, 33.0]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let operands = self.read_pair(weight);

@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
-use crate::autograd::function::{Backward, InputGrads, record};
+use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
 use crate::ops::normalize_axis;
 use crate::tensor::Tensor;
@@ -91,6 +91,7 @@ impl Tensor {
     /// assert_eq!(t.sum().shape(), &[] as &[usize]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn sum(&self) -> Tensor {
         self.reduce_all("sum", 1.0)
     }
@@ -98,19 +99,20 @@ impl Tensor {
     /// The mean of all elements, as a 0-dimensional tensor (NaN when empty).
     /// Like [`sum`](Tensor::sum) and the axis forms, it propagates NaN and
     /// infinities by IEEE arithmetic (`inf + -inf` is NaN), as PyTorch does.
+    #[track_caller]
     pub fn mean(&self) -> Tensor {
         self.reduce_all("mean", 1.0 / self.numel() as f32)
     }
 
+    #[track_caller]
     fn reduce_all(&self, op: &'static str, scale: f32) -> Tensor {
         let total = self.read().sum() * scale;
         let out = ArrayD::from_elem(IxDyn(&[]), total).into_shared();
-        record(op, &[self], out, |_| SumBackward {
+        record_unary(op, self, out, |_| SumBackward {
             input: self.dim(),
             axis: None,
             scale,
         })
-        .expect("one input cannot mismatch tapes")
     }
 
     /// Sum along `axis` (negative counts from the end).
@@ -140,6 +142,7 @@ impl Tensor {
     /// assert_eq!(t.try_sum_axis(-1, true)?.shape(), &[2, 1]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_sum_axis(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         self.reduce_axis("sum_axis", axis, keepdim, false)
     }
@@ -160,10 +163,12 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Axis`](crate::Error::Axis) if `axis` is out of range.
+    #[track_caller]
     pub fn try_mean_axis(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         self.reduce_axis("mean_axis", axis, keepdim, true)
     }
 
+    #[track_caller]
     fn reduce_axis(
         &self,
         op: &'static str,
@@ -224,6 +229,7 @@ impl Tensor {
     /// assert_eq!(t.try_max_axis(-1, false)?.to_vec(), vec![5.0, 4.0]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_max_axis(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         let axis = self.nonempty_axis("max_axis", axis)?;
         let data = self.read();

@@ -37,6 +37,7 @@ impl Tensor {
     /// assert!(t.try_reshape(&[4, 2]).is_err());
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let expected = checked_numel("reshape", shape)?;
         if expected != self.numel() {
@@ -91,6 +92,7 @@ impl Tensor {
     /// assert_eq!(u.to_vec(), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_transpose(&self, axis0: isize, axis1: isize) -> Result<Tensor> {
         let a = normalize_axis("transpose", axis0, self.ndim())?;
         let b = normalize_axis("transpose", axis1, self.ndim())?;
@@ -119,6 +121,7 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Rank`] if the tensor is not 2-D.
+    #[track_caller]
     pub fn try_t(&self) -> Result<Tensor> {
         if self.ndim() != 2 {
             return Err(Error::Rank {

@@ -95,6 +95,7 @@ impl Tensor {
     /// assert_eq!(x.try_softmax(-1)?.to_vec(), vec![0.5, 0.5, 0.5, 0.5]);
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_softmax(&self, axis: isize) -> Result<Tensor> {
         let axis = crate::ops::normalize_axis("softmax", axis, self.ndim())?;
         let mut out = self.read().to_owned();
@@ -136,6 +137,7 @@ impl Tensor {
     /// # Errors
     ///
     /// [`Error::Axis`](crate::Error::Axis) if `axis` is out of range.
+    #[track_caller]
     pub fn try_log_softmax(&self, axis: isize) -> Result<Tensor> {
         let axis = crate::ops::normalize_axis("log_softmax", axis, self.ndim())?;
         let mut out = self.read().to_owned();

@@ -4,7 +4,7 @@
 
 use ndarray::ArrayD;
 
-use crate::autograd::function::{Backward, InputGrads, record};
+use crate::autograd::function::{Backward, InputGrads, record_unary};
 use crate::ops::zip_assign;
 use crate::tensor::{Data, Tensor};
 
@@ -32,31 +32,31 @@ where
     }
 }
 
+#[track_caller]
 fn map_op<F>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, saved: Saved, df: F) -> Tensor
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
     let input = x.read();
     let out = input.mapv(f).into_shared();
-    record(op, &[x], out, |out| Elementwise {
+    record_unary(op, x, out, |out| Elementwise {
         saved: match saved {
             Saved::Input => input.clone(),
             Saved::Output => out.clone(),
         },
         df,
     })
-    .expect("one input cannot mismatch tapes")
 }
 
 impl Tensor {
     /// `-self` element-wise (also the `-` operator).
     #[allow(clippy::should_implement_trait)]
+    #[track_caller]
     pub fn neg(&self) -> Tensor {
         let out = self.read().mapv(|x| -x).into_shared();
-        record("neg", &[self], out, |_| {
+        record_unary("neg", self, out, |_| {
             |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad)
         })
-        .expect("one input cannot mismatch tapes")
     }
 
     /// `self` raised to the power `exponent`, element-wise. A negative base
@@ -74,6 +74,7 @@ impl Tensor {
     /// assert_eq!(x.grad().unwrap().to_vec(), vec![12.0, 27.0]); // 3x²
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn powf(&self, exponent: f32) -> Tensor {
         // d(x^p)/dx = p x^(p-1); for p = 0 the derivative is 0 everywhere,
         // also at x = 0, where p x^(p-1) would be 0 · inf = NaN (PyTorch
@@ -94,18 +95,21 @@ impl Tensor {
     }
 
     /// `e^self` element-wise.
+    #[track_caller]
     pub fn exp(&self) -> Tensor {
         // d(e^x)/dx = e^x, the output
         map_op(self, "exp", f32::exp, Saved::Output, |g, y| g * y)
     }
 
     /// Natural logarithm element-wise (NaN below 0, -inf at 0).
+    #[track_caller]
     pub fn log(&self) -> Tensor {
         // d(ln x)/dx = 1/x
         map_op(self, "log", f32::ln, Saved::Input, |g, x| g / x)
     }
 
     /// Square root element-wise (NaN below 0).
+    #[track_caller]
     pub fn sqrt(&self) -> Tensor {
         // d(√x)/dx = 1/(2√x), from the output
         map_op(self, "sqrt", f32::sqrt, Saved::Output, |g, y| g / (2.0 * y))
@@ -113,6 +117,7 @@ impl Tensor {
 
     /// Absolute value element-wise; its gradient at 0 is taken as 0, at NaN
     /// it is NaN.
+    #[track_caller]
     pub fn abs(&self) -> Tensor {
         // d|x|/dx = sign(x), 0 at 0; NaN's sign is NaN.
         map_op(self, "abs", f32::abs, Saved::Input, |g, x| {
@@ -137,6 +142,7 @@ impl Tensor {
     /// assert!(y[3].is_nan());
     /// # Ok::<(), netcl::Error>(())
     /// ```
+    #[track_caller]
     pub fn relu(&self) -> Tensor {
         // d relu(x)/dx = 1 if x > 0 else 0 (NaN at NaN), read from the
         // output
@@ -158,6 +164,7 @@ impl Tensor {
     }
 
     /// The logistic function `1 / (1 + e^-x)` element-wise.
+    #[track_caller]
     pub fn sigmoid(&self) -> Tensor {
         // dσ/dx = σ(1 - σ)
         map_op(
@@ -170,6 +177,7 @@ impl Tensor {
     }
 
     /// Hyperbolic tangent element-wise.
+    #[track_caller]
     pub fn tanh(&self) -> Tensor {
         // d tanh/dx = 1 - tanh²
         map_op(self, "tanh", f32::tanh, Saved::Output, |g, y| {
