@@ -37,6 +37,11 @@ fn batched_matmul(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32>
     let a = a.broadcast(with(m, k)).expect("batch axes broadcast");
     let b = b.broadcast(with(k, n)).expect("batch axes broadcast");
     let mut out = ArrayD::zeros(with(m, n));
+    if out.is_empty() || k == 0 {
+        // Zeros, without visiting every (possibly very many) empty batch
+        // entry.
+        return out;
+    }
     for index in ndarray::indices(batch.clone()) {
         let index = index.slice();
         let mut c = out.view_mut();
@@ -307,9 +312,11 @@ impl Tensor {
                     .into_dimensionality::<ndarray::Ix1>()
                     .expect("checked 1-D");
                 let mut out = ndarray::Array2::zeros((rows.nrows(), out_features));
-                out.rows_mut()
-                    .into_iter()
-                    .for_each(|mut row| row.assign(&b));
+                if !out.is_empty() {
+                    out.rows_mut()
+                        .into_iter()
+                        .for_each(|mut row| row.assign(&b));
+                }
                 gemm_acc_into(rows.view(), w2, out.view_mut());
                 out
             }

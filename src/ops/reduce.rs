@@ -182,7 +182,18 @@ impl Tensor {
         } else {
             1.0
         };
-        let mut out = self.read().sum_axis(Axis(axis));
+        let data = self.read();
+        let mut out = if data.is_empty() {
+            // The sum of nothing, without visiting every (possibly very
+            // many) empty lane as ndarray's sum_axis does.
+            ArrayD::zeros(ndarray::RemoveAxis::remove_axis(
+                &data.raw_dim(),
+                Axis(axis),
+            ))
+        } else {
+            data.sum_axis(Axis(axis))
+        };
+        drop(data);
         if mean {
             out.mapv_inplace(|v| v * scale);
         }

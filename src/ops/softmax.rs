@@ -30,6 +30,11 @@ fn lane_max(lane: ArrayView1<'_, f32>) -> f32 {
 
 /// `softmax` of each lane along `axis` of `x`, in place.
 pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+    if x.is_empty() {
+        // Nothing to compute, but maybe very many empty lanes to visit
+        // (an empty axis beside a long one).
+        return;
+    }
     for mut lane in x.lanes_mut(Axis(axis)) {
         let max = lane_max(lane.view());
         if !max.is_finite() {
@@ -51,6 +56,11 @@ pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
 /// `log_softmax` of each lane along `axis` of `x`, in place: the exact
 /// `(x - max) - ln Σ exp(x - max)`, from which cross-entropy is taken.
 pub(crate) fn log_softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+    if x.is_empty() {
+        // Nothing to compute, but maybe very many empty lanes to visit
+        // (an empty axis beside a long one).
+        return;
+    }
     for mut lane in x.lanes_mut(Axis(axis)) {
         let max = lane_max(lane.view());
         if !max.is_finite() {
@@ -108,6 +118,8 @@ impl Tensor {
                     .lanes_mut(Axis(axis))
                     .into_iter()
                     .zip(y.lanes(Axis(axis)))
+                    // An empty gradient may have very many empty lanes.
+                    .take(if y.is_empty() { 0 } else { usize::MAX })
                 {
                     let dot = Zip::from(&g).and(&y).fold(0.0, |s, &g, &y| s + g * y);
                     g.zip_mut_with(&y, |g, &y| *g = y * (*g - dot));
@@ -150,6 +162,8 @@ impl Tensor {
                     .lanes_mut(Axis(axis))
                     .into_iter()
                     .zip(y.lanes(Axis(axis)))
+                    // An empty gradient may have very many empty lanes.
+                    .take(if y.is_empty() { 0 } else { usize::MAX })
                 {
                     let total = g.sum();
                     g.zip_mut_with(&y, |g, &y| *g -= y.exp() * total);
