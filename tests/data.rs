@@ -465,7 +465,7 @@ fn parse_error(text: &str) -> (usize, String) {
 #[test]
 fn csv_reads_quoted_cells_and_cells_with_spaces() -> Result<()> {
     // Quoted header names may hold commas; quoted values are numbers.
-    let text = "\"a,1\",\"b\",c,label\n\"1\", 2 ,\" 3 \",\"0\"\n  4.5\t,\"-5\"  ,6e1, 3 \n";
+    let text = "\"a,1\",\"b\",c,label\n\"1\", 2 ,\" 3 \",\"0\"\n  4.5\t, \"-5\"  ,6e1, \" 3\" \n";
     let ds = parse(text)?;
     assert_eq!(ds.inputs().to_vec(), vec![1.0, 2.0, 3.0, 4.5, -5.0, 60.0]);
     assert_eq!(ds.targets().to_vec(), vec![0.0, 3.0]);
@@ -529,6 +529,8 @@ fn csv_line_numbers_count_blank_lines_crlf_and_quoted_line_breaks() {
         parse_error("\r\n\na,b,c,label\r\n\r\n1,2,3,0\r\n\r\n\r\n1,x,3,0\r\n").0,
         8
     );
+    // Old Mac line ends (a lone `\r`) end lines too.
+    assert_eq!(parse_error("a,b,c,label\r1,2,3,0\r\r1,2,3,0\r1,2\r").0, 5);
     // A line of spaces is blank too.
     assert_eq!(parse_error("a,b,c,label\n   \n\t\n1,2,3,9\n").0, 4);
     // A record with a quoted line break is reported at its first line, and

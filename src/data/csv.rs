@@ -44,10 +44,11 @@ pub fn load_digits(path: impl AsRef<Path>) -> Result<TensorDataset> {
 /// `0..classes`. [`LabeledCsv`] reads the same format, also without a
 /// header line.
 ///
-/// Cells are separated by commas. A cell may be quoted (`"1.5"`; the quotes
-/// must open the cell) and may have spaces around its value; the header's
-/// cells can be anything, only their number is checked. Blank lines are
-/// skipped; lines may end in `\n` or `\r\n`.
+/// Cells are separated by commas. A cell may be quoted (`"1.5"`, so a
+/// quoted comma or line break is part of the cell) and may have spaces
+/// around its value or its quotes; the header's cells can be any text, only
+/// their number is checked. Blank lines are skipped; lines may end in `\n`,
+/// `\r\n` or `\r`.
 ///
 /// # Errors
 ///
@@ -284,7 +285,7 @@ impl LabeledCsv {
                 ));
             }
             let cells = record.iter().enumerate().map(|(index, bytes)| {
-                std::str::from_utf8(bytes).map(str::trim).map_err(|_| {
+                std::str::from_utf8(bytes).map(unquoted).map_err(|_| {
                     parse_error(line, format!("invalid UTF-8 in column {}", index + 1))
                 })
             });
@@ -345,7 +346,8 @@ impl LabeledCsv {
 /// record, and a `\r\n` whose `\n` it consumes with the next record: the
 /// offset it gives for a record is where it started reading, before any
 /// such line ends. The record's first line is the one of the first byte
-/// there that ends no line; lines are counted by `\n`.
+/// there that ends no line. A line ends with `\n`, `\r\n` or a lone `\r`,
+/// as records do.
 struct LineCounter<'a> {
     text: &'a [u8],
     /// A byte offset, never decreasing...
@@ -363,24 +365,39 @@ impl<'a> LineCounter<'a> {
         }
     }
 
+    /// Whether the byte at `i` ends a line (the `\n` of a `\r\n` does).
+    fn ends_line(&self, i: usize) -> bool {
+        match self.text[i] {
+            b'\n' => true,
+            b'\r' => self.text.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        }
+    }
+
     /// The line of the record the csv reader started reading at `offset`.
     /// Records come in order, so each call scans only bytes after the last.
     fn record_line(&mut self, offset: u64) -> usize {
         let offset = usize::try_from(offset).map_or(self.text.len(), |o| o.min(self.text.len()));
-        if offset > self.offset {
-            let skipped = &self.text[self.offset..offset];
-            self.line += skipped.iter().filter(|&&b| b == b'\n').count();
-            self.offset = offset;
+        while self.offset < offset {
+            self.line += usize::from(self.ends_line(self.offset));
+            self.offset += 1;
         }
-        while let Some(&byte) = self.text.get(self.offset) {
-            match byte {
-                b'\n' => self.line += 1,
-                b'\r' => {}
-                _ => break,
-            }
+        while matches!(self.text.get(self.offset), Some(b'\r' | b'\n')) {
+            self.line += usize::from(self.ends_line(self.offset));
             self.offset += 1;
         }
         self.line
+    }
+}
+
+/// A cell's value: without the spaces around it, and without quotes that
+/// spaces kept the csv crate from seeing (it reads quotes only at the very
+/// start of a cell, as in `1, "2"`).
+fn unquoted(cell: &str) -> &str {
+    let cell = cell.trim();
+    match cell.strip_prefix('"').and_then(|c| c.strip_suffix('"')) {
+        Some(inner) => inner.trim(),
+        None => cell,
     }
 }
 
