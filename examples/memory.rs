@@ -14,11 +14,13 @@
 
 use std::process::Command;
 
+use clap::Parser;
+use clap::builder::PossibleValuesParser;
 use ndarray::{Array1, Array2, ArrayView2, Axis, Ix1, Ix2};
 use netcl::nn::{Activation, Mlp, Module};
+use netcl::rand::SeedableRng;
+use netcl::rand::rngs::StdRng;
 use netcl::{Tensor, autograd};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 const BATCH: usize = 4096;
 const MODELS: &[(&str, &[usize])] = &[
@@ -26,6 +28,25 @@ const MODELS: &[(&str, &[usize])] = &[
     ("784-2048-2048-2048-10", &[784, 2048, 2048, 2048, 10]),
 ];
 const MODES: &[&str] = &["grad", "no_grad", "raw_ndarray"];
+
+/// Peak memory of one inference pass at batch 4096 (with grad on, under
+/// no_grad, and the same forward in raw ndarray), each figure the median of
+/// five child processes.
+#[derive(Parser, Debug)]
+#[command(name = "memory")]
+struct Args {
+    /// Child process only: the model to measure in this process.
+    #[arg(
+        long,
+        hide = true,
+        requires = "mode",
+        value_parser = PossibleValuesParser::new(MODELS.iter().map(|(name, _)| *name)),
+    )]
+    model: Option<String>,
+    /// Child process only: how to run its pass.
+    #[arg(long, hide = true, requires = "model", value_parser = PossibleValuesParser::new(MODES))]
+    mode: Option<String>,
+}
 
 /// A field of `/proc/self/status`, in bytes.
 fn status_bytes(field: &str) -> u64 {
@@ -87,14 +108,14 @@ fn measure(dims: &[usize], mode: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() == 3 {
+    let args = Args::parse();
+    if let (Some(model), Some(mode)) = (&args.model, &args.mode) {
         let dims = MODELS
             .iter()
-            .find(|(name, _)| *name == args[1])
-            .expect("model name")
+            .find(|(name, _)| name == model)
+            .expect("a model name clap checked")
             .1;
-        measure(dims, &args[2]);
+        measure(dims, mode);
         return;
     }
     let exe = std::env::current_exe().expect("own path");
@@ -112,7 +133,7 @@ fn main() {
             let mut runs: Vec<(f64, f32)> = (0..5)
                 .map(|_| {
                     let out = Command::new(&exe)
-                        .args([name, mode])
+                        .args(["--model", name, "--mode", mode])
                         .output()
                         .expect("run child");
                     assert!(out.status.success(), "{name} {mode}: {out:?}");
@@ -147,4 +168,61 @@ fn main() {
     println!(
         "(\"no_grad vs grad\": how much lower no_grad's peak is; \"vs raw\": how much above raw ndarray's)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::{CommandFactory, Parser};
+
+    use super::{Args, MODELS, MODES};
+
+    #[test]
+    fn help_prints_usage_without_the_child_options() {
+        Args::command().debug_assert();
+        let help = Args::try_parse_from(["memory", "--help"]).unwrap_err();
+        assert_eq!(help.kind(), ErrorKind::DisplayHelp);
+        let text = help.to_string();
+        assert!(text.contains("Usage: memory"), "{text}");
+        assert!(!text.contains("--model"), "{text}");
+    }
+
+    #[test]
+    fn a_child_gets_a_checked_model_and_mode() {
+        for (model, _) in MODELS {
+            for mode in MODES {
+                let args =
+                    Args::try_parse_from(["memory", "--model", model, "--mode", mode]).unwrap();
+                assert_eq!(
+                    (args.model.as_deref(), args.mode.as_deref()),
+                    (Some(*model), Some(*mode))
+                );
+            }
+        }
+        let parent = Args::try_parse_from(["memory"]).unwrap();
+        assert!(parent.model.is_none() && parent.mode.is_none());
+    }
+
+    #[test]
+    fn unknown_flags_and_bad_child_arguments_are_rejected() {
+        let cases: [(&[&str], ErrorKind); 4] = [
+            (&["memory", "--batch", "8"], ErrorKind::UnknownArgument),
+            (
+                &["memory", "--model", "784-10", "--mode", "grad"],
+                ErrorKind::InvalidValue,
+            ),
+            (
+                &["memory", "--model", "784-256-256-10"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["memory", "784-256-256-10", "grad"],
+                ErrorKind::UnknownArgument,
+            ),
+        ];
+        for (args, kind) in cases {
+            let err = Args::try_parse_from(args).unwrap_err();
+            assert_eq!(err.kind(), kind, "{args:?}");
+        }
+    }
 }

@@ -4,9 +4,17 @@
 //!
 //! Run with `cargo run --release --example quickstart`.
 
+use clap::Parser;
+use netcl::rand::rngs::StdRng;
+use netcl::rand::{RngExt, SeedableRng};
 use netcl::{Tensor, autograd};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+
+/// Trains a two-layer network to tell points inside a circle from points
+/// outside it, with plain tensors and hand-written SGD, then evaluates it
+/// under no_grad.
+#[derive(Parser, Debug)]
+#[command(name = "quickstart")]
+struct Args {}
 
 /// Points uniform in [-1, 1]², labelled 1 inside the circle of radius 0.7.
 fn circle_data(n: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
@@ -27,6 +35,7 @@ fn circle_data(n: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
 }
 
 fn main() -> netcl::Result<()> {
+    Args::parse();
     let mut rng = StdRng::seed_from_u64(42);
     let (train_x, train_y) = circle_data(512, &mut rng);
     let (test_x, test_y) = circle_data(256, &mut rng);
@@ -70,4 +79,23 @@ fn main() -> netcl::Result<()> {
     assert_eq!(tape.len(), 0, "evaluation recorded nothing");
     println!("test accuracy: {accuracy:.4}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    #[test]
+    fn help_prints_usage_and_unknown_flags_are_rejected() {
+        Args::command().debug_assert();
+        assert!(Args::try_parse_from(["quickstart"]).is_ok());
+        let help = Args::try_parse_from(["quickstart", "--help"]).unwrap_err();
+        assert_eq!(help.kind(), ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("Usage: quickstart"), "{help}");
+        let err = Args::try_parse_from(["quickstart", "--fast"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+    }
 }

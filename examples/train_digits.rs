@@ -5,20 +5,22 @@
 //! to `digits_curves.png` (skipped with `--no-plot`). The last line printed
 //! is `test accuracy: 0.xxxx`.
 //!
-//! Run with `cargo run --release --example train_digits [-- --no-plot]`.
-//! Output files go to the current directory; the data is found from the
-//! crate's directory, so it runs from anywhere.
+//! Run with `cargo run --release --example train_digits [-- --no-plot]`
+//! (`-- --help` prints the usage and trains nothing). Output files go to the
+//! current directory; the data is found from the crate's directory, so it
+//! runs from anywhere.
 
 use std::path::Path;
 use std::process::ExitCode;
 
+use clap::Parser;
 use netcl::data::{self, TensorDataset};
 use netcl::io;
 use netcl::nn::{Activation, Mlp, Module};
 use netcl::optim::{Adam, AdamConfig, CosineAnnealing};
+use netcl::rand::SeedableRng;
+use netcl::rand::rngs::StdRng;
 use netcl::train::{self, EpochMetrics, Trainer};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 const SEED: u64 = 42;
 const EPOCHS: usize = 30;
@@ -26,8 +28,21 @@ const BATCH_SIZE: usize = 32;
 const WEIGHTS: &str = "digits_mlp.safetensors";
 const CURVES: &str = "digits_curves.png";
 
+/// Trains a 64-128-10 MLP on the 8x8 handwritten digits of data/digits.csv,
+/// saves it to digits_mlp.safetensors, reloads it to check the accuracy is
+/// identical, and draws the learning curves to digits_curves.png.
+#[derive(Parser, Debug)]
+#[command(name = "train_digits")]
+struct Args {
+    /// Do not draw the loss and accuracy curves.
+    #[arg(long)]
+    no_plot: bool,
+}
+
 fn main() -> ExitCode {
-    match run() {
+    // `--help` and unknown flags end here, before any work.
+    let args = Args::parse();
+    match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
@@ -36,8 +51,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let plot = !std::env::args().skip(1).any(|arg| arg == "--no-plot");
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let plot = !args.no_plot;
 
     // The data: 1797 images of 64 pixels in 0..=16, scaled to [0, 1].
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits.csv");
@@ -334,5 +349,49 @@ mod plot {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn no_flag_plots_and_no_plot_skips_the_plot() {
+        assert!(!Args::try_parse_from(["train_digits"]).unwrap().no_plot);
+        assert!(
+            Args::try_parse_from(["train_digits", "--no-plot"])
+                .unwrap()
+                .no_plot
+        );
+    }
+
+    #[test]
+    fn help_is_a_usage_message_not_a_run() {
+        let err = Args::try_parse_from(["train_digits", "--help"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+        let help = err.to_string();
+        assert!(help.contains("Usage: train_digits [OPTIONS]"), "{help}");
+        assert!(help.contains("--no-plot"), "{help}");
+    }
+
+    #[test]
+    fn unknown_flags_and_arguments_are_rejected() {
+        for args in [
+            &["train_digits", "--noplot"][..],
+            &["train_digits", "--epochs", "3"],
+            &["train_digits", "extra"],
+        ] {
+            let err = Args::try_parse_from(args).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::UnknownArgument, "{args:?}");
+        }
     }
 }

@@ -74,6 +74,24 @@ pub use autograd::{enable_grad, is_grad_enabled, no_grad, set_grad_enabled};
 pub use error::{Error, Result};
 pub use tensor::{GradFn, Tensor};
 
+/// The `rand` version netcl's API uses, re-exported so callers can make the
+/// generators its constructors take (`&mut impl Rng`: [`Tensor::rand`],
+/// [`nn::Linear::new`], [`nn::Mlp::new`]) without adding `rand` themselves
+/// or guessing its version.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::nn::{Activation, Mlp};
+/// use netcl::rand::SeedableRng;
+/// use netcl::rand::rngs::StdRng;
+///
+/// let mut rng = StdRng::seed_from_u64(42);
+/// let model = Mlp::new(&[4, 8, 2], Activation::Relu, &mut rng);
+/// assert_eq!(model.dims(), &[4, 8, 2]);
+/// ```
+pub use rand;
+
 /// The `ndarray` version netcl's API uses, re-exported so callers can name
 /// its types without a version mismatch.
 pub use ndarray;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use netcl::autograd::{self, GradMode, Tape};
 use netcl::data::{
-    self, Batch, DataLoader, Dataset, TensorDataset, load_labeled_csv, parse_labeled_csv,
+    self, Batch, DataLoader, Dataset, LabeledCsv, TensorDataset, load_labeled_csv,
+    parse_labeled_csv,
 };
 use netcl::{Error, Result, Tensor};
 
@@ -366,7 +367,7 @@ fn malformed_csv_rows_name_their_line_and_problem() {
         (
             format!("{header}1,2,NaN,0\n"),
             2,
-            "column 3: `NaN` is not a number",
+            "column 3: `NaN` is not a finite number",
         ),
         (
             format!("{header}1,2,3,4\n"),
@@ -443,4 +444,201 @@ fn csv_file_errors_name_the_file() {
     assert!(matches!(err, Error::Parse { line: 12, .. }), "{err}");
 
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The `Error::Parse` of `text` read as 3 features and labels in `0..4`,
+/// as `(line, message)`.
+fn parse_error(text: &str) -> (usize, String) {
+    match parse(text) {
+        Err(Error::Parse {
+            source_name,
+            line,
+            message,
+        }) => {
+            assert_eq!(source_name, "test.csv");
+            (line, message)
+        }
+        other => panic!("expected a parse error for {text:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn csv_reads_quoted_cells_and_cells_with_spaces() -> Result<()> {
+    // Quoted header names may hold commas; quoted values are numbers.
+    let text = "\"a,1\",\"b\",c,label\n\"1\", 2 ,\" 3 \",\"0\"\n  4.5\t, \"-5\"  ,6e1, \" 3\" \n";
+    let ds = parse(text)?;
+    assert_eq!(ds.inputs().to_vec(), vec![1.0, 2.0, 3.0, 4.5, -5.0, 60.0]);
+    assert_eq!(ds.targets().to_vec(), vec![0.0, 3.0]);
+    // A quoted comma is inside a cell, not between two.
+    let (line, message) = parse_error("a,b,c,label\n\"1,2\",3,0\n");
+    assert_eq!(line, 2);
+    assert_eq!(
+        message,
+        "expected 4 columns (3 features and a label), found 3 in the row"
+    );
+    Ok(())
+}
+
+#[test]
+fn non_finite_cells_are_not_finite_numbers() -> Result<()> {
+    for cell in ["NaN", "nan", "inf", "-inf", "infinity", "1e39", "-1e39"] {
+        let (line, message) = parse_error(&format!("a,b,c,label\n1,2,3,0\n1,{cell},3,0\n"));
+        assert_eq!(line, 3, "{cell}");
+        assert_eq!(
+            message,
+            format!("column 2: `{cell}` is not a finite number")
+        );
+    }
+    // The largest finite values still load.
+    let ds = parse("a,b,c,label\n3.4e38,-3.4e38,1e-45,1\n")?;
+    assert!(ds.inputs().to_vec().iter().all(|v| v.is_finite()));
+    Ok(())
+}
+
+#[test]
+fn a_trailing_comma_or_an_empty_cell_is_an_error() {
+    let header = "a,b,c,label\n";
+    assert_eq!(
+        parse_error(&format!("{header}1,2,3,0,\n")),
+        (
+            2,
+            "expected 4 columns (3 features and a label), found 5 in the row".to_string()
+        )
+    );
+    assert_eq!(
+        parse_error(&format!("{header}1,,3,0\n")),
+        (2, "column 2: empty cell, expected a number".to_string())
+    );
+    assert_eq!(
+        parse_error(&format!("{header}1,2,3, \n")),
+        (2, "label `` is not a class index in 0..4".to_string())
+    );
+    assert_eq!(
+        parse_error("a,b,c,label,\n1,2,3,0\n"),
+        (
+            1,
+            "expected 4 columns (3 features and a label), found 5 in the header".to_string()
+        )
+    );
+}
+
+#[test]
+fn csv_line_numbers_count_blank_lines_crlf_and_quoted_line_breaks() {
+    // Blank lines (also before the header and with CRLF) count as lines.
+    assert_eq!(
+        parse_error("\r\n\na,b,c,label\r\n\r\n1,2,3,0\r\n\r\n\r\n1,x,3,0\r\n").0,
+        8
+    );
+    // Old Mac line ends (a lone `\r`) end lines too.
+    assert_eq!(parse_error("a,b,c,label\r1,2,3,0\r\r1,2,3,0\r1,2\r").0, 5);
+    // A line of spaces is blank too.
+    assert_eq!(parse_error("a,b,c,label\n   \n\t\n1,2,3,9\n").0, 4);
+    // A record with a quoted line break is reported at its first line, and
+    // the lines after it are counted.
+    let text = "a,b,c,label\n1,2,3,0\n\"1\n2\",2,3,0\n";
+    assert_eq!(
+        parse_error(text),
+        (3, "column 1: `1\\n2` is not a number".to_string())
+    );
+    let text = "a,b,c,label\n\"1\",2,\"3\n\n\",0\n1,2,3,4\n";
+    assert_eq!(
+        parse_error(text),
+        (5, "label `4` is not a class index in 0..4".to_string())
+    );
+    // The last line needs no line end.
+    assert_eq!(parse_error("a,b,c,label\n1,2,3,0\n1,2,3,x").0, 3);
+}
+
+#[test]
+fn csv_messages_shorten_giant_cells() {
+    let giant = "9".repeat(100_000);
+    let (line, message) = parse_error(&format!("a,b,c,label\n1,{giant},3,0\n"));
+    assert_eq!(line, 2);
+    assert_eq!(
+        message,
+        format!("column 2: `{}…` is not a finite number", "9".repeat(40))
+    );
+    let (_, message) = parse_error(&format!("a,b,c,label\n1,2,3,{giant}x\n"));
+    assert!(message.len() < 100, "{message}");
+}
+
+#[test]
+fn a_negative_zero_label_is_class_zero() -> Result<()> {
+    let ds = parse("a,b,c,label\n1,2,3,-0\n")?;
+    assert_eq!(ds.targets().to_vec()[0].to_bits(), 0.0f32.to_bits());
+    Ok(())
+}
+
+#[test]
+fn headerless_csv_starts_with_a_sample() -> Result<()> {
+    let csv = LabeledCsv::new(3, 4).header(false);
+    let ds = csv.parse("1,2,3,0\n\n4,5,6,3\n".as_bytes(), "test.csv")?;
+    assert_eq!(ds.inputs().to_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(ds.targets().to_vec(), vec![0.0, 3.0]);
+
+    let err = csv
+        .parse("a,b,c,label\n1,2,3,0\n".as_bytes(), "test.csv")
+        .unwrap_err();
+    assert_eq!(err.to_string(), "test.csv:1: column 1: `a` is not a number");
+    let err = csv.parse("\n\n".as_bytes(), "test.csv").unwrap_err();
+    assert_eq!(err.to_string(), "test.csv:1: no samples");
+    let err = csv.parse("1,2,3\n".as_bytes(), "test.csv").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "test.csv:1: expected 4 columns (3 features and a label), found 3 in the row"
+    );
+    // With a header (the default), the same as parse_labeled_csv.
+    let text = "a,b,c,label\n1,2,3,0\n";
+    let with_header = LabeledCsv::new(3, 4).parse(text.as_bytes(), "test.csv")?;
+    assert_eq!(
+        with_header.inputs().to_vec(),
+        parse(text)?.inputs().to_vec()
+    );
+    Ok(())
+}
+
+#[test]
+fn headerless_digits_load_from_a_file() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("netcl-headerless-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(digits_path()).unwrap();
+    let body: String = text
+        .lines()
+        .skip(1)
+        .take(20)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("digits-no-header.csv");
+    std::fs::write(&path, body).unwrap();
+
+    let headerless = LabeledCsv::new(64, 10).header(false).load(&path)?;
+    let digits = data::load_digits(digits_path())?;
+    assert_eq!(headerless.len(), 20);
+    assert_eq!(
+        headerless.inputs().to_vec(),
+        digits.inputs().to_vec()[..20 * 64]
+    );
+    assert_eq!(
+        headerless.targets().to_vec(),
+        digits.targets().to_vec()[..20]
+    );
+    // Read with a header, its first sample is taken for the header.
+    assert_eq!(data::load_digits(&path)?.len(), 19);
+
+    let err = LabeledCsv::new(64, 10)
+        .load(dir.join("missing.csv"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Io {
+                op: "LabeledCsv::load",
+                kind: std::io::ErrorKind::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    Ok(())
 }

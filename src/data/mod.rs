@@ -35,7 +35,7 @@ use ndarray::Axis;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-pub use csv::{load_digits, load_labeled_csv, parse_labeled_csv};
+pub use self::csv::{LabeledCsv, load_digits, load_labeled_csv, parse_labeled_csv};
 pub use loader::{DataLoader, EpochIter};
 
 use crate::error::{Error, Result};

@@ -235,6 +235,37 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.shape()[1]
     }
+
+    /// A layer from `in_features` to `out_features` with a bias, initialised
+    /// from a generator seeded with `seed`: the same layer as
+    /// `Linear::new(in_features, out_features, &mut StdRng::seed_from_u64(seed))`
+    /// with [`netcl::rand`](crate::rand)'s `StdRng`, without naming `rand`.
+    ///
+    /// The same seed gives the same layer with the same netcl version;
+    /// `StdRng`'s algorithm may change when netcl moves to a new `rand`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_new`](Linear::try_new).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::Linear;
+    /// use netcl::rand::SeedableRng;
+    /// use netcl::rand::rngs::StdRng;
+    ///
+    /// let layer = Linear::seeded(3, 2, 42);
+    /// let same = Linear::new(3, 2, &mut StdRng::seed_from_u64(42));
+    /// assert_eq!(layer.weight().to_vec(), same.weight().to_vec());
+    /// assert_ne!(layer.weight().to_vec(), Linear::seeded(3, 2, 43).weight().to_vec());
+    /// ```
+    #[track_caller]
+    pub fn seeded(in_features: usize, out_features: usize, seed: u64) -> Linear {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Linear::new(in_features, out_features, &mut rng)
+    }
 }
 
 impl Clone for Linear {

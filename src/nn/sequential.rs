@@ -336,6 +336,37 @@ impl Mlp {
     pub fn layers(&self) -> &Sequential {
         &self.layers
     }
+
+    /// An MLP with layer widths `dims`, initialised from a generator seeded
+    /// with `seed`: the same model as
+    /// `Mlp::new(dims, activation, &mut StdRng::seed_from_u64(seed))` with
+    /// [`netcl::rand`](crate::rand)'s `StdRng`, without naming `rand`.
+    ///
+    /// The same seed gives the same model with the same netcl version;
+    /// `StdRng`'s algorithm may change when netcl moves to a new `rand`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_new`](Mlp::try_new).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Activation, Mlp, Module};
+    ///
+    /// let mlp = Mlp::seeded(&[4, 8, 3], Activation::Tanh, 7);
+    /// let x = Tensor::ones(&[2, 4]);
+    /// let again = Mlp::seeded(&[4, 8, 3], Activation::Tanh, 7);
+    /// assert_eq!(mlp.forward(&x)?.to_vec(), again.forward(&x)?.to_vec());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn seeded(dims: &[usize], activation: Activation, seed: u64) -> Mlp {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Mlp::new(dims, activation, &mut rng)
+    }
 }
 
 impl Clone for Mlp {
