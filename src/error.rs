@@ -260,6 +260,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A thread could not be started (the operating system refused it).
+    #[error("{op}: cannot start a thread: {message}")]
+    ThreadSpawn {
+        /// The operation.
+        op: &'static str,
+        /// The kind of I/O error the spawn failed with.
+        kind: std::io::ErrorKind,
+        /// The I/O error's message.
+        message: String,
+    },
+
     /// A line of a text data file (CSV) is malformed.
     #[error("{source_name}:{line}: {message}")]
     Parse {

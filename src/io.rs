@@ -429,7 +429,7 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
         }
         // safetensors accepts any shape whose byte size matches the data,
         // zero-size shapes whose other axes overflow included.
-        crate::tensor::checked_numel(OP, view.shape()).map_err(|err| Error::Format {
+        crate::array::checked_numel(OP, view.shape()).map_err(|err| Error::Format {
             op: OP,
             source_name: path.display().to_string(),
             format: FORMAT,

@@ -58,6 +58,7 @@
 #![deny(unsafe_code)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod array;
 pub mod autograd;
 pub mod data;
 mod error;

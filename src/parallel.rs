@@ -403,10 +403,8 @@ where
         let (value, grads) = result?;
         losses.push(value);
         for (sum, grad) in sums.iter_mut().zip(grads) {
-            let Some(grad) = grad else { continue };
-            match sum {
-                None => *sum = Some(grad),
-                Some(sum) => *sum += &grad,
+            if let Some(grad) = grad {
+                crate::array::accumulate(sum, grad);
             }
         }
     }

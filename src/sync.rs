@@ -3,10 +3,28 @@
 //! Normal builds use `parking_lot` locks and `std` atomics. Under `--cfg loom`
 //! every primitive here is loom's, so the model checker in `loom-tests/` sees
 //! (and permutes) each lock acquisition and atomic access the crate makes.
-//! The rest of the crate names only `crate::sync::*`, which gives one API for
-//! both: `lock()`, `read()` and `write()` return guards directly (loom's return
-//! a `LockResult`, which is unwrapped here; netcl never poisons a lock because
-//! no user code runs while one of its locks is held).
+//! `lock()`, `read()` and `write()` return guards directly in both (loom's
+//! return a `LockResult`, which is unwrapped here; netcl never poisons a lock
+//! because no user code runs while one of its locks is held).
+//!
+//! # What goes through here, and what does not
+//!
+//! Every primitive that takes part in a protocol the loom models check goes
+//! through `crate::sync`: a tensor's values, its writer lock and gradient,
+//! the tape's arena and `Arc`, the thread context, published model
+//! versions. The crate names `std::sync` and `std::thread` directly in three
+//! kinds of place, on purpose:
+//!
+//! - **public types**: `Arc<M>` is a `Module` and `Arc<D>` a `Dataset`
+//!   (`nn`, `data`), and `Trainer` and `DataLoader` hold datasets in the
+//!   caller's `Arc`: users pass `std::sync::Arc`, so that is what these name;
+//! - **OS threads a model cannot host**: the data loader's background thread
+//!   and its stop flag (`data/loader.rs`); loom models run none of it;
+//! - **counters and flags with no ordering duty**: tape ids, Dropout's layer
+//!   ids and generations, a module's own training flag (all `Relaxed`, read
+//!   for their value alone), and the shared form of a backward function in
+//!   the tape (an immutable `Arc<dyn Backward>` that loom's `Arc`, which does
+//!   not coerce to unsized types, cannot hold).
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;

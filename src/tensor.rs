@@ -5,7 +5,7 @@ use std::fmt;
 use ndarray::{ArcArray, Array, ArrayD, ArrayViewD, ArrayViewMutD, Dimension, IxDyn};
 use rand::{Rng, RngExt};
 
-use crate::autograd::engine::{self, Root};
+use crate::array::checked_numel;
 use crate::autograd::tape::{NodeId, Tape};
 use crate::error::{Error, Result, or_panic};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, thread_local_const};
@@ -193,35 +193,6 @@ impl fmt::Display for GradFn {
     }
 }
 
-/// The number of elements of `shape`, checking that the shape can exist:
-/// the product of its non-zero lengths is at most
-/// [`Tensor::MAX_ELEMENTS`] (computed without overflow).
-///
-/// # Errors
-///
-/// [`Error::ShapeTooLarge`] naming `op` if it is not.
-pub(crate) fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
-    let mut product: usize = 1;
-    let mut empty = false;
-    for &len in shape {
-        if len == 0 {
-            empty = true;
-            continue;
-        }
-        product = match product.checked_mul(len) {
-            Some(p) if p <= Tensor::MAX_ELEMENTS => p,
-            _ => {
-                return Err(Error::ShapeTooLarge {
-                    op,
-                    shape: shape.to_vec(),
-                    limit: Tensor::MAX_ELEMENTS,
-                });
-            }
-        };
-    }
-    Ok(if empty { 0 } else { product })
-}
-
 /// Construction.
 impl Tensor {
     /// The most elements a tensor can have: `isize::MAX / 4`, the number of
@@ -232,7 +203,7 @@ impl Tensor {
     /// exist too (ndarray computes strides from them). Constructors and
     /// ops that would create a larger shape return
     /// [`Error::ShapeTooLarge`] (their `try_` forms) or panic.
-    pub const MAX_ELEMENTS: usize = isize::MAX as usize / std::mem::size_of::<f32>();
+    pub const MAX_ELEMENTS: usize = crate::array::MAX_ELEMENTS;
 
     fn with_parts(data: Data, requires_grad: bool, node: Option<NodeRef>) -> Tensor {
         Tensor(Arc::new(Inner {
@@ -787,11 +758,7 @@ impl Tensor {
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
     pub(crate) fn accumulate_grad(&self, grad: ArrayD<f32>) {
-        let mut slot = self.0.grad.lock();
-        match &mut *slot {
-            None => *slot = Some(grad.into_shared()),
-            Some(sum) => crate::ops::add_assign(sum, &grad),
-        }
+        crate::array::accumulate(&mut self.0.grad.lock(), grad);
     }
 
     /// A leaf sharing this tensor's values, outside any graph.
@@ -831,155 +798,6 @@ impl Tensor {
     /// ```
     pub fn fork(&self) -> Tensor {
         Tensor::with_parts(self.read().into_data(), self.requires_grad(), None)
-    }
-
-    /// Computes the gradient of this one-element tensor with respect to every
-    /// leaf it depends on, accumulating into their [`grad`](Tensor::grad).
-    ///
-    /// The graph's saved tensors are released: a second backward through it
-    /// is an error (see
-    /// [`backward_retain_graph`](Tensor::backward_retain_graph)).
-    ///
-    /// # Panics
-    ///
-    /// As [`try_backward`](Tensor::try_backward).
-    #[track_caller]
-    pub fn backward(&self) {
-        or_panic(self.try_backward())
-    }
-
-    /// Computes the gradient of this one-element tensor with respect to every
-    /// leaf it depends on, accumulating into their [`grad`](Tensor::grad).
-    ///
-    /// # Errors
-    ///
-    /// - [`Error::NotScalar`] if the tensor has more than one element (use
-    ///   [`try_backward_with`](Tensor::try_backward_with));
-    /// - [`Error::NoGraph`] if it does not require grad;
-    /// - [`Error::GraphReleased`] if the graph was released by an earlier
-    ///   backward.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use netcl::{Error, Tensor};
-    ///
-    /// let x = Tensor::ones(&[2]).requires_grad_(true);
-    /// let y = x.exp();
-    /// assert!(matches!(y.try_backward(), Err(Error::NotScalar { .. })));
-    /// let loss = y.sum();
-    /// loss.try_backward()?;
-    /// assert!(matches!(loss.try_backward(), Err(Error::GraphReleased { .. })));
-    /// # Ok::<(), netcl::Error>(())
-    /// ```
-    pub fn try_backward(&self) -> Result<()> {
-        let seed = self.scalar_seed("backward")?;
-        engine::backward(
-            vec![Root {
-                tensor: self,
-                grad: seed,
-            }],
-            false,
-        )
-    }
-
-    /// Like [`backward`](Tensor::backward), but keeps the graph's saved
-    /// tensors so that it can be walked again.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_backward_retain_graph`](Tensor::try_backward_retain_graph).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use netcl::Tensor;
-    ///
-    /// let x = Tensor::ones(&[2]).requires_grad_(true);
-    /// let loss = (&x * 3.0).sum();
-    /// loss.backward_retain_graph();
-    /// loss.backward();
-    /// assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 6.0]);
-    /// ```
-    #[track_caller]
-    pub fn backward_retain_graph(&self) {
-        or_panic(self.try_backward_retain_graph())
-    }
-
-    /// Like [`try_backward`](Tensor::try_backward), but keeps the graph's
-    /// saved tensors so that it can be walked again.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_backward`](Tensor::try_backward).
-    pub fn try_backward_retain_graph(&self) -> Result<()> {
-        let seed = self.scalar_seed("backward")?;
-        engine::backward(
-            vec![Root {
-                tensor: self,
-                grad: seed,
-            }],
-            true,
-        )
-    }
-
-    /// Backward from a tensor of any shape, given the gradient of the loss
-    /// with respect to it (`grad` has this tensor's shape). The graph is
-    /// released afterwards.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_backward_with`](Tensor::try_backward_with).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use netcl::Tensor;
-    ///
-    /// let x = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
-    /// let y = &x * &x;
-    /// y.backward_with(&Tensor::from_vec(vec![1.0, 0.5], &[2])?);
-    /// // dy_i/dx_i = 2 x_i, weighted by the incoming gradient.
-    /// assert_eq!(x.grad().unwrap().to_vec(), vec![2.0, 2.0]);
-    /// # Ok::<(), netcl::Error>(())
-    /// ```
-    #[track_caller]
-    pub fn backward_with(&self, grad: &Tensor) {
-        or_panic(self.try_backward_with(grad, false))
-    }
-
-    /// Backward from a tensor of any shape, given the gradient of the loss
-    /// with respect to it; `retain_graph` keeps the graph for another pass.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ShapeMismatch`] if `grad`'s shape differs from this tensor's,
-    /// and the errors of [`try_backward`](Tensor::try_backward).
-    pub fn try_backward_with(&self, grad: &Tensor, retain_graph: bool) -> Result<()> {
-        if grad.shape() != self.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "backward_with",
-                lhs: self.shape().to_vec(),
-                rhs: grad.shape().to_vec(),
-            });
-        }
-        let root = Root {
-            tensor: self,
-            grad: grad.to_array(),
-        };
-        engine::backward(vec![root], retain_graph)
-    }
-
-    /// The gradient `1` that starts a backward pass from this tensor, which
-    /// must have one element.
-    pub(crate) fn scalar_seed(&self, op: &'static str) -> Result<ArrayD<f32>> {
-        if self.numel() != 1 {
-            return Err(Error::NotScalar {
-                op,
-                shape: self.shape().to_vec(),
-            });
-        }
-        Ok(ArrayD::ones(self.dim()))
     }
 }
 

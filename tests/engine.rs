@@ -150,14 +150,39 @@ fn backward_needs_a_scalar_or_an_explicit_gradient() {
     );
     let bad = Tensor::ones(&[3]);
     assert!(matches!(
-        y.try_backward_with(&bad, false),
+        y.try_backward_from(&bad),
+        Err(Error::ShapeMismatch {
+            op: "backward_from",
+            ..
+        })
+    ));
+    let seed = Tensor::from_vec(vec![1.0, 10.0], &[2]).unwrap();
+    y.backward_from_retain_graph(&seed);
+    y.backward_from(&seed);
+    // d(3x)/dx weighted by the seed, twice.
+    assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 60.0]);
+}
+
+#[test]
+#[allow(deprecated)]
+fn the_deprecated_backward_with_forms_still_work() {
+    let x = leaf(&[1.0, 2.0]);
+    let y = &x * 3.0;
+    let seed = Tensor::from_vec(vec![1.0, 10.0], &[2]).unwrap();
+    assert!(matches!(
+        y.try_backward_with(&Tensor::ones(&[3]), false),
         Err(Error::ShapeMismatch {
             op: "backward_with",
             ..
         })
     ));
-    y.backward_with(&Tensor::from_vec(vec![1.0, 10.0], &[2]).unwrap());
-    assert_eq!(x.grad().unwrap().to_vec(), vec![3.0, 30.0]);
+    y.try_backward_with(&seed, true).unwrap();
+    y.backward_with(&seed);
+    assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 60.0]);
+    assert!(matches!(
+        y.try_backward_with(&seed, false),
+        Err(Error::GraphReleased { .. })
+    ));
 }
 
 #[test]

@@ -10,10 +10,11 @@
 
 use ndarray::ArrayD;
 
+use crate::array::accumulate;
 use crate::autograd::function::InputGrads;
 use crate::autograd::function::non_finite;
 use crate::autograd::mode::{GradGuard, is_anomaly_enabled};
-use crate::autograd::tape::{NodeId, PlanEdge, Tape};
+use crate::autograd::tape::{NodeId, PlanEdge, Tape, common_tape};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
 use crate::tensor::Tensor;
@@ -88,13 +89,6 @@ impl Sink for Capture<'_> {
     }
 }
 
-fn accumulate(slot: &mut Option<ArrayD<f32>>, grad: ArrayD<f32>) {
-    match slot {
-        None => *slot = Some(grad),
-        Some(sum) => crate::ops::add_assign(sum, &grad),
-    }
-}
-
 /// A root of a backward pass with the gradient it starts from.
 pub(crate) struct Root<'a> {
     pub(crate) tensor: &'a Tensor,
@@ -116,24 +110,10 @@ fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut dyn Sink) -> R
         seeds: Vec::with_capacity(roots.len()),
     };
     // Validate every root before any gradient reaches a leaf.
-    for root in &roots {
-        if !root.tensor.requires_grad() {
-            return Err(Error::NoGraph { op });
-        }
-        if let Some(node) = root.tensor.node() {
-            match &split.tape {
-                None => split.tape = Some(node.tape.clone()),
-                Some(tape) if !Arc::ptr_eq(tape, &node.tape) => {
-                    return Err(Error::TapeMismatch {
-                        op,
-                        first: tape.id(),
-                        second: node.tape.id(),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
+    if roots.iter().any(|root| !root.tensor.requires_grad()) {
+        return Err(Error::NoGraph { op });
     }
+    split.tape = common_tape(op, roots.iter().map(|root| root.tensor))?.cloned();
     for root in roots {
         match root.tensor.node() {
             Some(node) => {

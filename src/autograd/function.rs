@@ -6,8 +6,8 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 use std::panic::Location;
 
 use crate::autograd::mode::{current_tape, recording_flags};
+use crate::autograd::tape::common_tape;
 use crate::error::{Error, Result};
-use crate::sync::Arc;
 use crate::tensor::{Data, NodeRef, Tensor};
 
 /// The backward function of a recorded op: given the gradient of the loss
@@ -105,8 +105,9 @@ impl<'a> InputGrads<'a> {
     }
 }
 
-/// Records `output` as the result of op `op` applied to `inputs`, the path
-/// every built-in op takes.
+/// Records `output` as the result of op `op` applied to `inputs`: the path
+/// every op takes, built-in ops directly (or through [`record_unary`]) and
+/// custom ops through [`apply_op`].
 ///
 /// A node is pushed only when grad mode is on for this thread and some input
 /// requires grad; `save` (which gathers the backward's state) runs only then.
@@ -138,23 +139,7 @@ pub(crate) fn record<B: Backward>(
 
     // A graph lives on one tape: the one the inputs were recorded on, else
     // the current thread's.
-    let mut tape = None;
-    for input in inputs {
-        if let Some(node) = input.node() {
-            match tape {
-                None => tape = Some(&node.tape),
-                Some(first) if !Arc::ptr_eq(first, &node.tape) => {
-                    return Err(Error::TapeMismatch {
-                        op,
-                        first: first.id(),
-                        second: node.tape.id(),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    let tape = match tape {
+    let tape = match common_tape(op, inputs.iter().copied())? {
         Some(tape) => tape.clone(),
         None => current_tape(),
     };
@@ -218,12 +203,13 @@ fn check_forward(
 /// Defines a differentiable op: records `output` as the result of `op`
 /// applied to `inputs`, with the backward function that `save` returns.
 ///
-/// This is the path every built-in op takes. When grad mode is off on this
-/// thread or no input requires grad, `save` is not called and the output is a
-/// plain tensor; otherwise `save` runs once, and what it returns is the
-/// node's backward, holding whatever state it captured until the node is
-/// released. The gradients a backward sets are checked against the inputs'
-/// shapes.
+/// Custom ops record exactly as the built-in ones do (through the same
+/// internal path): when grad mode is off on this thread or no input
+/// requires grad, `save` is not called and the output is a plain tensor;
+/// otherwise `save` runs once, and what it returns is the node's backward,
+/// holding whatever state it captured until the node is released. Unlike
+/// a built-in op's, a custom backward's gradients are checked against the
+/// inputs' shapes.
 ///
 /// # Errors
 ///

@@ -186,9 +186,11 @@ impl Backward for NoBackward {
     fn backward(&self, _: ndarray::ArrayD<f32>, _: &mut crate::autograd::InputGrads<'_>) {}
 }
 
-/// What a release drops once the lock is released. The values are only held,
-/// never read: dropping them is the point.
-#[allow(dead_code)]
+/// What a release drops once the lock is released.
+#[expect(
+    dead_code,
+    reason = "the values are only held, never read: dropping them outside the tape lock is the point"
+)]
 enum Garbage {
     Backward(BackwardFn),
     Leaf(Tensor),
@@ -502,6 +504,34 @@ impl Tape {
             leaves: leaves.leaves,
         })
     }
+}
+
+/// The tape the recorded ones among `tensors` live on (`None` if all are
+/// leaves): a graph lives on one tape, so an op's inputs, or a backward's
+/// roots, recorded on two tapes cannot meet.
+///
+/// # Errors
+///
+/// [`Error::TapeMismatch`] naming `op` and the first two tapes found.
+pub(crate) fn common_tape<'a>(
+    op: &'static str,
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+) -> Result<Option<&'a Arc<Tape>>> {
+    let mut tape: Option<&Arc<Tape>> = None;
+    for node in tensors.into_iter().filter_map(Tensor::node) {
+        match tape {
+            None => tape = Some(&node.tape),
+            Some(first) if !Arc::ptr_eq(first, &node.tape) => {
+                return Err(Error::TapeMismatch {
+                    op,
+                    first: first.id(),
+                    second: node.tape.id(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(tape)
 }
 
 impl fmt::Debug for Tape {

@@ -245,11 +245,10 @@ impl<D: Dataset + 'static> DataLoader<D> {
                 handle: None,
                 stop,
                 remaining: 0,
-                error: Some(Error::Io {
+                error: Some(Error::ThreadSpawn {
                     op: "DataLoader::epoch",
-                    path: "<thread>".to_string(),
                     kind: err.kind(),
-                    message: format!("cannot spawn the loader thread: {err}"),
+                    message: err.to_string(),
                 }),
             },
         }

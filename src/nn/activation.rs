@@ -47,12 +47,10 @@ macro_rules! activation_layer {
                 Vec::new()
             }
 
-            fn set_training(&self, training: bool) {
-                self.training.set(training);
-            }
+            fn training_flag(&self) -> Option<&TrainingFlag> {
 
-            fn is_training(&self) -> bool {
-                self.training.get()
+                Some(&self.training)
+
             }
 
             fn try_fork(&self) -> Result<Box<dyn Module>> {

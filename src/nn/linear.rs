@@ -314,12 +314,8 @@ impl Module for Linear {
         params
     }
 
-    fn set_training(&self, training: bool) {
-        self.training.set(training);
-    }
-
-    fn is_training(&self) -> bool {
-        self.training.get()
+    fn training_flag(&self) -> Option<&TrainingFlag> {
+        Some(&self.training)
     }
 
     fn try_fork(&self) -> Result<Box<dyn Module>> {

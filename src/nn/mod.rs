@@ -94,26 +94,27 @@ use crate::tensor::Tensor;
 /// serve many threads (see the [module docs](self)). They are `Debug` too, so
 /// a model can be printed.
 ///
-/// Implement [`forward`](Module::forward),
-/// [`named_parameters`](Module::named_parameters),
-/// [`set_training`](Module::set_training) and
-/// [`is_training`](Module::is_training); the rest have default
-/// implementations.
+/// Implement [`forward`](Module::forward) and
+/// [`named_parameters`](Module::named_parameters); the rest have default
+/// implementations. A module that keeps a training/evaluation flag of its
+/// own (the default for threads that set no mode) returns it from
+/// [`training_flag`](Module::training_flag); a container also overrides
+/// [`set_training`](Module::set_training) to pass the mode to its children.
+/// Implement [`try_fork`](Module::try_fork) to make the module publishable
+/// ([`Published`]).
 ///
 /// # Examples
 ///
 /// A custom module: a learned per-feature scale.
 ///
 /// ```
-/// use std::sync::atomic::{AtomicBool, Ordering};
-///
-/// use netcl::nn::Module;
+/// use netcl::nn::{Module, TrainingFlag};
 /// use netcl::{Result, Tensor};
 ///
-/// #[derive(Debug)]
+/// #[derive(Debug, Clone)]
 /// struct Scale {
 ///     gain: Tensor,
-///     training: AtomicBool,
+///     training: TrainingFlag,
 /// }
 ///
 /// impl Module for Scale {
@@ -123,17 +124,18 @@ use crate::tensor::Tensor;
 ///     fn named_parameters(&self) -> Vec<(String, Tensor)> {
 ///         vec![("gain".to_string(), self.gain.clone())]
 ///     }
-///     fn set_training(&self, training: bool) {
-///         self.training.store(training, Ordering::Relaxed);
+///     fn training_flag(&self) -> Option<&TrainingFlag> {
+///         Some(&self.training)
 ///     }
-///     fn is_training(&self) -> bool {
-///         self.training.load(Ordering::Relaxed)
+///     fn try_fork(&self) -> Result<Box<dyn Module>> {
+///         let fork = Scale { gain: self.gain.fork(), training: self.training.clone() };
+///         Ok(Box::new(fork))
 ///     }
 /// }
 ///
 /// let scale = Scale {
 ///     gain: Tensor::full(&[3], 2.0).requires_grad_(true),
-///     training: AtomicBool::new(true),
+///     training: TrainingFlag::new(),
 /// };
 /// let y = scale.forward(&Tensor::ones(&[2, 3]))?;
 /// assert_eq!(y.to_vec(), vec![2.0; 6]);
@@ -163,13 +165,36 @@ pub trait Module: Send + Sync + fmt::Debug {
     /// The tensors are handles to the parameters themselves, not copies.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
 
-    /// Switches the module and all its children to training (`true`) or
-    /// evaluation (`false`) mode.
-    fn set_training(&self, training: bool);
+    /// Sets the module's own training (`true`) or evaluation (`false`)
+    /// flag, and its children's: the default mode for threads that set
+    /// none.
+    ///
+    /// The default implementation sets the [`training_flag`](Module::training_flag),
+    /// if the module has one; containers override it to pass the mode to
+    /// their children too.
+    fn set_training(&self, training: bool) {
+        if let Some(flag) = self.training_flag() {
+            flag.set(training);
+        }
+    }
 
     /// Whether the module is in training mode: its own flag, the default
     /// for threads that set no mode of their own. New modules are.
-    fn is_training(&self) -> bool;
+    ///
+    /// The default implementation reads the
+    /// [`training_flag`](Module::training_flag); a module without one is
+    /// always in training mode (its forward does not depend on the mode).
+    fn is_training(&self) -> bool {
+        self.training_flag().is_none_or(TrainingFlag::get)
+    }
+
+    /// The module's own training flag, if it keeps one; `None` by default.
+    /// Keeping one is all a module needs for [`train`](Module::train),
+    /// [`eval`](Module::eval), [`set_training`](Module::set_training) and
+    /// [`is_training`](Module::is_training) to work through `&self`.
+    fn training_flag(&self) -> Option<&TrainingFlag> {
+        None
+    }
 
     /// Whether a forward on *this thread* runs in training mode: the
     /// thread's mode if one is set ([`train_mode`], [`eval_mode`], or a
@@ -330,6 +355,9 @@ macro_rules! forward_module {
             fn is_training(&self) -> bool {
                 (**self).is_training()
             }
+            fn training_flag(&self) -> Option<&TrainingFlag> {
+                (**self).training_flag()
+            }
             fn effective_training(&self) -> bool {
                 (**self).effective_training()
             }
@@ -342,27 +370,54 @@ macro_rules! forward_module {
 
 forward_module!(Box<M>, Arc<M>, &M);
 
-/// The training/evaluation flag of one layer: an atomic, so that a shared
-/// model can switch its default mode through `&self`.
+/// A module's own training/evaluation flag: an atomic, so that a shared
+/// model can switch its default mode through `&self`
+/// ([`Module::training_flag`]). Training (`true`) when new.
+///
+/// It is only the default for threads that set no mode: a thread's
+/// [`train_mode`] or [`eval_mode`] takes precedence
+/// ([`Module::effective_training`]).
+///
+/// # Examples
+///
+/// ```
+/// use netcl::nn::TrainingFlag;
+///
+/// let flag = TrainingFlag::new();
+/// assert!(flag.get());
+/// flag.set(false);
+/// assert!(!flag.get());
+/// assert!(!flag.clone().get(), "a clone starts with the same value");
+/// ```
 #[derive(Debug)]
-pub(crate) struct TrainingFlag(AtomicBool);
+pub struct TrainingFlag(AtomicBool);
 
 impl Clone for TrainingFlag {
+    /// A new flag with this one's current value.
     fn clone(&self) -> TrainingFlag {
         TrainingFlag(AtomicBool::new(self.get()))
     }
 }
 
+impl Default for TrainingFlag {
+    fn default() -> TrainingFlag {
+        TrainingFlag::new()
+    }
+}
+
 impl TrainingFlag {
-    pub(crate) fn new() -> TrainingFlag {
+    /// A flag in training mode.
+    pub fn new() -> TrainingFlag {
         TrainingFlag(AtomicBool::new(true))
     }
 
-    pub(crate) fn get(&self) -> bool {
+    /// Whether it says training.
+    pub fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set(&self, training: bool) {
+    /// Sets it to training (`true`) or evaluation (`false`).
+    pub fn set(&self, training: bool) {
         self.0.store(training, Ordering::Relaxed);
     }
 }

@@ -182,8 +182,8 @@ impl Module for Sequential {
         }
     }
 
-    fn is_training(&self) -> bool {
-        self.training.get()
+    fn training_flag(&self) -> Option<&TrainingFlag> {
+        Some(&self.training)
     }
 
     fn try_fork(&self) -> Result<Box<dyn Module>> {
@@ -412,8 +412,8 @@ impl Module for Mlp {
         self.layers.set_training(training);
     }
 
-    fn is_training(&self) -> bool {
-        self.layers.is_training()
+    fn training_flag(&self) -> Option<&TrainingFlag> {
+        self.layers.training_flag()
     }
 
     fn try_fork(&self) -> Result<Box<dyn Module>> {

@@ -5,9 +5,9 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use ndarray::{ArrayD, Dimension, IxDyn, Zip};
 
+use crate::array::{broadcast_shape, reduce_to_shape, zip_assign};
 use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
-use crate::ops::{broadcast_shape, reduce_to_shape, zip_assign};
 use crate::tensor::{Data, Tensor};
 
 /// `f(a, b)` element-wise over the broadcast of `a` and `b`.
@@ -30,6 +30,64 @@ fn zip_broadcast(
         .expect("shape is a broadcast of a");
     let b = b.broadcast(shape).expect("shape is a broadcast of b");
     Ok(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)))
+}
+
+/// Sums and differences.
+impl Tensor {
+    /// Element-wise `self + rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
+    pub fn add(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_add(rhs))
+    }
+
+    /// Element-wise `self + rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes cannot be
+    /// broadcast together; [`Error::ShapeTooLarge`](crate::Error::ShapeTooLarge)
+    /// if their broadcast could not exist (empty operands with large axes);
+    /// [`Error::TapeMismatch`](crate::Error::TapeMismatch) if the operands
+    /// were recorded on different tapes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2])?;
+    /// let b = Tensor::from_vec(vec![10.0, 20.0], &[2])?;
+    /// assert_eq!(a.try_add(&b)?.to_vec(), vec![11.0, 22.0, 13.0, 24.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn try_add(&self, rhs: &Tensor) -> Result<Tensor> {
+        linear_op("add", self, rhs, |a, b| a + b, 1.0)
+    }
+
+    /// Element-wise `self - rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_sub`](Tensor::try_sub).
+    #[track_caller]
+    pub fn sub(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_sub(rhs))
+    }
+
+    /// Element-wise `self - rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
+    pub fn try_sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        linear_op("sub", self, rhs, |a, b| a - b, -1.0)
+    }
 }
 
 /// Records a binary op whose backward needs only the operands' shapes.
@@ -100,6 +158,35 @@ impl Backward for AddBackward {
     }
 }
 
+/// Products.
+impl Tensor {
+    /// Element-wise `self * rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_mul`](Tensor::try_mul).
+    #[track_caller]
+    pub fn mul(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_mul(rhs))
+    }
+
+    /// Element-wise `self * rhs`, broadcasting as NumPy does.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
+    pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        let operands = self.read_pair(rhs);
+        let (a, b) = operands.get();
+        let out = zip_broadcast("mul", a, b, |x, y| x * y)?.into_shared();
+        record("mul", &[self, rhs], out, |_| MulBackward {
+            a: a.clone(),
+            b: b.clone(),
+        })
+    }
+}
+
 /// `grad * factor` (element-wise, `factor` broadcasting to `grad`), summed
 /// back to `shape`.
 fn scaled(mut grad: ArrayD<f32>, factor: &Data, shape: &[usize]) -> ArrayD<f32> {
@@ -124,6 +211,36 @@ impl Backward for MulBackward {
         if let Some(g) = grad_b {
             grads.set(1, g);
         }
+    }
+}
+
+/// Quotients.
+impl Tensor {
+    /// Element-wise `self / rhs`, broadcasting as NumPy does.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_div`](Tensor::try_div).
+    #[track_caller]
+    pub fn div(&self, rhs: &Tensor) -> Tensor {
+        or_panic(self.try_div(rhs))
+    }
+
+    /// Element-wise `self / rhs`, broadcasting as NumPy does. Division by
+    /// zero follows IEEE 754 (infinities and NaN), as in NumPy.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_add`](Tensor::try_add).
+    #[track_caller]
+    pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
+        let operands = self.read_pair(rhs);
+        let (a, b) = operands.get();
+        let out = zip_broadcast("div", a, b, |x, y| x / y)?.into_shared();
+        record("div", &[self, rhs], out, |_| DivBackward {
+            a: a.clone(),
+            b: b.clone(),
+        })
     }
 }
 
@@ -153,116 +270,6 @@ impl Backward for DivBackward {
             zip_assign(&mut grad, &self.b, |g, b| *g /= b);
             grads.set(0, reduce_to_shape(grad, self.a.shape()));
         }
-    }
-}
-
-impl Tensor {
-    /// Element-wise `self + rhs`, broadcasting as NumPy does.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_add`](Tensor::try_add).
-    #[track_caller]
-    pub fn add(&self, rhs: &Tensor) -> Tensor {
-        or_panic(self.try_add(rhs))
-    }
-
-    /// Element-wise `self + rhs`, broadcasting as NumPy does.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Broadcast`](crate::Error::Broadcast) if the shapes cannot be
-    /// broadcast together; [`Error::ShapeTooLarge`](crate::Error::ShapeTooLarge)
-    /// if their broadcast could not exist (empty operands with large axes);
-    /// [`Error::TapeMismatch`](crate::Error::TapeMismatch) if the operands
-    /// were recorded on different tapes.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use netcl::Tensor;
-    ///
-    /// let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2])?;
-    /// let b = Tensor::from_vec(vec![10.0, 20.0], &[2])?;
-    /// assert_eq!(a.try_add(&b)?.to_vec(), vec![11.0, 22.0, 13.0, 24.0]);
-    /// # Ok::<(), netcl::Error>(())
-    /// ```
-    #[track_caller]
-    pub fn try_add(&self, rhs: &Tensor) -> Result<Tensor> {
-        linear_op("add", self, rhs, |a, b| a + b, 1.0)
-    }
-
-    /// Element-wise `self - rhs`, broadcasting as NumPy does.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_sub`](Tensor::try_sub).
-    #[track_caller]
-    pub fn sub(&self, rhs: &Tensor) -> Tensor {
-        or_panic(self.try_sub(rhs))
-    }
-
-    /// Element-wise `self - rhs`, broadcasting as NumPy does.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_add`](Tensor::try_add).
-    #[track_caller]
-    pub fn try_sub(&self, rhs: &Tensor) -> Result<Tensor> {
-        linear_op("sub", self, rhs, |a, b| a - b, -1.0)
-    }
-
-    /// Element-wise `self * rhs`, broadcasting as NumPy does.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_mul`](Tensor::try_mul).
-    #[track_caller]
-    pub fn mul(&self, rhs: &Tensor) -> Tensor {
-        or_panic(self.try_mul(rhs))
-    }
-
-    /// Element-wise `self * rhs`, broadcasting as NumPy does.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_add`](Tensor::try_add).
-    #[track_caller]
-    pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let operands = self.read_pair(rhs);
-        let (a, b) = operands.get();
-        let out = zip_broadcast("mul", a, b, |x, y| x * y)?.into_shared();
-        record("mul", &[self, rhs], out, |_| MulBackward {
-            a: a.clone(),
-            b: b.clone(),
-        })
-    }
-
-    /// Element-wise `self / rhs`, broadcasting as NumPy does.
-    ///
-    /// # Panics
-    ///
-    /// As [`try_div`](Tensor::try_div).
-    #[track_caller]
-    pub fn div(&self, rhs: &Tensor) -> Tensor {
-        or_panic(self.try_div(rhs))
-    }
-
-    /// Element-wise `self / rhs`, broadcasting as NumPy does. Division by
-    /// zero follows IEEE 754 (infinities and NaN), as in NumPy.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_add`](Tensor::try_add).
-    #[track_caller]
-    pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
-        let operands = self.read_pair(rhs);
-        let (a, b) = operands.get();
-        let out = zip_broadcast("div", a, b, |x, y| x / y)?.into_shared();
-        record("div", &[self, rhs], out, |_| DivBackward {
-            a: a.clone(),
-            b: b.clone(),
-        })
     }
 }
 

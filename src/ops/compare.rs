@@ -11,7 +11,7 @@ impl Tensor {
     fn compare(&self, op: &'static str, rhs: &Tensor, f: fn(f32, f32) -> bool) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let shape = crate::ops::broadcast_shape(op, a.shape(), b.shape())?;
+        let shape = crate::array::broadcast_shape(op, a.shape(), b.shape())?;
         let a = a.broadcast(shape.clone()).expect("broadcast shape");
         let b = b.broadcast(shape).expect("broadcast shape");
         let out = ndarray::Zip::from(&a)

@@ -2,11 +2,12 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
 
+use crate::array::checked_numel;
+use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
 use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm, gemm_acc_into, gemm_into};
-use crate::ops::{broadcast_shape, reduce_to_shape, reshape_owned};
-use crate::tensor::{Data, Tensor, checked_numel};
+use crate::tensor::{Data, Tensor};
 
 /// The matrices of a batched operand at one batch index.
 fn matrix_at<'a>(mut view: ArrayViewD<'a, f32>, index: &[usize]) -> ndarray::ArrayView2<'a, f32> {
@@ -99,26 +100,6 @@ fn transposed(array: &Data) -> ArrayViewD<'_, f32> {
     view
 }
 
-/// d(a·b)/da = grad · bᵀ, d(a·b)/db = aᵀ · grad, each summed over the batch
-/// axes its operand was broadcast along.
-struct MatmulBackward {
-    a: Data,
-    b: Data,
-}
-
-impl Backward for MatmulBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        if grads.needs_grad(0) {
-            let g = batched_matmul(grad.view(), transposed(&self.b));
-            grads.set(0, reduce_to_shape(g, self.a.shape()));
-        }
-        if grads.needs_grad(1) {
-            let g = batched_matmul(transposed(&self.a), grad.view());
-            grads.set(1, reduce_to_shape(g, self.b.shape()));
-        }
-    }
-}
-
 impl Tensor {
     /// Matrix product.
     ///
@@ -174,6 +155,26 @@ impl Tensor {
     }
 }
 
+/// d(a·b)/da = grad · bᵀ, d(a·b)/db = aᵀ · grad, each summed over the batch
+/// axes its operand was broadcast along.
+struct MatmulBackward {
+    a: Data,
+    b: Data,
+}
+
+impl Backward for MatmulBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        if grads.needs_grad(0) {
+            let g = batched_matmul(grad.view(), transposed(&self.b));
+            grads.set(0, reduce_to_shape(g, self.a.shape()));
+        }
+        if grads.needs_grad(1) {
+            let g = batched_matmul(transposed(&self.a), grad.view());
+            grads.set(1, reduce_to_shape(g, self.b.shape()));
+        }
+    }
+}
+
 /// The number of rows of `shape` seen as a matrix of rows: the product of
 /// all its lengths but the last. Counted from the shape, not from the
 /// element count, which is 0 for every row count when the last axis is.
@@ -224,39 +225,6 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
     *out.last_mut().expect("checked non-empty") = weight[1];
     checked_numel("linear", &out)?;
     Ok(())
-}
-
-/// Backward of `x · W + b` over rows `X` (x with its leading axes
-/// flattened): dX = G · Wᵀ, dW = Xᵀ · G, db = Σ_rows G.
-struct LinearBackward {
-    x: Data,
-    weight: Data,
-}
-
-impl Backward for LinearBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        let out_features = self.weight.shape()[1];
-        let rows = row_count(self.x.shape());
-        let grad = reshape_owned(grad, &[rows, out_features])
-            .into_dimensionality::<Ix2>()
-            .expect("2-D");
-        let weight = self
-            .weight
-            .view()
-            .into_dimensionality::<Ix2>()
-            .expect("2-D");
-        if grads.needs_grad(0) {
-            let dx = gemm(grad.view(), weight.t());
-            grads.set(0, reshape_owned(dx.into_dyn(), self.x.shape()));
-        }
-        if grads.needs_grad(1) {
-            let x = as_rows(&self.x);
-            grads.set(1, gemm(x.t(), grad.view()).into_dyn());
-        }
-        if grads.len() > 2 && grads.needs_grad(2) {
-            grads.set(2, grad.sum_axis(Axis(0)).into_dyn());
-        }
-    }
 }
 
 impl Tensor {
@@ -335,6 +303,39 @@ impl Tensor {
                 save()
             }),
             None => record("linear", &[self, weight], out.into_shared(), |_| save()),
+        }
+    }
+}
+
+/// Backward of `x · W + b` over rows `X` (x with its leading axes
+/// flattened): dX = G · Wᵀ, dW = Xᵀ · G, db = Σ_rows G.
+struct LinearBackward {
+    x: Data,
+    weight: Data,
+}
+
+impl Backward for LinearBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let out_features = self.weight.shape()[1];
+        let rows = row_count(self.x.shape());
+        let grad = reshape_owned(grad, &[rows, out_features])
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        let weight = self
+            .weight
+            .view()
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        if grads.needs_grad(0) {
+            let dx = gemm(grad.view(), weight.t());
+            grads.set(0, reshape_owned(dx.into_dyn(), self.x.shape()));
+        }
+        if grads.needs_grad(1) {
+            let x = as_rows(&self.x);
+            grads.set(1, gemm(x.t(), grad.view()).into_dyn());
+        }
+        if grads.len() > 2 && grads.needs_grad(2) {
+            grads.set(2, grad.sum_axis(Axis(0)).into_dyn());
         }
     }
 }

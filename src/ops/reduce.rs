@@ -3,81 +3,12 @@
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
+use crate::array::normalize_axis;
 use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
-use crate::ops::normalize_axis;
 use crate::tensor::Tensor;
 
-/// Backward of a sum (scaled by `scale` for a mean) over all axes or one:
-/// the gradient is spread back over the reduced axis.
-struct SumBackward {
-    input: IxDyn,
-    /// The reduced axis, or `None` for all of them.
-    axis: Option<usize>,
-    scale: f32,
-}
-
-impl Backward for SumBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        let grad = match self.axis {
-            // With or without keepdim, the gradient has the reduced axis
-            // removed or of length 1; restore it as length 1.
-            Some(axis) if grad.ndim() < self.input.ndim() => grad.insert_axis(Axis(axis)),
-            _ => grad,
-        };
-        let spread = if grad.ndim() == 0 {
-            let g = grad.first().copied().unwrap_or(0.0) * self.scale;
-            ArrayD::from_elem(self.input.clone(), g)
-        } else {
-            let mut spread = grad
-                .broadcast(self.input.clone())
-                .expect("reduced shape broadcasts to input")
-                .to_owned();
-            if self.scale != 1.0 {
-                spread.mapv_inplace(|v| v * self.scale);
-            }
-            spread
-        };
-        grads.set(0, spread);
-    }
-}
-
-/// Backward of max along an axis: the gradient goes to the position of the
-/// maximum (the first, on ties).
-struct MaxBackward {
-    input: IxDyn,
-    axis: usize,
-    /// Position of the maximum in each lane, lanes in row-major order.
-    argmax: Vec<usize>,
-}
-
-impl Backward for MaxBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        let mut out = ArrayD::zeros(self.input.clone());
-        for ((mut lane, &position), &g) in out
-            .lanes_mut(Axis(self.axis))
-            .into_iter()
-            .zip(&self.argmax)
-            .zip(grad.iter())
-        {
-            lane[position] = g;
-        }
-        grads.set(0, out);
-    }
-}
-
-/// Position of the largest value in `lane` (the first, on ties; NaN wins, so
-/// a NaN input is visible in the result).
-pub(crate) fn argmax_lane<'a>(lane: impl IntoIterator<Item = &'a f32>) -> usize {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (i, &v) in lane.into_iter().enumerate() {
-        if i == 0 || v > best.1 || (v.is_nan() && !best.1.is_nan()) {
-            best = (i, v);
-        }
-    }
-    best.0
-}
-
+/// Sums and means.
 impl Tensor {
     /// The sum of all elements, as a 0-dimensional tensor.
     ///
@@ -206,7 +137,44 @@ impl Tensor {
             scale,
         })
     }
+}
 
+/// Backward of a sum (scaled by `scale` for a mean) over all axes or one:
+/// the gradient is spread back over the reduced axis.
+struct SumBackward {
+    input: IxDyn,
+    /// The reduced axis, or `None` for all of them.
+    axis: Option<usize>,
+    scale: f32,
+}
+
+impl Backward for SumBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let grad = match self.axis {
+            // With or without keepdim, the gradient has the reduced axis
+            // removed or of length 1; restore it as length 1.
+            Some(axis) if grad.ndim() < self.input.ndim() => grad.insert_axis(Axis(axis)),
+            _ => grad,
+        };
+        let spread = if grad.ndim() == 0 {
+            let g = grad.first().copied().unwrap_or(0.0) * self.scale;
+            ArrayD::from_elem(self.input.clone(), g)
+        } else {
+            let mut spread = grad
+                .broadcast(self.input.clone())
+                .expect("reduced shape broadcasts to input")
+                .to_owned();
+            if self.scale != 1.0 {
+                spread.mapv_inplace(|v| v * self.scale);
+            }
+            spread
+        };
+        grads.set(0, spread);
+    }
+}
+
+/// Maxima.
+impl Tensor {
     /// Maximum along `axis`.
     ///
     /// # Panics
@@ -277,4 +245,40 @@ impl Tensor {
         }
         Ok(axis)
     }
+}
+
+/// Backward of max along an axis: the gradient goes to the position of the
+/// maximum (the first, on ties).
+struct MaxBackward {
+    input: IxDyn,
+    axis: usize,
+    /// Position of the maximum in each lane, lanes in row-major order.
+    argmax: Vec<usize>,
+}
+
+impl Backward for MaxBackward {
+    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+        let mut out = ArrayD::zeros(self.input.clone());
+        for ((mut lane, &position), &g) in out
+            .lanes_mut(Axis(self.axis))
+            .into_iter()
+            .zip(&self.argmax)
+            .zip(grad.iter())
+        {
+            lane[position] = g;
+        }
+        grads.set(0, out);
+    }
+}
+
+/// Position of the largest value in `lane` (the first, on ties; NaN wins, so
+/// a NaN input is visible in the result).
+pub(crate) fn argmax_lane<'a>(lane: impl IntoIterator<Item = &'a f32>) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &v) in lane.into_iter().enumerate() {
+        if i == 0 || v > best.1 || (v.is_nan() && !best.1.is_nan()) {
+            best = (i, v);
+        }
+    }
+    best.0
 }

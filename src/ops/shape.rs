@@ -3,10 +3,11 @@
 
 use ndarray::{ArrayD, Dimension, IxDyn};
 
+use crate::array::checked_numel;
+use crate::array::{normalize_axis, reshape_owned};
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::ops::{normalize_axis, reshape_owned};
-use crate::tensor::{Tensor, checked_numel};
+use crate::tensor::Tensor;
 
 impl Tensor {
     /// The same values with a new shape, in row-major order.

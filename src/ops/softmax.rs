@@ -107,7 +107,7 @@ impl Tensor {
     /// ```
     #[track_caller]
     pub fn try_softmax(&self, axis: isize) -> Result<Tensor> {
-        let axis = crate::ops::normalize_axis("softmax", axis, self.ndim())?;
+        let axis = crate::array::normalize_axis("softmax", axis, self.ndim())?;
         let mut out = self.read().to_owned();
         softmax_inplace(&mut out, axis);
         record("softmax", &[self], out.into_shared(), |y: &Data| {
@@ -151,7 +151,7 @@ impl Tensor {
     /// [`Error::Axis`](crate::Error::Axis) if `axis` is out of range.
     #[track_caller]
     pub fn try_log_softmax(&self, axis: isize) -> Result<Tensor> {
-        let axis = crate::ops::normalize_axis("log_softmax", axis, self.ndim())?;
+        let axis = crate::array::normalize_axis("log_softmax", axis, self.ndim())?;
         let mut out = self.read().to_owned();
         log_softmax_inplace(&mut out, axis);
         record("log_softmax", &[self], out.into_shared(), |y: &Data| {

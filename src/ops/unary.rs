@@ -4,8 +4,8 @@
 
 use ndarray::ArrayD;
 
+use crate::array::zip_assign;
 use crate::autograd::function::{Backward, InputGrads, record_unary};
-use crate::ops::zip_assign;
 use crate::tensor::{Data, Tensor};
 
 /// Which value the derivative reads.

@@ -1,0 +1,195 @@
+//! The ground floor: pure ndarray helpers on shapes and `f32` arrays that
+//! every floor above uses (ops, the backward engine, tensors, parallel
+//! gradient sums). Nothing here knows about [`Tensor`](crate::Tensor),
+//! tapes or modes.
+
+use ndarray::{ArrayBase, ArrayD, ArrayRef, Axis, DataMut, IxDyn};
+
+use crate::error::{Error, Result};
+
+/// The most elements a tensor can have: `isize::MAX / 4`, the number of
+/// `f32` values the largest allocation Rust permits can hold. Public as
+/// [`Tensor::MAX_ELEMENTS`](crate::Tensor::MAX_ELEMENTS).
+pub(crate) const MAX_ELEMENTS: usize = isize::MAX as usize / std::mem::size_of::<f32>();
+
+/// The number of elements of `shape`, checking that the shape can exist:
+/// the product of its non-zero lengths is at most
+/// [`MAX_ELEMENTS`] (computed without overflow).
+///
+/// # Errors
+///
+/// [`Error::ShapeTooLarge`] naming `op` if it is not.
+pub(crate) fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let mut product: usize = 1;
+    let mut empty = false;
+    for &len in shape {
+        if len == 0 {
+            empty = true;
+            continue;
+        }
+        product = match product.checked_mul(len) {
+            Some(p) if p <= MAX_ELEMENTS => p,
+            _ => {
+                return Err(Error::ShapeTooLarge {
+                    op,
+                    shape: shape.to_vec(),
+                    limit: MAX_ELEMENTS,
+                });
+            }
+        };
+    }
+    Ok(if empty { 0 } else { product })
+}
+
+/// Resolves a possibly negative `axis` (`-1` is the last) for a tensor of
+/// `ndim` dimensions.
+pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Result<usize> {
+    let resolved = if axis < 0 { axis + ndim as isize } else { axis };
+    if resolved < 0 || resolved >= ndim as isize {
+        return Err(Error::Axis { op, axis, ndim });
+    }
+    Ok(resolved as usize)
+}
+
+/// The NumPy broadcast of two shapes: aligned from the right, each pair of
+/// lengths equal or one of them 1. The result must be a shape that can
+/// exist ([`checked_numel`]): two empty operands can broadcast to a shape
+/// whose non-zero lengths overflow.
+pub(crate) fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Result<IxDyn> {
+    let ndim = lhs.len().max(rhs.len());
+    let mut shape = vec![0; ndim];
+    for (i, out) in shape.iter_mut().enumerate() {
+        let l = (i + lhs.len()).checked_sub(ndim).map_or(1, |j| lhs[j]);
+        let r = (i + rhs.len()).checked_sub(ndim).map_or(1, |j| rhs[j]);
+        *out = match (l, r) {
+            (l, r) if l == r => l,
+            (1, r) => r,
+            (l, 1) => l,
+            _ => {
+                return Err(Error::Broadcast {
+                    op,
+                    lhs: lhs.to_vec(),
+                    rhs: rhs.to_vec(),
+                });
+            }
+        };
+    }
+    checked_numel(op, &shape)?;
+    Ok(IxDyn(&shape))
+}
+
+/// Sums a gradient of a broadcast result back to the shape of the operand
+/// that was broadcast: over the leading axes it lacked and over the axes
+/// where it had length 1.
+pub(crate) fn reduce_to_shape(grad: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    if grad.shape() == shape {
+        return grad;
+    }
+    let mut grad = grad;
+    while grad.ndim() > shape.len() {
+        grad = grad.sum_axis(Axis(0));
+    }
+    for (axis, &len) in shape.iter().enumerate() {
+        if len == 1 && grad.shape()[axis] != 1 {
+            grad = grad.sum_axis(Axis(axis)).insert_axis(Axis(axis));
+        }
+    }
+    grad
+}
+
+/// Adds `grad` into an optional running sum: the first gradient becomes the
+/// sum, later ones are added to it in place. How every gradient buffer of
+/// netcl accumulates (the backward engine's, a leaf's `.grad()`, the
+/// per-shard sums of `parallel::backward_shards`).
+pub(crate) fn accumulate<S>(slot: &mut Option<ArrayBase<S, IxDyn>>, grad: ArrayD<f32>)
+where
+    S: DataMut<Elem = f32>,
+    ArrayBase<S, IxDyn>: From<ArrayD<f32>>,
+{
+    match slot {
+        None => *slot = Some(grad.into()),
+        Some(sum) => add_assign(sum, &grad),
+    }
+}
+
+/// `acc += grad` for arrays of one shape (or `grad` broadcasting to
+/// `acc`), over plain slices when both are contiguous: ndarray's general
+/// path costs more than the arithmetic on small tensors.
+pub(crate) fn add_assign(acc: &mut ArrayRef<f32, IxDyn>, grad: &ArrayRef<f32, IxDyn>) {
+    zip_assign(acc, grad, |a, g| *a += g);
+}
+
+/// `f(&mut acc[i], other[i])` for every element, `other` broadcasting to
+/// `acc`'s shape; over plain slices when both are contiguous in row-major
+/// order.
+pub(crate) fn zip_assign(
+    acc: &mut ArrayRef<f32, IxDyn>,
+    other: &ArrayRef<f32, IxDyn>,
+    f: impl Fn(&mut f32, f32),
+) {
+    if acc.shape() == other.shape() {
+        if let (Some(a), Some(b)) = (acc.as_slice_mut(), other.as_slice()) {
+            for (a, &b) in a.iter_mut().zip(b) {
+                f(a, b);
+            }
+            return;
+        }
+    }
+    acc.zip_mut_with(other, |a, &b| f(a, b));
+}
+
+/// `array` in standard (row-major) layout with the given shape, copying only
+/// if its layout is not already standard.
+pub(crate) fn reshape_owned(array: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    let array = if array.is_standard_layout() {
+        array
+    } else {
+        array.as_standard_layout().into_owned()
+    };
+    array
+        .into_shape_with_order(IxDyn(shape))
+        .expect("element count checked by the caller")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_shape_follows_numpy_rules() {
+        assert_eq!(broadcast_shape("t", &[2, 3], &[3]).unwrap(), IxDyn(&[2, 3]));
+        assert_eq!(
+            broadcast_shape("t", &[4, 1, 3], &[2, 1]).unwrap(),
+            IxDyn(&[4, 2, 3])
+        );
+        assert_eq!(broadcast_shape("t", &[], &[5]).unwrap(), IxDyn(&[5]));
+        assert!(matches!(
+            broadcast_shape("t", &[2, 3], &[2]),
+            Err(Error::Broadcast { op: "t", .. })
+        ));
+    }
+
+    #[test]
+    fn reduce_to_shape_sums_broadcast_axes() {
+        let grad = ArrayD::from_elem(IxDyn(&[4, 2, 3]), 1.0_f32);
+        let reduced = reduce_to_shape(grad, &[2, 1]);
+        assert_eq!(reduced.shape(), &[2, 1]);
+        // Each element collects 4 (leading axis) * 3 (length-1 axis) ones.
+        assert!(reduced.iter().all(|&v| v == 12.0));
+    }
+
+    #[test]
+    fn negative_axes_count_from_the_end() {
+        assert_eq!(normalize_axis("t", -1, 3).unwrap(), 2);
+        assert_eq!(normalize_axis("t", 0, 3).unwrap(), 0);
+        assert_eq!(
+            normalize_axis("t", 3, 3),
+            Err(Error::Axis {
+                op: "t",
+                axis: 3,
+                ndim: 3
+            })
+        );
+        assert!(normalize_axis("t", -4, 3).is_err());
+    }
+}
