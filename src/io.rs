@@ -366,9 +366,7 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let values = ndarray::ArrayD::from_shape_vec(param.dim(), values)
-            .expect("shape checked against the stored shape");
-        updates.push((param, values.into_shared()));
+        updates.push((param, crate::storage::Data::from_vec(param.shape(), values)));
     }
     // Every check passed: each parameter now takes its new values in one
     // O(1) swap. (Readers of the live model may still see some parameters

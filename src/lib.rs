@@ -67,6 +67,7 @@ pub mod nn;
 mod ops;
 pub mod optim;
 pub mod parallel;
+mod storage;
 mod sync;
 mod tensor;
 pub mod train;

@@ -10,10 +10,8 @@ use crate::autograd::tape::{NodeId, Tape};
 use crate::error::{Error, Result, or_panic};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, thread_local_const};
 
-/// The storage of a tensor's values: a reference-counted, copy-on-write
-/// ndarray, so saving a tensor's data for backward or handing it out with
-/// [`Tensor::data`] copies nothing.
-pub(crate) type Data = ArcArray<f32, IxDyn>;
+pub(crate) use crate::storage::Data;
+use crate::storage::Dims;
 
 /// An n-dimensional array of `f32` that can record the operations applied to
 /// it and compute gradients by reverse-mode automatic differentiation.
@@ -54,7 +52,7 @@ pub(crate) struct Inner {
     /// # Invariant: no lock is held while computing
     ///
     /// This lock is only ever held for O(1) work: a reader clones the
-    /// `ArcArray` (a reference-count bump) and computes on that snapshot
+    /// [`Data`] (a reference-count bump) and computes on that snapshot
     /// with no lock held; a writer prepares the new values in a buffer of
     /// its own and swaps it in. So a reader never waits for a computation
     /// or a writer's update, a writer never waits for a reader's
@@ -68,7 +66,7 @@ pub(crate) struct Inner {
     /// the next write if no snapshot holds it by then. Readers never take
     /// this lock.
     writer: Mutex<Option<Data>>,
-    shape: IxDyn,
+    shape: Dims,
     /// The leaf flag; tensors computed by a recorded op require grad through
     /// their node instead.
     requires_grad: AtomicBool,
@@ -207,7 +205,7 @@ impl Tensor {
 
     fn with_parts(data: Data, requires_grad: bool, node: Option<NodeRef>) -> Tensor {
         Tensor(Arc::new(Inner {
-            shape: data.raw_dim(),
+            shape: Dims::from_slice(data.shape()),
             data: Mutex::new(data),
             writer: Mutex::new(None),
             requires_grad: AtomicBool::new(requires_grad),
@@ -255,8 +253,7 @@ impl Tensor {
                 len: values.len(),
             });
         }
-        let array = ArrayD::from_shape_vec(IxDyn(shape), values).expect("length checked above");
-        Ok(Tensor::from_array(array))
+        Ok(Tensor::from_data(Data::from_vec(shape, values)))
     }
 
     /// A leaf tensor owning `array` (also available as `From`).
@@ -273,7 +270,7 @@ impl Tensor {
     /// assert_eq!(u.to_vec(), vec![5.0, 6.0]);
     /// ```
     pub fn from_array<D: Dimension>(array: Array<f32, D>) -> Tensor {
-        Tensor::from_data(array.into_dyn().into_shared())
+        Tensor::from_data(Data::from_array(array.into_dyn()))
     }
 
     /// A tensor of zeros.
@@ -307,7 +304,7 @@ impl Tensor {
     #[track_caller]
     pub fn full(shape: &[usize], value: f32) -> Tensor {
         or_panic(checked_numel("full", shape));
-        Tensor::from_array(ArrayD::from_elem(IxDyn(shape), value))
+        Tensor::from_data(Data::full(shape, value))
     }
 
     /// A zero-dimensional tensor holding `value`.
@@ -417,10 +414,9 @@ impl Tensor {
     /// As [`full`](Tensor::full).
     #[track_caller]
     pub fn rand<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Tensor {
-        or_panic(checked_numel("rand", shape));
-        Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
-            rng.random::<f32>()
-        }))
+        let count = or_panic(checked_numel("rand", shape));
+        let values = (0..count).map(|_| rng.random::<f32>()).collect();
+        Tensor::from_data(Data::from_vec(shape, values))
     }
 
     /// A tensor of values drawn uniformly from `[low, high)` with `rng`.
@@ -430,10 +426,11 @@ impl Tensor {
     /// As [`full`](Tensor::full).
     #[track_caller]
     pub fn uniform<R: Rng + ?Sized>(shape: &[usize], low: f32, high: f32, rng: &mut R) -> Tensor {
-        or_panic(checked_numel("uniform", shape));
-        Tensor::from_array(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
-            low + (high - low) * rng.random::<f32>()
-        }))
+        let count = or_panic(checked_numel("uniform", shape));
+        let values = (0..count)
+            .map(|_| low + (high - low) * rng.random::<f32>())
+            .collect();
+        Tensor::from_data(Data::from_vec(shape, values))
     }
 
     /// A tensor of values drawn from the standard normal distribution with
@@ -483,22 +480,22 @@ impl<D: Dimension> From<Array<f32, D>> for Tensor {
 impl Tensor {
     /// The length of each dimension.
     pub fn shape(&self) -> &[usize] {
-        self.0.shape.slice()
+        &self.0.shape
     }
 
     /// The shape as an ndarray dimension.
     pub(crate) fn dim(&self) -> IxDyn {
-        self.0.shape.clone()
+        IxDyn(&self.0.shape)
     }
 
     /// The number of dimensions.
     pub fn ndim(&self) -> usize {
-        self.0.shape.ndim()
+        self.0.shape.len()
     }
 
     /// The number of elements.
     pub fn numel(&self) -> usize {
-        self.0.shape.size()
+        crate::storage::numel(&self.0.shape)
     }
 
     /// The value of a one-element tensor.
@@ -523,20 +520,20 @@ impl Tensor {
                 shape: self.shape().to_vec(),
             });
         }
-        Ok(*self.read().iter().next().expect("one element"))
+        Ok(self.read().to_vec()[0])
     }
 
     /// The values in row-major order.
     pub fn to_vec(&self) -> Vec<f32> {
-        let data = self.read();
-        match data.as_slice() {
-            Some(slice) => slice.to_vec(),
-            None => data.iter().copied().collect(),
-        }
+        self.read().to_vec()
     }
 
-    /// The values as a shared, copy-on-write ndarray: an O(1) snapshot, no
-    /// copy is made, and later updates of the tensor do not show through it.
+    /// A copy of the values as a shared ndarray, which later updates of the
+    /// tensor do not show through.
+    ///
+    /// The values are copied: netcl stores them in a buffer of its own, not
+    /// in an ndarray. [`to_array`](Tensor::to_array) gives an owned array
+    /// the same way; [`to_vec`](Tensor::to_vec) the values alone.
     ///
     /// # Examples
     ///
@@ -552,12 +549,12 @@ impl Tensor {
     /// assert_eq!(t.data().sum(), 12.0);
     /// ```
     pub fn data(&self) -> ArcArray<f32, IxDyn> {
-        self.read().into_data()
+        self.read().to_arc_array()
     }
 
     /// The values as an owned ndarray (a copy).
     pub fn to_array(&self) -> ArrayD<f32> {
-        self.read().into_data().into_owned()
+        self.read().to_array()
     }
 
     /// Updates the values in place, as optimizers do; the shape cannot
@@ -596,7 +593,7 @@ impl Tensor {
     /// ```
     pub fn with_data_mut<R>(&self, f: impl FnOnce(ArrayViewMutD<'_, f32>) -> R) -> R {
         self.write(
-            |current| current.to_owned(),
+            |current| Data::from_view(current.view()),
             |current, mut next| {
                 next.assign(&current);
                 f(next)
@@ -613,7 +610,7 @@ impl Tensor {
         &self,
         f: impl FnOnce(ArrayViewD<'_, f32>, ArrayViewMutD<'_, f32>) -> R,
     ) -> R {
-        self.write(|current| ArrayD::zeros(current.raw_dim()), f)
+        self.write(|current| Data::full(current.shape(), 0.0), f)
     }
 
     /// Replaces the values with `values`, of the tensor's shape, in one
@@ -634,7 +631,7 @@ impl Tensor {
     /// spare.
     fn write<R>(
         &self,
-        fresh: impl FnOnce(&Data) -> ArrayD<f32>,
+        fresh: impl FnOnce(&Data) -> Data,
         f: impl FnOnce(ArrayViewD<'_, f32>, ArrayViewMutD<'_, f32>) -> R,
     ) -> R {
         let _writing = WriteMark::enter(self);
@@ -642,10 +639,12 @@ impl Tensor {
         let current = self.read().into_data();
         let mut next = match spare.take() {
             Some(buffer) if buffer.is_unique() => buffer,
-            _ => fresh(&current).into_shared(),
+            _ => fresh(&current),
         };
-        // `next` is unique, so `view_mut` copies nothing.
-        let result = f(current.view(), next.view_mut());
+        let view = next
+            .view_mut()
+            .expect("a spare no snapshot shares, or a new buffer");
+        let result = f(current.view(), view);
         let old = std::mem::replace(&mut *self.0.data.lock(), next);
         drop(current);
         *spare = Some(old);
@@ -747,7 +746,12 @@ impl Tensor {
     /// The gradient accumulated into this leaf by backward passes, as a new
     /// leaf tensor (sharing storage until either is modified).
     pub fn grad(&self) -> Option<Tensor> {
-        self.0.grad.lock().clone().map(Tensor::from_data)
+        self.grad_data().map(Tensor::from_data)
+    }
+
+    /// A snapshot of the accumulated gradient (O(1)).
+    pub(crate) fn grad_data(&self) -> Option<Data> {
+        self.0.grad.lock().clone()
     }
 
     /// Clears the accumulated gradient (`grad()` becomes `None`).
@@ -758,7 +762,20 @@ impl Tensor {
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
     pub(crate) fn accumulate_grad(&self, grad: ArrayD<f32>) {
-        crate::array::accumulate(&mut self.0.grad.lock(), grad);
+        let mut slot = self.0.grad.lock();
+        let Some(sum) = &mut *slot else {
+            *slot = Some(Data::from_array(grad));
+            return;
+        };
+        match sum.view_mut() {
+            Some(mut sum) => crate::array::add_assign(&mut sum, &grad),
+            // A snapshot (`grad()`) shares the sum: add into a copy.
+            None => {
+                let mut copy = sum.to_array();
+                crate::array::add_assign(&mut copy, &grad);
+                *sum = Data::from_array(copy);
+            }
+        }
     }
 
     /// A leaf sharing this tensor's values, outside any graph.
@@ -773,7 +790,7 @@ impl Tensor {
     /// assert!(y.is_leaf() && !y.requires_grad());
     /// ```
     pub fn detach(&self) -> Tensor {
-        Tensor::from_data(self.data())
+        Tensor::from_data(self.read().into_data())
     }
 
     /// A new leaf with this tensor's current values and its
@@ -817,5 +834,32 @@ impl fmt::Debug for Tensor {
 impl fmt::Display for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&*self.read(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffer(t: &Tensor) -> *const f32 {
+        t.read().as_slice().expect("row-major").as_ptr()
+    }
+
+    #[test]
+    fn a_fork_shares_the_values_until_either_side_writes() {
+        let w = Tensor::ones(&[4]);
+        let fork = w.fork();
+        assert_eq!(buffer(&w), buffer(&fork));
+        fork.with_data_mut(|mut v| v.fill(2.0));
+        assert_ne!(buffer(&w), buffer(&fork));
+        assert_eq!(w.to_vec(), vec![1.0; 4]);
+    }
+
+    #[test]
+    fn snapshots_and_detached_leaves_share_the_values() {
+        let w = Tensor::ones(&[4]);
+        assert_eq!(buffer(&w), buffer(&w.detach()));
+        let op_result = &w + &w;
+        assert_eq!(buffer(&op_result), buffer(&op_result.detach()));
     }
 }

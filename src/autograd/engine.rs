@@ -138,7 +138,7 @@ fn run(
     // reaches a leaf, so an anomaly leaves every `.grad()` untouched).
     let anomaly = is_anomaly_enabled();
     if anomaly {
-        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed)) {
+        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed.iter())) {
             return Err(Error::Anomaly {
                 op: "backward",
                 input: None,
@@ -211,7 +211,7 @@ fn check_gradients(
     slots: &[Option<ArrayD<f32>>],
 ) -> Result<()> {
     for (input, slot) in slots.iter().enumerate() {
-        let Some(found) = slot.as_ref().and_then(|grad| non_finite(grad)) else {
+        let Some(found) = slot.as_ref().and_then(|grad| non_finite(grad.iter())) else {
             continue;
         };
         let recorded = match location {

@@ -165,10 +165,15 @@ pub(crate) fn record_unary<B: Backward>(
 
 /// What a non-finite array holds, for anomaly messages: `None` if every
 /// value is finite.
-pub(crate) fn non_finite(values: &ndarray::ArrayRef<f32, IxDyn>) -> Option<&'static str> {
-    if values.iter().any(|v| v.is_nan()) {
+pub(crate) fn non_finite<'a, I>(values: I) -> Option<&'static str>
+where
+    I: IntoIterator<Item = &'a f32>,
+    I::IntoIter: Clone,
+{
+    let values = values.into_iter();
+    if values.clone().any(|v| v.is_nan()) {
         Some("NaN")
-    } else if values.iter().any(|v| v.is_infinite()) {
+    } else if values.into_iter().any(|v| v.is_infinite()) {
         Some("an infinite value")
     } else {
         None
@@ -183,12 +188,12 @@ fn check_forward(
     output: &Data,
     location: &'static Location<'static>,
 ) -> Result<()> {
-    let Some(found) = non_finite(output) else {
+    let Some(found) = non_finite(output.view().iter()) else {
         return Ok(());
     };
     if inputs
         .iter()
-        .any(|input| non_finite(&input.read()).is_some())
+        .any(|input| non_finite(input.read().view().iter()).is_some())
     {
         return Ok(());
     }
@@ -252,7 +257,7 @@ pub fn apply_op<B: Backward>(
     output: ArrayD<f32>,
     save: impl FnOnce() -> B,
 ) -> Result<Tensor> {
-    record(op, inputs, output.into_shared(), |_| Checked {
+    record(op, inputs, Data::from_array(output), |_| Checked {
         op,
         shapes: inputs.iter().map(|input| input.dim()).collect(),
         inner: save(),

@@ -313,7 +313,7 @@ impl Dataset for TensorDataset {
                 message: format!("index {bad} is out of range for a dataset of {len} samples"),
             });
         }
-        let gather = |t: &Tensor| Tensor::from_array(t.data().select(Axis(0), indices));
+        let gather = |t: &Tensor| Tensor::from_array(t.read().view().select(Axis(0), indices));
         Ok(Batch {
             inputs: gather(&self.inputs),
             targets: gather(&self.targets),

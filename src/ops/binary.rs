@@ -16,20 +16,37 @@ fn zip_broadcast(
     a: &Data,
     b: &Data,
     f: impl Fn(f32, f32) -> f32,
-) -> Result<ArrayD<f32>> {
+) -> Result<Data> {
     if a.shape() == b.shape() {
+        // The small-op path: two slices in, one allocation out.
         if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
-            let values = x.iter().zip(y).map(|(&x, &y)| f(x, y)).collect();
-            return Ok(ArrayD::from_shape_vec(a.raw_dim(), values).expect("same shape"));
+            return Ok(Data::collect(
+                a.shape(),
+                x.iter().zip(y).map(|(&x, &y)| f(x, y)),
+            ));
         }
-        return Ok(Zip::from(a).and(b).map_collect(|&x, &y| f(x, y)));
+        let (a, b) = (a.view(), b.view());
+        return Ok(Data::build(a.shape(), |out| {
+            Zip::from(out)
+                .and(&a)
+                .and(&b)
+                .for_each(|o, &x, &y| *o = f(x, y))
+        }));
     }
     let shape = broadcast_shape(op, a.shape(), b.shape())?;
+    let (a, b) = (a.view(), b.view());
     let a = a
         .broadcast(shape.clone())
         .expect("shape is a broadcast of a");
-    let b = b.broadcast(shape).expect("shape is a broadcast of b");
-    Ok(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)))
+    let b = b
+        .broadcast(shape.clone())
+        .expect("shape is a broadcast of b");
+    Ok(Data::build(shape.slice(), |out| {
+        Zip::from(out)
+            .and(&a)
+            .and(&b)
+            .for_each(|o, &x, &y| *o = f(x, y))
+    }))
 }
 
 /// Sums and differences.
@@ -101,7 +118,7 @@ fn linear_op(
 ) -> Result<Tensor> {
     let operands = a.read_pair(b);
     let (x, y) = operands.get();
-    let out = zip_broadcast(op, x, y, f)?.into_shared();
+    let out = zip_broadcast(op, x, y, f)?;
     if x.shape() == y.shape() {
         return if sign_b == 1.0 {
             record(op, &[a, b], out, |_| SameShapeSum::<false>)
@@ -179,7 +196,7 @@ impl Tensor {
     pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let out = zip_broadcast("mul", a, b, |x, y| x * y)?.into_shared();
+        let out = zip_broadcast("mul", a, b, |x, y| x * y)?;
         record("mul", &[self, rhs], out, |_| MulBackward {
             a: a.clone(),
             b: b.clone(),
@@ -190,7 +207,7 @@ impl Tensor {
 /// `grad * factor` (element-wise, `factor` broadcasting to `grad`), summed
 /// back to `shape`.
 fn scaled(mut grad: ArrayD<f32>, factor: &Data, shape: &[usize]) -> ArrayD<f32> {
-    zip_assign(&mut grad, factor, |g, f| *g *= f);
+    zip_assign(&mut grad, &factor.view(), |g, f| *g *= f);
     reduce_to_shape(grad, shape)
 }
 
@@ -236,7 +253,7 @@ impl Tensor {
     pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let out = zip_broadcast("div", a, b, |x, y| x / y)?.into_shared();
+        let out = zip_broadcast("div", a, b, |x, y| x / y)?;
         record("div", &[self, rhs], out, |_| DivBackward {
             a: a.clone(),
             b: b.clone(),
@@ -254,11 +271,9 @@ impl Backward for DivBackward {
     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
         if grads.needs_grad(1) {
             let shape = grad.raw_dim();
-            let a = self
-                .a
-                .broadcast(shape.clone())
-                .expect("broadcast in forward");
-            let b = self.b.broadcast(shape).expect("broadcast in forward");
+            let (a, b) = (self.a.view(), self.b.view());
+            let a = a.broadcast(shape.clone()).expect("broadcast in forward");
+            let b = b.broadcast(shape).expect("broadcast in forward");
             let g = Zip::from(&grad)
                 .and(&a)
                 .and(&b)
@@ -267,7 +282,7 @@ impl Backward for DivBackward {
         }
         if grads.needs_grad(0) {
             let mut grad = grad;
-            zip_assign(&mut grad, &self.b, |g, b| *g /= b);
+            zip_assign(&mut grad, &self.b.view(), |g, b| *g /= b);
             grads.set(0, reduce_to_shape(grad, self.a.shape()));
         }
     }
@@ -283,7 +298,7 @@ impl Tensor {
         save: impl FnOnce(&Data) -> B,
     ) -> Tensor {
         let x = self.read();
-        let out = x.mapv(f).into_shared();
+        let out = x.map(f);
         let input = &*x;
         record_unary(op, self, out, |_| save(input))
     }
@@ -348,7 +363,7 @@ impl Tensor {
             |x| {
                 let x = x.clone();
                 move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                    zip_assign(&mut grad, &x, |g, x| *g *= -value / (x * x));
+                    zip_assign(&mut grad, &x.view(), |g, x| *g *= -value / (x * x));
                     grads.set(0, grad);
                 }
             },

@@ -1,23 +1,27 @@
 //! Non-differentiable ops: comparisons and argmax. Their outputs never
 //! require grad.
 
-use ndarray::Axis;
+use ndarray::{Axis, Dimension};
 
 use crate::error::{Result, or_panic};
 use crate::ops::reduce::argmax_lane;
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 impl Tensor {
     fn compare(&self, op: &'static str, rhs: &Tensor, f: fn(f32, f32) -> bool) -> Result<Tensor> {
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
         let shape = crate::array::broadcast_shape(op, a.shape(), b.shape())?;
+        let (a, b) = (a.view(), b.view());
         let a = a.broadcast(shape.clone()).expect("broadcast shape");
-        let b = b.broadcast(shape).expect("broadcast shape");
-        let out = ndarray::Zip::from(&a)
-            .and(&b)
-            .map_collect(|&x, &y| if f(x, y) { 1.0 } else { 0.0 });
-        Ok(Tensor::from_array(out))
+        let b = b.broadcast(shape.clone()).expect("broadcast shape");
+        let out = Data::build(shape.slice(), |out| {
+            ndarray::Zip::from(out)
+                .and(&a)
+                .and(&b)
+                .for_each(|o, &x, &y| *o = if f(x, y) { 1.0 } else { 0.0 })
+        });
+        Ok(Tensor::from_data(out))
     }
 
     /// `1.0` where `self == rhs`, else `0.0`, broadcasting.
@@ -123,6 +127,7 @@ impl Tensor {
     pub fn try_argmax(&self, axis: isize) -> Result<Tensor> {
         let axis = self.nonempty_axis("argmax", axis)?;
         let data = self.read();
+        let data = data.view();
         let mut out = data.index_axis(Axis(axis), 0).to_owned();
         for (v, lane) in out.iter_mut().zip(data.lanes(Axis(axis))) {
             *v = argmax_lane(lane) as f32;

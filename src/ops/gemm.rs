@@ -17,6 +17,8 @@
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
+use crate::storage::Data;
+
 /// `c = a · b` for 2-D views of any strides (transposed and broadcast views
 /// included).
 pub(crate) fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
@@ -62,6 +64,39 @@ fn gemm_update(
         // not aliasing `a` or `b`; see `kernel`.
         unsafe { kernel(a, b, c.as_mut_ptr(), c_rs, c_cs, accumulate) }
     }
+}
+
+/// `a · b` into new row-major tensor values of shape `shape` (`[m, n]`, or
+/// any shape of `m·n` elements), written by the kernel straight into the
+/// buffer the values live in.
+pub(crate) fn gemm_data(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, shape: &[usize]) -> Data {
+    let (m, n) = (a.nrows(), b.ncols());
+    debug_assert_eq!(m * n, shape.iter().product::<usize>());
+    #[cfg(not(loom))]
+    if a.ncols() > 0 && m > 0 && n > 0 {
+        assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
+        // Not zeroed first, as in `gemm`.
+        let mut values = std::sync::Arc::<[f32]>::new_uninit_slice(m * n);
+        let out = std::sync::Arc::get_mut(&mut values).expect("a new allocation is unique");
+        let n_isize = isize::try_from(n).expect("a row fits in memory");
+        // SAFETY: `out` is a fresh allocation of m·n `MaybeUninit<f32>`
+        // (the layout of `f32`), uniquely borrowed for the call and not
+        // aliasing `a` or `b`; element (i, j) is at `i * n + j` (row
+        // stride n, column stride 1). With `accumulate` false and k > 0
+        // the kernel writes every one of the m·n elements and reads none,
+        // so all are initialised when `assume_init` runs.
+        let values = unsafe {
+            kernel(a, b, out.as_mut_ptr().cast::<f32>(), n_isize, 1, false);
+            values.assume_init()
+        };
+        return Data::from_arc(shape, values);
+    }
+    Data::build(shape, |out| {
+        let out = out
+            .into_shape_with_order((m, n))
+            .expect("a new row-major buffer takes any shape of its size");
+        gemm_into(a, b, out);
+    })
 }
 
 /// `a · b` into a new row-major matrix.

@@ -1,11 +1,11 @@
 //! Loss functions: cross-entropy over class indices and mean squared error.
 
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis};
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::softmax::log_softmax_inplace;
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 /// Reads class indices from a 1-D tensor of `n` integral values in
 /// `0..classes`.
@@ -19,9 +19,10 @@ fn class_indices(targets: &Tensor, n: usize, classes: usize) -> Result<Vec<usize
     }
     targets
         .read()
-        .iter()
+        .to_vec()
+        .into_iter()
         .enumerate()
-        .map(|(index, &value)| {
+        .map(|(index, value)| {
             if value >= 0.0 && value.fract() == 0.0 && (value as usize) < classes {
                 Ok(value as usize)
             } else {
@@ -96,14 +97,14 @@ impl Tensor {
         let targets = class_indices(targets, n, classes)?;
         // From log-softmax, never from a clamped probability: exact for
         // confident mistakes, and NaN and infinities carry through.
-        let mut log_probs = self.read().to_owned();
-        log_softmax_inplace(&mut log_probs, 1);
+        let mut log_probs = self.read().to_array();
+        log_softmax_inplace(log_probs.view_mut(), 1);
         let total: f32 = targets
             .iter()
             .enumerate()
             .map(|(i, &t)| -log_probs[[i, t]])
             .sum();
-        let out = ArrayD::from_elem(IxDyn(&[]), total / n as f32).into_shared();
+        let out = Data::full(&[], total / n as f32);
         record("cross_entropy", &[self], out, |_| {
             move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
                 let scale = grad.first().copied().unwrap_or(0.0) / n as f32;
@@ -155,10 +156,10 @@ impl Tensor {
         }
         let operands = self.read_pair(target);
         let (pred, target_values) = operands.get();
-        let diff = (pred - target_values).into_shared();
+        let diff = &pred.view() - &target_values.view();
         let n = diff.len() as f32;
         let loss = diff.iter().map(|d| d * d).sum::<f32>() / n;
-        let out = ArrayD::from_elem(IxDyn(&[]), loss).into_shared();
+        let out = Data::full(&[], loss);
         record("mse_loss", &[self, target], out, |_| {
             // d/dpred = 2 (pred - target) / n, d/dtarget = its negation
             move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {

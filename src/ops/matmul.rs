@@ -6,7 +6,7 @@ use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
 use crate::autograd::function::{Backward, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::ops::gemm::{gemm, gemm_acc_into, gemm_into};
+use crate::ops::gemm::{gemm, gemm_acc_into, gemm_data, gemm_into};
 use crate::tensor::{Data, Tensor};
 
 /// The matrices of a batched operand at one batch index.
@@ -27,6 +27,24 @@ fn batched_matmul(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32>
         let b = b.into_dimensionality::<Ix2>().expect("2-D");
         return gemm(a, b).into_dyn();
     }
+    batched(a, b)
+}
+
+/// The same product into new tensor values; a 2-D product is written by
+/// the kernel straight into them.
+fn matmul_data(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> Data {
+    if a.ndim() == 2 && b.ndim() == 2 {
+        let shape = [a.shape()[0], b.shape()[1]];
+        let a = a.into_dimensionality::<Ix2>().expect("2-D");
+        let b = b.into_dimensionality::<Ix2>().expect("2-D");
+        return gemm_data(a, b, &shape);
+    }
+    Data::from_array(batched(a, b))
+}
+
+/// [`batched_matmul`] with at least one operand of more than 2 axes.
+fn batched(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32> {
+    let (an, bn) = (a.ndim(), b.ndim());
     let batch = broadcast_shape("matmul", &a.shape()[..an - 2], &b.shape()[..bn - 2])
         .expect("validated in forward");
     let (m, k, n) = (a.shape()[an - 2], a.shape()[an - 1], b.shape()[bn - 1]);
@@ -147,7 +165,7 @@ impl Tensor {
         check_shapes(self.shape(), rhs.shape())?;
         let operands = self.read_pair(rhs);
         let (a, b) = operands.get();
-        let out = batched_matmul(a.view(), b.view()).into_shared();
+        let out = matmul_data(a.view(), b.view());
         record("matmul", &[self, rhs], out, |_| MatmulBackward {
             a: a.clone(),
             b: b.clone(),
@@ -182,11 +200,22 @@ fn row_count(shape: &[usize]) -> usize {
     shape[..shape.len().saturating_sub(1)].iter().product()
 }
 
-/// `x` as a matrix of rows: its last axis against all the others.
-fn as_rows(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
+/// `x` as a matrix of rows: its last axis against all the others (a view
+/// when `x` is in row-major order, a copy otherwise).
+fn as_rows(x: ArrayViewD<'_, f32>) -> ndarray::CowArray<'_, f32, Ix2> {
     let cols = x.shape().last().copied().unwrap_or(1);
-    x.to_shape((row_count(x.shape()), cols))
+    let shape = (row_count(x.shape()), cols);
+    if x.is_standard_layout() {
+        return x
+            .into_shape_with_order(shape)
+            .expect("element count matches")
+            .into();
+    }
+    x.as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(shape)
         .expect("element count matches")
+        .into()
 }
 
 fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
@@ -269,40 +298,39 @@ impl Tensor {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let operands = self.read_pair(weight);
         let (x, w) = operands.get();
-        let rows = as_rows(x);
+        let rows = as_rows(x.view());
         let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
         let out_features = w2.ncols();
-        let mut out = match bias {
+        let mut shape = self.shape().to_vec();
+        *shape.last_mut().expect("checked non-empty") = out_features;
+        let out = match bias {
             Some(bias) => {
                 let b = bias.read();
                 let b = b
                     .view()
                     .into_dimensionality::<ndarray::Ix1>()
                     .expect("checked 1-D");
-                let mut out = ndarray::Array2::zeros((rows.nrows(), out_features));
-                if !out.is_empty() {
-                    out.rows_mut()
-                        .into_iter()
-                        .for_each(|mut row| row.assign(&b));
-                }
-                gemm_acc_into(rows.view(), w2, out.view_mut());
-                out
+                Data::build(&shape, |out| {
+                    let mut out = out
+                        .into_shape_with_order((rows.nrows(), out_features))
+                        .expect("a new row-major buffer takes any shape of its size");
+                    if !out.is_empty() {
+                        out.rows_mut()
+                            .into_iter()
+                            .for_each(|mut row| row.assign(&b));
+                    }
+                    gemm_acc_into(rows.view(), w2, out);
+                })
             }
-            None => gemm(rows.view(), w2),
-        }
-        .into_dyn();
-        let mut shape = self.shape().to_vec();
-        *shape.last_mut().expect("checked non-empty") = out_features;
-        out = reshape_owned(out, &shape);
+            None => gemm_data(rows.view(), w2, &shape),
+        };
         let save = || LinearBackward {
             x: x.clone(),
             weight: w.clone(),
         };
         match bias {
-            Some(bias) => record("linear", &[self, weight, bias], out.into_shared(), |_| {
-                save()
-            }),
-            None => record("linear", &[self, weight], out.into_shared(), |_| save()),
+            Some(bias) => record("linear", &[self, weight, bias], out, |_| save()),
+            None => record("linear", &[self, weight], out, |_| save()),
         }
     }
 }
@@ -331,7 +359,7 @@ impl Backward for LinearBackward {
             grads.set(0, reshape_owned(dx.into_dyn(), self.x.shape()));
         }
         if grads.needs_grad(1) {
-            let x = as_rows(&self.x);
+            let x = as_rows(self.x.view());
             grads.set(1, gemm(x.t(), grad.view()).into_dyn());
         }
         if grads.len() > 2 && grads.needs_grad(2) {

@@ -6,7 +6,7 @@ use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 use crate::array::normalize_axis;
 use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 /// Sums and means.
 impl Tensor {
@@ -37,8 +37,8 @@ impl Tensor {
 
     #[track_caller]
     fn reduce_all(&self, op: &'static str, scale: f32) -> Tensor {
-        let total = self.read().sum() * scale;
-        let out = ArrayD::from_elem(IxDyn(&[]), total).into_shared();
+        let total = self.read().view().sum() * scale;
+        let out = Data::full(&[], total);
         record_unary(op, self, out, |_| SumBackward {
             input: self.dim(),
             axis: None,
@@ -114,6 +114,7 @@ impl Tensor {
             1.0
         };
         let data = self.read();
+        let data = data.view();
         let mut out = if data.is_empty() {
             // The sum of nothing, without visiting every (possibly very
             // many) empty lane as ndarray's sum_axis does.
@@ -124,14 +125,13 @@ impl Tensor {
         } else {
             data.sum_axis(Axis(axis))
         };
-        drop(data);
         if mean {
             out.mapv_inplace(|v| v * scale);
         }
         if keepdim {
             out = out.insert_axis(Axis(axis));
         }
-        record(op, &[self], out.into_shared(), |_| SumBackward {
+        record(op, &[self], Data::from_view(out.view()), |_| SumBackward {
             input: self.dim(),
             axis: Some(axis),
             scale,
@@ -212,6 +212,7 @@ impl Tensor {
     pub fn try_max_axis(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         let axis = self.nonempty_axis("max_axis", axis)?;
         let data = self.read();
+        let data = data.view();
         let argmax: Vec<usize> = data
             .lanes(Axis(axis))
             .into_iter()
@@ -227,10 +228,12 @@ impl Tensor {
         if keepdim {
             out = out.insert_axis(Axis(axis));
         }
-        record("max_axis", &[self], out.into_shared(), |_| MaxBackward {
-            input: self.dim(),
-            axis,
-            argmax,
+        record("max_axis", &[self], Data::from_view(out.view()), |_| {
+            MaxBackward {
+                input: self.dim(),
+                axis,
+                argmax,
+            }
         })
     }
 

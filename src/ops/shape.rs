@@ -1,7 +1,7 @@
 //! Shape ops: reshape and transpose. Both share the input's storage when its
 //! layout allows (no copy).
 
-use ndarray::{ArrayD, Dimension, IxDyn};
+use ndarray::{ArrayD, Dimension};
 
 use crate::array::checked_numel;
 use crate::array::{normalize_axis, reshape_owned};
@@ -49,14 +49,8 @@ impl Tensor {
                 len: self.numel(),
             });
         }
-        let data = self.read();
-        let out = if data.is_standard_layout() {
-            data.clone()
-                .into_shape_with_order(IxDyn(shape))
-                .expect("element count checked")
-        } else {
-            reshape_owned(data.to_owned(), shape).into_shared()
-        };
+        // A view of the same buffer when the values are in row-major order.
+        let out = self.read().reshape(shape);
         let input = self.dim();
         record("reshape", &[self], out, |_| {
             move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
@@ -97,8 +91,7 @@ impl Tensor {
     pub fn try_transpose(&self, axis0: isize, axis1: isize) -> Result<Tensor> {
         let a = normalize_axis("transpose", axis0, self.ndim())?;
         let b = normalize_axis("transpose", axis1, self.ndim())?;
-        let mut out = self.read().clone();
-        out.swap_axes(a, b);
+        let out = self.read().swap_axes(a, b);
         record("transpose", &[self], out, |_| {
             move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
                 grad.swap_axes(a, b);

@@ -11,7 +11,7 @@
 //! the `+inf` entries themselves, `inf - inf`, are NaN; a lane of only
 //! `-inf` has no mass to share and is NaN.
 
-use ndarray::{ArrayD, ArrayView1, Axis, Zip};
+use ndarray::{ArrayD, ArrayView1, ArrayViewMutD, Axis, Zip};
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Result, or_panic};
@@ -29,7 +29,7 @@ fn lane_max(lane: ArrayView1<'_, f32>) -> f32 {
 }
 
 /// `softmax` of each lane along `axis` of `x`, in place.
-pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+pub(crate) fn softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
     if x.is_empty() {
         // Nothing to compute, but maybe very many empty lanes to visit
         // (an empty axis beside a long one).
@@ -55,7 +55,7 @@ pub(crate) fn softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
 
 /// `log_softmax` of each lane along `axis` of `x`, in place: the exact
 /// `(x - max) - ln Σ exp(x - max)`, from which cross-entropy is taken.
-pub(crate) fn log_softmax_inplace(x: &mut ArrayD<f32>, axis: usize) {
+pub(crate) fn log_softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
     if x.is_empty() {
         // Nothing to compute, but maybe very many empty lanes to visit
         // (an empty axis beside a long one).
@@ -108,12 +108,13 @@ impl Tensor {
     #[track_caller]
     pub fn try_softmax(&self, axis: isize) -> Result<Tensor> {
         let axis = crate::array::normalize_axis("softmax", axis, self.ndim())?;
-        let mut out = self.read().to_owned();
-        softmax_inplace(&mut out, axis);
-        record("softmax", &[self], out.into_shared(), |y: &Data| {
+        let mut out = Data::from_view(self.read().view());
+        softmax_inplace(out.view_mut().expect("a new buffer"), axis);
+        record("softmax", &[self], out, |y: &Data| {
             let y = y.clone();
             // dx = y * (g - Σ g·y) along the axis
             move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                let y = y.view();
                 for (mut g, y) in grad
                     .lanes_mut(Axis(axis))
                     .into_iter()
@@ -152,12 +153,13 @@ impl Tensor {
     #[track_caller]
     pub fn try_log_softmax(&self, axis: isize) -> Result<Tensor> {
         let axis = crate::array::normalize_axis("log_softmax", axis, self.ndim())?;
-        let mut out = self.read().to_owned();
-        log_softmax_inplace(&mut out, axis);
-        record("log_softmax", &[self], out.into_shared(), |y: &Data| {
+        let mut out = Data::from_view(self.read().view());
+        log_softmax_inplace(out.view_mut().expect("a new buffer"), axis);
+        record("log_softmax", &[self], out, |y: &Data| {
             let y = y.clone();
             // dx = g - softmax · Σ g along the axis, softmax = exp(y)
             move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+                let y = y.view();
                 for (mut g, y) in grad
                     .lanes_mut(Axis(axis))
                     .into_iter()

@@ -27,7 +27,14 @@ where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
     fn backward(&self, mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        zip_assign(&mut grad, &self.saved, |g, v| *g = (self.df)(*g, v));
+        match (grad.as_slice_mut(), self.saved.as_slice()) {
+            (Some(g), Some(saved)) if g.len() == saved.len() => {
+                for (g, &v) in g.iter_mut().zip(saved) {
+                    *g = (self.df)(*g, v);
+                }
+            }
+            _ => zip_assign(&mut grad, &self.saved.view(), |g, v| *g = (self.df)(*g, v)),
+        }
         grads.set(0, grad);
     }
 }
@@ -38,7 +45,7 @@ where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
     let input = x.read();
-    let out = input.mapv(f).into_shared();
+    let out = input.map(f);
     record_unary(op, x, out, |out| Elementwise {
         saved: match saved {
             Saved::Input => input.clone(),
@@ -53,7 +60,7 @@ impl Tensor {
     #[allow(clippy::should_implement_trait)]
     #[track_caller]
     pub fn neg(&self) -> Tensor {
-        let out = self.read().mapv(|x| -x).into_shared();
+        let out = self.read().map(|x| -x);
         record_unary("neg", self, out, |_| {
             |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad)
         })

@@ -133,8 +133,10 @@ impl AdamCore {
             (wd, 1.0)
         };
         for (param, moments) in self.params.iter().zip(&mut self.moments) {
-            let Some(grad) = param.grad() else { continue };
-            let grad = grad.data();
+            let Some(grad) = param.grad_data() else {
+                continue;
+            };
+            let grad = grad.view();
             // The new values go to a buffer of their own, swapped in at the
             // end (see `Tensor::with_data_mut`).
             param.update(|w, mut next| {

@@ -146,3 +146,50 @@ fn check(
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_steady_training_loop_alternates_between_two_buffers_per_parameter() {
+        // An update writes the new values into a buffer of its own and swaps it
+        // in, so readers never wait for it (see `Tensor::with_data_mut`). After
+        // backward has released the graph nothing else holds the replaced
+        // buffer, so the next update reuses it: from the second step on, each
+        // parameter alternates between the same two buffers and the loop
+        // allocates no parameter storage.
+        use crate::Tensor;
+        use crate::nn::{Linear, Module};
+        use crate::optim::{Adam, AdamConfig, Optimizer};
+        use rand::SeedableRng;
+
+        let layer = Linear::new(8, 4, &mut rand::rngs::StdRng::seed_from_u64(0));
+        let mut adam = Adam::new(layer.parameters(), AdamConfig::new(1e-2));
+        let x = Tensor::ones(&[5, 8]);
+        let storage = || -> Vec<usize> {
+            layer
+                .parameters()
+                .iter()
+                .map(|p| p.read().as_slice().unwrap().as_ptr() as usize)
+                .collect()
+        };
+        let mut seen = vec![storage()];
+        for _ in 0..6 {
+            let loss = layer.forward(&x).unwrap().powf(2.0).mean();
+            adam.zero_grad();
+            loss.backward();
+            let before = layer.weight().to_vec();
+            adam.step();
+            assert_ne!(layer.weight().to_vec(), before);
+            seen.push(storage());
+        }
+        for step in 2..seen.len() {
+            assert_eq!(
+                seen[step],
+                seen[step - 2],
+                "step {step} reuses the buffer of step {}",
+                step - 2
+            );
+            assert_ne!(seen[step], seen[step - 1]);
+        }
+    }
+}

@@ -192,8 +192,10 @@ impl Optimizer for Sgd {
             weight_decay: wd,
         } = self.config;
         for (param, buffer) in self.params.iter().zip(&mut self.buffers) {
-            let Some(grad) = param.grad() else { continue };
-            let grad = grad.data();
+            let Some(grad) = param.grad_data() else {
+                continue;
+            };
+            let grad = grad.view();
             // The new values go to a buffer of their own, swapped in at the
             // end: a forward reading the parameter meanwhile sees the old
             // values whole (see `Tensor::with_data_mut`).

@@ -1,0 +1,365 @@
+//! [`Data`]: how a tensor's values are stored, one floor above
+//! [`array`](crate::array) and below [`Tensor`](crate::Tensor).
+//!
+//! # Design
+//!
+//! An op's result used to be three heap blocks: the `f32` buffer, ndarray's
+//! shared header around it (`ArcArray`), and the tensor. Here the values an
+//! op computes live in an `Arc<[f32]>`, whose reference counts sit in the
+//! same allocation as the values, so a result is two blocks (the values and
+//! the tensor). Shape and strides are stored inline for up to four
+//! dimensions (`SmallVec`), not in ndarray's dynamic-rank `IxDyn`, whose
+//! clone, comparison and drop were a fifth of a small op's instructions.
+//!
+//! ndarray views are built only inside kernels ([`Data::view`]); the ops on
+//! small contiguous operands never build one ([`Data::as_slice`]).
+//!
+//! Values that arrive as an ndarray array or a `Vec` (constructors, the
+//! gradients the backward engine sums) are moved in as they are, without a
+//! copy ([`Buf::Vec`]), so a big input or a gradient is never copied to be
+//! stored.
+//!
+//! A `Data` is immutable once shared: cloning it is an O(1) snapshot (one
+//! reference-count increment), and writing goes through
+//! [`Data::view_mut`], which only succeeds on a buffer no snapshot shares (the copy-on-write of [`Tensor::with_data_mut`] relies on that).
+//!
+//! [`Tensor::with_data_mut`]: crate::Tensor::with_data_mut
+
+use std::fmt;
+use std::sync::Arc;
+
+use ndarray::{ArcArray, ArrayD, ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
+use smallvec::SmallVec;
+
+/// Lengths or strides of up to four axes, inline.
+pub(crate) type Dims = SmallVec<[usize; 4]>;
+
+/// The buffer of a [`Data`]: shared, never written once shared.
+#[derive(Clone)]
+enum Buf {
+    /// Values computed by an op: counts and values in one allocation.
+    Slice(Arc<[f32]>),
+    /// Values moved in from a `Vec` (an ndarray array's, a gradient's)
+    /// without copying them.
+    Vec(Arc<Vec<f32>>),
+}
+
+impl Buf {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Buf::Slice(values) => values,
+            Buf::Vec(values) => values,
+        }
+    }
+
+    fn unique_mut(&mut self) -> Option<&mut [f32]> {
+        match self {
+            Buf::Slice(values) => Arc::get_mut(values),
+            Buf::Vec(values) => Arc::get_mut(values).map(Vec::as_mut_slice),
+        }
+    }
+
+    fn is_unique(&self) -> bool {
+        match self {
+            Buf::Slice(values) => Arc::strong_count(values) == 1,
+            Buf::Vec(values) => Arc::strong_count(values) == 1,
+        }
+    }
+}
+
+/// A tensor's values: a shared buffer and the shape (and, for a view such
+/// as a transpose, the strides) it is read with. Cloning is O(1).
+///
+/// # Invariant
+///
+/// The layout fits the buffer: with `strides == None` the buffer holds
+/// exactly the shape's elements in row-major order; with strides, every
+/// index of the shape maps inside the buffer (strides are non-negative:
+/// only axis permutations make them).
+#[derive(Clone)]
+pub(crate) struct Data {
+    buf: Buf,
+    shape: Dims,
+    strides: Option<Dims>,
+}
+
+impl Data {
+    /// Row-major values of `shape`.
+    ///
+    /// # Panics
+    ///
+    /// If `values` does not hold the shape's number of elements (callers
+    /// check with [`checked_numel`](crate::array::checked_numel)).
+    pub(crate) fn from_vec(shape: &[usize], values: Vec<f32>) -> Data {
+        assert_eq!(values.len(), numel(shape), "values fit the shape");
+        Data {
+            buf: Buf::Vec(Arc::new(values)),
+            shape: Dims::from_slice(shape),
+            strides: None,
+        }
+    }
+
+    /// Values of `shape` from an iterator of exactly the shape's element
+    /// count, in row-major order, written straight into one new allocation
+    /// (for the standard library's exact-size iterators: slices, `map`,
+    /// `zip`, `repeat_n`).
+    pub(crate) fn collect(shape: &[usize], values: impl Iterator<Item = f32>) -> Data {
+        let buf: Arc<[f32]> = values.collect();
+        assert_eq!(buf.len(), numel(shape), "values fit the shape");
+        Data {
+            buf: Buf::Slice(buf),
+            shape: Dims::from_slice(shape),
+            strides: None,
+        }
+    }
+
+    /// Row-major values of `shape` in a buffer an op has just filled.
+    pub(crate) fn from_arc(shape: &[usize], values: Arc<[f32]>) -> Data {
+        assert_eq!(values.len(), numel(shape), "values fit the shape");
+        Data {
+            buf: Buf::Slice(values),
+            shape: Dims::from_slice(shape),
+            strides: None,
+        }
+    }
+
+    /// `f` of every element, in a new buffer of the same shape.
+    pub(crate) fn map(&self, f: impl Fn(f32) -> f32) -> Data {
+        match self.as_slice() {
+            Some(values) => Data::collect(&self.shape, values.iter().map(|&v| f(v))),
+            None => Data::collect(&self.shape, self.view().iter().map(|&v| f(v))),
+        }
+    }
+
+    /// `value` at every element of `shape`.
+    pub(crate) fn full(shape: &[usize], value: f32) -> Data {
+        Data::collect(shape, std::iter::repeat_n(value, numel(shape)))
+    }
+
+    /// Values of `shape` written by `fill` into a new buffer (zeroed
+    /// first), for kernels that write through an ndarray view.
+    pub(crate) fn build(shape: &[usize], fill: impl FnOnce(ArrayViewMutD<'_, f32>)) -> Data {
+        let mut data = Data::full(shape, 0.0);
+        fill(data.view_mut().expect("a new buffer is unique"));
+        data
+    }
+
+    /// The values of `array`, moved in without a copy when it is in
+    /// row-major order (copied into that order otherwise).
+    pub(crate) fn from_array(array: ArrayD<f32>) -> Data {
+        let shape = Dims::from_slice(array.shape());
+        let array = if array.is_standard_layout() {
+            array
+        } else {
+            array.as_standard_layout().into_owned()
+        };
+        match array.into_raw_vec_and_offset() {
+            (values, Some(0) | None) if values.len() == numel(&shape) => Data {
+                buf: Buf::Vec(Arc::new(values)),
+                shape,
+                strides: None,
+            },
+            // A sliced array's buffer holds more than its elements.
+            (values, offset) => {
+                let start = offset.unwrap_or(0);
+                Data::collect(&shape, values[start..start + numel(&shape)].iter().copied())
+            }
+        }
+    }
+
+    /// A copy of the elements of `view`, in row-major order.
+    pub(crate) fn from_view(view: ArrayViewD<'_, f32>) -> Data {
+        match view.as_slice() {
+            Some(values) => Data::collect(view.shape(), values.iter().copied()),
+            None => Data::collect(view.shape(), view.iter().copied()),
+        }
+    }
+
+    /// The length of each axis.
+    pub(crate) fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of elements.
+    pub(crate) fn len(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    /// The values in row-major order, if that is how they are stored (not a
+    /// transposed view).
+    pub(crate) fn as_slice(&self) -> Option<&[f32]> {
+        self.strides.is_none().then(|| self.buf.as_slice())
+    }
+
+    /// An ndarray view of the values.
+    pub(crate) fn view(&self) -> ArrayViewD<'_, f32> {
+        let values = self.buf.as_slice();
+        match &self.strides {
+            None => ArrayViewD::from_shape(IxDyn(&self.shape), values),
+            Some(strides) => {
+                ArrayViewD::from_shape(IxDyn(&self.shape).strides(IxDyn(strides)), values)
+            }
+        }
+        .expect("the layout fits the buffer (the invariant of Data)")
+    }
+
+    /// A mutable view of the values if no snapshot shares the buffer.
+    pub(crate) fn view_mut(&mut self) -> Option<ArrayViewMutD<'_, f32>> {
+        let shape = IxDyn(&self.shape);
+        let strides = self.strides.as_ref().map(|s| IxDyn(s));
+        let values = self.buf.unique_mut()?;
+        Some(
+            match strides {
+                None => ArrayViewMutD::from_shape(shape, values),
+                Some(strides) => ArrayViewMutD::from_shape(shape.strides(strides), values),
+            }
+            .expect("the layout fits the buffer (the invariant of Data)"),
+        )
+    }
+
+    /// True if no other `Data` shares the buffer.
+    pub(crate) fn is_unique(&self) -> bool {
+        self.buf.is_unique()
+    }
+
+    /// The values in row-major order as a new `Vec`.
+    pub(crate) fn to_vec(&self) -> Vec<f32> {
+        match self.as_slice() {
+            Some(values) => values.to_vec(),
+            None => self.view().iter().copied().collect(),
+        }
+    }
+
+    /// A copy of the values as an ndarray array.
+    pub(crate) fn to_array(&self) -> ArrayD<f32> {
+        self.view().to_owned()
+    }
+
+    /// A copy of the values as a shared ndarray array.
+    pub(crate) fn to_arc_array(&self) -> ArcArray<f32, IxDyn> {
+        self.to_array().into_shared()
+    }
+
+    /// The same values with axes `a` and `b` swapped: a view sharing the
+    /// buffer (O(1)).
+    pub(crate) fn swap_axes(&self, a: usize, b: usize) -> Data {
+        let mut strides = match &self.strides {
+            Some(strides) => strides.clone(),
+            None => row_major_strides(&self.shape),
+        };
+        let mut shape = self.shape.clone();
+        shape.swap(a, b);
+        strides.swap(a, b);
+        let standard = row_major_strides(&shape);
+        // A swap of two axes of length 1, or one undone, is row-major again.
+        let strides = (!same_layout(&shape, &strides, &standard)).then_some(strides);
+        Data {
+            buf: self.buf.clone(),
+            shape,
+            strides,
+        }
+    }
+
+    /// The same values with shape `shape` (of the same element count):
+    /// sharing the buffer when the values are in row-major order, copied
+    /// into that order otherwise.
+    pub(crate) fn reshape(&self, shape: &[usize]) -> Data {
+        debug_assert_eq!(numel(shape), self.len());
+        match self.strides {
+            None => Data {
+                buf: self.buf.clone(),
+                shape: Dims::from_slice(shape),
+                strides: None,
+            },
+            Some(_) => Data::collect(shape, self.view().iter().copied()),
+        }
+    }
+}
+
+impl fmt::Display for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.view(), f)
+    }
+}
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.view(), f)
+    }
+}
+
+/// The number of elements of `shape` (checked by the caller not to
+/// overflow).
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// The strides of a row-major array of `shape`.
+fn row_major_strides(shape: &[usize]) -> Dims {
+    let mut strides = Dims::from_elem(0, shape.len());
+    let mut stride = 1;
+    for (s, &len) in strides.iter_mut().zip(shape).rev() {
+        *s = stride;
+        stride *= len.max(1);
+    }
+    strides
+}
+
+/// Whether `strides` address `shape` as the `standard` strides do: equal
+/// on every axis longer than 1 (the stride of a length-1 axis is never
+/// used).
+fn same_layout(shape: &[usize], strides: &[usize], standard: &[usize]) -> bool {
+    shape
+        .iter()
+        .zip(strides.iter().zip(standard))
+        .all(|(&len, (s, t))| len <= 1 || s == t)
+        || shape.contains(&0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transpose_shares_the_buffer_and_reads_transposed() {
+        let data = Data::collect(&[2, 3], (0..6).map(|v| v as f32));
+        let t = data.swap_axes(0, 1);
+        assert_eq!(t.shape(), &[3, 2]);
+        assert!(t.as_slice().is_none());
+        assert_eq!(t.to_vec(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert!(!data.is_unique(), "shared with the transpose");
+        // Swapping back is row-major again.
+        let back = t.swap_axes(0, 1);
+        assert_eq!(back.as_slice(), Some(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0][..]));
+    }
+
+    #[test]
+    fn arrays_move_in_without_a_copy_and_views_copy_into_row_major_order() {
+        let array = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let pointer = array.as_ptr();
+        let data = Data::from_array(array);
+        assert_eq!(data.as_slice().unwrap().as_ptr(), pointer);
+        let transposed = Data::from_array(data.to_array().reversed_axes());
+        assert_eq!(transposed.as_slice(), Some(&[1.0, 3.0, 2.0, 4.0][..]));
+    }
+
+    #[test]
+    fn only_an_unshared_buffer_can_be_written() {
+        let mut data = Data::full(&[3], 1.0);
+        assert!(data.view_mut().is_some());
+        let snapshot = data.clone();
+        assert!(data.view_mut().is_none());
+        drop(snapshot);
+        data.view_mut().unwrap()[[0]] = 5.0;
+        assert_eq!(data.to_vec(), vec![5.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn zero_size_and_zero_dimensional_shapes() {
+        let empty = Data::full(&[0, 3], 0.0);
+        assert_eq!((empty.len(), empty.view().shape()), (0, &[0, 3][..]));
+        assert_eq!(empty.swap_axes(0, 1).shape(), &[3, 0]);
+        let scalar = Data::full(&[], 2.5);
+        assert_eq!((scalar.len(), scalar.to_vec()), (1, vec![2.5]));
+    }
+}
