@@ -41,6 +41,13 @@ pub(crate) fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> 
     Ok(if empty { 0 } else { product })
 }
 
+/// `a == b` for two shapes, without the call to `memcmp` that slice
+/// equality makes (a small op compares shapes of one or two axes).
+#[inline]
+pub(crate) fn same_shape(a: &[usize], b: &[usize]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
 /// Resolves a possibly negative `axis` (`-1` is the last) for a tensor of
 /// `ndim` dimensions.
 pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Result<usize> {

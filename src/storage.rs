@@ -29,14 +29,74 @@ use std::fmt;
 use std::sync::Arc;
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
-use smallvec::SmallVec;
 
-/// Lengths or strides of up to four axes, inline.
-pub(crate) type Dims = SmallVec<[usize; 4]>;
+/// The lengths (or strides) of a tensor's axes: inline up to four axes, so
+/// that copying a shape is copying 40 bytes, and shared on the heap beyond.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Dims {
+    /// Up to four axes: the first `len` entries.
+    Inline { len: u8, dims: [usize; 4] },
+    /// Five axes or more.
+    Heap(Arc<[usize]>),
+}
+
+impl Dims {
+    pub(crate) fn from_slice(dims: &[usize]) -> Dims {
+        match dims.len() {
+            len @ 0..=4 => {
+                let mut inline = [0; 4];
+                inline[..len].copy_from_slice(dims);
+                Dims::Inline {
+                    len: len as u8,
+                    dims: inline,
+                }
+            }
+            _ => Dims::Heap(dims.into()),
+        }
+    }
+
+    /// `value` on each of `len` axes.
+    fn from_elem(value: usize, len: usize) -> Dims {
+        match len {
+            0..=4 => Dims::Inline {
+                len: len as u8,
+                dims: [value; 4],
+            },
+            _ => Dims::Heap(vec![value; len].into()),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [usize] {
+        if let Dims::Heap(dims) = self {
+            *self = Dims::Heap(dims.iter().copied().collect());
+        }
+        match self {
+            Dims::Inline { len, dims } => &mut dims[..*len as usize],
+            Dims::Heap(dims) => Arc::get_mut(dims).expect("just made unique"),
+        }
+    }
+}
+
+impl std::ops::Deref for Dims {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        match self {
+            Dims::Inline { len, dims } => &dims[..*len as usize],
+            Dims::Heap(dims) => dims,
+        }
+    }
+}
+
+/// How many values a [`Data`] holds inline, without a heap allocation.
+const INLINE: usize = 4;
 
 /// The buffer of a [`Data`]: shared, never written once shared.
 #[derive(Clone)]
 enum Buf {
+    /// Up to [`INLINE`] values, copied with the `Data` (scalars, losses,
+    /// tiny tensors: no allocation, no reference count).
+    Inline { len: u8, values: [f32; INLINE] },
     /// Values computed by an op: counts and values in one allocation.
     Slice(Arc<[f32]>),
     /// Values moved in from a `Vec` (an ndarray array's, a gradient's)
@@ -47,6 +107,7 @@ enum Buf {
 impl Buf {
     fn as_slice(&self) -> &[f32] {
         match self {
+            Buf::Inline { len, values } => &values[..*len as usize],
             Buf::Slice(values) => values,
             Buf::Vec(values) => values,
         }
@@ -54,6 +115,7 @@ impl Buf {
 
     fn unique_mut(&mut self) -> Option<&mut [f32]> {
         match self {
+            Buf::Inline { len, values } => Some(&mut values[..*len as usize]),
             Buf::Slice(values) => Arc::get_mut(values),
             Buf::Vec(values) => Arc::get_mut(values).map(Vec::as_mut_slice),
         }
@@ -61,6 +123,7 @@ impl Buf {
 
     fn is_unique(&self) -> bool {
         match self {
+            Buf::Inline { .. } => true,
             Buf::Slice(values) => Arc::strong_count(values) == 1,
             Buf::Vec(values) => Arc::strong_count(values) == 1,
         }
@@ -80,7 +143,8 @@ impl Buf {
 pub(crate) struct Data {
     buf: Buf,
     shape: Dims,
-    strides: Option<Dims>,
+    /// `None` for row-major values (nearly all); boxed, as views are rare.
+    strides: Option<Box<Dims>>,
 }
 
 impl Data {
@@ -92,6 +156,9 @@ impl Data {
     /// check with [`checked_numel`](crate::array::checked_numel)).
     pub(crate) fn from_vec(shape: &[usize], values: Vec<f32>) -> Data {
         assert_eq!(values.len(), numel(shape), "values fit the shape");
+        if values.len() <= INLINE {
+            return Data::collect(shape, values.into_iter());
+        }
         Data {
             buf: Buf::Vec(Arc::new(values)),
             shape: Dims::from_slice(shape),
@@ -103,11 +170,23 @@ impl Data {
     /// count, in row-major order, written straight into one new allocation
     /// (for the standard library's exact-size iterators: slices, `map`,
     /// `zip`, `repeat_n`).
-    pub(crate) fn collect(shape: &[usize], values: impl Iterator<Item = f32>) -> Data {
-        let buf: Arc<[f32]> = values.collect();
-        assert_eq!(buf.len(), numel(shape), "values fit the shape");
+    pub(crate) fn collect(shape: &[usize], values: impl ExactSizeIterator<Item = f32>) -> Data {
+        let len = values.len();
+        assert_eq!(len, numel(shape), "values fit the shape");
+        let buf = if len <= INLINE {
+            let mut inline = [0.0; INLINE];
+            for (slot, value) in inline.iter_mut().zip(values) {
+                *slot = value;
+            }
+            Buf::Inline {
+                len: len as u8,
+                values: inline,
+            }
+        } else {
+            Buf::Slice(values.collect())
+        };
         Data {
-            buf: Buf::Slice(buf),
+            buf,
             shape: Dims::from_slice(shape),
             strides: None,
         }
@@ -244,15 +323,15 @@ impl Data {
     /// buffer (O(1)).
     pub(crate) fn swap_axes(&self, a: usize, b: usize) -> Data {
         let mut strides = match &self.strides {
-            Some(strides) => strides.clone(),
+            Some(strides) => (**strides).clone(),
             None => row_major_strides(&self.shape),
         };
         let mut shape = self.shape.clone();
-        shape.swap(a, b);
-        strides.swap(a, b);
+        shape.as_mut_slice().swap(a, b);
+        strides.as_mut_slice().swap(a, b);
         let standard = row_major_strides(&shape);
         // A swap of two axes of length 1, or one undone, is row-major again.
-        let strides = (!same_layout(&shape, &strides, &standard)).then_some(strides);
+        let strides = (!same_layout(&shape, &strides, &standard)).then(|| Box::new(strides));
         Data {
             buf: self.buf.clone(),
             shape,
@@ -298,7 +377,7 @@ pub(crate) fn numel(shape: &[usize]) -> usize {
 fn row_major_strides(shape: &[usize]) -> Dims {
     let mut strides = Dims::from_elem(0, shape.len());
     let mut stride = 1;
-    for (s, &len) in strides.iter_mut().zip(shape).rev() {
+    for (s, &len) in strides.as_mut_slice().iter_mut().zip(shape).rev() {
         *s = stride;
         stride *= len.max(1);
     }
@@ -323,6 +402,7 @@ mod tests {
     #[test]
     fn a_transpose_shares_the_buffer_and_reads_transposed() {
         let data = Data::collect(&[2, 3], (0..6).map(|v| v as f32));
+        assert!(data.is_unique());
         let t = data.swap_axes(0, 1);
         assert_eq!(t.shape(), &[3, 2]);
         assert!(t.as_slice().is_none());
@@ -345,13 +425,27 @@ mod tests {
 
     #[test]
     fn only_an_unshared_buffer_can_be_written() {
-        let mut data = Data::full(&[3], 1.0);
+        let mut data = Data::full(&[8], 1.0);
         assert!(data.view_mut().is_some());
         let snapshot = data.clone();
         assert!(data.view_mut().is_none());
         drop(snapshot);
         data.view_mut().unwrap()[[0]] = 5.0;
-        assert_eq!(data.to_vec(), vec![5.0, 1.0, 1.0]);
+        assert_eq!(data.to_vec()[..3], [5.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn up_to_four_values_are_stored_inline_and_copied() {
+        let mut data = Data::collect(&[2, 2], [1.0, 2.0, 3.0, 4.0].into_iter());
+        let copy = data.clone();
+        assert!(
+            data.is_unique() && copy.is_unique(),
+            "inline values are never shared"
+        );
+        data.view_mut().unwrap()[[0, 0]] = 9.0;
+        assert_eq!(copy.to_vec(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(data.swap_axes(0, 1).to_vec(), vec![9.0, 3.0, 2.0, 4.0]);
+        assert_eq!(Data::from_vec(&[1], vec![7.0]).to_vec(), vec![7.0]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use netcl::{Tensor, autograd};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: instructions <add_recorded|add_no_grad> <count>");
+        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray> <count>");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
@@ -39,6 +39,14 @@ fn main() {
             for _ in 0..n {
                 let _guard = autograd::no_grad();
                 drop(black_box(&a + &b));
+            }
+        }
+        "add_raw_ndarray" => {
+            // The baseline: ndarray's own dynamic-rank 1-element add.
+            let x = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
+            let y = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
+            for _ in 0..n {
+                drop(black_box(black_box(&x) + black_box(&y)));
             }
         }
         other => {

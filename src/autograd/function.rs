@@ -125,6 +125,19 @@ pub(crate) fn record<B: Backward>(
     output: Data,
     save: impl FnOnce(&Data) -> B,
 ) -> Result<Tensor> {
+    record_node(op, inputs, output, save, false)
+}
+
+/// [`record`], saying whether the backward may own tensors (a custom op's
+/// may; a built-in op's owns plain values).
+#[track_caller]
+fn record_node<B: Backward>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    output: Data,
+    save: impl FnOnce(&Data) -> B,
+    holds_tensors: bool,
+) -> Result<Tensor> {
     let (enabled, anomaly) = recording_flags();
     let location = if anomaly {
         let location = Location::caller();
@@ -145,7 +158,7 @@ pub(crate) fn record<B: Backward>(
     };
 
     let backward: Box<dyn Backward> = Box::new(save(&output));
-    let id = tape.push(op, inputs, backward, location);
+    let id = tape.push(op, inputs, backward, location, holds_tensors);
     Ok(Tensor::from_node(output, NodeRef { tape, id, op }))
 }
 
@@ -257,11 +270,13 @@ pub fn apply_op<B: Backward>(
     output: ArrayD<f32>,
     save: impl FnOnce() -> B,
 ) -> Result<Tensor> {
-    record(op, inputs, Data::from_array(output), |_| Checked {
+    let checked = |_: &Data| Checked {
         op,
         shapes: inputs.iter().map(|input| input.dim()).collect(),
         inner: save(),
-    })
+    };
+    // A custom backward may own tensors.
+    record_node(op, inputs, Data::from_array(output), checked, true)
 }
 
 /// A user-defined backward whose gradients are checked against the inputs'

@@ -11,9 +11,11 @@
 //! the op produced, one for each later node that consumes that tensor. When a
 //! count reaches zero the slot is freed at once and its inputs are released
 //! in turn (iteratively, so dropping a 100,000-node chain needs no deep
-//! stack). Everything a freed node owned (backward closures, leaf handles) is
-//! dropped *after* the lock is released, because dropping it may release
-//! nodes again.
+//! stack). What a freed node owned is dropped at once when that cannot touch
+//! a tape: its handles to leaves (a leaf has no node to release) and a
+//! built-in op's backward (it owns plain values, never tensors). A custom
+//! op's backward may own tensors, whose drop may release nodes again: it is
+//! dropped *after* the lock is released.
 //!
 //! Slots are reused, so index order is not creation order: the sequence
 //! number is. A node's inputs always exist before it, so sorting by sequence
@@ -21,9 +23,10 @@
 //!
 //! The lock is held for a push, a release or a backward's graph collection,
 //! never while user code or a backward function runs. It is always the
-//! innermost lock: an op takes it for the push while holding its inputs'
-//! read locks, but nothing takes another lock (or drops a tensor) while
-//! holding it, so no lock-order cycle can form.
+//! innermost lock: nothing takes another lock while holding it (an op takes
+//! it for the push holding no lock at all, its operands being snapshots;
+//! the leaf handles and built-in backward state dropped under it take no
+//! lock either), so no lock-order cycle can form.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -118,6 +121,10 @@ struct Slot {
     op: &'static str,
     /// Where the op was called, if recorded with anomaly detection on.
     location: Option<&'static Location<'static>>,
+    /// Whether the backward function may own tensors (a custom op's):
+    /// dropping it may release nodes, so it is dropped outside the lock.
+    /// A built-in op's backward owns plain values only.
+    holds_tensors: bool,
     /// `None` once a backward without `retain_graph` has released it.
     backward: Option<BackwardFn>,
     /// Empty while the slot is free; its capacity is kept for the next node.
@@ -184,16 +191,6 @@ struct NoBackward;
 
 impl Backward for NoBackward {
     fn backward(&self, _: ndarray::ArrayD<f32>, _: &mut crate::autograd::InputGrads<'_>) {}
-}
-
-/// What a release drops once the lock is released.
-#[expect(
-    dead_code,
-    reason = "the values are only held, never read: dropping them outside the tape lock is the point"
-)]
-enum Garbage {
-    Backward(BackwardFn),
-    Leaf(Tensor),
 }
 
 /// A backward pass's view of the graph, taken under the lock in one go.
@@ -313,6 +310,7 @@ impl Tape {
         inputs: &[&Tensor],
         backward: Box<dyn Backward>,
         location: Option<&'static Location<'static>>,
+        holds_tensors: bool,
     ) -> NodeId {
         let edge = |input: &&Tensor| match input.node() {
             Some(node) => Edge::Node(node.id),
@@ -340,6 +338,7 @@ impl Tape {
                 slot.seq = seq;
                 slot.op = op;
                 slot.location = location;
+                slot.holds_tensors = holds_tensors;
                 slot.backward = Some(BackwardFn::Unique(backward));
                 // Reuses the edge storage of the slot's previous node.
                 slot.edges.extend(inputs.iter().map(edge));
@@ -353,6 +352,7 @@ impl Tape {
                     seq,
                     op,
                     location,
+                    holds_tensors,
                     backward: Some(BackwardFn::Unique(backward)),
                     edges: inputs.iter().map(edge).collect(),
                     mark: 0,
@@ -372,19 +372,26 @@ impl Tape {
     pub(crate) fn release(&self, id: NodeId) {
         let queued = GARBAGE.try_with(|garbage| {
             let mut garbage = garbage.queue.borrow_mut();
-            self.free(id, &mut garbage);
+            self.free(id, &mut garbage)
         });
         match queued {
-            Ok(()) => dispose(),
+            Ok(true) => dispose(),
+            Ok(false) => {}
             // Thread-locals are being torn down: drop in place.
-            Err(_) => self.free(id, &mut Vec::new()),
+            Err(_) => {
+                self.free(id, &mut Vec::new());
+            }
         }
     }
 
-    /// The locked part of [`release`](Tape::release): everything the freed
-    /// nodes owned goes to `garbage`, to be dropped after the lock is
-    /// released.
-    fn free(&self, id: NodeId, garbage: &mut Vec<Garbage>) {
+    /// The locked part of [`release`](Tape::release). What the freed nodes
+    /// owned is dropped here, under the lock, when dropping it cannot touch
+    /// a tape (leaf tensors, which have no node; a built-in op's backward,
+    /// which owns plain values); a backward that may own tensors goes to
+    /// `garbage`, to be dropped after the lock is released. Returns whether
+    /// anything was queued.
+    fn free(&self, id: NodeId, garbage: &mut Vec<BackwardFn>) -> bool {
+        let queued = garbage.len();
         let mut arena = self.arena.lock();
         let arena = &mut *arena;
         debug_assert_eq!(arena.slots[id.index as usize].generation, id.generation);
@@ -396,13 +403,13 @@ impl Tape {
             if slot.refs == 0 {
                 slot.generation = slot.generation.wrapping_add(1);
                 if let Some(backward) = slot.backward.take() {
-                    garbage.push(Garbage::Backward(backward));
+                    if slot.holds_tensors {
+                        garbage.push(backward);
+                    }
                 }
                 for edge in slot.edges.drain(..) {
-                    match edge {
-                        Edge::Node(input) => pending.push(input.index),
-                        Edge::Leaf(leaf) => garbage.push(Garbage::Leaf(leaf)),
-                        Edge::None => {}
+                    if let Edge::Node(input) = edge {
+                        pending.push(input.index);
                     }
                 }
                 arena.free.push(index);
@@ -413,6 +420,7 @@ impl Tape {
                 None => break,
             }
         }
+        garbage.len() > queued
     }
 
     /// Collects everything reachable from `roots` for one backward pass:
@@ -548,7 +556,7 @@ impl fmt::Debug for Tape {
 /// What releases on this thread freed, waiting to be dropped outside the
 /// tape lock.
 struct GarbageQueue {
-    queue: RefCell<Vec<Garbage>>,
+    queue: RefCell<Vec<BackwardFn>>,
     disposing: Cell<bool>,
 }
 

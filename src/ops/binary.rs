@@ -5,7 +5,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use ndarray::{ArrayD, Dimension, IxDyn, Zip};
 
-use crate::array::{broadcast_shape, reduce_to_shape, zip_assign};
+use crate::array::{broadcast_shape, reduce_to_shape, same_shape, zip_assign};
 use crate::autograd::function::{Backward, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
@@ -17,7 +17,7 @@ fn zip_broadcast(
     b: &Data,
     f: impl Fn(f32, f32) -> f32,
 ) -> Result<Data> {
-    if a.shape() == b.shape() {
+    if same_shape(a.shape(), b.shape()) {
         // The small-op path: two slices in, one allocation out.
         if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
             return Ok(Data::collect(
@@ -119,7 +119,7 @@ fn linear_op(
     let operands = a.read_pair(b);
     let (x, y) = operands.get();
     let out = zip_broadcast(op, x, y, f)?;
-    if x.shape() == y.shape() {
+    if same_shape(x.shape(), y.shape()) {
         return if sign_b == 1.0 {
             record(op, &[a, b], out, |_| SameShapeSum::<false>)
         } else {
