@@ -3,7 +3,7 @@
 //! gradient sums). Nothing here knows about [`Tensor`](crate::Tensor),
 //! tapes or modes.
 
-use ndarray::{ArrayBase, ArrayD, ArrayRef, Axis, DataMut, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 
@@ -102,47 +102,6 @@ pub(crate) fn reduce_to_shape(grad: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32>
         }
     }
     grad
-}
-
-/// Adds `grad` into an optional running sum: the first gradient becomes the
-/// sum, later ones are added to it in place. How every gradient buffer of
-/// netcl accumulates (the backward engine's, a leaf's `.grad()`, the
-/// per-shard sums of `parallel::backward_shards`).
-pub(crate) fn accumulate<S>(slot: &mut Option<ArrayBase<S, IxDyn>>, grad: ArrayD<f32>)
-where
-    S: DataMut<Elem = f32>,
-    ArrayBase<S, IxDyn>: From<ArrayD<f32>>,
-{
-    match slot {
-        None => *slot = Some(grad.into()),
-        Some(sum) => add_assign(sum, &grad),
-    }
-}
-
-/// `acc += grad` for arrays of one shape (or `grad` broadcasting to
-/// `acc`), over plain slices when both are contiguous: ndarray's general
-/// path costs more than the arithmetic on small tensors.
-pub(crate) fn add_assign(acc: &mut ArrayRef<f32, IxDyn>, grad: &ArrayRef<f32, IxDyn>) {
-    zip_assign(acc, grad, |a, g| *a += g);
-}
-
-/// `f(&mut acc[i], other[i])` for every element, `other` broadcasting to
-/// `acc`'s shape; over plain slices when both are contiguous in row-major
-/// order.
-pub(crate) fn zip_assign(
-    acc: &mut ArrayRef<f32, IxDyn>,
-    other: &ArrayRef<f32, IxDyn>,
-    f: impl Fn(&mut f32, f32),
-) {
-    if acc.shape() == other.shape() {
-        if let (Some(a), Some(b)) = (acc.as_slice_mut(), other.as_slice()) {
-            for (a, &b) in a.iter_mut().zip(b) {
-                f(a, b);
-            }
-            return;
-        }
-    }
-    acc.zip_mut_with(other, |a, &b| f(a, b));
 }
 
 /// `array` in standard (row-major) layout with the given shape, copying only

@@ -384,7 +384,7 @@ where
 {
     let mode = GradMode::current().with_enabled(true);
     let inputs: Vec<&Tensor> = params.iter().collect();
-    type Grads = Vec<Option<ndarray::ArrayD<f32>>>;
+    type Grads = Vec<Option<crate::storage::Data>>;
     let shard_grads = |shard: &S| -> Result<(f32, Grads)> {
         let loss = loss(shard)?;
         let value = loss.try_item()?;
@@ -404,7 +404,7 @@ where
         losses.push(value);
         for (sum, grad) in sums.iter_mut().zip(grads) {
             if let Some(grad) = grad {
-                crate::array::accumulate(sum, grad);
+                crate::storage::Data::accumulate(sum, grad);
             }
         }
     }

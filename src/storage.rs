@@ -309,6 +309,91 @@ impl Data {
         }
     }
 
+    /// The values as an owned ndarray array: moved out without a copy when
+    /// this is the only handle to a buffer moved in from an array or a
+    /// `Vec`, copied otherwise.
+    pub(crate) fn into_array(self) -> ArrayD<f32> {
+        if self.strides.is_none() {
+            if let Buf::Vec(values) = self.buf {
+                let values = Arc::try_unwrap(values).unwrap_or_else(|shared| (*shared).clone());
+                return ArrayD::from_shape_vec(IxDyn(&self.shape), values)
+                    .expect("the layout fits the buffer (the invariant of Data)");
+            }
+        }
+        self.to_array()
+    }
+
+    /// `f(self[i])` for every element: in place when no snapshot shares the
+    /// buffer, into a new buffer otherwise.
+    pub(crate) fn map_into(mut self, f: impl Fn(f32) -> f32) -> Data {
+        if self.strides.is_none() {
+            if let Some(values) = self.buf.unique_mut() {
+                for v in values.iter_mut() {
+                    *v = f(*v);
+                }
+                return self;
+            }
+        }
+        self.map(f)
+    }
+
+    /// `f(self[i], other[i])` for every element, `other` of the same shape
+    /// or broadcasting to it: in place when no snapshot shares `self`'s
+    /// buffer, into a new buffer otherwise.
+    pub(crate) fn zip_into(mut self, other: &Data, f: impl Fn(f32, f32) -> f32) -> Data {
+        let same = crate::array::same_shape(&self.shape, &other.shape);
+        if same && self.strides.is_none() {
+            if let Some(b) = other.as_slice() {
+                if let Some(a) = self.buf.unique_mut() {
+                    for (a, &b) in a.iter_mut().zip(b) {
+                        *a = f(*a, b);
+                    }
+                    return self;
+                }
+                let a = self.buf.as_slice();
+                return Data::collect(&self.shape, a.iter().zip(b).map(|(&a, &b)| f(a, b)));
+            }
+        }
+        let other = other.view();
+        let other = other
+            .broadcast(IxDyn(&self.shape))
+            .expect("the operand broadcasts to the gradient's shape");
+        match self.view_mut() {
+            Some(mut values) => {
+                values.zip_mut_with(&other, |a, &b| *a = f(*a, b));
+                self
+            }
+            None => {
+                let view = self.view();
+                Data::build(&self.shape, |mut out| {
+                    ndarray::Zip::from(&mut out)
+                        .and(&view)
+                        .and(&other)
+                        .for_each(|o, &a, &b| *o = f(a, b))
+                })
+            }
+        }
+    }
+
+    /// Adds `grad` into an optional running sum: the first gradient becomes
+    /// the sum, later ones are added to it (in place when no snapshot shares
+    /// it). How every gradient sum of netcl accumulates: the backward
+    /// engine's buffers, a leaf's `.grad()`, the per-shard sums of
+    /// `parallel::backward_shards`.
+    pub(crate) fn accumulate(slot: &mut Option<Data>, grad: Data) {
+        match slot {
+            None => *slot = Some(grad),
+            Some(sum) => sum.add_assign(&grad),
+        }
+    }
+
+    /// Adds `other` (of the same shape) into these values: in place when no
+    /// snapshot shares the buffer, into a new buffer otherwise.
+    pub(crate) fn add_assign(&mut self, other: &Data) {
+        let sum = std::mem::replace(self, Data::full(&[], 0.0));
+        *self = sum.zip_into(other, |a, b| a + b);
+    }
+
     /// A copy of the values as an ndarray array.
     pub(crate) fn to_array(&self) -> ArrayD<f32> {
         self.view().to_owned()

@@ -761,20 +761,12 @@ impl Tensor {
     }
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
-    pub(crate) fn accumulate_grad(&self, grad: ArrayD<f32>) {
+    pub(crate) fn accumulate_grad(&self, grad: Data) {
         let mut slot = self.0.grad.lock();
-        let Some(sum) = &mut *slot else {
-            *slot = Some(Box::new(Data::from_array(grad)));
-            return;
-        };
-        match sum.view_mut() {
-            Some(mut sum) => crate::array::add_assign(&mut sum, &grad),
-            // A snapshot (`grad()`) shares the sum: add into a copy.
-            None => {
-                let mut copy = sum.to_array();
-                crate::array::add_assign(&mut copy, &grad);
-                **sum = Data::from_array(copy);
-            }
+        match &mut *slot {
+            None => *slot = Some(Box::new(grad)),
+            // In place, unless a snapshot (`grad()`) shares the sum.
+            Some(sum) => sum.add_assign(&grad),
         }
     }
 

@@ -17,7 +17,9 @@ use netcl::{Tensor, autograd};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray> <count>");
+        eprintln!(
+            "usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain_forward_backward> <count>"
+        );
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
@@ -39,6 +41,19 @@ fn main() {
             for _ in 0..n {
                 let _guard = autograd::no_grad();
                 drop(black_box(&a + &b));
+            }
+        }
+        "chain_forward_backward" => {
+            // Ten alternating multiplies and adds on 1-element tensors,
+            // then backward.
+            let x = Tensor::full(&[1], 0.5).requires_grad_(true);
+            let w = Tensor::full(&[1], 1.01).requires_grad_(true);
+            for _ in 0..n {
+                let mut y = x.clone();
+                for i in 0..10 {
+                    y = if i % 2 == 0 { &y * &w } else { &y + &w };
+                }
+                y.backward();
             }
         }
         "add_raw_ndarray" => {

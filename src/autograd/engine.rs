@@ -8,35 +8,32 @@
 //!
 //! [`Tape::plan`]: crate::autograd::tape::Tape::plan
 
-use ndarray::ArrayD;
-
-use crate::array::accumulate;
 use crate::autograd::function::InputGrads;
 use crate::autograd::function::non_finite;
 use crate::autograd::mode::{GradGuard, is_anomaly_enabled};
 use crate::autograd::tape::{NodeId, PlanEdge, Tape, common_tape};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 /// Where gradients arriving at leaves (and watched nodes) go.
 trait Sink {
     /// Called once the graph is collected: where each watched node sits in
     /// the plan, if it is reachable.
     fn planned(&mut self, _watched: &[Option<usize>]) {}
-    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>);
-    fn node(&mut self, position: usize, grad: &ArrayD<f32>);
+    fn leaf(&mut self, leaf: &Tensor, grad: Data);
+    fn node(&mut self, position: usize, grad: &Data);
 }
 
 /// `backward()`: accumulate into every leaf's `.grad()`.
 struct Accumulate;
 
 impl Sink for Accumulate {
-    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>) {
+    fn leaf(&mut self, leaf: &Tensor, grad: Data) {
         leaf.accumulate_grad(grad);
     }
 
-    fn node(&mut self, _: usize, _: &ArrayD<f32>) {}
+    fn node(&mut self, _: usize, _: &Data) {}
 }
 
 /// `autograd::grad()`: keep the gradients of the requested inputs only.
@@ -46,7 +43,7 @@ struct Capture<'a> {
     watched_inputs: Vec<usize>,
     /// For each input, its position in the plan if it is a reachable node.
     positions: Vec<Option<usize>>,
-    grads: Vec<Option<ArrayD<f32>>>,
+    grads: Vec<Option<Data>>,
 }
 
 impl Sink for Capture<'_> {
@@ -56,7 +53,7 @@ impl Sink for Capture<'_> {
         }
     }
 
-    fn leaf(&mut self, leaf: &Tensor, grad: ArrayD<f32>) {
+    fn leaf(&mut self, leaf: &Tensor, grad: Data) {
         // An input may be given more than once: each mention gets the
         // gradient.
         let mut grad = Some(grad);
@@ -73,14 +70,14 @@ impl Sink for Capture<'_> {
             } else {
                 grad.take()
             };
-            accumulate(
+            Data::accumulate(
                 &mut self.grads[i],
                 this.expect("taken at the last mention only"),
             );
         }
     }
 
-    fn node(&mut self, position: usize, grad: &ArrayD<f32>) {
+    fn node(&mut self, position: usize, grad: &Data) {
         for (i, input_position) in self.positions.iter().enumerate() {
             if *input_position == Some(position) {
                 self.grads[i] = Some(grad.clone());
@@ -92,7 +89,7 @@ impl Sink for Capture<'_> {
 /// A root of a backward pass with the gradient it starts from.
 pub(crate) struct Root<'a> {
     pub(crate) tensor: &'a Tensor,
-    pub(crate) grad: ArrayD<f32>,
+    pub(crate) grad: Data,
 }
 
 /// The roots that are recorded nodes, all on one tape; leaf roots go straight
@@ -100,7 +97,7 @@ pub(crate) struct Root<'a> {
 struct Split {
     tape: Option<Arc<Tape>>,
     ids: Vec<NodeId>,
-    seeds: Vec<ArrayD<f32>>,
+    seeds: Vec<Data>,
 }
 
 fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut dyn Sink) -> Result<Split> {
@@ -129,7 +126,7 @@ fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut dyn Sink) -> R
 fn run(
     tape: &Tape,
     ids: &[NodeId],
-    seeds: Vec<ArrayD<f32>>,
+    seeds: Vec<Data>,
     watch: &[NodeId],
     retain: bool,
     sink: &mut dyn Sink,
@@ -138,7 +135,7 @@ fn run(
     // reaches a leaf, so an anomaly leaves every `.grad()` untouched).
     let anomaly = is_anomaly_enabled();
     if anomaly {
-        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed.iter())) {
+        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed.view().iter())) {
             return Err(Error::Anomaly {
                 op: "backward",
                 input: None,
@@ -153,17 +150,17 @@ fn run(
     // tensor ops: none of them may record.
     let _no_grad = GradGuard::new(false);
 
-    let mut grads: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(plan.nodes.len());
+    let mut grads: Vec<Option<Data>> = Vec::with_capacity(plan.nodes.len());
     grads.resize_with(plan.nodes.len(), || None);
     for (&position, seed) in plan.roots.iter().zip(seeds) {
-        accumulate(&mut grads[position], seed);
+        Data::accumulate(&mut grads[position], seed);
     }
 
     // Leaf gradients are summed here and reach each leaf once, at the end.
-    let mut leaf_grads: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(plan.leaves.len());
+    let mut leaf_grads: Vec<Option<Data>> = Vec::with_capacity(plan.leaves.len());
     leaf_grads.resize_with(plan.leaves.len(), || None);
 
-    let mut slots: Vec<Option<ArrayD<f32>>> = Vec::new();
+    let mut slots: Vec<Option<Data>> = Vec::new();
     // Consume the plan node by node, so each node's saved state is released
     // as soon as its backward has run.
     for (position, node) in plan.nodes.into_iter().enumerate() {
@@ -186,10 +183,10 @@ fn run(
             let Some(input_grad) = slot else { continue };
             match edge {
                 PlanEdge::None => {}
-                PlanEdge::Leaf(leaf) => accumulate(&mut leaf_grads[*leaf], input_grad),
+                PlanEdge::Leaf(leaf) => Data::accumulate(&mut leaf_grads[*leaf], input_grad),
                 PlanEdge::Local(input) => {
                     debug_assert!(*input > position, "plan is not topological");
-                    accumulate(&mut grads[*input], input_grad);
+                    Data::accumulate(&mut grads[*input], input_grad);
                 }
             }
         }
@@ -208,10 +205,13 @@ fn run(
 fn check_gradients(
     op: &'static str,
     location: Option<&'static std::panic::Location<'static>>,
-    slots: &[Option<ArrayD<f32>>],
+    slots: &[Option<Data>],
 ) -> Result<()> {
     for (input, slot) in slots.iter().enumerate() {
-        let Some(found) = slot.as_ref().and_then(|grad| non_finite(grad.iter())) else {
+        let Some(found) = slot
+            .as_ref()
+            .and_then(|grad| non_finite(grad.view().iter()))
+        else {
             continue;
         };
         let recorded = match location {
@@ -248,7 +248,7 @@ pub(crate) fn grad(
     roots: Vec<Root<'_>>,
     inputs: &[&Tensor],
     retain: bool,
-) -> Result<Vec<Option<ArrayD<f32>>>> {
+) -> Result<Vec<Option<Data>>> {
     let mut sink = Capture {
         inputs,
         watched_inputs: Vec::new(),

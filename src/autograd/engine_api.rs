@@ -1,11 +1,9 @@
 //! The engine's public face: [`Tensor::backward`] and its variants, which
 //! accumulate gradients into the leaves, and [`grad`], which returns them.
 
-use ndarray::ArrayD;
-
 use crate::autograd::engine::{self, Root};
 use crate::error::{Error, Result, or_panic};
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 /// Backward passes.
 impl Tensor {
@@ -196,7 +194,7 @@ impl Tensor {
                     rhs: grad.shape().to_vec(),
                 });
             }
-            Some(grad) => grad.to_array(),
+            Some(grad) => grad.read().into_data(),
         };
         engine::backward(
             vec![Root {
@@ -209,14 +207,14 @@ impl Tensor {
 
     /// The gradient `1` that starts a backward pass from this tensor, which
     /// must have one element.
-    pub(crate) fn scalar_seed(&self, op: &'static str) -> Result<ArrayD<f32>> {
+    pub(crate) fn scalar_seed(&self, op: &'static str) -> Result<Data> {
         if self.numel() != 1 {
             return Err(Error::NotScalar {
                 op,
                 shape: self.shape().to_vec(),
             });
         }
-        Ok(ArrayD::ones(self.dim()))
+        Ok(Data::full(self.shape(), 1.0))
     }
 }
 
@@ -264,7 +262,7 @@ fn run(outputs: &[&Tensor], inputs: &[&Tensor], retain: bool) -> Result<Vec<Tens
         .into_iter()
         .zip(inputs)
         .map(|(grad, input)| {
-            Tensor::from_array(grad.unwrap_or_else(|| ndarray::ArrayD::zeros(input.dim())))
+            Tensor::from_data(grad.unwrap_or_else(|| Data::full(input.shape(), 0.0)))
         })
         .collect())
 }
@@ -276,7 +274,7 @@ pub(crate) fn reached(
     outputs: &[&Tensor],
     inputs: &[&Tensor],
     retain: bool,
-) -> Result<Vec<Option<ndarray::ArrayD<f32>>>> {
+) -> Result<Vec<Option<Data>>> {
     let roots = outputs
         .iter()
         .map(|output| {

@@ -40,16 +40,35 @@ where
     }
 }
 
+/// The backward function the engine runs: [`Backward`] on netcl's own
+/// storage. The built-in ops implement it directly (a gradient of a few
+/// values lives inline, without an allocation); a custom op's [`Backward`]
+/// runs through it, on ndarray arrays ([`apply_op`]).
+pub(crate) trait Backprop: Send + Sync + 'static {
+    /// As [`Backward::backward`], storing gradients with
+    /// [`InputGrads::put`].
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>);
+}
+
+impl<F> Backprop for F
+where
+    F: Fn(Data, &mut InputGrads<'_>) + Send + Sync + 'static,
+{
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        self(grad, grads)
+    }
+}
+
 /// Where a [`Backward`] puts the gradients of its op's inputs, one slot per
 /// input in the order the inputs were given to [`apply_op`].
 pub struct InputGrads<'a> {
     needs: &'a [bool],
-    slots: &'a mut [Option<ArrayD<f32>>],
+    slots: &'a mut [Option<Data>],
     error: Option<Error>,
 }
 
 impl<'a> InputGrads<'a> {
-    pub(crate) fn new(needs: &'a [bool], slots: &'a mut [Option<ArrayD<f32>>]) -> Self {
+    pub(crate) fn new(needs: &'a [bool], slots: &'a mut [Option<Data>]) -> Self {
         debug_assert_eq!(needs.len(), slots.len());
         InputGrads {
             needs,
@@ -96,11 +115,18 @@ impl<'a> InputGrads<'a> {
             self.slots.len()
         );
         if self.needs[input] {
+            self.slots[input] = Some(Data::from_array(grad));
+        }
+    }
+
+    /// [`set`](InputGrads::set) for the built-in ops' gradients.
+    pub(crate) fn put(&mut self, input: usize, grad: Data) {
+        if self.needs[input] {
             self.slots[input] = Some(grad);
         }
     }
 
-    pub(crate) fn get(&self, input: usize) -> Option<&ArrayD<f32>> {
+    pub(crate) fn get(&self, input: usize) -> Option<&Data> {
         self.slots[input].as_ref()
     }
 }
@@ -119,7 +145,7 @@ impl<'a> InputGrads<'a> {
 /// the location of the op call: every public op passes its caller's
 /// location down with `#[track_caller]`.
 #[track_caller]
-pub(crate) fn record<B: Backward>(
+pub(crate) fn record<B: Backprop>(
     op: &'static str,
     inputs: &[&Tensor],
     output: Data,
@@ -131,7 +157,7 @@ pub(crate) fn record<B: Backward>(
 /// [`record`], saying whether the backward may own tensors (a custom op's
 /// may; a built-in op's owns plain values).
 #[track_caller]
-fn record_node<B: Backward>(
+fn record_node<B: Backprop>(
     op: &'static str,
     inputs: &[&Tensor],
     output: Data,
@@ -157,7 +183,7 @@ fn record_node<B: Backward>(
         None => current_tape(),
     };
 
-    let backward: Box<dyn Backward> = Box::new(save(&output));
+    let backward: Box<dyn Backprop> = Box::new(save(&output));
     let id = tape.push(op, inputs, backward, location, holds_tensors);
     Ok(Tensor::from_node(output, NodeRef { tape, id, op }))
 }
@@ -167,7 +193,7 @@ fn record_node<B: Backward>(
 /// an infinity from finite input panics with the anomaly's message; ops of
 /// one input without a `try_` form have no other way to report it.)
 #[track_caller]
-pub(crate) fn record_unary<B: Backward>(
+pub(crate) fn record_unary<B: Backprop>(
     op: &'static str,
     input: &Tensor,
     output: Data,
@@ -287,9 +313,9 @@ struct Checked<B> {
     inner: B,
 }
 
-impl<B: Backward> Backward for Checked<B> {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        self.inner.backward(grad, grads);
+impl<B: Backward> Backprop for Checked<B> {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        self.inner.backward(grad.into_array(), grads);
         for (input, expected) in self.shapes.iter().enumerate() {
             if let Some(got) = grads.get(input) {
                 if got.shape() != expected.slice() {

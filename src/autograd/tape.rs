@@ -34,7 +34,7 @@ use std::fmt;
 use std::panic::Location;
 use std::sync::atomic::AtomicU64 as IdCounter;
 
-use crate::autograd::function::Backward;
+use crate::autograd::function::{Backprop, InputGrads};
 use crate::error::{Error, Result};
 use crate::sync::{Arc, Mutex, thread_local_const};
 use crate::tensor::Tensor;
@@ -150,8 +150,8 @@ struct Arena {
 /// backward first needs to run it while the node keeps it, then shared.
 /// (A box of a stateless backward does not allocate; an `Arc` always would.)
 pub(crate) enum BackwardFn {
-    Unique(Box<dyn Backward>),
-    Shared(std::sync::Arc<dyn Backward>),
+    Unique(Box<dyn Backprop>),
+    Shared(std::sync::Arc<dyn Backprop>),
 }
 
 impl BackwardFn {
@@ -166,7 +166,7 @@ impl BackwardFn {
                 else {
                     unreachable!("matched above")
                 };
-                let shared: std::sync::Arc<dyn Backward> = std::sync::Arc::from(owned);
+                let shared: std::sync::Arc<dyn Backprop> = std::sync::Arc::from(owned);
                 *self = BackwardFn::Shared(shared.clone());
                 shared
             }
@@ -176,9 +176,9 @@ impl BackwardFn {
 }
 
 impl std::ops::Deref for BackwardFn {
-    type Target = dyn Backward;
+    type Target = dyn Backprop;
 
-    fn deref(&self) -> &(dyn Backward + 'static) {
+    fn deref(&self) -> &(dyn Backprop + 'static) {
         match self {
             BackwardFn::Unique(owned) => &**owned,
             BackwardFn::Shared(shared) => &**shared,
@@ -189,8 +189,8 @@ impl std::ops::Deref for BackwardFn {
 /// Placeholder while a backward function changes hands.
 struct NoBackward;
 
-impl Backward for NoBackward {
-    fn backward(&self, _: ndarray::ArrayD<f32>, _: &mut crate::autograd::InputGrads<'_>) {}
+impl Backprop for NoBackward {
+    fn backward(&self, _: crate::storage::Data, _: &mut InputGrads<'_>) {}
 }
 
 /// A backward pass's view of the graph, taken under the lock in one go.
@@ -308,7 +308,7 @@ impl Tape {
         &self,
         op: &'static str,
         inputs: &[&Tensor],
-        backward: Box<dyn Backward>,
+        backward: Box<dyn Backprop>,
         location: Option<&'static Location<'static>>,
         holds_tensors: bool,
     ) -> NodeId {

@@ -3,10 +3,10 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use ndarray::{ArrayD, Dimension, IxDyn, Zip};
+use ndarray::{Dimension, IxDyn, Zip};
 
-use crate::array::{broadcast_shape, reduce_to_shape, same_shape, zip_assign};
-use crate::autograd::function::{Backward, InputGrads, record, record_unary};
+use crate::array::{broadcast_shape, reduce_to_shape, same_shape};
+use crate::autograd::function::{Backprop, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -136,17 +136,16 @@ fn linear_op(
 /// so recording it allocates nothing.
 struct SameShapeSum<const SUB: bool>;
 
-impl<const SUB: bool> Backward for SameShapeSum<SUB> {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        let grad_b = grads.needs_grad(1).then(|| {
-            let g = grad.clone();
-            if SUB { -g } else { g }
-        });
+impl<const SUB: bool> Backprop for SameShapeSum<SUB> {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let grad_b = grads
+            .needs_grad(1)
+            .then(|| if SUB { grad.map(|g| -g) } else { grad.clone() });
         if grads.needs_grad(0) {
-            grads.set(0, grad);
+            grads.put(0, grad);
         }
         if let Some(g) = grad_b {
-            grads.set(1, g);
+            grads.put(1, g);
         }
     }
 }
@@ -157,22 +156,32 @@ struct AddBackward {
     sign_b: f32,
 }
 
-impl Backward for AddBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for AddBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         let grad_b = grads.needs_grad(1).then(|| {
-            let mut g = reduce_to_shape(grad.clone(), self.shapes.1.slice());
+            let g = reduce_to(grad.clone(), self.shapes.1.slice());
             if self.sign_b != 1.0 {
-                g.mapv_inplace(|v| v * self.sign_b);
+                g.map_into(|v| v * self.sign_b)
+            } else {
+                g
             }
-            g
         });
         if grads.needs_grad(0) {
-            grads.set(0, reduce_to_shape(grad, self.shapes.0.slice()));
+            grads.put(0, reduce_to(grad, self.shapes.0.slice()));
         }
         if let Some(g) = grad_b {
-            grads.set(1, g);
+            grads.put(1, g);
         }
     }
+}
+
+/// A gradient of a broadcast result summed back to the shape of an operand
+/// (see [`reduce_to_shape`]); as it is when the shapes agree.
+pub(crate) fn reduce_to(grad: Data, shape: &[usize]) -> Data {
+    if same_shape(grad.shape(), shape) {
+        return grad;
+    }
+    Data::from_array(reduce_to_shape(grad.into_array(), shape))
 }
 
 /// Products.
@@ -206,9 +215,8 @@ impl Tensor {
 
 /// `grad * factor` (element-wise, `factor` broadcasting to `grad`), summed
 /// back to `shape`.
-fn scaled(mut grad: ArrayD<f32>, factor: &Data, shape: &[usize]) -> ArrayD<f32> {
-    zip_assign(&mut grad, &factor.view(), |g, f| *g *= f);
-    reduce_to_shape(grad, shape)
+fn scaled(grad: Data, factor: &Data, shape: &[usize]) -> Data {
+    reduce_to(grad.zip_into(factor, |g, f| g * f), shape)
 }
 
 /// d(a*b)/da = b, d(a*b)/db = a.
@@ -217,16 +225,16 @@ struct MulBackward {
     b: Data,
 }
 
-impl Backward for MulBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for MulBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         let grad_b = grads
             .needs_grad(1)
             .then(|| scaled(grad.clone(), &self.a, self.b.shape()));
         if grads.needs_grad(0) {
-            grads.set(0, scaled(grad, &self.b, self.a.shape()));
+            grads.put(0, scaled(grad, &self.b, self.a.shape()));
         }
         if let Some(g) = grad_b {
-            grads.set(1, g);
+            grads.put(1, g);
         }
     }
 }
@@ -267,23 +275,23 @@ struct DivBackward {
     b: Data,
 }
 
-impl Backward for DivBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for DivBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         if grads.needs_grad(1) {
-            let shape = grad.raw_dim();
+            let g = grad.view();
+            let shape = g.raw_dim();
             let (a, b) = (self.a.view(), self.b.view());
             let a = a.broadcast(shape.clone()).expect("broadcast in forward");
             let b = b.broadcast(shape).expect("broadcast in forward");
-            let g = Zip::from(&grad)
+            let g = Zip::from(&g)
                 .and(&a)
                 .and(&b)
                 .map_collect(|&g, &a, &b| -g * a / (b * b));
-            grads.set(1, reduce_to_shape(g, self.b.shape()));
+            grads.put(1, reduce_to(Data::from_array(g), self.b.shape()));
         }
         if grads.needs_grad(0) {
-            let mut grad = grad;
-            zip_assign(&mut grad, &self.b.view(), |g, b| *g /= b);
-            grads.set(0, reduce_to_shape(grad, self.a.shape()));
+            let g = grad.zip_into(&self.b, |g, b| g / b);
+            grads.put(0, reduce_to(g, self.a.shape()));
         }
     }
 }
@@ -291,7 +299,7 @@ impl Backward for DivBackward {
 /// Scalar forms: infallible, one input.
 impl Tensor {
     #[track_caller]
-    fn scalar_op<B: Backward>(
+    fn scalar_op<B: Backprop>(
         &self,
         op: &'static str,
         f: impl Fn(f32) -> f32,
@@ -309,7 +317,7 @@ impl Tensor {
         self.scalar_op(
             "add_scalar",
             |x| x + value,
-            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad),
+            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad),
         )
     }
 
@@ -319,7 +327,7 @@ impl Tensor {
         self.scalar_op(
             "sub_scalar",
             |x| x - value,
-            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad),
+            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad),
         )
     }
 
@@ -329,7 +337,7 @@ impl Tensor {
         self.scalar_op(
             "rsub_scalar",
             |x| value - x,
-            |_| |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad),
+            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g)),
         )
     }
 
@@ -339,7 +347,11 @@ impl Tensor {
         self.scalar_op(
             "mul_scalar",
             |x| x * value,
-            |_| move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad * value),
+            |_| {
+                move |grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.map_into(|g| g * value))
+                }
+            },
         )
     }
 
@@ -349,7 +361,11 @@ impl Tensor {
         self.scalar_op(
             "div_scalar",
             |x| x / value,
-            |_| move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, grad / value),
+            |_| {
+                move |grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.map_into(|g| g / value))
+                }
+            },
         )
     }
 
@@ -362,9 +378,8 @@ impl Tensor {
             |x| value / x,
             |x| {
                 let x = x.clone();
-                move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                    zip_assign(&mut grad, &x.view(), |g, x| *g *= -value / (x * x));
-                    grads.set(0, grad);
+                move |grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.zip_into(&x, |g, x| g * (-value / (x * x))));
                 }
             },
         )

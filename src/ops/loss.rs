@@ -1,6 +1,6 @@
 //! Loss functions: cross-entropy over class indices and mean squared error.
 
-use ndarray::{ArrayD, Axis};
+use ndarray::Axis;
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
@@ -106,8 +106,8 @@ impl Tensor {
             .sum();
         let out = Data::full(&[], total / n as f32);
         record("cross_entropy", &[self], out, |_| {
-            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                let scale = grad.first().copied().unwrap_or(0.0) / n as f32;
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                let scale = grad.to_vec().first().copied().unwrap_or(0.0) / n as f32;
                 let mut g = log_probs.mapv(f32::exp);
                 for (mut row, &t) in g.axis_iter_mut(Axis(0)).zip(&targets) {
                     row[t] -= 1.0;
@@ -162,8 +162,8 @@ impl Tensor {
         let out = Data::full(&[], loss);
         record("mse_loss", &[self, target], out, |_| {
             // d/dpred = 2 (pred - target) / n, d/dtarget = its negation
-            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                let scale = 2.0 * grad.first().copied().unwrap_or(0.0) / n;
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                let scale = 2.0 * grad.to_vec().first().copied().unwrap_or(0.0) / n;
                 let g = diff.mapv(|d| d * scale);
                 if grads.needs_grad(1) {
                     grads.set(1, -&g);

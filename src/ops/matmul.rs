@@ -4,7 +4,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
 
 use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
-use crate::autograd::function::{Backward, InputGrads, record};
+use crate::autograd::function::{Backprop, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm, gemm_acc_into, gemm_data, gemm_into};
 use crate::tensor::{Data, Tensor};
@@ -180,14 +180,15 @@ struct MatmulBackward {
     b: Data,
 }
 
-impl Backward for MatmulBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for MatmulBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let grad = grad.view();
         if grads.needs_grad(0) {
-            let g = batched_matmul(grad.view(), transposed(&self.b));
+            let g = batched_matmul(grad.clone(), transposed(&self.b));
             grads.set(0, reduce_to_shape(g, self.a.shape()));
         }
         if grads.needs_grad(1) {
-            let g = batched_matmul(transposed(&self.a), grad.view());
+            let g = batched_matmul(transposed(&self.a), grad);
             grads.set(1, reduce_to_shape(g, self.b.shape()));
         }
     }
@@ -342,13 +343,12 @@ struct LinearBackward {
     weight: Data,
 }
 
-impl Backward for LinearBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for LinearBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         let out_features = self.weight.shape()[1];
         let rows = row_count(self.x.shape());
-        let grad = reshape_owned(grad, &[rows, out_features])
-            .into_dimensionality::<Ix2>()
-            .expect("2-D");
+        let grad = grad.reshape(&[rows, out_features]);
+        let grad = grad.view().into_dimensionality::<Ix2>().expect("2-D");
         let weight = self
             .weight
             .view()

@@ -4,7 +4,7 @@
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
 use crate::array::normalize_axis;
-use crate::autograd::function::{Backward, InputGrads, record, record_unary};
+use crate::autograd::function::{Backprop, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -148,8 +148,15 @@ struct SumBackward {
     scale: f32,
 }
 
-impl Backward for SumBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for SumBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        if grad.len() == 1 && self.axis.is_none() {
+            // The gradient of a sum of all elements: one value, spread.
+            let g = grad.to_vec()[0] * self.scale;
+            grads.put(0, Data::full(self.input.slice(), g));
+            return;
+        }
+        let grad = grad.into_array();
         let grad = match self.axis {
             // With or without keepdim, the gradient has the reduced axis
             // removed or of length 1; restore it as length 1.
@@ -259,8 +266,9 @@ struct MaxBackward {
     argmax: Vec<usize>,
 }
 
-impl Backward for MaxBackward {
-    fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+impl Backprop for MaxBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let grad = grad.view();
         let mut out = ArrayD::zeros(self.input.clone());
         for ((mut lane, &position), &g) in out
             .lanes_mut(Axis(self.axis))

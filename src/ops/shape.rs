@@ -1,13 +1,13 @@
 //! Shape ops: reshape and transpose. Both share the input's storage when its
 //! layout allows (no copy).
 
-use ndarray::{ArrayD, Dimension};
+use ndarray::Dimension;
 
 use crate::array::checked_numel;
-use crate::array::{normalize_axis, reshape_owned};
+use crate::array::normalize_axis;
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 impl Tensor {
     /// The same values with a new shape, in row-major order.
@@ -53,8 +53,8 @@ impl Tensor {
         let out = self.read().reshape(shape);
         let input = self.dim();
         record("reshape", &[self], out, |_| {
-            move |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                grads.set(0, reshape_owned(grad, input.slice()));
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                grads.put(0, grad.reshape(input.slice()));
             }
         })
     }
@@ -93,9 +93,8 @@ impl Tensor {
         let b = normalize_axis("transpose", axis1, self.ndim())?;
         let out = self.read().swap_axes(a, b);
         record("transpose", &[self], out, |_| {
-            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
-                grad.swap_axes(a, b);
-                grads.set(0, grad);
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                grads.put(0, grad.swap_axes(a, b));
             }
         })
     }

@@ -11,7 +11,7 @@
 //! the `+inf` entries themselves, `inf - inf`, are NaN; a lane of only
 //! `-inf` has no mass to share and is NaN.
 
-use ndarray::{ArrayD, ArrayView1, ArrayViewMutD, Axis, Zip};
+use ndarray::{ArrayView1, ArrayViewMutD, Axis, Zip};
 
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Result, or_panic};
@@ -113,7 +113,8 @@ impl Tensor {
         record("softmax", &[self], out, |y: &Data| {
             let y = y.clone();
             // dx = y * (g - Σ g·y) along the axis
-            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                let mut grad = grad.into_array();
                 let y = y.view();
                 for (mut g, y) in grad
                     .lanes_mut(Axis(axis))
@@ -158,7 +159,8 @@ impl Tensor {
         record("log_softmax", &[self], out, |y: &Data| {
             let y = y.clone();
             // dx = g - softmax · Σ g along the axis, softmax = exp(y)
-            move |mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>| {
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                let mut grad = grad.into_array();
                 let y = y.view();
                 for (mut g, y) in grad
                     .lanes_mut(Axis(axis))

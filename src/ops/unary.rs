@@ -2,10 +2,7 @@
 //! derivative, written as `grad_in = df(grad_out, saved)` where `saved` is the
 //! input or the output, whichever the derivative is cheaper from.
 
-use ndarray::ArrayD;
-
-use crate::array::zip_assign;
-use crate::autograd::function::{Backward, InputGrads, record_unary};
+use crate::autograd::function::{Backprop, InputGrads, record_unary};
 use crate::tensor::{Data, Tensor};
 
 /// Which value the derivative reads.
@@ -22,20 +19,12 @@ struct Elementwise<F> {
     df: F,
 }
 
-impl<F> Backward for Elementwise<F>
+impl<F> Backprop for Elementwise<F>
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
-    fn backward(&self, mut grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
-        match (grad.as_slice_mut(), self.saved.as_slice()) {
-            (Some(g), Some(saved)) if g.len() == saved.len() => {
-                for (g, &v) in g.iter_mut().zip(saved) {
-                    *g = (self.df)(*g, v);
-                }
-            }
-            _ => zip_assign(&mut grad, &self.saved.view(), |g, v| *g = (self.df)(*g, v)),
-        }
-        grads.set(0, grad);
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        grads.put(0, grad.zip_into(&self.saved, &self.df));
     }
 }
 
@@ -62,7 +51,7 @@ impl Tensor {
     pub fn neg(&self) -> Tensor {
         let out = self.read().map(|x| -x);
         record_unary("neg", self, out, |_| {
-            |grad: ArrayD<f32>, grads: &mut InputGrads<'_>| grads.set(0, -grad)
+            |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g))
         })
     }
 
