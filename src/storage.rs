@@ -390,7 +390,23 @@ impl Data {
     /// Adds `other` (of the same shape) into these values: in place when no
     /// snapshot shares the buffer, into a new buffer otherwise.
     pub(crate) fn add_assign(&mut self, other: &Data) {
-        let sum = std::mem::replace(self, Data::full(&[], 0.0));
+        if self.strides.is_none() && crate::array::same_shape(&self.shape, &other.shape) {
+            if let (Some(b), Some(a)) = (other.as_slice(), self.buf.unique_mut()) {
+                for (a, &b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+                return;
+            }
+        }
+        let empty = Data {
+            buf: Buf::Inline {
+                len: 0,
+                values: [0.0; INLINE],
+            },
+            shape: Dims::from_slice(&[0]),
+            strides: None,
+        };
+        let sum = std::mem::replace(self, empty);
         *self = sum.zip_into(other, |a, b| a + b);
     }
 

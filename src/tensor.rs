@@ -106,6 +106,14 @@ impl Operands {
     pub(crate) fn get(&self) -> (&Data, &Data) {
         (&self.first, self.second.as_ref().unwrap_or(&self.first))
     }
+
+    /// The two snapshots themselves, to keep (for a backward).
+    pub(crate) fn into_pair(self) -> (Data, Data) {
+        match self.second {
+            Some(second) => (self.first, second),
+            None => (self.first.clone(), self.first),
+        }
+    }
 }
 
 /// The graph node that computed a tensor. It holds one reference to the node,

@@ -11,7 +11,7 @@
 use crate::autograd::function::InputGrads;
 use crate::autograd::function::non_finite;
 use crate::autograd::mode::{GradGuard, is_anomaly_enabled};
-use crate::autograd::tape::{NodeId, PlanEdge, Tape, common_tape};
+use crate::autograd::tape::{NodeId, Plan, PlanEdge, Tape, common_tape};
 use crate::error::{Error, Result};
 use crate::sync::Arc;
 use crate::tensor::{Data, Tensor};
@@ -144,42 +144,61 @@ fn run(
             });
         }
     }
-    let plan = tape.plan(ids, watch, retain)?;
+    // The plan's buffers go back to the thread for its next pass however
+    // this one ends.
+    struct Recycle(Option<Box<Plan>>);
+    impl Drop for Recycle {
+        fn drop(&mut self) {
+            if let Some(plan) = self.0.take() {
+                plan.recycle();
+            }
+        }
+    }
+    let mut recycle = Recycle(Some(Plan::take()));
+    let plan = recycle.0.as_deref_mut().expect("taken above");
+    tape.plan(ids, watch, retain, plan)?;
     sink.planned(&plan.watched);
     // Backward functions compute with plain arrays, but a custom one may call
     // tensor ops: none of them may record.
     let _no_grad = GradGuard::new(false);
 
-    let mut grads: Vec<Option<Data>> = Vec::with_capacity(plan.nodes.len());
-    grads.resize_with(plan.nodes.len(), || None);
-    for (&position, seed) in plan.roots.iter().zip(seeds) {
+    let Plan {
+        nodes,
+        edges,
+        needs,
+        roots,
+        leaves,
+        grads,
+        leaf_grads,
+        slots,
+        ..
+    } = plan;
+    grads.resize_with(nodes.len(), || None);
+    for (&position, seed) in roots.iter().zip(seeds) {
         Data::accumulate(&mut grads[position], seed);
     }
-
     // Leaf gradients are summed here and reach each leaf once, at the end.
-    let mut leaf_grads: Vec<Option<Data>> = Vec::with_capacity(plan.leaves.len());
-    leaf_grads.resize_with(plan.leaves.len(), || None);
+    leaf_grads.resize_with(leaves.len(), || None);
 
-    let mut slots: Vec<Option<Data>> = Vec::new();
     // Consume the plan node by node, so each node's saved state is released
     // as soon as its backward has run.
-    for (position, node) in plan.nodes.into_iter().enumerate() {
+    for (position, node) in nodes.drain(..).enumerate() {
         let Some(grad) = grads[position].take() else {
             continue;
         };
         sink.node(position, &grad);
-        let needs = &plan.needs[node.edges.clone()];
+        let needs = &needs[node.edges.clone()];
         slots.clear();
         slots.resize_with(needs.len(), || None);
-        let mut input_grads = InputGrads::new(needs, &mut slots);
+        let mut input_grads = InputGrads::new(needs, slots);
         node.backward.backward(grad, &mut input_grads);
         if let Some(error) = input_grads.take_error() {
             return Err(error);
         }
         if anomaly {
-            check_gradients(node.op, node.location, &slots)?;
+            check_gradients(node.op, node.location, slots)?;
         }
-        for (edge, slot) in plan.edges[node.edges].iter().zip(slots.drain(..)) {
+        for (edge, slot) in edges[node.edges].iter().zip(slots.drain(..)) {
             let Some(input_grad) = slot else { continue };
             match edge {
                 PlanEdge::None => {}
@@ -191,7 +210,7 @@ fn run(
             }
         }
     }
-    for (leaf, grad) in plan.leaves.iter().zip(leaf_grads) {
+    for (leaf, grad) in leaves.iter().zip(leaf_grads.drain(..)) {
         if let Some(grad) = grad {
             sink.leaf(leaf, grad);
         }

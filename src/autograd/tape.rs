@@ -36,6 +36,7 @@ use std::sync::atomic::AtomicU64 as IdCounter;
 
 use crate::autograd::function::{Backprop, InputGrads};
 use crate::error::{Error, Result};
+use crate::storage::Data;
 use crate::sync::{Arc, Mutex, thread_local_const};
 use crate::tensor::Tensor;
 
@@ -193,7 +194,12 @@ impl Backprop for NoBackward {
     fn backward(&self, _: crate::storage::Data, _: &mut InputGrads<'_>) {}
 }
 
-/// A backward pass's view of the graph, taken under the lock in one go.
+/// A backward pass's view of the graph, taken under the lock in one go,
+/// and the engine's buffers for the pass. Its vectors are reused from one
+/// backward pass to the next on a thread ([`Plan::take`],
+/// [`Plan::recycle`]), so a steady training loop's backward allocates none
+/// of them.
+#[derive(Default)]
 pub(crate) struct Plan {
     /// Reachable nodes in reverse topological order (latest first).
     pub(crate) nodes: Vec<PlannedNode>,
@@ -207,6 +213,49 @@ pub(crate) struct Plan {
     pub(crate) watched: Vec<Option<usize>>,
     /// The distinct leaves the graph reaches; `PlanEdge::Leaf` indexes it.
     pub(crate) leaves: Vec<Tensor>,
+    /// The engine's gradient sums, one per node.
+    pub(crate) grads: Vec<Option<Data>>,
+    /// The engine's gradient sums, one per leaf.
+    pub(crate) leaf_grads: Vec<Option<Data>>,
+    /// The input gradients of the node being run.
+    pub(crate) slots: Vec<Option<Data>>,
+    /// The search's own buffers.
+    order: Vec<u32>,
+    stack: Vec<u32>,
+}
+
+thread_local_const! {
+    /// The buffers of this thread's last backward pass, for the next.
+    static PLANS: Cell<Option<Box<Plan>>> = Cell::new(None);
+}
+
+impl Plan {
+    /// This thread's spare buffers, or new ones (during a backward inside
+    /// a backward, for instance).
+    pub(crate) fn take() -> Box<Plan> {
+        PLANS
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Empties the buffers (dropping what they hold) and keeps them for the
+    /// thread's next backward pass.
+    pub(crate) fn recycle(mut self: Box<Plan>) {
+        self.nodes.clear();
+        self.edges.clear();
+        self.needs.clear();
+        self.roots.clear();
+        self.watched.clear();
+        self.leaves.clear();
+        self.grads.clear();
+        self.leaf_grads.clear();
+        self.slots.clear();
+        self.order.clear();
+        self.stack.clear();
+        let _ = PLANS.try_with(|plans| plans.set(Some(self)));
+    }
 }
 
 pub(crate) struct PlannedNode {
@@ -227,14 +276,13 @@ pub(crate) enum PlanEdge {
 /// Gives each distinct leaf of a plan one position, so that a leaf used by
 /// many nodes has its gradient summed locally and accumulated (under its
 /// lock) once per backward pass.
-#[derive(Default)]
-struct LeafIndex {
-    leaves: Vec<Tensor>,
+struct LeafIndex<'a> {
+    leaves: &'a mut Vec<Tensor>,
     /// Used once there are too many leaves for a linear scan.
     map: Option<std::collections::HashMap<*const (), usize>>,
 }
 
-impl LeafIndex {
+impl LeafIndex<'_> {
     const LINEAR_SCAN: usize = 32;
 
     fn position(&mut self, leaf: &Tensor) -> usize {
@@ -433,15 +481,31 @@ impl Tape {
     ///
     /// [`Error::GraphReleased`] if a reachable node was released by an
     /// earlier backward. Nothing is taken in that case.
-    pub(crate) fn plan(&self, roots: &[NodeId], watch: &[NodeId], retain: bool) -> Result<Plan> {
+    pub(crate) fn plan(
+        &self,
+        roots: &[NodeId],
+        watch: &[NodeId],
+        retain: bool,
+        plan: &mut Plan,
+    ) -> Result<()> {
         let mut arena = self.arena.lock();
         let arena = &mut *arena;
         arena.next_epoch += 1;
         let epoch = arena.next_epoch;
+        let Plan {
+            nodes,
+            edges,
+            needs,
+            roots: root_positions,
+            watched,
+            leaves,
+            order,
+            stack,
+            ..
+        } = plan;
 
         // Iterative depth-first search: a deep graph cannot overflow the stack.
-        let mut order: Vec<u32> = Vec::new();
-        let mut stack: Vec<u32> = roots.iter().map(|id| id.index).collect();
+        stack.extend(roots.iter().map(|id| id.index));
         while let Some(index) = stack.pop() {
             let slot = &mut arena.slots[index as usize];
             if slot.mark == epoch {
@@ -463,10 +527,10 @@ impl Tape {
             arena.slots[index as usize].local = position as u32;
         }
 
-        let mut nodes = Vec::with_capacity(order.len());
-        let mut edges = Vec::with_capacity(2 * order.len());
-        let mut leaves = LeafIndex::default();
-        for &index in &order {
+        nodes.reserve(order.len());
+        edges.reserve(2 * order.len());
+        let mut leaves = LeafIndex { leaves, map: None };
+        for &index in order.iter() {
             let start = edges.len();
             for edge in &arena.slots[index as usize].edges {
                 edges.push(match edge {
@@ -490,27 +554,18 @@ impl Tape {
                 edges: start..edges.len(),
             });
         }
-        let needs = edges.iter().map(|e| !matches!(e, PlanEdge::None)).collect();
-        let roots = roots
-            .iter()
-            .map(|id| arena.slots[id.index as usize].local as usize)
-            .collect();
-        let watched = watch
-            .iter()
-            .map(|id| {
-                let slot = &arena.slots[id.index as usize];
-                (slot.generation == id.generation && slot.refs > 0 && slot.mark == epoch)
-                    .then_some(slot.local as usize)
-            })
-            .collect();
-        Ok(Plan {
-            nodes,
-            edges,
-            needs,
-            roots,
-            watched,
-            leaves: leaves.leaves,
-        })
+        needs.extend(edges.iter().map(|e| !matches!(e, PlanEdge::None)));
+        root_positions.extend(
+            roots
+                .iter()
+                .map(|id| arena.slots[id.index as usize].local as usize),
+        );
+        watched.extend(watch.iter().map(|id| {
+            let slot = &arena.slots[id.index as usize];
+            (slot.generation == id.generation && slot.refs > 0 && slot.mark == epoch)
+                .then_some(slot.local as usize)
+        }));
+        Ok(())
     }
 }
 

@@ -203,13 +203,9 @@ impl Tensor {
     /// As [`try_add`](Tensor::try_add).
     #[track_caller]
     pub fn try_mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let operands = self.read_pair(rhs);
-        let (a, b) = operands.get();
-        let out = zip_broadcast("mul", a, b, |x, y| x * y)?;
-        record("mul", &[self, rhs], out, |_| MulBackward {
-            a: a.clone(),
-            b: b.clone(),
-        })
+        let (a, b) = self.read_pair(rhs).into_pair();
+        let out = zip_broadcast("mul", &a, &b, |x, y| x * y)?;
+        record("mul", &[self, rhs], out, move |_| MulBackward { a, b })
     }
 }
 
@@ -259,13 +255,9 @@ impl Tensor {
     /// As [`try_add`](Tensor::try_add).
     #[track_caller]
     pub fn try_div(&self, rhs: &Tensor) -> Result<Tensor> {
-        let operands = self.read_pair(rhs);
-        let (a, b) = operands.get();
-        let out = zip_broadcast("div", a, b, |x, y| x / y)?;
-        record("div", &[self, rhs], out, |_| DivBackward {
-            a: a.clone(),
-            b: b.clone(),
-        })
+        let (a, b) = self.read_pair(rhs).into_pair();
+        let out = zip_broadcast("div", &a, &b, |x, y| x / y)?;
+        record("div", &[self, rhs], out, move |_| DivBackward { a, b })
     }
 }
 
@@ -303,12 +295,11 @@ impl Tensor {
         &self,
         op: &'static str,
         f: impl Fn(f32) -> f32,
-        save: impl FnOnce(&Data) -> B,
+        save: impl FnOnce(Data) -> B,
     ) -> Tensor {
-        let x = self.read();
+        let x = self.read().into_data();
         let out = x.map(f);
-        let input = &*x;
-        record_unary(op, self, out, |_| save(input))
+        record_unary(op, self, out, move |_| save(x))
     }
 
     /// `self + value` element-wise.
@@ -377,7 +368,6 @@ impl Tensor {
             "rdiv_scalar",
             |x| value / x,
             |x| {
-                let x = x.clone();
                 move |grad: Data, grads: &mut InputGrads<'_>| {
                     grads.put(0, grad.zip_into(&x, |g, x| g * (-value / (x * x))));
                 }

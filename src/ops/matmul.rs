@@ -163,12 +163,11 @@ impl Tensor {
     #[track_caller]
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         check_shapes(self.shape(), rhs.shape())?;
-        let operands = self.read_pair(rhs);
-        let (a, b) = operands.get();
+        let (a, b) = self.read_pair(rhs).into_pair();
         let out = matmul_data(a.view(), b.view());
-        record("matmul", &[self, rhs], out, |_| MatmulBackward {
-            a: a.clone(),
-            b: b.clone(),
+        record("matmul", &[self, rhs], out, move |_| MatmulBackward {
+            a,
+            b,
         })
     }
 }
@@ -297,41 +296,39 @@ impl Tensor {
     #[track_caller]
     pub fn try_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
-        let operands = self.read_pair(weight);
-        let (x, w) = operands.get();
-        let rows = as_rows(x.view());
-        let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
-        let out_features = w2.ncols();
-        let mut shape = self.shape().to_vec();
-        *shape.last_mut().expect("checked non-empty") = out_features;
-        let out = match bias {
-            Some(bias) => {
-                let b = bias.read();
-                let b = b
-                    .view()
-                    .into_dimensionality::<ndarray::Ix1>()
-                    .expect("checked 1-D");
-                Data::build(&shape, |out| {
-                    let mut out = out
-                        .into_shape_with_order((rows.nrows(), out_features))
-                        .expect("a new row-major buffer takes any shape of its size");
-                    if !out.is_empty() {
-                        out.rows_mut()
-                            .into_iter()
-                            .for_each(|mut row| row.assign(&b));
-                    }
-                    gemm_acc_into(rows.view(), w2, out);
-                })
+        let (x, w) = self.read_pair(weight).into_pair();
+        let out = {
+            let rows = as_rows(x.view());
+            let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
+            let out_features = w2.ncols();
+            let mut shape = self.shape().to_vec();
+            *shape.last_mut().expect("checked non-empty") = out_features;
+            match bias {
+                Some(bias) => {
+                    let b = bias.read();
+                    let b = b
+                        .view()
+                        .into_dimensionality::<ndarray::Ix1>()
+                        .expect("checked 1-D");
+                    Data::build(&shape, |out| {
+                        let mut out = out
+                            .into_shape_with_order((rows.nrows(), out_features))
+                            .expect("a new row-major buffer takes any shape of its size");
+                        if !out.is_empty() {
+                            out.rows_mut()
+                                .into_iter()
+                                .for_each(|mut row| row.assign(&b));
+                        }
+                        gemm_acc_into(rows.view(), w2, out);
+                    })
+                }
+                None => gemm_data(rows.view(), w2, &shape),
             }
-            None => gemm_data(rows.view(), w2, &shape),
         };
-        let save = || LinearBackward {
-            x: x.clone(),
-            weight: w.clone(),
-        };
+        let save = move |_: &Data| LinearBackward { x, weight: w };
         match bias {
-            Some(bias) => record("linear", &[self, weight, bias], out, |_| save()),
-            None => record("linear", &[self, weight], out, |_| save()),
+            Some(bias) => record("linear", &[self, weight, bias], out, save),
+            None => record("linear", &[self, weight], out, save),
         }
     }
 }

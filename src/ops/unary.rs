@@ -33,11 +33,11 @@ fn map_op<F>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, saved: Saved,
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
 {
-    let input = x.read();
+    let input = x.read().into_data();
     let out = input.map(f);
-    record_unary(op, x, out, |out| Elementwise {
+    record_unary(op, x, out, move |out| Elementwise {
         saved: match saved {
-            Saved::Input => input.clone(),
+            Saved::Input => input,
             Saved::Output => out.clone(),
         },
         df,
