@@ -100,7 +100,7 @@ struct Split {
     seeds: Vec<Data>,
 }
 
-fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut dyn Sink) -> Result<Split> {
+fn split_roots(op: &'static str, roots: Vec<Root<'_>>, sink: &mut impl Sink) -> Result<Split> {
     let mut split = Split {
         tape: None,
         ids: Vec::with_capacity(roots.len()),
@@ -129,7 +129,7 @@ fn run(
     seeds: Vec<Data>,
     watch: &[NodeId],
     retain: bool,
-    sink: &mut dyn Sink,
+    sink: &mut impl Sink,
 ) -> Result<()> {
     // Anomaly detection as the caller has it (checked before any gradient
     // reaches a leaf, so an anomaly leaves every `.grad()` untouched).

@@ -418,17 +418,16 @@ impl Tape {
     /// Drops one reference to `id`, freeing it and, transitively, every input
     /// node nothing else reaches.
     pub(crate) fn release(&self, id: NodeId) {
-        let queued = GARBAGE.try_with(|garbage| {
-            let mut garbage = garbage.queue.borrow_mut();
-            self.free(id, &mut garbage)
-        });
-        match queued {
-            Ok(true) => dispose(),
-            Ok(false) => {}
-            // Thread-locals are being torn down: drop in place.
-            Err(_) => {
-                self.free(id, &mut Vec::new());
+        // Nearly always nothing is queued (only a custom op's backward is),
+        // so the thread's queue is touched only when something was.
+        let mut garbage = Vec::new();
+        if self.free(id, &mut garbage) {
+            let queued = GARBAGE.try_with(|queue| queue.queue.borrow_mut().append(&mut garbage));
+            if queued.is_ok() {
+                dispose();
             }
+            // Otherwise thread-locals are being torn down: `garbage` drops
+            // here, in place.
         }
     }
 
