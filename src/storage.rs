@@ -28,7 +28,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use ndarray::{ArcArray, ArrayD, ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
+use ndarray::{
+    ArcArray, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, ArrayViewMutD, IxDyn, ShapeBuilder,
+};
 
 /// The lengths (or strides) of a tensor's axes: inline up to four axes, so
 /// that copying a shape is copying 40 bytes, and shared on the heap beyond.
@@ -280,6 +282,38 @@ impl Data {
             }
         }
         .expect("the layout fits the buffer (the invariant of Data)")
+    }
+
+    /// A 2-D view of values of two axes: as [`view`](Data::view), without
+    /// the cost of a dynamic-rank view (a matrix product's operands).
+    ///
+    /// # Panics
+    ///
+    /// If the values do not have two axes.
+    pub(crate) fn view2(&self) -> ArrayView2<'_, f32> {
+        assert_eq!(self.shape.len(), 2, "view2 of a tensor of two axes");
+        let values = self.buf.as_slice();
+        let shape = (self.shape[0], self.shape[1]);
+        match &self.strides {
+            None => ArrayView2::from_shape(shape, values),
+            Some(strides) => {
+                ArrayView2::from_shape(shape.strides((strides[0], strides[1])), values)
+            }
+        }
+        .expect("the layout fits the buffer (the invariant of Data)")
+    }
+
+    /// New row-major values of shape `[rows, cols]` written by `fill` into
+    /// a zeroed buffer, as [`build`](Data::build) with a 2-D view.
+    pub(crate) fn build2(
+        rows: usize,
+        cols: usize,
+        fill: impl FnOnce(ArrayViewMut2<'_, f32>),
+    ) -> Data {
+        let mut data = Data::full(&[rows, cols], 0.0);
+        let values = data.buf.unique_mut().expect("a new buffer is unique");
+        fill(ArrayViewMut2::from_shape((rows, cols), values).expect("a new buffer fits its shape"));
+        data
     }
 
     /// A mutable view of the values if no snapshot shares the buffer.

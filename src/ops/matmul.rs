@@ -1,5 +1,7 @@
 //! Matrix product: 2-D, and batched over leading dimensions that broadcast.
 
+use std::borrow::Cow;
+
 use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
 
 use crate::array::checked_numel;
@@ -32,14 +34,21 @@ fn batched_matmul(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32>
 
 /// The same product into new tensor values; a 2-D product is written by
 /// the kernel straight into them.
-fn matmul_data(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> Data {
-    if a.ndim() == 2 && b.ndim() == 2 {
+fn matmul_data(a: &Data, b: &Data) -> Data {
+    if a.shape().len() == 2 && b.shape().len() == 2 {
         let shape = [a.shape()[0], b.shape()[1]];
-        let a = a.into_dimensionality::<Ix2>().expect("2-D");
-        let b = b.into_dimensionality::<Ix2>().expect("2-D");
-        return gemm_data(a, b, &shape);
+        return gemm_data(a.view2(), b.view2(), &shape);
     }
-    Data::from_array(batched(a, b))
+    Data::from_array(batched(a.view(), b.view()))
+}
+
+/// `x` as a matrix of rows, from its values: a 2-D view for a matrix (the
+/// common case, without a dynamic-rank view), else as [`as_rows`].
+fn rows_of(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
+    if x.shape().len() == 2 {
+        return x.view2().into();
+    }
+    as_rows(x.view())
 }
 
 /// [`batched_matmul`] with at least one operand of more than 2 axes.
@@ -164,7 +173,7 @@ impl Tensor {
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         check_shapes(self.shape(), rhs.shape())?;
         let (a, b) = self.read_pair(rhs).into_pair();
-        let out = matmul_data(a.view(), b.view());
+        let out = matmul_data(&a, &b);
         record("matmul", &[self, rhs], out, move |_| MatmulBackward {
             a,
             b,
@@ -250,9 +259,19 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
             });
         }
     }
-    let mut out = x.to_vec();
-    *out.last_mut().expect("checked non-empty") = weight[1];
-    checked_numel("linear", &out)?;
+    // The result's shape, x's with the last length replaced, must exist
+    // (empty inputs can have huge axes); checked without building it.
+    let fits = x[..x.len() - 1]
+        .iter()
+        .chain(&[weight[1]])
+        .filter(|&&len| len != 0)
+        .try_fold(1_usize, |product, &len| product.checked_mul(len))
+        .is_some_and(|product| product <= crate::array::MAX_ELEMENTS);
+    if !fits {
+        let mut out = x.to_vec();
+        *out.last_mut().expect("checked non-empty") = weight[1];
+        checked_numel("linear", &out)?;
+    }
     Ok(())
 }
 
@@ -298,31 +317,34 @@ impl Tensor {
         check_linear(self.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let (x, w) = self.read_pair(weight).into_pair();
         let out = {
-            let rows = as_rows(x.view());
-            let w2 = w.view().into_dimensionality::<Ix2>().expect("checked 2-D");
+            let rows = rows_of(&x);
+            let w2 = w.view2();
             let out_features = w2.ncols();
-            let mut shape = self.shape().to_vec();
-            *shape.last_mut().expect("checked non-empty") = out_features;
-            match bias {
+            let out = match bias {
                 Some(bias) => {
                     let b = bias.read();
                     let b = b
-                        .view()
-                        .into_dimensionality::<ndarray::Ix1>()
-                        .expect("checked 1-D");
-                    Data::build(&shape, |out| {
-                        let mut out = out
-                            .into_shape_with_order((rows.nrows(), out_features))
-                            .expect("a new row-major buffer takes any shape of its size");
+                        .as_slice()
+                        .map_or_else(|| b.to_vec().into(), Cow::Borrowed);
+                    Data::build2(rows.nrows(), out_features, |mut out| {
                         if !out.is_empty() {
-                            out.rows_mut()
-                                .into_iter()
-                                .for_each(|mut row| row.assign(&b));
+                            for mut row in out.rows_mut() {
+                                row.as_slice_mut()
+                                    .expect("a new buffer is row-major")
+                                    .copy_from_slice(&b);
+                            }
                         }
                         gemm_acc_into(rows.view(), w2, out);
                     })
                 }
-                None => gemm_data(rows.view(), w2, &shape),
+                None => gemm_data(rows.view(), w2, &[rows.nrows(), out_features]),
+            };
+            if self.ndim() == 2 {
+                out
+            } else {
+                let mut shape = self.shape().to_vec();
+                *shape.last_mut().expect("checked non-empty") = out_features;
+                out.reshape(&shape)
             }
         };
         let save = move |_: &Data| LinearBackward { x, weight: w };
@@ -345,18 +367,14 @@ impl Backprop for LinearBackward {
         let out_features = self.weight.shape()[1];
         let rows = row_count(self.x.shape());
         let grad = grad.reshape(&[rows, out_features]);
-        let grad = grad.view().into_dimensionality::<Ix2>().expect("2-D");
-        let weight = self
-            .weight
-            .view()
-            .into_dimensionality::<Ix2>()
-            .expect("2-D");
+        let grad = grad.view2();
+        let weight = self.weight.view2();
         if grads.needs_grad(0) {
             let dx = gemm(grad.view(), weight.t());
             grads.set(0, reshape_owned(dx.into_dyn(), self.x.shape()));
         }
         if grads.needs_grad(1) {
-            let x = as_rows(self.x.view());
+            let x = rows_of(&self.x);
             grads.set(1, gemm(x.t(), grad.view()).into_dyn());
         }
         if grads.len() > 2 && grads.needs_grad(2) {
