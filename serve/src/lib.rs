@@ -17,7 +17,8 @@
 //! |---|---|---|
 //! | async runtime workers | accept, parse HTTP and JSON, answer | normal |
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
-//! | `netcl-train` (with [`Config::train`]) | Adam steps on the digits, publishes every [`Config::publish_every`] | nice 19, optional duty cycle |
+//! | `netcl-train` (with [`Config::train`]) | Adam steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
+//! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
 //!
 //! # Examples
 //!
@@ -124,7 +125,7 @@ impl Default for Config {
             watch: None,
             max_batch: 64,
             max_wait: Duration::from_micros(0),
-            publish_every: 50,
+            publish_every: 10,
             threads: 1,
             http_threads: 2,
             queue_capacity: 1024,
@@ -346,7 +347,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
             start_steps: info.training_steps,
             seed: config.seed,
         };
-        threads.push(
+        threads.extend(
             trainer::spawn(&live, digits.clone(), &model, &metrics, settings, &stop)
                 .map_err(|err| Error::Thread(err.to_string()))?,
         );

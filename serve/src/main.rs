@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use netcl_serve::Config;
 
 /// Serves the digits MLP over HTTP (JSON), optionally training it online.

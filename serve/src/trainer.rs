@@ -12,6 +12,19 @@
 //! duty cycle can cap its share of one core even when the machine is idle
 //! (`duty` below 1: it sleeps after each step in proportion to the step's
 //! time). BENCHMARKS.md measures both.
+//!
+//! # Publishing at normal priority
+//!
+//! The trainer forks and evaluates each new version itself, but hands it to
+//! a publisher thread of normal priority, which makes it current. A
+//! publish takes the write side of [`Published`]'s lock for an instant;
+//! taken by a nice-19 thread, that instant can stretch to the many
+//! milliseconds the scheduler leaves such a thread waiting under load,
+//! while every serving thread waits behind it for its next version (a
+//! priority inversion, seen as a p99 of 30-45 ms at 40,000 requests/s
+//! before this change).
+//!
+//! [`Published`]: netcl::nn::Published
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +59,11 @@ pub struct TrainSettings {
     pub seed: u64,
 }
 
-/// Starts the training thread on a fork of `start`.
+/// A version ready to publish.
+type Ready = (Box<dyn Module>, VersionInfo);
+
+/// Starts the training thread on a fork of `start`, and the thread that
+/// publishes what it trains. Both stop when `stop` is set.
 pub(crate) fn spawn(
     start: &Mlp,
     digits: Digits,
@@ -54,17 +71,30 @@ pub(crate) fn spawn(
     metrics: &Arc<Metrics>,
     settings: TrainSettings,
     stop: &Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let (ready, to_publish) = crossbeam_channel::unbounded::<Ready>();
+    let publisher = {
+        let model = Arc::clone(model);
+        std::thread::Builder::new()
+            .name("netcl-publish".to_string())
+            .spawn(move || {
+                // Ends when the trainer drops its sender.
+                for (version, info) in to_publish {
+                    model.publish(version, info);
+                }
+            })?
+    };
     let live = start.clone();
-    let (model, metrics, stop) = (Arc::clone(model), Arc::clone(metrics), Arc::clone(stop));
-    std::thread::Builder::new()
+    let (metrics, stop) = (Arc::clone(metrics), Arc::clone(stop));
+    let trainer = std::thread::Builder::new()
         .name("netcl-train".to_string())
         .spawn(move || {
             lower_priority();
-            if let Err(err) = run(live, digits, &model, &metrics, settings, &stop) {
+            if let Err(err) = run(live, digits, &ready, &metrics, settings, &stop) {
                 tracing::error!("training stopped: {err}");
             }
-        })
+        })?;
+    Ok(vec![trainer, publisher])
 }
 
 /// Lowers this thread's scheduling priority to [`TRAINING_NICE`].
@@ -89,7 +119,7 @@ pub fn current_thread_nice() -> std::io::Result<i32> {
 fn run(
     live: Mlp,
     digits: Digits,
-    model: &Arc<ModelState>,
+    ready: &crossbeam_channel::Sender<Ready>,
     metrics: &Arc<Metrics>,
     settings: TrainSettings,
     stop: &Arc<AtomicBool>,
@@ -106,7 +136,7 @@ fn run(
     let duty = settings.duty.clamp(0.01, 1.0);
     let mut window = (Instant::now(), 0_u64);
     let mut step_started = Instant::now();
-    let hook_model = Arc::clone(model);
+    let hook_ready = ready.clone();
     let hook_metrics = Arc::clone(metrics);
     let hook_stop = Arc::clone(stop);
     let mut trainer = Trainer::new(live, optimizer, digits.train)
@@ -125,10 +155,10 @@ fn run(
                 hook_metrics.set_training(steps, hook_metrics.steps_per_second());
             }
             if steps % publish_every == 0 && !hook_stop.load(Ordering::Relaxed) {
-                publish(
+                prepare(
                     live,
                     &test,
-                    &hook_model,
+                    &hook_ready,
                     settings.start_steps + steps,
                     info.loss,
                 );
@@ -145,11 +175,12 @@ fn run(
     Ok(())
 }
 
-/// Publishes a fork of `live` with its held-out accuracy.
-fn publish(
+/// Forks `live`, measures the fork's held-out accuracy, and sends both to
+/// the publisher.
+fn prepare(
     live: &Mlp,
     test: &netcl::data::TensorDataset,
-    model: &ModelState,
+    ready: &crossbeam_channel::Sender<Ready>,
     steps: u64,
     loss: f32,
 ) {
@@ -167,14 +198,13 @@ fn publish(
             return;
         }
     };
-    model.publish(
-        fork,
-        VersionInfo {
-            version: 0,
-            training_steps: steps,
-            last_loss: Some(loss),
-            accuracy,
-            source: "training",
-        },
-    );
+    let info = VersionInfo {
+        version: 0,
+        training_steps: steps,
+        last_loss: Some(loss),
+        accuracy,
+        source: "training",
+    };
+    // Fails only once the publisher is gone, at shutdown.
+    let _ = ready.send((fork, info));
 }

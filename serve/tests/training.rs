@@ -1,6 +1,7 @@
 //! 64 concurrent clients while the server trains: each connection sees
 //! versions that never go back, and every response's classes are what its
-//! version computes. The trainer runs at background priority.
+//! version computes. The trainer runs at background priority; its versions
+//! are published by a thread of normal priority.
 
 mod common;
 
@@ -137,6 +138,9 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
     assert!(server.metrics().training_steps() > 0);
     assert_eq!(thread_nice("netcl-train"), Some(19));
     assert_eq!(thread_nice("netcl-model-0"), Some(0));
+    // Publishing takes the lock serving threads read the version under: a
+    // thread of normal priority does it.
+    assert_eq!(thread_nice("netcl-publish"), Some(0));
 
     let info = common::get(addr, "/v1/model").await;
     assert_eq!(info.json["source"], "training");
