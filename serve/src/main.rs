@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -148,10 +149,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), netcl_serve::Error> {
+    // Listen for the signals before anything else, so that one arriving
+    // during start-up is kept and honoured as soon as the server runs,
+    // instead of killing the process.
+    let signals = Signals::new();
     let server = netcl_serve::start(config).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
-        let signal = wait_for_signal().await;
+        let signal = signals.recv().await;
         tracing::info!("received {signal}: shutting down");
         trigger.shutdown();
     });
@@ -159,19 +164,40 @@ async fn run(config: Config) -> Result<(), netcl_serve::Error> {
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM and names it.
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(err) => {
-            tracing::error!("cannot listen for SIGTERM: {err}");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// SIGINT and SIGTERM, registered when created.
+struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        let register = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(err) => {
+                tracing::error!("cannot listen for {name}: {err}");
+                None
+            }
+        };
+        Signals {
+            interrupt: register(SignalKind::interrupt(), "SIGINT"),
+            terminate: register(SignalKind::terminate(), "SIGTERM"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
+    }
+
+    /// Waits for either signal and names it.
+    async fn recv(mut self) -> &'static str {
+        async fn next(stream: Option<&mut Signal>) {
+            match stream {
+                Some(stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = next(self.interrupt.as_mut()) => "SIGINT",
+            () = next(self.terminate.as_mut()) => "SIGTERM",
+        }
     }
 }

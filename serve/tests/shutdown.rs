@@ -184,6 +184,35 @@ async fn sigterm_saves_weights_that_reload_to_the_same_predictions() {
 }
 
 #[test]
+fn sigterm_during_startup_still_stops_cleanly_and_saves() {
+    let weights = weights_path("early");
+    let _ = std::fs::remove_file(&weights);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netcl-serve"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--startup-epochs",
+            "8",
+            "--weights",
+        ])
+        .arg(&weights)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-way through the start-up training (a debug build takes a second
+    // or more), well after the signal handlers are installed.
+    std::thread::sleep(Duration::from_millis(300));
+    terminate(&mut child);
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("received SIGTERM"), "{log}");
+    assert!(log.contains("netcl-serve stopped"), "{log}");
+    assert_eq!(read_checkpoint(&weights).unwrap().version, 0);
+    std::fs::remove_file(&weights).unwrap();
+}
+
+#[test]
 fn a_bad_checkpoint_at_start_is_refused() {
     let weights = weights_path("bad");
     std::fs::write(&weights, b"not a checkpoint").unwrap();
