@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | async runtime workers | accept, parse HTTP and JSON, answer | normal |
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
-//! | `netcl-train` (with [`Config::train`]) | Adam steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
+//! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
 //! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
 //!
 //! # Examples

@@ -24,7 +24,7 @@ struct Cli {
     /// The address to listen on. The default binds the loopback interface only.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Train the model online (Adam on the digits, at low priority) while serving.
+    /// Train the model online (AdamW on the digits, at low priority) while serving.
     #[arg(long)]
     train: bool,
     /// A checkpoint (safetensors) loaded at start if it exists (else the model

