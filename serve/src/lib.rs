@@ -1,0 +1,536 @@
+//! `netcl-serve`: the reference HTTP server of netcl. It serves the digits
+//! MLP over HTTP/1.1 + JSON while (optionally) training it, publishing each
+//! new version through [`netcl::nn::Published`].
+//!
+//! - `POST /v1/predict`: classes and probabilities of 1 to `max_batch`
+//!   rows of 64 raw pixels, and the version that computed them;
+//! - `GET /v1/model`: the current version, its training steps, last loss
+//!   and held-out accuracy;
+//! - `GET /healthz`, `GET /metrics` (Prometheus text format).
+//!
+//! The binary is a thin command line over [`start`]; tests start servers
+//! in-process on port 0 with a [`Config`] of small timeouts.
+//!
+//! # Threads
+//!
+//! | thread | does | priority |
+//! |---|---|---|
+//! | async runtime workers | accept, parse HTTP and JSON, answer | normal |
+//! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
+//! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
+//! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), netcl_serve::Error> {
+//! let server = netcl_serve::start(netcl_serve::Config {
+//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     train: true,
+//!     ..netcl_serve::Config::default()
+//! })
+//! .await?;
+//! println!("listening on {}", server.local_addr());
+//! server.shutdown();
+//! let summary = server.wait().await?;
+//! println!("stopped at version {}", summary.version);
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod batcher;
+mod http;
+pub mod metrics;
+pub mod model;
+pub mod trainer;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch as signal};
+
+pub use http::BODY_LIMIT;
+
+use crate::batcher::BatchSettings;
+use crate::metrics::Metrics;
+use crate::model::{Digits, ModelState, VersionInfo, accuracy, read_checkpoint, train_startup};
+use crate::trainer::TrainSettings;
+
+/// Everything the server can be told. [`Config::default`] holds the
+/// defaults of the command line, tuned with `wrk` (BENCHMARKS.md).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address to listen on (default `127.0.0.1:8080`: loopback only).
+    pub listen: SocketAddr,
+    /// Train online while serving.
+    pub train: bool,
+    /// A checkpoint loaded at start when it exists, and where the current
+    /// version is saved on shutdown.
+    pub weights: Option<PathBuf>,
+    /// A checkpoint path to follow: each file renamed into place there is
+    /// published as a new version.
+    pub watch: Option<PathBuf>,
+    /// The most rows in one request, and in one forward.
+    pub max_batch: usize,
+    /// How long a model thread holding a request waits for more to batch.
+    pub max_wait: Duration,
+    /// Training steps between published versions.
+    pub publish_every: u64,
+    /// Model threads: each runs batched forwards. 0 starts none, so
+    /// requests wait in the queue until they time out: only useful to test
+    /// overload.
+    pub threads: usize,
+    /// Worker threads of the async runtime the binary builds (ignored by
+    /// [`start`], which runs on the caller's runtime).
+    pub http_threads: usize,
+    /// Predict requests that may wait for the model; one more is answered
+    /// 503 at once.
+    pub queue_capacity: usize,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The deadline of a whole request, body included (408 after it).
+    pub request_timeout: Duration,
+    /// How long a connection may take to send a request's headers, or
+    /// stay idle between requests, before it is closed.
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// Epochs of the start-up training when there is no checkpoint.
+    pub startup_epochs: usize,
+    /// How often the `watch` path is checked.
+    pub watch_interval: Duration,
+    /// The share of one core the trainer may use, in `(0, 1]` (on top of
+    /// its low OS priority).
+    pub train_duty: f64,
+    /// The seed of the start-up model and of the training shuffle.
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            train: false,
+            weights: None,
+            watch: None,
+            max_batch: 64,
+            max_wait: Duration::from_micros(0),
+            publish_every: 10,
+            threads: 1,
+            http_threads: 2,
+            queue_capacity: 1024,
+            max_connections: 512,
+            request_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            startup_epochs: 30,
+            watch_interval: Duration::from_millis(250),
+            train_duty: 1.0,
+            seed: 42,
+        }
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The listening socket could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// The start-up model could not be loaded or trained.
+    Model(String),
+    /// A thread could not be started, or failed.
+    Thread(String),
+    /// The checkpoint could not be saved on shutdown.
+    Save(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Model(message) => write!(f, "model: {message}"),
+            Error::Thread(message) => write!(f, "thread: {message}"),
+            Error::Save(message) => write!(f, "saving the checkpoint: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Bind { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// What a stopped server did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The version serving when it stopped.
+    pub version: u64,
+    /// Where that version was saved, if `weights` was given.
+    pub saved: Option<PathBuf>,
+    /// Whether every in-flight request finished within the drain timeout.
+    pub drained: bool,
+}
+
+/// A running server: its address, its model, and the way to stop it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: Arc<signal::Sender<bool>>,
+    model: Arc<ModelState>,
+    metrics: Arc<Metrics>,
+    task: tokio::task::JoinHandle<Result<Summary, Error>>,
+}
+
+/// Stops a server from anywhere (a signal handler, a test); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownTrigger(Arc<signal::Sender<bool>>);
+
+impl ShutdownTrigger {
+    /// Starts a graceful shutdown: stop accepting, drain in-flight
+    /// requests, stop training, save the checkpoint. Idempotent.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Server {
+    /// The address the server listens on (with the real port when
+    /// [`Config::listen`] asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The published versions and what is known of the current one.
+    pub fn model(&self) -> &Arc<ModelState> {
+        &self.model
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A handle that starts the shutdown.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger(Arc::clone(&self.shutdown))
+    }
+
+    /// Starts a graceful shutdown (see [`ShutdownTrigger::shutdown`]).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits until the server has stopped (after a shutdown was started)
+    /// and says what it did.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Save`] if the checkpoint could not be written,
+    /// [`Error::Thread`] if a thread panicked.
+    pub async fn wait(self) -> Result<Summary, Error> {
+        self.task
+            .await
+            .map_err(|err| Error::Thread(format!("the server task failed: {err}")))?
+    }
+}
+
+/// The model to serve first, where it came from, and the steps behind it.
+fn initial_model(config: &Config, digits: &Digits) -> Result<(netcl::nn::Mlp, VersionInfo), Error> {
+    let info = |version, steps, loss, source| VersionInfo {
+        version,
+        training_steps: steps,
+        last_loss: loss,
+        accuracy: 0.0,
+        source,
+    };
+    if let Some(path) = config.weights.as_ref().filter(|p| p.exists()) {
+        // A checkpoint the operator named must load: better to refuse to
+        // start than to serve (and later overwrite it with) another model.
+        let checkpoint = read_checkpoint(path).map_err(|e| Error::Model(e.to_string()))?;
+        let steps = checkpoint.steps;
+        return Ok((
+            checkpoint.model,
+            info(checkpoint.version, steps, None, "checkpoint"),
+        ));
+    }
+    if let Some(path) = config.watch.as_ref().filter(|p| p.exists()) {
+        match read_checkpoint(path) {
+            Ok(checkpoint) => {
+                let steps = checkpoint.steps;
+                return Ok((
+                    checkpoint.model,
+                    info(checkpoint.version, steps, None, "checkpoint"),
+                ));
+            }
+            Err(err) => tracing::error!("ignored the watched checkpoint at start: {err}"),
+        }
+    }
+    let trained = train_startup(digits, config.startup_epochs, config.seed)
+        .map_err(|e| Error::Model(e.to_string()))?;
+    Ok((
+        trained.model,
+        info(0, trained.steps, Some(trained.loss), "startup"),
+    ))
+}
+
+/// Starts a server on the current tokio runtime: loads or trains the
+/// start-up model, binds [`Config::listen`], starts the model threads, the
+/// trainer (with [`Config::train`]) and the watcher (with
+/// [`Config::watch`]), and returns once it accepts connections.
+///
+/// # Errors
+///
+/// [`Error::Bind`] if the address cannot be bound, [`Error::Model`] if the
+/// checkpoint at [`Config::weights`] exists but does not load, and
+/// [`Error::Thread`] if a thread cannot be started.
+pub async fn start(config: Config) -> Result<Server, Error> {
+    let started = Instant::now();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let prepared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let digits = Digits::load().map_err(|e| Error::Model(e.to_string()))?;
+            let (model, mut info) = initial_model(&config, &digits)?;
+            info.accuracy =
+                accuracy(&model, &digits.test).map_err(|e| Error::Model(e.to_string()))?;
+            Ok((digits, model, info))
+        })
+        .await
+        .map_err(|err| Error::Thread(err.to_string()))??
+    };
+    let (digits, live, info) = prepared;
+    let model = ModelState::new(&live, info).map_err(|e| Error::Model(e.to_string()))?;
+    let metrics = Arc::new(Metrics::new());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let (jobs, queue) = crossbeam_channel::bounded(config.queue_capacity.max(1));
+    let settings = BatchSettings {
+        max_batch: config.max_batch.max(1),
+        max_wait: config.max_wait,
+    };
+    let mut threads = batcher::spawn(config.threads, &queue, &model, &metrics, settings, &stop)
+        .map_err(|err| Error::Thread(err.to_string()))?;
+    if config.train {
+        let settings = TrainSettings {
+            publish_every: config.publish_every,
+            duty: config.train_duty,
+            start_steps: info.training_steps,
+            seed: config.seed,
+        };
+        threads.extend(
+            trainer::spawn(&live, digits.clone(), &model, &metrics, settings, &stop)
+                .map_err(|err| Error::Thread(err.to_string()))?,
+        );
+    }
+
+    let (shutdown, shutdown_rx) = signal::channel(false);
+    let shutdown = Arc::new(shutdown);
+    let watcher = config.watch.clone().map(|path| {
+        tokio::spawn(watch::run(
+            path,
+            config.watch_interval,
+            digits.clone(),
+            Arc::clone(&model),
+            Arc::clone(&metrics),
+            shutdown_rx.clone(),
+        ))
+    });
+    let state = http::AppState {
+        jobs,
+        queue_capacity: config.queue_capacity.max(1),
+        model: Arc::clone(&model),
+        metrics: Arc::clone(&metrics),
+        max_batch: settings.max_batch,
+        request_timeout: config.request_timeout,
+        training: config.train,
+    };
+    let router = http::router(state);
+    tracing::info!(
+        %addr,
+        version = info.version,
+        source = info.source,
+        accuracy = info.accuracy,
+        train = config.train,
+        watch = ?config.watch,
+        weights = ?config.weights,
+        max_batch = settings.max_batch,
+        max_wait_us = config.max_wait.as_micros() as u64,
+        threads = config.threads,
+        seconds = started.elapsed().as_secs_f64(),
+        "netcl-serve started"
+    );
+    let task = tokio::spawn(serve(Serving {
+        listener,
+        router,
+        config,
+        shutdown: shutdown_rx,
+        model: Arc::clone(&model),
+        metrics: Arc::clone(&metrics),
+        stop,
+        threads,
+        watcher,
+        _queue: queue,
+    }));
+    Ok(Server {
+        addr,
+        shutdown,
+        model,
+        metrics,
+        task,
+    })
+}
+
+/// What the accept loop owns.
+struct Serving {
+    listener: TcpListener,
+    router: axum::Router,
+    config: Config,
+    shutdown: signal::Receiver<bool>,
+    model: Arc<ModelState>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    /// Kept so that the queue stays open even without model threads.
+    _queue: crossbeam_channel::Receiver<batcher::Job>,
+}
+
+/// Accepts connections until shutdown, then drains, stops the threads and
+/// saves the checkpoint.
+async fn serve(serving: Serving) -> Result<Summary, Error> {
+    let Serving {
+        listener,
+        router,
+        config,
+        mut shutdown,
+        model,
+        metrics,
+        stop,
+        threads,
+        watcher,
+        _queue,
+    } = serving;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.idle_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(err) => {
+                // Out of file descriptors, say: wait, then retry.
+                tracing::error!("accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            metrics.add_connections(1);
+            if let Err(err) = connection.await {
+                tracing::debug!("connection closed: {err}");
+            }
+            metrics.add_connections(-1);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::debug!("no longer accepting connections");
+    let drained = tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_ok();
+    if !drained {
+        tracing::error!(
+            "in-flight requests still running after {} ms; stopping anyway",
+            config.drain_timeout.as_millis()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        // Join every thread, even after one that panicked.
+        let panicked = threads
+            .into_iter()
+            .map(JoinHandle::join)
+            .filter(Result::is_err)
+            .count();
+        panicked == 0
+    })
+    .await
+    .unwrap_or(false);
+    if !joined {
+        tracing::error!("a model or training thread panicked");
+    }
+    let current = model.published().load();
+    let steps = model.info().training_steps;
+    let mut saved = None;
+    if let Some(path) = config.weights {
+        let version = current.number();
+        let path_for_save = path.clone();
+        tokio::task::spawn_blocking(move || {
+            model::save_checkpoint(&**current, version, steps, &path_for_save)
+        })
+        .await
+        .map_err(|err| Error::Save(err.to_string()))?
+        .map_err(|err| Error::Save(err.to_string()))?;
+        saved = Some(path);
+    }
+    let version = model.published().version();
+    tracing::info!(version, drained, saved = ?saved, "netcl-serve stopped");
+    Ok(Summary {
+        version,
+        saved,
+        drained,
+    })
+}

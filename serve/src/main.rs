@@ -1,0 +1,203 @@
+//! The `netcl-serve` binary: the command line over [`netcl_serve::start`].
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use netcl_serve::Config;
+
+/// Serves the digits MLP over HTTP (JSON), optionally training it online.
+///
+/// Endpoints: POST /v1/predict, GET /v1/model, GET /healthz, GET /metrics.
+/// Stops gracefully on SIGINT or SIGTERM, saving the current version to
+/// --weights if given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
+#[derive(Debug, Parser)]
+#[command(name = "netcl-serve", version)]
+struct Cli {
+    /// The address to listen on. The default binds the loopback interface only.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Train the model online (AdamW on the digits, at low priority) while serving.
+    #[arg(long)]
+    train: bool,
+    /// A checkpoint (safetensors) loaded at start if it exists (else the model
+    /// is trained at start-up), and where the current version is saved on
+    /// shutdown, with its version number in the metadata.
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Follow a checkpoint: each new file renamed into place at PATH is loaded
+    /// and published as a new version; a bad file is logged and ignored.
+    #[arg(long, value_name = "PATH")]
+    watch: Option<PathBuf>,
+    /// The most rows per request and per batched forward.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_batch as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_batch: u64,
+    /// How long (microseconds) the model waits for more requests to batch
+    /// with one it holds. 0: batch only what is already queued.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_wait.as_micros() as u64)]
+    max_wait_us: u64,
+    /// Training steps between published versions (with --train).
+    #[arg(long, value_name = "N", default_value_t = Config::default().publish_every, value_parser = clap::value_parser!(u64).range(1..))]
+    publish_every: u64,
+    /// Model threads: each runs batched forwards, off the HTTP threads.
+    #[arg(long, value_name = "N", default_value_t = Config::default().threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: u64,
+    /// Worker threads of the HTTP runtime.
+    #[arg(long, value_name = "N", default_value_t = Config::default().http_threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
+    http_threads: u64,
+    /// Predict requests that may wait for the model; beyond it, 503 at once.
+    #[arg(long, value_name = "N", default_value_t = Config::default().queue_capacity as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    queue: u64,
+    /// The most open connections; more wait in the listen backlog.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_connections as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_connections: u64,
+    /// The deadline of a whole request, body included (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = Config::default().request_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_ms: u64,
+    /// Close a connection that takes longer than this to send a request's
+    /// headers, or idles this long between requests (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = Config::default().idle_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_ms: u64,
+    /// Epochs of the start-up training when there is no checkpoint.
+    #[arg(long, value_name = "N", default_value_t = Config::default().startup_epochs as u64)]
+    startup_epochs: u64,
+    /// The share of one core the trainer may use, in (0, 1], on top of its
+    /// low OS priority.
+    #[arg(long, value_name = "F", default_value_t = Config::default().train_duty)]
+    train_duty: f64,
+}
+
+impl Cli {
+    fn config(&self) -> Result<Config, String> {
+        if !(self.train_duty > 0.0 && self.train_duty <= 1.0) {
+            return Err(format!(
+                "--train-duty must be in (0, 1], got {}",
+                self.train_duty
+            ));
+        }
+        if self.train && self.watch.is_some() {
+            return Err(
+                "--train and --watch exclude each other: a replica follows a trainer's checkpoint"
+                    .to_string(),
+            );
+        }
+        let size = |n: u64| usize::try_from(n).map_err(|e| e.to_string());
+        Ok(Config {
+            listen: self.listen,
+            train: self.train,
+            weights: self.weights.clone(),
+            watch: self.watch.clone(),
+            max_batch: size(self.max_batch)?,
+            max_wait: Duration::from_micros(self.max_wait_us),
+            publish_every: self.publish_every,
+            threads: size(self.threads)?,
+            http_threads: size(self.http_threads)?,
+            queue_capacity: size(self.queue)?,
+            max_connections: size(self.max_connections)?,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            startup_epochs: size(self.startup_epochs)?,
+            train_duty: self.train_duty,
+            ..Config::default()
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = match cli.config() {
+        Ok(config) => config,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.http_threads)
+        .thread_name("netcl-http")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), netcl_serve::Error> {
+    // Listen for the signals before anything else, so that one arriving
+    // during start-up is kept and honoured as soon as the server runs,
+    // instead of killing the process.
+    let signals = Signals::new();
+    let server = netcl_serve::start(config).await?;
+    let trigger = server.shutdown_trigger();
+    tokio::spawn(async move {
+        let signal = signals.recv().await;
+        tracing::info!("received {signal}: shutting down");
+        trigger.shutdown();
+    });
+    server.wait().await?;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, registered when created.
+struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        let register = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(err) => {
+                tracing::error!("cannot listen for {name}: {err}");
+                None
+            }
+        };
+        Signals {
+            interrupt: register(SignalKind::interrupt(), "SIGINT"),
+            terminate: register(SignalKind::terminate(), "SIGTERM"),
+        }
+    }
+
+    /// Waits for either signal and names it.
+    async fn recv(mut self) -> &'static str {
+        async fn next(stream: Option<&mut Signal>) {
+            match stream {
+                Some(stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = next(self.interrupt.as_mut()) => "SIGINT",
+            () = next(self.terminate.as_mut()) => "SIGTERM",
+        }
+    }
+}

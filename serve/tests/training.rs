@@ -1,0 +1,166 @@
+//! 64 concurrent clients while the server trains: each connection sees
+//! versions that never go back, and every response's classes are what its
+//! version computes. The trainer runs at background priority; its versions
+//! are published by a thread of normal priority.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{
+    Client, classes, digit_rows, engine_predict, probabilities, start, test_config, version,
+};
+use netcl::nn::Version;
+use netcl_serve::Config;
+
+const CLIENTS: usize = 64;
+
+/// One response: its version, the rows sent, and the classes and
+/// probabilities received.
+type Seen = (u64, Vec<f32>, Vec<u32>, Vec<f32>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
+    let server = start(Config {
+        train: true,
+        publish_every: 3,
+        max_batch: 8,
+        request_timeout: Duration::from_secs(20),
+        ..test_config()
+    })
+    .await;
+    let addr = server.local_addr();
+
+    // Keep every version published during the run, to check responses
+    // against: a version is an Arc, so holding it keeps its weights.
+    let versions: Arc<Mutex<BTreeMap<u64, Arc<Version>>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let keeper = {
+        let (model, versions, done) = (
+            Arc::clone(server.model()),
+            Arc::clone(&versions),
+            Arc::clone(&done),
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let current = model.published().load();
+                versions
+                    .lock()
+                    .unwrap()
+                    .entry(current.number())
+                    .or_insert(current);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+
+    let rows = Arc::new(digit_rows());
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (rows, seen, server_model) = (
+            Arc::clone(&rows),
+            Arc::clone(&seen),
+            Arc::clone(server.model()),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await;
+            let mut last = 0;
+            let mut i = 0;
+            // At least 8 requests each, and on until the trainer has
+            // published a few versions (a liveness bound, not a speed one).
+            while i < 8
+                || (server_model.published().version() < 4
+                    && started.elapsed() < Duration::from_secs(60))
+            {
+                let batch_len = 1 + (c + i) % 3;
+                let first = (c * 17 + i * 5) % (rows.len() - batch_len);
+                let batch = &rows[first..first + batch_len];
+                let reply = client.predict(batch).await;
+                assert_eq!(reply.status, 200, "{}", reply.text);
+                let v = version(&reply);
+                assert!(v >= last, "client {c}: version {v} after {last}");
+                last = v;
+                seen.lock().unwrap().push((
+                    v,
+                    batch.iter().flatten().copied().collect(),
+                    classes(&reply),
+                    probabilities(&reply),
+                ));
+                i += 1;
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    keeper.join().unwrap();
+
+    let versions = std::mem::take(&mut *versions.lock().unwrap());
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut checked = 0;
+    let mut distinct = std::collections::BTreeSet::new();
+    for (v, flat, got_classes, got_probabilities) in seen.iter() {
+        distinct.insert(*v);
+        let Some(model) = versions.get(v) else {
+            continue;
+        };
+        let batch: Vec<Vec<f32>> = flat.chunks(64).map(<[f32]>::to_vec).collect();
+        let (expected_classes, expected_probabilities) = engine_predict(&***model, &batch);
+        assert_eq!(got_classes, &expected_classes, "version {v}");
+        // The server batched these rows with other requests' rows: the
+        // matrix kernel's blocking can change the last bits of a row's
+        // result with its batch, so probabilities agree to rounding.
+        for (got, expected) in got_probabilities.iter().zip(expected_probabilities) {
+            assert!(
+                (got - expected).abs() <= 1e-5,
+                "version {v}: {got} vs {expected}"
+            );
+        }
+        checked += 1;
+    }
+    // The keeper polls every 0.2 ms and the trainer publishes every few
+    // steps, so nearly every version is kept; require most.
+    assert!(
+        checked * 10 >= seen.len() * 9,
+        "only {checked} of {} responses had a kept version",
+        seen.len()
+    );
+    assert!(distinct.len() >= 2, "versions seen: {distinct:?}");
+
+    // Serving records nothing; the trainer's thread runs at nice 19.
+    assert_eq!(server.metrics().serving_tape_nodes(), 0);
+    assert!(server.metrics().training_steps() > 0);
+    assert_eq!(thread_nice("netcl-train"), Some(19));
+    assert_eq!(thread_nice("netcl-model-0"), Some(0));
+    // Publishing takes the lock serving threads read the version under: a
+    // thread of normal priority does it.
+    assert_eq!(thread_nice("netcl-publish"), Some(0));
+
+    let info = common::get(addr, "/v1/model").await;
+    assert_eq!(info.json["source"], "training");
+    assert!(info.json["version"].as_u64().unwrap() >= 4);
+    assert!(info.json["last_loss"].as_f64().unwrap() > 0.0);
+    server.shutdown();
+    server.wait().await.unwrap();
+}
+
+/// The nice value of this process's thread named `name` (Linux), from
+/// `/proc/self/task/*/stat` (field 19).
+fn thread_nice(name: &str) -> Option<i32> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after_name = &stat[stat.rfind(')')? + 2..];
+            return after_name.split(' ').nth(16)?.parse().ok();
+        }
+    }
+    None
+}
