@@ -17,7 +17,7 @@ count() {
   out=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null "$binary" "$1" "$2" 2>&1)
   echo "$out" | grep -o 'Collected : [0-9]*' | grep -o '[0-9]*'
 }
-for workload in add_recorded add_no_grad; do
+for workload in add_recorded add_no_grad add_raw_ndarray; do
   base=$(count "$workload" 0)
   full=$(count "$workload" "$n")
   echo "$workload: $(( (full - base) / n )) instructions per op ($n ops)"

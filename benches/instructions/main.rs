@@ -7,6 +7,11 @@
 //! valgrind --tool=callgrind <binary> add_recorded 100000
 //! ```
 //!
+//! Workloads: `add_recorded` (1-element `&a + &b`, both requiring grad),
+//! `add_no_grad` (the same with a no_grad guard taken per op) and
+//! `add_raw_ndarray` (ndarray's `&x + &y` on 1-element dynamic-rank arrays,
+//! the reference of the target table).
+//!
 //! The per-op cost is the difference between a run of `n` ops and a run of
 //! 0, divided by `n`.
 
@@ -17,7 +22,7 @@ use netcl::{Tensor, autograd};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: instructions <add_recorded|add_no_grad> <count>");
+        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray> <count>");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
@@ -39,6 +44,15 @@ fn main() {
             for _ in 0..n {
                 let _guard = autograd::no_grad();
                 drop(black_box(&a + &b));
+            }
+        }
+        "add_raw_ndarray" => {
+            // The yardstick of the target table: ndarray's own `&x + &y` on
+            // 1-element dynamic-rank arrays.
+            let x = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
+            let y = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
+            for _ in 0..n {
+                drop(black_box(black_box(&x) + black_box(&y)));
             }
         }
         other => {

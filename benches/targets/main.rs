@@ -202,6 +202,7 @@ fn main() {
         "{:<58} {:>30} {:>12} {:>6}  detail",
         "target", "median [spread]", "goal", "status"
     );
+    load_average("start");
     let mut report = Report::default();
     let pools = [pool(1), pool(2)];
     let one = &pools[0];
@@ -226,6 +227,7 @@ fn main() {
     }
 
     wake_latency(&pools[1]);
+    load_average("end");
 
     let with_goal: Vec<_> = report.rows.iter().filter_map(|row| row.met).collect();
     let missed = with_goal.iter().filter(|met| !**met).count();
@@ -544,6 +546,19 @@ fn wake_latency(pool: &ThreadPool) {
         println!(
             "  idle {idle_us:>3} us: {}",
             Spread::of(&samples).show(1, " us")
+        );
+    }
+}
+
+/// Context for the whole table (not a target): the machine's load average
+/// (Linux), which tells whether other work shared the cores during the run.
+fn load_average(when: &str) {
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let fields: Vec<&str> = load.split_whitespace().take(3).collect();
+        println!(
+            "context: load average at {when} (1, 5, 15 min): {}, on {} cores",
+            fields.join(" "),
+            std::thread::available_parallelism().map_or(0, usize::from)
         );
     }
 }
