@@ -192,6 +192,7 @@ fn main() {
     // `cargo bench` passes `--bench`; `-- --markdown` adds a Markdown copy
     // of the table. A filter argument is not supported.
     let markdown = std::env::args().any(|arg| arg == "--markdown");
+    load_average("start");
     println!(
         "every row: median over rounds [spread = interquartile range of the per-round figures]"
     );
@@ -202,7 +203,6 @@ fn main() {
         "{:<58} {:>30} {:>12} {:>6}  detail",
         "target", "median [spread]", "goal", "status"
     );
-    load_average("start");
     let mut report = Report::default();
     let pools = [pool(1), pool(2)];
     let one = &pools[0];
@@ -249,7 +249,7 @@ fn tiny_ops(report: &mut Report, pools: &[ThreadPool; 2]) {
     // ndarray's own `&x + &y` on 1-element dynamic-rank arrays built once.
     let x = ArrayD::<f32>::ones(IxDyn(&[1]));
     let y = ArrayD::<f32>::ones(IxDyn(&[1]));
-    let rounds = 41;
+    let rounds = 61;
     let t = interleaved(
         rounds,
         &mut [
