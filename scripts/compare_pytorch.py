@@ -28,6 +28,7 @@ Not part of CI.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -202,6 +203,15 @@ def torch_workload(torch, name):
     raise KeyError(name)
 
 
+def load_average(when):
+    """The machine's load average: whether other work shared the cores."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return f"load average at {when}: unknown"
+    return f"load average at {when} (1, 5, 15 min): {one:.2f} {five:.2f} {fifteen:.2f}, on {os.cpu_count()} cores"
+
+
 def spread(samples):
     """(median, 25th percentile, 75th percentile)."""
     q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
@@ -263,6 +273,7 @@ def main():
         f"each side's figure per round is the median of {BATCHES} batches; "
         "spread = interquartile range of the per-round ratios"
     )
+    print(load_average("start"))
     rows = []
     header = f"{'workload':<26} {'netcl':>10} {theirs_label:>11} {'netcl/' + theirs_label + ' [spread]':>30}"
     print(header)
@@ -308,6 +319,7 @@ def main():
             flush=True,
         )
 
+    print(load_average("end"))
     if args.markdown:
         print(f"\n| workload | netcl | {theirs_label} | netcl / {theirs_label} [spread] |")
         print("|---|---|---|---|")
