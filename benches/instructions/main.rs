@@ -10,7 +10,8 @@
 //! Workloads: `add_recorded` (1-element `&a + &b`, both requiring grad),
 //! `add_no_grad` (the same with a no_grad guard taken per op) and
 //! `add_raw_ndarray` (ndarray's `&x + &y` on 1-element dynamic-rank arrays,
-//! the reference of the target table).
+//! the reference of the target table) and `chain10` (five `*` and five `+`
+//! on 1-element tensors, then `backward`).
 //!
 //! The per-op cost is the difference between a run of `n` ops and a run of
 //! 0, divided by `n`.
@@ -22,7 +23,7 @@ use netcl::{Tensor, autograd};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray> <count>");
+        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain10> <count>");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
@@ -44,6 +45,19 @@ fn main() {
             for _ in 0..n {
                 let _guard = autograd::no_grad();
                 drop(black_box(&a + &b));
+            }
+        }
+        "chain10" => {
+            // The 10-op chain of the target table, forward and backward.
+            let x = Tensor::full(&[1], 0.5).requires_grad_(true);
+            let w = Tensor::full(&[1], 1.01).requires_grad_(true);
+            for _ in 0..n {
+                let mut y = black_box(&x).clone();
+                for i in 0..10 {
+                    y = if i % 2 == 0 { &y * &w } else { &y + &w };
+                }
+                y.backward();
+                drop(black_box(y));
             }
         }
         "add_raw_ndarray" => {
