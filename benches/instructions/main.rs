@@ -21,9 +21,17 @@ use std::hint::black_box;
 use netcl::{Tensor, autograd};
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain10> <count>");
+    const USAGE: &str =
+        "usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain10> <count>";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` runs every bench target with `--bench` alone: nothing
+    // to count, and not an error.
+    if args.iter().map(String::as_str).eq(["--bench"]) {
+        println!("{USAGE}");
+        return;
+    }
+    let [workload, n] = args.as_slice() else {
+        eprintln!("{USAGE}");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
