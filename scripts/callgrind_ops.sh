@@ -12,13 +12,18 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed: apt-get ins
 binary=$(cargo bench --bench instructions --no-run --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*instructions[^"]*"' | tail -1 | cut -d'"' -f4)
 n=${OPS:-100000}
+# The chain (10 ops and a backward pass) and the batch-1 MLP forward are
+# larger: fewer repetitions.
+chain_n=$(( n / 10 ))
 count() {
   local out
   out=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null "$binary" "$1" "$2" 2>&1)
   echo "$out" | grep -o 'Collected : [0-9]*' | grep -o '[0-9]*'
 }
-for workload in add_recorded add_no_grad add_raw_ndarray; do
+for workload in add_recorded add_no_grad add_raw_ndarray chain10 mlp_forward_batch1 mlp_forward_batch1_raw; do
+  reps=$n
+  case "$workload" in chain10 | mlp_forward_batch1*) reps=$chain_n ;; esac
   base=$(count "$workload" 0)
-  full=$(count "$workload" "$n")
-  echo "$workload: $(( (full - base) / n )) instructions per op ($n ops)"
+  full=$(count "$workload" "$reps")
+  echo "$workload: $(( (full - base) / reps )) instructions per call ($reps calls)"
 done

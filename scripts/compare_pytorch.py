@@ -1,15 +1,28 @@
 #!/usr/bin/env python3
-"""Side-by-side timings of netcl and PyTorch on the workloads of BENCHMARKS.md.
+"""netcl beside PyTorch on this machine, measured side by side.
 
-netcl's figures come from its criterion benchmarks (run here, or read from a
-previous run with --no-run); PyTorch's are measured by this script on the
-same machine, on CPU, with the same shapes, batch sizes and thread counts.
+One invocation builds netcl's workload binary (`benches/workloads`), then for
+each workload runs rounds that alternate the two sides, flipping their order
+each round: netcl as a subprocess of the workload binary (a short batch of
+calls), PyTorch in this process (the same shapes, thread count, model,
+optimizer and loss). Each round gives one netcl/PyTorch ratio; the table
+reports each side's median over rounds and the median of the per-round
+ratios with its spread (the interquartile range, [25th-75th percentile]).
+On a shared machine whose speed drifts, only such side-by-side ratios mean
+anything; the absolute medians are context.
 
-    python3 scripts/compare_pytorch.py            # runs `cargo bench --bench netcl` first
-    python3 scripts/compare_pytorch.py --no-run   # reuses target/criterion
+    python3 scripts/compare_pytorch.py                     # every workload, ~3 min
+    python3 scripts/compare_pytorch.py --only tiny,chain   # workloads whose name contains a word
+    python3 scripts/compare_pytorch.py --markdown          # the table as Markdown
 
-Needs Python 3 with torch installed (for example
-`pip install torch --index-url https://download.pytorch.org/whl/cpu`).
+The same machinery compares two builds of netcl instead (a before/after of
+a change, both sides in one run, no PyTorch needed):
+
+    cp target/release/deps/workloads-<hash> /tmp/workloads-before   # before the change
+    python3 scripts/compare_pytorch.py --against /tmp/workloads-before
+
+Needs PyTorch for the comparison with PyTorch:
+`pip install torch --index-url https://download.pytorch.org/whl/cpu`.
 Not part of CI.
 """
 
@@ -24,60 +37,97 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
-def netcl_medians(run: bool) -> dict:
-    """Median time in ns of every netcl benchmark, by criterion's full id."""
-    if run:
-        env = dict(os.environ, MATMUL_NUM_THREADS="1")
-        subprocess.run(["cargo", "bench", "--bench", "netcl"], cwd=ROOT, env=env, check=True)
-    medians = {}
-    for bench in (ROOT / "target" / "criterion").glob("**/new/benchmark.json"):
-        estimates = bench.with_name("estimates.json")
-        if estimates.exists():
-            full_id = json.loads(bench.read_text())["full_id"]
-            medians[full_id] = json.loads(estimates.read_text())["median"]["point_estimate"]
-    return medians
+# name: (what it is, calls per netcl batch). A batch takes roughly 20-60 ms
+# at netcl's speed when these were chosen; PyTorch's batch size is
+# calibrated to the same duration.
+WORKLOADS = {
+    "tiny_add_grad": ("1-element a + b, both require grad", 100_000),
+    "tiny_add_no_grad": ("1-element a + b, no_grad guard per call", 150_000),
+    "chain10_fwd_bwd": ("10-op chain, forward + backward", 6_000),
+    "mlp_step_b32_1t": ("MLP 784-256-256-10 step, batch 32, 1 thread", 50),
+    "mlp_step_b128_1t": ("MLP step, batch 128, 1 thread", 15),
+    "mlp_step_b128_2t": ("MLP step, batch 128, 2 threads", 20),
+    "mlp_step_b128_2t_shards": (
+        "MLP step, batch 128, 2 threads; netcl data-parallel (2 shards)",
+        20,
+    ),
+    "forward_b1_64_128_10": ("no_grad forward 64-128-10, batch 1", 8_000),
+    "forward_b256_784": ("no_grad forward 784-256-256-10, batch 256, 1 thread", 20),
+    "eval_20k_1t": ("evaluation, 20k samples in batches of 256, 1 thread", 1),
+    "eval_20k_2t": ("evaluation, 20k samples, 2 threads", 1),
+    "matmul_32x784x256_1t": ("matmul 32x784x256, 1 thread", 150),
+    "matmul_32x784x256_2t": ("matmul 32x784x256, 2 threads", 150),
+    "matmul_784x32x256_1t": ("matmul 784x32x256, 1 thread", 150),
+    "matmul_784x32x256_2t": ("matmul 784x32x256, 2 threads", 150),
+    "matmul_32x256x256_1t": ("matmul 32x256x256, 1 thread", 500),
+    "matmul_32x256x256_2t": ("matmul 32x256x256, 2 threads", 500),
+    "matmul_256x784x256_1t": ("matmul 256x784x256, 1 thread", 25),
+    "matmul_256x784x256_2t": ("matmul 256x784x256, 2 threads", 40),
+}
+
+# Timed batches per side per round (after one untimed batch); the side's
+# figure for the round is their median.
+BATCHES = 3
 
 
-def median_ns(f, min_time=1.0, warmup=3):
-    """Median ns per call of f over batches lasting about min_time in total."""
-    for _ in range(warmup):
+def build_workloads():
+    """Builds benches/workloads (release) and returns the binary's path."""
+    out = subprocess.run(
+        ["cargo", "bench", "--bench", "workloads", "--no-run", "--message-format=json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    for line in out.stdout.splitlines():
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            message.get("reason") == "compiler-artifact"
+            and message["target"]["name"] == "workloads"
+            and message.get("executable")
+        ):
+            return message["executable"]
+    sys.exit("cargo built no workloads binary")
+
+
+def workloads_of(binary):
+    """The workload names a workload binary knows."""
+    out = subprocess.run([binary, "list"], stdout=subprocess.PIPE, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def run_binary(binary, name, reps):
+    """Median ns per call of `name` over BATCHES batches of `reps` calls, in a
+    fresh process of the workload binary."""
+    out = subprocess.run(
+        [binary, name, str(reps), str(BATCHES)], stdout=subprocess.PIPE, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["median_ns"]
+
+
+def time_batches(f, reps):
+    """Median ns per call of f over BATCHES batches of `reps` calls, after an
+    untimed batch: what the workload binary does for netcl."""
+    for _ in range(reps):
         f()
-    start = time.perf_counter()
-    f()
-    once = max(time.perf_counter() - start, 1e-7)
-    per_batch = max(1, int(0.05 / once))
     samples = []
-    deadline = time.perf_counter() + min_time
-    while time.perf_counter() < deadline or len(samples) < 5:
-        start = time.perf_counter()
-        for _ in range(per_batch):
+    for _ in range(BATCHES):
+        start = time.perf_counter_ns()
+        for _ in range(reps):
             f()
-        samples.append((time.perf_counter() - start) / per_batch * 1e9)
+        samples.append((time.perf_counter_ns() - start) / reps)
     return statistics.median(samples)
 
 
-def torch_workloads(torch):
+def torch_workload(torch, name):
+    """PyTorch's version of a netcl workload: (threads, one call)."""
     nn = torch.nn
-    results = {}
-
-    torch.set_num_threads(1)
-    a = torch.ones(1, requires_grad=True)
-    b = torch.ones(1, requires_grad=True)
-    results["tiny/add/grad"] = median_ns(lambda: a + b)
-    with torch.no_grad():
-        results["tiny/add/no_grad"] = median_ns(lambda: a + b)
-
-    x = torch.full((1,), 0.5, requires_grad=True)
-    w = torch.full((1,), 1.01, requires_grad=True)
-
-    def chain():
-        y = x
-        for i in range(10):
-            y = y * w if i % 2 == 0 else y + w
-        y.backward()
-
-    results["chain10/forward_backward"] = median_ns(chain)
+    threads = 2 if name.endswith("2t") or name.endswith("2t_shards") else 1
 
     def mlp(sizes):
         layers = []
@@ -87,46 +137,85 @@ def torch_workloads(torch):
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
-    for batch in (32, 128):
+    if name.startswith("tiny_add"):
+        a = torch.ones(1, requires_grad=True)
+        b = torch.ones(1, requires_grad=True)
+        if name == "tiny_add_grad":
+            return threads, lambda: a + b
+
+        def add_no_grad():
+            with torch.no_grad():
+                return a + b
+
+        return threads, add_no_grad
+    if name == "chain10_fwd_bwd":
+        x = torch.full((1,), 0.5, requires_grad=True)
+        w = torch.full((1,), 1.01, requires_grad=True)
+
+        def chain():
+            y = x
+            for i in range(10):
+                y = y * w if i % 2 == 0 else y + w
+            y.backward()
+
+        return threads, chain
+    if name.startswith("mlp_step"):
+        batch = int(name.split("_")[2][1:])
+        model = mlp([784, 256, 256, 10])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         xb = torch.rand(batch, 784)
         yb = torch.arange(batch) % 10
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            model = mlp([784, 256, 256, 10])
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-            def step():
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+        def step():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.item()
 
-            results[f"mlp_step/batch{batch}/{threads}t"] = median_ns(step)
+        return threads, step
+    if name.startswith("forward"):
+        sizes, rows = ([64, 128, 10], 1) if name == "forward_b1_64_128_10" else ([784, 256, 256, 10], 256)
+        model = mlp(sizes)
+        xb = torch.rand(rows, sizes[0])
 
-    model = mlp([784, 256, 256, 10])
-    batches = [(torch.rand(min(256, 20000 - i), 784), torch.arange(min(256, 20000 - i)) % 10)
-               for i in range(0, 20000, 256)]
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
+        def forward():
+            with torch.no_grad():
+                return model(xb)
+
+        return threads, forward
+    if name.startswith("eval_20k"):
+        model = mlp([784, 256, 256, 10])
+        batches = [
+            (torch.rand(min(256, 20000 - i), 784), torch.arange(min(256, 20000 - i)) % 10)
+            for i in range(0, 20000, 256)
+        ]
 
         def evaluate():
             with torch.no_grad():
                 return sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in batches)
 
-        results[f"eval/mlp784_20k/{threads}t"] = median_ns(evaluate, min_time=3.0, warmup=1)
+        return threads, evaluate
+    if name.startswith("matmul_"):
+        m, k, n = (int(d) for d in name.split("_")[1].split("x"))
+        lhs, rhs = torch.rand(m, k), torch.rand(k, n)
+        return threads, lambda: lhs @ rhs
+    raise KeyError(name)
 
-    torch.set_num_threads(1)
-    model = mlp([784, 256, 256, 10])
-    xb = torch.rand(256, 784)
-    with torch.no_grad():
-        results["forward/mlp784_b256/no_grad"] = median_ns(lambda: model(xb))
 
-    for m, k, n in [(32, 784, 256), (784, 32, 256), (32, 256, 256), (256, 784, 256), (1024, 1024, 1024)]:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            lhs, rhs = torch.rand(m, k), torch.rand(k, n)
-            results[f"matmul/netcl/{threads}t/{m}x{k}x{n}"] = median_ns(lambda: lhs @ rhs)
-    return results
+def load_average(when):
+    """The machine's load average: whether other work shared the cores."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return f"load average at {when}: unknown"
+    return f"load average at {when} (1, 5, 15 min): {one:.2f} {five:.2f} {fifteen:.2f}, on {os.cpu_count()} cores"
+
+
+def spread(samples):
+    """(median, 25th percentile, 75th percentile)."""
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return median, q1, q3
 
 
 def shown(ns):
@@ -140,23 +229,104 @@ def shown(ns):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-run", action="store_true", help="reuse target/criterion results")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per workload (default 9)")
+    parser.add_argument("--only", help="comma-separated words; run the workloads whose name contains one")
+    parser.add_argument("--binary", help="use this workload binary instead of building one")
+    parser.add_argument(
+        "--against",
+        metavar="BINARY",
+        help="compare with another build's workload binary instead of PyTorch",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        sys.exit("PyTorch is not installed: pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2")
 
-    netcl = netcl_medians(run=not args.no_run)
-    theirs = torch_workloads(torch)
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads available")
-    print(f"{'workload':<42} {'PyTorch':>12} {'netcl':>12} {'netcl/PyTorch':>14}")
-    for name, torch_ns in theirs.items():
-        ours = netcl.get(name)
-        ours_shown = "n/a" if ours is None else shown(ours)
-        ratio = "n/a" if ours is None else f"{ours / torch_ns:.2f}x"
-        print(f"{name:<42} {shown(torch_ns):>12} {ours_shown:>12} {ratio:>14}")
+    torch = None
+    if args.against is None:
+        try:
+            import torch
+        except ImportError:
+            print(f"PyTorch is not installed; to compare with it: {INSTALL}")
+            return 0
+
+    binary = args.binary or build_workloads()
+    known = workloads_of(binary)
+    if args.against:
+        known &= workloads_of(args.against)
+    names = [name for name in WORKLOADS if name in known]
+    if args.only:
+        words = args.only.split(",")
+        names = [name for name in names if any(word in name for word in words)]
+
+    theirs_label = "other build" if args.against else "PyTorch"
+    if torch is not None:
+        print(
+            f"PyTorch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"MKL {'on' if torch.backends.mkl.is_available() else 'off'}), "
+            f"netcl {binary}"
+        )
+    else:
+        print(f"this build {binary} against {args.against}")
+    print(
+        f"{args.rounds} rounds per workload, sides alternating, order flipped each round; "
+        f"each side's figure per round is the median of {BATCHES} batches; "
+        "spread = interquartile range of the per-round ratios"
+    )
+    print(load_average("start"))
+    rows = []
+    header = f"{'workload':<26} {'netcl':>10} {theirs_label:>11} {'netcl/' + theirs_label + ' [spread]':>30}"
+    print(header)
+    for name in names:
+        label, reps = WORKLOADS[name]
+        if torch is not None:
+            threads, f = torch_workload(torch, name)
+            torch.set_num_threads(threads)
+            f()
+            start = time.perf_counter_ns()
+            f()
+            once = max(time.perf_counter_ns() - start, 1)
+            # PyTorch's batch: about as long as netcl's at the speeds above.
+            ours_estimate = run_binary(binary, name, reps)
+            their_reps = max(1, round(reps * ours_estimate / once))
+
+            def theirs():
+                torch.set_num_threads(threads)
+                return time_batches(f, their_reps)
+        else:
+
+            def theirs():
+                return run_binary(args.against, name, reps)
+
+        ours_ns, theirs_ns, ratios = [], [], []
+        for round_index in range(args.rounds):
+            if round_index % 2 == 0:
+                ours = run_binary(binary, name, reps)
+                other = theirs()
+            else:
+                other = theirs()
+                ours = run_binary(binary, name, reps)
+            ours_ns.append(ours)
+            theirs_ns.append(other)
+            ratios.append(ours / other)
+        ratio, q1, q3 = spread(ratios)
+        ours_median = statistics.median(ours_ns)
+        theirs_median = statistics.median(theirs_ns)
+        rows.append((name, label, ours_median, theirs_median, ratio, q1, q3))
+        print(
+            f"{name:<26} {shown(ours_median):>10} {shown(theirs_median):>11} "
+            f"{f'{ratio:.2f}x [{q1:.2f}-{q3:.2f}]':>30}",
+            flush=True,
+        )
+
+    print(load_average("end"))
+    if args.markdown:
+        print(f"\n| workload | netcl | {theirs_label} | netcl / {theirs_label} [spread] |")
+        print("|---|---|---|---|")
+        for name, label, ours, other, ratio, q1, q3 in rows:
+            print(f"| {label} | {shown(ours)} | {shown(other)} | {ratio:.2f}x [{q1:.2f}-{q3:.2f}] |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

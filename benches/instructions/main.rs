@@ -7,6 +7,12 @@
 //! valgrind --tool=callgrind <binary> add_recorded 100000
 //! ```
 //!
+//! Workloads: `add_recorded` (1-element `&a + &b`, both requiring grad),
+//! `add_no_grad` (the same with a no_grad guard taken per op) and
+//! `add_raw_ndarray` (ndarray's `&x + &y` on 1-element dynamic-rank arrays,
+//! the reference of the target table) and `chain10` (five `*` and five `+`
+//! on 1-element tensors, then `backward`).
+//!
 //! The per-op cost is the difference between a run of `n` ops and a run of
 //! 0, divided by `n`.
 
@@ -15,11 +21,16 @@ use std::hint::black_box;
 use netcl::{Tensor, autograd};
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(workload), Some(n)) = (args.next(), args.next()) else {
-        eprintln!(
-            "usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain_forward_backward|mlp_forward_batch1|mlp_forward_batch1_raw> <count>"
-        );
+    const USAGE: &str = "usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain10|mlp_forward_batch1|mlp_forward_batch1_raw> <count>";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` runs every bench target with `--bench` alone: nothing
+    // to count, and not an error.
+    if args.iter().map(String::as_str).eq(["--bench"]) {
+        println!("{USAGE}");
+        return;
+    }
+    let [workload, n] = args.as_slice() else {
+        eprintln!("{USAGE}");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("count is a number");
@@ -43,17 +54,17 @@ fn main() {
                 drop(black_box(&a + &b));
             }
         }
-        "chain_forward_backward" => {
-            // Ten alternating multiplies and adds on 1-element tensors,
-            // then backward.
+        "chain10" => {
+            // The 10-op chain of the target table, forward and backward.
             let x = Tensor::full(&[1], 0.5).requires_grad_(true);
             let w = Tensor::full(&[1], 1.01).requires_grad_(true);
             for _ in 0..n {
-                let mut y = x.clone();
+                let mut y = black_box(&x).clone();
                 for i in 0..10 {
                     y = if i % 2 == 0 { &y * &w } else { &y + &w };
                 }
                 y.backward();
+                drop(black_box(y));
             }
         }
         "mlp_forward_batch1" => {
@@ -132,7 +143,8 @@ fn main() {
             }
         }
         "add_raw_ndarray" => {
-            // The baseline: ndarray's own dynamic-rank 1-element add.
+            // The yardstick of the target table: ndarray's own `&x + &y` on
+            // 1-element dynamic-rank arrays.
             let x = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
             let y = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1]));
             for _ in 0..n {

@@ -87,6 +87,26 @@ pub fn raw_forward(layers: &[(Array2<f32>, Array1<f32>)], x: ArrayView2<'_, f32>
     h
 }
 
+/// The same forward pass on raw arrays through the kernel netcl's matmul
+/// wraps (the gemm crate called directly, one thread): each layer's output
+/// starts as its bias repeated over the rows, the product is accumulated
+/// into it, and ReLU runs in place between layers. No tensors, no autograd:
+/// the work netcl's no_grad forward does, without the engine.
+pub fn raw_forward_gemm(layers: &[(Array2<f32>, Array1<f32>)], x: &Array2<f32>) -> Array2<f32> {
+    let mut h: Option<Array2<f32>> = None;
+    for (i, (w, b)) in layers.iter().enumerate() {
+        let input = h.as_ref().unwrap_or(x);
+        let mut out = Array2::zeros((input.nrows(), w.ncols()));
+        out.assign(b);
+        gemm_direct_acc(input, w, &mut out, 1);
+        if i + 1 < layers.len() {
+            out.mapv_inplace(|v| v.max(0.0));
+        }
+        h = Some(out);
+    }
+    h.expect("at least one layer")
+}
+
 /// A seeded batch: inputs in [0, 1) and class labels.
 pub fn batch(n: usize, features: usize, classes: usize, seed: u64) -> (Tensor, Tensor) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -125,15 +145,33 @@ pub fn iter_in<R>(
 /// `c = a · b` with the gemm crate called directly on row-major matrices:
 /// the kernel netcl's matmul wraps, as a reference.
 pub fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, threads: usize) {
+    gemm_direct_update(a, b, c, threads, false);
+}
+
+/// `c += a · b` with the gemm crate called directly, as [`gemm_direct`].
+pub fn gemm_direct_acc(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, threads: usize) {
+    gemm_direct_update(a, b, c, threads, true);
+}
+
+fn gemm_direct_update(
+    a: &Array2<f32>,
+    b: &Array2<f32>,
+    c: &mut Array2<f32>,
+    threads: usize,
+    accumulate: bool,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
+    assert!(a.is_standard_layout() && b.is_standard_layout() && c.is_standard_layout());
+    assert_eq!((k, c.dim()), (b.nrows(), (m, n)), "gemm_direct: shapes");
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: row-major owned matrices of the stated shapes; `c` is a
-    // distinct allocation.
+    // SAFETY: row-major owned matrices of the shapes asserted above; `c` is
+    // a distinct allocation (borrowed mutably) whose elements are
+    // initialised, so reading them when accumulating is valid.
     unsafe {
         gemm::gemm(
             m,
@@ -142,14 +180,16 @@ pub fn gemm_direct(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>, thread
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             1,
             k as isize,
             b.as_ptr(),
             1,
             n as isize,
-            0.0,
+            // alpha scales the old output (read only when accumulating),
+            // beta the product.
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -190,4 +230,176 @@ pub fn train_digits(train_set: &netcl::data::TensorDataset, epochs: u64) -> Mlp 
         }
     }
     model
+}
+
+/// One named workload, ready to run: what `benches/workloads` times for an
+/// external driver (`scripts/compare_pytorch.py`) and what the target table
+/// pairs against its references. Each has a PyTorch equivalent.
+pub struct Workload {
+    /// The size of the rayon pool the workload runs in.
+    pub threads: usize,
+    /// One call: an operation, a training step, a forward pass...
+    pub run: Box<dyn FnMut() + Send>,
+}
+
+/// The names [`workload`] knows, in the order a driver runs them.
+pub const WORKLOADS: &[&str] = &[
+    "tiny_add_grad",
+    "tiny_add_no_grad",
+    "chain10_fwd_bwd",
+    "mlp_step_b32_1t",
+    "mlp_step_b128_1t",
+    "mlp_step_b128_2t",
+    "mlp_step_b128_2t_shards",
+    "forward_b1_64_128_10",
+    "forward_b256_784",
+    "eval_20k_1t",
+    "eval_20k_2t",
+    "matmul_32x784x256_1t",
+    "matmul_32x784x256_2t",
+    "matmul_784x32x256_1t",
+    "matmul_784x32x256_2t",
+    "matmul_32x256x256_1t",
+    "matmul_32x256x256_2t",
+    "matmul_256x784x256_1t",
+    "matmul_256x784x256_2t",
+];
+
+/// The workload called `name` (one of [`WORKLOADS`]), its data built.
+///
+/// - `tiny_add_grad`: `&a + &b` on 1-element tensors that both require
+///   grad; `tiny_add_no_grad`: the same under a no_grad guard taken in
+///   each call.
+/// - `chain10_fwd_bwd`: five `*` and five `+` alternating on 1-element
+///   tensors, then `backward`.
+/// - `mlp_step_b{32,128}_{1,2}t`: a training step of 784-256-256-10 (ReLU,
+///   cross-entropy, SGD lr 1e-3, zero_grad); `_shards`: the same step at
+///   batch 128 data-parallel in two shards.
+/// - `forward_b1_64_128_10`, `forward_b256_784`: a no_grad forward (guard
+///   taken in each call) of 64-128-10 at batch 1 and of 784-256-256-10 at
+///   batch 256.
+/// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
+///   through `parallel::map` under no_grad, counting correct predictions.
+/// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
+pub fn workload(name: &str) -> Option<Workload> {
+    use netcl::autograd;
+    use std::hint::black_box;
+    let single = |run: Box<dyn FnMut() + Send>| Some(Workload { threads: 1, run });
+    match name {
+        "tiny_add_grad" | "tiny_add_no_grad" => {
+            let a = Tensor::ones(&[1]).requires_grad_(true);
+            let b = Tensor::ones(&[1]).requires_grad_(true);
+            if name == "tiny_add_grad" {
+                single(Box::new(move || {
+                    black_box(black_box(&a) + black_box(&b));
+                }))
+            } else {
+                single(Box::new(move || {
+                    let _guard = autograd::no_grad();
+                    black_box(black_box(&a) + black_box(&b));
+                }))
+            }
+        }
+        "chain10_fwd_bwd" => {
+            let x = Tensor::full(&[1], 0.5).requires_grad_(true);
+            let w = Tensor::full(&[1], 1.01).requires_grad_(true);
+            single(Box::new(move || {
+                let mut y = black_box(&x).clone();
+                for i in 0..10 {
+                    y = if i % 2 == 0 { &y * &w } else { &y + &w };
+                }
+                y.backward();
+                black_box(&y);
+            }))
+        }
+        "mlp_step_b32_1t" | "mlp_step_b128_1t" | "mlp_step_b128_2t" => {
+            let (batch_size, threads) = match name {
+                "mlp_step_b32_1t" => (32, 1),
+                "mlp_step_b128_1t" => (128, 1),
+                _ => (128, 2),
+            };
+            let (x, y) = batch(batch_size, 784, 10, 3);
+            let model = mlp(&[784, 256, 256, 10], 4);
+            let mut optimizer = sgd(&model, 1e-3);
+            Some(Workload {
+                threads,
+                run: Box::new(move || {
+                    black_box(train_step(&model, &mut optimizer, black_box(&x), &y));
+                }),
+            })
+        }
+        "mlp_step_b128_2t_shards" => {
+            let (x, y) = batch(128, 784, 10, 3);
+            let shards = split_batch(&x, &y, 2);
+            let model = mlp(&[784, 256, 256, 10], 4);
+            let params = model.parameters();
+            let mut optimizer = sgd(&model, 1e-3);
+            Some(Workload {
+                threads: 2,
+                run: Box::new(move || {
+                    black_box(train_step_sharded(&model, &mut optimizer, &shards, &params));
+                }),
+            })
+        }
+        "forward_b1_64_128_10" | "forward_b256_784" => {
+            let (sizes, rows): (&[usize], usize) = if name == "forward_b1_64_128_10" {
+                (&[64, 128, 10], 1)
+            } else {
+                (&[784, 256, 256, 10], 256)
+            };
+            let model = mlp(sizes, 1);
+            let (x, _) = batch(rows, sizes[0], 10, 2);
+            single(Box::new(move || {
+                let _guard = autograd::no_grad();
+                black_box(model.forward(black_box(&x)).unwrap());
+            }))
+        }
+        "eval_20k_1t" | "eval_20k_2t" => {
+            let model = mlp(&[784, 256, 256, 10], 5);
+            let batches: Vec<_> = (0..20_000usize.div_ceil(256))
+                .map(|i| batch((20_000 - i * 256).min(256), 784, 10, 100 + i as u64))
+                .collect();
+            Some(Workload {
+                threads: if name == "eval_20k_1t" { 1 } else { 2 },
+                run: Box::new(move || {
+                    let _guard = autograd::no_grad();
+                    let correct = netcl::parallel::map(&batches, |(x, y)| {
+                        model.forward(x).unwrap().argmax(-1).eq(y).sum().item()
+                    });
+                    black_box(correct);
+                }),
+            })
+        }
+        _ => {
+            let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;
+            let threads = match threads {
+                "1t" => 1,
+                "2t" => 2,
+                _ => return None,
+            };
+            let dims: Vec<usize> = shape
+                .split('x')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let &[m, k, n] = dims.as_slice() else {
+                return None;
+            };
+            let (a, b) = matmul_operands(m, k, n);
+            let (a, b) = (Tensor::from_array(a), Tensor::from_array(b));
+            Some(Workload {
+                threads,
+                run: Box::new(move || {
+                    black_box(black_box(&a).matmul(black_box(&b)));
+                }),
+            })
+        }
+    }
+}
+
+/// The operands of an m×k by k×n product, as the matmul benchmarks use.
+pub fn matmul_operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32>) {
+    let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
+    let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
+    (a, b)
 }

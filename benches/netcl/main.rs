@@ -10,6 +10,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::Duration;
 
 mod chain;
+// Shared with the targets and workloads binaries, which use parts of it
+// this one does not.
+#[allow(dead_code)]
 mod common;
 mod digits;
 mod eval;

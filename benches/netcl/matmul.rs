@@ -10,7 +10,7 @@ use ndarray::Array2;
 use netcl::Tensor;
 use std::hint::black_box;
 
-use crate::common::{gemm_direct, iter_in, pool};
+use crate::common::{gemm_direct, iter_in, matmul_operands, pool};
 
 /// (m, k, n): the forward and weight-gradient products of 784-256-256-10 at
 /// batch 32 and 256, and a large square.
@@ -25,8 +25,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
 pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul");
     for &(m, k, n) in SHAPES {
-        let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
-        let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
+        let (a, b) = matmul_operands(m, k, n);
         let mut out = Array2::zeros((m, n));
         let (ta, tb) = (Tensor::from_array(a.clone()), Tensor::from_array(b.clone()));
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
