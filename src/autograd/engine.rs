@@ -188,8 +188,16 @@ fn run(
         };
         sink.node(position, &grad);
         let needs = &needs[node.edges.clone()];
-        slots.clear();
-        slots.resize_with(needs.len(), || None);
+        // Most ops have at most three inputs: their gradients go to a local
+        // array, the rest to the plan's vector.
+        let mut local: [Option<Data>; 3] = [None, None, None];
+        let slots: &mut [Option<Data>] = if needs.len() <= local.len() {
+            &mut local[..needs.len()]
+        } else {
+            slots.clear();
+            slots.resize_with(needs.len(), || None);
+            slots
+        };
         let mut input_grads = InputGrads::new(needs, slots);
         node.backward.backward(grad, &mut input_grads);
         if let Some(error) = input_grads.take_error() {
@@ -198,7 +206,8 @@ fn run(
         if anomaly {
             check_gradients(node.op, node.location, slots)?;
         }
-        for (edge, slot) in edges[node.edges].iter().zip(slots.drain(..)) {
+        for (edge, slot) in edges[node.edges].iter().zip(slots.iter_mut()) {
+            let slot = slot.take();
             let Some(input_grad) = slot else { continue };
             match edge {
                 PlanEdge::None => {}

@@ -521,7 +521,11 @@ impl Tape {
             }));
         }
 
-        order.sort_unstable_by_key(|&index| Reverse(arena.slots[index as usize].seq));
+        // A chain's search already visits in reverse order of recording.
+        let seq = |index: &u32| Reverse(arena.slots[*index as usize].seq);
+        if !order.is_sorted_by_key(seq) {
+            order.sort_unstable_by_key(seq);
+        }
         for (position, &index) in order.iter().enumerate() {
             arena.slots[index as usize].local = position as u32;
         }
