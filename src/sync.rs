@@ -3,16 +3,17 @@
 //! Normal builds use `parking_lot` locks and `std` atomics. Under `--cfg loom`
 //! every primitive here is loom's, so the model checker in `loom-tests/` sees
 //! (and permutes) each lock acquisition and atomic access the crate makes.
-//! `lock()`, `read()` and `write()` return guards directly in both (loom's
-//! return a `LockResult`, which is unwrapped here; netcl never poisons a lock
-//! because no user code runs while one of its locks is held).
+//! `lock()` returns a guard directly in both (loom's returns a
+//! `LockResult`, which is unwrapped here; netcl never poisons a lock because
+//! no user code runs while one of its locks is held). [`AtomicArc`] is
+//! `arc_swap::ArcSwap` normally and a reader-writer lock under loom.
 //!
 //! # What goes through here, and what does not
 //!
 //! Every primitive that takes part in a protocol the loom models check goes
 //! through `crate::sync`: a tensor's values, its writer lock and gradient,
 //! the tape's arena and `Arc`, the thread context, published model
-//! versions. The crate names `std::sync` and `std::thread` directly in three
+//! versions (an [`AtomicArc`]). The crate names `std::sync` and `std::thread` directly in three
 //! kinds of place, on purpose:
 //!
 //! - **public types**: `Arc<M>` is a `Module` and `Arc<D>` a `Dataset`
@@ -68,54 +69,64 @@ impl<T> Mutex<T> {
     }
 }
 
-/// A reader-writer lock (`parking_lot::RwLock`, or loom's under `cfg(loom)`).
-pub(crate) struct RwLock<T>(
-    #[cfg(not(loom))] parking_lot::RwLock<T>,
-    #[cfg(loom)] loom::sync::RwLock<T>,
+/// loom's reader-writer lock: the stand-in for `arc_swap::ArcSwap` inside
+/// [`AtomicArc`] under `cfg(loom)` (normal builds need no reader-writer
+/// lock: readers of a published value take none).
+#[cfg(loom)]
+struct RwLock<T>(loom::sync::RwLock<T>);
+
+#[cfg(loom)]
+impl<T> RwLock<T> {
+    fn new(value: T) -> Self {
+        Self(loom::sync::RwLock::new(value))
+    }
+
+    fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A shared `Arc` that readers load without taking any lock and writers
+/// replace whole (read-copy-update): `arc_swap::ArcSwap`, or under loom an
+/// `RwLock<Arc<T>>` held only to clone or swap the `Arc`, which loom can
+/// model (arc-swap's own atomics are invisible to it).
+pub(crate) struct AtomicArc<T>(
+    #[cfg(not(loom))] arc_swap::ArcSwap<T>,
+    #[cfg(loom)] RwLock<Arc<T>>,
 );
 
-/// The shared guard of [`RwLock`].
-#[cfg(not(loom))]
-pub(crate) type RwLockReadGuard<'a, T> = parking_lot::RwLockReadGuard<'a, T>;
-/// The shared guard of [`RwLock`].
-#[cfg(loom)]
-pub(crate) type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
-/// The exclusive guard of [`RwLock`].
-#[cfg(not(loom))]
-pub(crate) type RwLockWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
-/// The exclusive guard of [`RwLock`].
-#[cfg(loom)]
-pub(crate) type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
-
-impl<T> RwLock<T> {
-    pub(crate) fn new(value: T) -> Self {
+impl<T> AtomicArc<T> {
+    pub(crate) fn new(value: Arc<T>) -> Self {
         #[cfg(not(loom))]
-        return Self(parking_lot::RwLock::new(value));
+        return Self(arc_swap::ArcSwap::new(value));
         #[cfg(loom)]
-        return Self(loom::sync::RwLock::new(value));
+        return Self(RwLock::new(value));
     }
 
-    /// Shared access. Not recursive: a queued writer holds back new
-    /// readers, so readers cannot starve it. netcl holds these guards only
-    /// for O(1) work (cloning an `Arc`), never while taking another.
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+    /// The current value. Never waits: a writer replacing the value at the
+    /// same time leaves this reader with the old value or the new one.
+    pub(crate) fn load(&self) -> Arc<T> {
         #[cfg(not(loom))]
-        return self.0.read();
+        return self.0.load_full();
         #[cfg(loom)]
-        return self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        return self.0.read().clone();
     }
 
-    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+    /// Replaces the value and returns the old one (dropped by the caller,
+    /// outside any lock).
+    pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
         #[cfg(not(loom))]
-        return self.0.write();
+        return self.0.swap(value);
         #[cfg(loom)]
-        return self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        return std::mem::replace(&mut *self.0.write(), value);
     }
 }
 

@@ -316,6 +316,24 @@ impl ModelState {
         number
     }
 
+    /// Publishes `model` as version `number` if that is above the current
+    /// one (a checkpoint's stored version, so that replicas show the
+    /// trainer's numbers), else as the next version; returns the number it
+    /// got.
+    pub fn publish_as(&self, model: Box<dyn Module>, number: u64, mut info: VersionInfo) -> u64 {
+        let mut current = self.info.lock();
+        let number = if number > self.published.version() {
+            self.published
+                .publish_model_as(model, number)
+                .expect("checked above the current version under the publish lock")
+        } else {
+            self.published.publish_model(model)
+        };
+        info.version = number;
+        *current = info;
+        number
+    }
+
     /// What is known about the current version.
     pub fn info(&self) -> VersionInfo {
         *self.info.lock()

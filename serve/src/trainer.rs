@@ -16,13 +16,14 @@
 //! # Publishing at normal priority
 //!
 //! The trainer forks and evaluates each new version itself, but hands it to
-//! a publisher thread of normal priority, which makes it current. A
-//! publish takes the write side of [`Published`]'s lock for an instant;
-//! taken by a nice-19 thread, that instant can stretch to the many
-//! milliseconds the scheduler leaves such a thread waiting under load,
-//! while every serving thread waits behind it for its next version (a
-//! priority inversion, seen as a p99 of 30-45 ms at 40,000 requests/s
-//! before this change).
+//! a publisher thread of normal priority, which makes it current. Loading
+//! a [`Published`] version takes no lock, so predictions never wait for a
+//! publisher; the server's own record of the current version's details
+//! (`GET /v1/model`) is updated under a short lock, which a nice-19 thread
+//! could hold for the many milliseconds the scheduler leaves it waiting
+//! under load. (Before `Published` became lock-free for readers, that
+//! priority inversion reached the predictions themselves: a p99 of
+//! 30-45 ms at 40,000 requests/s.)
 //!
 //! [`Published`]: netcl::nn::Published
 

@@ -84,8 +84,10 @@ pub(crate) async fn run(
     }
 }
 
-/// Loads the checkpoint at `path` and publishes it; returns the new
-/// version and the version stored in the file.
+/// Loads the checkpoint at `path` and publishes it, under the version
+/// stored in the file when that is above the current one (so replicas
+/// following one trainer show its numbers), else as the next version;
+/// returns the version it got and the version stored in the file.
 fn reload(
     path: &std::path::Path,
     digits: &Digits,
@@ -94,8 +96,9 @@ fn reload(
     let checkpoint = read_checkpoint(path).map_err(|e| e.to_string())?;
     let accuracy = accuracy(&checkpoint.model, &digits.test).map_err(|e| e.to_string())?;
     let stored = checkpoint.version;
-    let version = model.publish(
+    let version = model.publish_as(
         Box::new(checkpoint.model),
+        stored,
         VersionInfo {
             version: 0,
             training_steps: checkpoint.steps,

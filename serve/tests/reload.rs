@@ -62,14 +62,14 @@ async fn good_files_are_published_and_bad_files_ignored() {
     assert_eq!(version(&client.predict(batch).await), 0);
 
     // A good checkpoint: a different model, saved atomically by the
-    // engine's own writer. Its stored version does not matter: it becomes
-    // the next one.
+    // engine's own writer. It is published under the version stored in
+    // it (above the current one), so replicas show the trainer's numbers.
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let first = Mlp::new(&DIMS, Activation::Relu, &mut rng);
     save_checkpoint(&first, 40, 123, &watched).unwrap();
-    wait_for_version(&mut client, 1).await;
+    wait_for_version(&mut client, 40).await;
     let reply = client.predict(batch).await;
-    assert_eq!(version(&reply), 1);
+    assert_eq!(version(&reply), 40);
     let (expected_classes, expected_probabilities) = engine_predict(&first, batch);
     assert_eq!(classes(&reply), expected_classes);
     assert_eq!(probabilities(&reply), expected_probabilities);
@@ -78,7 +78,7 @@ async fn good_files_are_published_and_bad_files_ignored() {
     assert_eq!(info.json["training_steps"].as_u64(), Some(123));
 
     // Bad files: garbage, a truncated checkpoint, another model's shapes,
-    // non-finite weights. Each is skipped; version 1 keeps serving.
+    // non-finite weights. Each is skipped; version 40 keeps serving.
     let good_bytes = std::fs::read(&watched).unwrap();
     let other_shape =
         netcl::io::to_bytes(&Mlp::new(&[64, 32, 10], Activation::Relu, &mut rng)).unwrap();
@@ -105,14 +105,15 @@ async fn good_files_are_published_and_bad_files_ignored() {
         }
         let reply = client.predict(batch).await;
         assert_eq!(reply.status, 200);
-        assert_eq!(version(&reply), 1, "bad file {i} was published");
+        assert_eq!(version(&reply), 40, "bad file {i} was published");
         assert_eq!(classes(&reply), expected_classes);
     }
 
-    // A good file again: one new version.
+    // A good file whose stored version is not above the current one: it
+    // becomes the next version, so versions still only move forward.
     let second = Mlp::new(&DIMS, Activation::Relu, &mut rng);
     save_checkpoint(&second, 2, 0, &watched).unwrap();
-    wait_for_version(&mut client, 2).await;
+    wait_for_version(&mut client, 41).await;
     let reply = client.predict(batch).await;
     assert_eq!(classes(&reply), engine_predict(&second, batch).0);
     server.shutdown();

@@ -6,9 +6,10 @@ use std::ops::Deref;
 use std::time::Instant;
 
 use crate::autograd::{eval_mode, no_grad};
+use crate::error::Error;
 use crate::error::Result;
 use crate::nn::Module;
-use crate::sync::{Arc, RwLock};
+use crate::sync::{Arc, AtomicArc, Mutex};
 use crate::tensor::Tensor;
 
 /// The published versions of a model: a trainer publishes its whole
@@ -26,10 +27,20 @@ use crate::tensor::Tensor;
 ///
 /// # Readers never block the trainer, the trainer never blocks readers
 ///
-/// [`load`](Published::load) and [`publish`](Published::publish) hold an
-/// internal lock only to clone or swap one `Arc` (read-copy-update): a
-/// reader keeps its version for as long as it likes while newer ones are
-/// published, and a version is freed when its last reader drops it.
+/// [`load`](Published::load) takes no lock at all: the current version is
+/// an `Arc` swapped whole by [`publish`](Published::publish)
+/// (read-copy-update, with `arc-swap`), so a reader never waits, not even
+/// for a publisher the operating system descheduled mid-publish (a
+/// background-priority trainer can be). A reader keeps its version for as
+/// long as it likes while newer ones are published, and a version is freed
+/// when its last reader drops it. Publishers take turns among themselves.
+///
+/// # Batches and bits
+///
+/// A version computes the same function for every reader, but a row's
+/// result can differ in the last bits with the batch it is computed in
+/// (the matrix kernel blocks a product by its shape): compare predictions
+/// of one row made in different batches to a rounding tolerance.
 ///
 /// # Versions are frozen and in evaluation mode
 ///
@@ -85,8 +96,10 @@ use crate::tensor::Tensor;
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub struct Published {
-    /// Held only to clone or replace the `Arc`.
-    current: RwLock<Arc<Version>>,
+    /// The current version, loaded without a lock.
+    current: AtomicArc<Version>,
+    /// Serialises publishers, so that version numbers are given in order.
+    publishing: Mutex<()>,
 }
 
 /// One published version of a model: an immutable fork of it, with its
@@ -121,19 +134,19 @@ impl Published {
     pub fn with_version<M: Module + ?Sized>(model: &M, number: u64) -> Result<Published> {
         let version = Version::freeze(model.try_fork()?, number);
         Ok(Published {
-            current: RwLock::new(Arc::new(version)),
+            current: AtomicArc::new(Arc::new(version)),
+            publishing: Mutex::new(()),
         })
     }
 
-    /// The current version. Lock-free in effect: an `Arc` clone under a
-    /// lock that a publish holds only to swap that `Arc`.
+    /// The current version, without taking any lock.
     pub fn load(&self) -> Arc<Version> {
-        self.current.read().clone()
+        self.current.load()
     }
 
     /// The current version's number.
     pub fn version(&self) -> u64 {
-        self.current.read().number
+        self.current.load().number
     }
 
     /// Publishes the current values of `model`'s parameters as the next
@@ -175,17 +188,51 @@ impl Published {
     /// ```
     pub fn publish_model(&self, model: Box<dyn Module>) -> u64 {
         let mut version = Version::freeze(model, 0);
-        let previous = {
-            let mut current = self.current.write();
-            version.number = current.number + 1;
-            let number = version.number;
-            (std::mem::replace(&mut *current, Arc::new(version)), number)
-        };
-        // The previous version is dropped (if no reader holds it) outside
-        // the lock.
-        let (old, number) = previous;
-        drop(old);
+        let _turn = self.publishing.lock();
+        version.number = self.current.load().number + 1;
+        let number = version.number;
+        // The previous version is dropped here if no reader holds it.
+        drop(self.current.swap(Arc::new(version)));
         number
+    }
+
+    /// Publishes `model` itself as version `number`, which must be above
+    /// the current one: for a version that has a number already, such as a
+    /// checkpoint saved by another process with its version in the file's
+    /// metadata, so that replicas following it show the same numbers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `number` is not above the current
+    /// version's; nothing is published then.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Activation, Mlp, Published};
+    ///
+    /// let published = Published::new(&Mlp::zeros(&[4, 2], Activation::Relu)?)?;
+    /// let from_file = Mlp::zeros(&[4, 2], Activation::Relu)?;
+    /// published.publish_model_as(Box::new(from_file), 41)?;
+    /// assert_eq!(published.version(), 41);
+    /// let stale = Mlp::zeros(&[4, 2], Activation::Relu)?;
+    /// assert!(published.publish_model_as(Box::new(stale), 40).is_err());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn publish_model_as(&self, model: Box<dyn Module>, number: u64) -> Result<u64> {
+        let version = Version::freeze(model, number);
+        let _turn = self.publishing.lock();
+        let current = self.current.load().number;
+        if number <= current {
+            return Err(Error::InvalidArgument {
+                op: "Published::publish_model_as",
+                message: format!(
+                    "version {number} is not above the current version {current}: versions only move forward"
+                ),
+            });
+        }
+        drop(self.current.swap(Arc::new(version)));
+        Ok(number)
     }
 }
 
