@@ -169,6 +169,56 @@ pub enum NonFinite {
     Skip,
 }
 
+/// Stops a [`Trainer`]'s [`fit`](Trainer::fit) after its current step,
+/// from any thread; made by [`Trainer::stop_handle`]. Cheap to clone.
+///
+/// # Examples
+///
+/// Train until another thread says stop (here, a hook after 10 steps):
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::data::TensorDataset;
+/// use netcl::nn::{Linear, Module};
+/// use netcl::optim::{Sgd, SgdConfig};
+/// use netcl::train::Trainer;
+/// use rand::SeedableRng;
+///
+/// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+/// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+/// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false);
+/// let stop = trainer.stop_handle();
+/// let mut trainer = trainer.on_step(move |info, _| {
+///     if info.step == 10 {
+///         stop.stop();
+///     }
+/// });
+/// let history = trainer.fit(1_000)?;
+/// assert_eq!(trainer.steps_done(), 10);
+/// assert_eq!(history.len(), 1, "epoch 0 (8 steps) completed, epoch 1 stopped");
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<std::sync::atomic::AtomicBool>);
+
+impl StopHandle {
+    /// Asks the trainer to stop after its current step. A `fit` running
+    /// (or the next one) returns then, and the request is consumed.
+    pub fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a stop is requested and not yet consumed.
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A hook called after every optimizer step; see [`Trainer::on_step`].
 type StepHook<M> = Box<dyn FnMut(&StepInfo, &M) + Send>;
 
@@ -333,6 +383,7 @@ pub struct Trainer<M: Module, O: Optimizer> {
     progress: bool,
     history: Vec<EpochMetrics>,
     steps: u64,
+    stop: StopHandle,
     skipped: u64,
     non_finite: NonFinite,
     hooks: Vec<StepHook<M>>,
@@ -357,6 +408,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             progress: true,
             history: Vec::new(),
             steps: 0,
+            stop: StopHandle::default(),
             skipped: 0,
             non_finite: NonFinite::Error,
             hooks: Vec::new(),
@@ -482,6 +534,12 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         self.steps
     }
 
+    /// A handle that stops [`fit`](Trainer::fit) after its current step,
+    /// from any thread (a server's shutdown, a hook). See [`StopHandle`].
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
     /// Sets what [`fit`](Trainer::fit) does when a batch's loss is NaN or
     /// infinite: stop with an error (the default) or skip the batch.
     ///
@@ -576,6 +634,10 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// to [`history`](Trainer::history)). Calling `fit(1)` repeatedly
     /// trains exactly as one `fit(n)` does.
     ///
+    /// A [`StopHandle`] ends it after the current step: the epochs
+    /// completed before are returned (and kept in the history), the
+    /// stopped one is not; its steps stay taken.
+    ///
     /// Each epoch runs in training mode ([`train_mode`]) and its evaluation
     /// in evaluation mode, set for the training thread (and the loader's
     /// and evaluation's workers) only: the model's own flag is never
@@ -605,8 +667,10 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         let bar = self.progress_bar((epochs * loader.len()) as u64);
         let first = self.history.len();
         for _ in 0..epochs {
-            let metrics = self.train_epoch(&loader, &bar)?;
-            self.history.push(metrics);
+            match self.train_epoch(&loader, &bar)? {
+                Some(metrics) => self.history.push(metrics),
+                None => break,
+            }
         }
         bar.finish_and_clear();
         Ok(self.history[first..].to_vec())
@@ -629,7 +693,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         &mut self,
         loader: &DataLoader<Arc<dyn Dataset>>,
         bar: &ProgressBar,
-    ) -> Result<EpochMetrics> {
+    ) -> Result<Option<EpochMetrics>> {
         let start = Instant::now();
         let epoch = self.history.len();
         if let Some(schedule) = &self.schedule {
@@ -684,6 +748,9 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 for hook in &mut self.hooks {
                     hook(&info, &self.model);
                 }
+                if self.stop.take() {
+                    return Ok(None);
+                }
                 bar.inc(1);
                 if !bar.is_hidden() {
                     bar.set_message(format!("loss {value:.4}"));
@@ -699,13 +766,13 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             )?),
             None => None,
         };
-        Ok(EpochMetrics {
+        Ok(Some(EpochMetrics {
             epoch,
             lr,
             train_loss: (loss_sum / samples.max(1) as f64) as f32,
             eval,
             seconds: start.elapsed().as_secs_f64(),
-        })
+        }))
     }
 
     /// Evaluates the model on the evaluation set: as the free function

@@ -368,3 +368,51 @@ fn skipping_non_finite_losses_trains_on_the_finite_batches() -> Result<()> {
     assert!(history[0].eval_accuracy().unwrap() > 0.8);
     Ok(())
 }
+
+#[test]
+fn a_stop_handle_ends_fit_after_the_current_step_from_another_thread() -> Result<()> {
+    let (train_set, _) = digits();
+    let model = Mlp::new(
+        &[64, 16, 10],
+        Activation::Relu,
+        &mut StdRng::seed_from_u64(0),
+    );
+    let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    let mut trainer = Trainer::new(model, optimizer, train_set)
+        .batch_size(8)
+        .progress(false);
+    let stop = trainer.stop_handle();
+    // Another thread asks for the stop once training has started.
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut trainer = trainer.on_step({
+        let started = std::sync::Arc::clone(&started);
+        move |_, _| started.store(true, std::sync::atomic::Ordering::SeqCst)
+    });
+    let stopper = {
+        let (stop, started) = (stop.clone(), std::sync::Arc::clone(&started));
+        std::thread::spawn(move || {
+            while !started.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            stop.stop();
+        })
+    };
+    let history = trainer.fit(1_000)?;
+    stopper.join().unwrap();
+    let steps = trainer.steps_done();
+    assert!(
+        steps >= 1 && steps < 1_000 * 180,
+        "stopped early: {steps} steps"
+    );
+    assert_eq!(history.len(), trainer.history().len());
+    // The request was consumed: the next fit trains a whole epoch.
+    assert!(!stop.is_stopped());
+    let more = trainer.fit(1)?;
+    assert_eq!(more.len(), 1);
+    assert_eq!(
+        trainer.steps_done(),
+        steps + 180,
+        "1437 samples in batches of 8"
+    );
+    Ok(())
+}

@@ -149,36 +149,42 @@ fn run(
     let hook_ready = ready.clone();
     let hook_metrics = Arc::clone(metrics);
     let hook_stop = Arc::clone(stop);
-    let mut trainer = Trainer::new(live, optimizer, digits.train)
+    let trainer = Trainer::new(live, optimizer, digits.train)
         .batch_size(BATCH_SIZE)
         .seed(settings.seed)
-        .progress(false)
-        .on_step(move |info, live| {
-            let steps = info.step;
-            // Steps per second over windows of about a second.
-            let elapsed = window.0.elapsed();
-            if elapsed >= Duration::from_secs(1) {
-                let rate = (steps - window.1) as f64 / elapsed.as_secs_f64();
-                hook_metrics.set_training(steps, rate);
-                window = (Instant::now(), steps);
-            } else {
-                hook_metrics.set_training(steps, hook_metrics.steps_per_second());
-            }
-            if steps % publish_every == 0 && !hook_stop.load(Ordering::Relaxed) {
-                prepare(
-                    live,
-                    &test,
-                    &hook_ready,
-                    settings.start_steps + steps,
-                    info.loss,
-                );
-            }
-            if duty < 1.0 {
-                let busy = step_started.elapsed();
-                std::thread::sleep(busy.mul_f64((1.0 - duty) / duty));
-            }
-            step_started = Instant::now();
-        });
+        .progress(false);
+    // Shutdown ends training after the current step, not the epoch.
+    let stop_training = trainer.stop_handle();
+    let mut trainer = trainer.on_step(move |info, live| {
+        if hook_stop.load(Ordering::Relaxed) {
+            stop_training.stop();
+            return;
+        }
+        let steps = info.step;
+        // Steps per second over windows of about a second.
+        let elapsed = window.0.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let rate = (steps - window.1) as f64 / elapsed.as_secs_f64();
+            hook_metrics.set_training(steps, rate);
+            window = (Instant::now(), steps);
+        } else {
+            hook_metrics.set_training(steps, hook_metrics.steps_per_second());
+        }
+        if steps % publish_every == 0 && !hook_stop.load(Ordering::Relaxed) {
+            prepare(
+                live,
+                &test,
+                &hook_ready,
+                settings.start_steps + steps,
+                info.loss,
+            );
+        }
+        if duty < 1.0 {
+            let busy = step_started.elapsed();
+            std::thread::sleep(busy.mul_f64((1.0 - duty) / duty));
+        }
+        step_started = Instant::now();
+    });
     while !stop.load(Ordering::Relaxed) {
         trainer.fit(1)?;
     }
