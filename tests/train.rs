@@ -378,7 +378,7 @@ fn a_stop_handle_ends_fit_after_the_current_step_from_another_thread() -> Result
         &mut StdRng::seed_from_u64(0),
     );
     let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
-    let mut trainer = Trainer::new(model, optimizer, train_set)
+    let trainer = Trainer::new(model, optimizer, train_set)
         .batch_size(8)
         .progress(false);
     let stop = trainer.stop_handle();
