@@ -132,6 +132,6 @@ impl Tensor {
         for (v, lane) in out.iter_mut().zip(data.lanes(Axis(axis))) {
             *v = argmax_lane(lane) as f32;
         }
-        Ok(Tensor::from_array(out))
+        Ok(Tensor::from_data(Data::from_view(out.view())))
     }
 }

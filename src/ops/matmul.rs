@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{ArrayD, ArrayViewD, Axis, Dimension, Ix2, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, IxDyn};
 
 use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
@@ -39,7 +39,9 @@ fn matmul_data(a: &Data, b: &Data) -> Data {
         let shape = [a.shape()[0], b.shape()[1]];
         return gemm_data(a.view2(), b.view2(), &shape);
     }
-    Data::from_array(batched(a.view(), b.view()))
+    Data::build(&product_shape(a.shape(), b.shape()), |out| {
+        batched_into(a.view(), b.view(), out)
+    })
 }
 
 /// `x` as a matrix of rows, from its values: a 2-D view for a matrix (the
@@ -51,8 +53,26 @@ fn rows_of(x: &Data) -> ndarray::CowArray<'_, f32, Ix2> {
     as_rows(x.view())
 }
 
+/// The shape of the product of operands of shapes `a` and `b` (validated
+/// by [`check_shapes`]).
+fn product_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let (an, bn) = (a.len(), b.len());
+    let batch =
+        broadcast_shape("matmul", &a[..an - 2], &b[..bn - 2]).expect("validated in forward");
+    let mut shape = batch.slice().to_vec();
+    shape.extend([a[an - 2], b[bn - 1]]);
+    shape
+}
+
 /// [`batched_matmul`] with at least one operand of more than 2 axes.
 fn batched(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32> {
+    let mut out = ArrayD::zeros(IxDyn(&product_shape(a.shape(), b.shape())));
+    batched_into(a, b, out.view_mut());
+    out
+}
+
+/// [`batched`] into `out`, of the product's shape and zeroed.
+fn batched_into(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>, mut out: ArrayViewMutD<'_, f32>) {
     let (an, bn) = (a.ndim(), b.ndim());
     let batch = broadcast_shape("matmul", &a.shape()[..an - 2], &b.shape()[..bn - 2])
         .expect("validated in forward");
@@ -64,11 +84,10 @@ fn batched(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32> {
     };
     let a = a.broadcast(with(m, k)).expect("batch axes broadcast");
     let b = b.broadcast(with(k, n)).expect("batch axes broadcast");
-    let mut out = ArrayD::zeros(with(m, n));
     if out.is_empty() || k == 0 {
         // Zeros, without visiting every (possibly very many) empty batch
         // entry.
-        return out;
+        return;
     }
     for index in ndarray::indices(batch.clone()) {
         let index = index.slice();
@@ -79,7 +98,6 @@ fn batched(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> ArrayD<f32> {
         let c = c.into_dimensionality::<Ix2>().expect("two trailing axes");
         gemm_into(matrix_at(a.view(), index), matrix_at(b.view(), index), c);
     }
-    out
 }
 
 fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
