@@ -20,6 +20,10 @@ use std::hint::black_box;
 
 use netcl::{Tensor, autograd};
 
+#[path = "../netcl/common.rs"]
+#[allow(dead_code)]
+mod common;
+
 fn main() {
     const USAGE: &str = "usage: instructions <add_recorded|add_no_grad|add_raw_ndarray|chain10|mlp_forward_batch1|mlp_forward_batch1_raw> <count>";
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -69,13 +73,8 @@ fn main() {
         }
         "mlp_forward_batch1" => {
             // The digits MLP, 64-128-10, on one sample under no_grad.
-            use netcl::nn::{Activation, Mlp, Module};
-            use rand::SeedableRng;
-            let model = Mlp::new(
-                &[64, 128, 10],
-                Activation::Relu,
-                &mut rand::rngs::StdRng::seed_from_u64(0),
-            );
+            use netcl::nn::Module;
+            let model = common::mlp(&[64, 128, 10], 0);
             let x = Tensor::ones(&[1, 64]);
             let _guard = autograd::no_grad();
             for _ in 0..n {
@@ -85,61 +84,10 @@ fn main() {
         "mlp_forward_batch1_raw" => {
             // The same forward on ndarray arrays through the same gemm
             // kernel, no tensor.
-            use ndarray::{Array1, Array2, Ix1, Ix2};
-            use netcl::nn::{Activation, Mlp, Module};
-            use rand::SeedableRng;
-            let model = Mlp::new(
-                &[64, 128, 10],
-                Activation::Relu,
-                &mut rand::rngs::StdRng::seed_from_u64(0),
-            );
-            let layers: Vec<(Array2<f32>, Array1<f32>)> = model
-                .parameters()
-                .chunks(2)
-                .map(|p| {
-                    let w = p[0].to_array().into_dimensionality::<Ix2>().unwrap();
-                    let b = p[1].to_array().into_dimensionality::<Ix1>().unwrap();
-                    (w, b)
-                })
-                .collect();
-            let x = Array2::<f32>::ones((1, 64));
+            let layers = common::raw(&common::mlp(&[64, 128, 10], 0));
+            let x = ndarray::Array2::<f32>::ones((1, 64));
             for _ in 0..n {
-                let mut h = black_box(&x).clone();
-                for (i, (w, b)) in layers.iter().enumerate() {
-                    let (m, k, cols) = (h.nrows(), h.ncols(), w.ncols());
-                    let mut c = Array2::<f32>::zeros((m, cols));
-                    // SAFETY: row-major owned matrices of the stated
-                    // shapes; `c` is a distinct allocation.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            cols,
-                            k,
-                            c.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            false,
-                            h.as_ptr(),
-                            1,
-                            k as isize,
-                            w.as_ptr(),
-                            1,
-                            cols as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    }
-                    c += b;
-                    if i + 1 < layers.len() {
-                        c.mapv_inplace(|v| v.max(0.0));
-                    }
-                    h = c;
-                }
-                drop(black_box(h));
+                drop(black_box(common::raw_forward_gemm(&layers, black_box(&x))));
             }
         }
         "add_raw_ndarray" => {
