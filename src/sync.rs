@@ -13,8 +13,8 @@
 //! Every primitive that takes part in a protocol the loom models check goes
 //! through `crate::sync`: a tensor's values, its writer lock and gradient,
 //! the tape's arena and `Arc`, the thread context, published model
-//! versions (an [`AtomicArc`]). The crate names `std::sync` and `std::thread` directly in three
-//! kinds of place, on purpose:
+//! versions (an [`AtomicArc`]). The crate names `std::sync` and
+//! `std::thread` directly in three kinds of place, on purpose:
 //!
 //! - **public types**: `Arc<M>` is a `Module` and `Arc<D>` a `Dataset`
 //!   (`nn`, `data`), and `Trainer` and `DataLoader` hold datasets in the
@@ -69,38 +69,13 @@ impl<T> Mutex<T> {
     }
 }
 
-/// loom's reader-writer lock: the stand-in for `arc_swap::ArcSwap` inside
-/// [`AtomicArc`] under `cfg(loom)` (normal builds need no reader-writer
-/// lock: readers of a published value take none).
-#[cfg(loom)]
-struct RwLock<T>(loom::sync::RwLock<T>);
-
-#[cfg(loom)]
-impl<T> RwLock<T> {
-    fn new(value: T) -> Self {
-        Self(loom::sync::RwLock::new(value))
-    }
-
-    fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 /// A shared `Arc` that readers load without taking any lock and writers
 /// replace whole (read-copy-update): `arc_swap::ArcSwap`, or under loom an
 /// `RwLock<Arc<T>>` held only to clone or swap the `Arc`, which loom can
 /// model (arc-swap's own atomics are invisible to it).
 pub(crate) struct AtomicArc<T>(
     #[cfg(not(loom))] arc_swap::ArcSwap<T>,
-    #[cfg(loom)] RwLock<Arc<T>>,
+    #[cfg(loom)] loom::sync::RwLock<Arc<T>>,
 );
 
 impl<T> AtomicArc<T> {
@@ -108,7 +83,7 @@ impl<T> AtomicArc<T> {
         #[cfg(not(loom))]
         return Self(arc_swap::ArcSwap::new(value));
         #[cfg(loom)]
-        return Self(RwLock::new(value));
+        return Self(loom::sync::RwLock::new(value));
     }
 
     /// The current value. Never waits: a writer replacing the value at the
@@ -117,7 +92,11 @@ impl<T> AtomicArc<T> {
         #[cfg(not(loom))]
         return self.0.load_full();
         #[cfg(loom)]
-        return self.0.read().clone();
+        return self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
     }
 
     /// Replaces the value and returns the old one (dropped by the caller,
@@ -126,7 +105,13 @@ impl<T> AtomicArc<T> {
         #[cfg(not(loom))]
         return self.0.swap(value);
         #[cfg(loom)]
-        return std::mem::replace(&mut *self.0.write(), value);
+        return std::mem::replace(
+            &mut *self
+                .0
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            value,
+        );
     }
 }
 
