@@ -20,25 +20,29 @@ pub(crate) const MAX_ELEMENTS: usize = isize::MAX as usize / std::mem::size_of::
 ///
 /// [`Error::ShapeTooLarge`] naming `op` if it is not.
 pub(crate) fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
-    let mut product: usize = 1;
-    let mut empty = false;
-    for &len in shape {
-        if len == 0 {
-            empty = true;
-            continue;
-        }
-        product = match product.checked_mul(len) {
-            Some(p) if p <= MAX_ELEMENTS => p,
-            _ => {
-                return Err(Error::ShapeTooLarge {
-                    op,
-                    shape: shape.to_vec(),
-                    limit: MAX_ELEMENTS,
-                });
-            }
-        };
+    match nonzero_product(shape.iter().copied()) {
+        Some(_) if shape.contains(&0) => Ok(0),
+        Some(product) => Ok(product),
+        None => Err(Error::ShapeTooLarge {
+            op,
+            shape: shape.to_vec(),
+            limit: MAX_ELEMENTS,
+        }),
     }
-    Ok(if empty { 0 } else { product })
+}
+
+/// The product of the non-zero `lengths`, or `None` if it exceeds
+/// [`MAX_ELEMENTS`] (computed without overflow): whether a shape of these
+/// lengths can exist, for callers that have not built the shape.
+pub(crate) fn nonzero_product(lengths: impl IntoIterator<Item = usize>) -> Option<usize> {
+    lengths
+        .into_iter()
+        .filter(|&len| len != 0)
+        .try_fold(1_usize, |product, len| {
+            product
+                .checked_mul(len)
+                .filter(|&product| product <= MAX_ELEMENTS)
+        })
 }
 
 /// `a == b` for two shapes, without the call to `memcmp` that slice

@@ -279,13 +279,8 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
     }
     // The result's shape, x's with the last length replaced, must exist
     // (empty inputs can have huge axes); checked without building it.
-    let fits = x[..x.len() - 1]
-        .iter()
-        .chain(&[weight[1]])
-        .filter(|&&len| len != 0)
-        .try_fold(1_usize, |product, &len| product.checked_mul(len))
-        .is_some_and(|product| product <= crate::array::MAX_ELEMENTS);
-    if !fits {
+    let lengths = x[..x.len() - 1].iter().copied().chain([weight[1]]);
+    if crate::array::nonzero_product(lengths).is_none() {
         let mut out = x.to_vec();
         *out.last_mut().expect("checked non-empty") = weight[1];
         checked_numel("linear", &out)?;
