@@ -28,7 +28,7 @@ use netcl::autograd::{GradMode, Tape};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
-use crate::model::{CLASSES, FEATURES, ModelState, argmax_rows, scale};
+use crate::model::{CLASSES, FEATURES, ModelState, classes_of, scale};
 
 /// One request's rows, waiting for the model.
 #[derive(Debug)]
@@ -153,8 +153,7 @@ fn answer(mut batch: Vec<Job>, model: &ModelState, metrics: &Metrics) {
         .unwrap_or_else(|_| Err("the forward panicked".to_string()));
     metrics.record_batch(rows);
     match result {
-        Ok((logits, probabilities, version)) => {
-            let classes = argmax_rows(&logits, CLASSES);
+        Ok((classes, probabilities, version)) => {
             let mut start = 0;
             for job in batch {
                 let end = start + job.rows;
@@ -177,13 +176,13 @@ fn answer(mut batch: Vec<Job>, model: &ModelState, metrics: &Metrics) {
     }
 }
 
-/// Logits and probabilities (both `rows * CLASSES`) of the batch's rows,
-/// and the version that computed them.
+/// The predicted class of each of the batch's rows, their probabilities
+/// (`rows * CLASSES`), and the version that computed them.
 fn forward(
     batch: &[Job],
     rows: usize,
     model: &ModelState,
-) -> Result<(Vec<f32>, Vec<f32>, u64), String> {
+) -> Result<(Vec<u32>, Vec<f32>, u64), String> {
     let mut pixels = Vec::with_capacity(rows * FEATURES);
     for job in batch {
         pixels.extend_from_slice(&job.pixels);
@@ -192,5 +191,10 @@ fn forward(
     let version = model.published().load();
     let logits = version.predict(&scale(&input)).map_err(|e| e.to_string())?;
     let probabilities = logits.try_softmax(-1).map_err(|e| e.to_string())?;
-    Ok((logits.to_vec(), probabilities.to_vec(), version.number()))
+    let classes = logits.try_argmax(-1).map_err(|e| e.to_string())?;
+    Ok((
+        classes_of(&classes),
+        probabilities.to_vec(),
+        version.number(),
+    ))
 }

@@ -93,7 +93,7 @@ pub fn accuracy<M: Module + ?Sized>(model: &M, data: &TensorDataset) -> netcl::R
     let _no_grad = no_grad();
     let _eval = eval_mode();
     let logits = model.forward(data.inputs())?;
-    let predicted = argmax_rows(&logits.to_vec(), CLASSES);
+    let predicted = classes_of(&logits.try_argmax(-1)?);
     let targets = data.targets().to_vec();
     let correct = predicted
         .iter()
@@ -103,21 +103,10 @@ pub fn accuracy<M: Module + ?Sized>(model: &M, data: &TensorDataset) -> netcl::R
     Ok(correct as f32 / targets.len().max(1) as f32)
 }
 
-/// The index of the largest value of each row of `width` values (the first
-/// one on ties).
-pub fn argmax_rows(values: &[f32], width: usize) -> Vec<u32> {
-    values
-        .chunks(width)
-        .map(|row| {
-            let mut best = 0;
-            for (i, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        })
-        .collect()
+/// The class indices of [`Tensor::argmax`]'s result (exact small whole
+/// numbers held as `f32`) as integers.
+pub fn classes_of(indices: &Tensor) -> Vec<u32> {
+    indices.to_vec().into_iter().map(|i| i as u32).collect()
 }
 
 /// What a start-up training produced.

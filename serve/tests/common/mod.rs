@@ -14,7 +14,7 @@ use hyper::{Method, Request};
 use netcl::Tensor;
 use netcl::data::parse_labeled_csv;
 use netcl::nn::Module;
-use netcl_serve::model::{CLASSES, FEATURES, argmax_rows, scale};
+use netcl_serve::model::{CLASSES, FEATURES, classes_of, scale};
 use netcl_serve::{Config, Server};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -138,7 +138,7 @@ pub fn engine_predict<M: Module + ?Sized>(model: &M, rows: &[Vec<f32>]) -> (Vec<
     let _eval = netcl::autograd::eval_mode();
     let logits = model.forward(&scale(&x)).unwrap();
     let probabilities = logits.softmax(-1).to_vec();
-    (argmax_rows(&logits.to_vec(), CLASSES), probabilities)
+    (classes_of(&logits.argmax(-1)), probabilities)
 }
 
 /// The `classes` of a predict reply.
