@@ -96,6 +96,12 @@ pub(crate) fn reduce_to_shape(grad: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32>
     if grad.shape() == shape {
         return grad;
     }
+    if grad.is_empty() {
+        // Nothing to sum, and summing would build the intermediate shapes:
+        // an empty gradient can have axes of 2^40 whose partial sums do not
+        // fit in memory. The target is an existing tensor's shape, so it fits.
+        return ArrayD::zeros(IxDyn(shape));
+    }
     let mut grad = grad;
     while grad.ndim() > shape.len() {
         grad = grad.sum_axis(Axis(0));

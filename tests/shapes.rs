@@ -123,3 +123,40 @@ fn arange_past_the_limit_is_an_error() {
     );
     assert_eq!(Tensor::try_arange(3.0, 0.0, 1.0).unwrap().numel(), 0);
 }
+
+#[test]
+fn backward_through_empty_tensors_with_huge_axes_gives_zero_gradients() {
+    // Before: the broadcast add's backward summed the [0, 2^40] gradient
+    // over axis 0 into a [2^40] array and aborted allocating 4 TiB.
+    let big = 1 << 40;
+    let a = Tensor::zeros(&[0, big]).requires_grad_(true);
+    let b = Tensor::ones(&[1]).requires_grad_(true);
+    let c = Tensor::ones(&[1, 1]).requires_grad_(true);
+    let y = (&(&a + &b) * &c).try_sub(&b).unwrap().try_div(&c).unwrap();
+    assert_eq!(y.shape(), &[0, big]);
+    y.sum().try_backward().unwrap();
+    assert_eq!(a.grad().unwrap().shape(), &[0, big]);
+    assert_eq!(b.grad().unwrap().to_vec(), vec![0.0]);
+    assert_eq!(c.grad().unwrap().to_vec(), vec![0.0]);
+
+    // A bias broadcast over an empty batch with a huge axis.
+    let x = Tensor::zeros(&[0, big, 2]).requires_grad_(true);
+    let w = Tensor::ones(&[2, 3]).requires_grad_(true);
+    let bias = Tensor::ones(&[3]).requires_grad_(true);
+    x.try_linear(&w, Some(&bias))
+        .unwrap()
+        .sum()
+        .try_backward()
+        .unwrap();
+    assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 6]);
+    assert_eq!(bias.grad().unwrap().to_vec(), vec![0.0; 3]);
+    let w = Tensor::ones(&[2, 3]).requires_grad_(true);
+    x.try_matmul(&w)
+        .unwrap()
+        .try_add(&bias)
+        .unwrap()
+        .sum()
+        .try_backward()
+        .unwrap();
+    assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 6]);
+}
