@@ -43,6 +43,7 @@ pub mod batcher;
 mod http;
 pub mod metrics;
 pub mod model;
+mod stall;
 pub mod trainer;
 mod watch;
 
@@ -100,8 +101,9 @@ pub struct Config {
     pub max_connections: usize,
     /// The deadline of a whole request, body included (408 after it).
     pub request_timeout: Duration,
-    /// How long a connection may take to send a request's headers, or
-    /// stay idle between requests, before it is closed.
+    /// How long a connection may take to send a request's headers, stay
+    /// idle between requests, or leave a reply unread (a write to it
+    /// waiting on a full socket), before it is closed.
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
@@ -469,7 +471,7 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         };
         let _ = stream.set_nodelay(true);
         let connection = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(stall::StallTimeout::new(stream, config.idle_timeout)),
             TowerToHyperService::new(router.clone()),
         );
         let connection = graceful.watch(connection);

@@ -62,7 +62,8 @@ struct Cli {
     #[arg(long, value_name = "MS", default_value_t = Config::default().request_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout_ms: u64,
     /// Close a connection that takes longer than this to send a request's
-    /// headers, or idles this long between requests (milliseconds).
+    /// headers, idles this long between requests, or leaves a reply unread
+    /// this long (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = Config::default().idle_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_ms: u64,
     /// Epochs of the start-up training when there is no checkpoint.

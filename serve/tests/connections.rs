@@ -180,3 +180,58 @@ async fn malformed_http_gets_a_4xx_and_the_server_goes_on() {
     server.shutdown();
     server.wait().await.unwrap();
 }
+
+/// Pipelines `count` requests on a new connection and never reads a reply:
+/// once the socket buffers are full, the server's writes to it stall.
+async fn stalled_reader(addr: std::net::SocketAddr, count: usize) -> tokio::task::JoinHandle<()> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (_read, mut write) = stream.into_split();
+    let requests = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n".repeat(count);
+    tokio::spawn(async move {
+        // The write itself stalls once the server stops reading; the
+        // connection stays open (neither half is dropped) until the test
+        // ends.
+        let _ = write.write_all(&requests).await;
+        let _read = _read;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_replies_are_cut_off() {
+    // Before: a client that pipelined requests and never read held its
+    // connection forever (the server waited on a full socket), so two of
+    // them took every slot of a server with `max_connections: 2`.
+    let server = start(Config {
+        max_connections: 2,
+        ..fast_timeouts()
+    })
+    .await;
+    let addr = server.local_addr();
+    let stalled = [
+        stalled_reader(addr, 20_000).await,
+        stalled_reader(addr, 20_000).await,
+    ];
+    // Let the stalled connections fill their buffers and take both slots.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut client = Client::connect(addr).await;
+        client.predict(&digit_rows()[..1]).await.status
+    })
+    .await;
+    assert_eq!(
+        served,
+        Ok(200),
+        "a client was not served within 10 s beside two connections that never read"
+    );
+    println!(
+        "served after {:?} beside two stalled readers",
+        start.elapsed()
+    );
+    for task in stalled {
+        task.abort();
+    }
+    server.shutdown();
+    server.wait().await.unwrap();
+}
