@@ -266,6 +266,13 @@ impl Tensor {
 
     /// A leaf tensor owning `array` (also available as `From`).
     ///
+    /// # Panics
+    ///
+    /// If the array is empty with axes whose non-zero lengths multiply past
+    /// [`MAX_ELEMENTS`](Tensor::MAX_ELEMENTS) (ndarray accepts an empty
+    /// `[0, 2^62]`; netcl's shapes cannot hold it, see
+    /// [`try_from_array`](Tensor::try_from_array)).
+    ///
     /// # Examples
     ///
     /// ```
@@ -277,8 +284,38 @@ impl Tensor {
     /// let u: Tensor = array![5.0_f32, 6.0].into();
     /// assert_eq!(u.to_vec(), vec![5.0, 6.0]);
     /// ```
+    #[track_caller]
     pub fn from_array<D: Dimension>(array: Array<f32, D>) -> Tensor {
-        Tensor::from_data(Data::from_array(array.into_dyn()))
+        or_panic(Tensor::try_from_array(array))
+    }
+
+    /// A leaf tensor owning `array`, or an error for a shape netcl cannot
+    /// hold.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeTooLarge`] if the product of the array's non-zero
+    /// lengths exceeds [`MAX_ELEMENTS`](Tensor::MAX_ELEMENTS) (only an
+    /// empty array can have such a shape).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::{Error, Tensor};
+    /// use ndarray::ArrayD;
+    ///
+    /// let empty = ArrayD::<f32>::zeros(vec![0, 1 << 62]);
+    /// assert!(matches!(
+    ///     Tensor::try_from_array(empty),
+    ///     Err(Error::ShapeTooLarge { op: "from_array", .. })
+    /// ));
+    /// let t = Tensor::try_from_array(ndarray::array![1.0_f32, 2.0])?;
+    /// assert_eq!(t.to_vec(), vec![1.0, 2.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn try_from_array<D: Dimension>(array: Array<f32, D>) -> Result<Tensor> {
+        checked_numel("from_array", array.shape())?;
+        Ok(Tensor::from_data(Data::from_array(array.into_dyn())))
     }
 
     /// A tensor of zeros.

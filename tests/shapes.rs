@@ -2,6 +2,7 @@
 //! does, and shapes too large to exist are errors from the `try_` forms,
 //! never panics. Each test was written to fail on the code before its fix.
 
+use netcl::rand::SeedableRng;
 use netcl::{Error, Tensor};
 
 fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
@@ -159,4 +160,52 @@ fn backward_through_empty_tensors_with_huge_axes_gives_zero_gradients() {
         .try_backward()
         .unwrap();
     assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 6]);
+}
+
+#[test]
+fn layers_too_large_to_exist_are_errors() {
+    // Before: `Tensor::uniform` / `Tensor::full` panicked inside the
+    // constructor.
+    let huge = 1 << 32;
+    let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
+    for result in [
+        netcl::nn::Linear::try_new(huge, huge, &mut rng).map(drop),
+        netcl::nn::Linear::zeros(huge, huge).map(drop),
+        netcl::nn::Mlp::try_new(&[huge, huge], netcl::nn::Activation::Relu, &mut rng).map(drop),
+        netcl::nn::Mlp::zeros(&[huge, huge], netcl::nn::Activation::Relu).map(drop),
+    ] {
+        match result {
+            Err(Error::ShapeTooLarge {
+                op: "Linear",
+                shape,
+                ..
+            }) => {
+                assert_eq!(shape, vec![huge, huge])
+            }
+            other => panic!("expected ShapeTooLarge from Linear, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn empty_arrays_with_shapes_too_large_are_errors_not_panics_later() {
+    // ndarray accepts an empty [0, 2^62]; as a tensor it used to make
+    // `try_sum_axis(0, ..)` panic with "capacity overflow".
+    let empty = || ndarray::ArrayD::<f32>::zeros(vec![0, 1 << 62]);
+    is_too_large(Tensor::try_from_array(empty()), "from_array");
+    let panic = std::panic::catch_unwind(|| Tensor::from_array(empty())).unwrap_err();
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("from_array: shape [0, 4611686018427387904] is too large"),
+        "{message}"
+    );
+    // A custom op's output is checked the same way.
+    let x = Tensor::zeros(&[1]).requires_grad_(true);
+    let result = netcl::autograd::apply_op("huge_empty", &[&x], empty(), || {
+        |_grad: ndarray::ArrayD<f32>, _grads: &mut netcl::autograd::InputGrads| {}
+    });
+    is_too_large(result, "huge_empty");
+    // Within the limit an empty array is fine.
+    let t = Tensor::try_from_array(ndarray::ArrayD::<f32>::zeros(vec![0, 1 << 40])).unwrap();
+    assert_eq!(t.try_sum_axis(1, false).unwrap().shape(), &[0]);
 }

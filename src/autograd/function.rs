@@ -258,6 +258,8 @@ fn check_forward(
 /// # Errors
 ///
 /// [`Error::TapeMismatch`] if inputs were recorded on different tapes;
+/// [`Error::ShapeTooLarge`] if `output` is an empty array whose non-zero
+/// lengths multiply past [`Tensor::MAX_ELEMENTS`];
 /// [`Error::Anomaly`] with anomaly detection on, if `output` is not finite
 /// while the inputs are. A backward that sets a gradient of the wrong shape
 /// makes the backward pass fail with [`Error::GradShape`].
@@ -301,6 +303,8 @@ pub fn apply_op<B: Backward>(
         shapes: inputs.iter().map(|input| input.dim()).collect(),
         inner: save(),
     };
+    // An empty output can have a shape too large for a tensor.
+    crate::array::checked_numel(op, output.shape())?;
     // A custom backward may own tensors.
     record_node(op, inputs, Data::from_array(output), checked, true)
 }

@@ -4,6 +4,7 @@ use std::fmt;
 
 use rand::Rng;
 
+use crate::array::checked_numel;
 use crate::error::{Error, Result, or_panic};
 use crate::nn::{Module, TrainingFlag};
 use crate::tensor::Tensor;
@@ -67,7 +68,9 @@ impl Linear {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if either size is zero.
+    /// [`Error::InvalidArgument`] if either size is zero,
+    /// [`Error::ShapeTooLarge`] if the weight would hold more than
+    /// [`Tensor::MAX_ELEMENTS`] values.
     ///
     /// # Examples
     ///
@@ -140,6 +143,9 @@ impl Linear {
                 message: format!("sizes must be positive, got {in_features} -> {out_features}"),
             });
         }
+        // A weight too large to exist is an error here, not a panic in the
+        // constructor that would allocate it.
+        checked_numel("Linear", &[in_features, out_features])?;
         let weight = init(&[in_features, out_features]);
         let bias = bias.then(|| init(&[out_features]));
         Ok(Linear {
@@ -155,7 +161,9 @@ impl Linear {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if either size is zero.
+    /// [`Error::InvalidArgument`] if either size is zero,
+    /// [`Error::ShapeTooLarge`] if the weight would hold more than
+    /// [`Tensor::MAX_ELEMENTS`] values.
     ///
     /// # Examples
     ///
