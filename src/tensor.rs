@@ -578,7 +578,10 @@ impl Tensor {
     ///
     /// The values are copied: netcl stores them in a buffer of its own, not
     /// in an ndarray. [`to_array`](Tensor::to_array) gives an owned array
-    /// the same way; [`to_vec`](Tensor::to_vec) the values alone.
+    /// the same way; [`to_vec`](Tensor::to_vec) the values alone. For a
+    /// snapshot that copies nothing, take [`detach`](Tensor::detach): a
+    /// tensor sharing the values copy-on-write, which later updates of
+    /// this one do not show through.
     ///
     /// # Examples
     ///
@@ -592,6 +595,11 @@ impl Tensor {
     /// // The snapshot keeps the values it was taken with.
     /// assert_eq!(data.sum(), 4.0);
     /// assert_eq!(t.data().sum(), 12.0);
+    ///
+    /// // The same, without copying the values.
+    /// let snapshot = t.detach();
+    /// t.with_data_mut(|mut v| v.fill(5.0));
+    /// assert_eq!(snapshot.to_vec(), vec![3.0; 4]);
     /// ```
     pub fn data(&self) -> ArcArray<f32, IxDyn> {
         self.read().to_arc_array()
@@ -816,6 +824,11 @@ impl Tensor {
     }
 
     /// A leaf sharing this tensor's values, outside any graph.
+    ///
+    /// The values are shared copy-on-write: detaching copies nothing, and
+    /// a later update of either tensor (`with_data_mut`, an optimizer step)
+    /// writes a buffer of its own, so the other keeps the values it had.
+    /// This is the O(1) snapshot of a tensor's values.
     ///
     /// # Examples
     ///
