@@ -149,6 +149,13 @@ pub(crate) struct Data {
     strides: Option<Box<Dims>>,
 }
 
+/// Lets [`Data::accumulate`] sum into a `Data` held directly or boxed.
+impl AsMut<Data> for Data {
+    fn as_mut(&mut self) -> &mut Data {
+        self
+    }
+}
+
 impl Data {
     /// Row-major values of `shape`.
     ///
@@ -414,10 +421,11 @@ impl Data {
     /// it). How every gradient sum of netcl accumulates: the backward
     /// engine's buffers, a leaf's `.grad()`, the per-shard sums of
     /// `parallel::backward_shards`.
-    pub(crate) fn accumulate(slot: &mut Option<Data>, grad: Data) {
+    /// The sum may be held boxed (`Option<Box<Data>>`, a leaf's slot).
+    pub(crate) fn accumulate<S: AsMut<Data> + From<Data>>(slot: &mut Option<S>, grad: Data) {
         match slot {
-            None => *slot = Some(grad),
-            Some(sum) => sum.add_assign(&grad),
+            None => *slot = Some(S::from(grad)),
+            Some(sum) => sum.as_mut().add_assign(&grad),
         }
     }
 

@@ -22,10 +22,17 @@
 //! - **OS threads a model cannot host**: the data loader's background thread
 //!   and its stop flag (`data/loader.rs`); loom models run none of it;
 //! - **counters and flags with no ordering duty**: tape ids, Dropout's layer
-//!   ids and generations, a module's own training flag (all `Relaxed`, read
-//!   for their value alone), and the shared form of a backward function in
-//!   the tape (an immutable `Arc<dyn Backward>` that loom's `Arc`, which does
-//!   not coerce to unsized types, cannot hold).
+//!   ids and generations, a module's own training flag, `Trainer`'s stop
+//!   flag (`train::StopHandle`; all `Relaxed`, read for their value alone);
+//! - **immutable shared values that loom's `Arc` cannot hold** (it does not
+//!   coerce to unsized types): the shared form of a backward function in the
+//!   tape (`Arc<dyn Backward>`), and a tensor's value buffer (`Arc<[f32]>` in
+//!   `storage.rs`, filled by `ops/gemm.rs` before it is shared). A buffer is
+//!   never written once shared. A writer reuses a buffer only through
+//!   `Arc::get_mut` (which synchronises with the drops of every other
+//!   handle) on the spare it swapped out under the tensor's locks; those
+//!   locks go through here, so the models see the protocol around the
+//!   buffer, not the buffer's own reference count.
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;

@@ -815,12 +815,8 @@ impl Tensor {
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
     pub(crate) fn accumulate_grad(&self, grad: Data) {
-        let mut slot = self.0.grad.lock();
-        match &mut *slot {
-            None => *slot = Some(Box::new(grad)),
-            // In place, unless a snapshot (`grad()`) shares the sum.
-            Some(sum) => sum.add_assign(&grad),
-        }
+        // In place, unless a snapshot (`grad()`) shares the sum.
+        Data::accumulate(&mut *self.0.grad.lock(), grad);
     }
 
     /// A leaf sharing this tensor's values, outside any graph.

@@ -21,7 +21,10 @@ use std::hint::black_box;
 use netcl::{Tensor, autograd};
 
 #[path = "../netcl/common.rs"]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the bench helpers are shared by four bench binaries; each uses a part"
+)]
 mod common;
 
 fn main() {

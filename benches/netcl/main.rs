@@ -10,9 +10,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::Duration;
 
 mod chain;
-// Shared with the targets and workloads binaries, which use parts of it
-// this one does not.
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the bench helpers are shared by four bench binaries; each uses a part"
+)]
 mod common;
 mod digits;
 mod eval;

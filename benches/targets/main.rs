@@ -31,7 +31,10 @@ use ndarray::{Array2, ArrayD, IxDyn};
 use netcl::parallel::rayon::ThreadPool;
 
 #[path = "../netcl/common.rs"]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the bench helpers are shared by four bench binaries; each uses a part"
+)]
 mod common;
 
 use common::{

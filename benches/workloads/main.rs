@@ -18,7 +18,10 @@
 use std::time::Instant;
 
 #[path = "../netcl/common.rs"]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the bench helpers are shared by four bench binaries; each uses a part"
+)]
 mod common;
 
 fn usage() -> String {
