@@ -164,3 +164,18 @@ fn z_scoring_constant_columns_is_caught_at_the_division() {
     assert!(matches!(err, Error::Anomaly { op: "div", .. }));
     assert!(err.to_string().contains(&at));
 }
+
+/// A layer called directly reports the caller's line, not one inside netcl.
+#[test]
+fn a_layer_forward_reports_the_callers_line() {
+    use netcl::nn::{Linear, Module};
+    let layer = Linear::zeros(2, 1).unwrap();
+    layer.weight().with_data_mut(|mut w| w.fill(1e30));
+    // Finite inputs whose product overflows to infinity.
+    let x = Tensor::from_vec(vec![1e30, 1e30], &[1, 2]).unwrap();
+    let _anomaly = autograd::detect_anomaly();
+    let err = layer.forward(&x).unwrap_err();
+    let at = previous_line!();
+    assert!(matches!(err, Error::Anomaly { op: "linear", .. }), "{err}");
+    assert!(err.to_string().contains(&at), "{err}");
+}

@@ -38,6 +38,7 @@ macro_rules! activation_layer {
         }
 
         impl Module for $name {
+            #[track_caller]
             fn forward(&self, input: &Tensor) -> Result<Tensor> {
                 Ok(input.$method())
             }

@@ -310,6 +310,7 @@ impl Module for Linear {
     ///
     /// [`Error::Rank`] if `input` is 0-dimensional,
     /// [`Error::MatmulShape`] if its last dimension is not `in_features`.
+    #[track_caller]
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
         input.try_linear(&self.weight, self.bias.as_ref())
     }
