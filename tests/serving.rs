@@ -26,18 +26,27 @@ use rand::rngs::StdRng;
 /// `limit`: the liveness watchdog of the progress tests.
 struct Watchdog {
     done: Arc<AtomicBool>,
+    /// Milliseconds from `start` to the last [`tick`](Watchdog::tick).
+    last_tick: Arc<AtomicU64>,
+    start: Instant,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Watchdog {
+    /// Aborts the process if `limit` passes without a [`tick`](Watchdog::tick)
+    /// (or, without ticks, before the watchdog is dropped).
     fn start(what: &'static str, limit: Duration) -> Watchdog {
         let done = Arc::new(AtomicBool::new(false));
+        let last_tick = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
         let thread = {
             let done = Arc::clone(&done);
+            let last_tick = Arc::clone(&last_tick);
             std::thread::spawn(move || {
-                let start = Instant::now();
                 while !done.load(Ordering::SeqCst) {
-                    if start.elapsed() > limit {
+                    let since =
+                        start.elapsed() - Duration::from_millis(last_tick.load(Ordering::SeqCst));
+                    if since > limit {
                         eprintln!("watchdog: {what} made no progress for {limit:?}");
                         std::process::abort();
                     }
@@ -47,8 +56,16 @@ impl Watchdog {
         };
         Watchdog {
             done,
+            last_tick,
+            start,
             thread: Some(thread),
         }
+    }
+
+    /// Records progress: the limit counts from here.
+    fn tick(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_tick.fetch_max(now, Ordering::SeqCst);
     }
 }
 
@@ -325,20 +342,24 @@ fn a_writer_stolen_by_a_worker_inside_a_product_never_waits_for_it() {
         ),
     ];
     for (form, read) in &readers {
-        let _watchdog = Watchdog::start(
+        // Fails the test if any write (or product) takes over 10 s.
+        let watchdog = Watchdog::start(
             "the stolen-writer deadlock scenario",
-            Duration::from_secs(60),
+            Duration::from_secs(10),
         );
         let rounds = 100;
         let writes = AtomicUsize::new(0);
+        let worst = Mutex::new(Duration::ZERO);
         std::thread::scope(|s| {
             s.spawn(|| {
                 for _ in 0..rounds {
                     assert!(!parallel::install(&pool, read).is_empty());
+                    watchdog.tick();
                 }
             });
             s.spawn(|| {
                 for i in 0..rounds {
+                    let started = Instant::now();
                     parallel::install(&pool, || {
                         // A job of the pool, as a stolen optimizer step would be.
                         parallel::join(
@@ -346,11 +367,19 @@ fn a_writer_stolen_by_a_worker_inside_a_product_never_waits_for_it() {
                             || writes.fetch_add(1, Ordering::Relaxed),
                         )
                     });
+                    let waited = started.elapsed();
+                    let mut worst = worst.lock().unwrap();
+                    *worst = (*worst).max(waited);
+                    watchdog.tick();
                 }
             });
         });
         assert_eq!(writes.into_inner(), rounds, "{form}");
         assert_eq!(w.to_vec()[0], (rounds - 1) as f32);
+        println!(
+            "stolen-writer scenario, {form}: {rounds} writes beside {rounds} products, worst write {:?}",
+            worst.into_inner().unwrap()
+        );
     }
 }
 
