@@ -11,13 +11,13 @@
 //! use netcl::nn::{Activation, Mlp, Module};
 //! use netcl::optim::{Adam, AdamConfig};
 //! use netcl::train::Trainer;
-//! use rand::SeedableRng;
+//! use netcl::rand::SeedableRng;
 //!
 //! let digits = data::load_digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?;
 //! let digits = TensorDataset::new(digits.inputs() / 16.0, digits.targets().clone())?;
 //! let (train, test) = digits.split(0.8, 42)?;
 //!
-//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 //! let model = Mlp::new(&[64, 32, 10], Activation::Relu, &mut rng);
 //! let optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
 //! let mut trainer = Trainer::new(model, optimizer, train)
@@ -182,9 +182,9 @@ pub enum NonFinite {
 /// use netcl::nn::{Linear, Module};
 /// use netcl::optim::{Sgd, SgdConfig};
 /// use netcl::train::Trainer;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
 /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
 /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false);
@@ -349,13 +349,13 @@ where
 /// use netcl::nn::{Linear, Module};
 /// use netcl::optim::{CosineAnnealing, Sgd, SgdConfig};
 /// use netcl::train::Trainer;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
 /// let x = Tensor::from_vec(vec![-2.0, -1.5, -1.0, 1.0, 1.5, 2.0], &[6, 1])?;
 /// let y = Tensor::from_vec(vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[6])?;
 /// let data = TensorDataset::new(x, y)?;
 ///
-/// let model = Linear::new(1, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let model = Linear::new(1, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.5).momentum(0.9));
 /// let mut trainer = Trainer::new(model, optimizer, data.clone())
 ///     .batch_size(2)
@@ -461,8 +461,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// # use netcl::optim::{Sgd, SgdConfig};
     /// # use netcl::data::TensorDataset;
     /// # use netcl::Tensor;
-    /// # use rand::SeedableRng;
-    /// # let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// # use netcl::rand::SeedableRng;
+    /// # let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// # let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
     /// # let train = TensorDataset::new(Tensor::zeros(&[4, 2]), Tensor::zeros(&[4]))?;
     /// use netcl::train::Trainer;
@@ -505,9 +505,9 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// use netcl::nn::{Linear, Module, Published};
     /// use netcl::optim::{Sgd, SgdConfig};
     /// use netcl::train::Trainer;
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let published = Arc::new(Published::new(&model)?);
     /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
     /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
@@ -554,12 +554,12 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// use netcl::nn::{Linear, Module};
     /// use netcl::optim::{Sgd, SgdConfig};
     /// use netcl::train::{NonFinite, Trainer};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
     /// // One sample out of four has a NaN feature.
     /// let x = Tensor::from_vec(vec![1.0, 2.0, f32::NAN, 4.0], &[4, 1])?;
     /// let data = TensorDataset::new(x, Tensor::zeros(&[4]))?;
-    /// let model = || Linear::new(1, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let model = || Linear::new(1, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     ///
     /// let layer = model();
     /// let optimizer = Sgd::new(layer.parameters(), SgdConfig::new(0.1));

@@ -61,9 +61,9 @@ use crate::tensor::Tensor;
 /// use netcl::Tensor;
 /// use netcl::nn::{Activation, Mlp, Module, Published};
 /// use netcl::optim::{Optimizer, Sgd, SgdConfig};
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 /// let model = Mlp::new(&[4, 8, 3], Activation::Relu, &mut rng);
 /// let published = Published::new(&model)?;
 /// let done = AtomicBool::new(false);
@@ -174,9 +174,9 @@ impl Published {
     ///
     /// ```
     /// use netcl::nn::{Activation, Mlp, Module, Published};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
     /// let live = Mlp::new(&[4, 2], Activation::Relu, &mut rng);
     /// let published = Published::new(&live)?;
     ///
