@@ -136,6 +136,41 @@ pub struct Evaluation {
 
 /// What one training step did, passed to the hooks of
 /// [`Trainer::on_step`].
+///
+/// # Examples
+///
+/// A hook that keeps every step's info:
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+///
+/// use netcl::Tensor;
+/// use netcl::data::TensorDataset;
+/// use netcl::nn::{Linear, Module};
+/// use netcl::optim::{Sgd, SgdConfig};
+/// use netcl::train::{StepInfo, Trainer};
+///
+/// // 10 samples in batches of 4: batches of 4, 4 and 2 each epoch.
+/// let data = TensorDataset::new(Tensor::ones(&[10, 2]), Tensor::zeros(&[10]))?;
+/// let model = Linear::zeros(2, 3)?;
+/// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+/// let log: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
+/// let mut trainer = Trainer::new(model, optimizer, data).batch_size(4).progress(false).on_step({
+///     let log = Arc::clone(&log);
+///     move |info, _model| log.lock().unwrap().push(*info)
+/// });
+/// trainer.fit(2)?;
+///
+/// let log = log.lock().unwrap();
+/// assert_eq!(log.len(), 6);
+/// let last = log[5];
+/// assert_eq!((last.epoch, last.batch, last.step, last.samples), (1, 2, 6, 2));
+/// assert_eq!(last.lr, 0.1);
+/// // Zero weights give equal logits for the 3 classes: the first loss is ln 3.
+/// assert!((log[0].loss - 3f32.ln()).abs() < 1e-6);
+/// assert!(last.loss < log[0].loss);
+/// # Ok::<(), netcl::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct StepInfo {
@@ -205,6 +240,37 @@ pub struct StopHandle(Arc<std::sync::atomic::AtomicBool>);
 impl StopHandle {
     /// Asks the trainer to stop after its current step. A `fit` running
     /// (or the next one) returns then, and the request is consumed.
+    ///
+    /// # Examples
+    ///
+    /// A stop requested before `fit` ends the next `fit` after its first
+    /// step; the `fit` after that runs normally:
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+    /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false);
+    ///
+    /// let stop = trainer.stop_handle();
+    /// std::thread::spawn(move || stop.stop()).join().unwrap();
+    /// assert!(trainer.stop_handle().is_stopped());
+    ///
+    /// let history = trainer.fit(10)?;
+    /// assert!(history.is_empty(), "the stopped epoch is not recorded");
+    /// assert_eq!(trainer.steps_done(), 1);
+    /// assert!(!trainer.stop_handle().is_stopped(), "the request is consumed");
+    ///
+    /// assert_eq!(trainer.fit(1)?.len(), 1);
+    /// assert_eq!(trainer.steps_done(), 1 + 8);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn stop(&self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -536,6 +602,45 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
 
     /// A handle that stops [`fit`](Trainer::fit) after its current step,
     /// from any thread (a server's shutdown, a hook). See [`StopHandle`].
+    ///
+    /// Every handle of a trainer shares one stop request.
+    ///
+    /// # Examples
+    ///
+    /// Another thread stops a long `fit` once it has seen 20 steps:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+    /// let seen = Arc::new(AtomicU64::new(0));
+    /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false).on_step({
+    ///     let seen = Arc::clone(&seen);
+    ///     move |info, _| seen.store(info.step, Ordering::Relaxed)
+    /// });
+    ///
+    /// let stop = trainer.stop_handle();
+    /// let watcher = std::thread::spawn(move || {
+    ///     while seen.load(Ordering::Relaxed) < 20 {
+    ///         std::thread::yield_now();
+    ///     }
+    ///     stop.stop();
+    /// });
+    /// let history = trainer.fit(1_000_000)?;
+    /// watcher.join().unwrap();
+    /// assert!(trainer.steps_done() >= 20);
+    /// assert!(history.len() < 1_000_000);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
     }
