@@ -451,6 +451,32 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
 ///
 /// [`Error::Io`] if the file cannot be read, [`Error::Format`] if its
 /// header is not valid safetensors.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+///
+/// let layer = Linear::zeros(2, 2)?;
+/// let path = std::env::temp_dir().join(format!("netcl-doc-read-metadata-{}.safetensors", std::process::id()));
+/// netcl::io::save(&layer, &path)?;
+/// assert!(netcl::io::read_metadata(&path)?.is_empty());
+///
+/// let metadata = BTreeMap::from([
+///     ("version".to_string(), "3".to_string()),
+///     ("run".to_string(), "warm start".to_string()),
+/// ]);
+/// netcl::io::save_with_metadata(&layer, &path, &metadata)?;
+/// assert_eq!(netcl::io::read_metadata(&path)?, metadata);
+/// # std::fs::remove_file(&path).unwrap();
+///
+/// let err = netcl::io::read_metadata("/no/such/dir/layer.safetensors").unwrap_err();
+/// assert!(matches!(err, Error::Io { op: "io::read_metadata", .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
 pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
     const OP: &str = "io::read_metadata";
     let path = path.as_ref();
@@ -464,6 +490,27 @@ pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>>
 /// # Errors
 ///
 /// [`Error::Format`] if the header is not valid safetensors.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+///
+/// let layer = Linear::zeros(2, 2)?;
+/// assert!(netcl::io::metadata_from_bytes(&netcl::io::to_bytes(&layer)?)?.is_empty());
+///
+/// let metadata = BTreeMap::from([("version".to_string(), "41".to_string())]);
+/// let bytes = netcl::io::to_bytes_with_metadata(&layer, &metadata)?;
+/// let version: u64 = netcl::io::metadata_from_bytes(&bytes)?["version"].parse().unwrap();
+/// assert_eq!(version, 41);
+///
+/// let err = netcl::io::metadata_from_bytes(b"not a safetensors file").unwrap_err();
+/// assert!(matches!(err, Error::Format { op: "io::metadata_from_bytes", .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
 pub fn metadata_from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
     metadata_of("io::metadata_from_bytes", bytes, "the given bytes")
 }
