@@ -15,8 +15,8 @@
 //! ```
 //! use netcl::nn::{Activation, Mlp, Module};
 //! use netcl::io;
-//! use rand::SeedableRng;
-//! use rand::rngs::StdRng;
+//! use netcl::rand::SeedableRng;
+//! use netcl::rand::rngs::StdRng;
 //!
 //! let model = Mlp::new(&[4, 8, 2], Activation::Relu, &mut StdRng::seed_from_u64(1));
 //! let path = std::env::temp_dir().join(format!("netcl-doc-io-{}.safetensors", std::process::id()));
@@ -84,9 +84,9 @@ fn parameters_by_name<M: Module + ?Sized>(
 ///
 /// ```
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(3, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let bytes = netcl::io::to_bytes(&layer)?;
 /// // An 8-byte header length, the JSON header, then 4 bytes per value.
 /// let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -111,9 +111,9 @@ pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
 /// use std::collections::BTreeMap;
 ///
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(3, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let metadata = BTreeMap::from([("version".to_string(), "7".to_string())]);
 /// let bytes = netcl::io::to_bytes_with_metadata(&layer, &metadata)?;
 /// assert_eq!(netcl::io::metadata_from_bytes(&bytes)?, metadata);
@@ -175,9 +175,9 @@ fn encode<M: Module + ?Sized>(
 /// ```
 /// use netcl::Error;
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(2, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let path = std::env::temp_dir().join(format!("netcl-doc-save-{}.safetensors", std::process::id()));
 /// netcl::io::save(&layer, &path)?;
 /// assert!(path.exists());
@@ -207,9 +207,9 @@ pub fn save<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()>
 /// use std::collections::BTreeMap;
 ///
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(2, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let path = std::env::temp_dir().join(format!("netcl-doc-meta-{}.safetensors", std::process::id()));
 /// let metadata = BTreeMap::from([("version".to_string(), "12".to_string())]);
 /// netcl::io::save_with_metadata(&layer, &path, &metadata)?;
@@ -265,9 +265,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// ```
 /// use netcl::Error;
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(2, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let err = netcl::io::load(&layer, "missing.safetensors").unwrap_err();
 /// assert!(matches!(err, Error::Io { kind: std::io::ErrorKind::NotFound, .. }));
 /// assert!(err.to_string().starts_with("io::load: missing.safetensors: "));
@@ -299,9 +299,9 @@ pub fn load<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()>
 /// ```
 /// use netcl::Error;
 /// use netcl::nn::Linear;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 /// let bytes = netcl::io::to_bytes(&Linear::new(3, 2, &mut rng))?;
 ///
 /// let wider = Linear::new(3, 4, &mut rng);
@@ -392,9 +392,9 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
 ///
 /// ```
 /// use netcl::nn::{Linear, Module};
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let layer = Linear::new(3, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let layer = Linear::new(3, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let path = std::env::temp_dir().join(format!("netcl-doc-read-{}.safetensors", std::process::id()));
 /// netcl::io::save(&layer, &path)?;
 /// let tensors = netcl::io::read_tensors(&path)?;
@@ -451,6 +451,32 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
 ///
 /// [`Error::Io`] if the file cannot be read, [`Error::Format`] if its
 /// header is not valid safetensors.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+///
+/// let layer = Linear::zeros(2, 2)?;
+/// let path = std::env::temp_dir().join(format!("netcl-doc-read-metadata-{}.safetensors", std::process::id()));
+/// netcl::io::save(&layer, &path)?;
+/// assert!(netcl::io::read_metadata(&path)?.is_empty());
+///
+/// let metadata = BTreeMap::from([
+///     ("version".to_string(), "3".to_string()),
+///     ("run".to_string(), "warm start".to_string()),
+/// ]);
+/// netcl::io::save_with_metadata(&layer, &path, &metadata)?;
+/// assert_eq!(netcl::io::read_metadata(&path)?, metadata);
+/// # std::fs::remove_file(&path).unwrap();
+///
+/// let err = netcl::io::read_metadata("/no/such/dir/layer.safetensors").unwrap_err();
+/// assert!(matches!(err, Error::Io { op: "io::read_metadata", .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
 pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
     const OP: &str = "io::read_metadata";
     let path = path.as_ref();
@@ -464,6 +490,27 @@ pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>>
 /// # Errors
 ///
 /// [`Error::Format`] if the header is not valid safetensors.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::Error;
+/// use netcl::nn::Linear;
+///
+/// let layer = Linear::zeros(2, 2)?;
+/// assert!(netcl::io::metadata_from_bytes(&netcl::io::to_bytes(&layer)?)?.is_empty());
+///
+/// let metadata = BTreeMap::from([("version".to_string(), "41".to_string())]);
+/// let bytes = netcl::io::to_bytes_with_metadata(&layer, &metadata)?;
+/// let version: u64 = netcl::io::metadata_from_bytes(&bytes)?["version"].parse().unwrap();
+/// assert_eq!(version, 41);
+///
+/// let err = netcl::io::metadata_from_bytes(b"not a safetensors file").unwrap_err();
+/// assert!(matches!(err, Error::Format { op: "io::metadata_from_bytes", .. }));
+/// # Ok::<(), netcl::Error>(())
+/// ```
 pub fn metadata_from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
     metadata_of("io::metadata_from_bytes", bytes, "the given bytes")
 }

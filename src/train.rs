@@ -11,13 +11,13 @@
 //! use netcl::nn::{Activation, Mlp, Module};
 //! use netcl::optim::{Adam, AdamConfig};
 //! use netcl::train::Trainer;
-//! use rand::SeedableRng;
+//! use netcl::rand::SeedableRng;
 //!
 //! let digits = data::load_digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?;
 //! let digits = TensorDataset::new(digits.inputs() / 16.0, digits.targets().clone())?;
 //! let (train, test) = digits.split(0.8, 42)?;
 //!
-//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 //! let model = Mlp::new(&[64, 32, 10], Activation::Relu, &mut rng);
 //! let optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
 //! let mut trainer = Trainer::new(model, optimizer, train)
@@ -136,6 +136,41 @@ pub struct Evaluation {
 
 /// What one training step did, passed to the hooks of
 /// [`Trainer::on_step`].
+///
+/// # Examples
+///
+/// A hook that keeps every step's info:
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+///
+/// use netcl::Tensor;
+/// use netcl::data::TensorDataset;
+/// use netcl::nn::{Linear, Module};
+/// use netcl::optim::{Sgd, SgdConfig};
+/// use netcl::train::{StepInfo, Trainer};
+///
+/// // 10 samples in batches of 4: batches of 4, 4 and 2 each epoch.
+/// let data = TensorDataset::new(Tensor::ones(&[10, 2]), Tensor::zeros(&[10]))?;
+/// let model = Linear::zeros(2, 3)?;
+/// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+/// let log: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
+/// let mut trainer = Trainer::new(model, optimizer, data).batch_size(4).progress(false).on_step({
+///     let log = Arc::clone(&log);
+///     move |info, _model| log.lock().unwrap().push(*info)
+/// });
+/// trainer.fit(2)?;
+///
+/// let log = log.lock().unwrap();
+/// assert_eq!(log.len(), 6);
+/// let last = log[5];
+/// assert_eq!((last.epoch, last.batch, last.step, last.samples), (1, 2, 6, 2));
+/// assert_eq!(last.lr, 0.1);
+/// // Zero weights give equal logits for the 3 classes: the first loss is ln 3.
+/// assert!((log[0].loss - 3f32.ln()).abs() < 1e-6);
+/// assert!(last.loss < log[0].loss);
+/// # Ok::<(), netcl::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct StepInfo {
@@ -182,9 +217,9 @@ pub enum NonFinite {
 /// use netcl::nn::{Linear, Module};
 /// use netcl::optim::{Sgd, SgdConfig};
 /// use netcl::train::Trainer;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
 /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
 /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false);
@@ -205,6 +240,37 @@ pub struct StopHandle(Arc<std::sync::atomic::AtomicBool>);
 impl StopHandle {
     /// Asks the trainer to stop after its current step. A `fit` running
     /// (or the next one) returns then, and the request is consumed.
+    ///
+    /// # Examples
+    ///
+    /// A stop requested before `fit` ends the next `fit` after its first
+    /// step; the `fit` after that runs normally:
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+    /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false);
+    ///
+    /// let stop = trainer.stop_handle();
+    /// std::thread::spawn(move || stop.stop()).join().unwrap();
+    /// assert!(trainer.stop_handle().is_stopped());
+    ///
+    /// let history = trainer.fit(10)?;
+    /// assert!(history.is_empty(), "the stopped epoch is not recorded");
+    /// assert_eq!(trainer.steps_done(), 1);
+    /// assert!(!trainer.stop_handle().is_stopped(), "the request is consumed");
+    ///
+    /// assert_eq!(trainer.fit(1)?.len(), 1);
+    /// assert_eq!(trainer.steps_done(), 1 + 8);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn stop(&self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -349,13 +415,13 @@ where
 /// use netcl::nn::{Linear, Module};
 /// use netcl::optim::{CosineAnnealing, Sgd, SgdConfig};
 /// use netcl::train::Trainer;
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
 /// let x = Tensor::from_vec(vec![-2.0, -1.5, -1.0, 1.0, 1.5, 2.0], &[6, 1])?;
 /// let y = Tensor::from_vec(vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[6])?;
 /// let data = TensorDataset::new(x, y)?;
 ///
-/// let model = Linear::new(1, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// let model = Linear::new(1, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.5).momentum(0.9));
 /// let mut trainer = Trainer::new(model, optimizer, data.clone())
 ///     .batch_size(2)
@@ -461,8 +527,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// # use netcl::optim::{Sgd, SgdConfig};
     /// # use netcl::data::TensorDataset;
     /// # use netcl::Tensor;
-    /// # use rand::SeedableRng;
-    /// # let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// # use netcl::rand::SeedableRng;
+    /// # let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// # let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
     /// # let train = TensorDataset::new(Tensor::zeros(&[4, 2]), Tensor::zeros(&[4]))?;
     /// use netcl::train::Trainer;
@@ -505,9 +571,9 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// use netcl::nn::{Linear, Module, Published};
     /// use netcl::optim::{Sgd, SgdConfig};
     /// use netcl::train::Trainer;
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let model = Linear::new(2, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let model = Linear::new(2, 3, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let published = Arc::new(Published::new(&model)?);
     /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
     /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
@@ -536,6 +602,45 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
 
     /// A handle that stops [`fit`](Trainer::fit) after its current step,
     /// from any thread (a server's shutdown, a hook). See [`StopHandle`].
+    ///
+    /// Every handle of a trainer shares one stop request.
+    ///
+    /// # Examples
+    ///
+    /// Another thread stops a long `fit` once it has seen 20 steps:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[64, 2]), Tensor::zeros(&[64]))?;
+    /// let seen = Arc::new(AtomicU64::new(0));
+    /// let mut trainer = Trainer::new(model, optimizer, data).batch_size(8).progress(false).on_step({
+    ///     let seen = Arc::clone(&seen);
+    ///     move |info, _| seen.store(info.step, Ordering::Relaxed)
+    /// });
+    ///
+    /// let stop = trainer.stop_handle();
+    /// let watcher = std::thread::spawn(move || {
+    ///     while seen.load(Ordering::Relaxed) < 20 {
+    ///         std::thread::yield_now();
+    ///     }
+    ///     stop.stop();
+    /// });
+    /// let history = trainer.fit(1_000_000)?;
+    /// watcher.join().unwrap();
+    /// assert!(trainer.steps_done() >= 20);
+    /// assert!(history.len() < 1_000_000);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
     }
@@ -554,12 +659,12 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     /// use netcl::nn::{Linear, Module};
     /// use netcl::optim::{Sgd, SgdConfig};
     /// use netcl::train::{NonFinite, Trainer};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
     /// // One sample out of four has a NaN feature.
     /// let x = Tensor::from_vec(vec![1.0, 2.0, f32::NAN, 4.0], &[4, 1])?;
     /// let data = TensorDataset::new(x, Tensor::zeros(&[4]))?;
-    /// let model = || Linear::new(1, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let model = || Linear::new(1, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     ///
     /// let layer = model();
     /// let optimizer = Sgd::new(layer.parameters(), SgdConfig::new(0.1));

@@ -58,7 +58,12 @@ impl<F: Future> Future for GradModeFuture<F> {
 /// `.await` the task may be running on another thread. So a task that a
 /// multi-threaded runtime may move cannot hold one across an `.await`;
 /// `tokio::spawn` rejects it with "future cannot be sent between threads
-/// safely" (`*const ()` cannot be sent, within `GradGuard`):
+/// safely", noting that `_guard` "has type `GradGuard` which is not
+/// `Send`" and pointing at the `.await` it is held across:
+///
+/// <!-- Plain `compile_fail`, no error code: rustc (1.95) reports this
+///      error without one, so `compile_fail,E0277` fails wherever rustdoc
+///      checks codes (nightly, or RUSTC_BOOTSTRAP=1). -->
 ///
 /// ```compile_fail
 /// # async fn fetch_batch() -> netcl::Tensor { netcl::Tensor::ones(&[1, 2]) }

@@ -23,16 +23,68 @@ use crate::tensor::Tensor;
 /// ([`train_mode`](crate::nn::train_mode),
 /// [`eval_mode`](crate::nn::eval_mode)), else the layer's own flag.
 ///
-/// # Randomness and threads
+/// # Determinism
 ///
-/// The masks are deterministic for a given seed, and each thread has its
-/// own sequence: the `k`-th training-mode call of this layer *on a thread*
-/// (counting from 0, or from the last [`reset`](Dropout::reset)) draws its
-/// mask from a generator seeded with `(seed, k)`. So what other threads do
-/// with the layer never changes the masks a thread draws, and a training
-/// loop on one thread is reproducible. On the worker threads of a
-/// `netcl::parallel` operation the worker's index is mixed in too, so
-/// tasks running at once on different workers draw different masks.
+/// Masks come from per-thread call counters: the `k`-th training-mode call
+/// of this layer *on a thread* (counting from 0, or from the last
+/// [`reset`](Dropout::reset)) draws its mask from a generator seeded with
+/// `(seed, k)`, with the worker's index in its pool mixed in when the
+/// thread is a rayon worker (so tasks running at once on different workers
+/// draw different masks). A call in evaluation mode, or with `p` 0 or 1,
+/// draws no mask and is not counted.
+///
+/// Deterministic, for a given seed: the sequence of masks one thread
+/// draws. It depends on that thread's own calls only, never on what other
+/// threads do with the layer, so a training loop on one thread (as
+/// [`Trainer::fit`](crate::train::Trainer::fit) runs its forwards) is
+/// reproducible, and a clone or a new layer with the same seed draws the
+/// same sequence.
+///
+/// Not deterministic: the masks of training-mode forwards run as tasks on
+/// a thread pool ([`netcl::parallel`](crate::parallel) helpers, or rayon
+/// directly). A task draws from the counter of the worker that runs it,
+/// and that counter has advanced with every training-mode call of this
+/// layer the worker ran before, *whoever's task it was*: two threads
+/// running training forwards through one layer with
+/// [`parallel::map`](crate::parallel::map) on the global pool change each
+/// other's masks. Even a single caller's tasks get different masks from
+/// run to run, since rayon's work stealing decides which worker runs which
+/// task, and in what order. (Any thread that runs several callers' work,
+/// such as an async runtime's worker, shares its counter the same way.)
+/// Evaluation ([`train::evaluate`](crate::train::evaluate)) draws no masks,
+/// so it is unaffected.
+///
+/// For reproducible masks, run training-mode forwards on the caller's own
+/// thread rather than as pool tasks, or give each caller a dedicated pool
+/// of one worker (`rayon::ThreadPoolBuilder::new().num_threads(1)`, entered
+/// with [`parallel::install`](crate::parallel::install)): that worker runs
+/// only its caller's tasks, one at a time, in the same order each run. A
+/// dedicated pool of several workers keeps other callers out, but work
+/// stealing still decides which of its workers draws each mask.
+///
+/// The counter is the worker's, not the caller's:
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::{Dropout, Module, train_mode};
+///
+/// let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+/// let layer = Dropout::new(0.5, 7);
+/// let x = Tensor::ones(&[1, 64]);
+/// let _train = train_mode();
+/// // A training-mode forward run as a task on the pool's only worker.
+/// let task = || netcl::parallel::install(&pool, || layer.forward(&x).unwrap().to_vec());
+///
+/// let (first, second) = (task(), task());
+/// layer.reset();
+/// assert_eq!(task(), first, "the worker's sequence restarts");
+/// // Another thread's task on the same worker draws the second mask...
+/// std::thread::scope(|s| {
+///     s.spawn(|| task());
+/// });
+/// // ...so this caller's next task draws the third one.
+/// assert_ne!(task(), second);
+/// ```
 ///
 /// # Examples
 ///

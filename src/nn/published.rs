@@ -61,9 +61,9 @@ use crate::tensor::Tensor;
 /// use netcl::Tensor;
 /// use netcl::nn::{Activation, Mlp, Module, Published};
 /// use netcl::optim::{Optimizer, Sgd, SgdConfig};
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 /// let model = Mlp::new(&[4, 8, 3], Activation::Relu, &mut rng);
 /// let published = Published::new(&model)?;
 /// let done = AtomicBool::new(false);
@@ -140,6 +140,29 @@ impl Published {
     }
 
     /// The current version, without taking any lock.
+    ///
+    /// # Examples
+    ///
+    /// A reader keeps the version it loaded, unchanged, while newer ones
+    /// are published:
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Linear, Published};
+    ///
+    /// let model = Linear::from_parts(Tensor::from_vec(vec![2.0], &[1, 1])?, None)?;
+    /// let published = Published::new(&model)?;
+    /// let held = published.load();
+    ///
+    /// model.weight().with_data_mut(|mut w| w.fill(3.0));
+    /// published.publish(&model)?;
+    ///
+    /// let x = Tensor::ones(&[1, 1]);
+    /// assert_eq!((held.number(), held.predict(&x)?.to_vec()), (0, vec![2.0]));
+    /// let current = published.load();
+    /// assert_eq!((current.number(), current.predict(&x)?.to_vec()), (1, vec![3.0]));
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn load(&self) -> Arc<Version> {
         self.current.load()
     }
@@ -161,6 +184,29 @@ impl Published {
     /// # Errors
     ///
     /// The error of [`Module::try_fork`]. Nothing is published then.
+    ///
+    /// # Examples
+    ///
+    /// The version holds the values the model had when it was published,
+    /// frozen; the model itself still trains:
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Linear, Module, Published};
+    ///
+    /// let model = Linear::from_parts(Tensor::from_vec(vec![1.0, 2.0], &[1, 2])?, None)?;
+    /// let published = Published::new(&model)?;
+    ///
+    /// model.weight().with_data_mut(|mut w| w.fill(5.0));
+    /// assert_eq!(published.publish(&model)?, 1);
+    /// model.weight().with_data_mut(|mut w| w.fill(0.0));
+    ///
+    /// let version = published.load();
+    /// assert_eq!(version.parameters()[0].to_vec(), vec![5.0, 5.0]);
+    /// assert!(!version.parameters()[0].requires_grad());
+    /// assert!(model.weight().requires_grad());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn publish<M: Module + ?Sized>(&self, model: &M) -> Result<u64> {
         Ok(self.publish_model(model.try_fork()?))
     }
@@ -174,9 +220,9 @@ impl Published {
     ///
     /// ```
     /// use netcl::nn::{Activation, Mlp, Module, Published};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
     /// let live = Mlp::new(&[4, 2], Activation::Relu, &mut rng);
     /// let published = Published::new(&live)?;
     ///
@@ -261,6 +307,19 @@ impl Version {
     /// The version number: 0 (or the number given to
     /// [`Published::with_version`]) for the first, one more for each
     /// publish after it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Published};
+    ///
+    /// let model = Linear::zeros(2, 1)?;
+    /// let published = Published::with_version(&model, 7)?;
+    /// assert_eq!(published.load().number(), 7);
+    /// published.publish(&model)?;
+    /// assert_eq!(published.load().number(), 8);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn number(&self) -> u64 {
         self.number
     }
@@ -281,6 +340,29 @@ impl Version {
     /// # Errors
     ///
     /// The error of the model's forward.
+    ///
+    /// # Examples
+    ///
+    /// [`Dropout`](crate::nn::Dropout) is off and nothing records, even on
+    /// a thread in training mode with grad enabled:
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::{Dropout, Linear, Published, Sequential, train_mode};
+    ///
+    /// let weight = Tensor::from_vec(vec![1.0, 1.0], &[1, 2])?;
+    /// let model = Sequential::new()
+    ///     .with(Linear::from_parts(weight, None)?)
+    ///     .with(Dropout::new(0.5, 0));
+    /// let published = Published::new(&model)?;
+    ///
+    /// let _train = train_mode();
+    /// assert!(netcl::is_grad_enabled());
+    /// let y = published.load().predict(&Tensor::ones(&[4, 1]))?;
+    /// assert_eq!(y.to_vec(), vec![1.0; 8]);
+    /// assert!(!y.requires_grad());
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
     pub fn predict(&self, input: &Tensor) -> Result<Tensor> {
         let _no_grad = no_grad();
         let _eval = eval_mode();

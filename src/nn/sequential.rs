@@ -18,9 +18,9 @@ use crate::tensor::Tensor;
 /// ```
 /// use netcl::Tensor;
 /// use netcl::nn::{Linear, Module, ReLU, Sequential};
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 /// let model = Sequential::new()
 ///     .with(Linear::new(4, 8, &mut rng))
 ///     .with(ReLU::new())
@@ -108,9 +108,9 @@ impl Sequential {
     ///
     /// ```
     /// use netcl::nn::{Linear, Module, ReLU, Sequential};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
     /// let model = Sequential::new().with(Linear::new(3, 2, &mut rng)).with(ReLU::new());
     /// let fork = model.try_clone()?;
     /// assert_eq!(fork.len(), 2);
@@ -209,9 +209,9 @@ impl fmt::Debug for Sequential {
 /// ```
 /// use netcl::Tensor;
 /// use netcl::nn::{Activation, Mlp, Module};
-/// use rand::SeedableRng;
+/// use netcl::rand::SeedableRng;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 /// let mlp = Mlp::new(&[64, 128, 10], Activation::Relu, &mut rng);
 /// assert_eq!(mlp.dims(), &[64, 128, 10]);
 /// let logits = mlp.forward(&Tensor::zeros(&[32, 64]))?;
@@ -247,9 +247,9 @@ impl Mlp {
     ///
     /// ```
     /// use netcl::nn::{Activation, Mlp};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
     /// let err = Mlp::try_new(&[64], Activation::Relu, &mut rng).unwrap_err();
     /// assert_eq!(
     ///     err.to_string(),
@@ -278,9 +278,9 @@ impl Mlp {
     ///
     /// ```
     /// use netcl::nn::{Activation, Mlp, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let trained = Mlp::new(&[4, 8, 2], Activation::Relu, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let trained = Mlp::new(&[4, 8, 2], Activation::Relu, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let bytes = netcl::io::to_bytes(&trained)?;
     ///
     /// let restored = Mlp::zeros(&[4, 8, 2], Activation::Relu)?;
@@ -379,9 +379,9 @@ impl Clone for Mlp {
     /// ```
     /// use netcl::Tensor;
     /// use netcl::nn::{Activation, Mlp, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mlp = Mlp::new(&[4, 8, 2], Activation::Relu, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let mlp = Mlp::new(&[4, 8, 2], Activation::Relu, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let fork = mlp.clone();
     /// let x = Tensor::ones(&[1, 4]);
     /// assert_eq!(mlp.forward(&x)?.to_vec(), fork.forward(&x)?.to_vec());

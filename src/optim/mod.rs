@@ -23,9 +23,9 @@
 //! use netcl::Tensor;
 //! use netcl::nn::{Activation, Mlp, Module};
 //! use netcl::optim::{Adam, AdamConfig, Optimizer};
-//! use rand::SeedableRng;
+//! use netcl::rand::SeedableRng;
 //!
-//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
 //! let model = Mlp::new(&[4, 8, 3], Activation::Relu, &mut rng);
 //! let mut optimizer = Adam::new(model.parameters(), AdamConfig::new(1e-2));
 //!
