@@ -445,8 +445,8 @@ impl Tensor {
     ///
     /// ```
     /// use netcl::Tensor;
-    /// use rand::SeedableRng;
-    /// use rand::rngs::StdRng;
+    /// use netcl::rand::SeedableRng;
+    /// use netcl::rand::rngs::StdRng;
     ///
     /// let a = Tensor::rand(&[2, 3], &mut StdRng::seed_from_u64(7));
     /// let b = Tensor::rand(&[2, 3], &mut StdRng::seed_from_u64(7));
@@ -489,8 +489,8 @@ impl Tensor {
     ///
     /// ```
     /// use netcl::Tensor;
-    /// use rand::SeedableRng;
-    /// use rand::rngs::StdRng;
+    /// use netcl::rand::SeedableRng;
+    /// use netcl::rand::rngs::StdRng;
     ///
     /// let t = Tensor::randn(&[10_000], &mut StdRng::seed_from_u64(1));
     /// let mean = t.mean().item();

@@ -30,8 +30,8 @@ use crate::tensor::Tensor;
 /// ```
 /// use netcl::Tensor;
 /// use netcl::nn::{Linear, Module};
-/// use rand::SeedableRng;
-/// use rand::rngs::StdRng;
+/// use netcl::rand::SeedableRng;
+/// use netcl::rand::rngs::StdRng;
 ///
 /// let layer = Linear::new(3, 2, &mut StdRng::seed_from_u64(0));
 /// let y = layer.forward(&Tensor::ones(&[5, 3]))?;
@@ -76,9 +76,9 @@ impl Linear {
     ///
     /// ```
     /// use netcl::nn::Linear;
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
     /// let err = Linear::try_new(0, 4, &mut rng).unwrap_err();
     /// assert_eq!(err.to_string(), "Linear: sizes must be positive, got 0 -> 4");
     /// ```
@@ -100,9 +100,9 @@ impl Linear {
     ///
     /// ```
     /// use netcl::nn::{Linear, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let layer = Linear::without_bias(4, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let layer = Linear::without_bias(4, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// assert!(layer.bias().is_none());
     /// assert_eq!(layer.named_parameters().len(), 1);
     /// ```
@@ -286,9 +286,9 @@ impl Clone for Linear {
     ///
     /// ```
     /// use netcl::nn::Linear;
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let layer = Linear::new(2, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let layer = Linear::new(2, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let fork = layer.clone();
     /// fork.weight().with_data_mut(|mut w| w.fill(0.0));
     /// assert_ne!(layer.weight().to_vec(), fork.weight().to_vec());

@@ -43,8 +43,8 @@
 //!
 //! use netcl::nn::{Activation, Mlp, Module};
 //! use netcl::{Tensor, autograd};
-//! use rand::SeedableRng;
-//! use rand::rngs::StdRng;
+//! use netcl::rand::SeedableRng;
+//! use netcl::rand::rngs::StdRng;
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let model = Arc::new(Mlp::new(&[64, 128, 10], Activation::Relu, &mut rng));
@@ -265,9 +265,9 @@ pub trait Module: Send + Sync + fmt::Debug {
     ///
     /// ```
     /// use netcl::nn::{Linear, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let layer = Linear::new(4, 2, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let layer = Linear::new(4, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// let shapes: Vec<Vec<usize>> = layer.parameters().iter().map(|p| p.shape().to_vec()).collect();
     /// assert_eq!(shapes, [vec![4, 2], vec![2]]);
     /// ```
@@ -284,9 +284,9 @@ pub trait Module: Send + Sync + fmt::Debug {
     ///
     /// ```
     /// use netcl::nn::{Activation, Mlp, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let mlp = Mlp::new(&[64, 128, 10], Activation::Relu, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let mlp = Mlp::new(&[64, 128, 10], Activation::Relu, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// assert_eq!(mlp.num_parameters(), 64 * 128 + 128 + 128 * 10 + 10);
     /// ```
     fn num_parameters(&self) -> usize {
@@ -322,9 +322,9 @@ pub trait Module: Send + Sync + fmt::Debug {
     /// ```
     /// use netcl::Tensor;
     /// use netcl::nn::{Linear, Module};
-    /// use rand::SeedableRng;
+    /// use netcl::rand::SeedableRng;
     ///
-    /// let layer = Linear::new(3, 1, &mut rand::rngs::StdRng::seed_from_u64(0));
+    /// let layer = Linear::new(3, 1, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
     /// layer.forward(&Tensor::ones(&[2, 3]))?.sum().backward();
     /// assert!(layer.weight().grad().is_some());
     /// layer.zero_grad();

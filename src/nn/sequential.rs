@@ -241,7 +241,9 @@ impl Mlp {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `dims` has fewer than two widths or a
-    /// zero width.
+    /// zero width, [`Error::ShapeTooLarge`] if a layer's weight would hold
+    /// more than [`Tensor::MAX_ELEMENTS`](crate::Tensor::MAX_ELEMENTS)
+    /// values.
     ///
     /// # Examples
     ///
