@@ -179,3 +179,25 @@ fn a_layer_forward_reports_the_callers_line() {
     assert!(matches!(err, Error::Anomaly { op: "linear", .. }), "{err}");
     assert!(err.to_string().contains(&at), "{err}");
 }
+
+/// Two finite gradients whose sum overflows: the second contribution is
+/// named.
+#[test]
+fn a_gradient_sum_that_overflows_is_caught() {
+    // Finite values all through the forward (x is tiny), but
+    // d/dx (3e38·x + 3e38·x) = 3e38 + 3e38 = inf.
+    let x = Tensor::from_vec(vec![1e-30], &[1])
+        .unwrap()
+        .requires_grad_(true);
+    let _anomaly = autograd::detect_anomaly();
+    let a = &x * 3e38;
+    let b = &x * 3e38;
+    let err = (&a + &b).sum().try_backward().unwrap_err();
+    println!("{err}");
+    assert!(
+        matches!(err, Error::Anomaly { input: Some(0), .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("though each was finite"), "{err}");
+    assert!(x.grad().is_none(), "an anomaly leaves .grad() untouched");
+}

@@ -206,16 +206,23 @@ fn run(
         if anomaly {
             check_gradients(node.op, node.location, slots)?;
         }
-        for (edge, slot) in edges[node.edges].iter().zip(slots.iter_mut()) {
+        for (input, (edge, slot)) in edges[node.edges].iter().zip(slots.iter_mut()).enumerate() {
             let slot = slot.take();
             let Some(input_grad) = slot else { continue };
-            match edge {
-                PlanEdge::None => {}
-                PlanEdge::Leaf(leaf) => Data::accumulate(&mut leaf_grads[*leaf], input_grad),
-                PlanEdge::Local(input) => {
-                    debug_assert!(*input > position, "plan is not topological");
-                    Data::accumulate(&mut grads[*input], input_grad);
+            let sum = match edge {
+                PlanEdge::None => continue,
+                PlanEdge::Leaf(leaf) => &mut leaf_grads[*leaf],
+                PlanEdge::Local(target) => {
+                    debug_assert!(*target > position, "plan is not topological");
+                    &mut grads[*target]
                 }
+            };
+            let summed = sum.is_some();
+            Data::accumulate(sum, input_grad);
+            if anomaly && summed {
+                // Each gradient was finite (checked above); their sum may
+                // still overflow.
+                check_sum(node.op, node.location, input, sum.as_ref())?;
             }
         }
     }
@@ -242,12 +249,7 @@ fn check_gradients(
         else {
             continue;
         };
-        let recorded = match location {
-            Some(location) => format!("`{op}` was recorded at {location}"),
-            None => format!(
-                "`{op}` was recorded with anomaly detection off, so its location is unknown"
-            ),
-        };
+        let recorded = recorded_at(op, location);
         return Err(Error::Anomaly {
             op,
             input: Some(input),
@@ -258,6 +260,41 @@ fn check_gradients(
         });
     }
     Ok(())
+}
+
+/// Where a node's op was recorded, for anomaly messages.
+fn recorded_at(
+    op: &'static str,
+    location: Option<&'static std::panic::Location<'static>>,
+) -> String {
+    match location {
+        Some(location) => format!("`{op}` was recorded at {location}"),
+        None => {
+            format!("`{op}` was recorded with anomaly detection off, so its location is unknown")
+        }
+    }
+}
+
+/// Anomaly detection's check of a gradient sum: finite gradients whose sum
+/// overflows name the op whose contribution made it overflow.
+fn check_sum(
+    op: &'static str,
+    location: Option<&'static std::panic::Location<'static>>,
+    input: usize,
+    sum: Option<&Data>,
+) -> Result<()> {
+    let Some(found) = sum.and_then(|sum| non_finite(sum.view().iter())) else {
+        return Ok(());
+    };
+    let recorded = recorded_at(op, location);
+    Err(Error::Anomaly {
+        op,
+        input: Some(input),
+        location: location.map(ToString::to_string),
+        message: format!(
+            "in backward, adding the gradient of `{op}` with respect to its input {input} to the other gradients of that input gives {found}, though each was finite; {recorded}"
+        ),
+    })
 }
 
 /// `tensor.backward()` and its variants: accumulate gradients into leaves.

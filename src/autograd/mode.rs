@@ -89,8 +89,9 @@ pub fn is_anomaly_enabled() -> bool {
 ///   with its message);
 /// - every recorded node keeps the source location (file:line:column) of
 ///   the op call that recorded it;
-/// - a backward pass on this thread checks every gradient it computes, and
-///   stops at the first one holding a NaN or an infinity:
+/// - a backward pass on this thread checks every gradient it computes (and
+///   every sum of an input's gradients, which can overflow though each part
+///   is finite), and stops at the first one holding a NaN or an infinity:
 ///   [`try_backward`](crate::Tensor::try_backward) returns an
 ///   [`Error::Anomaly`] naming the op, the input and the location of the
 ///   forward call that recorded it, and `backward` panics with the same
