@@ -40,6 +40,7 @@
 #![deny(missing_docs)]
 
 pub mod batcher;
+mod conns;
 mod http;
 pub mod metrics;
 pub mod model;
@@ -56,9 +57,9 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch as signal};
+use tokio::sync::watch as signal;
+use tower::ServiceExt;
 
 pub use http::BODY_LIMIT;
 
@@ -97,7 +98,12 @@ pub struct Config {
     /// Predict requests that may wait for the model; one more is answered
     /// 503 at once.
     pub queue_capacity: usize,
-    /// Open connections at most; more wait in the listen backlog.
+    /// Open connections at most. When every one is taken, a new connection
+    /// is accepted anyway and the longest-open idle connection (no request
+    /// in progress; those that never sent one first) is closed to make room;
+    /// only when every connection has a request in progress do new ones
+    /// wait in the listen backlog. So clients that open connections and
+    /// send nothing, or trickle their headers, cannot lock others out.
     pub max_connections: usize,
     /// The deadline of a whole request, body included (408 after it).
     pub request_timeout: Duration,
@@ -447,15 +453,10 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         .header_read_timeout(config.idle_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut slots = conns::Slots::new(config.max_connections);
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
+        // Accept first, then find a slot: when all are taken, an idle
+        // connection gives its slot up (see `conns`).
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -469,20 +470,42 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
                 continue;
             }
         };
+        let slot = tokio::select! {
+            slot = slots.take() => slot,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
         let _ = stream.set_nodelay(true);
+        // The connection is busy (not to be evicted) from when hyper hands
+        // a request to the router until the router's future completes.
+        let activity = slot.activity();
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let busy = activity.begin_request();
+            let response = router.clone().oneshot(request);
+            async move {
+                let response = response.await;
+                drop(busy);
+                response
+            }
+        });
         let connection = http.serve_connection(
             TokioIo::new(stall::StallTimeout::new(stream, config.idle_timeout)),
-            TowerToHyperService::new(router.clone()),
+            service,
         );
         let connection = graceful.watch(connection);
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             metrics.add_connections(1);
-            if let Err(err) = connection.await {
-                tracing::debug!("connection closed: {err}");
+            match slot.run(connection).await {
+                Some(Ok(())) => {}
+                Some(Err(err)) => tracing::debug!("connection closed: {err}"),
+                None => {
+                    metrics.record_eviction();
+                    tracing::debug!("closed an idle connection to make room for a new one");
+                }
             }
             metrics.add_connections(-1);
-            drop(permit);
+            drop(slot);
         });
     }
     drop(listener);

@@ -55,7 +55,9 @@ struct Cli {
     /// Predict requests that may wait for the model; beyond it, 503 at once.
     #[arg(long, value_name = "N", default_value_t = Config::default().queue_capacity as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     queue: u64,
-    /// The most open connections; more wait in the listen backlog.
+    /// The most open connections. When all are taken, a new one closes the
+    /// longest-open idle connection (silent ones first); only when every one
+    /// has a request in progress do new ones wait in the listen backlog.
     #[arg(long, value_name = "N", default_value_t = Config::default().max_connections as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
     /// The deadline of a whole request, body included (milliseconds).

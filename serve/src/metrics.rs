@@ -137,6 +137,7 @@ pub struct Metrics {
     latency: Vec<Histogram>,
     batch_rows: Histogram,
     connections: AtomicI64,
+    connections_evicted: AtomicU64,
     training_steps: AtomicU64,
     /// `f64` bits.
     steps_per_second: AtomicU64,
@@ -179,6 +180,7 @@ impl Metrics {
                 .collect(),
             batch_rows: Histogram::new(&BATCH_BOUNDS, 1.0),
             connections: AtomicI64::new(0),
+            connections_evicted: AtomicU64::new(0),
             training_steps: AtomicU64::new(0),
             steps_per_second: AtomicU64::new(0f64.to_bits()),
             reloads_ok: AtomicU64::new(0),
@@ -218,6 +220,21 @@ impl Metrics {
     /// Counts a connection opened (`+1`) or closed (`-1`).
     pub fn add_connections(&self, delta: i64) {
         self.connections.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Open client connections.
+    pub fn open_connections(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts an idle connection closed to give its slot to a new one.
+    pub fn record_eviction(&self) {
+        self.connections_evicted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Idle connections closed so far to give their slots to new ones.
+    pub fn connections_evicted(&self) -> u64 {
+        self.connections_evicted.load(Ordering::Relaxed)
     }
 
     /// Sets the training steps taken and the current rate.
@@ -342,7 +359,14 @@ impl Metrics {
             "netcl_serve_open_connections",
             "Open client connections.",
             "gauge",
-            self.connections.load(Ordering::Relaxed).to_string(),
+            self.open_connections().to_string(),
+        );
+        gauge(
+            &mut out,
+            "netcl_serve_connections_evicted_total",
+            "Idle connections closed to give their slot to a new connection when every slot was taken.",
+            "counter",
+            self.connections_evicted().to_string(),
         );
         gauge(
             &mut out,
@@ -404,6 +428,8 @@ mod tests {
         for rows in [1, 3, 3, 64, 5000] {
             metrics.record_batch(rows);
         }
+        metrics.record_eviction();
+        metrics.record_eviction();
         let text = metrics.render(Gauges {
             version: 7,
             queue_depth: 0,
@@ -416,6 +442,7 @@ mod tests {
         assert!(text.contains("netcl_serve_batch_rows_bucket{le=\"+Inf\"} 5\n"));
         assert!(text.contains("netcl_serve_batch_rows_sum 5071\n"));
         assert!(text.contains("netcl_serve_model_version 7\n"));
+        assert!(text.contains("netcl_serve_connections_evicted_total 2\n"));
     }
 
     #[test]

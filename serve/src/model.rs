@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::mpsc;
 
 use netcl::Tensor;
 use netcl::autograd::{eval_mode, no_grad};
 use netcl::data::{TensorDataset, parse_labeled_csv};
-use netcl::nn::{Activation, Mlp, Module, Published};
+use netcl::nn::{Activation, Mlp, Module, Published, Version};
 use netcl::optim::{Adam, AdamConfig, CosineAnnealing};
 use netcl::train::Trainer;
 use sync::Mutex;
@@ -266,13 +267,20 @@ pub struct VersionInfo {
 /// [`load`](Published::load) a version.
 pub struct ModelState {
     published: Published,
-    info: Mutex<VersionInfo>,
+    current: Mutex<Current>,
+}
+
+/// What [`ModelState`] updates under its lock with each publish.
+struct Current {
+    info: VersionInfo,
+    /// Where each new version is sent ([`ModelState::subscribe`]).
+    subscribers: Vec<mpsc::Sender<Arc<Version>>>,
 }
 
 impl std::fmt::Debug for ModelState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelState")
-            .field("info", &*self.info.lock())
+            .field("info", &self.current.lock().info)
             .finish()
     }
 }
@@ -286,7 +294,10 @@ impl ModelState {
     pub fn new(model: &Mlp, info: VersionInfo) -> netcl::Result<Arc<ModelState>> {
         Ok(Arc::new(ModelState {
             published: Published::with_version(model, info.version)?,
-            info: Mutex::new(info),
+            current: Mutex::new(Current {
+                info,
+                subscribers: Vec::new(),
+            }),
         }))
     }
 
@@ -298,10 +309,10 @@ impl ModelState {
     /// Publishes `model` as the next version, with `info` (whose version
     /// field is set to the new number), and returns that number.
     pub fn publish(&self, model: Box<dyn Module>, mut info: VersionInfo) -> u64 {
-        let mut current = self.info.lock();
+        let mut current = self.current.lock();
         let number = self.published.publish_model(model);
         info.version = number;
-        *current = info;
+        self.published_under(&mut current, info);
         number
     }
 
@@ -310,7 +321,7 @@ impl ModelState {
     /// trainer's numbers), else as the next version; returns the number it
     /// got.
     pub fn publish_as(&self, model: Box<dyn Module>, number: u64, mut info: VersionInfo) -> u64 {
-        let mut current = self.info.lock();
+        let mut current = self.current.lock();
         let number = if number > self.published.version() {
             self.published
                 .publish_model_as(model, number)
@@ -319,12 +330,80 @@ impl ModelState {
             self.published.publish_model(model)
         };
         info.version = number;
-        *current = info;
+        self.published_under(&mut current, info);
         number
+    }
+
+    /// Records `info` as the current version's, and sends the version just
+    /// published to the subscribers; `current` is the lock every publish
+    /// holds, so nothing was published since.
+    fn published_under(&self, current: &mut Current, info: VersionInfo) {
+        current.info = info;
+        if !current.subscribers.is_empty() {
+            let version = self.published.load();
+            current
+                .subscribers
+                .retain(|subscriber| subscriber.send(Arc::clone(&version)).is_ok());
+        }
+    }
+
+    /// Every version from now on: the current one at once, then each
+    /// version as it is published, in order, none missed (for a test or an
+    /// audit that checks responses against the version that computed them:
+    /// a response never names a version older than the one current when it
+    /// was received). Each version received is kept, weights and all, until
+    /// the receiver drops it; dropping the receiver ends the subscription
+    /// at the next publish.
+    pub fn subscribe(&self) -> mpsc::Receiver<Arc<Version>> {
+        let (sender, receiver) = mpsc::channel();
+        let mut current = self.current.lock();
+        let _ = sender.send(self.published.load());
+        current.subscribers.push(sender);
+        receiver
     }
 
     /// What is known about the current version.
     pub fn info(&self) -> VersionInfo {
-        *self.info.lock()
+        self.current.lock().info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(source: &'static str) -> VersionInfo {
+        VersionInfo {
+            version: 0,
+            training_steps: 0,
+            last_loss: None,
+            accuracy: 0.0,
+            source,
+        }
+    }
+
+    fn zeros() -> Box<dyn Module> {
+        Box::new(Mlp::zeros(&DIMS, Activation::Relu).unwrap())
+    }
+
+    #[test]
+    fn a_subscriber_gets_the_current_version_then_every_one_published() {
+        let state = ModelState::new(
+            &Mlp::zeros(&DIMS, Activation::Relu).unwrap(),
+            info("startup"),
+        )
+        .unwrap();
+        state.publish(zeros(), info("training"));
+        let versions = state.subscribe();
+        state.publish(zeros(), info("training"));
+        state.publish_as(zeros(), 7, info("reload"));
+        let dropped = state.subscribe();
+        drop(dropped);
+        state.publish(zeros(), info("training"));
+        let numbers: Vec<u64> = versions.try_iter().map(|v| v.number()).collect();
+        assert_eq!(numbers, [1, 2, 7, 8]);
+        // The dropped receiver's sender went at the publish after it.
+        assert_eq!(state.current.lock().subscribers.len(), 1);
+        assert_eq!(state.info().version, 8);
     }
 }

@@ -1,9 +1,12 @@
 //! Slow and silent clients are cut off while others are served; the number
-//! of open connections is bounded; malformed HTTP gets a 4xx, never a
-//! crash.
+//! of open connections is bounded, and when every slot is taken an idle
+//! connection (silent ones first) gives its slot to a new one, while a
+//! connection with a request in progress never does; malformed HTTP gets a
+//! 4xx, never a crash.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{Client, digit_rows, start, test_config};
@@ -128,33 +131,280 @@ async fn a_client_trickling_its_body_gets_408() {
     server.wait().await.unwrap();
 }
 
+/// An idle timeout far longer than any test below should wait for a client
+/// to be served: a client served sooner was not waiting for it.
+fn slow_idle_timeout() -> Config {
+    Config {
+        idle_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(5),
+        ..test_config()
+    }
+}
+
+/// How long a client may take to be served beside connections that hold
+/// every slot: well under the 5 s idle timeout that would otherwise free
+/// one.
+const PROMPTLY: Duration = Duration::from_secs(2);
+
+/// Opens a connection that sends nothing.
+async fn silent(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// Whether the server closes `stream` within `limit` (it must send nothing
+/// first: these connections sent no request).
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(n)) => panic!(
+            "a silent connection received {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Whether the server closes the client's connection within `limit`.
+async fn client_closed_within(client: &Client, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if client.is_closed() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.is_closed()
+}
+
+/// One predict on a new connection, which must be answered within
+/// [`PROMPTLY`]; returns the client, its connection still open.
+///
+/// The request is sent as soon as the connection is open, as real clients
+/// do: a connection that has sent nothing yet is idle, and a flood of new
+/// connections evicts it once `max_connections` newer ones came.
+async fn served_promptly(addr: SocketAddr, what: &str) -> Client {
+    let rows = &digit_rows()[..1];
+    let start = Instant::now();
+    let served = tokio::time::timeout(PROMPTLY, async {
+        let mut client = Client::connect(addr).await;
+        let reply = client.predict(rows).await;
+        (client, reply)
+    })
+    .await;
+    let Ok((client, reply)) = served else {
+        panic!("a client was not served within {PROMPTLY:?} {what}");
+    };
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    println!("served after {:?} {what}", start.elapsed());
+    client
+}
+
+/// Before, a server whose slots were all held by silent connections
+/// stopped accepting: a new client waited in the listen backlog until the
+/// idle timeout closed one (this test asserted that wait, with a 700 ms
+/// timeout). So whoever opened `max_connections` connections and sent
+/// nothing locked every other client out for the idle timeout, and again
+/// right after. Now the new connection is accepted and the longest-open
+/// silent connection gives its slot up at once; open connections stay
+/// bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_connections_are_bounded() {
+async fn open_connections_are_bounded_and_silent_ones_give_way() {
     let server = start(Config {
         max_connections: 3,
-        ..fast_timeouts()
+        ..slow_idle_timeout()
     })
     .await;
     let addr = server.local_addr();
-    // Three idle connections hold every slot...
+    // Three silent connections hold every slot...
     let mut idle = Vec::new();
     for _ in 0..3 {
-        idle.push(TcpStream::connect(addr).await.unwrap());
+        idle.push(silent(addr).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // ...so a fourth is not served until the idle ones are closed by the
-    // idle timeout (700 ms).
-    let start = Instant::now();
-    let mut client = Client::connect(addr).await;
-    let reply = client.predict(&digit_rows()[..1]).await;
-    assert_eq!(reply.status, 200);
-    let waited = start.elapsed();
+    // ...and a fourth client is served at once, in the slot of the first.
+    let client = served_promptly(addr, "beside 3 silent connections").await;
     assert!(
-        waited >= Duration::from_millis(400),
-        "served after {waited:?} beside 3 idle connections"
+        closed_within(&mut idle[0], Duration::from_secs(1)).await,
+        "the longest-open silent connection is still open"
     );
-    assert!(server.metrics().responses_with_status(200) == 1);
+    for (i, stream) in idle.iter_mut().enumerate().skip(1) {
+        assert!(
+            !closed_within(stream, Duration::from_millis(200)).await,
+            "silent connection {i} was closed too"
+        );
+    }
+    assert_eq!(server.metrics().connections_evicted(), 1);
+    assert_eq!(server.metrics().open_connections(), 3);
+    drop((client, idle));
+    server.shutdown();
+    server.wait().await.unwrap();
+}
+
+/// Silent connections keep coming (20 against 4 slots) while a client
+/// makes requests, each on a new connection, and another keeps one
+/// connection busy: every request is answered, promptly, and the flood
+/// never holds more than the 4 slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_does_not_lock_clients_out() {
+    let server = start(Config {
+        max_connections: 4,
+        ..slow_idle_timeout()
+    })
+    .await;
+    let addr = server.local_addr();
+    // A client on one keep-alive connection, from before the flood.
+    let mut steady = Client::connect(addr).await;
+    assert_eq!(steady.get("/healthz").await.status, 200);
+    let flood = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(silent(addr).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Kept open (and unread) until the test ends.
+        held
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rows = digit_rows();
+    for i in 0..10 {
+        drop(
+            served_promptly(
+                addr,
+                &format!("(request {i}) during a flood of silent connections"),
+            )
+            .await,
+        );
+        // The connection of the steady client has a request in progress
+        // or has just had one: never evicted.
+        let reply = steady.predict(&rows[i..=i]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = flood.await.unwrap();
+    // All but at most 4 of the 20 silent connections gave their slot up.
+    let mut open = 0;
+    for stream in &mut held {
+        if !closed_within(stream, Duration::from_millis(10)).await {
+            open += 1;
+        }
+    }
+    assert!(open <= 4, "{open} silent connections still open");
+    assert!(server.metrics().connections_evicted() >= 16);
+    assert!(server.metrics().open_connections() <= 4);
+    drop((steady, held));
+    server.shutdown();
+    server.wait().await.unwrap();
+}
+
+/// The longest-open connection trickles its request body over 1.5 s (well
+/// within the request timeout) while every slot is taken and new
+/// connections keep coming: each takes the slot of an idle connection,
+/// never the busy one, which gets its whole response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_request_in_progress_is_never_evicted() {
+    let server = start(Config {
+        max_connections: 2,
+        ..slow_idle_timeout()
+    })
+    .await;
+    let addr = server.local_addr();
+    let rows = digit_rows();
+    let body = serde_json::json!({ "inputs": [&rows[3]] }).to_string();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(
+        format!(
+            "POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let trickle = tokio::spawn(async move {
+        let chunks: Vec<&[u8]> = body.as_bytes().chunks(body.len() / 15 + 1).collect();
+        for chunk in chunks {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            busy.write_all(chunk)
+                .await
+                .expect("the busy connection is open");
+        }
+        read_until_closed(&mut busy, Duration::from_secs(10))
+            .await
+            .0
+    });
+    // The busy connection's headers are in: its request is in the service.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut idle = Vec::new();
+    for i in 0..4 {
+        idle.push(silent(addr).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every slot is taken: by the busy connection, and by the silent
+        // one (or by the last client, still within its grace).
+        drop(
+            served_promptly(
+                addr,
+                &format!("(client {i}) beside a busy and a silent connection"),
+            )
+            .await,
+        );
+    }
+    assert!(
+        !trickle.is_finished(),
+        "the body was sent too fast to test anything"
+    );
+    let text = trickle.await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let expected = common::engine_predict(&**server.model().published().load(), &rows[3..4]).0;
+    assert!(
+        text.contains(&format!("\"classes\":[{}]", expected[0])),
+        "{text}"
+    );
+    assert!(server.metrics().connections_evicted() >= 3);
     drop(idle);
+    server.shutdown();
+    server.wait().await.unwrap();
+}
+
+/// Idle connections that never sent a request give their slot up before
+/// idle keep-alive connections that did, even older ones; then the
+/// longest-open idle keep-alive connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_go_before_idle_keep_alive_ones() {
+    let server = start(Config {
+        max_connections: 3,
+        ..slow_idle_timeout()
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut kept_old = Client::connect(addr).await;
+    assert_eq!(kept_old.get("/healthz").await.status, 200);
+    let mut never = silent(addr).await;
+    let mut kept_new = Client::connect(addr).await;
+    assert_eq!(kept_new.get("/healthz").await.status, 200);
+    // Past the grace a finished response gets (1 s): both keep-alive
+    // connections are idle.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+
+    let first = served_promptly(
+        addr,
+        "beside 2 idle keep-alive connections and a silent one",
+    )
+    .await;
+    assert!(closed_within(&mut never, Duration::from_secs(1)).await);
+    assert!(!client_closed_within(&kept_old, Duration::from_millis(200)).await);
+    assert!(!kept_new.is_closed());
+
+    // No silent connection left: the longest-open idle one goes (not
+    // `first`, just served).
+    let second = served_promptly(addr, "beside 3 keep-alive connections").await;
+    assert!(client_closed_within(&kept_old, Duration::from_secs(1)).await);
+    assert!(!client_closed_within(&kept_new, Duration::from_millis(200)).await);
+    assert!(!first.is_closed());
+    assert_eq!(server.metrics().connections_evicted(), 2);
+    drop((first, second, kept_new));
     server.shutdown();
     server.wait().await.unwrap();
 }

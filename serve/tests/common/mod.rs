@@ -68,6 +68,12 @@ impl Client {
         Client { sender, addr }
     }
 
+    /// Whether this connection has ended: the server closed it (and the
+    /// client's connection task has read that).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
     /// Sends a request and reads the whole response.
     pub async fn send(&mut self, method: Method, path: &str, body: Vec<u8>) -> Reply {
         let request = Request::builder()
