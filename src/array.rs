@@ -62,6 +62,75 @@ pub(crate) fn normalize_axis(op: &'static str, axis: isize, ndim: usize) -> Resu
     Ok(resolved as usize)
 }
 
+/// Reads the index tensors of the indexing ops (`index_select`, `gather`,
+/// `embedding`, ...): netcl keeps one element type, so an index is an `f32`
+/// holding an integer (exact up to 2^24), checked here against `bound`.
+///
+/// # Errors
+///
+/// [`Error::Index`] naming `op`, the position and the value if `values`
+/// holds anything but an integer in `0..bound` (NaN and infinities
+/// included).
+#[allow(dead_code)] // the indexing ops (ops issue) are its users
+pub(crate) fn indices(
+    op: &'static str,
+    values: impl IntoIterator<Item = f32>,
+    bound: usize,
+) -> Result<Vec<usize>> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(position, value)| index(op, position, value, bound))
+        .collect()
+}
+
+/// One index of [`indices`].
+#[allow(dead_code)] // the indexing ops (ops issue) are its users
+pub(crate) fn index(op: &'static str, position: usize, value: f32, bound: usize) -> Result<usize> {
+    // `value < bound` compared in f64: every usize below 2^53 is exact there.
+    if value >= 0.0 && value.fract() == 0.0 && f64::from(value) < bound as f64 {
+        Ok(value as usize)
+    } else {
+        Err(Error::Index {
+            op,
+            position,
+            value,
+            bound,
+        })
+    }
+}
+
+/// Reads a mask (`masked_fill`, `where_`, attention masks): netcl keeps one
+/// element type, so a mask is an `f32` tensor of 0 (false) and 1 (true),
+/// as the comparison ops (`eq`, `gt`, `lt`) return.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] naming `op`, the position and the value if
+/// any value is not exactly 0 or 1 (a NaN in a mask is an error, never
+/// silently true or false).
+#[allow(dead_code)] // the masking ops (ops issue) are its users
+pub(crate) fn mask(op: &'static str, values: impl IntoIterator<Item = f32>) -> Result<Vec<bool>> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(position, value)| {
+            if value == 1.0 {
+                Ok(true)
+            } else if value == 0.0 {
+                Ok(false)
+            } else {
+                Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "mask value {value} at position {position}: a mask holds 0 (false) or 1 (true)"
+                    ),
+                })
+            }
+        })
+        .collect()
+}
+
 /// The NumPy broadcast of two shapes: aligned from the right, each pair of
 /// lengths equal or one of them 1. The result must be a shape that can
 /// exist ([`checked_numel`]): two empty operands can broadcast to a shape

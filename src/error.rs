@@ -193,6 +193,24 @@ pub enum Error {
         classes: usize,
     },
 
+    /// An index (an element of an index tensor, or an index argument) is
+    /// not an integer in `0..bound`. Index tensors hold integer values in
+    /// `f32`, as the class targets of `cross_entropy` do.
+    #[error(
+        "{op}: index {value} at position {position} is out of range: expected an integer in 0..{bound}"
+    )]
+    Index {
+        /// The operation.
+        op: &'static str,
+        /// Position of the index in the index tensor, in row-major order
+        /// (0 for a scalar index argument).
+        position: usize,
+        /// The value found.
+        value: f32,
+        /// The length of the dimension indexed.
+        bound: usize,
+    },
+
     /// An argument is outside the values an operation accepts.
     #[error("{op}: {message}")]
     InvalidArgument {

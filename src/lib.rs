@@ -16,6 +16,7 @@
 //! | module | |
 //! |---|---|
 //! | [`autograd`] | grad mode, tapes, `autograd::grad`, custom ops ([`apply_op`](autograd::apply_op)) |
+//! | [`functional`] | PyTorch's functional API: `cat`, `conv2d`, `embedding`, `layer_norm`, attention, ... |
 //! | [`parallel`] | rayon helpers that carry the caller's grad mode into every task |
 //! | [`nn`] | `Module`, `Linear`, activations, `Dropout`, `Sequential`, `Mlp` |
 //! | [`optim`] | `Sgd`, `Adam`, `AdamW`, learning-rate schedules |
@@ -62,6 +63,7 @@ mod array;
 pub mod autograd;
 pub mod data;
 mod error;
+pub mod functional;
 pub mod io;
 pub mod nn;
 mod ops;
