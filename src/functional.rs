@@ -23,3 +23,6 @@
 //!   other value is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 //!
 //! Use it as PyTorch code does: `use netcl::functional as F;`.
+
+pub use crate::ops::index::{embedding, try_embedding, try_where_, where_};
+pub use crate::ops::layout::{cat, stack, try_cat, try_stack};

@@ -10,6 +10,8 @@ mod compare;
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
+pub(crate) mod index;
+pub(crate) mod layout;
 mod loss;
 mod matmul;
 mod reduce;
