@@ -645,6 +645,22 @@ mod tests {
     }
 
     #[test]
+    fn permutes_and_unit_axes_share_the_buffer() {
+        let data = Data::collect(&[2, 3, 4], (0..24).map(|v| v as f32));
+        let p = data.permute(&[2, 0, 1]);
+        assert_eq!(p.shape(), &[4, 2, 3]);
+        assert!(p.as_slice().is_none());
+        assert_eq!(p.to_vec()[..4], [0.0, 4.0, 8.0, 12.0]);
+        // Unit axes in and out of a strided view keep its strides.
+        let u = p.reshape_unit_axes(&[4, 1, 2, 3, 1]);
+        assert_eq!(u.to_vec(), p.to_vec());
+        assert_eq!(u.reshape_unit_axes(&[4, 2, 3]).to_vec(), p.to_vec());
+        // The inverse permutation is row-major again.
+        let back = p.permute(&[1, 2, 0]);
+        assert_eq!(back.as_slice(), data.as_slice());
+    }
+
+    #[test]
     fn zero_size_and_zero_dimensional_shapes() {
         let empty = Data::full(&[0, 3], 0.0);
         assert_eq!((empty.len(), empty.view().shape()), (0, &[0, 3][..]));

@@ -517,7 +517,11 @@ impl Tensor {
     /// when the length does not divide), as `torch.split(x, split_size,
     /// dim)`; PyTorch's list-of-sizes form is
     /// [`try_split_sizes`](Tensor::try_split_sizes). An axis of length 0
-    /// gives one empty piece. Each piece is a copy (PyTorch: a view).
+    /// gives one empty piece. Each piece is a copy (PyTorch: a view), and
+    /// records its own node, whose backward writes a gradient of `self`'s
+    /// full shape (zero outside the piece): a backward through all `k`
+    /// pieces costs `O(k·n)` for `n` elements (cheap for the few pieces of
+    /// a q/k/v split; for many small pieces, select what you need instead).
     /// Unrelated to [`TensorDataset::split`](crate::data::TensorDataset::split).
     ///
     /// # Errors
@@ -835,4 +839,202 @@ pub fn try_stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    fn arange(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::arange(0.0, n as f32, 1.0).reshape(shape)
+    }
+
+    /// The address of a tensor's first stored value (views have no
+    /// offset: a view of a buffer starts where the buffer does).
+    fn base(x: &Tensor) -> *const f32 {
+        x.read().view().as_ptr()
+    }
+
+    #[test]
+    fn permute_unsqueeze_and_squeeze_share_storage() {
+        let x = arange(&[2, 3, 4]);
+        let p = x.permute(&[2, 0, 1]);
+        assert_eq!(base(&p), base(&x));
+        // Unit axes on a non-contiguous view stay a view with its strides.
+        let u = p.unsqueeze(1).unsqueeze(-1);
+        assert_eq!(u.shape(), &[4, 1, 2, 3, 1]);
+        assert_eq!(base(&u), base(&x));
+        assert_eq!(u.to_vec(), p.to_vec());
+        let s = u.squeeze_all();
+        assert_eq!(s.shape(), &[4, 2, 3]);
+        assert_eq!(base(&s), base(&x));
+        assert_eq!(s.to_vec(), p.to_vec());
+        // Permuting back is row-major again.
+        assert_eq!(p.permute(&[1, 2, 0]).to_vec(), x.to_vec());
+    }
+
+    #[test]
+    fn squeeze_follows_pytorch_on_edge_shapes() {
+        let scalar = Tensor::scalar(3.0);
+        assert_eq!(scalar.squeeze(0).shape(), &[] as &[usize]);
+        assert_eq!(scalar.squeeze(-1).shape(), &[] as &[usize]);
+        assert!(scalar.try_squeeze(1).is_err());
+        assert_eq!(scalar.unsqueeze(-1).shape(), &[1]);
+        assert_eq!(scalar.flatten(0, -1).shape(), &[1]);
+        assert_eq!(
+            Tensor::zeros(&[1, 1]).squeeze_all().shape(),
+            &[] as &[usize]
+        );
+        assert_eq!(Tensor::zeros(&[0, 1]).squeeze(1).shape(), &[0]);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors_naming_the_op() {
+        let x = arange(&[2, 3]);
+        assert!(matches!(
+            x.try_permute(&[0, 0]),
+            Err(Error::InvalidArgument { op: "permute", .. })
+        ));
+        assert!(matches!(
+            x.try_permute(&[0]),
+            Err(Error::InvalidArgument { op: "permute", .. })
+        ));
+        assert!(matches!(
+            x.try_permute(&[0, 2]),
+            Err(Error::Axis { op: "permute", .. })
+        ));
+        assert!(matches!(
+            x.try_unsqueeze(3),
+            Err(Error::Axis {
+                op: "unsqueeze",
+                ..
+            })
+        ));
+        assert!(matches!(
+            x.try_flatten(1, 0),
+            Err(Error::InvalidArgument { op: "flatten", .. })
+        ));
+        assert!(matches!(
+            x.try_expand(&[3]),
+            Err(Error::InvalidArgument { op: "expand", .. })
+        ));
+        assert!(matches!(
+            x.try_expand(&[-1, 2, 3]),
+            Err(Error::InvalidArgument { op: "expand", .. })
+        ));
+        assert!(matches!(
+            x.try_expand(&[2, 4]),
+            Err(Error::Broadcast { op: "expand", .. })
+        ));
+        assert!(matches!(
+            x.try_expand(&[isize::MAX / 2, 2, 3]),
+            Err(Error::ShapeTooLarge { op: "expand", .. })
+        ));
+        let err = x.try_narrow(1, 2, 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "narrow: start 2 + length 2 passes the length 3 of axis 1"
+        );
+        assert!(x.try_narrow(1, -4, 0).is_err());
+        assert!(x.try_narrow(1, 3, 0).is_ok());
+        assert!(matches!(
+            x.try_split(0, 0),
+            Err(Error::InvalidArgument { op: "split", .. })
+        ));
+        assert!(matches!(
+            x.try_split_sizes(&[1, 1], 1),
+            Err(Error::InvalidArgument {
+                op: "split_sizes",
+                ..
+            })
+        ));
+        assert!(x.try_split_sizes(&[usize::MAX, 4], 1).is_err());
+        assert!(matches!(
+            x.try_chunk(0, 0),
+            Err(Error::InvalidArgument { op: "chunk", .. })
+        ));
+        assert!(matches!(
+            try_cat(&[], 0),
+            Err(Error::InvalidArgument { op: "cat", .. })
+        ));
+        assert!(matches!(
+            try_cat(&[&x, &arange(&[3, 3])], 1),
+            Err(Error::ShapeMismatch { op: "cat", .. })
+        ));
+        assert!(matches!(
+            try_cat(&[&x, &arange(&[6])], 0),
+            Err(Error::Rank { op: "cat", .. })
+        ));
+        assert!(matches!(
+            try_stack(&[&x, &arange(&[3, 2])], 0),
+            Err(Error::ShapeMismatch { op: "stack", .. })
+        ));
+        assert!(matches!(
+            try_stack(&[&x], 3),
+            Err(Error::Axis { op: "stack", .. })
+        ));
+    }
+
+    #[test]
+    fn cat_and_stack_of_one_tensor_twice_accumulate_its_gradient() {
+        // y = cat(x, x): dL/dx = w[first half] + w[second half].
+        let x = t(&[1.0, 2.0], &[2]).requires_grad_(true);
+        let w = t(&[1.0, 10.0, 100.0, 1000.0], &[4]);
+        (&cat(&[&x, &x], 0) * &w).sum().backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![101.0, 1010.0]);
+        let x = t(&[1.0, 2.0], &[2]).requires_grad_(true);
+        // stack along 1: y[i, k] = x[i]; dL/dx[i] = w[i, 0] + w[i, 1].
+        (&stack(&[&x, &x], 1) * &w.reshape(&[2, 2]))
+            .sum()
+            .backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![11.0, 1100.0]);
+    }
+
+    #[test]
+    fn split_pieces_take_their_slice_of_the_gradient() {
+        // pieces of 2 of [0..5): dL/dx[j] = weight of the piece holding j.
+        let x = arange(&[5]).requires_grad_(true);
+        let pieces = x.split(2, -1);
+        assert_eq!(pieces.len(), 3);
+        let loss = pieces
+            .iter()
+            .enumerate()
+            .map(|(k, p)| p.sum() * (k as f32 + 1.0))
+            .reduce(|a, b| a + b)
+            .unwrap();
+        loss.backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![1.0, 1.0, 2.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn nan_and_infinities_pass_through_layout_ops() {
+        let x = t(&[f32::NAN, f32::INFINITY, -1.0, f32::NEG_INFINITY], &[2, 2]);
+        let y = cat(&[&x.permute(&[1, 0]), &x], 0).expand(&[2, -1, -1]);
+        let v = y.to_vec();
+        assert!(v[0].is_nan() && v[1] == -1.0 && v[2] == f32::INFINITY);
+        assert_eq!(v[7], f32::NEG_INFINITY);
+        assert!(v[8].is_nan());
+    }
+
+    #[test]
+    fn no_grad_layout_ops_record_nothing() {
+        let x = arange(&[2, 3]).requires_grad_(true);
+        let _guard = crate::autograd::no_grad();
+        let outs = [
+            x.permute(&[1, 0]),
+            x.unsqueeze(0),
+            x.flatten(0, -1),
+            x.expand(&[2, 2, 3]),
+            x.narrow(1, 0, 2),
+            cat(&[&x, &x], 0),
+            stack(&[&x, &x], 0),
+        ];
+        assert!(outs.iter().all(|y| y.grad_fn().is_none()));
+        assert!(x.chunk(2, 1).iter().all(|y| y.grad_fn().is_none()));
+    }
 }
