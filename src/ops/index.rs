@@ -58,7 +58,8 @@ impl Tensor {
     /// repeats allowed), in that order, as `torch.index_select`: the
     /// result has `self`'s shape with axis `dim` of `index.numel()`
     /// elements. The gradient scatter-adds back, so a repeated index
-    /// accumulates.
+    /// accumulates. Departure from PyTorch: a 0-dimensional `self` is an
+    /// error (PyTorch reads it as one element).
     ///
     /// # Errors
     ///
@@ -158,7 +159,8 @@ impl Tensor {
     /// for other dims; negative counts from the end), as `torch.gather`:
     /// `index` has `self`'s number of dimensions and, on every axis but
     /// `dim`, at most `self`'s length; the result has `index`'s shape. The
-    /// gradient scatter-adds back (repeated indices accumulate).
+    /// gradient scatter-adds back (repeated indices accumulate). Departure
+    /// from PyTorch: a 0-dimensional `self` is an error.
     ///
     /// # Errors
     ///
