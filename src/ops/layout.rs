@@ -1,11 +1,12 @@
 //! Layout ops, as PyTorch spells them: `permute`, `unsqueeze`, `squeeze`,
-//! `flatten`, `expand`/`broadcast_to`, `narrow`, `split`/`chunk` (methods)
+//! `flatten`, `expand`/`broadcast_to`, `narrow`, `split`/`chunk`,
+//! `select`/`unbind` (methods)
 //! and [`cat`]/[`stack`] (free functions, as `torch.cat` and `torch.stack`,
 //! re-exported in [`functional`](crate::functional)).
 //!
 //! `permute`, `unsqueeze` and `squeeze` return views sharing the input's
 //! storage (also for a non-contiguous input). `expand`, `broadcast_to`,
-//! `narrow`, `split` and `chunk` copy: netcl's storage has no offset and no
+//! `narrow`, `split`, `chunk`, `select` and `unbind` copy: netcl's storage has no offset and no
 //! zero strides, so where PyTorch returns a view netcl returns the same
 //! values in a new buffer (writing into the result never writes into the
 //! input, in either library, for the ops' results used as values).
@@ -664,6 +665,122 @@ impl Tensor {
     }
 }
 
+/// Picking along an axis: select, unbind.
+impl Tensor {
+    /// The slice at `index` of axis `dim`, without that axis, as
+    /// `torch.select` (PyTorch's `x[i]` is `x.select(0, i)`).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_select`](Tensor::try_select).
+    #[track_caller]
+    pub fn select(&self, dim: isize, index: isize) -> Tensor {
+        or_panic(self.try_select(dim, index))
+    }
+
+    /// The slice at `index` (negative counts from the end) of axis `dim`,
+    /// with that axis removed, as `torch.select`; the gradient is zero
+    /// outside the slice. Departure from PyTorch: a copy, not a view.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Axis`] if `dim` is out of range; [`Error::Index`] if
+    /// `index` is outside `-len..len` for the axis's length `len`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::arange(0.0, 6.0, 1.0).reshape(&[2, 3]).requires_grad_(true);
+    /// let y = x.try_select(1, -1)?;
+    /// assert_eq!(y.to_vec(), vec![2.0, 5.0]);
+    /// y.sum().backward();
+    /// assert_eq!(x.grad().unwrap().to_vec(), vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn try_select(&self, dim: isize, index: isize) -> Result<Tensor> {
+        let axis = normalize_axis("select", dim, self.ndim())?;
+        let len = self.shape()[axis];
+        let resolved = if index < 0 {
+            index.checked_add_unsigned(len)
+        } else {
+            Some(index)
+        };
+        match resolved {
+            Some(i) if i >= 0 && (i as usize) < len => self.pick("select", axis, i as usize),
+            _ => Err(Error::Index {
+                op: "select",
+                position: 0,
+                value: index as f32,
+                bound: len,
+            }),
+        }
+    }
+
+    /// The slices of axis `dim`, each without that axis, as
+    /// `torch.unbind`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_unbind`](Tensor::try_unbind).
+    #[track_caller]
+    pub fn unbind(&self, dim: isize) -> Vec<Tensor> {
+        or_panic(self.try_unbind(dim))
+    }
+
+    /// Every slice of axis `dim` (negative counts from the end), each with
+    /// that axis removed, as `torch.unbind` (`q, k, v = qkv.unbind(0)`).
+    /// Each is a copy recording its own node, so, as for
+    /// [`try_split`](Tensor::try_split), a backward through all `len`
+    /// slices costs `O(len·n)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Axis`] if `dim` is out of range.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::arange(0.0, 6.0, 1.0).reshape(&[3, 2]);
+    /// let rows = x.try_unbind(0)?;
+    /// assert_eq!(rows.len(), 3);
+    /// assert_eq!(rows[2].to_vec(), vec![4.0, 5.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn try_unbind(&self, dim: isize) -> Result<Vec<Tensor>> {
+        let axis = normalize_axis("unbind", dim, self.ndim())?;
+        (0..self.shape()[axis])
+            .map(|i| self.pick("unbind", axis, i))
+            .collect()
+    }
+
+    /// The slice at `index` of `axis` without that axis, checked by the
+    /// caller.
+    #[track_caller]
+    fn pick(&self, op: &'static str, axis: usize, index: usize) -> Result<Tensor> {
+        let data = self.read();
+        let out = Data::from_view(data.view().index_axis(Axis(axis), index));
+        let input = self.shape().to_vec();
+        record(op, &[self], out, |_| {
+            // d x[.., index, ..]/dx: the gradient at `index`, zero elsewhere.
+            move |grad: Data, grads: &mut InputGrads<'_>| {
+                let grad = grad.view();
+                grads.put(
+                    0,
+                    Data::build(&input, |mut g| {
+                        g.index_axis_mut(Axis(axis), index).assign(&grad)
+                    }),
+                );
+            }
+        })
+    }
+}
+
 /// Concatenates `tensors` along `dim`, as `torch.cat`.
 ///
 /// # Panics
@@ -958,6 +1075,20 @@ mod tests {
             x.try_chunk(0, 0),
             Err(Error::InvalidArgument { op: "chunk", .. })
         ));
+        assert!(matches!(
+            x.try_select(1, 3),
+            Err(Error::Index {
+                op: "select",
+                bound: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            x.try_select(0, -3),
+            Err(Error::Index { op: "select", .. })
+        ));
+        assert_eq!(x.select(0, -2).to_vec(), vec![0.0, 1.0, 2.0]);
+        assert!(x.try_unbind(2).is_err());
         assert!(matches!(
             try_cat(&[], 0),
             Err(Error::InvalidArgument { op: "cat", .. })

@@ -24,6 +24,8 @@ pub fn run(op: &str, a: &Value, x: &[Tensor]) -> Option<Result<Vec<Tensor>>> {
         "split" => Some(x[0].try_split(a.usize("size"), a.isize("dim"))),
         "split_sizes" => Some(x[0].try_split_sizes(&a.usizes("sizes"), a.isize("dim"))),
         "chunk" => Some(x[0].try_chunk(a.usize("chunks"), a.isize("dim"))),
+        "select" => one(x[0].try_select(a.isize("dim"), a.isize("index"))),
+        "unbind" => Some(x[0].try_unbind(a.isize("dim"))),
         "index_select" => one(x[0].try_index_select(a.isize("dim"), &x[1])),
         "gather" => one(x[0].try_gather(a.isize("dim"), &x[1])),
         "embedding" => one(F::try_embedding(&x[0], &x[1])),
