@@ -376,7 +376,11 @@ impl Tensor {
     /// [`Error::InvalidArgument`] if `mask` holds a value other than 0 or
     /// 1, naming its position and value; [`Error::Broadcast`] if the shapes
     /// do not broadcast; [`Error::ShapeTooLarge`] if their broadcast could
-    /// not exist.
+    /// not exist; [`Error::Anomaly`] with
+    /// [anomaly detection](crate::autograd::detect_anomaly) on, if `value`
+    /// is infinite or NaN and lands in the output while `self` is finite
+    /// (the forward check cannot tell a deliberate `-inf` from an
+    /// accident; PyTorch's anomaly mode checks backward only).
     ///
     /// # Examples
     ///
