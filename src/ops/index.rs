@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use ndarray::{Dimension, Zip};
 
 use crate::array::{broadcast_shape, checked_numel, indices, mask, normalize_axis};
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{InputGrads, record, record_with_constants};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -376,11 +376,9 @@ impl Tensor {
     /// [`Error::InvalidArgument`] if `mask` holds a value other than 0 or
     /// 1, naming its position and value; [`Error::Broadcast`] if the shapes
     /// do not broadcast; [`Error::ShapeTooLarge`] if their broadcast could
-    /// not exist; [`Error::Anomaly`] with
-    /// [anomaly detection](crate::autograd::detect_anomaly) on, if `value`
-    /// is infinite or NaN and lands in the output while `self` is finite
-    /// (the forward check cannot tell a deliberate `-inf` from an
-    /// accident; PyTorch's anomaly mode checks backward only).
+    /// not exist. With [anomaly detection](crate::autograd::detect_anomaly)
+    /// on, a non-finite `value` is not an anomaly: it is the argument (an
+    /// attention mask's `-inf`), not a value the op produced.
     ///
     /// # Examples
     ///
@@ -415,7 +413,7 @@ impl Tensor {
         };
         drop(x);
         let input = self.shape().to_vec();
-        record(OP, &[self], out, |_| {
+        record_with_constants(OP, &[self], &[value], out, |_| {
             // d out/dx = 0 where the mask is 1, else 1.
             move |grad: Data, grads: &mut InputGrads<'_>| {
                 let g = grad.zip_into(&m, |g, m| if m == 1.0 { 0.0 } else { g });
