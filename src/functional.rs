@@ -23,3 +23,9 @@
 //!   other value is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 //!
 //! Use it as PyTorch code does: `use netcl::functional as F;`.
+
+pub use crate::ops::activation::{GeluApproximate, gelu, silu};
+pub use crate::ops::loss::{
+    CrossEntropyOptions, NllLossOptions, Reduction, binary_cross_entropy_with_logits,
+    cross_entropy, nll_loss, try_binary_cross_entropy_with_logits, try_cross_entropy, try_nll_loss,
+};

@@ -1,4 +1,6 @@
-//! Loss functions: cross-entropy over class indices and mean squared error.
+//! Loss functions: cross-entropy and negative log-likelihood over class
+//! indices (with PyTorch's options), binary cross-entropy on logits, and
+//! mean squared error.
 
 use ndarray::Axis;
 
@@ -172,4 +174,388 @@ impl Tensor {
             }
         })
     }
+}
+
+/// How a loss combines its per-element values, as PyTorch's `reduction`
+/// argument (`'mean'`, `'sum'`, `'none'`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reduction {
+    /// The per-element losses, unreduced (`'none'`).
+    None,
+    /// Their mean (`'mean'`, the default). For class-index losses with an
+    /// `ignore_index`, the mean over the targets not ignored.
+    #[default]
+    Mean,
+    /// Their sum (`'sum'`).
+    Sum,
+}
+
+/// The options of [`cross_entropy`] (PyTorch's keyword arguments of
+/// `F.cross_entropy`; the defaults are PyTorch's).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropyOptions {
+    /// A target value whose row contributes nothing (neither loss nor
+    /// gradient, nor a count in the mean). PyTorch's default is `-100`,
+    /// kept here (`Some(-100)`); `None` ignores no target.
+    pub ignore_index: Option<i64>,
+    /// `ε` in `[0, 1]`: the target distribution is `1 - ε` on the target
+    /// class plus `ε / classes` on every class. Default 0.
+    pub label_smoothing: f32,
+    /// How the per-row losses are combined. Default [`Reduction::Mean`].
+    pub reduction: Reduction,
+}
+
+impl Default for CrossEntropyOptions {
+    fn default() -> Self {
+        CrossEntropyOptions {
+            ignore_index: Some(-100),
+            label_smoothing: 0.0,
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+/// The options of [`nll_loss`] (PyTorch's keyword arguments of
+/// `F.nll_loss`; the defaults are PyTorch's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NllLossOptions {
+    /// As [`CrossEntropyOptions::ignore_index`]; default `Some(-100)`.
+    pub ignore_index: Option<i64>,
+    /// How the per-row losses are combined. Default [`Reduction::Mean`].
+    pub reduction: Reduction,
+}
+
+impl Default for NllLossOptions {
+    fn default() -> Self {
+        NllLossOptions {
+            ignore_index: Some(-100),
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+/// Reads the targets of a class-index loss over `[n, classes]` inputs: each
+/// is `Some(class)`, or `None` where it equals `ignore_index`.
+fn targets_of(
+    op: &'static str,
+    input: &Tensor,
+    targets: &Tensor,
+    ignore_index: Option<i64>,
+) -> Result<Vec<Option<usize>>> {
+    if input.ndim() != 2 {
+        return Err(Error::Rank {
+            op,
+            expected: "an input of shape [n, classes]",
+            shape: input.shape().to_vec(),
+        });
+    }
+    let (n, classes) = (input.shape()[0], input.shape()[1]);
+    if targets.shape() != [n] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: vec![n],
+            rhs: targets.shape().to_vec(),
+        });
+    }
+    targets
+        .read()
+        .to_vec()
+        .into_iter()
+        .enumerate()
+        .map(|(position, value)| match ignore_index {
+            Some(ignored) if f64::from(value) == ignored as f64 => Ok(None),
+            _ => crate::array::index(op, position, value, classes).map(Some),
+        })
+        .collect()
+}
+
+/// The per-row losses `rows` reduced as `reduction` says (the mean over
+/// `count` rows), and the factor that turns the incoming gradient of the
+/// result into each row's.
+fn reduce_rows(rows: Vec<f32>, count: usize, reduction: Reduction) -> Data {
+    match reduction {
+        Reduction::None => Data::from_vec(&[rows.len()], rows),
+        // The mean over no row is 0/0, NaN, as in PyTorch.
+        Reduction::Mean => Data::full(&[], rows.iter().sum::<f32>() / count as f32),
+        Reduction::Sum => Data::full(&[], rows.iter().sum::<f32>()),
+    }
+}
+
+/// The gradient of each row's loss from the gradient of the reduced one.
+fn row_grads(grad: &Data, n: usize, count: usize, reduction: Reduction) -> Vec<f32> {
+    let g = grad.to_vec();
+    match reduction {
+        Reduction::None => g,
+        Reduction::Mean => vec![g.first().copied().unwrap_or(0.0) / count as f32; n],
+        Reduction::Sum => vec![g.first().copied().unwrap_or(0.0); n],
+    }
+}
+
+/// PyTorch's `F.cross_entropy(input, target, ignore_index=..,
+/// label_smoothing=.., reduction=..)` over logits `[n, classes]` and `n`
+/// class indices stored as `f32`.
+///
+/// # Panics
+///
+/// As [`try_cross_entropy`].
+#[track_caller]
+pub fn cross_entropy(input: &Tensor, target: &Tensor, options: CrossEntropyOptions) -> Tensor {
+    or_panic(try_cross_entropy(input, target, options))
+}
+
+/// PyTorch's `F.cross_entropy` with its options, over logits `input` of
+/// shape `[n, classes]` and `target`, `n` class indices stored as `f32`.
+/// Row `i`'s loss is `-(1 - ε) lp[i, t_i] - ε/classes Σ_c lp[i, c]`, `lp`
+/// the log-softmax, `ε` the label smoothing; a row whose target is
+/// `ignore_index` contributes nothing. [`Reduction::Mean`] divides by the
+/// number of rows not ignored, so a batch whose targets are all ignored
+/// has a NaN loss (0/0), as in PyTorch; [`Reduction::None`] gives the `[n]`
+/// per-row losses, 0 where ignored.
+///
+/// The backward is fused: `(softmax - (1 - ε) onehot - ε/classes)` per
+/// row, scaled by the row's incoming gradient. netcl takes only the 2-D
+/// `[n, classes]` form (PyTorch also takes `[classes]` and
+/// `[n, classes, d..]`) and no class weights.
+///
+/// # Errors
+///
+/// [`Error::Rank`] if `input` is not 2-D, [`Error::ShapeMismatch`] if
+/// `target` is not `[n]`, [`Error::Index`] naming the position, value and
+/// bound of the first target that is neither `ignore_index` nor an integer
+/// in `0..classes`, [`Error::InvalidArgument`] if `label_smoothing` is not
+/// in `[0, 1]`.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional::{self as F, CrossEntropyOptions, Reduction};
+///
+/// let logits = Tensor::zeros(&[3, 2]).requires_grad_(true);
+/// let targets = Tensor::from_vec(vec![0.0, -100.0, 1.0], &[3])?;
+/// let options = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+/// let loss = F::try_cross_entropy(&logits, &targets, options)?;
+/// assert!((loss.item() - 2f32.ln()).abs() < 1e-6); // mean over the 2 kept rows
+/// loss.backward();
+/// // Row 0: softmax 0.5 - 0.9 onehot - 0.05, over 2 rows; row 1 ignored.
+/// assert_eq!(
+///     logits.grad().unwrap().to_vec(),
+///     vec![-0.225, 0.225, 0.0, 0.0, 0.225, -0.225]
+/// );
+///
+/// let none = CrossEntropyOptions { reduction: Reduction::None, ..Default::default() };
+/// assert_eq!(F::try_cross_entropy(&logits, &targets, none)?.shape(), &[3]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_cross_entropy(
+    input: &Tensor,
+    target: &Tensor,
+    options: CrossEntropyOptions,
+) -> Result<Tensor> {
+    let op = "cross_entropy";
+    let eps = options.label_smoothing;
+    if !(0.0..=1.0).contains(&eps) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("label_smoothing is {eps}, expected a value in [0, 1]"),
+        });
+    }
+    let targets = targets_of(op, input, target, options.ignore_index)?;
+    let (n, classes) = (input.shape()[0], input.shape()[1]);
+    let mut log_probs = input.read().to_array();
+    log_softmax_inplace(log_probs.view_mut(), 1);
+    let smooth = eps / classes as f32;
+    let rows: Vec<f32> = targets
+        .iter()
+        .zip(log_probs.axis_iter(Axis(0)))
+        .map(|(t, lp)| match t {
+            None => 0.0,
+            Some(t) if eps == 0.0 => -lp[*t],
+            Some(t) => -(1.0 - eps) * lp[*t] - smooth * lp.sum(),
+        })
+        .collect();
+    let count = targets.iter().flatten().count();
+    let reduction = options.reduction;
+    let out = reduce_rows(rows, count, reduction);
+    record(op, &[input], out, |_| {
+        // d loss_i / d z_ij = softmax_ij - (1 - ε) [j = t_i] - ε / classes
+        move |grad: Data, grads: &mut InputGrads<'_>| {
+            let scales = row_grads(&grad, n, count, reduction);
+            let mut g = log_probs.mapv(f32::exp);
+            for ((mut row, t), &scale) in g.axis_iter_mut(Axis(0)).zip(&targets).zip(&scales) {
+                match t {
+                    None => row.fill(0.0),
+                    Some(t) => {
+                        row[*t] -= 1.0 - eps;
+                        row.mapv_inplace(|v| (v - smooth) * scale);
+                    }
+                }
+            }
+            grads.set(0, g);
+        }
+    })
+}
+
+/// PyTorch's `F.nll_loss(input, target, ignore_index=.., reduction=..)`
+/// over log-probabilities `[n, classes]` and `n` class indices.
+///
+/// # Panics
+///
+/// As [`try_nll_loss`].
+#[track_caller]
+pub fn nll_loss(input: &Tensor, target: &Tensor, options: NllLossOptions) -> Tensor {
+    or_panic(try_nll_loss(input, target, options))
+}
+
+/// PyTorch's `F.nll_loss`: row `i`'s loss is `-input[i, t_i]` (`input`
+/// holds log-probabilities, `[n, classes]`; `target` `n` class indices as
+/// `f32`). Reductions and `ignore_index` as [`try_cross_entropy`] (a mean
+/// over no kept row is NaN).
+///
+/// # Errors
+///
+/// As [`try_cross_entropy`] (without the label smoothing check).
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional as F;
+///
+/// let log_probs = Tensor::from_vec(vec![-0.5, -1.0, -2.0, -0.1], &[2, 2])?.requires_grad_(true);
+/// let targets = Tensor::from_vec(vec![1.0, 0.0], &[2])?;
+/// let loss = F::try_nll_loss(&log_probs, &targets, Default::default())?;
+/// assert_eq!(loss.item(), 1.5);
+/// loss.backward();
+/// assert_eq!(log_probs.grad().unwrap().to_vec(), vec![0.0, -0.5, -0.5, 0.0]);
+///
+/// let bad = Tensor::from_vec(vec![1.0, 2.0], &[2])?;
+/// assert_eq!(
+///     F::try_nll_loss(&log_probs, &bad, Default::default()).unwrap_err().to_string(),
+///     "nll_loss: index 2 at position 1 is out of range: expected an integer in 0..2"
+/// );
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_nll_loss(input: &Tensor, target: &Tensor, options: NllLossOptions) -> Result<Tensor> {
+    let op = "nll_loss";
+    let targets = targets_of(op, input, target, options.ignore_index)?;
+    let n = input.shape()[0];
+    let values = input.read().into_data();
+    let rows: Vec<f32> = {
+        let view = values.view();
+        targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.map_or(0.0, |t| -view[[i, t]]))
+            .collect()
+    };
+    let count = targets.iter().flatten().count();
+    let reduction = options.reduction;
+    let out = reduce_rows(rows, count, reduction);
+    let shape = values.shape().to_vec();
+    record(op, &[input], out, move |_| {
+        // d loss_i / d input_ij = -[j = t_i]
+        move |grad: Data, grads: &mut InputGrads<'_>| {
+            let scales = row_grads(&grad, n, count, reduction);
+            let mut g = ndarray::ArrayD::zeros(ndarray::IxDyn(&shape));
+            for (i, (t, &scale)) in targets.iter().zip(&scales).enumerate() {
+                if let Some(t) = t {
+                    g[[i, *t]] = -scale;
+                }
+            }
+            grads.set(0, g);
+        }
+    })
+}
+
+/// PyTorch's `F.binary_cross_entropy_with_logits(input, target,
+/// reduction=..)`.
+///
+/// # Panics
+///
+/// As [`try_binary_cross_entropy_with_logits`].
+#[track_caller]
+pub fn binary_cross_entropy_with_logits(
+    input: &Tensor,
+    target: &Tensor,
+    reduction: Reduction,
+) -> Tensor {
+    or_panic(try_binary_cross_entropy_with_logits(
+        input, target, reduction,
+    ))
+}
+
+/// PyTorch's `F.binary_cross_entropy_with_logits`: element-wise
+/// `-(t log σ(x) + (1 - t) log(1 - σ(x)))`, computed as
+/// `max(x, 0) - x t + log1p(exp(-|x|))`, finite for any finite logit
+/// (±200 included), then reduced. `input` and `target` have one shape (as
+/// PyTorch requires); targets are probabilities, and both sides are
+/// differentiable: `∂/∂x = σ(x) - t`, `∂/∂t = -x`. (PyTorch's `weight` and
+/// `pos_weight` are not offered yet: multiply the unreduced loss instead.)
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if the shapes differ.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional::{self as F, Reduction};
+///
+/// let x = Tensor::from_vec(vec![200.0, -200.0, 0.0], &[3])?.requires_grad_(true);
+/// let t = Tensor::from_vec(vec![0.0, 0.0, 1.0], &[3])?;
+/// let loss = F::try_binary_cross_entropy_with_logits(&x, &t, Reduction::None)?;
+/// assert_eq!(loss.to_vec(), vec![200.0, 0.0, 2f32.ln()]);
+/// loss.sum().backward();
+/// assert_eq!(x.grad().unwrap().to_vec(), vec![1.0, 0.0, -0.5]); // σ(x) - t
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_binary_cross_entropy_with_logits(
+    input: &Tensor,
+    target: &Tensor,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let op = "binary_cross_entropy_with_logits";
+    if input.shape() != target.shape() {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: input.shape().to_vec(),
+            rhs: target.shape().to_vec(),
+        });
+    }
+    let (x, t) = input.read_pair(target).into_pair();
+    let elementwise = x
+        .clone()
+        .zip_into(&t, |x, t| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p());
+    let n = elementwise.len();
+    let out = match reduction {
+        Reduction::None => elementwise,
+        Reduction::Mean => Data::full(&[], elementwise.view().sum() / n as f32),
+        Reduction::Sum => Data::full(&[], elementwise.view().sum()),
+    };
+    record(op, &[input, target], out, move |_| {
+        // ∂/∂x = σ(x) - t, ∂/∂t = -x, times the element's incoming gradient
+        move |grad: Data, grads: &mut InputGrads<'_>| {
+            let g = match reduction {
+                Reduction::None => grad,
+                Reduction::Mean => Data::full(x.shape(), grad.to_vec()[0] / n as f32),
+                Reduction::Sum => Data::full(x.shape(), grad.to_vec()[0]),
+            };
+            if grads.needs_grad(1) {
+                grads.put(1, g.clone().zip_into(&x, |g, x| -g * x));
+            }
+            if grads.needs_grad(0) {
+                let (g, x, t) = (g.view(), x.view(), t.view());
+                let d = ndarray::Zip::from(&g)
+                    .and(&x)
+                    .and(&t)
+                    .map_collect(|&g, &x, &t| g * (1.0 / (1.0 + (-x).exp()) - t));
+                grads.set(0, d);
+            }
+        }
+    })
 }

@@ -159,9 +159,16 @@ impl Tensor {
     /// Matrix product over the last two axes: `[.., m, k] · [.., k, n]` gives
     /// `[.., m, n]`, the leading (batch) axes broadcasting as NumPy does.
     ///
+    /// A 1-D operand follows PyTorch's `torch.matmul`: two vectors give
+    /// their dot product (a 0-D tensor); a vector on the left is a row
+    /// `[1, k]` and on the right a column `[k, 1]`, whose added axis is
+    /// removed from the result (`[k] · [.., k, n]` is `[.., n]`,
+    /// `[.., m, k] · [k]` is `[.., m]`). Every form runs through the same
+    /// matrix kernel.
+    ///
     /// # Errors
     ///
-    /// [`Error::Rank`] if an operand has fewer than 2 dimensions,
+    /// [`Error::Rank`] if an operand is 0-dimensional,
     /// [`Error::MatmulShape`] if the inner dimensions differ,
     /// [`Error::Broadcast`] if the batch axes are incompatible,
     /// [`Error::ShapeTooLarge`] if the result could not exist (products of
@@ -189,6 +196,9 @@ impl Tensor {
     /// ```
     #[track_caller]
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        if self.ndim() < 2 || rhs.ndim() < 2 {
+            return self.matmul_vector(rhs);
+        }
         check_shapes(self.shape(), rhs.shape())?;
         let (a, b) = self.read_pair(rhs).into_pair();
         let out = matmul_data(&a, &b);
@@ -196,6 +206,57 @@ impl Tensor {
             a,
             b,
         })
+    }
+}
+
+impl Tensor {
+    /// [`try_matmul`](Tensor::try_matmul) with a 1-D operand: the vector is
+    /// made a row (left) or a column (right), multiplied as matrices, and
+    /// the added axis removed; the reshapes are recorded, so the backward
+    /// is the matrix product's.
+    #[track_caller]
+    fn matmul_vector(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.shape(), rhs.shape());
+        for shape in [a, b] {
+            if shape.is_empty() {
+                return Err(Error::Rank {
+                    op: "matmul",
+                    expected: "at least 1 dimension",
+                    shape: shape.to_vec(),
+                });
+            }
+        }
+        let (lhs_inner, rhs_inner) = (a[a.len() - 1], b[b.len().saturating_sub(2)]);
+        if lhs_inner != rhs_inner {
+            return Err(Error::MatmulShape {
+                lhs: a.to_vec(),
+                rhs: b.to_vec(),
+                lhs_inner,
+                rhs_inner,
+            });
+        }
+        let lhs = if a.len() == 1 {
+            self.try_reshape(&[1, a[0]])?
+        } else {
+            self.clone()
+        };
+        let rhs2 = if b.len() == 1 {
+            rhs.try_reshape(&[b[0], 1])?
+        } else {
+            rhs.clone()
+        };
+        let product = lhs.try_matmul(&rhs2)?;
+        // Remove the added axes: -2 for a row on the left, -1 for a column
+        // on the right.
+        let mut shape = product.shape().to_vec();
+        let n = shape.len();
+        if b.len() == 1 {
+            shape.remove(n - 1);
+        }
+        if a.len() == 1 {
+            shape.remove(n - 2);
+        }
+        product.try_reshape(&shape)
     }
 }
 

@@ -4,13 +4,14 @@
 //! [`record_unary`](crate::autograd::function::record_unary)); the shape and
 //! array helpers they share are in [`crate::array`].
 
+pub(crate) mod activation;
 mod binary;
 mod compare;
 // The one module with unsafe code: calls into the gemm crate, under the
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
-mod loss;
+pub(crate) mod loss;
 mod matmul;
 mod reduce;
 mod shape;
