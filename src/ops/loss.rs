@@ -559,3 +559,122 @@ pub fn try_binary_cross_entropy_with_logits(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    #[test]
+    fn class_index_errors_name_position_value_and_bound() {
+        let logits = Tensor::zeros(&[3, 4]);
+        let targets = tensor(&[0.0, 1.5, 7.0], &[3]);
+        let err = try_cross_entropy(&logits, &targets, Default::default()).unwrap_err();
+        assert_eq!(
+            err,
+            Error::Index {
+                op: "cross_entropy",
+                position: 1,
+                value: 1.5,
+                bound: 4
+            }
+        );
+        // -100 is ignored by default, but not when nothing is ignored.
+        let targets = tensor(&[0.0, -100.0, 3.0], &[3]);
+        assert!(try_cross_entropy(&logits, &targets, Default::default()).is_ok());
+        let strict = CrossEntropyOptions {
+            ignore_index: None,
+            ..Default::default()
+        };
+        let err = try_cross_entropy(&logits, &targets, strict).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cross_entropy: index -100 at position 1 is out of range: expected an integer in 0..4"
+        );
+        let nan = tensor(&[f32::NAN, 0.0, 0.0], &[3]);
+        assert!(matches!(
+            try_nll_loss(&logits, &nan, Default::default()),
+            Err(Error::Index { position: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn label_smoothing_outside_unit_interval_is_an_error() {
+        let logits = Tensor::zeros(&[1, 2]);
+        let targets = tensor(&[0.0], &[1]);
+        for eps in [-0.1, 1.5, f32::NAN] {
+            let options = CrossEntropyOptions {
+                label_smoothing: eps,
+                ..Default::default()
+            };
+            let err = try_cross_entropy(&logits, &targets, options).unwrap_err();
+            assert!(err.to_string().contains("label_smoothing"), "{err}");
+        }
+    }
+
+    #[test]
+    fn all_targets_ignored_gives_nan_mean_and_zero_gradient() {
+        // PyTorch: the mean over no target is 0/0 = NaN; no row passes a
+        // gradient.
+        let logits = Tensor::zeros(&[2, 3]).requires_grad_(true);
+        let targets = tensor(&[-100.0, -100.0], &[2]);
+        let loss = try_cross_entropy(&logits, &targets, Default::default()).unwrap();
+        assert!(loss.item().is_nan());
+        loss.backward();
+        assert_eq!(logits.grad().unwrap().to_vec(), vec![0.0; 6]);
+    }
+
+    #[test]
+    fn cross_entropy_with_defaults_matches_the_plain_method() {
+        let logits = tensor(&[0.5, -1.0, 2.0, 0.1, 0.2, 0.3], &[2, 3]);
+        let targets = tensor(&[2.0, 0.0], &[2]);
+        let plain = logits.cross_entropy(&targets).item();
+        let with = cross_entropy(&logits, &targets, Default::default()).item();
+        assert_eq!(plain, with);
+    }
+
+    #[test]
+    fn cross_entropy_propagates_nan_logits() {
+        let logits = tensor(&[f32::NAN, 0.0, 0.0, 0.0], &[2, 2]);
+        let targets = tensor(&[1.0, 0.0], &[2]);
+        let none = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let rows = cross_entropy(&logits, &targets, none).to_vec();
+        assert!(rows[0].is_nan());
+        assert!((rows[1] - 2f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bce_with_logits_is_finite_at_200() {
+        // max(x, 0) - x t + log1p(exp(-|x|)): 200 (t = 0) is exactly 200,
+        // and the gradients σ(x) - t are exactly 1 and -1.
+        let x = tensor(&[200.0, -200.0, 200.0], &[3]).requires_grad_(true);
+        let t = tensor(&[0.0, 1.0, 1.0], &[3]).requires_grad_(true);
+        let loss = binary_cross_entropy_with_logits(&x, &t, Reduction::Sum);
+        assert_eq!(loss.item(), 400.0);
+        loss.backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![1.0, -1.0, 0.0]);
+        // ∂/∂t = -x
+        assert_eq!(t.grad().unwrap().to_vec(), vec![-200.0, 200.0, -200.0]);
+    }
+
+    #[test]
+    fn bce_with_logits_rejects_mismatched_shapes_and_propagates_nan() {
+        let x = Tensor::zeros(&[2, 3]);
+        let err = try_binary_cross_entropy_with_logits(&x, &Tensor::zeros(&[3]), Reduction::Mean)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "binary_cross_entropy_with_logits: shape mismatch, [2, 3] vs [3]"
+        );
+        let x = tensor(&[f32::NAN, 1.0], &[2]);
+        let t = tensor(&[1.0, 0.0], &[2]);
+        let loss = binary_cross_entropy_with_logits(&x, &t, Reduction::None).to_vec();
+        assert!(loss[0].is_nan() && loss[1].is_finite());
+    }
+}

@@ -456,3 +456,63 @@ impl Backprop for LinearBackward {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, Tensor};
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    #[test]
+    fn vectors_give_a_dot_product_with_gradients() {
+        let a = tensor(&[1.0, 2.0, 3.0], &[3]).requires_grad_(true);
+        let b = tensor(&[4.0, 5.0, 6.0], &[3]).requires_grad_(true);
+        let y = a.matmul(&b);
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(y.item(), 32.0);
+        y.backward();
+        // d(a·b)/da = b, d(a·b)/db = a
+        assert_eq!(a.grad().unwrap().to_vec(), vec![4.0, 5.0, 6.0]);
+        assert_eq!(b.grad().unwrap().to_vec(), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn vector_forms_drop_the_added_axis() {
+        let v = Tensor::ones(&[4]);
+        assert_eq!(v.matmul(&Tensor::ones(&[4, 3])).shape(), &[3]);
+        assert_eq!(Tensor::ones(&[3, 4]).matmul(&v).shape(), &[3]);
+        assert_eq!(v.matmul(&Tensor::ones(&[2, 5, 4, 3])).shape(), &[2, 5, 3]);
+        assert_eq!(Tensor::ones(&[2, 5, 3, 4]).matmul(&v).shape(), &[2, 5, 3]);
+    }
+
+    #[test]
+    fn vector_errors_name_the_original_shapes() {
+        let err = Tensor::ones(&[3])
+            .try_matmul(&Tensor::ones(&[4]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "matmul: cannot multiply [3] by [4] (inner dimensions 3 and 4 differ)"
+        );
+        let err = Tensor::ones(&[2, 3])
+            .try_matmul(&Tensor::ones(&[2]))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MatmulShape {
+                lhs_inner: 3,
+                rhs_inner: 2,
+                ..
+            }
+        ));
+        let err = Tensor::ones(&[])
+            .try_matmul(&Tensor::ones(&[2]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "matmul: expected at least 1 dimension, got a tensor of shape []"
+        );
+    }
+}

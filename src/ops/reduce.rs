@@ -636,3 +636,62 @@ impl Tensor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Tensor;
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    #[test]
+    fn logsumexp_of_empty_lanes_is_minus_infinity() {
+        // log Σ over nothing = log 0, as PyTorch.
+        let x = Tensor::zeros(&[3, 0]);
+        let y = x.logsumexp(1, false);
+        assert_eq!(y.shape(), &[3]);
+        assert_eq!(y.to_vec(), vec![f32::NEG_INFINITY; 3]);
+        assert_eq!(x.logsumexp(0, true).shape(), &[1, 0]);
+    }
+
+    #[test]
+    fn logsumexp_keeps_nan_and_infinities() {
+        let x = tensor(
+            &[f32::NAN, 0.0, f32::INFINITY, 0.0, f32::NEG_INFINITY, 3.0],
+            &[3, 2],
+        );
+        let y = x.logsumexp(-1, false).to_vec();
+        assert!(y[0].is_nan());
+        assert_eq!(y[1], f32::INFINITY);
+        assert_eq!(y[2], 3.0);
+    }
+
+    #[test]
+    fn var_propagates_nan_and_is_nan_without_degrees_of_freedom() {
+        let x = tensor(&[1.0, f32::NAN, 2.0, 4.0], &[2, 2]);
+        let v = x.var(1, false, false).to_vec();
+        assert!(v[0].is_nan());
+        assert_eq!(v[1], 1.0); // ((2-3)² + (4-3)²) / 2
+        // One sample with Bessel's correction: 0/0.
+        assert!(tensor(&[5.0], &[1, 1]).var(1, true, false).item().is_nan());
+        assert!(matches!(
+            x.try_var(2, true, false),
+            Err(crate::Error::Axis { op: "var", .. })
+        ));
+    }
+
+    #[test]
+    fn min_axis_and_argmin_agree_and_nan_wins() {
+        let x = tensor(&[3.0, 1.0, 1.0, 2.0, f32::NAN, 0.0], &[2, 3]);
+        let m = x.min_axis(1, false).to_vec();
+        assert_eq!(m[0], 1.0);
+        assert!(m[1].is_nan());
+        assert_eq!(x.argmin(1, false).to_vec(), vec![1.0, 1.0]);
+        assert_eq!(x.argmin(1, true).shape(), &[2, 1]);
+        assert_eq!(x.argmax_keepdim(0, true).shape(), &[1, 3]);
+        assert_eq!(x.argmax_keepdim(0, false).to_vec(), x.argmax(0).to_vec());
+        let err = Tensor::zeros(&[2, 0]).try_min_axis(1, false).unwrap_err();
+        assert_eq!(err.to_string(), "min_axis: axis 1 of shape [2, 0] is empty");
+    }
+}
