@@ -26,6 +26,7 @@
 
 pub use crate::ops::activation::{GeluApproximate, gelu, silu};
 pub use crate::ops::loss::{
-    CrossEntropyOptions, NllLossOptions, Reduction, binary_cross_entropy_with_logits,
-    cross_entropy, nll_loss, try_binary_cross_entropy_with_logits, try_cross_entropy, try_nll_loss,
+    BceWithLogitsOptions, CrossEntropyOptions, NllLossOptions, Reduction,
+    binary_cross_entropy_with_logits, cross_entropy, nll_loss,
+    try_binary_cross_entropy_with_logits, try_cross_entropy, try_nll_loss,
 };

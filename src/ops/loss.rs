@@ -4,6 +4,7 @@
 
 use ndarray::Axis;
 
+use crate::array::reduce_to_shape;
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::softmax::log_softmax_inplace;
@@ -470,8 +471,24 @@ pub fn try_nll_loss(input: &Tensor, target: &Tensor, options: NllLossOptions) ->
     })
 }
 
-/// PyTorch's `F.binary_cross_entropy_with_logits(input, target,
-/// reduction=..)`.
+/// The options of [`binary_cross_entropy_with_logits`] (PyTorch's keyword
+/// arguments; the defaults are PyTorch's).
+#[derive(Clone, Debug, Default)]
+pub struct BceWithLogitsOptions {
+    /// A weight multiplying each element's loss, broadcasting to the
+    /// input's shape. Default none (1).
+    pub weight: Option<Tensor>,
+    /// The weight of the positive term, `p` in
+    /// `-(p t log σ(x) + (1 - t) log(1 - σ(x)))`, broadcasting to the
+    /// input's shape (usually one per class, `[classes]`). Default none
+    /// (1).
+    pub pos_weight: Option<Tensor>,
+    /// How the element losses are combined. Default [`Reduction::Mean`].
+    pub reduction: Reduction,
+}
+
+/// PyTorch's `F.binary_cross_entropy_with_logits(input, target, weight=..,
+/// reduction=.., pos_weight=..)`.
 ///
 /// # Panics
 ///
@@ -480,44 +497,56 @@ pub fn try_nll_loss(input: &Tensor, target: &Tensor, options: NllLossOptions) ->
 pub fn binary_cross_entropy_with_logits(
     input: &Tensor,
     target: &Tensor,
-    reduction: Reduction,
+    options: BceWithLogitsOptions,
 ) -> Tensor {
-    or_panic(try_binary_cross_entropy_with_logits(
-        input, target, reduction,
-    ))
+    or_panic(try_binary_cross_entropy_with_logits(input, target, options))
 }
 
 /// PyTorch's `F.binary_cross_entropy_with_logits`: element-wise
-/// `-(t log σ(x) + (1 - t) log(1 - σ(x)))`, computed as
-/// `max(x, 0) - x t + log1p(exp(-|x|))`, finite for any finite logit
-/// (±200 included), then reduced. `input` and `target` have one shape (as
-/// PyTorch requires); targets are probabilities, and both sides are
-/// differentiable: `∂/∂x = σ(x) - t`, `∂/∂t = -x`. (PyTorch's `weight` and
-/// `pos_weight` are not offered yet: multiply the unreduced loss instead.)
+/// `-w (p t log σ(x) + (1 - t) log(1 - σ(x)))`, computed as
+/// `w ((1 - t) x + (1 + (p - 1) t) softplus(-x))` with
+/// `softplus(-x) = log1p(exp(-|x|)) + max(-x, 0)`, finite for any finite
+/// logit (±200 included), then reduced. `input` and `target` have one
+/// shape (as PyTorch requires); the weight `w` and positive weight `p`
+/// (see [`BceWithLogitsOptions`]) broadcast to it. Targets are
+/// probabilities. Every tensor is differentiable, as in PyTorch:
+/// `∂/∂x = w ((1 - t) - (1 + (p - 1) t) σ(-x))` (`σ(x) - t` without
+/// weights), `∂/∂t = w ((p - 1) softplus(-x) - x)`, `∂/∂w` the unweighted
+/// loss, `∂/∂p = w t softplus(-x)`.
 ///
 /// # Errors
 ///
-/// [`Error::ShapeMismatch`] if the shapes differ.
+/// [`Error::ShapeMismatch`] if `target`'s shape is not `input`'s,
+/// [`Error::Broadcast`] if a weight does not broadcast to it.
 ///
 /// # Examples
 ///
 /// ```
 /// use netcl::Tensor;
-/// use netcl::functional::{self as F, Reduction};
+/// use netcl::functional::{self as F, BceWithLogitsOptions, Reduction};
 ///
 /// let x = Tensor::from_vec(vec![200.0, -200.0, 0.0], &[3])?.requires_grad_(true);
 /// let t = Tensor::from_vec(vec![0.0, 0.0, 1.0], &[3])?;
-/// let loss = F::try_binary_cross_entropy_with_logits(&x, &t, Reduction::None)?;
+/// let none = BceWithLogitsOptions { reduction: Reduction::None, ..Default::default() };
+/// let loss = F::try_binary_cross_entropy_with_logits(&x, &t, none)?;
 /// assert_eq!(loss.to_vec(), vec![200.0, 0.0, 2f32.ln()]);
 /// loss.sum().backward();
 /// assert_eq!(x.grad().unwrap().to_vec(), vec![1.0, 0.0, -0.5]); // σ(x) - t
+///
+/// // A positive weight of 3 triples the loss of a positive target.
+/// let pos_weight = Some(Tensor::full(&[1], 3.0));
+/// let weighted = BceWithLogitsOptions { pos_weight, ..Default::default() };
+/// let x = Tensor::zeros(&[1]);
+/// let one = Tensor::ones(&[1]);
+/// let loss = F::try_binary_cross_entropy_with_logits(&x, &one, weighted)?;
+/// assert!((loss.item() - 3.0 * 2f32.ln()).abs() < 1e-6);
 /// # Ok::<(), netcl::Error>(())
 /// ```
 #[track_caller]
 pub fn try_binary_cross_entropy_with_logits(
     input: &Tensor,
     target: &Tensor,
-    reduction: Reduction,
+    options: BceWithLogitsOptions,
 ) -> Result<Tensor> {
     let op = "binary_cross_entropy_with_logits";
     if input.shape() != target.shape() {
@@ -527,37 +556,103 @@ pub fn try_binary_cross_entropy_with_logits(
             rhs: target.shape().to_vec(),
         });
     }
+    let BceWithLogitsOptions {
+        weight,
+        pos_weight,
+        reduction,
+    } = options;
+    for w in [&weight, &pos_weight].into_iter().flatten() {
+        let shape = crate::array::broadcast_shape(op, input.shape(), w.shape())?;
+        if ndarray::Dimension::slice(&shape) != input.shape() {
+            return Err(Error::Broadcast {
+                op,
+                lhs: input.shape().to_vec(),
+                rhs: w.shape().to_vec(),
+            });
+        }
+    }
     let (x, t) = input.read_pair(target).into_pair();
-    let elementwise = x
-        .clone()
-        .zip_into(&t, |x, t| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p());
+    let one = Data::full(&[], 1.0);
+    let w = weight
+        .as_ref()
+        .map_or_else(|| one.clone(), |w| w.read().into_data());
+    let p = pos_weight.as_ref().map_or(one, |p| p.read().into_data());
+    let shape = ndarray::IxDyn(x.shape());
+    let broadcast = |d: &Data| d.view().broadcast(shape.clone()).map(|v| v.to_owned());
+    let (wb, pb) = (
+        broadcast(&w).expect("checked broadcast"),
+        broadcast(&p).expect("checked broadcast"),
+    );
+    // The unweighted loss (1 - t) x + (1 + (p - 1) t) softplus(-x).
+    let unweighted = ndarray::Zip::from(&x.view())
+        .and(&t.view())
+        .and(&pb)
+        .map_collect(|&x, &t, &p| (1.0 - t) * x + (1.0 + (p - 1.0) * t) * softplus_neg(x));
+    let elementwise = &unweighted * &wb;
     let n = elementwise.len();
     let out = match reduction {
-        Reduction::None => elementwise,
-        Reduction::Mean => Data::full(&[], elementwise.view().sum() / n as f32),
-        Reduction::Sum => Data::full(&[], elementwise.view().sum()),
+        Reduction::None => Data::from_array(elementwise),
+        Reduction::Mean => Data::full(&[], elementwise.sum() / n as f32),
+        Reduction::Sum => Data::full(&[], elementwise.sum()),
     };
-    record(op, &[input, target], out, move |_| {
-        // ∂/∂x = σ(x) - t, ∂/∂t = -x, times the element's incoming gradient
+    let mut inputs = vec![input, target];
+    let w_slot = weight.as_ref().map(|w| {
+        inputs.push(w);
+        inputs.len() - 1
+    });
+    let p_slot = pos_weight.as_ref().map(|p| {
+        inputs.push(p);
+        inputs.len() - 1
+    });
+    let (w_shape, p_shape) = (w.shape().to_vec(), p.shape().to_vec());
+    record(op, &inputs, out, move |_| {
         move |grad: Data, grads: &mut InputGrads<'_>| {
             let g = match reduction {
-                Reduction::None => grad,
-                Reduction::Mean => Data::full(x.shape(), grad.to_vec()[0] / n as f32),
-                Reduction::Sum => Data::full(x.shape(), grad.to_vec()[0]),
+                Reduction::None => grad.into_array(),
+                Reduction::Mean => {
+                    ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0] / n as f32)
+                }
+                Reduction::Sum => ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0]),
             };
-            if grads.needs_grad(1) {
-                grads.put(1, g.clone().zip_into(&x, |g, x| -g * x));
-            }
-            if grads.needs_grad(0) {
-                let (g, x, t) = (g.view(), x.view(), t.view());
-                let d = ndarray::Zip::from(&g)
+            let (x, t) = (x.view(), t.view());
+            let each = |f: &dyn Fn(f32, f32, f32, f32) -> f32| {
+                ndarray::Zip::from(&g)
                     .and(&x)
                     .and(&t)
-                    .map_collect(|&g, &x, &t| g * (1.0 / (1.0 + (-x).exp()) - t));
-                grads.set(0, d);
+                    .and(&wb)
+                    .and(&pb)
+                    .map_collect(|&g, &x, &t, &w, &p| g * f(x, t, w, p))
+            };
+            if grads.needs_grad(0) {
+                // ∂/∂x = w ((1 - t) - (1 + (p - 1) t) σ(-x))
+                let sigmoid_neg = |x: f32| 1.0 / (1.0 + x.exp());
+                grads.set(
+                    0,
+                    each(&|x, t, w, p| w * ((1.0 - t) - (1.0 + (p - 1.0) * t) * sigmoid_neg(x))),
+                );
+            }
+            if grads.needs_grad(1) {
+                // ∂/∂t = w ((p - 1) softplus(-x) - x)
+                grads.set(1, each(&|x, _, w, p| w * ((p - 1.0) * softplus_neg(x) - x)));
+            }
+            if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
+                // ∂/∂w = the unweighted loss
+                let d = &g * &unweighted;
+                grads.set(slot, reduce_to_shape(d, &w_shape));
+            }
+            if let Some(slot) = p_slot.filter(|&slot| grads.needs_grad(slot)) {
+                // ∂/∂p = w t softplus(-x)
+                let d = each(&|x, t, w, _| w * t * softplus_neg(x));
+                grads.set(slot, reduce_to_shape(d, &p_shape));
             }
         }
     })
+}
+
+/// `softplus(-x) = log(1 + e^-x) = -log σ(x)`, without overflow:
+/// `log1p(e^-|x|) + max(-x, 0)`. NaN stays NaN (`f32::max` would drop it).
+fn softplus_neg(x: f32) -> f32 {
+    (-x.abs()).exp().ln_1p() + (-x).max(0.0)
 }
 
 #[cfg(test)]
@@ -655,7 +750,11 @@ mod tests {
         // and the gradients σ(x) - t are exactly 1 and -1.
         let x = tensor(&[200.0, -200.0, 200.0], &[3]).requires_grad_(true);
         let t = tensor(&[0.0, 1.0, 1.0], &[3]).requires_grad_(true);
-        let loss = binary_cross_entropy_with_logits(&x, &t, Reduction::Sum);
+        let sum = BceWithLogitsOptions {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let loss = binary_cross_entropy_with_logits(&x, &t, sum);
         assert_eq!(loss.item(), 400.0);
         loss.backward();
         assert_eq!(x.grad().unwrap().to_vec(), vec![1.0, -1.0, 0.0]);
@@ -666,15 +765,29 @@ mod tests {
     #[test]
     fn bce_with_logits_rejects_mismatched_shapes_and_propagates_nan() {
         let x = Tensor::zeros(&[2, 3]);
-        let err = try_binary_cross_entropy_with_logits(&x, &Tensor::zeros(&[3]), Reduction::Mean)
-            .unwrap_err();
+        let err =
+            try_binary_cross_entropy_with_logits(&x, &Tensor::zeros(&[3]), Default::default())
+                .unwrap_err();
         assert_eq!(
             err.to_string(),
             "binary_cross_entropy_with_logits: shape mismatch, [2, 3] vs [3]"
         );
         let x = tensor(&[f32::NAN, 1.0], &[2]);
         let t = tensor(&[1.0, 0.0], &[2]);
-        let loss = binary_cross_entropy_with_logits(&x, &t, Reduction::None).to_vec();
+        let none = BceWithLogitsOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let loss = binary_cross_entropy_with_logits(&x, &t, none).to_vec();
         assert!(loss[0].is_nan() && loss[1].is_finite());
+        // A weight that would enlarge the input is an error, not a broadcast.
+        let weighted = BceWithLogitsOptions {
+            weight: Some(Tensor::ones(&[3, 2])),
+            ..Default::default()
+        };
+        assert!(matches!(
+            try_binary_cross_entropy_with_logits(&x, &t, weighted),
+            Err(Error::Broadcast { .. })
+        ));
     }
 }

@@ -20,6 +20,10 @@ fn ignore_index(a: &Value) -> Option<i64> {
     a["ignore_index"].as_i64()
 }
 
+fn flag(a: &Value, key: &str) -> bool {
+    a[key].as_bool().unwrap_or(false)
+}
+
 fn bound(a: &Value, key: &str) -> Option<f32> {
     a.has(key).then(|| a.f32(key))
 }
@@ -57,7 +61,12 @@ pub fn run(op: &str, a: &Value, x: &[Tensor]) -> Option<Result<Vec<Tensor>>> {
         "bce_logits" => one(F::try_binary_cross_entropy_with_logits(
             &x[0],
             &x[1],
-            reduction(a),
+            F::BceWithLogitsOptions {
+                // Optional inputs after input and target, in this order.
+                weight: flag(a, "weight").then(|| x[2].clone()),
+                pos_weight: flag(a, "pos_weight").then(|| x[x.len() - 1].clone()),
+                reduction: reduction(a),
+            },
         )),
         _ => None,
     }
