@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, Ix3, IxDyn};
 
 use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
@@ -89,6 +89,24 @@ fn batched_into(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>, mut out: ArrayVi
         // entry.
         return;
     }
+    // The common case, batch axes whose strides allow it (no broadcast
+    // along a batch axis, any layout of the matrices): one batch axis,
+    // walked without building a dynamic-rank index per matrix.
+    if let (Some(a3), Some(b3), Some(c3)) = (
+        merged_batch(a.view()),
+        merged_batch(b.view()),
+        merged_batch(out.view_mut()),
+    ) {
+        let mut c3 = c3;
+        for ((a, b), c) in a3
+            .outer_iter()
+            .zip(b3.outer_iter())
+            .zip(c3.outer_iter_mut())
+        {
+            gemm_into(a, b, c);
+        }
+        return;
+    }
     for index in ndarray::indices(batch.clone()) {
         let index = index.slice();
         let mut c = out.view_mut();
@@ -98,6 +116,27 @@ fn batched_into(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>, mut out: ArrayVi
         let c = c.into_dimensionality::<Ix2>().expect("two trailing axes");
         gemm_into(matrix_at(a.view(), index), matrix_at(b.view(), index), c);
     }
+}
+
+/// `view` (`[.., rows, cols]`, at least 3 axes) as `[batch, rows, cols]`
+/// with its batch axes merged into one, if their strides allow it without
+/// a copy.
+fn merged_batch<S>(mut view: ndarray::ArrayBase<S, IxDyn>) -> Option<ndarray::ArrayBase<S, Ix3>>
+where
+    S: ndarray::RawData<Elem = f32>,
+{
+    let batch_axes = view.ndim().checked_sub(2)?;
+    for axis in 1..batch_axes {
+        // Merges axis - 1 (outer) into axis (inner): axis - 1 is left with
+        // length 1.
+        if !view.merge_axes(Axis(axis - 1), Axis(axis)) {
+            return None;
+        }
+    }
+    for _ in 1..batch_axes {
+        view = view.index_axis_move(Axis(0), 0);
+    }
+    view.into_dimensionality::<Ix3>().ok()
 }
 
 fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
