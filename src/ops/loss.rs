@@ -292,6 +292,39 @@ fn row_grads(grad: &Data, n: usize, count: usize, reduction: Reduction) -> Vec<f
     }
 }
 
+impl Tensor {
+    /// [`functional::cross_entropy`](crate::functional::cross_entropy) as a
+    /// method: cross-entropy of logits `self` with PyTorch's options.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_cross_entropy_with`](Tensor::try_cross_entropy_with).
+    #[track_caller]
+    pub fn cross_entropy_with(&self, targets: &Tensor, options: CrossEntropyOptions) -> Tensor {
+        or_panic(try_cross_entropy(self, targets, options))
+    }
+
+    /// [`functional::try_cross_entropy`](crate::functional::try_cross_entropy)
+    /// as a method: cross-entropy of logits `self` (`[n, classes]`) against
+    /// `n` class indices, with `ignore_index`, `label_smoothing` and
+    /// `reduction`. With the default options it is
+    /// [`try_cross_entropy`](Tensor::try_cross_entropy), except that a
+    /// target of `-100` is ignored, as PyTorch's default `ignore_index`
+    /// says.
+    ///
+    /// # Errors
+    ///
+    /// As [`functional::try_cross_entropy`](crate::functional::try_cross_entropy).
+    #[track_caller]
+    pub fn try_cross_entropy_with(
+        &self,
+        targets: &Tensor,
+        options: CrossEntropyOptions,
+    ) -> Result<Tensor> {
+        try_cross_entropy(self, targets, options)
+    }
+}
+
 /// PyTorch's `F.cross_entropy(input, target, ignore_index=..,
 /// label_smoothing=.., reduction=..)` over logits `[n, classes]` and `n`
 /// class indices stored as `f32`.

@@ -448,6 +448,42 @@ impl Tensor {
     }
 }
 
+/// Standard deviation along an axis.
+impl Tensor {
+    /// Standard deviation along `axis`.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_std`](Tensor::try_std).
+    #[track_caller]
+    pub fn std(&self, axis: isize, unbiased: bool, keepdim: bool) -> Tensor {
+        or_panic(self.try_std(axis, unbiased, keepdim))
+    }
+
+    /// Standard deviation along `axis` (PyTorch's `x.std(dim, unbiased,
+    /// keepdim)`): the square root of [`try_var`](Tensor::try_var), recorded
+    /// as the two ops (its gradient, `∂var/∂x / (2 std)`, is infinite or NaN
+    /// where every value of a lane is equal, as PyTorch's).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_var`](Tensor::try_var).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let x = Tensor::from_vec(vec![1.0, 3.0, 5.0, 7.0], &[2, 2])?;
+    /// assert_eq!(x.try_std(1, false, false)?.to_vec(), vec![1.0, 1.0]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn try_std(&self, axis: isize, unbiased: bool, keepdim: bool) -> Result<Tensor> {
+        Ok(self.try_var(axis, unbiased, keepdim)?.sqrt())
+    }
+}
+
 /// Position of the smallest value in `lane` (the first, on ties; NaN wins).
 fn argmin_lane<'a>(lane: impl IntoIterator<Item = &'a f32>) -> usize {
     let mut best = (0, f32::INFINITY);

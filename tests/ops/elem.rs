@@ -40,9 +40,18 @@ pub fn run(op: &str, a: &Value, x: &[Tensor]) -> Option<Result<Vec<Tensor>>> {
         "minimum" => one(x[0].try_minimum(&x[1])),
         "logsumexp" => one(x[0].try_logsumexp(a.isize("axis"), a.bool("keepdim"))),
         "var" => one(x[0].try_var(a.isize("axis"), a.bool("unbiased"), a.bool("keepdim"))),
+        "std" => one(x[0].try_std(a.isize("axis"), a.bool("unbiased"), a.bool("keepdim"))),
         "min_axis" => one(x[0].try_min_axis(a.isize("axis"), a.bool("keepdim"))),
         "cross_entropy_opts" => one(F::try_cross_entropy(
             &x[0],
+            &x[1],
+            CrossEntropyOptions {
+                ignore_index: ignore_index(a),
+                label_smoothing: a.f32("label_smoothing"),
+                reduction: reduction(a),
+            },
+        )),
+        "cross_entropy_with" => one(x[0].try_cross_entropy_with(
             &x[1],
             CrossEntropyOptions {
                 ignore_index: ignore_index(a),
