@@ -461,9 +461,9 @@ impl Tensor {
     }
 
     /// Standard deviation along `axis` (PyTorch's `x.std(dim, unbiased,
-    /// keepdim)`): the square root of [`try_var`](Tensor::try_var), recorded
-    /// as the two ops (its gradient, `∂var/∂x / (2 std)`, is infinite or NaN
-    /// where every value of a lane is equal, as PyTorch's).
+    /// keepdim)`): the square root of [`try_var`](Tensor::try_var). Its
+    /// gradient `(x - mean) / ((n - correction) std)` is taken as 0 in a
+    /// lane whose values are all equal (std 0), as PyTorch does.
     ///
     /// # Errors
     ///
@@ -480,7 +480,7 @@ impl Tensor {
     /// ```
     #[track_caller]
     pub fn try_std(&self, axis: isize, unbiased: bool, keepdim: bool) -> Result<Tensor> {
-        Ok(self.try_var(axis, unbiased, keepdim)?.sqrt())
+        self.spread_op("std", axis, unbiased, keepdim)
     }
 }
 
@@ -649,24 +649,56 @@ impl Tensor {
     /// ```
     #[track_caller]
     pub fn try_var(&self, axis: isize, unbiased: bool, keepdim: bool) -> Result<Tensor> {
-        let axis = normalize_axis("var", axis, self.ndim())?;
+        self.spread_op("var", axis, unbiased, keepdim)
+    }
+
+    /// Variance (`op` "var") or standard deviation ("std") along `axis`.
+    #[track_caller]
+    fn spread_op(
+        &self,
+        op: &'static str,
+        axis: isize,
+        unbiased: bool,
+        keepdim: bool,
+    ) -> Result<Tensor> {
+        let axis = normalize_axis(op, axis, self.ndim())?;
+        let root = op == "std";
         let x = self.read().into_data();
         let n = x.shape()[axis];
         let denom = n.saturating_sub(usize::from(unbiased)) as f32;
         let mean = reduce_lanes(&x, axis, true, |lane| lane.sum() / n as f32);
         let out = reduce_lanes(&x, axis, keepdim, |lane| {
             let m = lane.sum() / n as f32;
-            lane.fold(0.0, |s, &v| s + (v - m) * (v - m)) / denom
+            let var = lane.fold(0.0, |s, &v| s + (v - m) * (v - m)) / denom;
+            if root { var.sqrt() } else { var }
         });
-        record("var", &[self], out, move |_| {
-            // d var/dx_i = 2 (x_i - mean) / (n - correction)
+        record(op, &[self], out, move |y: &Data| {
+            let y = y.clone();
+            // d var/dx_i = 2 (x_i - mean) / (n - correction);
+            // d std/dx_i = (x_i - mean) / ((n - correction) std), taken as 0
+            // where std is 0 (every value of the lane equal), as PyTorch
             move |grad: Data, grads: &mut InputGrads<'_>| {
                 let mut d = spread(&grad, axis, x.shape());
                 let mean = spread(&mean, axis, x.shape());
-                ndarray::Zip::from(&mut d)
-                    .and(&x.view())
-                    .and(&mean)
-                    .for_each(|d, &x, &m| *d *= 2.0 * (x - m) / denom);
+                if root {
+                    let std = spread(&y, axis, x.shape());
+                    ndarray::Zip::from(&mut d)
+                        .and(&x.view())
+                        .and(&mean)
+                        .and(&std)
+                        .for_each(|d, &x, &m, &s| {
+                            *d = if s == 0.0 {
+                                0.0
+                            } else {
+                                *d * (x - m) / (denom * s)
+                            }
+                        });
+                } else {
+                    ndarray::Zip::from(&mut d)
+                        .and(&x.view())
+                        .and(&mean)
+                        .for_each(|d, &x, &m| *d *= 2.0 * (x - m) / denom);
+                }
                 grads.set(0, d);
             }
         })
