@@ -65,6 +65,10 @@ WORKLOADS = {
     "matmul_32x256x256_2t": ("matmul 32x256x256, 2 threads", 500),
     "matmul_256x784x256_1t": ("matmul 256x784x256, 1 thread", 25),
     "matmul_256x784x256_2t": ("matmul 256x784x256, 2 threads", 40),
+    "bmm_8x4x64x32x64_fwd_bwd_1t": (
+        "batched matmul [8,4,64,32] x [8,4,32,64], forward + backward, 1 thread",
+        100,
+    ),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -196,6 +200,15 @@ def torch_workload(torch, name):
                 return sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in batches)
 
         return threads, evaluate
+    if name == "bmm_8x4x64x32x64_fwd_bwd_1t":
+        lhs = torch.rand(8, 4, 64, 32, requires_grad=True)
+        rhs = torch.rand(8, 4, 32, 64, requires_grad=True)
+
+        def bmm_step():
+            loss = (lhs @ rhs).sum()
+            return torch.autograd.grad(loss, [lhs, rhs])
+
+        return threads, bmm_step
     if name.startswith("matmul_"):
         m, k, n = (int(d) for d in name.split("_")[1].split("x"))
         lhs, rhs = torch.rand(m, k), torch.rand(k, n)

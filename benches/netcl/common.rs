@@ -263,6 +263,7 @@ pub const WORKLOADS: &[&str] = &[
     "matmul_32x256x256_2t",
     "matmul_256x784x256_1t",
     "matmul_256x784x256_2t",
+    "bmm_8x4x64x32x64_fwd_bwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -281,6 +282,9 @@ pub const WORKLOADS: &[&str] = &[
 /// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
 ///   through `parallel::map` under no_grad, counting correct predictions.
 /// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
+/// - `bmm_8x4x64x32x64_fwd_bwd_1t`: the batched product
+///   `[8, 4, 64, 32] · [8, 4, 32, 64]` of two tensors requiring grad, summed,
+///   and the gradients of both (`autograd::grad`, no accumulation).
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -369,6 +373,22 @@ pub fn workload(name: &str) -> Option<Workload> {
                     black_box(correct);
                 }),
             })
+        }
+        "bmm_8x4x64x32x64_fwd_bwd_1t" => {
+            let a = Tensor::from_array(ndarray::ArrayD::from_shape_fn(
+                ndarray::IxDyn(&[8, 4, 64, 32]),
+                |i| ((i[2] + i[3] + i[1]) % 7) as f32 * 0.1,
+            ))
+            .requires_grad_(true);
+            let b = Tensor::from_array(ndarray::ArrayD::from_shape_fn(
+                ndarray::IxDyn(&[8, 4, 32, 64]),
+                |i| ((i[2] * i[3] + i[0]) % 5) as f32 * 0.1,
+            ))
+            .requires_grad_(true);
+            single(Box::new(move || {
+                let loss = black_box(&a).matmul(black_box(&b)).sum();
+                black_box(autograd::grad(&[&loss], &[&a, &b]).unwrap());
+            }))
         }
         _ => {
             let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;

@@ -4,6 +4,7 @@
 //! [`record_unary`](crate::autograd::function::record_unary)); the shape and
 //! array helpers they share are in [`crate::array`].
 
+pub(crate) mod activation;
 mod binary;
 mod compare;
 // The one module with unsafe code: calls into the gemm crate, under the
@@ -12,7 +13,7 @@ mod compare;
 pub(crate) mod gemm;
 pub(crate) mod index;
 pub(crate) mod layout;
-mod loss;
+pub(crate) mod loss;
 mod matmul;
 mod reduce;
 mod shape;
