@@ -86,3 +86,14 @@ pub fn watch_progress(
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Sets its flag when dropped, also while unwinding: a scoped test whose
+/// checking thread panics still stops the threads looping on the flag, so
+/// the scope can join them and report the panic instead of hanging.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
