@@ -23,3 +23,9 @@
 //!   other value is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 //!
 //! Use it as PyTorch code does: `use netcl::functional as F;`.
+
+pub use crate::ops::conv::{Size2, conv1d, conv2d, try_conv1d, try_conv2d};
+pub use crate::ops::pool::{
+    adaptive_avg_pool2d, avg_pool2d, max_pool2d, try_adaptive_avg_pool2d, try_avg_pool2d,
+    try_max_pool2d,
+};

@@ -6,12 +6,14 @@
 
 mod binary;
 mod compare;
+pub(crate) mod conv;
 // The one module with unsafe code: calls into the gemm crate, under the
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
 mod loss;
 mod matmul;
+pub(crate) mod pool;
 mod reduce;
 mod shape;
 mod softmax;

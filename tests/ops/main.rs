@@ -25,6 +25,7 @@
 
 mod table;
 
+mod conv;
 mod core;
 
 use netcl::autograd::{self, GradMode, Tape};
@@ -38,7 +39,7 @@ use table::{Case, load};
 /// `try_` form of its op (or an op that cannot fail).
 fn dispatch(op: &str, args: &Value, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
     type Family = fn(&str, &Value, &[Tensor]) -> Option<Result<Vec<Tensor>>>;
-    const FAMILIES: &[Family] = &[core::run];
+    const FAMILIES: &[Family] = &[core::run, conv::run];
     FAMILIES
         .iter()
         .find_map(|family| family(op, args, inputs))
