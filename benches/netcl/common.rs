@@ -263,6 +263,8 @@ pub const WORKLOADS: &[&str] = &[
     "matmul_32x256x256_2t",
     "matmul_256x784x256_1t",
     "matmul_256x784x256_2t",
+    "conv2d_fwd_bwd_1t",
+    "conv2d_fwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -281,6 +283,11 @@ pub const WORKLOADS: &[&str] = &[
 /// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
 ///   through `parallel::map` under no_grad, counting correct predictions.
 /// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
+/// - `conv2d_fwd_bwd_1t`: `F::conv2d` of a [32, 16, 32, 32] input with 32
+///   filters 3x3 and a bias, padding 1 (906 MFLOP forward and backward),
+///   every input requiring grad, then `y.sum().backward()` and the leaves'
+///   gradients cleared; `conv2d_fwd_1t`: the forward alone, no input
+///   requiring grad (302 MFLOP).
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -370,6 +377,26 @@ pub fn workload(name: &str) -> Option<Workload> {
                 }),
             })
         }
+        "conv2d_fwd_bwd_1t" | "conv2d_fwd_1t" => {
+            let (x, w, b) = conv2d_operands();
+            if name == "conv2d_fwd_1t" {
+                return single(Box::new(move || {
+                    black_box(netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1));
+                }));
+            }
+            let (x, w, b) = (
+                x.requires_grad_(true),
+                w.requires_grad_(true),
+                b.requires_grad_(true),
+            );
+            single(Box::new(move || {
+                let y = netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1);
+                y.sum().backward();
+                for leaf in [&x, &w, &b] {
+                    leaf.zero_grad();
+                }
+            }))
+        }
         _ => {
             let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;
             let threads = match threads {
@@ -402,4 +429,15 @@ pub fn matmul_operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32
     let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
     let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
     (a, b)
+}
+
+/// The operands of the conv2d workloads: input [32, 16, 32, 32], weight
+/// [32, 16, 3, 3], bias [32], seeded.
+pub fn conv2d_operands() -> (Tensor, Tensor, Tensor) {
+    let mut rng = StdRng::seed_from_u64(7);
+    (
+        Tensor::randn(&[32, 16, 32, 32], &mut rng),
+        Tensor::randn(&[32, 16, 3, 3], &mut rng).mul_scalar(0.1),
+        Tensor::randn(&[32], &mut rng),
+    )
 }

@@ -399,8 +399,14 @@ fn col2im(g: &Geom, cols: &[f32], (oy0, oy1): (usize, usize), x: &mut [f32]) {
                         continue;
                     };
                     let dst = &mut x[iy * g.w + ix..];
-                    for (d, v) in dst.iter_mut().step_by(g.sw).zip(&s[lo..hi]) {
-                        *d += *v;
+                    if g.sw == 1 {
+                        for (d, v) in dst[..hi - lo].iter_mut().zip(&s[lo..hi]) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (d, v) in dst.iter_mut().step_by(g.sw).zip(&s[lo..hi]) {
+                            *d += *v;
+                        }
                     }
                 }
             }
@@ -420,11 +426,17 @@ const KEEP: usize = 1 << 22;
 /// A buffer of this thread's, taken out of its slot (a nested call on this
 /// thread, from a task stolen while the kernel waits, finds the slot empty
 /// and allocates its own); give it back with [`put_scratch`].
-fn take_scratch(len: usize) -> Vec<f32> {
-    let mut buffer = SCRATCH.with(std::cell::Cell::take);
-    buffer.clear();
-    buffer.resize(len, 0.0);
-    buffer
+fn take_scratch() -> Vec<f32> {
+    SCRATCH.with(std::cell::Cell::take)
+}
+
+/// The first `len` values of `buffer`, grown if needed (values left from
+/// an earlier use are not cleared: every caller overwrites them).
+fn first(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
 }
 
 /// Returns a buffer taken with [`take_scratch`], keeping the larger one.
@@ -451,19 +463,25 @@ fn band_cols(g: &Geom, (oy0, oy1): (usize, usize)) -> ndarray::Slice {
 /// into a new row-major `[N, O, Ho·Wo]` buffer.
 fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (og, k, p) = (g.og(), g.k(), g.p());
-    let mut out = vec![0.0; g.n * g.o * p];
+    let len = g.n * g.o * p;
+    let mut out = match bias {
+        // Each channel starts as its bias, the product added to it.
+        Some(bias) if len > 0 => {
+            let mut out = Vec::with_capacity(len);
+            for &b in bias.iter().cycle().take(g.n * g.o) {
+                out.extend(std::iter::repeat_n(b, p));
+            }
+            out
+        }
+        _ => vec![0.0; len],
+    };
     if out.is_empty() {
         return out;
-    }
-    if let Some(bias) = bias {
-        for (channel, &b) in out.chunks_exact_mut(p).zip(bias.iter().cycle()) {
-            channel.fill(b);
-        }
     }
     if k == 0 {
         return out;
     }
-    let mut cols = take_scratch(0);
+    let mut cols = take_scratch();
     for (x, y) in x
         .chunks_exact(g.c * g.h * g.w)
         .zip(out.chunks_exact_mut(g.o * p))
@@ -476,9 +494,9 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
                 .expect("[O/g, P]");
             for band in g.bands() {
                 let len = k * (band.1 - band.0) * g.wo;
-                cols.resize(len, 0.0);
-                im2col(g, x, band, &mut cols);
-                let cols = ArrayView2::from_shape((k, len / k), &cols[..]).expect("[K, band]");
+                let cols = first(&mut cols, len);
+                im2col(g, x, band, cols);
+                let cols = ArrayView2::from_shape((k, len / k), &*cols).expect("[K, band]");
                 gemm_acc_into(
                     w,
                     cols,
@@ -516,7 +534,7 @@ impl Backprop for ConvBackward {
             self.w.as_slice().expect("row-major"),
         );
         if !dy.is_empty() && k > 0 {
-            let (mut cols, mut dcols) = (take_scratch(0), take_scratch(0));
+            let (mut cols, mut dcols) = (take_scratch(), take_scratch());
             let image = g.c * g.h * g.w;
             for n in 0..g.n {
                 for group in 0..g.groups {
@@ -532,10 +550,10 @@ impl Backprop for ConvBackward {
                         let dy = dy.slice_axis(ndarray::Axis(1), band_cols(g, band));
                         let len = k * dy.ncols();
                         if need_w {
-                            cols.resize(len, 0.0);
-                            im2col(g, &x[at..], band, &mut cols);
-                            let cols = ArrayView2::from_shape((k, dy.ncols()), &cols[..])
-                                .expect("[K, band]");
+                            let cols = first(&mut cols, len);
+                            im2col(g, &x[at..], band, cols);
+                            let cols =
+                                ArrayView2::from_shape((k, dy.ncols()), &*cols).expect("[K, band]");
                             let dw = ArrayViewMut2::from_shape(
                                 (og, k),
                                 &mut dw[group * og * k..][..og * k],
@@ -544,11 +562,11 @@ impl Backprop for ConvBackward {
                             gemm_acc_into(dy, cols.t(), dw);
                         }
                         if need_x {
-                            dcols.resize(len, 0.0);
-                            let out = ArrayViewMut2::from_shape((k, dy.ncols()), &mut dcols[..])
+                            let dcols = first(&mut dcols, len);
+                            let out = ArrayViewMut2::from_shape((k, dy.ncols()), &mut *dcols)
                                 .expect("[K, band]");
                             gemm_into(w.t(), dy, out);
-                            col2im(g, &dcols, band, &mut dx[at..]);
+                            col2im(g, dcols, band, &mut dx[at..]);
                         }
                     }
                 }
