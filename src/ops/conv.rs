@@ -813,3 +813,211 @@ pub fn try_conv1d(
         groups,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, in f64: `y[n, o, oy, ox] = b[o] + Σ w · x` over the
+    /// taps inside the image.
+    #[allow(clippy::too_many_arguments)]
+    fn direct(
+        x: &[f32],
+        xs: [usize; 4],
+        w: &[f32],
+        ws: [usize; 4],
+        b: &[f32],
+        s: [usize; 2],
+        p: [usize; 2],
+        d: [usize; 2],
+        groups: usize,
+    ) -> (Vec<f64>, [usize; 4]) {
+        let [n, c, h, wd] = xs;
+        let [o, cg, kh, kw] = ws;
+        let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
+        let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
+        let og = o / groups;
+        let mut y = vec![0.0; n * o * ho * wo];
+        for ni in 0..n {
+            for oi in 0..o {
+                let g = oi / og;
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut sum = f64::from(b[oi]);
+                        for ci in 0..cg {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let iy = (oy * s[0] + i * d[0]) as isize - p[0] as isize;
+                                    let ix = (ox * s[1] + j * d[1]) as isize - p[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        continue;
+                                    }
+                                    let xc = g * cg + ci;
+                                    let xv =
+                                        x[((ni * c + xc) * h + iy as usize) * wd + ix as usize];
+                                    let wv = w[((oi * cg + ci) * kh + i) * kw + j];
+                                    sum += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        y[((ni * o + oi) * ho + oy) * wo + ox] = sum;
+                    }
+                }
+            }
+        }
+        (y, [n, o, ho, wo])
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 * 0.618 + seed).fract() - 0.5) * 2.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_across_bands_and_groups() {
+        // The first geometry is tall enough to need several bands of the
+        // column matrix (144 taps · 64 columns · 28 rows per band).
+        // (input, weight, stride, padding, dilation, groups)
+        type Case = (
+            [usize; 4],
+            [usize; 4],
+            [usize; 2],
+            [usize; 2],
+            [usize; 2],
+            usize,
+        );
+        let cases: &[Case] = &[
+            ([1, 16, 64, 64], [2, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            ([2, 4, 9, 7], [6, 2, 3, 2], [2, 1], [1, 2], [1, 2], 2),
+            ([1, 3, 6, 6], [3, 1, 3, 3], [1, 3], [2, 0], [2, 1], 3),
+        ];
+        for &(xs, ws, s, p, d, groups) in cases {
+            let x = values(xs.iter().product(), 0.1);
+            let w = values(ws.iter().product(), 0.3);
+            let b = values(ws[0], 0.7);
+            let (want, shape) = direct(&x, xs, &w, ws, &b, s, p, d, groups);
+            let xt = Tensor::from_vec(x, &xs).unwrap();
+            let wt = Tensor::from_vec(w, &ws).unwrap();
+            let bt = Tensor::from_vec(b, &[ws[0]]).unwrap();
+            let y = try_conv2d(&xt, &wt, Some(&bt), s, p, d, groups).unwrap();
+            assert_eq!(y.shape(), shape);
+            for (got, want) in y.to_vec().iter().zip(&want) {
+                assert!((f64::from(*got) - want).abs() < 1e-4, "{got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_across_bands_match_the_adjoint() {
+        // y = conv(x, w) over several bands; L = Σ y. dL/dx[c, iy, ix]
+        // counts the taps of w that reach (iy, ix): with 3x3 ones, padding
+        // 1 and stride 1, 9 inside, 6 on an edge, 4 in a corner (times the
+        // 2 output channels); dL/dw[o, c, i, j] is the sum of x over the
+        // positions tap (i, j) reads; dL/db = Ho·Wo.
+        let xs = [1, 16, 64, 64];
+        let x = Tensor::ones(&xs).requires_grad_(true);
+        let w = Tensor::ones(&[2, 16, 3, 3]).requires_grad_(true);
+        let b = Tensor::zeros(&[2]).requires_grad_(true);
+        conv2d(&x, &w, Some(&b), 1, 1, 1, 1).sum().backward();
+        let dx = x.grad().unwrap().to_vec();
+        let at = |c: usize, iy: usize, ix: usize| dx[(c * 64 + iy) * 64 + ix];
+        assert_eq!(at(0, 0, 0), 8.0);
+        assert_eq!(at(5, 0, 17), 12.0);
+        assert_eq!(at(15, 30, 40), 18.0);
+        assert_eq!(at(15, 63, 63), 8.0);
+        let dw = w.grad().unwrap().to_vec();
+        // The centre tap reads all 64x64 cells, a corner tap 63x63.
+        assert_eq!(dw[4], 4096.0);
+        assert_eq!(dw[0], 63.0 * 63.0);
+        assert_eq!(b.grad().unwrap().to_vec(), vec![4096.0, 4096.0]);
+    }
+
+    #[test]
+    fn errors_name_the_op_and_what_is_wrong() {
+        let x = Tensor::zeros(&[2, 4, 5, 5]);
+        let err = |w: &[usize], bias: Option<&[usize]>, s: usize, p: usize, groups: usize| {
+            let w = Tensor::zeros(w);
+            let b = bias.map(Tensor::zeros);
+            try_conv2d(&x, &w, b.as_ref(), s, p, 1, groups)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(&[3, 4, 3, 3], None, 1, 0, 2),
+            "conv2d: given groups=2, expected weight to be divisible by 2 at dimension 0, \
+             but got weight of size [3, 4, 3, 3]"
+        );
+        assert_eq!(
+            err(&[4, 4, 3, 3], None, 1, 0, 2),
+            "conv2d: given groups=2, weight of size [4, 4, 3, 3], expected input [2, 4, 5, 5] \
+             to have 8 channels, but got 4 channels"
+        );
+        assert_eq!(
+            err(&[4, 4, 7, 3], None, 1, 0, 1),
+            "conv2d: calculated padded input size per channel: (5 x 5). Kernel size: (7 x 3). \
+             Kernel size can't be greater than actual input size"
+        );
+        assert_eq!(
+            err(&[4, 4, 3, 3], None, 0, 0, 1),
+            "conv2d: stride must be positive, got (0, 0)"
+        );
+        assert_eq!(
+            err(&[4, 4, 3, 3], None, 1, 0, 0),
+            "conv2d: groups must be positive, got 0"
+        );
+        assert_eq!(
+            err(&[4, 4, 3, 3], Some(&[3]), 1, 0, 1),
+            "conv2d: shape mismatch, [4] vs [3]"
+        );
+        assert_eq!(
+            err(&[4, 4, 3], None, 1, 0, 1),
+            "conv2d: expected a 4-D weight [out_channels, in_channels / groups, kH, kW], \
+             got a tensor of shape [4, 4, 3]"
+        );
+        assert!(err(&[4, 4, 3, 3], None, 1, usize::MAX, 1).contains("past the largest tensor"));
+        let seq = Tensor::zeros(&[4, 5]);
+        assert_eq!(
+            try_conv1d(&seq, &Tensor::zeros(&[2, 4, 7]), None, 1, 0, 1, 1)
+                .unwrap_err()
+                .to_string(),
+            "conv1d: calculated padded input size per channel: (5). Kernel size: (7). \
+             Kernel size can't be greater than actual input size"
+        );
+    }
+
+    #[test]
+    fn nan_reaches_only_the_outputs_whose_window_covers_it() {
+        // A NaN at (0, 0) of a 4x4 image: with a 2x2 kernel and no
+        // padding only output (0, 0) reads it, through tap (0, 0), so only
+        // that tap's gradient Σ x is NaN (the others sum 9 ones).
+        let mut values = vec![1.0; 16];
+        values[0] = f32::NAN;
+        let x = Tensor::from_vec(values, &[1, 1, 4, 4]).unwrap();
+        let w = Tensor::ones(&[1, 1, 2, 2]).requires_grad_(true);
+        let y = conv2d(&x, &w, None, 1, 0, 1, 1);
+        let y_values = y.to_vec();
+        assert!(y_values[0].is_nan());
+        assert!(y_values[1..].iter().all(|&v| v == 4.0));
+        y.sum().backward();
+        let dw = w.grad().unwrap().to_vec();
+        assert!(dw[0].is_nan());
+        assert_eq!(&dw[1..], &[9.0, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn empty_batch_and_channels_compute_nothing() {
+        let x = Tensor::zeros(&[0, 3, 5, 5]).requires_grad_(true);
+        let w = Tensor::ones(&[2, 3, 3, 3]).requires_grad_(true);
+        let y = conv2d(&x, &w, None, 1, 0, 1, 1);
+        assert_eq!(y.shape(), &[0, 2, 3, 3]);
+        y.sum().backward();
+        assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 54]);
+        // No input channels: the output is the bias.
+        let x = Tensor::zeros(&[1, 0, 3, 3]);
+        let w = Tensor::zeros(&[2, 0, 2, 2]);
+        let b = Tensor::from_vec(vec![1.0, 2.0], &[2]).unwrap();
+        let y = conv2d(&x, &w, Some(&b), 1, 0, 1, 1);
+        assert_eq!(y.to_vec(), vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
+    }
+}

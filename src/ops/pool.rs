@@ -494,3 +494,115 @@ pub fn try_adaptive_avg_pool2d(input: &Tensor, output_size: impl Into<Size2>) ->
     };
     mean_pool(OP, input, planes, divisors, &shape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(values: Vec<f32>, h: usize, w: usize) -> Tensor {
+        Tensor::from_vec(values, &[1, 1, h, w])
+            .unwrap()
+            .requires_grad_(true)
+    }
+
+    #[test]
+    fn max_pool_ties_route_the_gradient_to_the_first_maximum() {
+        // [[1, 3, 3],
+        //  [3, 2, 1]]: the 2x2 windows at stride 1 are tied at 3; each
+        // sends its gradient to its first 3 in row-major order: window 0
+        // to (0, 1), window 1 to (0, 1) as well.
+        let x = image(vec![1.0, 3.0, 3.0, 3.0, 2.0, 1.0], 2, 3);
+        let y = max_pool2d(&x, 2, Some(1.into()), 0);
+        assert_eq!(y.to_vec(), vec![3.0, 3.0]);
+        y.sum().backward();
+        assert_eq!(
+            x.grad().unwrap().to_vec(),
+            vec![0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn max_pool_nan_wins_and_takes_the_gradient() {
+        let x = image(vec![1.0, f32::NAN, 5.0, 2.0], 2, 2);
+        let y = max_pool2d(&x, 2, None, 0);
+        assert!(y.to_vec()[0].is_nan());
+        y.sum().backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn max_pool_padding_is_never_the_maximum() {
+        // All values negative: a padded window's maximum is still a value
+        // of the image, never the padding's -inf (nor a 0).
+        let x = image(vec![-4.0, -3.0, -2.0, -1.0], 2, 2);
+        let y = max_pool2d(&x, 2, Some(1.into()), 1);
+        assert_eq!(y.shape(), &[1, 1, 3, 3]);
+        assert_eq!(
+            y.to_vec(),
+            vec![-4.0, -3.0, -3.0, -2.0, -1.0, -1.0, -2.0, -1.0, -1.0]
+        );
+    }
+
+    #[test]
+    fn avg_pool_divisor_with_and_without_padding() {
+        // One 3x3 window at padding 1 over a 2x2 image of ones: 4 cells
+        // inside, 9 in the window.
+        let x = image(vec![1.0; 4], 2, 2);
+        let counted = avg_pool2d(&x, 3, None, 1, true);
+        assert_eq!(counted.to_vec(), vec![4.0 / 9.0]);
+        let inside = avg_pool2d(&x, 3, None, 1, false);
+        assert_eq!(inside.to_vec(), vec![1.0]);
+        inside.sum().backward();
+        assert_eq!(x.grad().unwrap().to_vec(), vec![0.25; 4]);
+    }
+
+    #[test]
+    fn avg_pool_propagates_nan_to_its_windows_only() {
+        let x = image(vec![f32::NAN, 1.0, 2.0, 3.0, 4.0, 5.0], 2, 3);
+        let y = avg_pool2d(&x, [2, 1], None, 0, true);
+        let y = y.to_vec();
+        assert!(y[0].is_nan());
+        assert_eq!(&y[1..], &[2.5, 3.5]);
+    }
+
+    #[test]
+    fn adaptive_windows_overlap_as_pytorch_computes_them() {
+        // 5 -> 3: windows ⌊i·5/3⌋..⌈(i+1)·5/3⌉ = 0..2, 1..4, 3..5.
+        let x = image(vec![1.0, 2.0, 3.0, 4.0, 5.0], 5, 1);
+        let y = adaptive_avg_pool2d(&x, [3, 1]);
+        assert_eq!(y.to_vec(), vec![1.5, 3.0, 4.5]);
+        // 2 -> 3 (larger output): windows 0..1, 0..2, 1..2.
+        let x = image(vec![2.0, 4.0], 1, 2);
+        let y = adaptive_avg_pool2d(&x, [1, 3]);
+        assert_eq!(y.to_vec(), vec![2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn errors_name_the_op_and_what_is_wrong() {
+        let x = Tensor::zeros(&[1, 2, 4, 4]);
+        let msg = |r: Result<Tensor>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(try_max_pool2d(&x, 3, None, 2)),
+            "max_pool2d: pad should be at most half of kernel size, but got pad=(2, 2) and kernel_size=(3, 3)"
+        );
+        assert_eq!(
+            msg(try_avg_pool2d(&x, [5, 2], None, 0, true)),
+            "avg_pool2d: kernel_size (5, 2) is larger than the padded input (4 x 4): output size is too small"
+        );
+        assert_eq!(
+            msg(try_max_pool2d(&x, 2, Some(Size2(0, 1)), 0)),
+            "max_pool2d: stride must be positive, got (0, 1)"
+        );
+        assert_eq!(
+            msg(try_max_pool2d(&Tensor::zeros(&[1, 0, 4, 4]), 2, None, 0)),
+            "max_pool2d: expected non-empty channels, height and width, got input [1, 0, 4, 4]"
+        );
+        assert_eq!(
+            msg(try_adaptive_avg_pool2d(&Tensor::zeros(&[4, 4]), 2)),
+            "adaptive_avg_pool2d: expected a 3-D [C, H, W] or 4-D [N, C, H, W] input, got a tensor of shape [4, 4]"
+        );
+        // An empty batch is fine.
+        let y = try_avg_pool2d(&Tensor::zeros(&[0, 2, 4, 4]), 2, None, 0, true).unwrap();
+        assert_eq!(y.shape(), &[0, 2, 2, 2]);
+    }
+}
