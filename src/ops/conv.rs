@@ -527,7 +527,11 @@ impl Backprop for ConvBackward {
         let dy = grad.as_slice().expect("row-major");
         let (need_x, need_w) = (grads.needs_grad(0), grads.needs_grad(1));
         let mut dx = vec![0.0; if need_x { self.x.len() } else { 0 }];
-        let mut dw = vec![0.0; if need_w { self.w.len() } else { 0 }];
+        // dW_gᵀ = Σ_n cols · dY[n, g]ᵀ, [K, O/g] per group, transposed into
+        // dW at the end: the kernel is faster on this shape than on
+        // dW_g = dY · colsᵀ (conv2d_fwd_bwd_1t 0.67x the time, measured
+        // side by side).
+        let mut dwt = vec![0.0; if need_w { self.w.len() } else { 0 }];
         let (og, k, p) = (g.og(), g.k(), g.p());
         let (x, w) = (
             self.x.as_slice().expect("row-major"),
@@ -554,12 +558,12 @@ impl Backprop for ConvBackward {
                             im2col(g, &x[at..], band, cols);
                             let cols =
                                 ArrayView2::from_shape((k, dy.ncols()), &*cols).expect("[K, band]");
-                            let dw = ArrayViewMut2::from_shape(
-                                (og, k),
-                                &mut dw[group * og * k..][..og * k],
+                            let dwt = ArrayViewMut2::from_shape(
+                                (k, og),
+                                &mut dwt[group * og * k..][..og * k],
                             )
-                            .expect("[O/g, K]");
-                            gemm_acc_into(dy, cols.t(), dw);
+                            .expect("[K, O/g]");
+                            gemm_acc_into(cols, dy.t(), dwt);
                         }
                         if need_x {
                             let dcols = first(&mut dcols, len);
@@ -578,6 +582,13 @@ impl Backprop for ConvBackward {
             grads.put(0, Data::from_vec(self.x.shape(), dx));
         }
         if need_w {
+            let mut dw = Vec::with_capacity(dwt.len());
+            // (An empty weight has no chunks.)
+            for dwt in dwt.chunks_exact((og * k).max(1)) {
+                for o in 0..og {
+                    dw.extend(dwt[o..].iter().step_by(og));
+                }
+            }
             grads.put(1, Data::from_vec(self.w.shape(), dw));
         }
         if grads.len() > 2 && grads.needs_grad(2) {
