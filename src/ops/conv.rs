@@ -14,10 +14,12 @@
 //! (`thread_local!`, never shared between threads, taken out of its slot
 //! while in use so a nested call on the same thread gets its own).
 //!
-//! The backward runs the same bands: `dW_g += dY_g · colsᵀ` (accumulated
-//! over the batch), `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch
-//! and the positions. The input is saved and its columns rebuilt in the
-//! backward rather than kept (they are `kH · kW` times the input's size).
+//! The backward runs the same bands: `dW_gᵀ += cols · dY_gᵀ` (accumulated
+//! over the batch, transposed into `dW` once at the end: the kernel is
+//! faster with the output channels as the contiguous axis),
+//! `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch and the
+//! positions. The input is saved and its columns rebuilt in the backward
+//! rather than kept (they are `kH · kW` times the input's size).
 //!
 //! # Departures from PyTorch
 //!
@@ -510,7 +512,7 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
 }
 
 /// Backward of `y[n, g] = W_g · cols(x[n, g]) + b`:
-/// `dW_g = Σ_n dY[n, g] · cols(x[n, g])ᵀ`,
+/// `dW_g = Σ_n dY[n, g] · cols(x[n, g])ᵀ` (computed transposed),
 /// `dx[n, g] = col2im(W_gᵀ · dY[n, g])`, `db = Σ_{n, positions} dY`.
 struct ConvBackward {
     geom: Geom,
