@@ -69,6 +69,8 @@ WORKLOADS = {
         "batched matmul [8,4,64,32] x [8,4,32,64], forward + backward, 1 thread",
         100,
     ),
+    "conv2d_fwd_bwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, fwd + bwd, 1 thread", 3),
+    "conv2d_fwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, no_grad fwd, 1 thread", 8),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -213,6 +215,25 @@ def torch_workload(torch, name):
         m, k, n = (int(d) for d in name.split("_")[1].split("x"))
         lhs, rhs = torch.rand(m, k), torch.rand(k, n)
         return threads, lambda: lhs @ rhs
+    if name.startswith("conv2d_"):
+        x = torch.randn(32, 16, 32, 32)
+        w = torch.randn(32, 16, 3, 3) * 0.1
+        b = torch.randn(32)
+        if name == "conv2d_fwd_1t":
+
+            def conv_forward():
+                with torch.no_grad():
+                    return nn.functional.conv2d(x, w, b, 1, 1, 1, 1)
+
+            return threads, conv_forward
+        leaves = [t.requires_grad_(True) for t in (x, w, b)]
+
+        def conv_step():
+            nn.functional.conv2d(x, w, b, 1, 1, 1, 1).sum().backward()
+            for leaf in leaves:
+                leaf.grad = None
+
+        return threads, conv_step
     raise KeyError(name)
 
 

@@ -264,6 +264,8 @@ pub const WORKLOADS: &[&str] = &[
     "matmul_256x784x256_1t",
     "matmul_256x784x256_2t",
     "bmm_8x4x64x32x64_fwd_bwd_1t",
+    "conv2d_fwd_bwd_1t",
+    "conv2d_fwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -285,6 +287,11 @@ pub const WORKLOADS: &[&str] = &[
 /// - `bmm_8x4x64x32x64_fwd_bwd_1t`: the batched product
 ///   `[8, 4, 64, 32] · [8, 4, 32, 64]` of two tensors requiring grad, summed,
 ///   and the gradients of both (`autograd::grad`, no accumulation).
+/// - `conv2d_fwd_bwd_1t`: `F::conv2d` of a [32, 16, 32, 32] input with 32
+///   filters 3x3 and a bias, padding 1 (906 MFLOP forward and backward),
+///   every input requiring grad, then `y.sum().backward()` and the leaves'
+///   gradients cleared; `conv2d_fwd_1t`: the forward alone, no input
+///   requiring grad (302 MFLOP).
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -390,6 +397,26 @@ pub fn workload(name: &str) -> Option<Workload> {
                 black_box(autograd::grad(&[&loss], &[&a, &b]).unwrap());
             }))
         }
+        "conv2d_fwd_bwd_1t" | "conv2d_fwd_1t" => {
+            let (x, w, b) = conv2d_operands();
+            if name == "conv2d_fwd_1t" {
+                return single(Box::new(move || {
+                    black_box(netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1));
+                }));
+            }
+            let (x, w, b) = (
+                x.requires_grad_(true),
+                w.requires_grad_(true),
+                b.requires_grad_(true),
+            );
+            single(Box::new(move || {
+                let y = netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1);
+                y.sum().backward();
+                for leaf in [&x, &w, &b] {
+                    leaf.zero_grad();
+                }
+            }))
+        }
         _ => {
             let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;
             let threads = match threads {
@@ -422,4 +449,15 @@ pub fn matmul_operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32
     let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
     let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
     (a, b)
+}
+
+/// The operands of the conv2d workloads: input [32, 16, 32, 32], weight
+/// [32, 16, 3, 3], bias [32], seeded.
+pub fn conv2d_operands() -> (Tensor, Tensor, Tensor) {
+    let mut rng = StdRng::seed_from_u64(7);
+    (
+        Tensor::randn(&[32, 16, 32, 32], &mut rng),
+        Tensor::randn(&[32, 16, 3, 3], &mut rng).mul_scalar(0.1),
+        Tensor::randn(&[32], &mut rng),
+    )
 }

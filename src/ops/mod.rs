@@ -7,6 +7,7 @@
 pub(crate) mod activation;
 mod binary;
 mod compare;
+pub(crate) mod conv;
 // The one module with unsafe code: calls into the gemm crate, under the
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
@@ -15,6 +16,7 @@ pub(crate) mod index;
 pub(crate) mod layout;
 pub(crate) mod loss;
 mod matmul;
+pub(crate) mod pool;
 mod reduce;
 mod shape;
 mod softmax;

@@ -25,6 +25,7 @@
 
 mod table;
 
+mod conv;
 mod core;
 mod elem;
 mod shape;
@@ -40,7 +41,7 @@ use table::{Case, load};
 /// `try_` form of its op (or an op that cannot fail).
 fn dispatch(op: &str, args: &Value, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
     type Family = fn(&str, &Value, &[Tensor]) -> Option<Result<Vec<Tensor>>>;
-    const FAMILIES: &[Family] = &[core::run, shape::run, elem::run];
+    const FAMILIES: &[Family] = &[core::run, shape::run, elem::run, conv::run];
     FAMILIES
         .iter()
         .find_map(|family| family(op, args, inputs))
