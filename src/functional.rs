@@ -23,3 +23,10 @@
 //!   other value is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 //!
 //! Use it as PyTorch code does: `use netcl::functional as F;`.
+
+pub use crate::ops::attention::{
+    AttnMask, scaled_dot_product_attention, try_scaled_dot_product_attention,
+};
+pub use crate::ops::norm::{
+    BatchNormOutput, batch_norm, layer_norm, rms_norm, try_batch_norm, try_layer_norm, try_rms_norm,
+};

@@ -4,6 +4,7 @@
 //! [`record_unary`](crate::autograd::function::record_unary)); the shape and
 //! array helpers they share are in [`crate::array`].
 
+pub(crate) mod attention;
 mod binary;
 mod compare;
 // The one module with unsafe code: calls into the gemm crate, under the
@@ -12,6 +13,7 @@ mod compare;
 pub(crate) mod gemm;
 mod loss;
 mod matmul;
+pub(crate) mod norm;
 mod reduce;
 mod shape;
 mod softmax;
