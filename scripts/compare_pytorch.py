@@ -65,6 +65,14 @@ WORKLOADS = {
     "matmul_32x256x256_2t": ("matmul 32x256x256, 2 threads", 500),
     "matmul_256x784x256_1t": ("matmul 256x784x256, 1 thread", 25),
     "matmul_256x784x256_2t": ("matmul 256x784x256, 2 threads", 40),
+    "sdpa_causal_fwd_bwd_1t": (
+        "causal attention [8, 4, 64, 32], forward + backward to q, k, v, 1 thread",
+        30,
+    ),
+    "layer_norm_fwd_bwd_1t": (
+        "layer_norm [32, 64, 128] with weight and bias, forward + backward, 1 thread",
+        60,
+    ),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -200,6 +208,24 @@ def torch_workload(torch, name):
         m, k, n = (int(d) for d in name.split("_")[1].split("x"))
         lhs, rhs = torch.rand(m, k), torch.rand(k, n)
         return threads, lambda: lhs @ rhs
+    if name == "sdpa_causal_fwd_bwd_1t":
+        q, k, v = (torch.randn(8, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+        def attention():
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(y.sum(), [q, k, v])
+
+        return threads, attention
+    if name == "layer_norm_fwd_bwd_1t":
+        x = torch.randn(32, 64, 128, requires_grad=True)
+        w = torch.randn(128, requires_grad=True)
+        b = torch.randn(128, requires_grad=True)
+
+        def layer_norm():
+            y = nn.functional.layer_norm(x, [128], w, b, 1e-5)
+            return torch.autograd.grad(y.sum(), [x, w, b])
+
+        return threads, layer_norm
     raise KeyError(name)
 
 

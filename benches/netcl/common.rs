@@ -263,6 +263,8 @@ pub const WORKLOADS: &[&str] = &[
     "matmul_32x256x256_2t",
     "matmul_256x784x256_1t",
     "matmul_256x784x256_2t",
+    "sdpa_causal_fwd_bwd_1t",
+    "layer_norm_fwd_bwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -281,6 +283,13 @@ pub const WORKLOADS: &[&str] = &[
 /// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
 ///   through `parallel::map` under no_grad, counting correct predictions.
 /// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
+/// - `sdpa_causal_fwd_bwd_1t`: causal `scaled_dot_product_attention` of
+///   q, k, v `[8, 4, 64, 32]` (batch 8, 4 heads, 64 tokens, head size 32),
+///   all requiring grad, then the gradients of the output's sum with
+///   respect to all three (`autograd::grad`).
+/// - `layer_norm_fwd_bwd_1t`: `layer_norm` of `[32, 64, 128]` over the last
+///   axis with weight and bias, all requiring grad, then the gradients of
+///   the output's sum with respect to all three.
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -369,6 +378,33 @@ pub fn workload(name: &str) -> Option<Workload> {
                     black_box(correct);
                 }),
             })
+        }
+        "sdpa_causal_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(11);
+            let mut leaf = || Tensor::randn(&[8, 4, 64, 32], &mut rng).requires_grad_(true);
+            let (q, k, v) = (leaf(), leaf(), leaf());
+            single(Box::new(move || {
+                let y = netcl::functional::scaled_dot_product_attention(
+                    black_box(&q),
+                    black_box(&k),
+                    black_box(&v),
+                    None,
+                    true,
+                    None,
+                );
+                black_box(autograd::grad(&[&y.sum()], &[&q, &k, &v]).unwrap());
+            }))
+        }
+        "layer_norm_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(12);
+            let x = Tensor::randn(&[32, 64, 128], &mut rng).requires_grad_(true);
+            let w = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            let b = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            single(Box::new(move || {
+                let y =
+                    netcl::functional::layer_norm(black_box(&x), &[128], Some(&w), Some(&b), 1e-5);
+                black_box(autograd::grad(&[&y.sum()], &[&x, &w, &b]).unwrap());
+            }))
         }
         _ => {
             let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;

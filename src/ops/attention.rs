@@ -474,3 +474,134 @@ fn slot<'a>(array: &'a mut ndarray::ArrayD<f32>, index: &[usize]) -> ArrayViewMu
     view.into_dimensionality::<Ix2>()
         .expect("two trailing axes")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    fn sdpa(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<AttnMask<'_>>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        try_scaled_dot_product_attention(q, k, v, mask, causal, None)
+    }
+
+    #[test]
+    fn a_fully_masked_row_is_zero_with_zero_gradients() {
+        let q = t(&[0.5, -1.0, 2.0, 0.25], &[2, 2]).requires_grad_(true);
+        let k = t(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).requires_grad_(true);
+        let v = t(&[1.0, 2.0, 3.0], &[3, 1]).requires_grad_(true);
+        // Row 1 attends to nothing.
+        let mask = t(&[1.0, 0.0, 1.0, 0.0, 0.0, 0.0], &[2, 3]);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false).unwrap();
+        let out = y.to_vec();
+        assert!(out[0].is_finite() && out[0] != 0.0);
+        assert_eq!(out[1], 0.0);
+        // Weighting only the masked row: no gradient reaches anything.
+        (&y * &t(&[0.0, 1.0], &[2, 1])).sum().backward();
+        assert_eq!(q.grad().unwrap().to_vec(), vec![0.0; 4]);
+        assert_eq!(k.grad().unwrap().to_vec(), vec![0.0; 6]);
+        assert_eq!(v.grad().unwrap().to_vec(), vec![0.0; 3]);
+        // The same with an additive mask of -inf.
+        let minf = f32::NEG_INFINITY;
+        let add = t(&[0.0, minf, 0.0, minf, minf, minf], &[2, 3]);
+        let z = sdpa(&q, &k, &v, Some(AttnMask::Additive(&add)), false).unwrap();
+        assert_eq!(z.to_vec(), out);
+    }
+
+    #[test]
+    fn a_nan_propagates_even_where_it_is_masked() {
+        let q = t(&[1.0, 0.0], &[1, 2]);
+        let k = t(&[1.0, 0.0, f32::NAN, 1.0], &[2, 2]);
+        let v = t(&[1.0, 2.0], &[2, 1]);
+        let mask = t(&[1.0, 0.0], &[1, 2]);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false).unwrap();
+        assert!(y.item().is_nan());
+        let q = t(&[f32::NAN, 0.0], &[1, 2]);
+        assert!(sdpa(&q, &k, &v, None, true).unwrap().item().is_nan());
+    }
+
+    // PyTorch's is_causal: query i sees keys 0..=i (top-left aligned), also
+    // when L ≠ S: with L = 2, S = 3 query 0 sees key 0 only, query 1 keys 0
+    // and 1, and key 2 is never seen.
+    #[test]
+    fn causal_is_top_left_aligned() {
+        let q = Tensor::zeros(&[2, 4]);
+        let k = Tensor::zeros(&[3, 4]);
+        let v = t(&[10.0, 20.0, 1000.0], &[3, 1]);
+        let y = sdpa(&q, &k, &v, None, true).unwrap();
+        assert_eq!(y.to_vec(), vec![10.0, 15.0]);
+        // L > S: every later query sees all keys.
+        let q = Tensor::zeros(&[4, 4]);
+        let y = sdpa(&q, &k, &v, None, true).unwrap();
+        assert_eq!(y.to_vec(), vec![10.0, 15.0, 1030.0 / 3.0, 1030.0 / 3.0]);
+    }
+
+    #[test]
+    fn an_additive_mask_gradient_is_summed_to_its_shape() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+        let q = Tensor::randn(&[2, 3, 4, 5], &mut rng);
+        let k = Tensor::randn(&[2, 3, 6, 5], &mut rng);
+        let v = Tensor::randn(&[2, 3, 6, 2], &mut rng);
+        let mask = Tensor::randn(&[3, 1, 6], &mut rng).requires_grad_(true);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Additive(&mask)), false).unwrap();
+        y.sum().backward();
+        let grad = mask.grad().unwrap();
+        assert_eq!(grad.shape(), &[3, 1, 6]);
+        // Adding a constant to a whole row leaves the softmax unchanged:
+        // each row of dMask sums to 0.
+        for row in grad.to_vec().chunks(6) {
+            assert!(row.iter().sum::<f32>().abs() < 1e-4, "{row:?}");
+            assert!(row.iter().any(|&g| g != 0.0));
+        }
+    }
+
+    #[test]
+    fn errors_name_the_op_and_what_was_wrong() {
+        let q = Tensor::zeros(&[2, 3, 4]);
+        let k = Tensor::zeros(&[2, 5, 4]);
+        let v = Tensor::zeros(&[2, 5, 6]);
+        let bad_k = Tensor::zeros(&[2, 5, 3]);
+        assert_eq!(
+            sdpa(&q, &bad_k, &v, None, false).unwrap_err().to_string(),
+            "scaled_dot_product_attention: query [2, 3, 4] and key [2, 5, 3] must have the same last dimension (4 vs 3)"
+        );
+        let bad_v = Tensor::zeros(&[2, 4, 6]);
+        assert_eq!(
+            sdpa(&q, &k, &bad_v, None, false).unwrap_err().to_string(),
+            "scaled_dot_product_attention: key [2, 5, 4] and value [2, 4, 6] must have the same length S (5 vs 4)"
+        );
+        let mask = t(&[1.0, 0.5, 1.0, 1.0, 1.0], &[1, 5]);
+        assert_eq!(
+            sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false)
+                .unwrap_err()
+                .to_string(),
+            "scaled_dot_product_attention: mask value 0.5 at position 1: a mask holds 0 (false) or 1 (true)"
+        );
+        let wide = Tensor::zeros(&[3, 6]);
+        assert_eq!(
+            sdpa(&q, &k, &v, Some(AttnMask::Additive(&wide)), false)
+                .unwrap_err()
+                .to_string(),
+            "scaled_dot_product_attention: attn_mask of shape [3, 6] does not broadcast to the scores' shape [2, 3, 5]"
+        );
+        let ok = Tensor::zeros(&[3, 5]);
+        assert!(
+            sdpa(&q, &k, &v, Some(AttnMask::Additive(&ok)), true)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be given with is_causal")
+        );
+        assert!(matches!(
+            sdpa(&Tensor::zeros(&[4]), &k, &v, None, false),
+            Err(Error::Rank { .. })
+        ));
+    }
+}

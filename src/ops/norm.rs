@@ -765,3 +765,186 @@ impl ChannelNorm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    fn leaf(values: &[f32], shape: &[usize]) -> Tensor {
+        t(values, shape).requires_grad_(true)
+    }
+
+    fn assert_close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
+    /// The gradients of `L = Σ r·layer_norm(x)` for one row, in f64 from
+    /// the formulas: x̂ = (x - μ)/σ, ĝ = r·w,
+    /// dx = (ĝ - mean ĝ - x̂·mean(ĝ·x̂))/σ, dw = r·x̂, db = r.
+    fn layer_norm_reference(x: &[f64], w: &[f64], r: &[f64]) -> [Vec<f64>; 3] {
+        let n = x.len() as f64;
+        let mean = x.iter().sum::<f64>() / n;
+        let sigma = (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let xh: Vec<f64> = x.iter().map(|v| (v - mean) / sigma).collect();
+        let gh: Vec<f64> = r.iter().zip(w).map(|(r, w)| r * w).collect();
+        let a = gh.iter().sum::<f64>() / n;
+        let b = gh.iter().zip(&xh).map(|(g, x)| g * x).sum::<f64>() / n;
+        let dx = gh
+            .iter()
+            .zip(&xh)
+            .map(|(g, x)| (g - a - x * b) / sigma)
+            .collect();
+        let dw = r.iter().zip(&xh).map(|(r, x)| r * x).collect();
+        [dx, dw, r.to_vec()]
+    }
+
+    // candle#3011, #2168: fused layer/rms norms whose gradients came out
+    // zero. Every gradient here is non-zero and matches the formulas.
+    #[test]
+    fn layer_norm_gradients_reach_input_weight_and_bias() {
+        let (xv, wv, rv) = ([1.0, 2.0, 4.0], [1.0, -2.0, 0.5], [0.3, -1.0, 2.0]);
+        let (x, w, b) = (leaf(&xv, &[1, 3]), leaf(&wv, &[3]), leaf(&[0.1; 3], &[3]));
+        let y = try_layer_norm(&x, &[3], Some(&w), Some(&b), 0.0).unwrap();
+        (&y * &t(&rv, &[1, 3])).sum().backward();
+        let f = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let [dx, dw, db] = layer_norm_reference(&f(&xv), &f(&wv), &f(&rv));
+        for (got, want) in [(&x, dx), (&w, dw), (&b, db)] {
+            let got = got.grad().unwrap().to_vec();
+            assert!(got.iter().all(|&g| g != 0.0), "a zero gradient: {got:?}");
+            assert_close(&got, &want);
+        }
+    }
+
+    // rms_norm: y = x·w/ρ, ρ = sqrt(mean x²): with ĝ = r·w,
+    // dx = (ĝ - x/ρ · mean(ĝ·x/ρ))/ρ, dw = r·x/ρ.
+    #[test]
+    fn rms_norm_gradients_reach_input_and_weight() {
+        let (xv, wv, rv) = ([1.0_f64, -2.0, 3.0], [0.5, 2.0, -1.0], [1.0, 0.5, -0.25]);
+        let cast = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+        let (x, w) = (leaf(&cast(&xv), &[3]), leaf(&cast(&wv), &[3]));
+        let y = try_rms_norm(&x, &[3], Some(&w), Some(0.0)).unwrap();
+        (&y * &t(&cast(&rv), &[3])).sum().backward();
+        let rho = (xv.iter().map(|v| v * v).sum::<f64>() / 3.0).sqrt();
+        let xh: Vec<f64> = xv.iter().map(|v| v / rho).collect();
+        let gh: Vec<f64> = rv.iter().zip(&wv).map(|(r, w)| r * w).collect();
+        let b = gh.iter().zip(&xh).map(|(g, x)| g * x).sum::<f64>() / 3.0;
+        let dx: Vec<f64> = gh.iter().zip(&xh).map(|(g, x)| (g - x * b) / rho).collect();
+        let dw: Vec<f64> = rv.iter().zip(&xh).map(|(r, x)| r * x).collect();
+        assert_close(&x.grad().unwrap().to_vec(), &dx);
+        assert_close(&w.grad().unwrap().to_vec(), &dw);
+        assert!(x.grad().unwrap().to_vec().iter().all(|&g| g != 0.0));
+    }
+
+    // Training-mode batch norm: dx goes through the batch statistics, so
+    // for one channel it is layer_norm's formula over the channel's values.
+    #[test]
+    fn batch_norm_train_gradient_goes_through_the_batch_statistics() {
+        let (xv, rv) = ([1.0, 2.0, 4.0], [0.3, -1.0, 2.0]);
+        let x = leaf(&xv, &[3, 1]);
+        let (w, b) = (leaf(&[1.5], &[1]), leaf(&[0.0], &[1]));
+        let out = try_batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, 0.0).unwrap();
+        (&out.output * &t(&rv, &[3, 1])).sum().backward();
+        let f = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let [dx, dw, _] = layer_norm_reference(&f(&xv), &[1.5; 3], &f(&rv));
+        assert_close(&x.grad().unwrap().to_vec(), &dx);
+        assert_close(&w.grad().unwrap().to_vec(), &[dw.iter().sum()]);
+        assert_close(&b.grad().unwrap().to_vec(), &[1.3]);
+    }
+
+    #[test]
+    fn batch_norm_returns_running_statistics_and_leaves_its_arguments_alone() {
+        // Channel 0: [1, 3] (mean 2, unbiased variance 2); channel 1: [0, 0].
+        let x = t(&[1.0, 0.0, 3.0, 0.0], &[2, 2]);
+        let (mean, var) = (t(&[1.0, 1.0], &[2]), t(&[1.0, 1.0], &[2]));
+        let out = try_batch_norm(&x, Some(&mean), Some(&var), None, None, true, 0.5, 1e-5).unwrap();
+        assert_eq!(out.running_mean.unwrap().to_vec(), vec![1.5, 0.5]);
+        assert_eq!(out.running_var.unwrap().to_vec(), vec![1.5, 0.5]);
+        assert_eq!(mean.to_vec(), vec![1.0, 1.0]);
+        assert_eq!(var.to_vec(), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_nan_spoils_its_own_row_only() {
+        let x = t(&[1.0, f32::NAN, 3.0, 1.0, 2.0, 3.0], &[2, 3]);
+        let y = try_layer_norm(&x, &[3], None, None, 1e-5).unwrap().to_vec();
+        assert!(y[..3].iter().all(|v| v.is_nan()));
+        assert!(y[3..].iter().all(|v| v.is_finite()));
+        let y = try_rms_norm(&x, &[3], None, None).unwrap().to_vec();
+        assert!(y[..3].iter().all(|v| v.is_nan()));
+        assert!(y[3..].iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn errors_name_the_op_and_the_shapes() {
+        let x = Tensor::zeros(&[2, 3]);
+        let err = try_layer_norm(&x, &[2], None, None, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: an input of shape [2, 3] does not end with normalized_shape [2]"
+        );
+        let err = try_rms_norm(&x, &[], None, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rms_norm: normalized_shape must have at least one element, got []"
+        );
+        let w = Tensor::ones(&[4]);
+        let err = try_layer_norm(&x, &[3], Some(&w), None, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: weight of shape [4] must have normalized_shape [3]"
+        );
+        let err = try_batch_norm(&x, None, None, None, None, false, 0.1, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batch_norm: running_mean and running_var are needed in eval mode"
+        );
+        let one = Tensor::zeros(&[1, 3]);
+        let err = try_batch_norm(&one, None, None, None, None, true, 0.1, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batch_norm: expected more than 1 value per channel when training, got an input of shape [1, 3]"
+        );
+        let bad = Tensor::ones(&[2]);
+        let err = try_batch_norm(&x, Some(&bad), None, None, None, true, 0.1, 1e-5).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("running_mean of shape [2] must be [3]")
+        );
+        assert!(matches!(
+            try_batch_norm(
+                &Tensor::zeros(&[3]),
+                None,
+                None,
+                None,
+                None,
+                true,
+                0.1,
+                1e-5
+            ),
+            Err(Error::Rank {
+                op: "batch_norm",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn empty_inputs_give_empty_outputs_and_gradients() {
+        let x = Tensor::zeros(&[0, 4]).requires_grad_(true);
+        let w = Tensor::ones(&[4]).requires_grad_(true);
+        let y = try_layer_norm(&x, &[4], Some(&w), None, 1e-5).unwrap();
+        assert_eq!(y.shape(), &[0, 4]);
+        y.sum().backward();
+        assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 4]);
+        let x = Tensor::zeros(&[3, 0]).requires_grad_(true);
+        let y = try_rms_norm(&x, &[0], None, None).unwrap();
+        assert_eq!(y.shape(), &[3, 0]);
+    }
+}
