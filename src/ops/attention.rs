@@ -272,26 +272,81 @@ fn mask_row(
 /// whose maximum is `-inf` is fully masked and becomes 0; a NaN anywhere
 /// makes the row NaN; a `+inf` gives the limits of
 /// [`softmax`](crate::Tensor::try_softmax) (NaN at the `+inf` entries).
+///
+/// The maximum and the sum run in eight interleaved lanes (vectorised),
+/// and `-inf` entries (masked keys) skip the exponential.
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(
-        f32::NEG_INFINITY,
-        |m, &v| {
-            if m.is_nan() || v <= m { m } else { v }
-        },
-    );
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut nan = false;
+    let chunks = row.chunks_exact(8);
+    for &v in chunks.remainder() {
+        lanes[0] = lanes[0].max(v);
+        nan |= v.is_nan();
+    }
+    for chunk in chunks {
+        for k in 0..8 {
+            lanes[k] = lanes[k].max(chunk[k]);
+            nan |= chunk[k].is_nan();
+        }
+    }
+    let max = if nan {
+        f32::NAN
+    } else {
+        lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    };
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
     }
-    let mut sum = 0.0;
+    if !max.is_finite() {
+        // NaN, or +inf: exp(v - max) is already the limit (0, or NaN for
+        // inf - inf and NaN), -inf entries included.
+        row.iter_mut().for_each(|v| *v = (*v - max).exp());
+        return;
+    }
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*v - max).exp()
+        };
     }
-    if max.is_finite() {
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
+    let inv = 1.0 / lane_sum(row);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Σ a row, in eight interleaved lanes (vectorised).
+fn lane_sum(row: &[f32]) -> f32 {
+    lane_dot(row, None)
+}
+
+/// Σ a·b over two rows (Σ a without `b`), in eight interleaved lanes.
+fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
+    let mut lanes = [0.0_f32; 8];
+    let mut total = 0.0;
+    match b {
+        None => {
+            let chunks = a.chunks_exact(8);
+            total += chunks.remainder().iter().sum::<f32>();
+            for chunk in chunks {
+                for k in 0..8 {
+                    lanes[k] += chunk[k];
+                }
+            }
+        }
+        Some(b) => {
+            let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+            for (a, b) in ac.remainder().iter().zip(bc.remainder()) {
+                total += a * b;
+            }
+            for (a, b) in ac.zip(bc) {
+                for k in 0..8 {
+                    lanes[k] += a[k] * b[k];
+                }
+            }
+        }
     }
+    total + lanes.iter().sum::<f32>()
 }
 
 /// The matrix of a broadcast operand at one batch index.
@@ -444,14 +499,23 @@ impl Saved {
                 );
                 gemm_into(p.t(), g, slot(&mut dv, &index));
                 gemm_into(g, vi.t(), ds.view_mut());
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
+                // the mask's gradient (unscaled) is wanted.
+                let scale = if want_mask { 1.0 } else { self.scale };
                 for (mut ds, p) in ds.rows_mut().into_iter().zip(p.rows()) {
-                    let dot: f32 = ds.iter().zip(p).map(|(d, p)| d * p).sum();
-                    ds.zip_mut_with(&p, |d, &p| *d = p * (*d - dot));
+                    let (ds, p) = (
+                        ds.as_slice_mut().expect("a row-major row"),
+                        p.to_slice().expect("a row-major row"),
+                    );
+                    let dot = lane_dot(ds, Some(p));
+                    for (d, &p) in ds.iter_mut().zip(p) {
+                        *d = p * (*d - dot) * scale;
+                    }
                 }
                 if want_mask {
                     slot(&mut dmask, &index).assign(&ds);
+                    ds.mapv_inplace(|d| d * self.scale);
                 }
-                ds.mapv_inplace(|d| d * self.scale);
                 gemm_into(ds.view(), ki, slot(&mut dq, &index));
                 gemm_into(ds.t(), qi, slot(&mut dk, &index));
             }

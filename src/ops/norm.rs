@@ -46,6 +46,30 @@ fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     total
 }
 
+/// Σ f(a_i, b_i, c_i) over three slices of one length, as [`sum_zip`].
+#[inline]
+fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut lanes = [0.0_f32; 8];
+    let (ac, bc, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let mut total = 0.0;
+    for ((&a, &b), &c) in ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder())
+    {
+        total += f(a, b, c);
+    }
+    for ((a, b), c) in ac.zip(bc).zip(cc) {
+        for k in 0..8 {
+            lanes[k] += f(a[k], b[k], c[k]);
+        }
+    }
+    total
+        + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
 /// Σ f(a_i) over a slice, as [`sum_zip`].
 #[inline]
 fn sum_map(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
@@ -170,25 +194,26 @@ fn row_norm_forward(
         let mean = if center { sum_map(x, |v| v) / n } else { 0.0 };
         let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
         let rstd = 1.0 / (var + eps).sqrt();
+        let y = &mut y[..width];
         match (weight, bias) {
             (Some(w), Some(b)) => {
-                for j in 0..width {
-                    y[j] = (x[j] - mean) * rstd * w[j] + b[j];
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - mean) * rstd * w + b;
                 }
             }
             (Some(w), None) => {
-                for j in 0..width {
-                    y[j] = (x[j] - mean) * rstd * w[j];
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = (x - mean) * rstd * w;
                 }
             }
             (None, Some(b)) => {
-                for j in 0..width {
-                    y[j] = (x[j] - mean) * rstd + b[j];
+                for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                    *y = (x - mean) * rstd + b;
                 }
             }
             (None, None) => {
-                for j in 0..width {
-                    y[j] = (x[j] - mean) * rstd;
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - mean) * rstd;
                 }
             }
         }
@@ -221,48 +246,54 @@ impl RowNorm {
             needs(grads, w_slot),
             needs(grads, b_slot),
         );
-        let grad = contiguous(grad);
-        let (g, x) = (slice(&grad), slice(&self.x));
+        // dx is written over the incoming gradient when no one shares it
+        // (no new buffer), row by row after the row has been read.
+        let mut grad = contiguous(grad);
+        if grad.view_mut().is_none() {
+            grad = Data::from_vec(grad.shape(), grad.to_vec());
+        }
+        let shape = grad.shape().to_vec();
+        let g = grad
+            .view_mut()
+            .expect("made unique")
+            .into_slice()
+            .expect("row-major values");
+        let x = slice(&self.x);
         let width = self.normalized.iter().product::<usize>();
-        let mut dx = vec![0.0; if want_x { x.len() } else { 0 }];
-        let mut dw = vec![0.0; if want_w { width } else { 0 }];
-        let mut db = vec![0.0; if want_b { width } else { 0 }];
+        let mut dw = vec![0.0; width];
+        let mut db = vec![0.0; width];
         if width > 0 && !x.is_empty() {
             let n = width as f32;
-            let mut gh = vec![0.0; width];
-            let mut xh = vec![0.0; width];
-            let rows = x.chunks_exact(width).zip(g.chunks_exact(width));
+            let ones;
+            let w = match &self.weight {
+                Some(w) => w.as_slice(),
+                None => {
+                    ones = vec![1.0; width];
+                    &ones
+                }
+            };
+            let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
             for (r, (x, g)) in rows.enumerate() {
                 let (mean, rstd) = (self.means[r], self.rstds[r]);
-                for j in 0..width {
-                    xh[j] = (x[j] - mean) * rstd;
-                }
-                match &self.weight {
-                    Some(w) => (0..width).for_each(|j| gh[j] = g[j] * w[j]),
-                    None => gh.copy_from_slice(g),
-                }
-                if want_x {
-                    let a = if self.center {
-                        sum_map(&gh, |v| v) / n
-                    } else {
-                        0.0
-                    };
-                    let b = sum_zip(&gh, &xh, |g, x| g * x) / n;
-                    let dx = &mut dx[r * width..(r + 1) * width];
-                    for j in 0..width {
-                        dx[j] = rstd * (gh[j] - a - xh[j] * b);
+                // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
+                let sum_g = sum_zip(g, w, |g, w| g * w);
+                let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
+                if want_w || want_b {
+                    for (((dw, db), &g), &x) in dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x) {
+                        *dw += g * (x - mean) * rstd;
+                        *db += g;
                     }
                 }
-                if want_w {
-                    (0..width).for_each(|j| dw[j] += g[j] * xh[j]);
-                }
-                if want_b {
-                    (0..width).for_each(|j| db[j] += g[j]);
+                let a = if self.center { sum_g / n } else { 0.0 };
+                let b = sum_gx / n;
+                for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
+                    *g = rstd * (*g * w - a - (x - mean) * rstd * b);
                 }
             }
         }
         if want_x {
-            grads.put(0, Data::from_vec(self.x.shape(), dx));
+            debug_assert_eq!(shape, self.x.shape());
+            grads.put(0, grad);
         }
         if let (true, Some(i)) = (want_w, w_slot) {
             grads.put(i, Data::from_vec(&self.normalized, dw));
