@@ -30,12 +30,12 @@
 //! reduction over the batch (a loss, a pooled output) although the padded
 //! rows carry no information. A row holding a NaN is NaN, masked or not.
 
-use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Dimension, Ix2, IxDyn, s};
+use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Dimension, Ix2, IxDyn};
 
 use crate::array::{broadcast_shape, checked_numel, reduce_to_shape};
 use crate::autograd::function::{InputGrads, record};
 use crate::error::{Error, Result, or_panic};
-use crate::ops::gemm::{gemm_acc_into, gemm_into};
+use crate::ops::gemm::gemm_into;
 use crate::tensor::{Data, Tensor};
 
 /// An attention mask, as PyTorch's `attn_mask` of
@@ -192,7 +192,6 @@ pub fn try_scaled_dot_product_attention(
     );
     let (l, s, ev) = (dims.l, dims.s, dims.ev);
     let batches = dims.batches();
-    let blocks = Blocks::new(is_causal, l, s, &k, &v);
     let mut probs = vec![0.0_f32; batches * l * s];
     let mut out = vec![0.0_f32; batches * l * ev];
     {
@@ -208,37 +207,25 @@ pub fn try_scaled_dot_product_attention(
             for (b, index) in dims.indices().enumerate() {
                 let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[b * l * s..][..l * s])
                     .expect("a slice of L·S values");
-                let mut o = ArrayViewMut2::from_shape((l, ev), &mut out[b * l * ev..][..l * ev])
-                    .expect("a slice of L·Ev values");
-                let (qi, ki, vi) = (
+                gemm_into(
                     matrix_at(&qb, &index),
-                    matrix_at(&kb, &index),
-                    matrix_at(&vb, &index),
+                    matrix_at(&kb, &index).t(),
+                    p.view_mut(),
                 );
                 let mask = mb.as_ref().map(|m| matrix_at(m, &index));
-                for (rows, keys) in blocks.iter() {
-                    let mut p = p.slice_mut(s![rows.clone(), ..keys]);
-                    gemm_into(
-                        qi.slice(s![rows.clone(), ..]),
-                        ki.slice(s![..keys, ..]).t(),
-                        p.view_mut(),
+                for (i, mut row) in p.rows_mut().into_iter().enumerate() {
+                    let row = row.as_slice_mut().expect("a row-major row");
+                    mask_row(
+                        row,
+                        scale,
+                        mask.as_ref().map(|m| m.row(i)),
+                        is_causal.then_some(i),
                     );
-                    for (i, mut row) in rows.clone().zip(p.rows_mut()) {
-                        let row = row.as_slice_mut().expect("a row-major row");
-                        mask_row(
-                            row,
-                            scale,
-                            mask.as_ref().map(|m| m.slice(s![i, ..keys])),
-                            is_causal.then_some(i),
-                        );
-                        softmax_row(row);
-                    }
-                    gemm_into(
-                        p.view(),
-                        vi.slice(s![..keys, ..]),
-                        o.slice_mut(s![rows.clone(), ..]),
-                    );
+                    softmax_row(row);
                 }
+                let o = ArrayViewMut2::from_shape((l, ev), &mut out[b * l * ev..][..l * ev])
+                    .expect("a slice of L·Ev values");
+                gemm_into(p.view(), matrix_at(&vb, &index), o);
             }
         }
     }
@@ -256,7 +243,6 @@ pub fn try_scaled_dot_product_attention(
             probs,
             scale,
             dims,
-            blocks,
         };
         move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
     })
@@ -361,42 +347,6 @@ fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
         }
     }
     total + lanes.iter().sum::<f32>()
-}
-
-/// The blocks of query rows the attention runs in, each with the number
-/// of keys it reads: one block of all rows and all keys, except for a
-/// causal attention, whose blocks of [`Blocks::ROWS`] rows read only the
-/// keys up to their last row (`ones(L, S).tril()`: the keys past it are
-/// hidden), skipping the upper triangle's products. The skipped keys must
-/// not hold a NaN or an infinity (which would spread through the
-/// masked scores and the zero probabilities): with one, one block reads
-/// them all.
-struct Blocks {
-    rows: usize,
-    l: usize,
-    s: usize,
-    causal: bool,
-}
-
-impl Blocks {
-    /// Query rows per block of a causal attention.
-    const ROWS: usize = 16;
-
-    fn new(causal: bool, l: usize, s: usize, k: &Data, v: &Data) -> Blocks {
-        let finite = |d: &Data| d.view().iter().all(|v| v.is_finite());
-        let causal = causal && l > Self::ROWS && finite(k) && finite(v);
-        let rows = if causal { Self::ROWS } else { l.max(1) };
-        Blocks { rows, l, s, causal }
-    }
-
-    /// `(rows, keys)`: each block's query rows and how many keys it reads.
-    fn iter(&self) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> + use<> {
-        let (rows, l, s, causal) = (self.rows, self.l, self.s, self.causal);
-        (0..l).step_by(rows).map(move |r0| {
-            let r1 = (r0 + rows).min(l);
-            (r0..r1, if causal { r1.min(s) } else { s })
-        })
-    }
 }
 
 /// The matrix of a broadcast operand at one batch index.
@@ -517,7 +467,6 @@ struct Saved {
     probs: Vec<f32>,
     scale: f32,
     dims: Dims,
-    blocks: Blocks,
 }
 
 impl Saved {
@@ -548,48 +497,27 @@ impl Saved {
                     matrix_at(&kb, &index),
                     matrix_at(&vb, &index),
                 );
-                let (mut dqi, mut dki, mut dvi) = (
-                    slot(&mut dq, &index),
-                    slot(&mut dk, &index),
-                    slot(&mut dv, &index),
-                );
-                let mut dmi = want_mask.then(|| slot(&mut dmask, &index));
-                for (rows, keys) in self.blocks.iter() {
-                    let (p, g) = (
-                        p.slice(s![rows.clone(), ..keys]),
-                        g.slice(s![rows.clone(), ..]),
+                gemm_into(p.t(), g, slot(&mut dv, &index));
+                gemm_into(g, vi.t(), ds.view_mut());
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
+                // the mask's gradient (unscaled) is wanted.
+                let scale = if want_mask { 1.0 } else { self.scale };
+                for (mut ds, p) in ds.rows_mut().into_iter().zip(p.rows()) {
+                    let (ds, p) = (
+                        ds.as_slice_mut().expect("a row-major row"),
+                        p.to_slice().expect("a row-major row"),
                     );
-                    let mut ds = ds.slice_mut(s![..rows.len(), ..keys]);
-                    gemm_acc_into(p.t(), g, dvi.slice_mut(s![..keys, ..]));
-                    gemm_into(g, vi.slice(s![..keys, ..]).t(), ds.view_mut());
-                    // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
-                    // the mask's gradient (unscaled) is wanted.
-                    let scale = if want_mask { 1.0 } else { self.scale };
-                    for (mut ds, p) in ds.rows_mut().into_iter().zip(p.rows()) {
-                        let (ds, p) = (
-                            ds.as_slice_mut().expect("a row-major row"),
-                            p.to_slice().expect("a row-major row"),
-                        );
-                        let dot = lane_dot(ds, Some(p));
-                        for (d, &p) in ds.iter_mut().zip(p) {
-                            *d = p * (*d - dot) * scale;
-                        }
+                    let dot = lane_dot(ds, Some(p));
+                    for (d, &p) in ds.iter_mut().zip(p) {
+                        *d = p * (*d - dot) * scale;
                     }
-                    if let Some(dm) = dmi.as_mut() {
-                        dm.slice_mut(s![rows.clone(), ..keys]).assign(&ds);
-                        ds.mapv_inplace(|d| d * self.scale);
-                    }
-                    gemm_into(
-                        ds.view(),
-                        ki.slice(s![..keys, ..]),
-                        dqi.slice_mut(s![rows.clone(), ..]),
-                    );
-                    gemm_acc_into(
-                        ds.t(),
-                        qi.slice(s![rows.clone(), ..]),
-                        dki.slice_mut(s![..keys, ..]),
-                    );
                 }
+                if want_mask {
+                    slot(&mut dmask, &index).assign(&ds);
+                    ds.mapv_inplace(|d| d * self.scale);
+                }
+                gemm_into(ds.view(), ki, slot(&mut dq, &index));
+                gemm_into(ds.t(), qi, slot(&mut dk, &index));
             }
         }
         grads.set(0, reduce_to_shape(dq, self.q.shape()));
@@ -680,11 +608,11 @@ mod tests {
         assert_eq!(y.to_vec(), vec![10.0, 15.0, 1030.0 / 3.0, 1030.0 / 3.0]);
     }
 
-    // The causal blocks (which skip the hidden keys' products) give what
-    // the same lower-triangular mask gives through the unblocked path, and
-    // a NaN in a hidden key still spreads (one block then reads all keys).
+    // is_causal gives what the same lower-triangular boolean mask gives,
+    // values and gradients, with L ≠ S and a NaN hidden by it still
+    // spreads.
     #[test]
-    fn causal_blocks_agree_with_the_explicit_mask() {
+    fn causal_agrees_with_the_explicit_mask() {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
         let (l, s) = (37, 29);
         let q = Tensor::randn(&[2, l, 8], &mut rng).requires_grad_(true);

@@ -182,40 +182,29 @@ fn row_norm_forward(
     eps: f32,
     center: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut out = vec![0.0; x.len()];
     if x.is_empty() || width == 0 {
-        return (out, Vec::new(), Vec::new());
+        return (vec![0.0; x.len()], Vec::new(), Vec::new());
     }
+    // Written once, not zeroed first.
+    let mut out = Vec::with_capacity(x.len());
     let rows = x.len() / width;
     let (mut means, mut rstds) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-    for (x, y) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+    for x in x.chunks_exact(width) {
         let n = width as f32;
         // Two passes (mean, then squared deviations): no cancellation.
         let mean = if center { sum_map(x, |v| v) / n } else { 0.0 };
         let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
         let rstd = 1.0 / (var + eps).sqrt();
-        let y = &mut y[..width];
         match (weight, bias) {
-            (Some(w), Some(b)) => {
-                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                    *y = (x - mean) * rstd * w + b;
-                }
-            }
-            (Some(w), None) => {
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = (x - mean) * rstd * w;
-                }
-            }
-            (None, Some(b)) => {
-                for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
-                    *y = (x - mean) * rstd + b;
-                }
-            }
-            (None, None) => {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * rstd;
-                }
-            }
+            (Some(w), Some(b)) => out.extend(
+                x.iter()
+                    .zip(w)
+                    .zip(b)
+                    .map(|((&x, &w), &b)| (x - mean) * rstd * w + b),
+            ),
+            (Some(w), None) => out.extend(x.iter().zip(w).map(|(&x, &w)| (x - mean) * rstd * w)),
+            (None, Some(b)) => out.extend(x.iter().zip(b).map(|(&x, &b)| (x - mean) * rstd + b)),
+            (None, None) => out.extend(x.iter().map(|&x| (x - mean) * rstd)),
         }
         means.push(mean);
         rstds.push(rstd);
