@@ -734,14 +734,24 @@ impl ChannelNorm {
     /// through the batch statistics (training), dx = rstd·w·g with running
     /// ones (eval).
     fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
-        let grad = contiguous(grad);
-        let (g, x) = (slice(&grad), slice(&self.x));
-        let shape = self.x.shape();
+        // dx is written over the incoming gradient (a channel's values
+        // once its sums are taken), as in `RowNorm`.
+        let mut grad = contiguous(grad);
+        if grad.view_mut().is_none() {
+            grad = Data::from_vec(grad.shape(), grad.to_vec());
+        }
+        let want_x = grads.needs_grad(0);
+        let x = slice(&self.x);
+        let shape = self.x.shape().to_vec();
+        let g = grad
+            .view_mut()
+            .expect("made unique")
+            .into_slice()
+            .expect("row-major values");
         let (batch, channels) = (shape[0], shape[1]);
         let spatial: usize = shape[2..].iter().product();
         let n = (batch * spatial) as f32;
         let (w_slot, b_slot) = self.slots;
-        let mut dx = vec![0.0; if grads.needs_grad(0) { x.len() } else { 0 }];
         let mut dw = vec![0.0; channels];
         let mut db = vec![0.0; channels];
         if !x.is_empty() {
@@ -756,7 +766,7 @@ impl ChannelNorm {
                 }
                 db[c] = sg;
                 dw[c] = sgx;
-                if dx.is_empty() {
+                if !want_x {
                     continue;
                 }
                 let scale = rstd * self.weight.as_ref().map_or(1.0, |w| w[c]);
@@ -767,15 +777,14 @@ impl ChannelNorm {
                 };
                 for i in 0..batch {
                     let range = at(i);
-                    let (x, g) = (&x[range.clone()], &g[range.clone()]);
-                    for ((dx, &x), &g) in dx[range].iter_mut().zip(x).zip(g) {
-                        *dx = scale * (g - a - (x - mean) * rstd * b);
+                    for (g, &x) in g[range.clone()].iter_mut().zip(&x[range]) {
+                        *g = scale * (*g - a - (x - mean) * rstd * b);
                     }
                 }
             }
         }
-        if grads.needs_grad(0) {
-            grads.put(0, Data::from_vec(shape, dx));
+        if want_x {
+            grads.put(0, grad);
         }
         if let Some(i) = w_slot {
             grads.put(i, Data::from_vec(&[channels], dw));
