@@ -71,6 +71,14 @@ WORKLOADS = {
     ),
     "conv2d_fwd_bwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, fwd + bwd, 1 thread", 3),
     "conv2d_fwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, no_grad fwd, 1 thread", 8),
+    "sdpa_causal_fwd_bwd_1t": (
+        "causal attention [8, 4, 64, 32], forward + backward to q, k, v, 1 thread",
+        30,
+    ),
+    "layer_norm_fwd_bwd_1t": (
+        "layer_norm [32, 64, 128] with weight and bias, forward + backward, 1 thread",
+        60,
+    ),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -234,6 +242,24 @@ def torch_workload(torch, name):
                 leaf.grad = None
 
         return threads, conv_step
+    if name == "sdpa_causal_fwd_bwd_1t":
+        q, k, v = (torch.randn(8, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+        def attention():
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(y.sum(), [q, k, v])
+
+        return threads, attention
+    if name == "layer_norm_fwd_bwd_1t":
+        x = torch.randn(32, 64, 128, requires_grad=True)
+        w = torch.randn(128, requires_grad=True)
+        b = torch.randn(128, requires_grad=True)
+
+        def layer_norm():
+            y = nn.functional.layer_norm(x, [128], w, b, 1e-5)
+            return torch.autograd.grad(y.sum(), [x, w, b])
+
+        return threads, layer_norm
     raise KeyError(name)
 
 

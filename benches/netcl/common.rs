@@ -266,6 +266,8 @@ pub const WORKLOADS: &[&str] = &[
     "bmm_8x4x64x32x64_fwd_bwd_1t",
     "conv2d_fwd_bwd_1t",
     "conv2d_fwd_1t",
+    "sdpa_causal_fwd_bwd_1t",
+    "layer_norm_fwd_bwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -292,6 +294,13 @@ pub const WORKLOADS: &[&str] = &[
 ///   every input requiring grad, then `y.sum().backward()` and the leaves'
 ///   gradients cleared; `conv2d_fwd_1t`: the forward alone, no input
 ///   requiring grad (302 MFLOP).
+/// - `sdpa_causal_fwd_bwd_1t`: causal `scaled_dot_product_attention` of
+///   q, k, v `[8, 4, 64, 32]` (batch 8, 4 heads, 64 tokens, head size 32),
+///   all requiring grad, then the gradients of the output's sum with
+///   respect to all three (`autograd::grad`).
+/// - `layer_norm_fwd_bwd_1t`: `layer_norm` of `[32, 64, 128]` over the last
+///   axis with weight and bias, all requiring grad, then the gradients of
+///   the output's sum with respect to all three.
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -415,6 +424,33 @@ pub fn workload(name: &str) -> Option<Workload> {
                 for leaf in [&x, &w, &b] {
                     leaf.zero_grad();
                 }
+            }))
+        }
+        "sdpa_causal_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(11);
+            let mut leaf = || Tensor::randn(&[8, 4, 64, 32], &mut rng).requires_grad_(true);
+            let (q, k, v) = (leaf(), leaf(), leaf());
+            single(Box::new(move || {
+                let y = netcl::functional::scaled_dot_product_attention(
+                    black_box(&q),
+                    black_box(&k),
+                    black_box(&v),
+                    None,
+                    true,
+                    None,
+                );
+                black_box(autograd::grad(&[&y.sum()], &[&q, &k, &v]).unwrap());
+            }))
+        }
+        "layer_norm_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(12);
+            let x = Tensor::randn(&[32, 64, 128], &mut rng).requires_grad_(true);
+            let w = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            let b = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            single(Box::new(move || {
+                let y =
+                    netcl::functional::layer_norm(black_box(&x), &[128], Some(&w), Some(&b), 1e-5);
+                black_box(autograd::grad(&[&y.sum()], &[&x, &w, &b]).unwrap());
             }))
         }
         _ => {

@@ -5,6 +5,7 @@
 //! array helpers they share are in [`crate::array`].
 
 pub(crate) mod activation;
+pub(crate) mod attention;
 mod binary;
 mod compare;
 pub(crate) mod conv;
@@ -16,6 +17,7 @@ pub(crate) mod index;
 pub(crate) mod layout;
 pub(crate) mod loss;
 mod matmul;
+pub(crate) mod norm;
 pub(crate) mod pool;
 mod reduce;
 mod shape;
