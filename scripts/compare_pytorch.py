@@ -54,6 +54,9 @@ WORKLOADS = {
         20,
     ),
     "forward_b1_64_128_10": ("no_grad forward 64-128-10, batch 1", 8_000),
+    "forward_b8_64_128_10": ("no_grad forward 64-128-10, batch 8", 6_000),
+    "forward_b32_64_128_10": ("no_grad forward 64-128-10, batch 32", 4_000),
+    "forward_b64_64_128_10": ("no_grad forward 64-128-10, batch 64", 3_000),
     "forward_b256_784": ("no_grad forward 784-256-256-10, batch 256, 1 thread", 20),
     "eval_20k_1t": ("evaluation, 20k samples in batches of 256, 1 thread", 1),
     "eval_20k_2t": ("evaluation, 20k samples, 2 threads", 1),
@@ -79,6 +82,8 @@ WORKLOADS = {
         "layer_norm [32, 64, 128] with weight and bias, forward + backward, 1 thread",
         60,
     ),
+    "matmul_1024x1024x1024_1t": ("matmul 1024x1024x1024, 1 thread", 3),
+    "matmul_1024x1024x1024_2t": ("matmul 1024x1024x1024, 2 threads", 4),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -189,7 +194,10 @@ def torch_workload(torch, name):
 
         return threads, step
     if name.startswith("forward"):
-        sizes, rows = ([64, 128, 10], 1) if name == "forward_b1_64_128_10" else ([784, 256, 256, 10], 256)
+        if name == "forward_b256_784":
+            sizes, rows = [784, 256, 256, 10], 256
+        else:
+            sizes, rows = [64, 128, 10], int(name.split("_")[1][1:])
         model = mlp(sizes)
         xb = torch.rand(rows, sizes[0])
 

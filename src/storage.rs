@@ -354,12 +354,12 @@ impl Data {
     /// this is the only handle to a buffer moved in from an array or a
     /// `Vec`, copied otherwise.
     pub(crate) fn into_array(self) -> ArrayD<f32> {
-        if self.strides.is_none() {
-            if let Buf::Vec(values) = self.buf {
-                let values = Arc::try_unwrap(values).unwrap_or_else(|shared| (*shared).clone());
-                return ArrayD::from_shape_vec(IxDyn(&self.shape), values)
-                    .expect("the layout fits the buffer (the invariant of Data)");
-            }
+        if self.strides.is_none()
+            && let Buf::Vec(values) = self.buf
+        {
+            let values = Arc::try_unwrap(values).unwrap_or_else(|shared| (*shared).clone());
+            return ArrayD::from_shape_vec(IxDyn(&self.shape), values)
+                .expect("the layout fits the buffer (the invariant of Data)");
         }
         self.to_array()
     }
@@ -367,13 +367,13 @@ impl Data {
     /// `f(self[i])` for every element: in place when no snapshot shares the
     /// buffer, into a new buffer otherwise.
     pub(crate) fn map_into(mut self, f: impl Fn(f32) -> f32) -> Data {
-        if self.strides.is_none() {
-            if let Some(values) = self.buf.unique_mut() {
-                for v in values.iter_mut() {
-                    *v = f(*v);
-                }
-                return self;
+        if self.strides.is_none()
+            && let Some(values) = self.buf.unique_mut()
+        {
+            for v in values.iter_mut() {
+                *v = f(*v);
             }
+            return self;
         }
         self.map(f)
     }
@@ -383,17 +383,18 @@ impl Data {
     /// buffer, into a new buffer otherwise.
     pub(crate) fn zip_into(mut self, other: &Data, f: impl Fn(f32, f32) -> f32) -> Data {
         let same = crate::array::same_shape(&self.shape, &other.shape);
-        if same && self.strides.is_none() {
-            if let Some(b) = other.as_slice() {
-                if let Some(a) = self.buf.unique_mut() {
-                    for (a, &b) in a.iter_mut().zip(b) {
-                        *a = f(*a, b);
-                    }
-                    return self;
+        if same
+            && self.strides.is_none()
+            && let Some(b) = other.as_slice()
+        {
+            if let Some(a) = self.buf.unique_mut() {
+                for (a, &b) in a.iter_mut().zip(b) {
+                    *a = f(*a, b);
                 }
-                let a = self.buf.as_slice();
-                return Data::collect(&self.shape, a.iter().zip(b).map(|(&a, &b)| f(a, b)));
+                return self;
             }
+            let a = self.buf.as_slice();
+            return Data::collect(&self.shape, a.iter().zip(b).map(|(&a, &b)| f(a, b)));
         }
         let other = other.view();
         let other = other
@@ -432,13 +433,14 @@ impl Data {
     /// Adds `other` (of the same shape) into these values: in place when no
     /// snapshot shares the buffer, into a new buffer otherwise.
     pub(crate) fn add_assign(&mut self, other: &Data) {
-        if self.strides.is_none() && crate::array::same_shape(&self.shape, &other.shape) {
-            if let (Some(b), Some(a)) = (other.as_slice(), self.buf.unique_mut()) {
-                for (a, &b) in a.iter_mut().zip(b) {
-                    *a += b;
-                }
-                return;
+        if self.strides.is_none()
+            && crate::array::same_shape(&self.shape, &other.shape)
+            && let (Some(b), Some(a)) = (other.as_slice(), self.buf.unique_mut())
+        {
+            for (a, &b) in a.iter_mut().zip(b) {
+                *a += b;
             }
+            return;
         }
         let empty = Data {
             buf: Buf::Inline {

@@ -549,7 +549,7 @@ fn run_case(digits: &Digits, seed: u64, case: u64, log: &mut Vec<String>) -> Out
         let old = parse_labeled_csv(bytes.as_slice(), SOURCE, features, classes);
         assert_eq!(contents(&old), contents(&result));
     }
-    if case % 100 == 0 {
+    if case.is_multiple_of(100) {
         // Now and then through a file: the same outcome, under its path.
         let path =
             std::env::temp_dir().join(format!("netcl-fuzz-{}-{case}.csv", std::process::id()));

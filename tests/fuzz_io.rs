@@ -157,7 +157,7 @@ fn replace_in_header(
     bytes.splice(start..end, with.iter().copied());
     // Keep the length prefix consistent half of the time, so the parser
     // reaches the edited JSON.
-    if pick % 2 == 0 {
+    if pick.is_multiple_of(2) {
         let header_len = (range.end - range.start) as i64 + with.len() as i64 - old_len as i64;
         bytes[..8].copy_from_slice(&(header_len.max(0) as u64).to_le_bytes());
     }
@@ -301,14 +301,14 @@ fn mutate(bytes: &mut Vec<u8>, rng: &mut StdRng) {
                 header.iter().position(|&b| b == b'}'),
             ) {
                 let name_start = header[..open].iter().rposition(|&b| b == b',' || b == b'{');
-                if let Some(name_start) = name_start {
-                    if name_start < close {
-                        let entry = header[name_start + 1..=close].to_vec();
-                        let at = range.start + close + 1;
-                        let mut insert = vec![b','];
-                        insert.extend(entry);
-                        bytes.splice(at..at, insert);
-                    }
+                if let Some(name_start) = name_start
+                    && name_start < close
+                {
+                    let entry = header[name_start + 1..=close].to_vec();
+                    let at = range.start + close + 1;
+                    let mut insert = vec![b','];
+                    insert.extend(entry);
+                    bytes.splice(at..at, insert);
                 }
             }
         }

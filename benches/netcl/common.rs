@@ -252,6 +252,9 @@ pub const WORKLOADS: &[&str] = &[
     "mlp_step_b128_2t",
     "mlp_step_b128_2t_shards",
     "forward_b1_64_128_10",
+    "forward_b8_64_128_10",
+    "forward_b32_64_128_10",
+    "forward_b64_64_128_10",
     "forward_b256_784",
     "eval_20k_1t",
     "eval_20k_2t",
@@ -268,6 +271,8 @@ pub const WORKLOADS: &[&str] = &[
     "conv2d_fwd_1t",
     "sdpa_causal_fwd_bwd_1t",
     "layer_norm_fwd_bwd_1t",
+    "matmul_1024x1024x1024_1t",
+    "matmul_1024x1024x1024_2t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -280,9 +285,9 @@ pub const WORKLOADS: &[&str] = &[
 /// - `mlp_step_b{32,128}_{1,2}t`: a training step of 784-256-256-10 (ReLU,
 ///   cross-entropy, SGD lr 1e-3, zero_grad); `_shards`: the same step at
 ///   batch 128 data-parallel in two shards.
-/// - `forward_b1_64_128_10`, `forward_b256_784`: a no_grad forward (guard
-///   taken in each call) of 64-128-10 at batch 1 and of 784-256-256-10 at
-///   batch 256.
+/// - `forward_b{1,8,32,64}_64_128_10`, `forward_b256_784`: a no_grad
+///   forward (guard taken in each call) of 64-128-10 at batch 1 to 64 (the
+///   serving shapes) and of 784-256-256-10 at batch 256.
 /// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
 ///   through `parallel::map` under no_grad, counting correct predictions.
 /// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
@@ -361,11 +366,17 @@ pub fn workload(name: &str) -> Option<Workload> {
                 }),
             })
         }
-        "forward_b1_64_128_10" | "forward_b256_784" => {
-            let (sizes, rows): (&[usize], usize) = if name == "forward_b1_64_128_10" {
-                (&[64, 128, 10], 1)
-            } else {
-                (&[784, 256, 256, 10], 256)
+        "forward_b1_64_128_10"
+        | "forward_b8_64_128_10"
+        | "forward_b32_64_128_10"
+        | "forward_b64_64_128_10"
+        | "forward_b256_784" => {
+            let (sizes, rows): (&[usize], usize) = match name {
+                "forward_b256_784" => (&[784, 256, 256, 10], 256),
+                _ => {
+                    let rows = name["forward_b".len()..].split('_').next()?.parse().ok()?;
+                    (&[64, 128, 10], rows)
+                }
             };
             let model = mlp(sizes, 1);
             let (x, _) = batch(rows, sizes[0], 10, 2);

@@ -134,15 +134,13 @@ fn run(
     // Anomaly detection as the caller has it (checked before any gradient
     // reaches a leaf, so an anomaly leaves every `.grad()` untouched).
     let anomaly = is_anomaly_enabled();
-    if anomaly {
-        if let Some(found) = seeds.iter().find_map(|seed| non_finite(seed.view().iter())) {
-            return Err(Error::Anomaly {
-                op: "backward",
-                input: None,
-                location: None,
-                message: format!("the gradient backward starts from has {found}"),
-            });
-        }
+    if anomaly && let Some(found) = seeds.iter().find_map(|seed| non_finite(seed.view().iter())) {
+        return Err(Error::Anomaly {
+            op: "backward",
+            input: None,
+            location: None,
+            message: format!("the gradient backward starts from has {found}"),
+        });
     }
     // The plan's buffers go back to the thread for its next pass however
     // this one ends.

@@ -339,16 +339,16 @@ impl<B: Backward> Backprop for Checked<B> {
     fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         self.inner.backward(grad.into_array(), grads);
         for (input, expected) in self.shapes.iter().enumerate() {
-            if let Some(got) = grads.get(input) {
-                if got.shape() != expected.slice() {
-                    let error = Error::GradShape {
-                        op: self.op,
-                        input,
-                        expected: expected.slice().to_vec(),
-                        got: got.shape().to_vec(),
-                    };
-                    grads.error.get_or_insert(error);
-                }
+            if let Some(got) = grads.get(input)
+                && got.shape() != expected.slice()
+            {
+                let error = Error::GradShape {
+                    op: self.op,
+                    input,
+                    expected: expected.slice().to_vec(),
+                    got: got.shape().to_vec(),
+                };
+                grads.error.get_or_insert(error);
             }
         }
     }

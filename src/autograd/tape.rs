@@ -449,10 +449,10 @@ impl Tape {
             slot.refs -= 1;
             if slot.refs == 0 {
                 slot.generation = slot.generation.wrapping_add(1);
-                if let Some(backward) = slot.backward.take() {
-                    if slot.holds_tensors {
-                        garbage.push(backward);
-                    }
+                if let Some(backward) = slot.backward.take()
+                    && slot.holds_tensors
+                {
+                    garbage.push(backward);
                 }
                 for edge in slot.edges.drain(..) {
                     if let Edge::Node(input) = edge {

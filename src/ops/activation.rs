@@ -295,10 +295,10 @@ impl Tensor {
                     y = lo;
                 }
             }
-            if let Some(hi) = max {
-                if y > hi || hi.is_nan() {
-                    y = hi;
-                }
+            if let Some(hi) = max
+                && (y > hi || hi.is_nan())
+            {
+                y = hi;
             }
             y
         };

@@ -94,7 +94,7 @@ pub(crate) fn contiguous(data: Data) -> Data {
 
 /// `a / b` rounded up, without overflow.
 fn ceil_div(a: usize, b: usize) -> usize {
-    a / b + usize::from(a % b != 0)
+    a / b + usize::from(!a.is_multiple_of(b))
 }
 
 /// The output length of a window of `kernel` taps `dilation` apart sliding
@@ -231,14 +231,14 @@ impl Geom {
                 cg as u128 * groups as u128
             )));
         }
-        if let Some(bias) = bias {
-            if bias != [o] {
-                return Err(Error::ShapeMismatch {
-                    op,
-                    lhs: vec![o],
-                    rhs: bias.to_vec(),
-                });
-            }
+        if let Some(bias) = bias
+            && bias != [o]
+        {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: vec![o],
+                rhs: bias.to_vec(),
+            });
         }
         let too_large = |padded: u128| {
             invalid(format!(

@@ -368,14 +368,14 @@ fn check_linear(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result
             rhs_inner: weight[0],
         });
     }
-    if let Some(bias) = bias {
-        if bias != [weight[1]] {
-            return Err(Error::ShapeMismatch {
-                op: "linear",
-                lhs: vec![weight[1]],
-                rhs: bias.to_vec(),
-            });
-        }
+    if let Some(bias) = bias
+        && bias != [weight[1]]
+    {
+        return Err(Error::ShapeMismatch {
+            op: "linear",
+            lhs: vec![weight[1]],
+            rhs: bias.to_vec(),
+        });
     }
     // The result's shape, x's with the last length replaced, must exist
     // (empty inputs can have huge axes); checked without building it.

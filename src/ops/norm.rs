@@ -153,16 +153,16 @@ fn check_normalized(
         });
     }
     for (name, t) in [("weight", weight), ("bias", bias)] {
-        if let Some(t) = t {
-            if t.shape() != normalized_shape {
-                return Err(Error::InvalidArgument {
-                    op,
-                    message: format!(
-                        "{name} of shape {:?} must have normalized_shape {normalized_shape:?}",
-                        t.shape()
-                    ),
-                });
-            }
+        if let Some(t) = t
+            && t.shape() != normalized_shape
+        {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "{name} of shape {:?} must have normalized_shape {normalized_shape:?}",
+                    t.shape()
+                ),
+            });
         }
     }
     // The input exists, so these products fit.
@@ -602,16 +602,16 @@ pub fn try_batch_norm(
         ("weight", weight),
         ("bias", bias),
     ] {
-        if let Some(t) = t {
-            if t.shape() != [channels] {
-                return Err(Error::InvalidArgument {
-                    op: OP,
-                    message: format!(
-                        "{name} of shape {:?} must be [{channels}], one value per channel of an input of shape {shape:?}",
-                        t.shape()
-                    ),
-                });
-            }
+        if let Some(t) = t
+            && t.shape() != [channels]
+        {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                message: format!(
+                    "{name} of shape {:?} must be [{channels}], one value per channel of an input of shape {shape:?}",
+                    t.shape()
+                ),
+            });
         }
     }
     let count = batch.saturating_mul(spatial);
