@@ -50,8 +50,12 @@ mod future;
 pub(crate) mod mode;
 pub(crate) mod tape;
 
-pub use engine_api::{grad, grad_retain_graph};
-pub use function::{Backward, InputGrads, apply_op};
+#[allow(deprecated)]
+pub use engine_api::grad_retain_graph;
+pub use engine_api::{BackwardOptions, grad, grad_with};
+pub use function::{
+    Backward, DifferentiableBackward, GraphGrads, InputGrads, apply_op, apply_op_differentiable,
+};
 pub use future::{GradModeFuture, GradModeFutureExt};
 pub use mode::{
     AnomalyGuard, GradGuard, GradMode, ModeGuard, TrainingGuard, current_tape, detect_anomaly,

@@ -10,6 +10,7 @@ mod compare;
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
+mod graph;
 mod loss;
 mod matmul;
 mod reduce;
