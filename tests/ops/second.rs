@@ -1,0 +1,147 @@
+//! Second derivatives over the sample table: for every case where central
+//! differences apply, the Hessian-vector product of `L₂ = Σ_k r_k ⊙ y_k²`
+//! (a loss whose Hessian involves both the op's first and second
+//! derivatives) computed by double backward (`grad_with` with
+//! `create_graph`, then the gradient of `∇L₂ · v`), against central
+//! differences of the first derivative along `v`,
+//! `(∇L₂(x + εv) - ∇L₂(x - εv)) / 2ε`, in f64. An op without a
+//! differentiable backward fails here with `Error::NotDifferentiable`: a
+//! new op's table entry is also its second-derivative check.
+
+use netcl::Tensor;
+use netcl::autograd::{self, BackwardOptions};
+
+use super::table::{Case, load};
+use super::{dispatch, report};
+
+/// `L₂` over the outputs that have a weighting and a graph.
+fn squared_loss(case: &Case, outputs: &[Tensor]) -> Option<Tensor> {
+    outputs
+        .iter()
+        .zip(&case.weights)
+        .filter_map(|(y, r)| {
+            let r = Tensor::from_vec(r.clone()?, y.shape()).expect("weights of the output's shape");
+            y.requires_grad().then(|| (&(y * y) * &r).sum())
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// A fixed direction for input `i` of `n` values, in `[-1, 1]`.
+fn direction(i: usize, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|k| ((k as f32 + 1.0) * 1.618 + i as f32 * 0.7).sin())
+        .collect()
+}
+
+/// Leaves with the case's values moved by `step · v` along the inputs that
+/// require grad.
+fn shifted(case: &Case, v: &[Option<Vec<f32>>], step: f32) -> Vec<Tensor> {
+    case.inputs
+        .iter()
+        .zip(v)
+        .map(|(input, v)| {
+            let values = match v {
+                Some(v) => input
+                    .data
+                    .iter()
+                    .zip(v)
+                    .map(|(x, v)| x + step * v)
+                    .collect(),
+                None => input.data.clone(),
+            };
+            Tensor::from_vec(values, &input.shape)
+                .unwrap()
+                .requires_grad_(input.requires_grad)
+        })
+        .collect()
+}
+
+/// `∇L₂` (array path) at `leaves`, for the leaves that require grad.
+fn gradient(case: &Case, leaves: &[Tensor]) -> Option<Vec<Vec<f32>>> {
+    let outputs = dispatch(&case.op, &case.args, &case.prepared(leaves)).ok()?;
+    let loss = squared_loss(case, &outputs)?;
+    let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
+    let grads = autograd::grad(&[&loss], &wrt).ok()?;
+    Some(grads.iter().map(Tensor::to_vec).collect())
+}
+
+/// The Hessian-vector product by double backward, or why it failed.
+fn double_backward(case: &Case, v: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>, String> {
+    let leaves = shifted(case, v, 0.0);
+    let outputs = dispatch(&case.op, &case.args, &case.prepared(&leaves))
+        .map_err(|e| format!("forward: {e}"))?;
+    let loss = squared_loss(case, &outputs).ok_or("no output with a graph")?;
+    let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
+    let create = BackwardOptions::new().create_graph(true);
+    let grads = autograd::grad_with(&[&loss], &wrt, &create)
+        .map_err(|e| format!("backward with create_graph: {e}"))?;
+    let dot = grads
+        .iter()
+        .zip(v.iter().flatten())
+        .map(|(g, v)| {
+            let g = g.as_ref().expect("zeros for unused inputs");
+            (g * &Tensor::from_vec(v.clone(), g.shape()).unwrap()).sum()
+        })
+        .reduce(|a, b| a + b)
+        .ok_or("no input requires grad")?;
+    if !dot.requires_grad() {
+        // The gradient does not depend on the inputs: a zero Hessian.
+        return Ok(wrt.iter().map(|x| vec![0.0; x.numel()]).collect());
+    }
+    let hv = autograd::grad(&[&dot], &wrt).map_err(|e| format!("second backward: {e}"))?;
+    Ok(hv.iter().map(Tensor::to_vec).collect())
+}
+
+#[test]
+fn second_derivatives_match_finite_differences() {
+    const STEP: f32 = 1e-2;
+    const TOL: f64 = 2e-2;
+    let cases: Vec<Case> = load().into_iter().filter(|c| c.fd).collect();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let v: Vec<Option<Vec<f32>>> = case
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| input.requires_grad.then(|| direction(i, input.data.len())))
+            .collect();
+        let analytic = match double_backward(case, &v) {
+            Ok(hv) => hv,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.label()));
+                continue;
+            }
+        };
+        let (Some(plus), Some(minus)) = (
+            gradient(case, &shifted(case, &v, STEP)),
+            gradient(case, &shifted(case, &v, -STEP)),
+        ) else {
+            failures.push(format!("{}: finite differences failed", case.label()));
+            continue;
+        };
+        for (i, ((a, p), m)) in analytic.iter().zip(&plus).zip(&minus).enumerate() {
+            let numeric: Vec<f64> = p
+                .iter()
+                .zip(m)
+                .map(|(&p, &m)| (f64::from(p) - f64::from(m)) / (2.0 * f64::from(STEP)))
+                .collect();
+            let scale = numeric.iter().fold(1.0_f64, |s, n| s.max(n.abs()));
+            let bad: Vec<String> = a
+                .iter()
+                .zip(&numeric)
+                .enumerate()
+                .filter(|&(_, (&a, &n))| (f64::from(a) - n).abs() > TOL * scale)
+                .take(4)
+                .map(|(k, (a, n))| format!("[{k}] double backward {a}, differences {n}"))
+                .collect();
+            if !bad.is_empty() {
+                failures.push(format!(
+                    "{} HVP of grad input {i}: {}",
+                    case.label(),
+                    bad.join(", ")
+                ));
+            }
+        }
+    }
+    report(failures, cases.len(), "second derivatives");
+}
