@@ -876,3 +876,47 @@ fn a_custom_differentiable_backward_of_the_wrong_shape_is_an_error() {
         })
     ));
 }
+
+/// Data-parallel gradients of a loss with a double backward inside
+/// (a gradient penalty per shard): `parallel::backward_shards` computes
+/// each shard's gradient on its own and sums them in shard order, so the
+/// bits are the same whatever the thread count, create_graph included.
+#[test]
+fn backward_shards_through_a_gradient_penalty_gives_the_same_bits_on_any_pool() {
+    use netcl::parallel;
+    let mut rng = StdRng::seed_from_u64(12);
+    let w = (randn(&[6, 4], &mut rng) * 0.5).requires_grad_(true);
+    let shards: Vec<(Tensor, Tensor)> = (0..6)
+        .map(|s| {
+            let x = randn(&[3, 6], &mut rng);
+            let y = Tensor::from_vec(vec![(s % 4) as f32, 1.0, 2.0], &[3]).unwrap();
+            (x, y)
+        })
+        .collect();
+    let params = [w.clone()];
+    let run = |threads: usize| -> (Vec<f32>, Vec<u32>) {
+        let pool = parallel::rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        w.zero_grad();
+        let losses = parallel::install(&pool, || {
+            parallel::backward_shards(&shards, &params, |(x, y)| {
+                let x = x.detach().requires_grad_(true);
+                let ce = x.matmul(&w).tanh().try_cross_entropy(y)?;
+                let g = autograd::grad_with(&[&ce], &[&x], &create())?[0]
+                    .clone()
+                    .unwrap();
+                Ok(ce + (&g * &g).sum())
+            })
+        })
+        .unwrap();
+        let grad = w.grad().unwrap().to_vec();
+        (losses, grad.iter().map(|v| v.to_bits()).collect())
+    };
+    let one = run(1);
+    assert!(one.1.iter().any(|&bits| f32::from_bits(bits) != 0.0));
+    for threads in [2, 3] {
+        assert_eq!(run(threads), one, "{threads} threads");
+    }
+}

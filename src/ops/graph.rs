@@ -1,8 +1,12 @@
 //! Helpers of the differentiable backwards (`create_graph`): the recorded
 //! forms of the array helpers the array backwards use.
 
+use ndarray::{Dimension, IxDyn};
+
+use crate::array::{reduce_to_shape, same_shape};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 /// `grad`, the gradient of a broadcast result, summed back to the shape of
 /// the operand that was broadcast (as
@@ -20,11 +24,40 @@ pub(crate) fn sum_to(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
     Ok(grad)
 }
 
-/// `grad` broadcast to `shape`, recorded (`zeros + grad`, whose backward
-/// sums back to `grad`'s shape).
+/// `grad` broadcast to `shape` (which it broadcasts to: a reduction's
+/// input shape), recorded as the op `expand`, whose backward sums back to
+/// `grad`'s shape. One pass writing the result (a one-element `grad` is a
+/// fill).
 pub(crate) fn expand(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    if grad.shape() == shape {
+    if same_shape(grad.shape(), shape) {
         return Ok(grad.clone());
     }
-    Tensor::zeros(shape).try_add(grad)
+    let values = grad.read();
+    let out = if values.len() == 1 {
+        Data::full(shape, values.to_vec()[0])
+    } else {
+        let view = values.view();
+        let view = view
+            .broadcast(IxDyn(shape))
+            .expect("a reduced gradient broadcasts to the reduction's input");
+        Data::from_view(view)
+    };
+    let input = grad.dim();
+    record("expand", &[grad], out, |_| {
+        with_graph(
+            input,
+            |input: &IxDyn, grad: Data, grads: &mut InputGrads<'_>| {
+                let summed = if same_shape(grad.shape(), input.slice()) {
+                    grad
+                } else {
+                    Data::from_array(reduce_to_shape(grad.into_array(), input.slice()))
+                };
+                grads.put(0, summed);
+            },
+            |input: &IxDyn, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                grads.set(0, sum_to(grad, input.slice())?);
+                Ok(())
+            },
+        )
+    })
 }
