@@ -7,11 +7,17 @@
 //! `(∇L₂(x + εv) - ∇L₂(x - εv)) / 2ε`, in f64. An op without a
 //! differentiable backward fails here with `Error::NotDifferentiable`: a
 //! new op's table entry is also its second-derivative check.
+//!
+//! The same products are compared with PyTorch's double backward in float64
+//! (`tests/fixtures/hvp_<family>.json`, written by
+//! `scripts/torch_hvp_fixtures.py` from the committed table, with its own
+//! directions `v`).
 
 use netcl::Tensor;
 use netcl::autograd::{self, BackwardOptions};
+use serde_json::Value;
 
-use super::table::{Case, load};
+use super::table::{Case, fixtures_dir, load};
 use super::{dispatch, report};
 
 /// `L₂` over the outputs that have a weighting and a graph.
@@ -144,4 +150,82 @@ fn second_derivatives_match_finite_differences() {
         }
     }
     report(failures, cases.len(), "second derivatives");
+}
+
+/// A JSON number, or "inf", "-inf", "nan".
+fn number(v: &Value) -> f64 {
+    match v {
+        Value::String(s) => s.parse().expect("inf, -inf or nan"),
+        v => v.as_f64().expect("a number"),
+    }
+}
+
+fn numbers(v: &Value) -> Option<Vec<f64>> {
+    v.as_array().map(|a| a.iter().map(number).collect())
+}
+
+#[test]
+fn second_derivatives_match_pytorch() {
+    const TOL: f64 = 1e-3;
+    let table = load();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(fixtures_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("hvp_") && name.ends_with(".json")) {
+            continue;
+        }
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let family = doc["family"].as_str().expect("family");
+        for record in doc["cases"].as_array().expect("cases") {
+            let case_name = record["name"].as_str().expect("name");
+            let Some(case) = table
+                .iter()
+                .find(|c| c.family == family && c.name == case_name)
+            else {
+                failures.push(format!("{family}/{case_name}: not in the table"));
+                continue;
+            };
+            checked += 1;
+            let v: Vec<Option<Vec<f32>>> = record["v"]
+                .as_array()
+                .expect("v")
+                .iter()
+                .map(|v| numbers(v).map(|v| v.into_iter().map(|x| x as f32).collect()))
+                .collect();
+            let analytic = match double_backward(case, &v) {
+                Ok(hv) => hv,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", case.label()));
+                    continue;
+                }
+            };
+            let torch: Vec<Vec<f64>> = record["hvp"]
+                .as_array()
+                .expect("hvp")
+                .iter()
+                .filter_map(numbers)
+                .collect();
+            for (i, (a, t)) in analytic.iter().zip(&torch).enumerate() {
+                let scale = t.iter().fold(1.0_f64, |s, t| s.max(t.abs()));
+                let bad: Vec<String> = a
+                    .iter()
+                    .zip(t)
+                    .enumerate()
+                    .filter(|&(_, (&a, &t))| (f64::from(a) - t).abs() > TOL * scale)
+                    .take(4)
+                    .map(|(k, (a, t))| format!("[{k}] netcl {a}, torch {t}"))
+                    .collect();
+                if !bad.is_empty() {
+                    failures.push(format!(
+                        "{} HVP of grad input {i}: {}",
+                        case.label(),
+                        bad.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    report(failures, checked, "second derivatives against PyTorch");
 }
