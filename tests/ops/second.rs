@@ -229,3 +229,46 @@ fn second_derivatives_match_pytorch() {
     }
     report(failures, checked, "second derivatives against PyTorch");
 }
+
+/// The recorded backward (`create_graph`) and the array backward give the
+/// same first derivative, on every case of the table.
+#[test]
+fn recorded_and_array_backwards_agree() {
+    let cases = load();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let run = |create_graph: bool| -> Result<Vec<Vec<f32>>, String> {
+            let leaves = case.leaves(true);
+            let outputs = dispatch(&case.op, &case.args, &case.prepared(&leaves))
+                .map_err(|e| format!("forward: {e}"))?;
+            let Some(loss) = super::weighted_loss(case, &outputs) else {
+                return Ok(Vec::new());
+            };
+            let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
+            let options = BackwardOptions::new().create_graph(create_graph);
+            let grads = autograd::grad_with(&[&loss], &wrt, &options)
+                .map_err(|e| format!("backward (create_graph {create_graph}): {e}"))?;
+            Ok(grads.iter().flatten().map(Tensor::to_vec).collect())
+        };
+        let (recorded, array) = match (run(true), run(false)) {
+            (Ok(r), Ok(a)) => (r, a),
+            (Err(e), _) | (_, Err(e)) => {
+                failures.push(format!("{}: {e}", case.label()));
+                continue;
+            }
+        };
+        for (i, (r, a)) in recorded.iter().zip(&array).enumerate() {
+            let bad = r.iter().zip(a).any(|(&r, &a)| {
+                let same_nan = r.is_nan() && a.is_nan();
+                !same_nan && r != a && (r - a).abs() > 1e-5 * (1.0 + a.abs())
+            });
+            if bad {
+                failures.push(format!(
+                    "{} grad {i}: recorded {r:?}, array {a:?}",
+                    case.label()
+                ));
+            }
+        }
+    }
+    report(failures, cases.len(), "recorded against array backward");
+}
