@@ -23,7 +23,10 @@ use crate::tensor::{Data, NodeRef, Tensor};
 /// `backward` runs with grad mode off on the calling thread and no lock held.
 ///
 /// Closures `Fn(ArrayD<f32>, &mut InputGrads<'_>)` implement this trait; see
-/// [`apply_op`].
+/// [`apply_op`]. An op whose gradient must itself be differentiable
+/// (`create_graph`, see [`BackwardOptions`](crate::autograd::BackwardOptions))
+/// also implements [`DifferentiableBackward`] and records through
+/// [`apply_op_differentiable`].
 pub trait Backward: Send + Sync + 'static {
     /// Computes input gradients from `grad`, the gradient with respect to the
     /// output (it has the output's shape), and stores them with
@@ -460,6 +463,11 @@ fn check_forward(
 /// holding whatever state it captured until the node is released. Unlike
 /// a built-in op's, a custom backward's gradients are checked against the
 /// inputs' shapes.
+///
+/// The backward is an array function, so it cannot be differentiated: a
+/// backward with `create_graph` that reaches the op fails with
+/// [`Error::NotDifferentiable`] naming it. Give a differentiable backward
+/// with [`apply_op_differentiable`].
 ///
 /// # Errors
 ///

@@ -20,6 +20,17 @@
 //! records nothing: its output has `requires_grad() == false` and no
 //! `grad_fn`, whatever its inputs, and no node is pushed.
 //!
+//! # Backward passes and higher-order gradients
+//!
+//! [`Tensor::backward`](crate::Tensor::backward) accumulates into the
+//! leaves' `.grad()`; [`grad`] returns the gradients instead. Their options
+//! ([`BackwardOptions`]: `retain_graph`, `create_graph`, `grad_output`,
+//! `allow_unused`) go to [`Tensor::backward_with_options`](crate::Tensor::backward_with_options)
+//! and [`grad_with`]. With `create_graph` the gradients are recorded tensors
+//! that can be differentiated again, to any order (Hessian-vector products,
+//! gradient penalties): every built-in op has a differentiable backward,
+//! and a custom op gets one through [`apply_op_differentiable`].
+//!
 //! # Examples
 //!
 //! The evaluation loop of a classifier (the seed library's, in Rust):
