@@ -181,16 +181,12 @@ impl Backprop for SumBackward {
     }
 
     fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
-        let grad = self.keepdim(grad)?;
-        let spread = expand(&grad, self.input.slice())?;
-        grads.set(
-            0,
-            if self.scale != 1.0 {
-                spread.mul_scalar(self.scale)
-            } else {
-                spread
-            },
-        );
+        // Scaled before it is spread: the reduced gradient is the small one.
+        let mut grad = self.keepdim(grad)?;
+        if self.scale != 1.0 {
+            grad = grad.mul_scalar(self.scale);
+        }
+        grads.set(0, expand(&grad, self.input.slice())?);
         Ok(())
     }
 }
