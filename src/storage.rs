@@ -337,22 +337,6 @@ impl Data {
         )
     }
 
-    /// True if `self` and `other` read the same values: one shared buffer
-    /// (or equal inline values, bit for bit) with one layout. A recorded
-    /// graph's snapshot of a leaf is this leaf's current values until an
-    /// update replaces them.
-    pub(crate) fn same_values(&self, other: &Data) -> bool {
-        let same_buf = match (&self.buf, &other.buf) {
-            (Buf::Slice(a), Buf::Slice(b)) => Arc::ptr_eq(a, b),
-            (Buf::Vec(a), Buf::Vec(b)) => Arc::ptr_eq(a, b),
-            (Buf::Inline { len: a, values: x }, Buf::Inline { len: b, values: y }) => {
-                a == b && x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits())
-            }
-            _ => false,
-        };
-        same_buf && self.shape == other.shape && self.strides == other.strides
-    }
-
     /// True if no other `Data` shares the buffer.
     pub(crate) fn is_unique(&self) -> bool {
         self.buf.is_unique()

@@ -205,21 +205,25 @@ impl<'a> GraphGrads<'a> {
     /// values the op took in forward, or a stand-in with the same
     /// derivatives) and connected to the graph: its gradient flows where
     /// the input's did. An input that needs no gradient is a constant; a
-    /// computed input is a new handle on its node; a leaf is the leaf itself
-    /// while it still holds the saved values, else (an optimizer replaced
-    /// them since) a recorded identity of the snapshot, so the
-    /// differentiable backward sees what the array backward sees.
+    /// computed input is a new handle on its node; a leaf is a recorded
+    /// identity (`snapshot`) of the saved values, so the differentiable
+    /// backward sees what the array backward sees even if the leaf was
+    /// updated since (or is being updated now).
     pub(crate) fn input(&self, input: usize, saved: &Data) -> Result<Tensor> {
         match &self.node.edges[input] {
             PlanEdge::None => Ok(Tensor::from_data(saved.clone())),
             PlanEdge::Local(position) => Ok(self.rebuild(self.node.ids[*position], saved)),
-            PlanEdge::Leaf(leaf) => {
-                let leaf = &self.node.leaves[*leaf];
-                if leaf.read().same_values(saved) {
-                    return Ok(leaf.clone());
-                }
-                record("snapshot", &[leaf], saved.clone(), |_| Identity)
-            }
+            // Never the leaf itself, even while it holds the saved values:
+            // an update (an optimizer step, a publish) may replace them
+            // between that check and the ops reading the leaf (loom model l
+            // found it). A recorded identity holding the snapshot keeps the
+            // values fixed and passes the gradient to the leaf.
+            PlanEdge::Leaf(leaf) => record(
+                "snapshot",
+                &[&self.node.leaves[*leaf]],
+                saved.clone(),
+                |_| Identity,
+            ),
         }
     }
 
@@ -245,7 +249,7 @@ impl<'a> GraphGrads<'a> {
 }
 
 /// The identity, recorded when a differentiable backward needs a leaf's
-/// old values (see [`GraphGrads::input`]).
+/// saved values (see [`GraphGrads::input`]).
 struct Identity;
 
 impl Backprop for Identity {
