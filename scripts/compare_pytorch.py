@@ -65,6 +65,20 @@ WORKLOADS = {
     "matmul_32x256x256_2t": ("matmul 32x256x256, 2 threads", 500),
     "matmul_256x784x256_1t": ("matmul 256x784x256, 1 thread", 25),
     "matmul_256x784x256_2t": ("matmul 256x784x256, 2 threads", 40),
+    "bmm_8x4x64x32x64_fwd_bwd_1t": (
+        "batched matmul [8,4,64,32] x [8,4,32,64], forward + backward, 1 thread",
+        100,
+    ),
+    "conv2d_fwd_bwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, fwd + bwd, 1 thread", 3),
+    "conv2d_fwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, no_grad fwd, 1 thread", 8),
+    "sdpa_causal_fwd_bwd_1t": (
+        "causal attention [8, 4, 64, 32], forward + backward to q, k, v, 1 thread",
+        30,
+    ),
+    "layer_norm_fwd_bwd_1t": (
+        "layer_norm [32, 64, 128] with weight and bias, forward + backward, 1 thread",
+        60,
+    ),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -196,10 +210,56 @@ def torch_workload(torch, name):
                 return sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in batches)
 
         return threads, evaluate
+    if name == "bmm_8x4x64x32x64_fwd_bwd_1t":
+        lhs = torch.rand(8, 4, 64, 32, requires_grad=True)
+        rhs = torch.rand(8, 4, 32, 64, requires_grad=True)
+
+        def bmm_step():
+            loss = (lhs @ rhs).sum()
+            return torch.autograd.grad(loss, [lhs, rhs])
+
+        return threads, bmm_step
     if name.startswith("matmul_"):
         m, k, n = (int(d) for d in name.split("_")[1].split("x"))
         lhs, rhs = torch.rand(m, k), torch.rand(k, n)
         return threads, lambda: lhs @ rhs
+    if name.startswith("conv2d_"):
+        x = torch.randn(32, 16, 32, 32)
+        w = torch.randn(32, 16, 3, 3) * 0.1
+        b = torch.randn(32)
+        if name == "conv2d_fwd_1t":
+
+            def conv_forward():
+                with torch.no_grad():
+                    return nn.functional.conv2d(x, w, b, 1, 1, 1, 1)
+
+            return threads, conv_forward
+        leaves = [t.requires_grad_(True) for t in (x, w, b)]
+
+        def conv_step():
+            nn.functional.conv2d(x, w, b, 1, 1, 1, 1).sum().backward()
+            for leaf in leaves:
+                leaf.grad = None
+
+        return threads, conv_step
+    if name == "sdpa_causal_fwd_bwd_1t":
+        q, k, v = (torch.randn(8, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+        def attention():
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(y.sum(), [q, k, v])
+
+        return threads, attention
+    if name == "layer_norm_fwd_bwd_1t":
+        x = torch.randn(32, 64, 128, requires_grad=True)
+        w = torch.randn(128, requires_grad=True)
+        b = torch.randn(128, requires_grad=True)
+
+        def layer_norm():
+            y = nn.functional.layer_norm(x, [128], w, b, 1e-5)
+            return torch.autograd.grad(y.sum(), [x, w, b])
+
+        return threads, layer_norm
     raise KeyError(name)
 
 

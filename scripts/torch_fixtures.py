@@ -86,8 +86,12 @@ def run_case(case, seed):
             r = torch.tensor(rng.standard_normal(tuple(y.shape)).astype(np.float32).astype(np.float64))
         else:
             r = None
+        # An output without gradient (an index, a running statistic) gets
+        # no weighting: it is compared by value only, and stays out of the
+        # finite-difference L, which would otherwise count it.
+        r = r if y.requires_grad else None
         weights.append(r)
-        if r is not None and y.requires_grad:
+        if r is not None:
             loss = loss + (y * r).sum()
     wrt = [leaf for leaf in leaves if leaf.requires_grad]
     grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and torch.is_tensor(loss) else []

@@ -23,3 +23,23 @@
 //!   other value is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 //!
 //! Use it as PyTorch code does: `use netcl::functional as F;`.
+
+pub use crate::ops::activation::{GeluApproximate, gelu, silu};
+pub use crate::ops::attention::{
+    AttnMask, scaled_dot_product_attention, try_scaled_dot_product_attention,
+};
+pub use crate::ops::conv::{Size2, conv1d, conv2d, try_conv1d, try_conv2d};
+pub use crate::ops::index::{embedding, try_embedding, try_where_, where_};
+pub use crate::ops::layout::{cat, stack, try_cat, try_stack};
+pub use crate::ops::loss::{
+    BceWithLogitsOptions, CrossEntropyOptions, NllLossOptions, Reduction,
+    binary_cross_entropy_with_logits, cross_entropy, nll_loss,
+    try_binary_cross_entropy_with_logits, try_cross_entropy, try_nll_loss,
+};
+pub use crate::ops::norm::{
+    BatchNormOutput, batch_norm, layer_norm, rms_norm, try_batch_norm, try_layer_norm, try_rms_norm,
+};
+pub use crate::ops::pool::{
+    adaptive_avg_pool2d, avg_pool2d, max_pool2d, try_adaptive_avg_pool2d, try_avg_pool2d,
+    try_max_pool2d,
+};

@@ -482,6 +482,59 @@ impl Data {
         }
     }
 
+    /// The same values with their axes reordered, axis `i` of the result
+    /// being axis `axes[i]` of `self` (a permutation): a view sharing the
+    /// buffer (O(1)).
+    pub(crate) fn permute(&self, axes: &[usize]) -> Data {
+        debug_assert_eq!(axes.len(), self.shape.len());
+        let old_strides = match &self.strides {
+            Some(strides) => (**strides).clone(),
+            None => row_major_strides(&self.shape),
+        };
+        let mut shape = self.shape.clone();
+        let mut strides = old_strides.clone();
+        for (i, &a) in axes.iter().enumerate() {
+            shape.as_mut_slice()[i] = self.shape[a];
+            strides.as_mut_slice()[i] = old_strides[a];
+        }
+        self.with_strides(shape, strides)
+    }
+
+    /// The same values with axes of length 1 inserted or removed: `shape`
+    /// is `self`'s shape with only length-1 axes added or dropped. Shares
+    /// the buffer, also for a strided view (O(1)).
+    pub(crate) fn reshape_unit_axes(&self, shape: &[usize]) -> Data {
+        let Some(old) = &self.strides else {
+            return self.reshape(shape);
+        };
+        // The axes longer than 1 keep their order and their strides.
+        let mut long = self
+            .shape
+            .iter()
+            .zip(old.iter())
+            .filter(|&(&len, _)| len != 1)
+            .map(|(_, &stride)| stride);
+        let mut strides = Dims::from_elem(1, shape.len());
+        for (s, &len) in strides.as_mut_slice().iter_mut().zip(shape) {
+            if len != 1 {
+                *s = long.next().expect("the same axes longer than 1");
+            }
+        }
+        self.with_strides(Dims::from_slice(shape), strides)
+    }
+
+    /// A view of the buffer with `shape` and `strides` (which must fit the
+    /// buffer), row-major again when the strides say so.
+    fn with_strides(&self, shape: Dims, strides: Dims) -> Data {
+        let standard = row_major_strides(&shape);
+        let strides = (!same_layout(&shape, &strides, &standard)).then(|| Box::new(strides));
+        Data {
+            buf: self.buf.clone(),
+            shape,
+            strides,
+        }
+    }
+
     /// The same values with shape `shape` (of the same element count):
     /// sharing the buffer when the values are in row-major order, copied
     /// into that order otherwise.
@@ -589,6 +642,22 @@ mod tests {
         assert_eq!(copy.to_vec(), vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(data.swap_axes(0, 1).to_vec(), vec![9.0, 3.0, 2.0, 4.0]);
         assert_eq!(Data::from_vec(&[1], vec![7.0]).to_vec(), vec![7.0]);
+    }
+
+    #[test]
+    fn permutes_and_unit_axes_share_the_buffer() {
+        let data = Data::collect(&[2, 3, 4], (0..24).map(|v| v as f32));
+        let p = data.permute(&[2, 0, 1]);
+        assert_eq!(p.shape(), &[4, 2, 3]);
+        assert!(p.as_slice().is_none());
+        assert_eq!(p.to_vec()[..4], [0.0, 4.0, 8.0, 12.0]);
+        // Unit axes in and out of a strided view keep its strides.
+        let u = p.reshape_unit_axes(&[4, 1, 2, 3, 1]);
+        assert_eq!(u.to_vec(), p.to_vec());
+        assert_eq!(u.reshape_unit_axes(&[4, 2, 3]).to_vec(), p.to_vec());
+        // The inverse permutation is row-major again.
+        let back = p.permute(&[1, 2, 0]);
+        assert_eq!(back.as_slice(), data.as_slice());
     }
 
     #[test]

@@ -201,3 +201,34 @@ fn a_gradient_sum_that_overflows_is_caught() {
     assert!(err.to_string().contains("though each was finite"), "{err}");
     assert!(x.grad().is_none(), "an anomaly leaves .grad() untouched");
 }
+
+#[test]
+fn a_deliberate_minus_infinity_mask_is_not_an_anomaly_but_a_produced_one_is() {
+    // masked_fill(mask, -inf) puts its argument in the output: the -inf of
+    // an attention mask is what the caller asked for. softmax over the
+    // masked scores is finite, and so is every gradient.
+    let scores = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2])
+        .unwrap()
+        .requires_grad_(true);
+    let causal = Tensor::from_vec(vec![0.0, 1.0, 0.0, 0.0], &[2, 2]).unwrap();
+    let _anomaly = autograd::detect_anomaly();
+    let masked = scores.try_masked_fill(&causal, f32::NEG_INFINITY).unwrap();
+    let loss = masked
+        .softmax(-1)
+        .sum_axis(0, false)
+        .mul(&leaf(&[1.0, 2.0]))
+        .sum();
+    loss.try_backward().unwrap();
+    assert!(
+        scores
+            .grad()
+            .unwrap()
+            .to_vec()
+            .iter()
+            .all(|g| g.is_finite())
+    );
+
+    // A non-finite value an op computes from finite inputs is still one.
+    let err = scores.try_div(&Tensor::zeros(&[2, 2])).unwrap_err();
+    assert!(matches!(err, Error::Anomaly { op: "div", .. }), "{err}");
+}

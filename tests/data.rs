@@ -13,6 +13,8 @@ use netcl::data::{
 };
 use netcl::{Error, Result, Tensor};
 
+mod common;
+
 /// A dataset whose sample `i` has input `i` and target `i % 3`.
 fn counting(n: usize) -> TensorDataset {
     let targets = (0..n).map(|i| (i % 3) as f32).collect();
@@ -180,15 +182,17 @@ fn dropping_the_iterator_mid_epoch_ends_its_thread() {
         }
         // The thread holds a second handle while it runs.
         assert_eq!(handles(), 2);
-        std::thread::sleep(Duration::from_millis(20));
+        // It reads ahead until it blocks on the full channel: batch 4 in
+        // the channel (capacity 1), batch 5 read and waiting to be sent.
+        common::wait_until(common::PATIENCE, "the loader to read ahead", || {
+            dataset.reads.load(Ordering::SeqCst) >= 5
+        });
     } // dropped mid-epoch, with the thread blocked on a full channel
-    // The drop waited for the thread: its handle is gone already...
+    // The drop waited for the thread: its handle is gone already, so it
+    // can read nothing more...
     assert_eq!(handles(), 1);
-    // ...and it reads nothing more.
-    let reads = dataset.reads.load(Ordering::SeqCst);
-    assert!(reads < 10, "read {reads} of 1000 batches");
-    std::thread::sleep(Duration::from_millis(30));
-    assert_eq!(dataset.reads.load(Ordering::SeqCst), reads);
+    // ...and it read nothing past the batch it was blocked on.
+    assert_eq!(dataset.reads.load(Ordering::SeqCst), 5);
 }
 
 /// A dataset that records the grad mode and tape its reads run in.

@@ -292,10 +292,13 @@ fn dropout_masks_on_a_thread_do_not_depend_on_other_threads() {
         })
     };
     let shared = Dropout::new(0.5, 5);
+    // The threads start together, so their calls interleave.
+    let barrier = std::sync::Barrier::new(threads);
     let concurrent: Vec<Vec<Vec<u32>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    barrier.wait();
                     (0..per_thread)
                         .map(|_| bits(shared.forward(&x).unwrap()))
                         .collect::<Vec<_>>()

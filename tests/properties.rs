@@ -506,15 +506,33 @@ proptest! {
         let mut shape_b = batch_b.clone();
         shape_b.extend([k_b, n]);
         if rank == 0 {
-            // A vector: matmul needs 2 dimensions.
+            // A vector: PyTorch's 1-D rule, a row [1, k] whose axis the
+            // result drops.
             shape_a = vec![k];
         }
         let a = filled(&shape_a, seed);
         let b = filled(&shape_b, seed ^ 1);
         let result = a.try_matmul(&b);
         let batch = ref_broadcast(&batch_a, &batch_b);
-        if rank == 0 {
-            prop_assert!(matches!(result, Err(Error::Rank { .. })), "{:?}", result);
+        if rank == 0 && k_b == k {
+            let (av, bv) = (a.to_vec(), b.to_vec());
+            let mut shape = batch_b.clone();
+            shape.push(n);
+            let want: Vec<f64> = (0..numel(&shape))
+                .map(|pos| {
+                    let index = unravel(pos, &shape);
+                    let (bi, j) = (&index[..batch_b.len()], index[batch_b.len()]);
+                    (0..k)
+                        .map(|p| {
+                            let mut ib = bi.to_vec();
+                            ib.extend([p, j]);
+                            f64::from(av[p]) * f64::from(bv[broadcast_position(&ib, &shape_b)])
+                        })
+                        .sum()
+                })
+                .collect();
+            let got = result.map_err(|e| TestCaseError::fail(format!("matmul: {e}")))?;
+            check_all("matmul", &got, &shape, &want)?;
         } else if k_b != k {
             prop_assert!(matches!(result, Err(Error::MatmulShape { .. })), "{:?}", result);
         } else if let Some(batch) = batch {

@@ -22,6 +22,9 @@ use netcl::{Tensor, parallel};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+mod common;
+use common::{PATIENCE, StopOnDrop, wait_until};
+
 /// Fails the test (instead of hanging it) if `done` is not set within
 /// `limit`: the liveness watchdog of the progress tests.
 struct Watchdog {
@@ -141,10 +144,12 @@ fn the_detector_sees_a_model_caught_between_two_states() {
 
 /// 8 serving threads run forwards against published versions while a
 /// trainer flips every parameter between 1 and 2, one at a time, and
-/// publishes after each flip, for 2 s: no forward sees a mix of versions,
-/// and each output is the one of the version it was computed with.
+/// publishes after each flip, for 2 s and until every reader has seen a
+/// new version: no forward sees a mix of versions, and each output is the
+/// one of the version it was computed with.
 #[test]
 fn published_versions_are_never_torn() {
+    const READERS: u64 = 8;
     let model = flip_model();
     let detector = Detector::new(&model);
     let published = Published::new(&model).unwrap();
@@ -152,17 +157,26 @@ fn published_versions_are_never_torn() {
     let (forwards, torn, publishes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let live_torn = AtomicU64::new(0);
     let live_forwards = AtomicU64::new(0);
+    // Readers that have seen a version published after their first load.
+    let saw_a_publish = AtomicU64::new(0);
+    let mut readers_stalled = None;
     std::thread::scope(|s| {
-        for reader in 0..8 {
+        let _stop = StopOnDrop(&stop);
+        for reader in 0..READERS {
             let (detector, published, model) = (&detector, &published, &model);
             let (stop, forwards, torn) = (&stop, &forwards, &torn);
             let (live_torn, live_forwards) = (&live_torn, &live_forwards);
+            let saw_a_publish = &saw_a_publish;
             s.spawn(move || {
                 let _no_grad = autograd::no_grad();
-                let mut last = 0;
+                let first = published.load().number();
+                let mut last = first;
                 while !stop.load(Ordering::Relaxed) {
                     let version = published.load();
                     assert!(version.number() >= last, "versions go forward");
+                    if last == first && version.number() > first {
+                        saw_a_publish.fetch_add(1, Ordering::Relaxed);
+                    }
                     last = version.number();
                     let y = version.predict(&detector.x).unwrap();
                     let bits: Vec<u32> = y.to_vec().iter().map(|v| v.to_bits()).collect();
@@ -186,31 +200,49 @@ fn published_versions_are_never_torn() {
         }
         let start = Instant::now();
         let mut value = 1.0;
+        // When the readers' count last moved (a liveness watchdog).
+        let mut progress = (0, Instant::now());
         while start.elapsed() < Duration::from_secs(2)
             || publishes.load(Ordering::Relaxed) < 100
             || forwards.load(Ordering::Relaxed) < 10_000
+            || saw_a_publish.load(Ordering::Relaxed) < READERS
         {
             value = 3.0 - value;
             set_all(&model, value);
             published.publish(&model).unwrap();
             publishes.fetch_add(1, Ordering::Relaxed);
+            let n = forwards.load(Ordering::Relaxed);
+            if n != progress.0 {
+                progress = (n, Instant::now());
+            } else if progress.1.elapsed() > PATIENCE {
+                readers_stalled = Some(n);
+                break;
+            }
         }
-        stop.store(true, Ordering::Relaxed);
     });
     let (n, torn) = (forwards.into_inner(), torn.into_inner());
+    let saw_a_publish = saw_a_publish.into_inner();
     println!(
-        "torn reads: {torn} of {n} forwards on published versions, {} publishes \
+        "torn reads: {torn} of {n} forwards on published versions, {} publishes, \
+         {saw_a_publish} of {READERS} readers saw a new version \
          (the live model, read beside them: {} of {} torn)",
         publishes.into_inner(),
         live_torn.into_inner(),
         live_forwards.into_inner()
     );
+    assert_eq!(
+        readers_stalled, None,
+        "the readers made no progress for {PATIENCE:?} (forwards so far)"
+    );
     assert_eq!(torn, 0);
     assert!(n >= 10_000);
+    assert_eq!(saw_a_publish, READERS);
 }
 
 /// Hot reload: a checkpoint loaded into a fresh model and published is one
-/// new version; readers never see it half loaded.
+/// new version; readers never see it half loaded. Each reload waits until a
+/// reader has run a forward on the version before, so every version is
+/// read while the next one is being loaded and published.
 #[test]
 fn a_reloaded_checkpoint_is_published_whole() {
     let model = flip_model();
@@ -221,7 +253,11 @@ fn a_reloaded_checkpoint_is_published_whole() {
     let published = Published::new(&model).unwrap();
     let stop = AtomicBool::new(false);
     let torn = AtomicU64::new(0);
+    let forwards = AtomicU64::new(0);
+    // The newest version a reader has run a forward on.
+    let newest_read = AtomicU64::new(0);
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         for _ in 0..4 {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
@@ -231,10 +267,15 @@ fn a_reloaded_checkpoint_is_published_whole() {
                     if detector.state(&bits) != Some((version.number() % 2) as usize) {
                         torn.fetch_add(1, Ordering::Relaxed);
                     }
+                    forwards.fetch_add(1, Ordering::Relaxed);
+                    newest_read.fetch_max(version.number(), Ordering::Relaxed);
                 }
             });
         }
         for round in 0..50 {
+            wait_until(PATIENCE, "a reader to run a forward", || {
+                newest_read.load(Ordering::Relaxed) == published.version()
+            });
             let reloaded = Mlp::zeros(&[8, 16, 16, 4], Activation::Relu).unwrap();
             let bytes = if round % 2 == 0 {
                 twos.clone()
@@ -244,10 +285,11 @@ fn a_reloaded_checkpoint_is_published_whole() {
             netcl::io::load_bytes(&reloaded, &bytes).unwrap();
             published.publish_model(Box::new(reloaded));
         }
-        stop.store(true, Ordering::Relaxed);
     });
+    let (forwards, torn) = (forwards.into_inner(), torn.into_inner());
+    println!("torn reads: {torn} of {forwards} forwards beside 50 reloads");
     assert_eq!(published.version(), 50);
-    assert_eq!(torn.into_inner(), 0);
+    assert_eq!(torn, 0);
 }
 
 /// The shape of a matmul big enough (2^24 multiply-adds or more) to be
@@ -262,7 +304,9 @@ fn big_operands() -> (Tensor, Tensor) {
 
 /// 4 threads loop large products reading `w` while another thread makes 20
 /// updates of `w`: every update completes, and none waits for the readers'
-/// computations (a watchdog fails the test if one write waits 10 s).
+/// computations (a watchdog fails the test if one write waits 10 s). Each
+/// write waits until the readers have completed a product since the one
+/// before, so the writes really are interleaved with the products.
 #[test]
 fn writers_make_progress_beside_looping_readers() {
     let (x, w) = big_operands();
@@ -270,6 +314,7 @@ fn writers_make_progress_beside_looping_readers() {
     let products = AtomicU64::new(0);
     let mut waits = Vec::new();
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         for _ in 0..4 {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
@@ -280,10 +325,14 @@ fn writers_make_progress_beside_looping_readers() {
             });
         }
         // Let the readers get going.
-        while products.load(Ordering::Relaxed) < 4 {
-            std::thread::yield_now();
-        }
+        wait_until(PATIENCE, "the readers' first products", || {
+            products.load(Ordering::Relaxed) >= 4
+        });
         for i in 0..20 {
+            let before = products.load(Ordering::Relaxed);
+            wait_until(PATIENCE, "the readers to complete a product", || {
+                products.load(Ordering::Relaxed) > before
+            });
             let _watchdog = Watchdog::start(
                 "a write of w beside looping products",
                 Duration::from_secs(10),
@@ -292,7 +341,6 @@ fn writers_make_progress_beside_looping_readers() {
             w.with_data_mut(|mut v| v.fill(i as f32));
             waits.push(start.elapsed());
         }
-        stop.store(true, Ordering::Relaxed);
     });
     assert_eq!(waits.len(), 20);
     assert!(w.to_vec().iter().all(|&v| v == 19.0));
@@ -453,6 +501,7 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
     let stop = AtomicBool::new(false);
     let served = AtomicU64::new(0);
     let beside = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         for _ in 0..8 {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
@@ -462,9 +511,10 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
                 }
             });
         }
-        let beside: Duration = (0..steps).map(|_| step(true)).sum::<Duration>() / steps;
-        stop.store(true, Ordering::Relaxed);
-        beside
+        wait_until(PATIENCE, "the serving threads' first forward", || {
+            served.load(Ordering::Relaxed) > 0
+        });
+        (0..steps).map(|_| step(true)).sum::<Duration>() / steps
     });
     println!(
         "trainer step (64-128-10, batch 32, Adam, publish every step): {alone:?} alone, \
@@ -492,18 +542,22 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
     };
     let (alone_mean, alone_worst) = time_steps(&mut adam);
     let stop = AtomicBool::new(false);
+    let looped = AtomicU64::new(0);
     let (beside_mean, beside_worst) = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         for _ in 0..8 {
             s.spawn(|| {
                 let _no_grad = autograd::no_grad();
                 while !stop.load(Ordering::Relaxed) {
                     model.forward(&batch_x).unwrap();
+                    looped.fetch_add(1, Ordering::Relaxed);
                 }
             });
         }
-        let times = time_steps(&mut adam);
-        stop.store(true, Ordering::Relaxed);
-        times
+        wait_until(PATIENCE, "the looping threads' first forward", || {
+            looped.load(Ordering::Relaxed) > 0
+        });
+        time_steps(&mut adam)
     });
     println!(
         "optimizer step: mean {alone_mean:?}, worst {alone_worst:?} alone; \
@@ -514,7 +568,9 @@ fn trainer_step_time_alone_and_beside_8_serving_threads() {
 /// A model with Dropout trains on one thread (with a learning rate of 0, so
 /// its weights stay put) while four threads evaluate it at once, each twice:
 /// every evaluation equals the sequential one (Dropout off for them, and
-/// nothing the trainer does leaks in), and the trainer's forwards drop.
+/// nothing the trainer does leaks in), and the trainer's forwards drop. The
+/// evaluations start once the trainer has made a step, and the trainer goes
+/// on until they are all done, so they overlap whatever the scheduler does.
 #[test]
 fn concurrent_evaluations_of_a_training_model_match_a_sequential_one() {
     let (train_set, test_set) = digits();
@@ -544,9 +600,13 @@ fn concurrent_evaluations_of_a_training_model_match_a_sequential_one() {
         });
     let done = AtomicBool::new(false);
     let results = std::thread::scope(|s| {
+        let _done = StopOnDrop(&done);
         let evaluators: Vec<_> = (0..4)
             .map(|_| {
                 s.spawn(|| {
+                    wait_until(PATIENCE, "the trainer's first step", || {
+                        !dropped.lock().unwrap().is_empty()
+                    });
                     (0..2)
                         .map(|_| train::evaluate(&*model, &test_set, 64).unwrap())
                         .collect::<Vec<_>>()
@@ -558,12 +618,10 @@ fn concurrent_evaluations_of_a_training_model_match_a_sequential_one() {
                 trainer.fit(1).unwrap();
             }
         });
-        let results: Vec<_> = evaluators
+        evaluators
             .into_iter()
             .flat_map(|e| e.join().unwrap())
-            .collect();
-        done.store(true, Ordering::Relaxed);
-        results
+            .collect::<Vec<_>>()
     });
     for result in results {
         assert_eq!(result, sequential);

@@ -1,15 +1,17 @@
 //! Threads on real hardware: grad mode carried into rayon workers, shared
 //! tapes, concurrent backward, and a mixed training/evaluation stress test.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
 
 use netcl::autograd::{self, GradMode, Tape, is_grad_enabled};
 use netcl::parallel::{self, prelude::*};
 use netcl::{Result, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+
+mod common;
 
 /// A two-layer model on fixed data, trained by plain SGD.
 struct Model {
@@ -62,17 +64,15 @@ fn batch(seed: u64, n: usize) -> (Tensor, Tensor) {
 
 /// Waits until `flag` is set, failing the test instead of hanging.
 fn wait_for(flag: &AtomicBool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !flag.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
-    }
+    common::wait_until(common::PATIENCE, what, || flag.load(Ordering::SeqCst));
 }
 
 /// 8 threads for 2,000 iterations each: four train their own model (grad
 /// on, their own tapes), four evaluate a shared model under no_grad with a
 /// parallel evaluation inside. Evaluation records nothing, training matches
-/// the single-thread reference bit for bit, every tape ends empty.
+/// the single-thread reference bit for bit, every tape ends empty. The
+/// threads start together (a barrier), so they run side by side rather than
+/// one after another.
 #[test]
 fn stress_training_and_parallel_evaluation_side_by_side() {
     const ITERATIONS: usize = 2_000;
@@ -90,12 +90,15 @@ fn stress_training_and_parallel_evaluation_side_by_side() {
     let shared = Arc::new(Model::new(9));
     let eval_batches: Arc<Vec<Tensor>> = Arc::new((0..4).map(|i| batch(100 + i, 8).0).collect());
     let started = Instant::now();
+    let barrier = Barrier::new(8);
     let results: Vec<(Vec<Vec<f32>>, u64, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|t| {
                 let (x, y, shared, eval_batches) = (&x, &y, &shared, &eval_batches);
+                let barrier = &barrier;
                 s.spawn(move || {
                     let tape = autograd::current_tape();
+                    barrier.wait();
                     if t % 2 == 0 {
                         let model = Model::new(5);
                         for _ in 0..ITERATIONS {

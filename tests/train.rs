@@ -13,6 +13,8 @@ use netcl::{Error, Result, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+mod common;
+
 /// The digits scaled to [0, 1], split 80/20 with seed 42.
 fn digits() -> (TensorDataset, TensorDataset) {
     let path = format!("{}/data/digits.csv", env!("CARGO_MANIFEST_DIR"));
@@ -382,28 +384,33 @@ fn a_stop_handle_ends_fit_after_the_current_step_from_another_thread() -> Result
         .batch_size(8)
         .progress(false);
     let stop = trainer.stop_handle();
-    // Another thread asks for the stop once training has started.
-    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Another thread asks for the stop once training has started: the
+    // first step tells it, and waits for the request, so the request
+    // arrives during that step whatever the scheduler does.
+    let (started, step_started) = std::sync::mpsc::channel();
+    let mut first = true;
     let mut trainer = trainer.on_step({
-        let started = std::sync::Arc::clone(&started);
-        move |_, _| started.store(true, std::sync::atomic::Ordering::SeqCst)
+        let stop = stop.clone();
+        move |_, _| {
+            if std::mem::take(&mut first) {
+                started.send(()).unwrap();
+                common::wait_until(common::PATIENCE, "the stop request", || stop.is_stopped());
+            }
+        }
     });
     let stopper = {
-        let (stop, started) = (stop.clone(), std::sync::Arc::clone(&started));
+        let stop = stop.clone();
         std::thread::spawn(move || {
-            while !started.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::yield_now();
-            }
+            step_started
+                .recv_timeout(common::PATIENCE)
+                .expect("training started");
             stop.stop();
         })
     };
     let history = trainer.fit(1_000)?;
     stopper.join().unwrap();
     let steps = trainer.steps_done();
-    assert!(
-        (1..1_000 * 180).contains(&steps),
-        "stopped early: {steps} steps"
-    );
+    assert_eq!(steps, 1, "fit ends after the step the request came in");
     assert_eq!(history.len(), trainer.history().len());
     // The request was consumed: the next fit trains a whole epoch.
     assert!(!stop.is_stopped());

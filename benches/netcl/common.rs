@@ -263,6 +263,11 @@ pub const WORKLOADS: &[&str] = &[
     "matmul_32x256x256_2t",
     "matmul_256x784x256_1t",
     "matmul_256x784x256_2t",
+    "bmm_8x4x64x32x64_fwd_bwd_1t",
+    "conv2d_fwd_bwd_1t",
+    "conv2d_fwd_1t",
+    "sdpa_causal_fwd_bwd_1t",
+    "layer_norm_fwd_bwd_1t",
 ];
 
 /// The workload called `name` (one of [`WORKLOADS`]), its data built.
@@ -281,6 +286,21 @@ pub const WORKLOADS: &[&str] = &[
 /// - `eval_20k_{1,2}t`: 20,000 samples of 784-256-256-10 in batches of 256
 ///   through `parallel::map` under no_grad, counting correct predictions.
 /// - `matmul_MxKxN_{1,2}t`: `a.matmul(&b)` on tensors without grad.
+/// - `bmm_8x4x64x32x64_fwd_bwd_1t`: the batched product
+///   `[8, 4, 64, 32] · [8, 4, 32, 64]` of two tensors requiring grad, summed,
+///   and the gradients of both (`autograd::grad`, no accumulation).
+/// - `conv2d_fwd_bwd_1t`: `F::conv2d` of a [32, 16, 32, 32] input with 32
+///   filters 3x3 and a bias, padding 1 (906 MFLOP forward and backward),
+///   every input requiring grad, then `y.sum().backward()` and the leaves'
+///   gradients cleared; `conv2d_fwd_1t`: the forward alone, no input
+///   requiring grad (302 MFLOP).
+/// - `sdpa_causal_fwd_bwd_1t`: causal `scaled_dot_product_attention` of
+///   q, k, v `[8, 4, 64, 32]` (batch 8, 4 heads, 64 tokens, head size 32),
+///   all requiring grad, then the gradients of the output's sum with
+///   respect to all three (`autograd::grad`).
+/// - `layer_norm_fwd_bwd_1t`: `layer_norm` of `[32, 64, 128]` over the last
+///   axis with weight and bias, all requiring grad, then the gradients of
+///   the output's sum with respect to all three.
 pub fn workload(name: &str) -> Option<Workload> {
     use netcl::autograd;
     use std::hint::black_box;
@@ -370,6 +390,69 @@ pub fn workload(name: &str) -> Option<Workload> {
                 }),
             })
         }
+        "bmm_8x4x64x32x64_fwd_bwd_1t" => {
+            let a = Tensor::from_array(ndarray::ArrayD::from_shape_fn(
+                ndarray::IxDyn(&[8, 4, 64, 32]),
+                |i| ((i[2] + i[3] + i[1]) % 7) as f32 * 0.1,
+            ))
+            .requires_grad_(true);
+            let b = Tensor::from_array(ndarray::ArrayD::from_shape_fn(
+                ndarray::IxDyn(&[8, 4, 32, 64]),
+                |i| ((i[2] * i[3] + i[0]) % 5) as f32 * 0.1,
+            ))
+            .requires_grad_(true);
+            single(Box::new(move || {
+                let loss = black_box(&a).matmul(black_box(&b)).sum();
+                black_box(autograd::grad(&[&loss], &[&a, &b]).unwrap());
+            }))
+        }
+        "conv2d_fwd_bwd_1t" | "conv2d_fwd_1t" => {
+            let (x, w, b) = conv2d_operands();
+            if name == "conv2d_fwd_1t" {
+                return single(Box::new(move || {
+                    black_box(netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1));
+                }));
+            }
+            let (x, w, b) = (
+                x.requires_grad_(true),
+                w.requires_grad_(true),
+                b.requires_grad_(true),
+            );
+            single(Box::new(move || {
+                let y = netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1);
+                y.sum().backward();
+                for leaf in [&x, &w, &b] {
+                    leaf.zero_grad();
+                }
+            }))
+        }
+        "sdpa_causal_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(11);
+            let mut leaf = || Tensor::randn(&[8, 4, 64, 32], &mut rng).requires_grad_(true);
+            let (q, k, v) = (leaf(), leaf(), leaf());
+            single(Box::new(move || {
+                let y = netcl::functional::scaled_dot_product_attention(
+                    black_box(&q),
+                    black_box(&k),
+                    black_box(&v),
+                    None,
+                    true,
+                    None,
+                );
+                black_box(autograd::grad(&[&y.sum()], &[&q, &k, &v]).unwrap());
+            }))
+        }
+        "layer_norm_fwd_bwd_1t" => {
+            let mut rng = StdRng::seed_from_u64(12);
+            let x = Tensor::randn(&[32, 64, 128], &mut rng).requires_grad_(true);
+            let w = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            let b = Tensor::randn(&[128], &mut rng).requires_grad_(true);
+            single(Box::new(move || {
+                let y =
+                    netcl::functional::layer_norm(black_box(&x), &[128], Some(&w), Some(&b), 1e-5);
+                black_box(autograd::grad(&[&y.sum()], &[&x, &w, &b]).unwrap());
+            }))
+        }
         _ => {
             let (shape, threads) = name.strip_prefix("matmul_")?.split_once('_')?;
             let threads = match threads {
@@ -402,4 +485,15 @@ pub fn matmul_operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32
     let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32 * 0.1);
     let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32 * 0.1);
     (a, b)
+}
+
+/// The operands of the conv2d workloads: input [32, 16, 32, 32], weight
+/// [32, 16, 3, 3], bias [32], seeded.
+pub fn conv2d_operands() -> (Tensor, Tensor, Tensor) {
+    let mut rng = StdRng::seed_from_u64(7);
+    (
+        Tensor::randn(&[32, 16, 32, 32], &mut rng),
+        Tensor::randn(&[32, 16, 3, 3], &mut rng).mul_scalar(0.1),
+        Tensor::randn(&[32], &mut rng),
+    )
 }

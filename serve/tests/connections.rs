@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Client, digit_rows, start, test_config};
+use common::{Client, PATIENCE, digit_rows, start, test_config, wait_until};
 use netcl_serve::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -86,14 +86,13 @@ async fn a_client_trickling_its_headers_is_cut_off() {
     for _ in 0..5 {
         assert_eq!(client.predict(&digit_rows()[..1]).await.status, 200);
     }
-    let cut_after = tokio::time::timeout(Duration::from_secs(10), trickle)
+    // Cut off before the last header byte (which the trickle would send
+    // after 9 s): the trickle panics otherwise.
+    let cut_after = tokio::time::timeout(PATIENCE, trickle)
         .await
-        .expect("cut off within 10 s")
+        .expect("the trickle ended")
         .unwrap();
-    assert!(
-        cut_after < Duration::from_secs(5),
-        "cut off after {cut_after:?}"
-    );
+    println!("cut off after {cut_after:?}");
     server.shutdown();
     server.wait().await.unwrap();
 }
@@ -117,15 +116,17 @@ async fn a_client_trickling_its_body_gets_408() {
     });
     let mut out = Vec::new();
     let start = Instant::now();
-    let read = tokio::time::timeout(Duration::from_secs(10), read_half.read_to_end(&mut out)).await;
-    assert!(read.is_ok(), "still open after 10 s");
+    let read = tokio::time::timeout(PATIENCE, read_half.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "still open after {PATIENCE:?}");
+    // The 408 itself says the request timeout (not the 10 s trickle's end)
+    // closed the request.
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(
         text.contains("{\"error\":\"request not completed within 1500 ms\"}"),
         "{text}"
     );
-    assert!(start.elapsed() < Duration::from_secs(5));
+    println!("408 after {:?}", start.elapsed());
     writer.abort();
     server.shutdown();
     server.wait().await.unwrap();
@@ -135,16 +136,25 @@ async fn a_client_trickling_its_body_gets_408() {
 /// to be served: a client served sooner was not waiting for it.
 fn slow_idle_timeout() -> Config {
     Config {
-        idle_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(60),
         ..test_config()
     }
 }
 
 /// How long a client may take to be served beside connections that hold
-/// every slot: well under the 5 s idle timeout that would otherwise free
-/// one.
-const PROMPTLY: Duration = Duration::from_secs(2);
+/// every slot: well under the 60 s idle timeout that would otherwise free
+/// one, with room for a loaded machine (a served client takes milliseconds
+/// on a quiet one).
+const PROMPTLY: Duration = Duration::from_secs(20);
+
+/// Waits until the server holds `n` connections.
+async fn wait_for_open_connections(server: &netcl_serve::Server, n: i64) {
+    wait_until(PATIENCE, &format!("{n} open connections"), || {
+        server.metrics().open_connections() == n
+    })
+    .await;
+}
 
 /// Opens a connection that sends nothing.
 async fn silent(addr: SocketAddr) -> TcpStream {
@@ -222,11 +232,11 @@ async fn open_connections_are_bounded_and_silent_ones_give_way() {
         idle.push(silent(addr).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for_open_connections(&server, 3).await;
     // ...and a fourth client is served at once, in the slot of the first.
     let client = served_promptly(addr, "beside 3 silent connections").await;
     assert!(
-        closed_within(&mut idle[0], Duration::from_secs(1)).await,
+        closed_within(&mut idle[0], PATIENCE).await,
         "the longest-open silent connection is still open"
     );
     for (i, stream) in idle.iter_mut().enumerate().skip(1) {
@@ -283,7 +293,12 @@ async fn a_flood_of_silent_connections_does_not_lock_clients_out() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut held = flood.await.unwrap();
-    // All but at most 4 of the 20 silent connections gave their slot up.
+    // The last of the flood may still wait to be accepted: all but at most
+    // 4 of the 20 silent connections give their slot up.
+    wait_until(PATIENCE, "16 evictions", || {
+        server.metrics().connections_evicted() >= 16
+    })
+    .await;
     let mut open = 0;
     for stream in &mut held {
         if !closed_within(stream, Duration::from_millis(10)).await {
@@ -298,10 +313,10 @@ async fn a_flood_of_silent_connections_does_not_lock_clients_out() {
     server.wait().await.unwrap();
 }
 
-/// The longest-open connection trickles its request body over 1.5 s (well
-/// within the request timeout) while every slot is taken and new
-/// connections keep coming: each takes the slot of an idle connection,
-/// never the busy one, which gets its whole response.
+/// The longest-open connection has a request in progress (in the service,
+/// half its body sent) while every slot is taken and new connections keep
+/// coming: each takes the slot of an idle connection, never the busy one,
+/// which gets its whole response once it sends the rest of its body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_a_request_in_progress_is_never_evicted() {
     let server = start(Config {
@@ -316,27 +331,34 @@ async fn a_connection_with_a_request_in_progress_is_never_evicted() {
     busy.write_all(
         format!(
             "POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-             connection: close\r\ncontent-length: {}\r\n\r\n",
+             expect: 100-continue\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
     )
     .await
     .unwrap();
-    let trickle = tokio::spawn(async move {
-        let chunks: Vec<&[u8]> = body.as_bytes().chunks(body.len() / 15 + 1).collect();
-        for chunk in chunks {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            busy.write_all(chunk)
-                .await
-                .expect("the busy connection is open");
-        }
-        read_until_closed(&mut busy, Duration::from_secs(10))
+    // hyper answers `100 Continue` when the handler starts reading the
+    // body: the request is in the service, the connection busy.
+    let want = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0; want.len()];
+    tokio::time::timeout(PATIENCE, busy.read_exact(&mut got))
+        .await
+        .expect("no 100 Continue: the request did not reach the service")
+        .unwrap();
+    assert_eq!(got, want, "{}", String::from_utf8_lossy(&got));
+    let (first_half, rest) = body.as_bytes().split_at(body.len() / 2);
+    busy.write_all(first_half).await.unwrap();
+    let rest = rest.to_vec();
+    let (clients_done, wait_for_clients) = tokio::sync::oneshot::channel::<()>();
+    let busy = tokio::spawn(async move {
+        // The rest of the body once the other clients were served.
+        wait_for_clients.await.expect("the test signals");
+        busy.write_all(&rest)
             .await
-            .0
+            .expect("the busy connection is open");
+        read_until_closed(&mut busy, PATIENCE).await.0
     });
-    // The busy connection's headers are in: its request is in the service.
-    tokio::time::sleep(Duration::from_millis(150)).await;
     let mut idle = Vec::new();
     for i in 0..4 {
         idle.push(silent(addr).await);
@@ -351,11 +373,8 @@ async fn a_connection_with_a_request_in_progress_is_never_evicted() {
             .await,
         );
     }
-    assert!(
-        !trickle.is_finished(),
-        "the body was sent too fast to test anything"
-    );
-    let text = trickle.await.unwrap();
+    clients_done.send(()).unwrap();
+    let text = busy.await.unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let expected = common::engine_predict(&**server.model().published().load(), &rows[3..4]).0;
     assert!(
@@ -393,14 +412,14 @@ async fn silent_connections_go_before_idle_keep_alive_ones() {
         "beside 2 idle keep-alive connections and a silent one",
     )
     .await;
-    assert!(closed_within(&mut never, Duration::from_secs(1)).await);
+    assert!(closed_within(&mut never, PATIENCE).await);
     assert!(!client_closed_within(&kept_old, Duration::from_millis(200)).await);
     assert!(!kept_new.is_closed());
 
     // No silent connection left: the longest-open idle one goes (not
     // `first`, just served).
     let second = served_promptly(addr, "beside 3 keep-alive connections").await;
-    assert!(client_closed_within(&kept_old, Duration::from_secs(1)).await);
+    assert!(client_closed_within(&kept_old, PATIENCE).await);
     assert!(!client_closed_within(&kept_new, Duration::from_millis(200)).await);
     assert!(!first.is_closed());
     assert_eq!(server.metrics().connections_evicted(), 2);
@@ -463,9 +482,11 @@ async fn clients_that_never_read_their_replies_are_cut_off() {
         stalled_reader(addr, 20_000).await,
     ];
     // Let the stalled connections fill their buffers and take both slots.
+    // (Not a condition the test needs: on a machine too loaded for this,
+    // the client is served all the same, and the test is only weaker.)
     tokio::time::sleep(Duration::from_millis(300)).await;
     let start = Instant::now();
-    let served = tokio::time::timeout(Duration::from_secs(10), async {
+    let served = tokio::time::timeout(PATIENCE, async {
         let mut client = Client::connect(addr).await;
         client.predict(&digit_rows()[..1]).await.status
     })
@@ -473,7 +494,7 @@ async fn clients_that_never_read_their_replies_are_cut_off() {
     assert_eq!(
         served,
         Ok(200),
-        "a client was not served within 10 s beside two connections that never read"
+        "a client was not served within {PATIENCE:?} beside two connections that never read"
     );
     println!(
         "served after {:?} beside two stalled readers",

@@ -364,7 +364,22 @@ pub(crate) fn record<B: Backprop>(
     output: Data,
     save: impl FnOnce(&Data) -> B,
 ) -> Result<Tensor> {
-    record_node(op, inputs, output, save, false)
+    record_node(op, inputs, &[], output, save, false)
+}
+
+/// [`record`] for an op with scalar arguments that are values of its
+/// output (`masked_fill`'s fill value): a non-finite argument, such as the
+/// `-inf` of an attention mask, explains a non-finite output, so anomaly
+/// detection does not report it.
+#[track_caller]
+pub(crate) fn record_with_constants<B: Backprop>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    constants: &[f32],
+    output: Data,
+    save: impl FnOnce(&Data) -> B,
+) -> Result<Tensor> {
+    record_node(op, inputs, constants, output, save, false)
 }
 
 /// [`record`], saying whether the backward may own tensors (a custom op's
@@ -373,6 +388,7 @@ pub(crate) fn record<B: Backprop>(
 fn record_node<B: Backprop>(
     op: &'static str,
     inputs: &[&Tensor],
+    constants: &[f32],
     output: Data,
     save: impl FnOnce(&Data) -> B,
     holds_tensors: bool,
@@ -380,7 +396,9 @@ fn record_node<B: Backprop>(
     let (enabled, anomaly) = recording_flags();
     let location = if anomaly {
         let location = Location::caller();
-        check_forward(op, inputs, &output, location)?;
+        if non_finite(constants).is_none() {
+            check_forward(op, inputs, &output, location)?;
+        }
         Some(location)
     } else {
         None
@@ -524,7 +542,7 @@ pub fn apply_op<B: Backward>(
     // An empty output can have a shape too large for a tensor.
     crate::array::checked_numel(op, output.shape())?;
     // A custom backward may own tensors.
-    record_node(op, inputs, Data::from_array(output), checked, true)
+    record_node(op, inputs, &[], Data::from_array(output), checked, true)
 }
 
 /// A user-defined backward whose gradients are checked against the inputs'
@@ -663,7 +681,7 @@ pub fn apply_op_differentiable<B: DifferentiableBackward>(
         output: output.clone(),
     };
     crate::array::checked_numel(op, output.shape())?;
-    record_node(op, inputs, Data::from_array(output), checked, true)
+    record_node(op, inputs, &[], Data::from_array(output), checked, true)
 }
 
 /// A custom differentiable backward with the snapshots its

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, Ix3, IxDyn};
 
 use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
@@ -90,6 +90,24 @@ fn batched_into(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>, mut out: ArrayVi
         // entry.
         return;
     }
+    // The common case, batch axes whose strides allow it (no broadcast
+    // along a batch axis, any layout of the matrices): one batch axis,
+    // walked without building a dynamic-rank index per matrix.
+    if let (Some(a3), Some(b3), Some(c3)) = (
+        merged_batch(a.view()),
+        merged_batch(b.view()),
+        merged_batch(out.view_mut()),
+    ) {
+        let mut c3 = c3;
+        for ((a, b), c) in a3
+            .outer_iter()
+            .zip(b3.outer_iter())
+            .zip(c3.outer_iter_mut())
+        {
+            gemm_into(a, b, c);
+        }
+        return;
+    }
     for index in ndarray::indices(batch.clone()) {
         let index = index.slice();
         let mut c = out.view_mut();
@@ -99,6 +117,27 @@ fn batched_into(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>, mut out: ArrayVi
         let c = c.into_dimensionality::<Ix2>().expect("two trailing axes");
         gemm_into(matrix_at(a.view(), index), matrix_at(b.view(), index), c);
     }
+}
+
+/// `view` (`[.., rows, cols]`, at least 3 axes) as `[batch, rows, cols]`
+/// with its batch axes merged into one, if their strides allow it without
+/// a copy.
+fn merged_batch<S>(mut view: ndarray::ArrayBase<S, IxDyn>) -> Option<ndarray::ArrayBase<S, Ix3>>
+where
+    S: ndarray::RawData<Elem = f32>,
+{
+    let batch_axes = view.ndim().checked_sub(2)?;
+    for axis in 1..batch_axes {
+        // Merges axis - 1 (outer) into axis (inner): axis - 1 is left with
+        // length 1.
+        if !view.merge_axes(Axis(axis - 1), Axis(axis)) {
+            return None;
+        }
+    }
+    for _ in 1..batch_axes {
+        view = view.index_axis_move(Axis(0), 0);
+    }
+    view.into_dimensionality::<Ix3>().ok()
 }
 
 fn check_shapes(a: &[usize], b: &[usize]) -> Result<()> {
@@ -160,9 +199,16 @@ impl Tensor {
     /// Matrix product over the last two axes: `[.., m, k] · [.., k, n]` gives
     /// `[.., m, n]`, the leading (batch) axes broadcasting as NumPy does.
     ///
+    /// A 1-D operand follows PyTorch's `torch.matmul`: two vectors give
+    /// their dot product (a 0-D tensor); a vector on the left is a row
+    /// `[1, k]` and on the right a column `[k, 1]`, whose added axis is
+    /// removed from the result (`[k] · [.., k, n]` is `[.., n]`,
+    /// `[.., m, k] · [k]` is `[.., m]`). Every form runs through the same
+    /// matrix kernel.
+    ///
     /// # Errors
     ///
-    /// [`Error::Rank`] if an operand has fewer than 2 dimensions,
+    /// [`Error::Rank`] if an operand is 0-dimensional,
     /// [`Error::MatmulShape`] if the inner dimensions differ,
     /// [`Error::Broadcast`] if the batch axes are incompatible,
     /// [`Error::ShapeTooLarge`] if the result could not exist (products of
@@ -190,6 +236,9 @@ impl Tensor {
     /// ```
     #[track_caller]
     pub fn try_matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        if self.ndim() < 2 || rhs.ndim() < 2 {
+            return self.matmul_vector(rhs);
+        }
         check_shapes(self.shape(), rhs.shape())?;
         let (a, b) = self.read_pair(rhs).into_pair();
         let out = matmul_data(&a, &b);
@@ -197,6 +246,57 @@ impl Tensor {
             a,
             b,
         })
+    }
+}
+
+impl Tensor {
+    /// [`try_matmul`](Tensor::try_matmul) with a 1-D operand: the vector is
+    /// made a row (left) or a column (right), multiplied as matrices, and
+    /// the added axis removed; the reshapes are recorded, so the backward
+    /// is the matrix product's.
+    #[track_caller]
+    fn matmul_vector(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.shape(), rhs.shape());
+        for shape in [a, b] {
+            if shape.is_empty() {
+                return Err(Error::Rank {
+                    op: "matmul",
+                    expected: "at least 1 dimension",
+                    shape: shape.to_vec(),
+                });
+            }
+        }
+        let (lhs_inner, rhs_inner) = (a[a.len() - 1], b[b.len().saturating_sub(2)]);
+        if lhs_inner != rhs_inner {
+            return Err(Error::MatmulShape {
+                lhs: a.to_vec(),
+                rhs: b.to_vec(),
+                lhs_inner,
+                rhs_inner,
+            });
+        }
+        let lhs = if a.len() == 1 {
+            self.try_reshape(&[1, a[0]])?
+        } else {
+            self.clone()
+        };
+        let rhs2 = if b.len() == 1 {
+            rhs.try_reshape(&[b[0], 1])?
+        } else {
+            rhs.clone()
+        };
+        let product = lhs.try_matmul(&rhs2)?;
+        // Remove the added axes: -2 for a row on the left, -1 for a column
+        // on the right.
+        let mut shape = product.shape().to_vec();
+        let n = shape.len();
+        if b.len() == 1 {
+            shape.remove(n - 1);
+        }
+        if a.len() == 1 {
+            shape.remove(n - 2);
+        }
+        product.try_reshape(&shape)
     }
 }
 
@@ -427,5 +527,65 @@ impl Backprop for LinearBackward {
             grads.set(2, grad.try_sum_axis(0, false)?);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, Tensor};
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    #[test]
+    fn vectors_give_a_dot_product_with_gradients() {
+        let a = tensor(&[1.0, 2.0, 3.0], &[3]).requires_grad_(true);
+        let b = tensor(&[4.0, 5.0, 6.0], &[3]).requires_grad_(true);
+        let y = a.matmul(&b);
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(y.item(), 32.0);
+        y.backward();
+        // d(a·b)/da = b, d(a·b)/db = a
+        assert_eq!(a.grad().unwrap().to_vec(), vec![4.0, 5.0, 6.0]);
+        assert_eq!(b.grad().unwrap().to_vec(), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn vector_forms_drop_the_added_axis() {
+        let v = Tensor::ones(&[4]);
+        assert_eq!(v.matmul(&Tensor::ones(&[4, 3])).shape(), &[3]);
+        assert_eq!(Tensor::ones(&[3, 4]).matmul(&v).shape(), &[3]);
+        assert_eq!(v.matmul(&Tensor::ones(&[2, 5, 4, 3])).shape(), &[2, 5, 3]);
+        assert_eq!(Tensor::ones(&[2, 5, 3, 4]).matmul(&v).shape(), &[2, 5, 3]);
+    }
+
+    #[test]
+    fn vector_errors_name_the_original_shapes() {
+        let err = Tensor::ones(&[3])
+            .try_matmul(&Tensor::ones(&[4]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "matmul: cannot multiply [3] by [4] (inner dimensions 3 and 4 differ)"
+        );
+        let err = Tensor::ones(&[2, 3])
+            .try_matmul(&Tensor::ones(&[2]))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MatmulShape {
+                lhs_inner: 3,
+                rhs_inner: 2,
+                ..
+            }
+        ));
+        let err = Tensor::ones(&[])
+            .try_matmul(&Tensor::ones(&[2]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "matmul: expected at least 1 dimension, got a tensor of shape []"
+        );
     }
 }

@@ -4,15 +4,22 @@
 //! [`record_unary`](crate::autograd::function::record_unary)); the shape and
 //! array helpers they share are in [`crate::array`].
 
+pub(crate) mod activation;
+pub(crate) mod attention;
 mod binary;
 mod compare;
+pub(crate) mod conv;
 // The one module with unsafe code: calls into the gemm crate, under the
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
 mod graph;
-mod loss;
+pub(crate) mod index;
+pub(crate) mod layout;
+pub(crate) mod loss;
 mod matmul;
+pub(crate) mod norm;
+pub(crate) mod pool;
 mod reduce;
 mod shape;
 mod softmax;

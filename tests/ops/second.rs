@@ -13,12 +13,96 @@
 //! `scripts/torch_hvp_fixtures.py` from the committed table, with its own
 //! directions `v`).
 
-use netcl::Tensor;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+
 use netcl::autograd::{self, BackwardOptions};
+use netcl::{Error, Tensor};
 use serde_json::Value;
 
 use super::table::{Case, fixtures_dir, load};
 use super::{dispatch, report};
+
+/// The ops of the ops issue whose differentiable backward is not written
+/// yet: `create_graph` through them fails with `Error::NotDifferentiable`
+/// (never a silent zero), and these checks skip their cases. Each must
+/// still fail that way (a listed op that gained a differentiable backward
+/// fails [`pending_ops_are_still_pending`] until it leaves the list). The
+/// list only shrinks: a new op comes with its differentiable backward.
+const PENDING: &[&str] = &[
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "batch_norm",
+    "binary_cross_entropy_with_logits",
+    "broadcast_to",
+    "cat",
+    "chunk",
+    "clamp",
+    "conv1d",
+    "conv2d",
+    // The functional form with options (`functional::try_cross_entropy`);
+    // the method `Tensor::cross_entropy` has one, and shares the op name,
+    // so its cases pass.
+    "cross_entropy",
+    "embedding",
+    "erf",
+    "expand",
+    "flatten",
+    "gather",
+    "gelu",
+    "gelu_tanh",
+    "index_select",
+    "layer_norm",
+    "logsumexp",
+    "masked_fill",
+    "max_pool2d",
+    "maximum",
+    "minimum",
+    "narrow",
+    "nll_loss",
+    "permute",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "select",
+    "silu",
+    "split",
+    "split_sizes",
+    "squeeze",
+    "squeeze_all",
+    "stack",
+    "std",
+    "unbind",
+    "unsqueeze",
+    "var",
+    "where",
+];
+
+thread_local! {
+    /// The pending ops this thread's checks found still pending.
+    static STILL_PENDING: RefCell<BTreeSet<&'static str>> = const { RefCell::new(BTreeSet::new()) };
+}
+
+/// Why a case's double backward gave no product.
+enum Skip {
+    /// The case has no loss to differentiate (no output with a weighting).
+    NoLoss,
+    /// An op of [`PENDING`] was reached.
+    Pending,
+    /// A failure.
+    Failed(String),
+}
+
+/// Sorts a `create_graph` error: a pending op is skipped (and noted),
+/// anything else fails.
+fn create_graph_error(error: Error) -> Skip {
+    match error {
+        Error::NotDifferentiable { op } if PENDING.contains(&op) => {
+            STILL_PENDING.with(|seen| seen.borrow_mut().insert(op));
+            Skip::Pending
+        }
+        error => Skip::Failed(format!("backward with create_graph: {error}")),
+    }
+}
 
 /// `L₂` over the outputs that have a weighting and a graph.
 fn squared_loss(case: &Case, outputs: &[Tensor]) -> Option<Tensor> {
@@ -71,16 +155,16 @@ fn gradient(case: &Case, leaves: &[Tensor]) -> Option<Vec<Vec<f32>>> {
     Some(grads.iter().map(Tensor::to_vec).collect())
 }
 
-/// The Hessian-vector product by double backward, or why it failed.
-fn double_backward(case: &Case, v: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>, String> {
+/// The Hessian-vector product by double backward, or why there is none.
+fn double_backward(case: &Case, v: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>, Skip> {
+    let failed = |what: &str, e: Error| Skip::Failed(format!("{what}: {e}"));
     let leaves = shifted(case, v, 0.0);
     let outputs = dispatch(&case.op, &case.args, &case.prepared(&leaves))
-        .map_err(|e| format!("forward: {e}"))?;
-    let loss = squared_loss(case, &outputs).ok_or("no output with a graph")?;
+        .map_err(|e| failed("forward", e))?;
+    let loss = squared_loss(case, &outputs).ok_or(Skip::NoLoss)?;
     let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
     let create = BackwardOptions::new().create_graph(true);
-    let grads = autograd::grad_with(&[&loss], &wrt, &create)
-        .map_err(|e| format!("backward with create_graph: {e}"))?;
+    let grads = autograd::grad_with(&[&loss], &wrt, &create).map_err(create_graph_error)?;
     let dot = grads
         .iter()
         .zip(v.iter().flatten())
@@ -89,12 +173,12 @@ fn double_backward(case: &Case, v: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>,
             (g * &Tensor::from_vec(v.clone(), g.shape()).unwrap()).sum()
         })
         .reduce(|a, b| a + b)
-        .ok_or("no input requires grad")?;
+        .ok_or(Skip::NoLoss)?;
     if !dot.requires_grad() {
         // The gradient does not depend on the inputs: a zero Hessian.
         return Ok(wrt.iter().map(|x| vec![0.0; x.numel()]).collect());
     }
-    let hv = autograd::grad(&[&dot], &wrt).map_err(|e| format!("second backward: {e}"))?;
+    let hv = autograd::grad(&[&dot], &wrt).map_err(|e| failed("second backward", e))?;
     Ok(hv.iter().map(Tensor::to_vec).collect())
 }
 
@@ -113,10 +197,11 @@ fn second_derivatives_match_finite_differences() {
             .collect();
         let analytic = match double_backward(case, &v) {
             Ok(hv) => hv,
-            Err(e) => {
+            Err(Skip::Failed(e)) => {
                 failures.push(format!("{}: {e}", case.label()));
                 continue;
             }
+            Err(Skip::NoLoss | Skip::Pending) => continue,
         };
         let (Some(plus), Some(minus)) = (
             gradient(case, &shifted(case, &v, STEP)),
@@ -196,10 +281,11 @@ fn second_derivatives_match_pytorch() {
                 .collect();
             let analytic = match double_backward(case, &v) {
                 Ok(hv) => hv,
-                Err(e) => {
+                Err(Skip::Failed(e)) => {
                     failures.push(format!("{}: {e}", case.label()));
                     continue;
                 }
+                Err(Skip::NoLoss | Skip::Pending) => continue,
             };
             let torch: Vec<Vec<f64>> = record["hvp"]
                 .as_array()
@@ -237,25 +323,31 @@ fn recorded_and_array_backwards_agree() {
     let cases = load();
     let mut failures = Vec::new();
     for case in &cases {
-        let run = |create_graph: bool| -> Result<Vec<Vec<f32>>, String> {
+        let run = |create_graph: bool| -> Result<Vec<Vec<f32>>, Skip> {
             let leaves = case.leaves(true);
             let outputs = dispatch(&case.op, &case.args, &case.prepared(&leaves))
-                .map_err(|e| format!("forward: {e}"))?;
+                .map_err(|e| Skip::Failed(format!("forward: {e}")))?;
             let Some(loss) = super::weighted_loss(case, &outputs) else {
                 return Ok(Vec::new());
             };
             let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
             let options = BackwardOptions::new().create_graph(create_graph);
-            let grads = autograd::grad_with(&[&loss], &wrt, &options)
-                .map_err(|e| format!("backward (create_graph {create_graph}): {e}"))?;
+            let grads = autograd::grad_with(&[&loss], &wrt, &options).map_err(|e| {
+                if create_graph {
+                    create_graph_error(e)
+                } else {
+                    Skip::Failed(format!("backward: {e}"))
+                }
+            })?;
             Ok(grads.iter().flatten().map(Tensor::to_vec).collect())
         };
         let (recorded, array) = match (run(true), run(false)) {
             (Ok(r), Ok(a)) => (r, a),
-            (Err(e), _) | (_, Err(e)) => {
+            (Err(Skip::Failed(e)), _) | (_, Err(Skip::Failed(e))) => {
                 failures.push(format!("{}: {e}", case.label()));
                 continue;
             }
+            _ => continue,
         };
         for (i, (r, a)) in recorded.iter().zip(&array).enumerate() {
             let bad = r.iter().zip(a).any(|(&r, &a)| {
@@ -271,4 +363,31 @@ fn recorded_and_array_backwards_agree() {
         }
     }
     report(failures, cases.len(), "recorded against array backward");
+}
+
+/// Every op of [`PENDING`] still has no differentiable backward: one that
+/// gained one leaves the list (so that its cases are checked).
+#[test]
+fn pending_ops_are_still_pending() {
+    for case in &load() {
+        let leaves = case.leaves(true);
+        let Ok(outputs) = dispatch(&case.op, &case.args, &case.prepared(&leaves)) else {
+            continue;
+        };
+        let Some(loss) = squared_loss(case, &outputs) else {
+            continue;
+        };
+        let wrt: Vec<&Tensor> = leaves.iter().filter(|l| l.requires_grad()).collect();
+        if let Err(e) =
+            autograd::grad_with(&[&loss], &wrt, &BackwardOptions::new().create_graph(true))
+        {
+            let _ = create_graph_error(e);
+        }
+    }
+    let seen = STILL_PENDING.with(|seen| seen.borrow().clone());
+    let done: Vec<&&str> = PENDING.iter().filter(|op| !seen.contains(*op)).collect();
+    assert!(
+        done.is_empty(),
+        "these ops have a differentiable backward now (or no case in the table): remove them from PENDING in tests/ops/second.rs: {done:?}"
+    );
 }

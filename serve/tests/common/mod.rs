@@ -33,6 +33,24 @@ pub fn test_config() -> Config {
     }
 }
 
+/// How long a test waits for the server (or another task) to make progress
+/// before it fails: long enough for a loaded CI machine, short enough to
+/// beat a hang. A bound on liveness, not on speed.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `condition` every 5 ms until it holds; panics naming `what` if it
+/// does not within `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Starts a server with `config`.
 pub async fn start(config: Config) -> Server {
     netcl_serve::start(config).await.expect("the server starts")

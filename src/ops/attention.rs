@@ -1,0 +1,700 @@
+//! Scaled dot-product attention, as PyTorch's
+//! `F.scaled_dot_product_attention`: for each batch (and head) index,
+//! `softmax(q·kᵀ · scale + mask) · v`, with a real backward to the query,
+//! key and value, and to an additive mask that requires grad.
+//!
+//! Per batch index the scores are one gemm (through
+//! [`gemm`](crate::ops::gemm)), scaled and masked in place, turned into
+//! probabilities `P` by a stable softmax per row, and multiplied with `v` by
+//! a second gemm. `P` is saved for the backward:
+//!
+//! - `dV = Pᵀ · dO`, `dP = dO · Vᵀ`,
+//! - `dS = P ∘ (dP − rowsum(dP ∘ P))` (the softmax's derivative),
+//! - `dQ = scale · dS · K`, `dK = scale · dSᵀ · Q`, `dMask = dS`,
+//!
+//! each summed over the batch axes its operand was broadcast along.
+//!
+//! # Masked rows, NaN and infinities
+//!
+//! Masking is additive, as PyTorch's: a boolean mask's false entries and
+//! the causal mask's hidden entries add `-inf` to the score. So a NaN score
+//! stays NaN even where it is masked (PyTorch gives NaN there too), and a
+//! `+inf` entry of an additive mask makes its row NaN.
+//!
+//! A **fully masked row** (every score `-inf` after masking: a padded
+//! query) has no key to attend to. netcl's rule: its output is 0 and its
+//! gradients are 0. This is what `F.scaled_dot_product_attention` returns
+//! in PyTorch 2.15 (CPU, float32 and float64); `nn.MultiheadAttention`
+//! returns NaN instead. netcl takes the zeros because padded query rows are
+//! ordinary in batched serving: a NaN there would poison every later
+//! reduction over the batch (a loss, a pooled output) although the padded
+//! rows carry no information. A row holding a NaN is NaN, masked or not.
+
+use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Dimension, Ix2, IxDyn};
+
+use crate::array::{broadcast_shape, checked_numel, reduce_to_shape};
+use crate::autograd::function::{InputGrads, record};
+use crate::error::{Error, Result, or_panic};
+use crate::ops::gemm::gemm_into;
+use crate::tensor::{Data, Tensor};
+
+/// An attention mask, as PyTorch's `attn_mask` of
+/// [`scaled_dot_product_attention`]: broadcast to the scores' shape
+/// `[..., L, S]`.
+#[derive(Debug, Clone, Copy)]
+pub enum AttnMask<'a> {
+    /// A boolean mask (netcl's masks are `f32` tensors of 0 and 1): 1 means
+    /// the query attends to the key, 0 means it does not, as PyTorch's
+    /// `True` and `False`. It has no gradient.
+    Bool(&'a Tensor),
+    /// A float mask added to the scaled scores (`-inf` hides a key). Its
+    /// gradient is computed when it requires grad.
+    Additive(&'a Tensor),
+}
+
+impl AttnMask<'_> {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            AttnMask::Bool(t) | AttnMask::Additive(t) => t,
+        }
+    }
+}
+
+/// Scaled dot-product attention.
+///
+/// # Panics
+///
+/// As [`try_scaled_dot_product_attention`].
+#[track_caller]
+pub fn scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    attn_mask: Option<AttnMask<'_>>,
+    is_causal: bool,
+    scale: Option<f32>,
+) -> Tensor {
+    or_panic(try_scaled_dot_product_attention(
+        query, key, value, attn_mask, is_causal, scale,
+    ))
+}
+
+/// Scaled dot-product attention, as PyTorch's
+/// `F.scaled_dot_product_attention(query, key, value, attn_mask,
+/// is_causal=is_causal, scale=scale)`:
+/// `softmax(query · keyᵀ · scale + mask) · value`, with `query`
+/// `[..., L, E]`, `key` `[..., S, E]` and `value` `[..., S, Ev]` (the value
+/// width may differ from the key width) giving `[..., L, Ev]`. The leading
+/// (batch, head) axes broadcast. `scale = None` is `1 / sqrt(E)`.
+///
+/// - `attn_mask`: [`AttnMask::Bool`] (1 = attend) or
+///   [`AttnMask::Additive`] (added to the scores), broadcast to
+///   `[..., L, S]`.
+/// - `is_causal`: query `i` attends to keys `0..=i`, the top-left aligned
+///   lower triangle `ones(L, S).tril()` that PyTorch uses, also when
+///   `L ≠ S`.
+///
+/// Gradients flow to `query`, `key`, `value` and an additive mask, whichever
+/// require grad.
+///
+/// # Masked rows, NaN and infinities
+///
+/// Masking is additive: a boolean mask's 0 entries and the keys the causal
+/// mask hides add `-inf` to their scores.
+///
+/// - A **fully masked row** (every score `-inf`: a padded query) gives 0,
+///   with gradient 0. PyTorch 2.15 is inconsistent here:
+///   `F.scaled_dot_product_attention` returns zeros, `nn.MultiheadAttention`
+///   NaN. netcl takes the zeros because padded query rows are ordinary in
+///   batched serving, and a NaN there would poison every later reduction
+///   over the batch (a loss, a pooled output) although the padded rows carry
+///   no information.
+/// - A **NaN** score makes its row NaN, masked or not (`NaN + -inf` is NaN),
+///   as PyTorch's mask paths do; its causal kernels sometimes skip the
+///   hidden keys instead, so a NaN hidden by `is_causal` may vanish there.
+///   netcl never lets a NaN become a number.
+/// - A `+inf` in an additive mask makes its row NaN (`inf - inf`).
+///
+/// Departures from PyTorch: no `dropout_p` argument (apply dropout to the
+/// output or use a separate op: attention here is deterministic) and no
+/// `enable_gqa`.
+///
+/// # Errors
+///
+/// [`Error::Rank`] if an operand has fewer than 2 axes;
+/// [`Error::InvalidArgument`] if the widths of `query` and `key` differ, if
+/// `key` and `value` have different lengths, if the mask does not
+/// broadcast to `[..., L, S]`, if a boolean mask holds anything but 0 and
+/// 1, or if both a mask and `is_causal` are given (as PyTorch);
+/// [`Error::Broadcast`] if the batch axes do not broadcast;
+/// [`Error::ShapeTooLarge`] if the result could not exist.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional::{self as F, AttnMask};
+///
+/// // One query, two keys: with a zero query both keys weigh 1/2.
+/// let q = Tensor::zeros(&[1, 1, 2]).requires_grad_(true);
+/// let k = Tensor::from_vec(vec![1.0, 0.0, 0.0, 1.0], &[1, 2, 2])?;
+/// let v = Tensor::from_vec(vec![2.0, 4.0], &[1, 2, 1])?.requires_grad_(true);
+/// let y = F::try_scaled_dot_product_attention(&q, &k, &v, None, false, None)?;
+/// assert_eq!(y.to_vec(), vec![3.0]);
+/// y.sum().backward();
+/// assert_eq!(v.grad().unwrap().to_vec(), vec![0.5, 0.5]); // dV = Pᵀ·dO
+/// // dQ = scale · dS · K, dS = P ∘ (V - P·V) = [-0.5, 0.5]
+/// let s = 0.5_f32.sqrt();
+/// let dq = q.grad().unwrap().to_vec();
+/// assert!((dq[0] + 0.5 * s).abs() < 1e-6 && (dq[1] - 0.5 * s).abs() < 1e-6);
+///
+/// // A boolean mask hiding the second key.
+/// let mask = Tensor::from_vec(vec![1.0, 0.0], &[1, 2])?;
+/// let y = F::try_scaled_dot_product_attention(&q, &k, &v, Some(AttnMask::Bool(&mask)), false, None)?;
+/// assert_eq!(y.to_vec(), vec![2.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    attn_mask: Option<AttnMask<'_>>,
+    is_causal: bool,
+    scale: Option<f32>,
+) -> Result<Tensor> {
+    const OP: &str = "scaled_dot_product_attention";
+    let dims = check(query.shape(), key.shape(), value.shape(), attn_mask)?;
+    if is_causal && attn_mask.is_some() {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: "an explicit attn_mask cannot be given with is_causal = true".into(),
+        });
+    }
+    let scale = scale.unwrap_or(1.0 / (dims.e as f32).sqrt());
+    // The mask as additive values of its own shape: a boolean mask's 0
+    // becomes -inf.
+    let mask = match attn_mask {
+        None => None,
+        Some(AttnMask::Additive(m)) => Some(m.read().into_data()),
+        Some(AttnMask::Bool(m)) => {
+            let keep = crate::array::mask(OP, m.read().to_vec())?;
+            let additive = keep
+                .iter()
+                .map(|&k| if k { 0.0 } else { f32::NEG_INFINITY });
+            Some(Data::collect(m.shape(), additive))
+        }
+    };
+    let (q, k, v) = (
+        query.read().into_data(),
+        key.read().into_data(),
+        value.read().into_data(),
+    );
+    let (l, s, ev) = (dims.l, dims.s, dims.ev);
+    let batches = dims.batches();
+    let mut probs = vec![0.0_f32; batches * l * s];
+    let mut out = vec![0.0_f32; batches * l * ev];
+    {
+        let (qv, kv, vv) = (q.view(), k.view(), v.view());
+        let (qb, kb, vb) = (
+            dims.broadcast(&qv, l, dims.e),
+            dims.broadcast(&kv, s, dims.e),
+            dims.broadcast(&vv, s, ev),
+        );
+        let mv = mask.as_ref().map(Data::view);
+        let mb = mv.as_ref().map(|m| dims.broadcast(m, l, s));
+        if l * s > 0 {
+            for (b, index) in dims.indices().enumerate() {
+                let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[b * l * s..][..l * s])
+                    .expect("a slice of L·S values");
+                gemm_into(
+                    matrix_at(&qb, &index),
+                    matrix_at(&kb, &index).t(),
+                    p.view_mut(),
+                );
+                let mask = mb.as_ref().map(|m| matrix_at(m, &index));
+                for (i, mut row) in p.rows_mut().into_iter().enumerate() {
+                    let row = row.as_slice_mut().expect("a row-major row");
+                    mask_row(
+                        row,
+                        scale,
+                        mask.as_ref().map(|m| m.row(i)),
+                        is_causal.then_some(i),
+                    );
+                    softmax_row(row);
+                }
+                let o = ArrayViewMut2::from_shape((l, ev), &mut out[b * l * ev..][..l * ev])
+                    .expect("a slice of L·Ev values");
+                gemm_into(p.view(), matrix_at(&vb, &index), o);
+            }
+        }
+    }
+    let out = Data::from_vec(&dims.shape(l, ev), out);
+    let mut inputs = vec![query, key, value];
+    if let Some(AttnMask::Additive(m)) = attn_mask {
+        inputs.push(m);
+    }
+    record(OP, &inputs, out, move |_: &Data| {
+        let saved = Saved {
+            q,
+            k,
+            v,
+            mask_shape: mask.map(|m| m.shape().to_vec()),
+            probs,
+            scale,
+            dims,
+        };
+        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+    })
+}
+
+/// Scales a row of scores and adds the mask: the hidden keys of a causal
+/// row `causal = Some(i)` (keys past `i`) and a boolean mask's false
+/// entries get `-inf` added, so a NaN score stays NaN.
+fn mask_row(
+    row: &mut [f32],
+    scale: f32,
+    mask: Option<ndarray::ArrayView1<'_, f32>>,
+    causal: Option<usize>,
+) {
+    row.iter_mut().for_each(|v| *v *= scale);
+    if let Some(mask) = mask {
+        row.iter_mut().zip(mask).for_each(|(v, m)| *v += m);
+    }
+    if let Some(i) = causal {
+        row.iter_mut()
+            .skip(i + 1)
+            .for_each(|v| *v += f32::NEG_INFINITY);
+    }
+}
+
+/// Softmax of a row in place, stable (the maximum is subtracted). A row
+/// whose maximum is `-inf` is fully masked and becomes 0; a NaN anywhere
+/// makes the row NaN; a `+inf` gives the limits of
+/// [`softmax`](crate::Tensor::try_softmax) (NaN at the `+inf` entries).
+///
+/// The maximum and the sum run in eight interleaved lanes (vectorised),
+/// and `-inf` entries (masked keys) skip the exponential.
+fn softmax_row(row: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut nan = false;
+    let chunks = row.chunks_exact(8);
+    for &v in chunks.remainder() {
+        lanes[0] = lanes[0].max(v);
+        nan |= v.is_nan();
+    }
+    for chunk in chunks {
+        for k in 0..8 {
+            lanes[k] = lanes[k].max(chunk[k]);
+            nan |= chunk[k].is_nan();
+        }
+    }
+    let max = if nan {
+        f32::NAN
+    } else {
+        lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    };
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    if !max.is_finite() {
+        // NaN, or +inf: exp(v - max) is already the limit (0, or NaN for
+        // inf - inf and NaN), -inf entries included.
+        row.iter_mut().for_each(|v| *v = (*v - max).exp());
+        return;
+    }
+    for v in row.iter_mut() {
+        *v = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*v - max).exp()
+        };
+    }
+    let inv = 1.0 / lane_sum(row);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Σ a row, in eight interleaved lanes (vectorised).
+fn lane_sum(row: &[f32]) -> f32 {
+    lane_dot(row, None)
+}
+
+/// Σ a·b over two rows (Σ a without `b`), in eight interleaved lanes.
+fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
+    let mut lanes = [0.0_f32; 8];
+    let mut total = 0.0;
+    match b {
+        None => {
+            let chunks = a.chunks_exact(8);
+            total += chunks.remainder().iter().sum::<f32>();
+            for chunk in chunks {
+                for k in 0..8 {
+                    lanes[k] += chunk[k];
+                }
+            }
+        }
+        Some(b) => {
+            let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+            for (a, b) in ac.remainder().iter().zip(bc.remainder()) {
+                total += a * b;
+            }
+            for (a, b) in ac.zip(bc) {
+                for k in 0..8 {
+                    lanes[k] += a[k] * b[k];
+                }
+            }
+        }
+    }
+    total + lanes.iter().sum::<f32>()
+}
+
+/// The matrix of a broadcast operand at one batch index.
+fn matrix_at<'a>(view: &ArrayViewD<'a, f32>, index: &[usize]) -> ArrayView2<'a, f32> {
+    let mut view = view.clone();
+    for &i in index {
+        view = view.index_axis_move(Axis(0), i);
+    }
+    view.into_dimensionality::<Ix2>()
+        .expect("two trailing axes")
+}
+
+/// The validated sizes of an attention: the broadcast batch axes, `L`,
+/// `S`, `E` and `Ev`.
+struct Dims {
+    batch: Vec<usize>,
+    l: usize,
+    s: usize,
+    e: usize,
+    ev: usize,
+}
+
+impl Dims {
+    fn batches(&self) -> usize {
+        self.batch.iter().product()
+    }
+
+    /// The batch axes followed by `rows, cols`.
+    fn shape(&self, rows: usize, cols: usize) -> Vec<usize> {
+        let mut shape = self.batch.clone();
+        shape.extend([rows, cols]);
+        shape
+    }
+
+    /// `view` broadcast to `[batch..., rows, cols]`.
+    fn broadcast<'a>(
+        &self,
+        view: &'a ArrayViewD<'_, f32>,
+        rows: usize,
+        cols: usize,
+    ) -> ArrayViewD<'a, f32> {
+        view.broadcast(IxDyn(&self.shape(rows, cols)))
+            .expect("checked to broadcast")
+    }
+
+    /// The batch indices in row-major order.
+    fn indices(&self) -> impl Iterator<Item = Vec<usize>> + use<> {
+        ndarray::indices(IxDyn(&self.batch))
+            .into_iter()
+            .map(|index| index.slice().to_vec())
+    }
+}
+
+fn check(q: &[usize], k: &[usize], v: &[usize], mask: Option<AttnMask<'_>>) -> Result<Dims> {
+    const OP: &str = "scaled_dot_product_attention";
+    for (name, shape) in [("query", q), ("key", k), ("value", v)] {
+        if shape.len() < 2 {
+            return Err(Error::Rank {
+                op: OP,
+                expected: match name {
+                    "query" => "a query [..., L, E] of at least 2 dimensions",
+                    "key" => "a key [..., S, E] of at least 2 dimensions",
+                    _ => "a value [..., S, Ev] of at least 2 dimensions",
+                },
+                shape: shape.to_vec(),
+            });
+        }
+    }
+    let split = |s: &[usize]| (s[..s.len() - 2].to_vec(), s[s.len() - 2], s[s.len() - 1]);
+    let ((qb, l, e), (kb, s, ke), (vb, vs, ev)) = (split(q), split(k), split(v));
+    if e != ke {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!(
+                "query {q:?} and key {k:?} must have the same last dimension ({e} vs {ke})"
+            ),
+        });
+    }
+    if s != vs {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("key {k:?} and value {v:?} must have the same length S ({s} vs {vs})"),
+        });
+    }
+    let batch = broadcast_shape(OP, &qb, &kb)?;
+    let batch = broadcast_shape(OP, batch.slice(), &vb)?.slice().to_vec();
+    let dims = Dims { batch, l, s, e, ev };
+    checked_numel(OP, &dims.shape(l, s))?;
+    checked_numel(OP, &dims.shape(l, ev))?;
+    if let Some(mask) = mask {
+        let scores = dims.shape(l, s);
+        let shape = mask.tensor().shape();
+        let fits = shape.len() <= scores.len()
+            && shape
+                .iter()
+                .rev()
+                .zip(scores.iter().rev())
+                .all(|(&m, &s)| m == s || m == 1);
+        if !fits {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                message: format!(
+                    "attn_mask of shape {shape:?} does not broadcast to the scores' shape {scores:?}"
+                ),
+            });
+        }
+    }
+    Ok(dims)
+}
+
+/// What the backward saved: the operands, the probabilities `P`
+/// (`[batch..., L, S]`, row-major) and the scale.
+struct Saved {
+    q: Data,
+    k: Data,
+    v: Data,
+    mask_shape: Option<Vec<usize>>,
+    probs: Vec<f32>,
+    scale: f32,
+    dims: Dims,
+}
+
+impl Saved {
+    /// Per batch index: dV = Pᵀ·dO, dP = dO·Vᵀ,
+    /// dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
+    /// dMask = dS; then each summed to its operand's shape.
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let Dims { l, s, e, ev, .. } = self.dims;
+        let want_mask = grads.len() > 3 && grads.needs_grad(3);
+        let grad = grad.view();
+        let (qv, kv, vv) = (self.q.view(), self.k.view(), self.v.view());
+        let (qb, kb, vb) = (
+            self.dims.broadcast(&qv, l, e),
+            self.dims.broadcast(&kv, s, e),
+            self.dims.broadcast(&vv, s, ev),
+        );
+        let zeros = |rows, cols| ndarray::ArrayD::<f32>::zeros(IxDyn(&self.dims.shape(rows, cols)));
+        let (mut dq, mut dk, mut dv) = (zeros(l, e), zeros(s, e), zeros(s, ev));
+        let mut dmask = if want_mask { zeros(l, s) } else { zeros(0, 0) };
+        let mut ds = ndarray::Array2::<f32>::zeros((l, s));
+        if l * s > 0 {
+            for (b, index) in self.dims.indices().enumerate() {
+                let p = ArrayView2::from_shape((l, s), &self.probs[b * l * s..][..l * s])
+                    .expect("a slice of L·S values");
+                let g = matrix_at(&grad, &index);
+                let (qi, ki, vi) = (
+                    matrix_at(&qb, &index),
+                    matrix_at(&kb, &index),
+                    matrix_at(&vb, &index),
+                );
+                gemm_into(p.t(), g, slot(&mut dv, &index));
+                gemm_into(g, vi.t(), ds.view_mut());
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
+                // the mask's gradient (unscaled) is wanted.
+                let scale = if want_mask { 1.0 } else { self.scale };
+                for (mut ds, p) in ds.rows_mut().into_iter().zip(p.rows()) {
+                    let (ds, p) = (
+                        ds.as_slice_mut().expect("a row-major row"),
+                        p.to_slice().expect("a row-major row"),
+                    );
+                    let dot = lane_dot(ds, Some(p));
+                    for (d, &p) in ds.iter_mut().zip(p) {
+                        *d = p * (*d - dot) * scale;
+                    }
+                }
+                if want_mask {
+                    slot(&mut dmask, &index).assign(&ds);
+                    ds.mapv_inplace(|d| d * self.scale);
+                }
+                gemm_into(ds.view(), ki, slot(&mut dq, &index));
+                gemm_into(ds.t(), qi, slot(&mut dk, &index));
+            }
+        }
+        grads.set(0, reduce_to_shape(dq, self.q.shape()));
+        grads.set(1, reduce_to_shape(dk, self.k.shape()));
+        grads.set(2, reduce_to_shape(dv, self.v.shape()));
+        if let (true, Some(shape)) = (want_mask, &self.mask_shape) {
+            grads.set(3, reduce_to_shape(dmask, shape));
+        }
+    }
+}
+
+/// The matrix of a batched gradient at one batch index, to write.
+fn slot<'a>(array: &'a mut ndarray::ArrayD<f32>, index: &[usize]) -> ArrayViewMut2<'a, f32> {
+    let mut view = array.view_mut();
+    for &i in index {
+        view = view.index_axis_move(Axis(0), i);
+    }
+    view.into_dimensionality::<Ix2>()
+        .expect("two trailing axes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    fn sdpa(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<AttnMask<'_>>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        try_scaled_dot_product_attention(q, k, v, mask, causal, None)
+    }
+
+    #[test]
+    fn a_fully_masked_row_is_zero_with_zero_gradients() {
+        let q = t(&[0.5, -1.0, 2.0, 0.25], &[2, 2]).requires_grad_(true);
+        let k = t(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).requires_grad_(true);
+        let v = t(&[1.0, 2.0, 3.0], &[3, 1]).requires_grad_(true);
+        // Row 1 attends to nothing.
+        let mask = t(&[1.0, 0.0, 1.0, 0.0, 0.0, 0.0], &[2, 3]);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false).unwrap();
+        let out = y.to_vec();
+        assert!(out[0].is_finite() && out[0] != 0.0);
+        assert_eq!(out[1], 0.0);
+        // Weighting only the masked row: no gradient reaches anything.
+        (&y * &t(&[0.0, 1.0], &[2, 1])).sum().backward();
+        assert_eq!(q.grad().unwrap().to_vec(), vec![0.0; 4]);
+        assert_eq!(k.grad().unwrap().to_vec(), vec![0.0; 6]);
+        assert_eq!(v.grad().unwrap().to_vec(), vec![0.0; 3]);
+        // The same with an additive mask of -inf.
+        let minf = f32::NEG_INFINITY;
+        let add = t(&[0.0, minf, 0.0, minf, minf, minf], &[2, 3]);
+        let z = sdpa(&q, &k, &v, Some(AttnMask::Additive(&add)), false).unwrap();
+        assert_eq!(z.to_vec(), out);
+    }
+
+    #[test]
+    fn a_nan_propagates_even_where_it_is_masked() {
+        let q = t(&[1.0, 0.0], &[1, 2]);
+        let k = t(&[1.0, 0.0, f32::NAN, 1.0], &[2, 2]);
+        let v = t(&[1.0, 2.0], &[2, 1]);
+        let mask = t(&[1.0, 0.0], &[1, 2]);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false).unwrap();
+        assert!(y.item().is_nan());
+        let q = t(&[f32::NAN, 0.0], &[1, 2]);
+        assert!(sdpa(&q, &k, &v, None, true).unwrap().item().is_nan());
+    }
+
+    // PyTorch's is_causal: query i sees keys 0..=i (top-left aligned), also
+    // when L ≠ S: with L = 2, S = 3 query 0 sees key 0 only, query 1 keys 0
+    // and 1, and key 2 is never seen.
+    #[test]
+    fn causal_is_top_left_aligned() {
+        let q = Tensor::zeros(&[2, 4]);
+        let k = Tensor::zeros(&[3, 4]);
+        let v = t(&[10.0, 20.0, 1000.0], &[3, 1]);
+        let y = sdpa(&q, &k, &v, None, true).unwrap();
+        assert_eq!(y.to_vec(), vec![10.0, 15.0]);
+        // L > S: every later query sees all keys.
+        let q = Tensor::zeros(&[4, 4]);
+        let y = sdpa(&q, &k, &v, None, true).unwrap();
+        assert_eq!(y.to_vec(), vec![10.0, 15.0, 1030.0 / 3.0, 1030.0 / 3.0]);
+    }
+
+    // is_causal gives what the same lower-triangular boolean mask gives,
+    // values and gradients, with L ≠ S and a NaN hidden by it still
+    // spreads.
+    #[test]
+    fn causal_agrees_with_the_explicit_mask() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+        let (l, s) = (37, 29);
+        let q = Tensor::randn(&[2, l, 8], &mut rng).requires_grad_(true);
+        let k = Tensor::randn(&[2, s, 8], &mut rng).requires_grad_(true);
+        let v = Tensor::randn(&[2, s, 3], &mut rng).requires_grad_(true);
+        let tril: Vec<f32> = (0..l * s)
+            .map(|x| if x % s <= x / s { 1.0 } else { 0.0 })
+            .collect();
+        let tril = t(&tril, &[l, s]);
+        let a = sdpa(&q, &k, &v, None, true).unwrap();
+        let b = sdpa(&q, &k, &v, Some(AttnMask::Bool(&tril)), false).unwrap();
+        let close = |x: Vec<f32>, y: Vec<f32>| x.iter().zip(&y).all(|(x, y)| (x - y).abs() < 1e-5);
+        assert!(close(a.to_vec(), b.to_vec()));
+        let ga = crate::autograd::grad(&[&a.sum()], &[&q, &k, &v]).unwrap();
+        let gb = crate::autograd::grad(&[&b.sum()], &[&q, &k, &v]).unwrap();
+        for (ga, gb) in ga.iter().zip(&gb) {
+            assert!(close(ga.to_vec(), gb.to_vec()));
+        }
+        let mut hidden = k.to_vec();
+        hidden[(s - 1) * 8] = f32::NAN;
+        let k = t(&hidden, &[2, s, 8]);
+        assert!(sdpa(&q, &k, &v, None, true).unwrap().to_vec()[0].is_nan());
+    }
+
+    #[test]
+    fn an_additive_mask_gradient_is_summed_to_its_shape() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+        let q = Tensor::randn(&[2, 3, 4, 5], &mut rng);
+        let k = Tensor::randn(&[2, 3, 6, 5], &mut rng);
+        let v = Tensor::randn(&[2, 3, 6, 2], &mut rng);
+        let mask = Tensor::randn(&[3, 1, 6], &mut rng).requires_grad_(true);
+        let y = sdpa(&q, &k, &v, Some(AttnMask::Additive(&mask)), false).unwrap();
+        y.sum().backward();
+        let grad = mask.grad().unwrap();
+        assert_eq!(grad.shape(), &[3, 1, 6]);
+        // Adding a constant to a whole row leaves the softmax unchanged:
+        // each row of dMask sums to 0.
+        for row in grad.to_vec().chunks(6) {
+            assert!(row.iter().sum::<f32>().abs() < 1e-4, "{row:?}");
+            assert!(row.iter().any(|&g| g != 0.0));
+        }
+    }
+
+    #[test]
+    fn errors_name_the_op_and_what_was_wrong() {
+        let q = Tensor::zeros(&[2, 3, 4]);
+        let k = Tensor::zeros(&[2, 5, 4]);
+        let v = Tensor::zeros(&[2, 5, 6]);
+        let bad_k = Tensor::zeros(&[2, 5, 3]);
+        assert_eq!(
+            sdpa(&q, &bad_k, &v, None, false).unwrap_err().to_string(),
+            "scaled_dot_product_attention: query [2, 3, 4] and key [2, 5, 3] must have the same last dimension (4 vs 3)"
+        );
+        let bad_v = Tensor::zeros(&[2, 4, 6]);
+        assert_eq!(
+            sdpa(&q, &k, &bad_v, None, false).unwrap_err().to_string(),
+            "scaled_dot_product_attention: key [2, 5, 4] and value [2, 4, 6] must have the same length S (5 vs 4)"
+        );
+        let mask = t(&[1.0, 0.5, 1.0, 1.0, 1.0], &[1, 5]);
+        assert_eq!(
+            sdpa(&q, &k, &v, Some(AttnMask::Bool(&mask)), false)
+                .unwrap_err()
+                .to_string(),
+            "scaled_dot_product_attention: mask value 0.5 at position 1: a mask holds 0 (false) or 1 (true)"
+        );
+        let wide = Tensor::zeros(&[3, 6]);
+        assert_eq!(
+            sdpa(&q, &k, &v, Some(AttnMask::Additive(&wide)), false)
+                .unwrap_err()
+                .to_string(),
+            "scaled_dot_product_attention: attn_mask of shape [3, 6] does not broadcast to the scores' shape [2, 3, 5]"
+        );
+        let ok = Tensor::zeros(&[3, 5]);
+        assert!(
+            sdpa(&q, &k, &v, Some(AttnMask::Additive(&ok)), true)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be given with is_causal")
+        );
+        assert!(matches!(
+            sdpa(&Tensor::zeros(&[4]), &k, &v, None, false),
+            Err(Error::Rank { .. })
+        ));
+    }
+}

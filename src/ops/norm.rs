@@ -1,0 +1,979 @@
+//! Normalisation: `layer_norm`, `rms_norm` and `batch_norm`, as PyTorch's
+//! `F.layer_norm`, `F.rms_norm` and `F.batch_norm`.
+//!
+//! Each is one fused op (one output buffer, one graph node) whose backward
+//! gives the gradient of every input that requires grad: the input, and the
+//! weight and bias when given (a fused fast path that drops a gradient is
+//! the bug class candle keeps meeting: candle#3011, #3569, #2168). Forward
+//! and backward run per row (per channel for `batch_norm`) in one pass over
+//! the saved statistics, mean and `rstd = 1 / sqrt(var + eps)`.
+//!
+//! With `x̂ = (x - mean) · rstd`, `y = x̂ · w + b` and `ĝ = g · w` for the
+//! incoming gradient `g`, over a group of `n` values normalised together:
+//!
+//! - `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))` (the two mean terms are
+//!   the derivative through the group's mean and variance; `rms_norm` has
+//!   no mean, so no `mean(ĝ)` term; `batch_norm` in eval mode normalises
+//!   with constants, so neither);
+//! - `dw = Σ g · x̂`, `db = Σ g` over the rows (or over batch and space).
+//!
+//! NaN and infinities propagate: a group holding one has a NaN (or
+//! infinite) mean or variance, so its whole output and gradient are NaN.
+
+use crate::array::checked_numel;
+use crate::autograd::function::{InputGrads, record};
+use crate::error::{Error, Result, or_panic};
+use crate::tensor::{Data, Tensor};
+
+/// Σ f(a_i, b_i) over two slices of one length, in eight interleaved f32
+/// lanes (vectorised by the compiler, and more accurate than one running
+/// sum).
+#[inline]
+fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0.0_f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (a, b) in ac.zip(bc) {
+        for k in 0..8 {
+            lanes[k] += f(a[k], b[k]);
+        }
+    }
+    let mut total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (&a, &b) in ar.iter().zip(br) {
+        total += f(a, b);
+    }
+    total
+}
+
+/// Σ f(a_i, b_i, c_i) over three slices of one length, as [`sum_zip`].
+#[inline]
+fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut lanes = [0.0_f32; 8];
+    let (ac, bc, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let mut total = 0.0;
+    for ((&a, &b), &c) in ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder())
+    {
+        total += f(a, b, c);
+    }
+    for ((a, b), c) in ac.zip(bc).zip(cc) {
+        for k in 0..8 {
+            lanes[k] += f(a[k], b[k], c[k]);
+        }
+    }
+    total
+        + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+/// Σ f(a_i) over a slice, as [`sum_zip`].
+#[inline]
+fn sum_map(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    sum_zip(a, a, |a, _| f(a))
+}
+
+/// The values of `data` in row-major order: its own buffer when it has
+/// that layout, else a contiguous copy (a transposed input).
+fn contiguous(data: Data) -> Data {
+    if data.as_slice().is_some() {
+        data
+    } else {
+        Data::from_vec(data.shape(), data.to_vec())
+    }
+}
+
+/// The values as a slice (the caller made them row-major).
+fn slice(data: &Data) -> &[f32] {
+    data.as_slice().expect("row-major values")
+}
+
+/// Optional weight and bias read once, as row-major vectors.
+fn read_opt(t: Option<&Tensor>) -> Option<Vec<f32>> {
+    t.map(|t| t.read().to_vec())
+}
+
+/// The inputs of a normalisation op, `[input, weight?, bias?]`, with the
+/// position of the weight and bias among them.
+struct Inputs<'a> {
+    tensors: Vec<&'a Tensor>,
+    weight: Option<usize>,
+    bias: Option<usize>,
+}
+
+impl<'a> Inputs<'a> {
+    fn new(input: &'a Tensor, weight: Option<&'a Tensor>, bias: Option<&'a Tensor>) -> Self {
+        let mut tensors = vec![input];
+        let weight = weight.map(|w| {
+            tensors.push(w);
+            tensors.len() - 1
+        });
+        let bias = bias.map(|b| {
+            tensors.push(b);
+            tensors.len() - 1
+        });
+        Inputs {
+            tensors,
+            weight,
+            bias,
+        }
+    }
+}
+
+fn needs(grads: &InputGrads<'_>, slot: Option<usize>) -> bool {
+    slot.is_some_and(|i| grads.needs_grad(i))
+}
+
+/// Checks `normalized_shape` against the input's trailing axes and the
+/// optional weight and bias; returns `(rows, width)`: the number of groups
+/// and the number of values normalised together.
+fn check_normalized(
+    op: &'static str,
+    input: &[usize],
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Result<(usize, usize)> {
+    if normalized_shape.is_empty() {
+        return Err(Error::InvalidArgument {
+            op,
+            message: "normalized_shape must have at least one element, got []".into(),
+        });
+    }
+    let k = normalized_shape.len();
+    if input.len() < k || input[input.len() - k..] != *normalized_shape {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "an input of shape {input:?} does not end with normalized_shape {normalized_shape:?}"
+            ),
+        });
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if let Some(t) = t {
+            if t.shape() != normalized_shape {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "{name} of shape {:?} must have normalized_shape {normalized_shape:?}",
+                        t.shape()
+                    ),
+                });
+            }
+        }
+    }
+    // The input exists, so these products fit.
+    let width = checked_numel(op, normalized_shape)?;
+    let rows = checked_numel(op, &input[..input.len() - k])?;
+    Ok((rows, width))
+}
+
+/// The forward of `layer_norm` (`center`) and `rms_norm` (not `center`) over
+/// rows of `width` values: the output, and each row's mean (0 for
+/// `rms_norm`) and rstd.
+fn row_norm_forward(
+    x: &[f32],
+    width: usize,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    center: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if x.is_empty() || width == 0 {
+        return (vec![0.0; x.len()], Vec::new(), Vec::new());
+    }
+    // Written once, not zeroed first.
+    let mut out = Vec::with_capacity(x.len());
+    let rows = x.len() / width;
+    let (mut means, mut rstds) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for x in x.chunks_exact(width) {
+        let n = width as f32;
+        // Two passes (mean, then squared deviations): no cancellation.
+        let mean = if center { sum_map(x, |v| v) / n } else { 0.0 };
+        let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        match (weight, bias) {
+            (Some(w), Some(b)) => out.extend(
+                x.iter()
+                    .zip(w)
+                    .zip(b)
+                    .map(|((&x, &w), &b)| (x - mean) * rstd * w + b),
+            ),
+            (Some(w), None) => out.extend(x.iter().zip(w).map(|(&x, &w)| (x - mean) * rstd * w)),
+            (None, Some(b)) => out.extend(x.iter().zip(b).map(|(&x, &b)| (x - mean) * rstd + b)),
+            (None, None) => out.extend(x.iter().map(|&x| (x - mean) * rstd)),
+        }
+        means.push(mean);
+        rstds.push(rstd);
+    }
+    (out, means, rstds)
+}
+
+/// What a `layer_norm` or `rms_norm` backward saved: the (row-major)
+/// input, the weight, and each row's mean and rstd.
+struct RowNorm {
+    x: Data,
+    normalized: Vec<usize>,
+    weight: Option<Vec<f32>>,
+    means: Vec<f32>,
+    rstds: Vec<f32>,
+    center: bool,
+    slots: (Option<usize>, Option<usize>),
+}
+
+impl RowNorm {
+    /// Per row, with `x̂ = (x - mean)·rstd` and `ĝ = g·w`:
+    /// dx = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) (no `mean(ĝ)` term for
+    /// `rms_norm`), dw = Σ_rows g·x̂, db = Σ_rows g.
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let (w_slot, b_slot) = self.slots;
+        let (want_x, want_w, want_b) = (
+            grads.needs_grad(0),
+            needs(grads, w_slot),
+            needs(grads, b_slot),
+        );
+        // dx is written over the incoming gradient when no one shares it
+        // (no new buffer), row by row after the row has been read.
+        let mut grad = contiguous(grad);
+        if grad.view_mut().is_none() {
+            grad = Data::from_vec(grad.shape(), grad.to_vec());
+        }
+        let shape = grad.shape().to_vec();
+        let g = grad
+            .view_mut()
+            .expect("made unique")
+            .into_slice()
+            .expect("row-major values");
+        let x = slice(&self.x);
+        let width = self.normalized.iter().product::<usize>();
+        let mut dw = vec![0.0; width];
+        let mut db = vec![0.0; width];
+        if width > 0 && !x.is_empty() {
+            let n = width as f32;
+            let ones;
+            let w = match &self.weight {
+                Some(w) => w.as_slice(),
+                None => {
+                    ones = vec![1.0; width];
+                    &ones
+                }
+            };
+            let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
+            for (r, (x, g)) in rows.enumerate() {
+                let (mean, rstd) = (self.means[r], self.rstds[r]);
+                // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
+                let sum_g = sum_zip(g, w, |g, w| g * w);
+                let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
+                if want_w || want_b {
+                    for (((dw, db), &g), &x) in dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x) {
+                        *dw += g * (x - mean) * rstd;
+                        *db += g;
+                    }
+                }
+                let a = if self.center { sum_g / n } else { 0.0 };
+                let b = sum_gx / n;
+                for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
+                    *g = rstd * (*g * w - a - (x - mean) * rstd * b);
+                }
+            }
+        }
+        if want_x {
+            debug_assert_eq!(shape, self.x.shape());
+            grads.put(0, grad);
+        }
+        if let (true, Some(i)) = (want_w, w_slot) {
+            grads.put(i, Data::from_vec(&self.normalized, dw));
+        }
+        if let (true, Some(i)) = (want_b, b_slot) {
+            grads.put(i, Data::from_vec(&self.normalized, db));
+        }
+    }
+}
+
+/// `layer_norm` (`center`) and `rms_norm` (not `center`), validated.
+#[track_caller]
+fn row_norm(
+    op: &'static str,
+    input: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    center: bool,
+) -> Result<Tensor> {
+    check_normalized(op, input.shape(), normalized_shape, weight, bias)?;
+    let x = contiguous(input.read().into_data());
+    let (w, b) = (read_opt(weight), read_opt(bias));
+    let (out, means, rstds) = row_norm_forward(
+        slice(&x),
+        checked_numel(op, normalized_shape)?,
+        w.as_deref(),
+        b.as_deref(),
+        eps,
+        center,
+    );
+    let out = Data::from_vec(input.shape(), out);
+    let inputs = Inputs::new(input, weight, bias);
+    let slots = (inputs.weight, inputs.bias);
+    record(op, &inputs.tensors, out, move |_: &Data| {
+        let saved = RowNorm {
+            x,
+            normalized: normalized_shape.to_vec(),
+            weight: w,
+            means,
+            rstds,
+            center,
+            slots,
+        };
+        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+    })
+}
+
+/// Layer normalisation over the trailing `normalized_shape` axes.
+///
+/// # Panics
+///
+/// As [`try_layer_norm`].
+#[track_caller]
+pub fn layer_norm(
+    input: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Tensor {
+    or_panic(try_layer_norm(input, normalized_shape, weight, bias, eps))
+}
+
+/// Layer normalisation, as PyTorch's `F.layer_norm(input,
+/// normalized_shape, weight, bias, eps)`: each group of the trailing
+/// `normalized_shape` axes of `input` is normalised to mean 0 and variance
+/// 1 (the biased variance, with `eps` added under the square root), then
+/// scaled by `weight` and shifted by `bias` (each of shape
+/// `normalized_shape`, element-wise; `None` for 1 and 0). PyTorch's default
+/// `eps` is `1e-5`.
+///
+/// One fused op: gradients flow to `input`, `weight` and `bias`, whichever
+/// require grad. A group holding a NaN or an infinity is NaN.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] if `normalized_shape` is empty, if `input`
+/// does not end with it, or if `weight` or `bias` does not have it as its
+/// shape.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional as F;
+///
+/// let x = Tensor::from_vec(vec![1.0, 3.0, 0.0, 4.0], &[2, 2])?.requires_grad_(true);
+/// let w = Tensor::from_vec(vec![2.0, 1.0], &[2])?.requires_grad_(true);
+/// let b = Tensor::from_vec(vec![0.5, 0.0], &[2])?.requires_grad_(true);
+/// let y = F::try_layer_norm(&x, &[2], Some(&w), Some(&b), 0.0)?;
+/// // Each row becomes [-1, 1], then times w plus b.
+/// assert_eq!(y.to_vec(), vec![-1.5, 1.0, -1.5, 1.0]);
+/// (&y * &Tensor::from_vec(vec![1.0, 0.0, 0.0, 0.0], &[2, 2])?).sum().backward();
+/// // dL/db is the incoming gradient summed over rows; dL/dw is it times x̂.
+/// assert_eq!(b.grad().unwrap().to_vec(), vec![1.0, 0.0]);
+/// assert_eq!(w.grad().unwrap().to_vec(), vec![-1.0, 0.0]);
+/// // x̂ of two values is ±1 whatever they are: x's gradient is 0 here.
+/// assert_eq!(x.grad().unwrap().to_vec(), vec![0.0; 4]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_layer_norm(
+    input: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Result<Tensor> {
+    row_norm(
+        "layer_norm",
+        input,
+        normalized_shape,
+        weight,
+        bias,
+        eps,
+        true,
+    )
+}
+
+/// Root-mean-square normalisation over the trailing `normalized_shape`
+/// axes.
+///
+/// # Panics
+///
+/// As [`try_rms_norm`].
+#[track_caller]
+pub fn rms_norm(
+    input: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    eps: Option<f32>,
+) -> Tensor {
+    or_panic(try_rms_norm(input, normalized_shape, weight, eps))
+}
+
+/// RMS normalisation, as PyTorch's `F.rms_norm(input, normalized_shape,
+/// weight, eps)`: each group of the trailing `normalized_shape` axes is
+/// divided by `sqrt(mean(x²) + eps)` (not centred), then scaled by
+/// `weight` (of shape `normalized_shape`; `None` for 1). `eps = None` is
+/// PyTorch's default, the machine epsilon of the element type:
+/// [`f32::EPSILON`].
+///
+/// One fused op: gradients flow to `input` and `weight`. A group holding a
+/// NaN or an infinity is NaN.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] if `normalized_shape` is empty, if `input`
+/// does not end with it, or if `weight` does not have it as its shape.
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional as F;
+///
+/// let x = Tensor::from_vec(vec![3.0, -4.0], &[1, 2])?.requires_grad_(true);
+/// let w = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
+/// let y = F::try_rms_norm(&x, &[2], Some(&w), Some(0.0))?;
+/// // rms([3, -4]) = sqrt(12.5)
+/// let rms = 12.5_f32.sqrt();
+/// let close = |a: Vec<f32>, b: [f32; 2]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-6);
+/// assert!(close(y.to_vec(), [3.0 / rms, -8.0 / rms]));
+/// y.sum().backward();
+/// // dL/dw = x / rms
+/// assert!(close(w.grad().unwrap().to_vec(), [3.0 / rms, -4.0 / rms]));
+/// assert!(x.grad().unwrap().to_vec().iter().all(|g| *g != 0.0));
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn try_rms_norm(
+    input: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    eps: Option<f32>,
+) -> Result<Tensor> {
+    let eps = eps.unwrap_or(f32::EPSILON);
+    row_norm(
+        "rms_norm",
+        input,
+        normalized_shape,
+        weight,
+        None,
+        eps,
+        false,
+    )
+}
+
+/// What [`batch_norm`] returns: the normalised output and, in training mode
+/// with running statistics given, their updated values.
+///
+/// PyTorch's `F.batch_norm` updates `running_mean` and `running_var` in
+/// place; netcl's forward writes no shared state (a model served from many
+/// threads must not change under its readers), so it returns the new
+/// statistics and the caller (the `BatchNorm` layer) stores them.
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// The normalised input, of the input's shape.
+    pub output: Tensor,
+    /// `(1 - momentum) · running_mean + momentum · batch mean`, in training
+    /// mode when a running mean was given; `None` otherwise. It requires no
+    /// grad.
+    pub running_mean: Option<Tensor>,
+    /// `(1 - momentum) · running_var + momentum · unbiased batch variance`,
+    /// in training mode when a running variance was given; `None`
+    /// otherwise. It requires no grad.
+    pub running_var: Option<Tensor>,
+}
+
+/// Batch normalisation over the channel axis 1.
+///
+/// # Panics
+///
+/// As [`try_batch_norm`].
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+pub fn batch_norm(
+    input: &Tensor,
+    running_mean: Option<&Tensor>,
+    running_var: Option<&Tensor>,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    momentum: f32,
+    eps: f32,
+) -> BatchNormOutput {
+    or_panic(try_batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+    ))
+}
+
+/// Batch normalisation, as PyTorch's `F.batch_norm(input, running_mean,
+/// running_var, weight, bias, training, momentum, eps)` (PyTorch's defaults:
+/// `training = false`, `momentum = 0.1`, `eps = 1e-5`). `input` is
+/// `[N, C]`, `[N, C, L]` or `[N, C, H, W]` (any `[N, C, ...]`); each
+/// channel `c` is normalised, then scaled by `weight[c]` and shifted by
+/// `bias[c]` (`None` for 1 and 0).
+///
+/// - **Training**: with the mean and the biased variance of the channel
+///   over the batch and spatial axes. Gradients flow to `input` through
+///   these statistics, and to `weight` and `bias`. The running statistics,
+///   if given, are returned updated ([`BatchNormOutput`]): the running
+///   variance with the *unbiased* batch variance, as PyTorch does, while
+///   the output is normalised with the biased one.
+/// - **Eval** (`training = false`): with `running_mean` and `running_var`,
+///   constants; gradients flow to `input`, `weight` and `bias`.
+///
+/// Departures from PyTorch: the running statistics are returned, not
+/// updated in place, and `momentum` is a number (PyTorch's `None`, a
+/// cumulative average, needs a batch counter the layer keeps). The running
+/// statistics are buffers: no gradient flows to them, as in PyTorch.
+///
+/// # Errors
+///
+/// [`Error::Rank`] if `input` has fewer than 2 axes;
+/// [`Error::InvalidArgument`] if a running statistic, `weight` or `bias` is
+/// not of shape `[C]`, if eval mode is missing a running statistic, or if
+/// training sees one value per channel (`N · H · W = 1`: no variance to
+/// estimate).
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional as F;
+///
+/// // Two samples of one channel: mean 2, biased variance 1.
+/// let x = Tensor::from_vec(vec![1.0, 3.0], &[2, 1])?.requires_grad_(true);
+/// let (mean, var) = (Tensor::zeros(&[1]), Tensor::ones(&[1]));
+/// let out = F::try_batch_norm(&x, Some(&mean), Some(&var), None, None, true, 0.1, 0.0)?;
+/// assert_eq!(out.output.to_vec(), vec![-1.0, 1.0]);
+/// // 0.9 · 0 + 0.1 · 2, and 0.9 · 1 + 0.1 · 2 (the unbiased variance).
+/// assert_eq!(out.running_mean.unwrap().to_vec(), vec![0.2]);
+/// assert!((out.running_var.unwrap().item() - 1.1).abs() < 1e-6);
+///
+/// // Eval mode normalises with the running statistics.
+/// let eval = F::try_batch_norm(&x, Some(&mean), Some(&var), None, None, false, 0.1, 0.0)?;
+/// assert_eq!(eval.output.to_vec(), vec![1.0, 3.0]);
+/// assert!(eval.running_mean.is_none());
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+pub fn try_batch_norm(
+    input: &Tensor,
+    running_mean: Option<&Tensor>,
+    running_var: Option<&Tensor>,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    momentum: f32,
+    eps: f32,
+) -> Result<BatchNormOutput> {
+    const OP: &str = "batch_norm";
+    let shape = input.shape();
+    if shape.len() < 2 {
+        return Err(Error::Rank {
+            op: OP,
+            expected: "an input [N, C, ...] of at least 2 dimensions",
+            shape: shape.to_vec(),
+        });
+    }
+    let (batch, channels) = (shape[0], shape[1]);
+    let spatial = checked_numel(OP, &shape[2..])?;
+    for (name, t) in [
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ] {
+        if let Some(t) = t {
+            if t.shape() != [channels] {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    message: format!(
+                        "{name} of shape {:?} must be [{channels}], one value per channel of an input of shape {shape:?}",
+                        t.shape()
+                    ),
+                });
+            }
+        }
+    }
+    let count = batch.saturating_mul(spatial);
+    let stats = match (training, running_mean, running_var) {
+        (true, ..) => {
+            if count <= 1 {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    message: format!(
+                        "expected more than 1 value per channel when training, got an input of shape {shape:?}"
+                    ),
+                });
+            }
+            None
+        }
+        (false, Some(mean), Some(var)) => Some((mean.read().to_vec(), var.read().to_vec())),
+        (false, ..) => {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                message: "running_mean and running_var are needed in eval mode".into(),
+            });
+        }
+    };
+
+    let x = contiguous(input.read().into_data());
+    let xs = slice(&x);
+    let (w, b) = (read_opt(weight), read_opt(bias));
+    // The values of channel c: `spatial` consecutive values per sample.
+    let channel =
+        |c: usize| (0..batch).map(move |n| &xs[(n * channels + c) * spatial..][..spatial]);
+    let mut means = vec![0.0; channels];
+    let mut rstds = vec![0.0; channels];
+    let mut new_mean = None;
+    let mut new_var = None;
+    {
+        match &stats {
+            Some((mean, var)) => {
+                for c in 0..channels {
+                    means[c] = mean[c];
+                    rstds[c] = 1.0 / (var[c] + eps).sqrt();
+                }
+            }
+            None => {
+                let n = count as f32;
+                let mut unbiased = vec![0.0; channels];
+                for c in 0..channels {
+                    let mean = channel(c).map(|v| sum_map(v, |v| v)).sum::<f32>() / n;
+                    let dev = channel(c)
+                        .map(|v| sum_map(v, |v| (v - mean) * (v - mean)))
+                        .sum::<f32>();
+                    means[c] = mean;
+                    rstds[c] = 1.0 / (dev / n + eps).sqrt();
+                    unbiased[c] = dev / (n - 1.0);
+                }
+                // The running statistics, updated as PyTorch does.
+                let update = |running: &Tensor, batch: &[f32]| {
+                    let old = running.read().to_vec();
+                    let new = old
+                        .iter()
+                        .zip(batch)
+                        .map(|(&r, &s)| (1.0 - momentum) * r + momentum * s)
+                        .collect();
+                    Tensor::from_data(Data::from_vec(&[channels], new))
+                };
+                new_mean = running_mean.map(|r| update(r, &means));
+                new_var = running_var.map(|r| update(r, &unbiased));
+            }
+        }
+    }
+    // y = x · scale + shift per channel, scale = rstd·w, shift = b - mean·scale.
+    let mut out = vec![0.0; xs.len()];
+    if !xs.is_empty() {
+        for c in 0..channels {
+            let scale = rstds[c] * w.as_ref().map_or(1.0, |w| w[c]);
+            let (mean, shift) = (means[c], b.as_ref().map_or(0.0, |b| b[c]));
+            for n in 0..batch {
+                let at = (n * channels + c) * spatial;
+                for (y, &x) in out[at..at + spatial].iter_mut().zip(&xs[at..at + spatial]) {
+                    *y = (x - mean) * scale + shift;
+                }
+            }
+        }
+    }
+    let out = Data::from_vec(shape, out);
+    let inputs = Inputs::new(input, weight, bias);
+    let slots = (inputs.weight, inputs.bias);
+    let batch_stats = stats.is_none();
+    let output = record(OP, &inputs.tensors, out, move |_: &Data| {
+        let saved = ChannelNorm {
+            x,
+            weight: w,
+            means,
+            rstds,
+            batch_stats,
+            slots,
+        };
+        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+    })?;
+    Ok(BatchNormOutput {
+        output,
+        running_mean: new_mean,
+        running_var: new_var,
+    })
+}
+
+/// What a `batch_norm` backward saved: the (row-major) input, the weight,
+/// each channel's mean and rstd, and whether these are the batch's.
+struct ChannelNorm {
+    x: Data,
+    weight: Option<Vec<f32>>,
+    means: Vec<f32>,
+    rstds: Vec<f32>,
+    batch_stats: bool,
+    slots: (Option<usize>, Option<usize>),
+}
+
+impl ChannelNorm {
+    /// Per channel over its n values, with `x̂ = (x - mean)·rstd`:
+    /// dw = Σ g·x̂, db = Σ g, and dx = rstd·w·(g - Σg/n - x̂·Σ(g·x̂)/n)
+    /// through the batch statistics (training), dx = rstd·w·g with running
+    /// ones (eval).
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        // dx is written over the incoming gradient (a channel's values
+        // once its sums are taken), as in `RowNorm`.
+        let mut grad = contiguous(grad);
+        if grad.view_mut().is_none() {
+            grad = Data::from_vec(grad.shape(), grad.to_vec());
+        }
+        let want_x = grads.needs_grad(0);
+        let x = slice(&self.x);
+        let shape = self.x.shape().to_vec();
+        let g = grad
+            .view_mut()
+            .expect("made unique")
+            .into_slice()
+            .expect("row-major values");
+        let (batch, channels) = (shape[0], shape[1]);
+        let spatial: usize = shape[2..].iter().product();
+        let n = (batch * spatial) as f32;
+        let (w_slot, b_slot) = self.slots;
+        let mut dw = vec![0.0; channels];
+        let mut db = vec![0.0; channels];
+        if !x.is_empty() {
+            for c in 0..channels {
+                let (mean, rstd) = (self.means[c], self.rstds[c]);
+                let at = |n: usize| (n * channels + c) * spatial..(n * channels + c + 1) * spatial;
+                let (mut sg, mut sgx) = (0.0, 0.0);
+                for i in 0..batch {
+                    let (x, g) = (&x[at(i)], &g[at(i)]);
+                    sg += sum_map(g, |g| g);
+                    sgx += sum_zip(g, x, |g, x| g * (x - mean)) * rstd;
+                }
+                db[c] = sg;
+                dw[c] = sgx;
+                if !want_x {
+                    continue;
+                }
+                let scale = rstd * self.weight.as_ref().map_or(1.0, |w| w[c]);
+                let (a, b) = if self.batch_stats {
+                    (sg / n, sgx / n)
+                } else {
+                    (0.0, 0.0)
+                };
+                for i in 0..batch {
+                    let range = at(i);
+                    for (g, &x) in g[range.clone()].iter_mut().zip(&x[range]) {
+                        *g = scale * (*g - a - (x - mean) * rstd * b);
+                    }
+                }
+            }
+        }
+        if want_x {
+            grads.put(0, grad);
+        }
+        if let Some(i) = w_slot {
+            grads.put(i, Data::from_vec(&[channels], dw));
+        }
+        if let Some(i) = b_slot {
+            grads.put(i, Data::from_vec(&[channels], db));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape).unwrap()
+    }
+
+    fn leaf(values: &[f32], shape: &[usize]) -> Tensor {
+        t(values, shape).requires_grad_(true)
+    }
+
+    fn assert_close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
+    /// The gradients of `L = Σ r·layer_norm(x)` for one row, in f64 from
+    /// the formulas: x̂ = (x - μ)/σ, ĝ = r·w,
+    /// dx = (ĝ - mean ĝ - x̂·mean(ĝ·x̂))/σ, dw = r·x̂, db = r.
+    fn layer_norm_reference(x: &[f64], w: &[f64], r: &[f64]) -> [Vec<f64>; 3] {
+        let n = x.len() as f64;
+        let mean = x.iter().sum::<f64>() / n;
+        let sigma = (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let xh: Vec<f64> = x.iter().map(|v| (v - mean) / sigma).collect();
+        let gh: Vec<f64> = r.iter().zip(w).map(|(r, w)| r * w).collect();
+        let a = gh.iter().sum::<f64>() / n;
+        let b = gh.iter().zip(&xh).map(|(g, x)| g * x).sum::<f64>() / n;
+        let dx = gh
+            .iter()
+            .zip(&xh)
+            .map(|(g, x)| (g - a - x * b) / sigma)
+            .collect();
+        let dw = r.iter().zip(&xh).map(|(r, x)| r * x).collect();
+        [dx, dw, r.to_vec()]
+    }
+
+    // candle#3011, #2168: fused layer/rms norms whose gradients came out
+    // zero. Every gradient here is non-zero and matches the formulas.
+    #[test]
+    fn layer_norm_gradients_reach_input_weight_and_bias() {
+        let (xv, wv, rv) = ([1.0, 2.0, 4.0], [1.0, -2.0, 0.5], [0.3, -1.0, 2.0]);
+        let (x, w, b) = (leaf(&xv, &[1, 3]), leaf(&wv, &[3]), leaf(&[0.1; 3], &[3]));
+        let y = try_layer_norm(&x, &[3], Some(&w), Some(&b), 0.0).unwrap();
+        (&y * &t(&rv, &[1, 3])).sum().backward();
+        let f = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let [dx, dw, db] = layer_norm_reference(&f(&xv), &f(&wv), &f(&rv));
+        for (got, want) in [(&x, dx), (&w, dw), (&b, db)] {
+            let got = got.grad().unwrap().to_vec();
+            assert!(got.iter().all(|&g| g != 0.0), "a zero gradient: {got:?}");
+            assert_close(&got, &want);
+        }
+    }
+
+    // rms_norm: y = x·w/ρ, ρ = sqrt(mean x²): with ĝ = r·w,
+    // dx = (ĝ - x/ρ · mean(ĝ·x/ρ))/ρ, dw = r·x/ρ.
+    #[test]
+    fn rms_norm_gradients_reach_input_and_weight() {
+        let (xv, wv, rv) = ([1.0_f64, -2.0, 3.0], [0.5, 2.0, -1.0], [1.0, 0.5, -0.25]);
+        let cast = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+        let (x, w) = (leaf(&cast(&xv), &[3]), leaf(&cast(&wv), &[3]));
+        let y = try_rms_norm(&x, &[3], Some(&w), Some(0.0)).unwrap();
+        (&y * &t(&cast(&rv), &[3])).sum().backward();
+        let rho = (xv.iter().map(|v| v * v).sum::<f64>() / 3.0).sqrt();
+        let xh: Vec<f64> = xv.iter().map(|v| v / rho).collect();
+        let gh: Vec<f64> = rv.iter().zip(&wv).map(|(r, w)| r * w).collect();
+        let b = gh.iter().zip(&xh).map(|(g, x)| g * x).sum::<f64>() / 3.0;
+        let dx: Vec<f64> = gh.iter().zip(&xh).map(|(g, x)| (g - x * b) / rho).collect();
+        let dw: Vec<f64> = rv.iter().zip(&xh).map(|(r, x)| r * x).collect();
+        assert_close(&x.grad().unwrap().to_vec(), &dx);
+        assert_close(&w.grad().unwrap().to_vec(), &dw);
+        assert!(x.grad().unwrap().to_vec().iter().all(|&g| g != 0.0));
+    }
+
+    // Training-mode batch norm: dx goes through the batch statistics, so
+    // for one channel it is layer_norm's formula over the channel's values.
+    #[test]
+    fn batch_norm_train_gradient_goes_through_the_batch_statistics() {
+        let (xv, rv) = ([1.0, 2.0, 4.0], [0.3, -1.0, 2.0]);
+        let x = leaf(&xv, &[3, 1]);
+        let (w, b) = (leaf(&[1.5], &[1]), leaf(&[0.0], &[1]));
+        let out = try_batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, 0.0).unwrap();
+        (&out.output * &t(&rv, &[3, 1])).sum().backward();
+        let f = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let [dx, dw, _] = layer_norm_reference(&f(&xv), &[1.5; 3], &f(&rv));
+        assert_close(&x.grad().unwrap().to_vec(), &dx);
+        assert_close(&w.grad().unwrap().to_vec(), &[dw.iter().sum()]);
+        assert_close(&b.grad().unwrap().to_vec(), &[1.3]);
+    }
+
+    #[test]
+    fn batch_norm_returns_running_statistics_and_leaves_its_arguments_alone() {
+        // Channel 0: [1, 3] (mean 2, unbiased variance 2); channel 1: [0, 0].
+        let x = t(&[1.0, 0.0, 3.0, 0.0], &[2, 2]);
+        let (mean, var) = (t(&[1.0, 1.0], &[2]), t(&[1.0, 1.0], &[2]));
+        let out = try_batch_norm(&x, Some(&mean), Some(&var), None, None, true, 0.5, 1e-5).unwrap();
+        assert_eq!(out.running_mean.unwrap().to_vec(), vec![1.5, 0.5]);
+        assert_eq!(out.running_var.unwrap().to_vec(), vec![1.5, 0.5]);
+        assert_eq!(mean.to_vec(), vec![1.0, 1.0]);
+        assert_eq!(var.to_vec(), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_nan_spoils_its_own_row_only() {
+        let x = t(&[1.0, f32::NAN, 3.0, 1.0, 2.0, 3.0], &[2, 3]);
+        let y = try_layer_norm(&x, &[3], None, None, 1e-5).unwrap().to_vec();
+        assert!(y[..3].iter().all(|v| v.is_nan()));
+        assert!(y[3..].iter().all(|v| v.is_finite()));
+        let y = try_rms_norm(&x, &[3], None, None).unwrap().to_vec();
+        assert!(y[..3].iter().all(|v| v.is_nan()));
+        assert!(y[3..].iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn errors_name_the_op_and_the_shapes() {
+        let x = Tensor::zeros(&[2, 3]);
+        let err = try_layer_norm(&x, &[2], None, None, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: an input of shape [2, 3] does not end with normalized_shape [2]"
+        );
+        let err = try_rms_norm(&x, &[], None, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rms_norm: normalized_shape must have at least one element, got []"
+        );
+        let w = Tensor::ones(&[4]);
+        let err = try_layer_norm(&x, &[3], Some(&w), None, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: weight of shape [4] must have normalized_shape [3]"
+        );
+        let err = try_batch_norm(&x, None, None, None, None, false, 0.1, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batch_norm: running_mean and running_var are needed in eval mode"
+        );
+        let one = Tensor::zeros(&[1, 3]);
+        let err = try_batch_norm(&one, None, None, None, None, true, 0.1, 1e-5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batch_norm: expected more than 1 value per channel when training, got an input of shape [1, 3]"
+        );
+        let bad = Tensor::ones(&[2]);
+        let err = try_batch_norm(&x, Some(&bad), None, None, None, true, 0.1, 1e-5).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("running_mean of shape [2] must be [3]")
+        );
+        assert!(matches!(
+            try_batch_norm(
+                &Tensor::zeros(&[3]),
+                None,
+                None,
+                None,
+                None,
+                true,
+                0.1,
+                1e-5
+            ),
+            Err(Error::Rank {
+                op: "batch_norm",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn empty_inputs_give_empty_outputs_and_gradients() {
+        let x = Tensor::zeros(&[0, 4]).requires_grad_(true);
+        let w = Tensor::ones(&[4]).requires_grad_(true);
+        let y = try_layer_norm(&x, &[4], Some(&w), None, 1e-5).unwrap();
+        assert_eq!(y.shape(), &[0, 4]);
+        y.sum().backward();
+        assert_eq!(w.grad().unwrap().to_vec(), vec![0.0; 4]);
+        let x = Tensor::zeros(&[3, 0]).requires_grad_(true);
+        let y = try_rms_norm(&x, &[0], None, None).unwrap();
+        assert_eq!(y.shape(), &[3, 0]);
+    }
+}
