@@ -4,11 +4,21 @@ float32 on CPU. Prints the median time of one forward+backward and of one
 HVP by double backward (torch.autograd.grad(..., create_graph=True), then the
 gradient of g . v), and their ratio.
 
-    /work/venv/bin/python scripts/hvp_pytorch.py
+    /work/venv/bin/python scripts/hvp_pytorch.py            # PyTorch alone
+    /work/venv/bin/python scripts/hvp_pytorch.py --netcl    # and netcl's rows, interleaved
+
+With `--netcl` the same invocation also runs netcl's rows
+(`cargo bench --bench netcl -- hvp`, criterion's median) between two PyTorch
+runs, and prints both ratios of the issue's targets: netcl's HVP over its
+forward+backward, and netcl's HVP over PyTorch's.
 """
 
+import re
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +69,37 @@ def timed(f, seconds=2.0):
     return statistics.median(samples), min(samples), max(samples)
 
 
-a = timed(fwd_bwd)
-b = timed(hvp)
-print(f"torch {torch.__version__} fwd_bwd median {a[0]*1e6:.0f} us (min {a[1]*1e6:.0f}, max {a[2]*1e6:.0f})")
-print(f"torch {torch.__version__} hvp     median {b[0]*1e6:.0f} us (min {b[1]*1e6:.0f}, max {b[2]*1e6:.0f})")
-print(f"hvp / fwd_bwd = {b[0]/a[0]:.2f}")
+def torch_rows():
+    a = timed(fwd_bwd)
+    b = timed(hvp)
+    print(f"torch {torch.__version__} fwd_bwd median {a[0]*1e6:.0f} us (min {a[1]*1e6:.0f}, max {a[2]*1e6:.0f})")
+    print(f"torch {torch.__version__} hvp     median {b[0]*1e6:.0f} us (min {b[1]*1e6:.0f}, max {b[2]*1e6:.0f})")
+    print(f"torch hvp / fwd_bwd = {b[0]/a[0]:.2f}")
+    return b[0]
+
+
+UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def netcl_rows():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        ["cargo", "bench", "--bench", "netcl", "--", "hvp"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout
+    rows = {}
+    for name, value, unit in re.findall(r"hvp/(\w+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) ", out):
+        rows[name] = float(value) * UNITS[unit]
+    print(f"netcl fwd_bwd median {rows['fwd_bwd_b32_1t']*1e6:.0f} us, hvp median {rows['hvp_b32_1t']*1e6:.0f} us")
+    print(f"netcl hvp / fwd_bwd = {rows['hvp_b32_1t']/rows['fwd_bwd_b32_1t']:.2f} (target <= 3.5)")
+    return rows["hvp_b32_1t"]
+
+
+if "--netcl" in sys.argv:
+    before = torch_rows()
+    ours = netcl_rows()
+    after = torch_rows()
+    theirs = statistics.median([before, after])
+    print(f"netcl hvp / torch hvp = {ours/theirs:.2f} (target <= 0.8; torch: median of the runs before and after)")
+else:
+    torch_rows()
