@@ -25,7 +25,8 @@ pub(crate) fn sum_to(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
 }
 
 /// `grad` broadcast to `shape` (which it broadcasts to: a reduction's
-/// input shape), recorded as the op `expand`, whose backward sums back to
+/// input shape), recorded as the op `spread` (the gradient of a reduction;
+/// distinct from the public `expand`), whose backward sums back to
 /// `grad`'s shape. One pass writing the result (a one-element `grad` is a
 /// fill).
 pub(crate) fn expand(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
@@ -43,7 +44,7 @@ pub(crate) fn expand(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
         Data::from_view(view)
     };
     let input = grad.dim();
-    record("expand", &[grad], out, |_| {
+    record("spread", &[grad], out, |_| {
         with_graph(
             input,
             |input: &IxDyn, grad: Data, grads: &mut InputGrads<'_>| {
