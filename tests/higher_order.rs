@@ -920,3 +920,23 @@ fn backward_shards_through_a_gradient_penalty_gives_the_same_bits_on_any_pool() 
         assert_eq!(run(threads), one, "{threads} threads");
     }
 }
+
+/// `create_graph` without `retain_graph` releases the first graph, which
+/// the gradient's graph reaches: differentiating the gradient is then an
+/// error naming the released node, never a silently wrong derivative.
+#[test]
+fn create_graph_without_retain_graph_cannot_differentiate_through_the_released_graph() {
+    let x = Tensor::from_vec(vec![0.5, -1.0], &[2])
+        .unwrap()
+        .requires_grad_(true);
+    let y = x.tanh().sum();
+    let options = create().retain_graph(false);
+    let g = autograd::grad_with(&[&y], &[&x], &options).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(g.requires_grad());
+    assert!(matches!(
+        autograd::grad(&[&g.sum()], &[&x]),
+        Err(Error::GraphReleased { node: "tanh" })
+    ));
+}
