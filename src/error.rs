@@ -345,6 +345,18 @@ pub enum Error {
         /// The stored element type, such as `"F32"` or `"F16"`.
         found_dtype: String,
     },
+
+    /// A backward with `create_graph` reached an op that has no
+    /// differentiable backward (a custom op given only an array backward,
+    /// through [`apply_op`](crate::autograd::apply_op)): its gradient
+    /// cannot be recorded, so no higher-order derivative through it exists.
+    #[error(
+        "create_graph: op `{op}` has no differentiable backward, so its gradient cannot be recorded for a higher-order derivative (a custom op gives one with autograd::apply_op_differentiable)"
+    )]
+    NotDifferentiable {
+        /// The op without a differentiable backward.
+        op: &'static str,
+    },
 }
 
 /// Unwraps `result`, panicking with the error's message: the plain (non-`try_`)

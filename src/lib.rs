@@ -15,7 +15,7 @@
 //!
 //! | module | |
 //! |---|---|
-//! | [`autograd`] | grad mode, tapes, `autograd::grad`, custom ops ([`apply_op`](autograd::apply_op)) |
+//! | [`autograd`] | grad mode, tapes, `autograd::grad` and [`grad_with`](autograd::grad_with) (higher-order gradients with `create_graph`), custom ops ([`apply_op`](autograd::apply_op)) |
 //! | [`functional`] | PyTorch's functional API: `cat`, `conv2d`, `embedding`, `layer_norm`, attention, ... |
 //! | [`parallel`] | rayon helpers that carry the caller's grad mode into every task |
 //! | [`nn`] | `Module`, `Linear`, activations, `Dropout`, `Sequential`, `Mlp` |

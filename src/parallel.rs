@@ -354,6 +354,11 @@ where
 /// on (or that does not require grad) is left untouched: its `grad()` stays
 /// `None` rather than becoming zeros, so an optimizer skips it.
 ///
+/// A shard's loss may itself hold a gradient recorded with `create_graph`
+/// (a gradient penalty: [`grad_with`](crate::autograd::grad_with) inside
+/// `loss`): each shard's double backward runs on that shard's graph alone,
+/// so the same guarantee holds.
+///
 /// # Errors
 ///
 /// The first error (in shard order) returned by `loss`, or raised while

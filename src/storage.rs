@@ -442,6 +442,32 @@ impl Data {
             }
             return;
         }
+        if self.shape.len() == 2 && crate::array::same_shape(&self.shape, &other.shape) {
+            // A matrix and a transposed one (the gradient of a weight used
+            // in a product and, transposed, in another: double backward
+            // makes these): two-axis views, not the dynamic-rank lanes of
+            // the general path below, which are several times slower.
+            let (rows, cols) = (self.shape[0], self.shape[1]);
+            if self.strides.is_none() {
+                if let Some(values) = self.buf.unique_mut() {
+                    let mut sum = ArrayViewMut2::from_shape((rows, cols), values)
+                        .expect("a row-major buffer of its shape");
+                    sum.zip_mut_with(&other.view2(), |a, &b| *a += b);
+                    return;
+                }
+            }
+            let sum = {
+                let (a, b) = (self.view2(), other.view2());
+                Data::build2(rows, cols, |out| {
+                    ndarray::Zip::from(out)
+                        .and(&a)
+                        .and(&b)
+                        .for_each(|o, &a, &b| *o = a + b)
+                })
+            };
+            *self = sum;
+            return;
+        }
         let empty = Data {
             buf: Buf::Inline {
                 len: 0,

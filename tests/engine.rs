@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::ArrayD;
-use netcl::autograd::{self, GradMode, InputGrads, Tape, apply_op, is_grad_enabled};
+use netcl::autograd::{
+    self, BackwardOptions, GradMode, InputGrads, Tape, apply_op, is_grad_enabled,
+};
 use netcl::{Error, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -128,8 +130,23 @@ fn second_backward_through_a_released_graph_is_an_error() {
 fn retained_graph_can_be_walked_twice_and_gradients_accumulate() {
     let x = leaf(&[3.0]);
     let loss = (&x * &x).sum();
+    let retain = BackwardOptions::new().retain_graph(true);
+    loss.backward_with_options(&retain);
+    loss.try_backward_with_options(&retain).unwrap();
+    loss.backward();
+    // d(x²)/dx = 2x = 6, three times.
+    assert_eq!(x.grad().unwrap().to_vec(), vec![18.0]);
+    x.zero_grad();
+    assert!(x.grad().is_none());
+}
+
+#[test]
+#[allow(deprecated)]
+fn the_deprecated_retain_graph_forms_still_work() {
+    let x = leaf(&[3.0]);
+    let loss = (&x * &x).sum();
     loss.backward_retain_graph();
-    loss.backward_retain_graph();
+    loss.try_backward_retain_graph().unwrap();
     loss.backward();
     // d(x²)/dx = 2x = 6, three times.
     assert_eq!(x.grad().unwrap().to_vec(), vec![18.0]);
@@ -148,6 +165,35 @@ fn backward_needs_a_scalar_or_an_explicit_gradient() {
             shape: vec![2]
         }
     );
+    let bad = BackwardOptions::new().grad_output(Tensor::ones(&[3]));
+    assert!(matches!(
+        y.try_backward_with_options(&bad),
+        Err(Error::ShapeMismatch { op: "backward", .. })
+    ));
+    let seed = Tensor::from_vec(vec![1.0, 10.0], &[2]).unwrap();
+    let from = BackwardOptions::new().grad_output(seed);
+    y.backward_with_options(&from.clone().retain_graph(true));
+    y.backward_with_options(&from);
+    // d(3x)/dx weighted by the seed, twice.
+    assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 60.0]);
+    assert!(matches!(
+        y.try_backward_with_options(&from),
+        Err(Error::GraphReleased { .. })
+    ));
+}
+
+#[test]
+#[allow(deprecated)]
+fn the_deprecated_backward_from_forms_still_work() {
+    let x = leaf(&[1.0, 2.0]);
+    let y = &x * 3.0;
+    assert_eq!(
+        y.try_backward().unwrap_err(),
+        Error::NotScalar {
+            op: "backward",
+            shape: vec![2]
+        }
+    );
     let bad = Tensor::ones(&[3]);
     assert!(matches!(
         y.try_backward_from(&bad),
@@ -157,10 +203,15 @@ fn backward_needs_a_scalar_or_an_explicit_gradient() {
         })
     ));
     let seed = Tensor::from_vec(vec![1.0, 10.0], &[2]).unwrap();
+    y.try_backward_from_retain_graph(&seed).unwrap();
     y.backward_from_retain_graph(&seed);
     y.backward_from(&seed);
-    // d(3x)/dx weighted by the seed, twice.
-    assert_eq!(x.grad().unwrap().to_vec(), vec![6.0, 60.0]);
+    // d(3x)/dx weighted by the seed, three times.
+    assert_eq!(x.grad().unwrap().to_vec(), vec![9.0, 90.0]);
+    assert!(matches!(
+        y.try_backward_from(&seed),
+        Err(Error::GraphReleased { .. })
+    ));
 }
 
 #[test]
@@ -232,6 +283,20 @@ fn autograd_grad_of_several_outputs_sums_them() {
     let x = leaf(&[2.0]);
     let a = (&x * 3.0).sum();
     let b = (&x * &x).sum();
+    let retain = BackwardOptions::new().retain_graph(true);
+    let grads = autograd::grad_with(&[&a, &b], &[&x], &retain).unwrap();
+    // d(3x + x²)/dx = 3 + 2x = 7
+    assert_eq!(grads[0].as_ref().unwrap().to_vec(), vec![7.0]);
+    // retained: a second call works
+    assert_eq!(autograd::grad(&[&b], &[&x]).unwrap()[0].to_vec(), vec![4.0]);
+}
+
+#[test]
+#[allow(deprecated)]
+fn the_deprecated_grad_retain_graph_still_works() {
+    let x = leaf(&[2.0]);
+    let a = (&x * 3.0).sum();
+    let b = (&x * &x).sum();
     let grads = autograd::grad_retain_graph(&[&a, &b], &[&x]).unwrap();
     // d(3x + x²)/dx = 3 + 2x = 7
     assert_eq!(grads[0].to_vec(), vec![7.0]);
@@ -283,7 +348,7 @@ fn saved_state_is_released_by_backward_and_kept_by_retain_graph() {
     let drops = Arc::new(AtomicUsize::new(0));
     let x = leaf(&[1.0, 2.0]);
     let y = scaled(&x, 3.0, &drops).sum();
-    y.backward_retain_graph();
+    y.backward_with_options(&BackwardOptions::new().retain_graph(true));
     assert_eq!(drops.load(Ordering::SeqCst), 0);
     y.backward();
     assert_eq!(drops.load(Ordering::SeqCst), 1, "released by backward");

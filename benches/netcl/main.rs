@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench netcl                 # everything
 //! cargo bench --bench netcl -- tiny         # one topic
+//! cargo bench --bench netcl -- hvp          # higher-order gradients
 //! ```
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -18,6 +19,7 @@ mod common;
 mod digits;
 mod eval;
 mod forward;
+mod hvp;
 mod matmul;
 mod mlp;
 mod serving;
@@ -34,6 +36,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = tiny::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench, digits::bench, serving::bench
+    targets = tiny::bench, hvp::bench, chain::bench, matmul::bench, forward::bench, mlp::bench, eval::bench, digits::bench, serving::bench
 }
 criterion_main!(benches);

@@ -4,7 +4,7 @@
 
 use loom::thread;
 use loom_tests::{check, check_bounded, leaf};
-use netcl::autograd::{GradMode, Tape};
+use netcl::autograd::{BackwardOptions, GradMode, Tape};
 
 /// Model c: two threads record into one shared tape, then one backward over
 /// the combined loss gives the exact gradient.
@@ -73,9 +73,11 @@ fn concurrent_retained_backwards_through_one_graph() {
         let loss = (&w * &w).sum();
         let other = {
             let loss = loss.clone();
-            thread::spawn(move || loss.backward_retain_graph())
+            thread::spawn(move || {
+                loss.backward_with_options(&BackwardOptions::new().retain_graph(true))
+            })
         };
-        loss.backward_retain_graph();
+        loss.backward_with_options(&BackwardOptions::new().retain_graph(true));
         other.join().unwrap();
         // d(w²)/dw = 2w = 4, twice.
         assert_eq!(w.grad().unwrap().to_vec(), vec![8.0]);

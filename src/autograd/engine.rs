@@ -333,3 +333,160 @@ pub(crate) fn grad(
     }
     Ok(sink.grads)
 }
+
+/// A root of a `create_graph` backward pass with the gradient it starts
+/// from, a tensor (which may itself have a graph).
+pub(crate) struct GraphRoot<'a> {
+    pub(crate) tensor: &'a Tensor,
+    pub(crate) grad: Tensor,
+}
+
+/// Adds `grad` into a running sum of recorded gradients (a recorded `add`,
+/// so the sum is differentiable too).
+fn accumulate_tensor(sum: &mut Option<Tensor>, grad: Tensor) -> Result<()> {
+    *sum = Some(match sum.take() {
+        None => grad,
+        Some(sum) => sum.try_add(&grad)?,
+    });
+    Ok(())
+}
+
+/// `autograd::grad_with` with `create_graph`: the gradients of `inputs` as
+/// recorded tensors, computed by each node's differentiable backward
+/// ([`Backprop::backward_graph`]) with grad mode on and the graph's tape
+/// current, so that they can be differentiated again. An input no gradient
+/// reaches gets `None`.
+///
+/// The walk is the array path's ([`run`]): one plan taken under the lock,
+/// then each node in reverse topological order with no lock held; the
+/// gradient sums are tensors instead of arrays. Nothing here touches the
+/// array path, which keeps its speed.
+///
+/// [`Backprop::backward_graph`]: crate::autograd::function::Backprop::backward_graph
+pub(crate) fn grad_graph(
+    roots: Vec<GraphRoot<'_>>,
+    inputs: &[&Tensor],
+    retain: bool,
+) -> Result<Vec<Option<Tensor>>> {
+    use crate::autograd::function::{GraphGrads, GraphNode};
+    use crate::autograd::mode::GradMode;
+
+    if roots.iter().any(|root| !root.tensor.requires_grad()) {
+        return Err(Error::NoGraph { op: "grad" });
+    }
+    let tape = common_tape("grad", roots.iter().map(|root| root.tensor))?.cloned();
+    let mut out: Vec<Option<Tensor>> = vec![None; inputs.len()];
+    let capture_leaf = |out: &mut Vec<Option<Tensor>>, leaf: &Tensor, grad: &Tensor| {
+        for (slot, input) in out.iter_mut().zip(inputs) {
+            if input.same(leaf) {
+                accumulate_tensor(slot, grad.clone())?;
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    let mut ids = Vec::with_capacity(roots.len());
+    let mut seeds = Vec::with_capacity(roots.len());
+    for root in roots {
+        match root.tensor.node() {
+            Some(node) => {
+                ids.push(node.id);
+                seeds.push(root.grad);
+            }
+            None => capture_leaf(&mut out, root.tensor, &root.grad)?,
+        }
+    }
+    let Some(tape) = tape else {
+        return Ok(out);
+    };
+    let mut watch = Vec::new();
+    let mut watched_inputs = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        if let Some(node) = input.node().filter(|node| Arc::ptr_eq(&node.tape, &tape)) {
+            watched_inputs.push(i);
+            watch.push(node.id);
+        }
+    }
+
+    struct Recycle(Option<Box<Plan>>);
+    impl Drop for Recycle {
+        fn drop(&mut self) {
+            if let Some(plan) = self.0.take() {
+                plan.recycle();
+            }
+        }
+    }
+    let mut recycle = Recycle(Some(Plan::take()));
+    let plan = recycle.0.as_deref_mut().expect("taken above");
+    plan.want_ids = true;
+    tape.plan(&ids, &watch, retain, plan)?;
+    // The gradient graph records on the graph's tape, in this thread's
+    // other modes.
+    let _mode = GradMode::current()
+        .with_enabled(true)
+        .with_tape(tape.clone())
+        .enter();
+
+    let Plan {
+        nodes,
+        edges,
+        needs,
+        roots,
+        watched,
+        leaves,
+        ids,
+        ..
+    } = plan;
+    let mut grads: Vec<Option<Tensor>> = vec![None; nodes.len()];
+    for (&position, seed) in roots.iter().zip(seeds) {
+        accumulate_tensor(&mut grads[position], seed)?;
+    }
+    let mut leaf_grads: Vec<Option<Tensor>> = vec![None; leaves.len()];
+    let mut slots: Vec<Option<Tensor>> = Vec::new();
+    for position in 0..nodes.len() {
+        let Some(grad) = grads[position].take() else {
+            continue;
+        };
+        for (&input, &at) in watched_inputs.iter().zip(watched.iter()) {
+            if at == Some(position) {
+                out[input] = Some(grad.clone());
+            }
+        }
+        let node = &nodes[position];
+        let range = node.edges.clone();
+        slots.clear();
+        slots.resize_with(range.len(), || None);
+        let mut input_grads = GraphGrads::new(
+            node.op,
+            &needs[range.clone()],
+            &mut slots,
+            GraphNode {
+                tape: &tape,
+                id: ids[position],
+                edges: &edges[range.clone()],
+                leaves,
+                ids,
+            },
+        );
+        node.backward.backward_graph(&grad, &mut input_grads)?;
+        drop(grad);
+        for (edge, slot) in edges[range].iter().zip(slots.iter_mut()) {
+            let Some(input_grad) = slot.take() else {
+                continue;
+            };
+            match edge {
+                PlanEdge::None => {}
+                PlanEdge::Leaf(leaf) => accumulate_tensor(&mut leaf_grads[*leaf], input_grad)?,
+                PlanEdge::Local(target) => {
+                    debug_assert!(*target > position, "plan is not topological");
+                    accumulate_tensor(&mut grads[*target], input_grad)?;
+                }
+            }
+        }
+    }
+    for (leaf, grad) in leaves.iter().zip(leaf_grads) {
+        if let Some(grad) = grad {
+            capture_leaf(&mut out, leaf, &grad)?;
+        }
+    }
+    Ok(out)
+}

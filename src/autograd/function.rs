@@ -6,8 +6,9 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 use std::panic::Location;
 
 use crate::autograd::mode::{current_tape, recording_flags};
-use crate::autograd::tape::common_tape;
+use crate::autograd::tape::{NodeId, PlanEdge, Tape, common_tape};
 use crate::error::{Error, Result};
+use crate::sync::Arc;
 use crate::tensor::{Data, NodeRef, Tensor};
 
 /// The backward function of a recorded op: given the gradient of the loss
@@ -22,7 +23,10 @@ use crate::tensor::{Data, NodeRef, Tensor};
 /// `backward` runs with grad mode off on the calling thread and no lock held.
 ///
 /// Closures `Fn(ArrayD<f32>, &mut InputGrads<'_>)` implement this trait; see
-/// [`apply_op`].
+/// [`apply_op`]. An op whose gradient must itself be differentiable
+/// (`create_graph`, see [`BackwardOptions`](crate::autograd::BackwardOptions))
+/// also implements [`DifferentiableBackward`] and records through
+/// [`apply_op_differentiable`].
 pub trait Backward: Send + Sync + 'static {
     /// Computes input gradients from `grad`, the gradient with respect to the
     /// output (it has the output's shape), and stores them with
@@ -44,10 +48,219 @@ where
 /// storage. The built-in ops implement it directly (a gradient of a few
 /// values lives inline, without an allocation); a custom op's [`Backward`]
 /// runs through it, on ndarray arrays ([`apply_op`]).
+///
+/// # Two backwards: arrays, and recorded tensors
+///
+/// [`backward`](Backprop::backward) is the fast path every ordinary
+/// backward pass takes: arrays in, arrays out, grad mode off.
+/// [`backward_graph`](Backprop::backward_graph) is the same derivative
+/// written in recorded tensor ops, run (with grad mode on) by a backward
+/// with `create_graph`, so that the gradients it returns have a graph of
+/// their own and can be differentiated again. The node keeps nothing extra
+/// for it: the engine rebuilds the node's inputs and output as tensors
+/// from the snapshots the op saved anyway and from the node's edges
+/// ([`GraphGrads::input`], [`GraphGrads::output`]). An op that does not
+/// override it makes a `create_graph` backward fail with
+/// [`Error::NotDifferentiable`] naming the op: never a silent zero.
 pub(crate) trait Backprop: Send + Sync + 'static {
     /// As [`Backward::backward`], storing gradients with
     /// [`InputGrads::put`].
     fn backward(&self, grad: Data, grads: &mut InputGrads<'_>);
+
+    /// The differentiable backward: `grad` is the gradient with respect to
+    /// the output as a tensor (possibly with a graph), and the input
+    /// gradients are stored with [`GraphGrads::set`] as tensors computed by
+    /// recorded ops. Runs with grad mode on.
+    fn backward_graph(&self, _grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        Err(grads.unsupported())
+    }
+}
+
+/// A [`Backprop`] from two functions of one saved state: the array
+/// backward and the differentiable one, side by side (the state is saved
+/// once, for both).
+pub(crate) struct WithGraph<S, F, G> {
+    state: S,
+    array: F,
+    graph: G,
+}
+
+/// Pairs an array backward with its differentiable form over one saved
+/// `state`.
+pub(crate) fn with_graph<S, F, G>(state: S, array: F, graph: G) -> WithGraph<S, F, G>
+where
+    S: Send + Sync + 'static,
+    F: Fn(&S, Data, &mut InputGrads<'_>) + Send + Sync + 'static,
+    G: Fn(&S, &Tensor, &mut GraphGrads<'_>) -> Result<()> + Send + Sync + 'static,
+{
+    WithGraph {
+        state,
+        array,
+        graph,
+    }
+}
+
+impl<S, F, G> Backprop for WithGraph<S, F, G>
+where
+    S: Send + Sync + 'static,
+    F: Fn(&S, Data, &mut InputGrads<'_>) + Send + Sync + 'static,
+    G: Fn(&S, &Tensor, &mut GraphGrads<'_>) -> Result<()> + Send + Sync + 'static,
+{
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        (self.array)(&self.state, grad, grads)
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        (self.graph)(&self.state, grad, grads)
+    }
+}
+
+/// Where a differentiable backward puts the gradients of its op's inputs,
+/// as tensors (one slot per input, in the order the inputs were given),
+/// during a backward pass with `create_graph`.
+///
+/// See [`apply_op_differentiable`].
+pub struct GraphGrads<'a> {
+    op: &'static str,
+    needs: &'a [bool],
+    slots: &'a mut [Option<Tensor>],
+    node: GraphNode<'a>,
+}
+
+/// What the engine knows of the node being run, to rebuild its inputs and
+/// output as tensors connected to the graph.
+pub(crate) struct GraphNode<'a> {
+    pub(crate) tape: &'a Arc<Tape>,
+    /// The node itself.
+    pub(crate) id: NodeId,
+    /// Its input edges, in the plan's terms.
+    pub(crate) edges: &'a [PlanEdge],
+    /// The plan's leaves and node ids, which `edges` index.
+    pub(crate) leaves: &'a [Tensor],
+    pub(crate) ids: &'a [NodeId],
+}
+
+impl<'a> GraphGrads<'a> {
+    pub(crate) fn new(
+        op: &'static str,
+        needs: &'a [bool],
+        slots: &'a mut [Option<Tensor>],
+        node: GraphNode<'a>,
+    ) -> Self {
+        debug_assert_eq!(needs.len(), slots.len());
+        GraphGrads {
+            op,
+            needs,
+            slots,
+            node,
+        }
+    }
+
+    /// The number of inputs.
+    pub fn len(&self) -> usize {
+        self.needs.len()
+    }
+
+    /// True for an op without inputs.
+    pub fn is_empty(&self) -> bool {
+        self.needs.is_empty()
+    }
+
+    /// Whether input `input`'s gradient is used.
+    ///
+    /// # Panics
+    ///
+    /// If `input` is not an input position.
+    pub fn needs_grad(&self, input: usize) -> bool {
+        self.needs[input]
+    }
+
+    /// Stores the gradient of input `input`, a tensor of that input's shape
+    /// computed with tensor ops (so that it is recorded).
+    ///
+    /// # Panics
+    ///
+    /// If `input` is not an input position.
+    pub fn set(&mut self, input: usize, grad: Tensor) {
+        assert!(
+            input < self.slots.len(),
+            "GraphGrads::set: input {input} out of range for an op with {} inputs",
+            self.slots.len()
+        );
+        if self.needs[input] {
+            self.slots[input] = Some(grad);
+        }
+    }
+
+    pub(crate) fn get(&self, input: usize) -> Option<&Tensor> {
+        self.slots[input].as_ref()
+    }
+
+    /// The error of an op without a differentiable backward.
+    pub(crate) fn unsupported(&self) -> Error {
+        Error::NotDifferentiable { op: self.op }
+    }
+
+    /// Input `input` as a tensor holding `saved` (the snapshot of its
+    /// values the op took in forward, or a stand-in with the same
+    /// derivatives) and connected to the graph: its gradient flows where
+    /// the input's did. An input that needs no gradient is a constant; a
+    /// computed input is a new handle on its node; a leaf is a recorded
+    /// identity (`snapshot`) of the saved values, so the differentiable
+    /// backward sees what the array backward sees even if the leaf was
+    /// updated since (or is being updated now).
+    pub(crate) fn input(&self, input: usize, saved: &Data) -> Result<Tensor> {
+        match &self.node.edges[input] {
+            PlanEdge::None => Ok(Tensor::from_data(saved.clone())),
+            PlanEdge::Local(position) => Ok(self.rebuild(self.node.ids[*position], saved)),
+            // Never the leaf itself, even while it holds the saved values:
+            // an update (an optimizer step, a publish) may replace them
+            // between that check and the ops reading the leaf (loom model l
+            // found it). A recorded identity holding the snapshot keeps the
+            // values fixed and passes the gradient to the leaf.
+            PlanEdge::Leaf(leaf) => record(
+                "snapshot",
+                &[&self.node.leaves[*leaf]],
+                saved.clone(),
+                |_| Identity,
+            ),
+        }
+    }
+
+    /// The op's output as a tensor holding `saved` (the output values the
+    /// op saved), connected to this node: differentiating it runs this
+    /// node's backward again.
+    pub(crate) fn output(&self, saved: &Data) -> Tensor {
+        self.rebuild(self.node.id, saved)
+    }
+
+    fn rebuild(&self, id: NodeId, saved: &Data) -> Tensor {
+        let tape = self.node.tape;
+        let op = tape.retain(id);
+        Tensor::from_node(
+            saved.clone(),
+            NodeRef {
+                tape: tape.clone(),
+                id,
+                op,
+            },
+        )
+    }
+}
+
+/// The identity, recorded when a differentiable backward needs a leaf's
+/// saved values (see [`GraphGrads::input`]).
+struct Identity;
+
+impl Backprop for Identity {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        grads.put(0, grad);
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        grads.set(0, grad.clone());
+        Ok(())
+    }
 }
 
 impl<F> Backprop for F
@@ -273,6 +486,11 @@ fn check_forward(
 /// a built-in op's, a custom backward's gradients are checked against the
 /// inputs' shapes.
 ///
+/// The backward is an array function, so it cannot be differentiated: a
+/// backward with `create_graph` that reaches the op fails with
+/// [`Error::NotDifferentiable`] naming it. Give a differentiable backward
+/// with [`apply_op_differentiable`].
+///
 /// # Errors
 ///
 /// [`Error::TapeMismatch`] if inputs were recorded on different tapes;
@@ -351,5 +569,157 @@ impl<B: Backward> Backprop for Checked<B> {
                 grads.error.get_or_insert(error);
             }
         }
+    }
+}
+
+/// A custom op's backward that can also be differentiated: beside the array
+/// [`Backward::backward`] (the fast path of every ordinary backward pass),
+/// [`backward_graph`](DifferentiableBackward::backward_graph) computes the
+/// same gradients with tensor ops, which a backward with `create_graph`
+/// records so that they can be differentiated again. Give it to
+/// [`apply_op_differentiable`].
+pub trait DifferentiableBackward: Backward {
+    /// Computes input gradients from `grad`, the gradient with respect to
+    /// the output, using tensor ops on `grad`, `inputs` (the op's inputs,
+    /// holding the values they had in forward) and `output` (the op's
+    /// output), and stores them with [`GraphGrads::set`]. Runs with grad
+    /// mode on, so the ops record and the gradients carry a graph.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the tensor ops it calls return; the backward pass fails
+    /// with it.
+    fn backward_graph(
+        &self,
+        grad: &Tensor,
+        inputs: &[Tensor],
+        output: &Tensor,
+        grads: &mut GraphGrads<'_>,
+    ) -> Result<()>;
+}
+
+/// [`apply_op`] for an op whose backward can be differentiated, so that
+/// `create_graph` (see
+/// [`BackwardOptions`](crate::autograd::BackwardOptions)) works through it.
+/// A custom op defined with [`apply_op`] has an array backward only, and a
+/// backward with `create_graph` that reaches it fails with
+/// [`Error::NotDifferentiable`] naming the op.
+///
+/// When recording, the node also keeps O(1) snapshots of the inputs' and
+/// the output's values (for the differentiable backward); as with
+/// [`apply_op`], nothing is saved when nothing records.
+///
+/// # Errors
+///
+/// As [`apply_op`].
+///
+/// # Examples
+///
+/// `cube(x) = x³`, twice differentiable: `d/dx = 3x²`, `d²/dx² = 6x`.
+///
+/// ```
+/// use netcl::autograd::{
+///     self, BackwardOptions, Backward, DifferentiableBackward, GraphGrads, InputGrads,
+/// };
+/// use netcl::{Result, Tensor};
+/// use ndarray::ArrayD;
+///
+/// struct Cube(ArrayD<f32>);
+///
+/// impl Backward for Cube {
+///     fn backward(&self, grad: ArrayD<f32>, grads: &mut InputGrads<'_>) {
+///         grads.set(0, grad * self.0.mapv(|v| 3.0 * v * v));
+///     }
+/// }
+///
+/// impl DifferentiableBackward for Cube {
+///     fn backward_graph(
+///         &self,
+///         grad: &Tensor,
+///         inputs: &[Tensor],
+///         _output: &Tensor,
+///         grads: &mut GraphGrads<'_>,
+///     ) -> Result<()> {
+///         let x = &inputs[0];
+///         grads.set(0, grad * (x * x * 3.0));
+///         Ok(())
+///     }
+/// }
+///
+/// fn cube(x: &Tensor) -> Result<Tensor> {
+///     let input = x.to_array();
+///     let output = input.mapv(|v| v * v * v);
+///     autograd::apply_op_differentiable("cube", &[x], output, move || Cube(input))
+/// }
+///
+/// let x = Tensor::from_vec(vec![1.0, -2.0], &[2])?.requires_grad_(true);
+/// let y = cube(&x)?.sum();
+/// let options = BackwardOptions::new().create_graph(true);
+/// let dx = autograd::grad_with(&[&y], &[&x], &options)?[0].clone().unwrap();
+/// assert_eq!(dx.to_vec(), vec![3.0, 12.0]);
+/// let ddx = autograd::grad(&[&dx.sum()], &[&x])?;
+/// assert_eq!(ddx[0].to_vec(), vec![6.0, -12.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[track_caller]
+pub fn apply_op_differentiable<B: DifferentiableBackward>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    output: ArrayD<f32>,
+    save: impl FnOnce() -> B,
+) -> Result<Tensor> {
+    let checked = |output: &Data| Differentiable {
+        checked: Checked {
+            op,
+            shapes: inputs.iter().map(|input| input.dim()).collect(),
+            inner: save(),
+        },
+        inputs: inputs
+            .iter()
+            .map(|input| input.read().into_data())
+            .collect(),
+        output: output.clone(),
+    };
+    crate::array::checked_numel(op, output.shape())?;
+    record_node(op, inputs, &[], Data::from_array(output), checked, true)
+}
+
+/// A custom differentiable backward with the snapshots its
+/// differentiable form rebuilds the inputs and output from.
+struct Differentiable<B> {
+    checked: Checked<B>,
+    inputs: Vec<Data>,
+    output: Data,
+}
+
+impl<B: DifferentiableBackward> Backprop for Differentiable<B> {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        self.checked.backward(grad, grads)
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let inputs = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, saved)| grads.input(i, saved))
+            .collect::<Result<Vec<_>>>()?;
+        let output = grads.output(&self.output);
+        self.checked
+            .inner
+            .backward_graph(grad, &inputs, &output, grads)?;
+        for (input, expected) in self.checked.shapes.iter().enumerate() {
+            if let Some(got) = grads.get(input) {
+                if got.shape() != expected.slice() {
+                    return Err(Error::GradShape {
+                        op: self.checked.op,
+                        input,
+                        expected: expected.slice().to_vec(),
+                        got: got.shape().to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }

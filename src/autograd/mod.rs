@@ -20,6 +20,17 @@
 //! records nothing: its output has `requires_grad() == false` and no
 //! `grad_fn`, whatever its inputs, and no node is pushed.
 //!
+//! # Backward passes and higher-order gradients
+//!
+//! [`Tensor::backward`](crate::Tensor::backward) accumulates into the
+//! leaves' `.grad()`; [`grad`] returns the gradients instead. Their options
+//! ([`BackwardOptions`]: `retain_graph`, `create_graph`, `grad_output`,
+//! `allow_unused`) go to [`Tensor::backward_with_options`](crate::Tensor::backward_with_options)
+//! and [`grad_with`]. With `create_graph` the gradients are recorded tensors
+//! that can be differentiated again, to any order (Hessian-vector products,
+//! gradient penalties): every built-in op has a differentiable backward,
+//! and a custom op gets one through [`apply_op_differentiable`].
+//!
 //! # Examples
 //!
 //! The evaluation loop of a classifier (the seed library's, in Rust):
@@ -50,8 +61,12 @@ mod future;
 pub(crate) mod mode;
 pub(crate) mod tape;
 
-pub use engine_api::{grad, grad_retain_graph};
-pub use function::{Backward, InputGrads, apply_op};
+#[allow(deprecated)]
+pub use engine_api::grad_retain_graph;
+pub use engine_api::{BackwardOptions, grad, grad_with};
+pub use function::{
+    Backward, DifferentiableBackward, GraphGrads, InputGrads, apply_op, apply_op_differentiable,
+};
 pub use future::{GradModeFuture, GradModeFutureExt};
 pub use mode::{
     AnomalyGuard, GradGuard, GradMode, ModeGuard, TrainingGuard, current_tape, detect_anomaly,

@@ -207,6 +207,12 @@ pub(crate) struct Plan {
     pub(crate) edges: Vec<PlanEdge>,
     /// Whether each edge's input needs a gradient (`edges[i]` is not `None`).
     pub(crate) needs: Vec<bool>,
+    /// With [`want_ids`](Plan::want_ids), the id of each node of `nodes`
+    /// (a `create_graph` backward rebuilds tensors from them).
+    pub(crate) ids: Vec<NodeId>,
+    /// Whether [`Tape::plan`] fills [`ids`](Plan::ids); off for the array
+    /// path, which never needs them.
+    pub(crate) want_ids: bool,
     /// The position in `nodes` of each root passed to [`Tape::plan`].
     pub(crate) roots: Vec<usize>,
     /// The position in `nodes` of each watched node, `None` if unreachable.
@@ -246,6 +252,8 @@ impl Plan {
         self.nodes.clear();
         self.edges.clear();
         self.needs.clear();
+        self.ids.clear();
+        self.want_ids = false;
         self.roots.clear();
         self.watched.clear();
         self.leaves.clear();
@@ -415,6 +423,17 @@ impl Tape {
         }
     }
 
+    /// Adds one reference to the live node `id`, for a new tensor naming it
+    /// (a `create_graph` backward rebuilding a node's input or output), and
+    /// returns the node's op.
+    pub(crate) fn retain(&self, id: NodeId) -> &'static str {
+        let mut arena = self.arena.lock();
+        let slot = &mut arena.slots[id.index as usize];
+        debug_assert!(slot.generation == id.generation && slot.refs > 0);
+        slot.refs += 1;
+        slot.op
+    }
+
     /// Drops one reference to `id`, freeing it and, transitively, every input
     /// node nothing else reaches.
     pub(crate) fn release(&self, id: NodeId) {
@@ -500,6 +519,8 @@ impl Tape {
             leaves,
             order,
             stack,
+            ids,
+            want_ids,
             ..
         } = plan;
 
@@ -545,6 +566,12 @@ impl Tape {
                 });
             }
             let slot = &mut arena.slots[index as usize];
+            if *want_ids {
+                ids.push(NodeId {
+                    index,
+                    generation: slot.generation,
+                });
+            }
             let backward = if retain {
                 slot.backward.as_mut().map(BackwardFn::share)
             } else {

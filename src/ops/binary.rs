@@ -6,8 +6,11 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use ndarray::{Dimension, IxDyn, Zip};
 
 use crate::array::{broadcast_shape, reduce_to_shape, same_shape};
-use crate::autograd::function::{Backprop, InputGrads, record, record_unary};
+use crate::autograd::function::{
+    Backprop, GraphGrads, InputGrads, record, record_unary, with_graph,
+};
 use crate::error::{Result, or_panic};
+use crate::ops::graph::sum_to;
 use crate::tensor::{Data, Tensor};
 
 /// `f(a, b)` element-wise over the broadcast of `a` and `b`.
@@ -148,6 +151,12 @@ impl<const SUB: bool> Backprop for SameShapeSum<SUB> {
             grads.put(1, g);
         }
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        grads.set(0, grad.clone());
+        grads.set(1, if SUB { grad.neg() } else { grad.clone() });
+        Ok(())
+    }
 }
 
 /// d(a ± b)/da = 1, d(a ± b)/db = ±1, summed over broadcast axes.
@@ -172,6 +181,17 @@ impl Backprop for AddBackward {
         if let Some(g) = grad_b {
             grads.put(1, g);
         }
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        if grads.needs_grad(0) {
+            grads.set(0, sum_to(grad, self.shapes.0.slice())?);
+        }
+        if grads.needs_grad(1) {
+            let g = sum_to(grad, self.shapes.1.slice())?;
+            grads.set(1, if self.sign_b != 1.0 { g.neg() } else { g });
+        }
+        Ok(())
     }
 }
 
@@ -233,6 +253,18 @@ impl Backprop for MulBackward {
             grads.put(1, g);
         }
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        if grads.needs_grad(0) {
+            let b = grads.input(1, &self.b)?;
+            grads.set(0, sum_to(&grad.try_mul(&b)?, self.a.shape())?);
+        }
+        if grads.needs_grad(1) {
+            let a = grads.input(0, &self.a)?;
+            grads.set(1, sum_to(&grad.try_mul(&a)?, self.b.shape())?);
+        }
+        Ok(())
+    }
 }
 
 /// Quotients.
@@ -286,6 +318,20 @@ impl Backprop for DivBackward {
             grads.put(0, reduce_to(g, self.a.shape()));
         }
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let b = grads.input(1, &self.b)?;
+        if grads.needs_grad(1) {
+            // -g a / b²
+            let a = grads.input(0, &self.a)?;
+            let g = grad.try_mul(&a)?.try_div(&(&b * &b))?.neg();
+            grads.set(1, sum_to(&g, self.b.shape())?);
+        }
+        if grads.needs_grad(0) {
+            grads.set(0, sum_to(&grad.try_div(&b)?, self.a.shape())?);
+        }
+        Ok(())
+    }
 }
 
 /// Scalar forms: infallible, one input.
@@ -305,21 +351,13 @@ impl Tensor {
     /// `self + value` element-wise.
     #[track_caller]
     pub fn add_scalar(&self, value: f32) -> Tensor {
-        self.scalar_op(
-            "add_scalar",
-            |x| x + value,
-            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad),
-        )
+        self.scalar_op("add_scalar", |x| x + value, |_| identity())
     }
 
     /// `self - value` element-wise.
     #[track_caller]
     pub fn sub_scalar(&self, value: f32) -> Tensor {
-        self.scalar_op(
-            "sub_scalar",
-            |x| x - value,
-            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad),
-        )
+        self.scalar_op("sub_scalar", |x| x - value, |_| identity())
     }
 
     /// `value - self` element-wise.
@@ -328,7 +366,16 @@ impl Tensor {
         self.scalar_op(
             "rsub_scalar",
             |x| value - x,
-            |_| |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g)),
+            |_| {
+                with_graph(
+                    (),
+                    |_, grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g)),
+                    |_, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                        grads.set(0, grad.neg());
+                        Ok(())
+                    },
+                )
+            },
         )
     }
 
@@ -339,9 +386,16 @@ impl Tensor {
             "mul_scalar",
             |x| x * value,
             |_| {
-                move |grad: Data, grads: &mut InputGrads<'_>| {
-                    grads.put(0, grad.map_into(|g| g * value))
-                }
+                with_graph(
+                    value,
+                    |&value, grad: Data, grads: &mut InputGrads<'_>| {
+                        grads.put(0, grad.map_into(|g| g * value))
+                    },
+                    |&value, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                        grads.set(0, grad.mul_scalar(value));
+                        Ok(())
+                    },
+                )
             },
         )
     }
@@ -353,9 +407,16 @@ impl Tensor {
             "div_scalar",
             |x| x / value,
             |_| {
-                move |grad: Data, grads: &mut InputGrads<'_>| {
-                    grads.put(0, grad.map_into(|g| g / value))
-                }
+                with_graph(
+                    value,
+                    |&value, grad: Data, grads: &mut InputGrads<'_>| {
+                        grads.put(0, grad.map_into(|g| g / value))
+                    },
+                    |&value, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                        grads.set(0, grad.div_scalar(value));
+                        Ok(())
+                    },
+                )
             },
         )
     }
@@ -368,12 +429,32 @@ impl Tensor {
             "rdiv_scalar",
             |x| value / x,
             |x| {
-                move |grad: Data, grads: &mut InputGrads<'_>| {
-                    grads.put(0, grad.zip_into(&x, |g, x| g * (-value / (x * x))));
-                }
+                with_graph(
+                    x,
+                    move |x: &Data, grad: Data, grads: &mut InputGrads<'_>| {
+                        grads.put(0, grad.zip_into(x, |g, x| g * (-value / (x * x))));
+                    },
+                    move |x: &Data, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                        let x = grads.input(0, x)?;
+                        grads.set(0, grad.try_mul(&(&x * &x).rdiv_scalar(-value))?);
+                        Ok(())
+                    },
+                )
             },
         )
     }
+}
+
+/// The backward of `x ± constant`: the gradient passes unchanged.
+fn identity() -> impl Backprop {
+    with_graph(
+        (),
+        |_, grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad),
+        |_, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+            grads.set(0, grad.clone());
+            Ok(())
+        },
+    )
 }
 
 // `std::ops` for every combination of `Tensor`, `&Tensor` and `f32`. Tensor

@@ -5,7 +5,7 @@
 use ndarray::Axis;
 
 use crate::array::reduce_to_shape;
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::softmax::log_softmax_inplace;
 use crate::tensor::{Data, Tensor};
@@ -109,15 +109,34 @@ impl Tensor {
             .sum();
         let out = Data::full(&[], total / n as f32);
         record("cross_entropy", &[self], out, |_| {
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let scale = grad.to_vec().first().copied().unwrap_or(0.0) / n as f32;
-                let mut g = log_probs.mapv(f32::exp);
-                for (mut row, &t) in g.axis_iter_mut(Axis(0)).zip(&targets) {
-                    row[t] -= 1.0;
-                    row.mapv_inplace(|v| v * scale);
-                }
-                grads.set(0, g);
-            }
+            with_graph(
+                (log_probs, targets),
+                move |(log_probs, targets), grad: Data, grads: &mut InputGrads<'_>| {
+                    let scale = grad.to_vec().first().copied().unwrap_or(0.0) / n as f32;
+                    let mut g = log_probs.mapv(f32::exp);
+                    for (mut row, &t) in g.axis_iter_mut(Axis(0)).zip(targets) {
+                        row[t] -= 1.0;
+                        row.mapv_inplace(|v| v * scale);
+                    }
+                    grads.set(0, g);
+                },
+                move |(log_probs, targets), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    // (softmax(x) - onehot) · g / n. The logits were not
+                    // saved, but their log-softmax was, and softmax is
+                    // shift-invariant: softmax(log_softmax(x)) = softmax(x),
+                    // and so are all its derivatives. So the log-softmax
+                    // stands in for x's values, with x's place in the graph.
+                    let x = grads.input(0, &Data::from_view(log_probs.view()))?;
+                    let mut onehot = ndarray::ArrayD::zeros(log_probs.raw_dim());
+                    for (mut row, &t) in onehot.axis_iter_mut(Axis(0)).zip(targets) {
+                        row[t] = 1.0;
+                    }
+                    let onehot = Tensor::from_data(Data::from_array(onehot));
+                    let g = x.try_softmax(1)?.try_sub(&onehot)?;
+                    grads.set(0, g.try_mul(&grad.div_scalar(n as f32))?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -163,16 +182,33 @@ impl Tensor {
         let n = diff.len() as f32;
         let loss = diff.iter().map(|d| d * d).sum::<f32>() / n;
         let out = Data::full(&[], loss);
+        // d/dpred = 2 (pred - target) / n, d/dtarget = its negation
         record("mse_loss", &[self, target], out, |_| {
-            // d/dpred = 2 (pred - target) / n, d/dtarget = its negation
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let scale = 2.0 * grad.to_vec().first().copied().unwrap_or(0.0) / n;
-                let g = diff.mapv(|d| d * scale);
-                if grads.needs_grad(1) {
-                    grads.set(1, -&g);
-                }
-                grads.set(0, g);
-            }
+            with_graph(
+                diff,
+                move |diff, grad: Data, grads: &mut InputGrads<'_>| {
+                    let scale = 2.0 * grad.to_vec().first().copied().unwrap_or(0.0) / n;
+                    let g = diff.mapv(|d| d * scale);
+                    if grads.needs_grad(1) {
+                        grads.set(1, -&g);
+                    }
+                    grads.set(0, g);
+                },
+                move |diff, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    // Only pred - target was saved: it stands in for pred
+                    // (and zeros for target), which gives the same
+                    // difference, connected to both inputs, and the same
+                    // derivatives (the gradient is linear in both).
+                    let pred = grads.input(0, &Data::from_view(diff.view()))?;
+                    let target = grads.input(1, &Data::full(diff.shape(), 0.0))?;
+                    let g = pred.try_sub(&target)?.try_mul(&grad.mul_scalar(2.0 / n))?;
+                    if grads.needs_grad(1) {
+                        grads.set(1, g.neg());
+                    }
+                    grads.set(0, g);
+                    Ok(())
+                },
+            )
         })
     }
 }

@@ -6,9 +6,10 @@ use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Dimension, Ix2, Ix3, IxDy
 
 use crate::array::checked_numel;
 use crate::array::{broadcast_shape, reduce_to_shape, reshape_owned};
-use crate::autograd::function::{Backprop, InputGrads, record};
+use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm, gemm_acc_into, gemm_data, gemm_into};
+use crate::ops::graph::sum_to;
 use crate::tensor::{Data, Tensor};
 
 /// The matrices of a batched operand at one batch index.
@@ -318,6 +319,20 @@ impl Backprop for MatmulBackward {
             grads.set(1, reduce_to_shape(g, self.b.shape()));
         }
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        if grads.needs_grad(0) {
+            let b = grads.input(1, &self.b)?;
+            let g = grad.try_matmul(&b.try_transpose(-2, -1)?)?;
+            grads.set(0, sum_to(&g, self.a.shape())?);
+        }
+        if grads.needs_grad(1) {
+            let a = grads.input(0, &self.a)?;
+            let g = a.try_transpose(-2, -1)?.try_matmul(grad)?;
+            grads.set(1, sum_to(&g, self.b.shape())?);
+        }
+        Ok(())
+    }
 }
 
 /// The number of rows of `shape` seen as a matrix of rows: the product of
@@ -493,6 +508,25 @@ impl Backprop for LinearBackward {
         if grads.len() > 2 && grads.needs_grad(2) {
             grads.set(2, grad.sum_axis(Axis(0)).into_dyn());
         }
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let (in_features, out_features) = (self.weight.shape()[0], self.weight.shape()[1]);
+        let rows = row_count(self.x.shape());
+        let grad = grad.try_reshape(&[rows, out_features])?;
+        if grads.needs_grad(0) {
+            let weight = grads.input(1, &self.weight)?;
+            let dx = grad.try_matmul(&weight.try_t()?)?;
+            grads.set(0, dx.try_reshape(self.x.shape())?);
+        }
+        if grads.needs_grad(1) {
+            let x = grads.input(0, &self.x)?.try_reshape(&[rows, in_features])?;
+            grads.set(1, x.try_t()?.try_matmul(&grad)?);
+        }
+        if grads.len() > 2 && grads.needs_grad(2) {
+            grads.set(2, grad.try_sum_axis(0, false)?);
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod conv;
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
+mod graph;
 pub(crate) mod index;
 pub(crate) mod layout;
 pub(crate) mod loss;

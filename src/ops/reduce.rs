@@ -4,8 +4,9 @@
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
 use crate::array::normalize_axis;
-use crate::autograd::function::{Backprop, InputGrads, record, record_unary};
+use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record, record_unary};
 use crate::error::{Result, or_panic};
+use crate::ops::graph::expand;
 use crate::tensor::{Data, Tensor};
 
 /// Sums and means.
@@ -178,6 +179,38 @@ impl Backprop for SumBackward {
         };
         grads.set(0, spread);
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        // Scaled before it is spread: the reduced gradient is the small one.
+        let mut grad = self.keepdim(grad)?;
+        if self.scale != 1.0 {
+            grad = grad.mul_scalar(self.scale);
+        }
+        grads.set(0, expand(&grad, self.input.slice())?);
+        Ok(())
+    }
+}
+
+impl SumBackward {
+    /// The gradient of the reduced result with the reduced axis restored
+    /// as length 1 (recorded), so that it broadcasts to the input.
+    fn keepdim(&self, grad: &Tensor) -> Result<Tensor> {
+        keepdim(grad, self.axis, self.input.slice())
+    }
+}
+
+/// `grad`, the gradient of a reduction of a tensor of shape `input` along
+/// `axis` (all axes for `None`), with the reduced axis restored as length
+/// 1, recorded.
+fn keepdim(grad: &Tensor, axis: Option<usize>, input: &[usize]) -> Result<Tensor> {
+    match axis {
+        Some(axis) if grad.ndim() < input.len() => {
+            let mut shape = grad.shape().to_vec();
+            shape.insert(axis, 1);
+            grad.try_reshape(&shape)
+        }
+        _ => Ok(grad.clone()),
+    }
 }
 
 /// Maxima.
@@ -279,6 +312,26 @@ impl Backprop for MaxBackward {
             lane[position] = g;
         }
         grads.set(0, out);
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        // The gradient, spread over each lane, times the constant one-hot
+        // mask of the lane's maximum.
+        let mut mask = ArrayD::zeros(self.input.clone());
+        for (mut lane, &position) in mask
+            .lanes_mut(Axis(self.axis))
+            .into_iter()
+            .zip(&self.argmax)
+        {
+            lane[position] = 1.0;
+        }
+        let grad = keepdim(grad, Some(self.axis), self.input.slice())?;
+        let spread = expand(&grad, self.input.slice())?;
+        grads.set(
+            0,
+            spread.try_mul(&Tensor::from_data(Data::from_array(mask)))?,
+        );
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use ndarray::Dimension;
 
 use crate::array::checked_numel;
 use crate::array::normalize_axis;
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -53,9 +53,16 @@ impl Tensor {
         let out = self.read().reshape(shape);
         let input = self.dim();
         record("reshape", &[self], out, |_| {
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                grads.put(0, grad.reshape(input.slice()));
-            }
+            with_graph(
+                input,
+                |input, grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.reshape(input.slice()));
+                },
+                |input, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, grad.try_reshape(input.slice())?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -93,9 +100,16 @@ impl Tensor {
         let b = normalize_axis("transpose", axis1, self.ndim())?;
         let out = self.read().swap_axes(a, b);
         record("transpose", &[self], out, |_| {
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                grads.put(0, grad.swap_axes(a, b));
-            }
+            with_graph(
+                (a, b),
+                |&(a, b), grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.swap_axes(a, b));
+                },
+                |&(a, b), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, grad.try_transpose(a as isize, b as isize)?);
+                    Ok(())
+                },
+            )
         })
     }
 

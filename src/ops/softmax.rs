@@ -13,7 +13,7 @@
 
 use ndarray::{ArrayView1, ArrayViewMutD, Axis, Zip};
 
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -110,24 +110,32 @@ impl Tensor {
         let axis = crate::array::normalize_axis("softmax", axis, self.ndim())?;
         let mut out = Data::from_view(self.read().view());
         softmax_inplace(out.view_mut().expect("a new buffer"), axis);
+        // dx = y * (g - Σ g·y) along the axis
         record("softmax", &[self], out, |y: &Data| {
-            let y = y.clone();
-            // dx = y * (g - Σ g·y) along the axis
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut grad = grad.into_array();
-                let y = y.view();
-                for (mut g, y) in grad
-                    .lanes_mut(Axis(axis))
-                    .into_iter()
-                    .zip(y.lanes(Axis(axis)))
-                    // An empty gradient may have very many empty lanes.
-                    .take(if y.is_empty() { 0 } else { usize::MAX })
-                {
-                    let dot = Zip::from(&g).and(&y).fold(0.0, |s, &g, &y| s + g * y);
-                    g.zip_mut_with(&y, |g, &y| *g = y * (*g - dot));
-                }
-                grads.set(0, grad);
-            }
+            with_graph(
+                y.clone(),
+                move |y: &Data, grad: Data, grads: &mut InputGrads<'_>| {
+                    let mut grad = grad.into_array();
+                    let y = y.view();
+                    for (mut g, y) in grad
+                        .lanes_mut(Axis(axis))
+                        .into_iter()
+                        .zip(y.lanes(Axis(axis)))
+                        // An empty gradient may have very many empty lanes.
+                        .take(if y.is_empty() { 0 } else { usize::MAX })
+                    {
+                        let dot = Zip::from(&g).and(&y).fold(0.0, |s, &g, &y| s + g * y);
+                        g.zip_mut_with(&y, |g, &y| *g = y * (*g - dot));
+                    }
+                    grads.set(0, grad);
+                },
+                move |y: &Data, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let y = grads.output(y);
+                    let dot = grad.try_mul(&y)?.try_sum_axis(axis as isize, true)?;
+                    grads.set(0, y.try_mul(&grad.try_sub(&dot)?)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -156,24 +164,32 @@ impl Tensor {
         let axis = crate::array::normalize_axis("log_softmax", axis, self.ndim())?;
         let mut out = Data::from_view(self.read().view());
         log_softmax_inplace(out.view_mut().expect("a new buffer"), axis);
+        // dx = g - softmax · Σ g along the axis, softmax = exp(y)
         record("log_softmax", &[self], out, |y: &Data| {
-            let y = y.clone();
-            // dx = g - softmax · Σ g along the axis, softmax = exp(y)
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut grad = grad.into_array();
-                let y = y.view();
-                for (mut g, y) in grad
-                    .lanes_mut(Axis(axis))
-                    .into_iter()
-                    .zip(y.lanes(Axis(axis)))
-                    // An empty gradient may have very many empty lanes.
-                    .take(if y.is_empty() { 0 } else { usize::MAX })
-                {
-                    let total = g.sum();
-                    g.zip_mut_with(&y, |g, &y| *g -= y.exp() * total);
-                }
-                grads.set(0, grad);
-            }
+            with_graph(
+                y.clone(),
+                move |y: &Data, grad: Data, grads: &mut InputGrads<'_>| {
+                    let mut grad = grad.into_array();
+                    let y = y.view();
+                    for (mut g, y) in grad
+                        .lanes_mut(Axis(axis))
+                        .into_iter()
+                        .zip(y.lanes(Axis(axis)))
+                        // An empty gradient may have very many empty lanes.
+                        .take(if y.is_empty() { 0 } else { usize::MAX })
+                    {
+                        let total = g.sum();
+                        g.zip_mut_with(&y, |g, &y| *g -= y.exp() * total);
+                    }
+                    grads.set(0, grad);
+                },
+                move |y: &Data, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let y = grads.output(y);
+                    let total = grad.try_sum_axis(axis as isize, true)?;
+                    grads.set(0, grad.try_sub(&y.exp().try_mul(&total)?)?);
+                    Ok(())
+                },
+            )
         })
     }
 }

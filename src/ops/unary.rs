@@ -2,7 +2,8 @@
 //! derivative, written as `grad_in = df(grad_out, saved)` where `saved` is the
 //! input or the output, whichever the derivative is cheaper from.
 
-use crate::autograd::function::{Backprop, InputGrads, record_unary};
+use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record_unary, with_graph};
+use crate::error::Result;
 use crate::tensor::{Data, Tensor};
 
 /// Which value the derivative reads.
@@ -13,25 +14,48 @@ enum Saved {
 }
 
 /// Backward of an element-wise op: `grad_in[i] = df(grad_out[i], saved[i])`,
-/// computed in place in the incoming gradient.
-struct Elementwise<F> {
+/// computed in place in the incoming gradient; differentiably,
+/// `dg(grad_out, saved)` in tensor ops, `saved` rebuilt as the input or the
+/// output tensor.
+struct Elementwise<F, G> {
     saved: Data,
+    kind: Saved,
     df: F,
+    dg: G,
 }
 
-impl<F> Backprop for Elementwise<F>
+impl<F, G> Backprop for Elementwise<F, G>
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
+    G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
         grads.put(0, grad.zip_into(&self.saved, &self.df));
     }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let saved = match self.kind {
+            Saved::Input => grads.input(0, &self.saved)?,
+            Saved::Output => grads.output(&self.saved),
+        };
+        let g = (self.dg)(grad, &saved)?;
+        grads.set(0, g);
+        Ok(())
+    }
 }
 
 #[track_caller]
-fn map_op<F>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, saved: Saved, df: F) -> Tensor
+fn map_op<F, G>(
+    x: &Tensor,
+    op: &'static str,
+    f: impl Fn(f32) -> f32,
+    saved: Saved,
+    df: F,
+    dg: G,
+) -> Tensor
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
+    G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
     let out = input.map(f);
@@ -40,8 +64,16 @@ where
             Saved::Input => input,
             Saved::Output => out.clone(),
         },
+        kind: saved,
         df,
+        dg,
     })
+}
+
+/// A constant (no graph) computed element-wise from `t`'s values: the
+/// derivative of a piecewise-linear op, whose own derivative is 0.
+fn constant(t: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+    Tensor::from_data(t.read().map(f))
 }
 
 impl Tensor {
@@ -51,7 +83,14 @@ impl Tensor {
     pub fn neg(&self) -> Tensor {
         let out = self.read().map(|x| -x);
         record_unary("neg", self, out, |_| {
-            |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g))
+            with_graph(
+                (),
+                |_, grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.map_into(|g| -g)),
+                |_, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, grad.neg());
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -87,6 +126,13 @@ impl Tensor {
                     g * exponent * x.powf(exponent - 1.0)
                 }
             },
+            move |g, x| {
+                if exponent == 0.0 {
+                    Ok(g.mul_scalar(0.0))
+                } else {
+                    g.try_mul(&x.powf(exponent - 1.0).mul_scalar(exponent))
+                }
+            },
         )
     }
 
@@ -94,21 +140,42 @@ impl Tensor {
     #[track_caller]
     pub fn exp(&self) -> Tensor {
         // d(e^x)/dx = e^x, the output
-        map_op(self, "exp", f32::exp, Saved::Output, |g, y| g * y)
+        map_op(
+            self,
+            "exp",
+            f32::exp,
+            Saved::Output,
+            |g, y| g * y,
+            |g, y| g.try_mul(y),
+        )
     }
 
     /// Natural logarithm element-wise (NaN below 0, -inf at 0).
     #[track_caller]
     pub fn log(&self) -> Tensor {
         // d(ln x)/dx = 1/x
-        map_op(self, "log", f32::ln, Saved::Input, |g, x| g / x)
+        map_op(
+            self,
+            "log",
+            f32::ln,
+            Saved::Input,
+            |g, x| g / x,
+            |g, x| g.try_div(x),
+        )
     }
 
     /// Square root element-wise (NaN below 0).
     #[track_caller]
     pub fn sqrt(&self) -> Tensor {
         // d(√x)/dx = 1/(2√x), from the output
-        map_op(self, "sqrt", f32::sqrt, Saved::Output, |g, y| g / (2.0 * y))
+        map_op(
+            self,
+            "sqrt",
+            f32::sqrt,
+            Saved::Output,
+            |g, y| g / (2.0 * y),
+            |g, y| g.try_div(&y.mul_scalar(2.0)),
+        )
     }
 
     /// Absolute value element-wise; its gradient at 0 is taken as 0, at NaN
@@ -116,9 +183,14 @@ impl Tensor {
     #[track_caller]
     pub fn abs(&self) -> Tensor {
         // d|x|/dx = sign(x), 0 at 0; NaN's sign is NaN.
-        map_op(self, "abs", f32::abs, Saved::Input, |g, x| {
-            if x == 0.0 { 0.0 } else { g * x.signum() }
-        })
+        map_op(
+            self,
+            "abs",
+            f32::abs,
+            Saved::Input,
+            |g, x| if x == 0.0 { 0.0 } else { g * x.signum() },
+            |g, x| g.try_mul(&constant(x, |x| if x == 0.0 { 0.0 } else { x.signum() })),
+        )
     }
 
     /// `max(self, 0)` element-wise; its gradient at 0 is taken as 0.
@@ -156,6 +228,18 @@ impl Tensor {
                     0.0
                 }
             },
+            |g, y| {
+                let slope = |y: f32| {
+                    if y > 0.0 {
+                        1.0
+                    } else if y.is_nan() {
+                        f32::NAN
+                    } else {
+                        0.0
+                    }
+                };
+                g.try_mul(&constant(y, slope))
+            },
         )
     }
 
@@ -169,6 +253,7 @@ impl Tensor {
             |x| 1.0 / (1.0 + (-x).exp()),
             Saved::Output,
             |g, y| g * y * (1.0 - y),
+            |g, y| g.try_mul(&y.mul(&y.rsub_scalar(1.0))),
         )
     }
 
@@ -176,8 +261,13 @@ impl Tensor {
     #[track_caller]
     pub fn tanh(&self) -> Tensor {
         // d tanh/dx = 1 - tanh²
-        map_op(self, "tanh", f32::tanh, Saved::Output, |g, y| {
-            g * (1.0 - y * y)
-        })
+        map_op(
+            self,
+            "tanh",
+            f32::tanh,
+            Saved::Output,
+            |g, y| g * (1.0 - y * y),
+            |g, y| g.try_mul(&y.mul(y).rsub_scalar(1.0)),
+        )
     }
 }

@@ -113,11 +113,11 @@ pub(crate) fn check_grads(
         .collect();
     let grads_a = autograd::grad(&[&loss], &targets).map_err(|e| format!("autograd::grad: {e}"))?;
 
-    // Analytic, path B: backward_from(r) accumulating into the leaves.
+    // Analytic, path B: backward from r, accumulating into the leaves.
     let leaves: Vec<Tensor> = inputs.iter().zip(wrt).map(|(t, &w)| leaf(t, w)).collect();
     f(&leaves)
-        .try_backward_from(&r)
-        .map_err(|e| format!("backward_from: {e}"))?;
+        .try_backward_with_options(&autograd::BackwardOptions::new().grad_output(r.clone()))
+        .map_err(|e| format!("backward with grad_output: {e}"))?;
 
     let mut errors = Vec::new();
     let mut next_a = grads_a.iter();

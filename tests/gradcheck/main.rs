@@ -9,7 +9,7 @@
 //! zero over the outputs would go unseen). It computes `∂L/∂x` two ways:
 //!
 //! - `autograd::grad` of `(f(x) * r).sum()`, and
-//! - `f(x).backward_from(r)` followed by `.grad()` on the leaves (which also
+//! - `f(x)`'s backward from `r` (`grad_output`) followed by `.grad()` on the leaves (which also
 //!   checks that leaves not requiring grad receive nothing);
 //!
 //! and compares both with the central difference

@@ -18,6 +18,9 @@
 //! - [`ops_in_parallel_tasks_give_the_same_bits`]: each case run inside
 //!   `netcl::parallel` tasks gives the same outputs and gradients, bit for
 //!   bit, as on the calling thread.
+//! - `second::second_derivatives_match_finite_differences`: Hessian-vector
+//!   products by double backward (`create_graph`) against central
+//!   differences of the first derivative (`tests/ops/second.rs`).
 //!
 //! Adding an op: its case(s) in the family's `scripts/fixtures/<family>.py`,
 //! one line in the family's dispatch here (`tests/ops/<family>.rs`), and
@@ -30,6 +33,9 @@ mod core;
 mod elem;
 mod norm;
 mod shape;
+
+// The second-derivative check (`create_graph`), over the same table.
+mod second;
 
 use netcl::autograd::{self, GradMode, Tape};
 use netcl::{Result, Tensor};
