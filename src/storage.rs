@@ -448,13 +448,13 @@ impl Data {
             // makes these): two-axis views, not the dynamic-rank lanes of
             // the general path below, which are several times slower.
             let (rows, cols) = (self.shape[0], self.shape[1]);
-            if self.strides.is_none() {
-                if let Some(values) = self.buf.unique_mut() {
-                    let mut sum = ArrayViewMut2::from_shape((rows, cols), values)
-                        .expect("a row-major buffer of its shape");
-                    sum.zip_mut_with(&other.view2(), |a, &b| *a += b);
-                    return;
-                }
+            if self.strides.is_none()
+                && let Some(values) = self.buf.unique_mut()
+            {
+                let mut sum = ArrayViewMut2::from_shape((rows, cols), values)
+                    .expect("a row-major buffer of its shape");
+                sum.zip_mut_with(&other.view2(), |a, &b| *a += b);
+                return;
             }
             let sum = {
                 let (a, b) = (self.view2(), other.view2());

@@ -22,6 +22,7 @@
 //! file under an emulated CPU without AVX-512 and checks it.
 
 use netcl::Tensor;
+use netcl::autograd::BackwardOptions;
 use netcl::rand::rngs::StdRng;
 use netcl::rand::{RngExt, SeedableRng};
 use proptest::prelude::*;
@@ -120,7 +121,7 @@ fn check_product_and_gradients(
     let (av, bv, gv) = (a.to_vec(), b.to_vec(), g.to_vec());
     let c = a.matmul(&b);
     check("matmul", &c.to_vec(), &av, &bv, None, (m, k, n))?;
-    c.backward_from(&g);
+    c.backward_with_options(&BackwardOptions::default().grad_output(g.clone()));
     // dA = G·Bᵀ: m×n times n×k.
     let bt = transpose(&bv, k, n);
     check(
@@ -167,7 +168,7 @@ fn check_product_and_gradients(
     let biasv = bias.to_vec();
     let y = x.linear(&w, Some(&bias));
     check("linear", &y.to_vec(), &av, &bv, Some(&biasv), (m, k, n))?;
-    y.backward_from(&g);
+    y.backward_with_options(&BackwardOptions::default().grad_output(g.clone()));
     check(
         "linear dX = G·Wᵀ",
         &x.grad().unwrap().to_vec(),
@@ -212,7 +213,7 @@ fn check_batched(
         None,
         (batch * m, k, n),
     )?;
-    c.backward_from(&g);
+    c.backward_with_options(&BackwardOptions::default().grad_output(g.clone()));
     let bt = transpose(&bv, k, n);
     check(
         "batched dA",
@@ -244,7 +245,7 @@ fn check_batched(
         let ci = &cv[i * m * n..(i + 1) * m * n];
         check("broadcast-left matmul", ci, &av, bi, None, (m, k, n))?;
     }
-    c.backward_from(&g);
+    c.backward_with_options(&BackwardOptions::default().grad_output(g.clone()));
     // dA = Σ_i G_i · B_iᵀ = [G_0 .. G_{b-1}] (m × batch·n) · [B_0ᵀ; ..] (batch·n × k).
     let mut g_wide = vec![0.0; m * batch * n];
     let mut bt_tall = Vec::with_capacity(batch * n * k);

@@ -709,15 +709,15 @@ impl<B: DifferentiableBackward> Backprop for Differentiable<B> {
             .inner
             .backward_graph(grad, &inputs, &output, grads)?;
         for (input, expected) in self.checked.shapes.iter().enumerate() {
-            if let Some(got) = grads.get(input) {
-                if got.shape() != expected.slice() {
-                    return Err(Error::GradShape {
-                        op: self.checked.op,
-                        input,
-                        expected: expected.slice().to_vec(),
-                        got: got.shape().to_vec(),
-                    });
-                }
+            if let Some(got) = grads.get(input)
+                && got.shape() != expected.slice()
+            {
+                return Err(Error::GradShape {
+                    op: self.checked.op,
+                    input,
+                    expected: expected.slice().to_vec(),
+                    got: got.shape().to_vec(),
+                });
             }
         }
         Ok(())
