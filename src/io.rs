@@ -1,8 +1,9 @@
 //! Saving and loading a model's parameters in the
 //! [safetensors](https://github.com/huggingface/safetensors) format.
 //!
-//! Parameters are stored by the names of
-//! [`Module::named_parameters`] (`layers.0.weight`, ...), as little-endian
+//! Parameters and buffers are stored by the names of
+//! [`Module::named_parameters`] (`layers.0.weight`, ...) and
+//! [`Module::named_buffers`] (`1.running_mean`), as little-endian
 //! `F32` tensors in row-major order, so files open with any safetensors
 //! reader. Loading checks the file against the model before changing
 //! anything: names (missing and unexpected), element type and shapes, and
@@ -72,6 +73,56 @@ fn parameters_by_name<M: Module + ?Sized>(
     Ok(params)
 }
 
+/// The parameters and buffers by name (the buffers' current values), checking
+/// that names are unique across both.
+fn tensors_by_name<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut tensors = parameters_by_name(op, model)?;
+    for (name, b) in model.named_buffers() {
+        if tensors.contains_key(&name) {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("the model has two parameters or buffers named `{name}`"),
+            });
+        }
+        tensors.insert(name, b);
+    }
+    Ok(tensors)
+}
+
+/// The buffers by full name: (index of the state, position in it, shape).
+type BufferSlots = BTreeMap<String, (usize, usize, Vec<usize>)>;
+
+/// The model's buffer states and where each named buffer lives in them.
+fn buffer_slots<'a, M: Module + ?Sized>(
+    op: &'static str,
+    model: &'a M,
+    params: &BTreeMap<String, Tensor>,
+) -> Result<(Vec<(String, &'a crate::nn::BufferState)>, BufferSlots)> {
+    let states = model.named_buffer_states();
+    let mut slots = BTreeMap::new();
+    for (i, (prefix, state)) in states.iter().enumerate() {
+        let snapshot = state.load();
+        for (j, (name, t)) in snapshot.to_vec().into_iter().enumerate() {
+            let full = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}.{name}")
+            };
+            if params.contains_key(&full) || slots.contains_key(&full) {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!("the model has two parameters or buffers named `{full}`"),
+                });
+            }
+            slots.insert(full, (i, j, t.shape().to_vec()));
+        }
+    }
+    Ok((states, slots))
+}
+
 /// The model's parameters in safetensors form.
 ///
 /// # Errors
@@ -130,7 +181,7 @@ fn encode<M: Module + ?Sized>(
     model: &M,
     metadata: Option<&BTreeMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let params = parameters_by_name("io::to_bytes", model)?;
+    let params = tensors_by_name("io::to_bytes", model)?;
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .into_iter()
         .map(|(name, p)| {
@@ -325,15 +376,23 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         message: err.to_string(),
     })?;
     let params = parameters_by_name(OP, model)?;
+    let (states, slots) = buffer_slots(OP, model, &params)?;
+    if let Some((name, _)) = states.iter().find(|(_, state)| state.is_frozen()) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("the buffers `{name}` are frozen (a published version never changes)"),
+        });
+    }
     let stored: BTreeSet<&str> = file.names().into_iter().collect();
     let missing: Vec<String> = params
         .keys()
+        .chain(slots.keys())
         .filter(|name| !stored.contains(name.as_str()))
         .cloned()
         .collect();
     let unexpected: Vec<String> = stored
         .iter()
-        .filter(|name| !params.contains_key(**name))
+        .filter(|name| !params.contains_key(**name) && !slots.contains_key(**name))
         .map(|name| name.to_string())
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
@@ -368,12 +427,60 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
             .collect();
         updates.push((param, crate::storage::Data::from_vec(param.shape(), values)));
     }
+    let mut buffer_values: Vec<Vec<Option<Tensor>>> = states
+        .iter()
+        .map(|(_, state)| vec![None; state.load().len()])
+        .collect();
+    for (name, (i, j, shape)) in &slots {
+        let view = file.tensor(name).map_err(|err| Error::Format {
+            op: OP,
+            source_name: source_name.to_string(),
+            format: FORMAT,
+            message: err.to_string(),
+        })?;
+        // PyTorch stores `num_batches_tracked` as I64: buffers accept it.
+        let values: Option<Vec<f32>> = match view.dtype() {
+            Dtype::F32 => Some(
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            Dtype::I64 => Some(
+                view.data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+            ),
+            _ => None,
+        };
+        match values {
+            Some(values) if view.shape() == shape.as_slice() => {
+                buffer_values[*i][*j] = Some(Tensor::from_vec(values, shape)?);
+            }
+            _ => {
+                return Err(Error::ParameterMismatch {
+                    op: OP,
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: view.shape().to_vec(),
+                    found_dtype: view.dtype().to_string(),
+                });
+            }
+        }
+    }
     // Every check passed: each parameter now takes its new values in one
-    // O(1) swap. (Readers of the live model may still see some parameters
-    // before and some after; serve a `nn::Published` version to avoid
-    // that.)
+    // O(1) swap, and each layer's buffers in one swap of the whole state.
+    // (Readers of the live model may still see some parameters before and
+    // some after; serve a `nn::Published` version to avoid that.)
     for (param, values) in updates {
         param.replace_data(values);
+    }
+    for ((_, state), values) in states.iter().zip(buffer_values) {
+        // Every slot was filled: the names matched. A state frozen since
+        // the check above is left as it is.
+        let values: Vec<Tensor> = values.into_iter().flatten().collect();
+        let _ = state.store(values);
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
 //! | [`Published`] | the versions of a model served while it trains |
+//! | [`BufferState`], [`Buffers`] | a stateful layer's buffers (running statistics), swapped whole |
 //!
 //! # Sharing one model between threads
 //!
@@ -66,6 +67,7 @@
 //! ```
 
 mod activation;
+mod buffers;
 mod dropout;
 mod linear;
 mod published;
@@ -76,6 +78,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
+pub(crate) use buffers::prefixed_states;
+pub use buffers::{BufferState, Buffers};
 pub use dropout::Dropout;
 pub use linear::Linear;
 pub use published::{Published, Version};
@@ -164,6 +168,77 @@ pub trait Module: Send + Sync + fmt::Debug {
     ///
     /// The tensors are handles to the parameters themselves, not copies.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// The module's buffer states with their names: a stateful layer's
+    /// own [`BufferState`] under the empty name `""`, a container's
+    /// children's prefixed as in [`named_parameters`](Module::named_parameters)
+    /// (`1`, `layers.2`). None by default: implement it in a layer that
+    /// keeps buffers (running statistics), so that [`io`](crate::io),
+    /// [`try_fork`](Module::try_fork) and [`Published`] carry them.
+    ///
+    /// # Examples
+    ///
+    /// A layer that counts the batches it sees in training mode:
+    ///
+    /// ```
+    /// use netcl::nn::{BufferState, Buffers, Module, Published};
+    /// use netcl::{Result, Tensor};
+    ///
+    /// #[derive(Debug)]
+    /// struct Counter(BufferState);
+    ///
+    /// impl Module for Counter {
+    ///     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    ///         if self.effective_training() {
+    ///             self.0.update(|old| Ok(vec![old.get("seen").unwrap() + 1.0]))?;
+    ///         }
+    ///         Ok(x.clone())
+    ///     }
+    ///     fn named_parameters(&self) -> Vec<(String, Tensor)> {
+    ///         Vec::new()
+    ///     }
+    ///     fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+    ///         vec![(String::new(), &self.0)]
+    ///     }
+    ///     fn try_fork(&self) -> Result<Box<dyn Module>> {
+    ///         Ok(Box::new(Counter(self.0.fork())))
+    ///     }
+    /// }
+    ///
+    /// let counter = Counter(BufferState::new(Buffers::new([("seen", Tensor::scalar(0.0))])?));
+    /// let published = Published::new(&counter)?;
+    /// counter.forward(&Tensor::ones(&[2]))?;
+    /// assert_eq!(counter.named_buffers()[0].1.item(), 1.0);
+    ///
+    /// // The published version's buffers are frozen, even in training mode.
+    /// let _train = netcl::nn::train_mode();
+    /// published.load().forward(&Tensor::ones(&[2]))?;
+    /// assert_eq!(published.load().named_buffers()[0].1.item(), 0.0);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        Vec::new()
+    }
+
+    /// The buffers with their names (`1.running_mean`), in a stable
+    /// order: the current values of every
+    /// [`named_buffer_states`](Module::named_buffer_states) entry, each
+    /// state read from one snapshot. The tensors are detached copies
+    /// (O(1), copy-on-write): writing to them changes nothing in the
+    /// module. None for a module without buffers.
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.named_buffer_states()
+            .into_iter()
+            .flat_map(|(prefix, state)| {
+                state
+                    .load()
+                    .to_vec()
+                    .into_iter()
+                    .map(move |(name, t)| (buffers::join(&prefix, &name), t))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
 
     /// Sets the module's own training (`true`) or evaluation (`false`)
     /// flag, and its children's: the default mode for threads that set
@@ -348,6 +423,12 @@ macro_rules! forward_module {
             }
             fn named_parameters(&self) -> Vec<(String, Tensor)> {
                 (**self).named_parameters()
+            }
+            fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+                (**self).named_buffer_states()
+            }
+            fn named_buffers(&self) -> Vec<(String, Tensor)> {
+                (**self).named_buffers()
             }
             fn set_training(&self, training: bool) {
                 (**self).set_training(training)

@@ -25,6 +25,11 @@ use crate::tensor::Tensor;
 /// parameter writes into a new buffer instead of the one the version
 /// holds).
 ///
+/// A version carries the model's buffers too
+/// ([`Module::named_buffer_states`]): a fork's buffer states start from the
+/// model's current snapshots and are frozen, so a version's running
+/// statistics never change, even under a reader in training mode.
+///
 /// # Readers never block the trainer, the trainer never blocks readers
 ///
 /// [`load`](Published::load) takes no lock at all: the current version is
@@ -295,6 +300,11 @@ impl Version {
         for (_, p) in model.named_parameters() {
             // Forked parameters are leaves, so this cannot fail.
             let _ = p.try_requires_grad_(false);
+        }
+        // A served version's running statistics never change, whatever
+        // mode a reader's thread is in.
+        for (_, state) in model.named_buffer_states() {
+            state.freeze();
         }
         model.eval();
         Version {

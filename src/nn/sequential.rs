@@ -5,7 +5,7 @@ use std::fmt;
 use rand::Rng;
 
 use crate::error::{Error, Result, or_panic};
-use crate::nn::{Activation, Linear, Module, TrainingFlag, prefixed};
+use crate::nn::{Activation, BufferState, Linear, Module, TrainingFlag, prefixed, prefixed_states};
 use crate::tensor::Tensor;
 
 /// A chain of modules, each applied to the output of the one before.
@@ -172,6 +172,14 @@ impl Module for Sequential {
             .iter()
             .enumerate()
             .flat_map(|(i, layer)| prefixed(&i.to_string(), layer.named_parameters()))
+            .collect()
+    }
+
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| prefixed_states(&i.to_string(), layer.named_buffer_states()))
             .collect()
     }
 
@@ -408,6 +416,10 @@ impl Module for Mlp {
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         prefixed("layers", self.layers.named_parameters())
+    }
+
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        prefixed_states("layers", self.layers.named_buffer_states())
     }
 
     fn set_training(&self, training: bool) {
