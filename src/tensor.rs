@@ -814,6 +814,15 @@ impl Tensor {
     }
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
+    /// Multiplies the gradient, if any, by `factor` (in place when no
+    /// snapshot shares it).
+    pub(crate) fn scale_grad(&self, factor: f32) {
+        let mut slot = self.0.grad.lock();
+        if let Some(grad) = slot.take() {
+            *slot = Some(Box::new((*grad).map_into(|g| g * factor)));
+        }
+    }
+
     pub(crate) fn accumulate_grad(&self, grad: Data) {
         // In place, unless a snapshot (`grad()`) shares the sum.
         Data::accumulate(&mut *self.0.grad.lock(), grad);
