@@ -3,7 +3,11 @@
 //!
 //! Parameters and buffers are stored by the names of
 //! [`Module::named_parameters`] (`layers.0.weight`, ...) and
-//! [`Module::named_buffers`] (`1.running_mean`), as little-endian
+//! [`Module::named_buffers`] (`1.running_mean`); a parameter shared by two
+//! layers (a tied weight, see [`fork_scope`](crate::nn::fork_scope)) is
+//! stored once, under its first name, and its other names may be absent
+//! from a file being loaded (if present, they are ignored). Values are
+//! little-endian
 //! `F32` tensors in row-major order, so files open with any safetensors
 //! reader. Loading checks the file against the model before changing
 //! anything: names (missing and unexpected), element type and shapes, and
@@ -55,22 +59,37 @@ fn io_error(op: &'static str, path: &Path, err: &std::io::Error) -> Error {
     }
 }
 
-/// The parameters by name, checking that names are unique.
+/// The parameters by name, checking that names are unique. A parameter
+/// shared by several layers (a tied weight) is listed under its first name
+/// only.
 fn parameters_by_name<M: Module + ?Sized>(
     op: &'static str,
     model: &M,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut params = BTreeMap::new();
+    Ok(parameters_and_aliases(op, model)?.0)
+}
+
+/// The parameters by (first) name, and the other names of tied parameters.
+fn parameters_and_aliases<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+) -> Result<(BTreeMap<String, Tensor>, BTreeSet<String>)> {
+    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut aliases = BTreeSet::new();
     for (name, p) in model.named_parameters() {
-        if params.contains_key(&name) {
+        if params.contains_key(&name) || aliases.contains(&name) {
             return Err(Error::InvalidArgument {
                 op,
                 message: format!("the model has two parameters named `{name}`"),
             });
         }
-        params.insert(name, p);
+        if params.values().any(|q| q.same(&p)) {
+            aliases.insert(name);
+        } else {
+            params.insert(name, p);
+        }
     }
-    Ok(params)
+    Ok((params, aliases))
 }
 
 /// The parameters and buffers by name (the buffers' current values), checking
@@ -375,7 +394,7 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         format: FORMAT,
         message: err.to_string(),
     })?;
-    let params = parameters_by_name(OP, model)?;
+    let (params, aliases) = parameters_and_aliases(OP, model)?;
     let (states, slots) = buffer_slots(OP, model, &params)?;
     if let Some((name, _)) = states.iter().find(|(_, state)| state.is_frozen()) {
         return Err(Error::InvalidArgument {
@@ -392,7 +411,9 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         .collect();
     let unexpected: Vec<String> = stored
         .iter()
-        .filter(|name| !params.contains_key(**name) && !slots.contains_key(**name))
+        .filter(|name| {
+            !params.contains_key(**name) && !slots.contains_key(**name) && !aliases.contains(**name)
+        })
         .map(|name| name.to_string())
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {

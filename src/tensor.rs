@@ -142,6 +142,38 @@ thread_local_const! {
     static WRITING: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
 }
 
+thread_local_const! {
+    /// Inside a fork scope: every tensor this thread forked so far, with its
+    /// fork (the source is kept alive, so no other tensor can take its
+    /// place while the scope lasts).
+    static FORKS: std::cell::RefCell<Option<Vec<(Tensor, Tensor)>>> = std::cell::RefCell::new(None);
+}
+
+/// Runs `f` in a fork scope on this thread (see [`crate::nn::fork_scope`]);
+/// nested scopes join the outermost one.
+pub(crate) fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
+    /// Ends the scope, even if `f` panics.
+    struct End;
+    impl Drop for End {
+        fn drop(&mut self) {
+            let forks = FORKS.with(|forks| forks.borrow_mut().take());
+            drop(forks);
+        }
+    }
+    let outermost = FORKS.with(|forks| {
+        let mut forks = forks.borrow_mut();
+        let outermost = forks.is_none();
+        if outermost {
+            *forks = Some(Vec::new());
+        }
+        outermost
+    });
+    // (Built only when outermost: an `End` dropped at once would end the
+    // enclosing scope.)
+    let _end = if outermost { Some(End) } else { None };
+    f()
+}
+
 /// Marks a tensor as being written by this thread until dropped, so that a
 /// nested write of the same tensor (which would wait for itself forever) is
 /// a clear panic instead of a hang.
@@ -868,8 +900,24 @@ impl Tensor {
     /// w.with_data_mut(|mut v| v.fill(5.0));
     /// assert_eq!(fork.to_vec(), vec![1.0, 1.0]);
     /// ```
+    ///
+    /// Inside a [`fork_scope`](crate::nn::fork_scope) a tensor forked twice
+    /// gives the same fork both times, so that a parameter shared by two
+    /// layers (a tied weight) stays shared in the forked model.
     pub fn fork(&self) -> Tensor {
-        Tensor::with_parts(self.read().into_data(), self.requires_grad(), None)
+        let fresh = || Tensor::with_parts(self.read().into_data(), self.requires_grad(), None);
+        FORKS.with(|forks| {
+            let mut forks = forks.borrow_mut();
+            let Some(forks) = forks.as_mut() else {
+                return fresh();
+            };
+            if let Some((_, fork)) = forks.iter().find(|(source, _)| source.same(self)) {
+                return fork.clone();
+            }
+            let fork = fresh();
+            forks.push((self.clone(), fork.clone()));
+            fork
+        })
     }
 }
 

@@ -347,3 +347,83 @@ fn boxed_and_shared_modules_are_modules() -> netcl::Result<()> {
     assert_eq!(format!("{:?}", chain.get(1).unwrap()), "ReLU");
     Ok(())
 }
+
+mod weight_tying {
+    use netcl::Tensor;
+    use netcl::nn::{Linear, Module, Published, Sequential, fork_scope};
+
+    /// `Linear(1→1, w) → Linear(1→1, w)` sharing `w`, second with bias 0.5.
+    fn tied(w: f32) -> (Tensor, Sequential) {
+        let w = Tensor::from_vec(vec![w], &[1, 1]).unwrap();
+        let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+        let model = Sequential::new()
+            .with(Linear::from_parts(w.clone(), None).unwrap())
+            .with(Linear::from_parts(w.clone(), Some(b)).unwrap());
+        (w, model)
+    }
+
+    #[test]
+    fn a_tied_weight_is_one_parameter_with_both_layers_gradients() {
+        let (w, model) = tied(3.0);
+        let names: Vec<String> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["0.weight", "1.weight", "1.bias"]);
+        assert_eq!(model.parameters().len(), 2);
+        assert_eq!(model.num_parameters(), 2);
+        // y = w·(w·x) + b at x = 2: dy/dw = 2·w·x = 12 (6 from each layer).
+        let y = model.forward(&Tensor::full(&[1, 1], 2.0)).unwrap();
+        assert_eq!(y.item(), 18.5);
+        y.sum().backward();
+        assert_eq!(w.grad().unwrap().to_vec(), [12.0]);
+    }
+
+    #[test]
+    fn a_tied_weight_is_saved_once_and_loads_without_its_alias() {
+        let (_, model) = tied(3.0);
+        let path = std::env::temp_dir().join(format!("netcl-tied-{}.st", std::process::id()));
+        netcl::io::save(&model, &path).unwrap();
+        let names: Vec<String> = netcl::io::read_tensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["0.weight", "1.bias"]);
+        let (w, fresh) = tied(0.0);
+        netcl::io::load(&fresh, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(w.to_vec(), [3.0], "both layers read the loaded weight");
+        let y = fresh.forward(&Tensor::ones(&[1, 1])).unwrap();
+        assert_eq!(y.item(), 9.5);
+    }
+
+    #[test]
+    fn clones_forks_and_versions_keep_the_tie() {
+        let (w, model) = tied(3.0);
+        let fork = model.try_clone().unwrap();
+        assert_eq!(fork.parameters().len(), 2, "still tied");
+        let shared = &fork.parameters()[0];
+        shared.with_data_mut(|mut v| v.fill(1.0));
+        let x = Tensor::ones(&[1, 1]);
+        assert_eq!(
+            fork.forward(&x).unwrap().item(),
+            1.5,
+            "both layers of the fork changed"
+        );
+        assert_eq!(w.to_vec(), [3.0], "the original did not");
+
+        let published = Published::new(&model).unwrap();
+        assert_eq!(published.load().parameters().len(), 2);
+
+        // Outside a scope, two forks of one tensor are two tensors; inside,
+        // one.
+        let (a, b) = fork_scope(|| (w.fork(), w.fork()));
+        a.with_data_mut(|mut v| v.fill(7.0));
+        assert_eq!(b.to_vec(), [7.0]);
+        let (c, d) = (w.fork(), w.fork());
+        c.with_data_mut(|mut v| v.fill(7.0));
+        assert_eq!(d.to_vec(), [3.0]);
+    }
+}

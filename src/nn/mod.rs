@@ -334,7 +334,9 @@ pub trait Module: Send + Sync + fmt::Debug {
     }
 
     /// The parameters, in the order of
-    /// [`named_parameters`](Module::named_parameters).
+    /// [`named_parameters`](Module::named_parameters), each distinct
+    /// tensor once: a parameter shared by two layers (a tied weight, see
+    /// [`fork_scope`]) appears once.
     ///
     /// # Examples
     ///
@@ -347,7 +349,7 @@ pub trait Module: Send + Sync + fmt::Debug {
     /// assert_eq!(shapes, [vec![4, 2], vec![2]]);
     /// ```
     fn parameters(&self) -> Vec<Tensor> {
-        self.named_parameters()
+        unique_named(self.named_parameters())
             .into_iter()
             .map(|(_, p)| p)
             .collect()
@@ -501,6 +503,69 @@ impl TrainingFlag {
     pub fn set(&self, training: bool) {
         self.0.store(training, Ordering::Relaxed);
     }
+}
+
+/// Runs `f` (a fork of a model) so that parameters shared between layers
+/// stay shared in the fork: inside the scope, [`Tensor::fork`] of a tensor
+/// already forked returns that same fork. Nested scopes join the
+/// outermost one.
+///
+/// The built-in containers ([`Sequential`], [`Mlp`]) and [`Published`]
+/// fork inside a scope already; a custom container whose
+/// [`try_fork`](Module::try_fork) forks several children calls its
+/// children's forks inside one, so that its tied weights stay tied.
+///
+/// # Weight tying
+///
+/// A parameter is a handle: two layers built from clones of one tensor
+/// (`Linear::from_parts(shared.clone(), ..)`) share it, which is weight
+/// tying. The shared parameter appears once in
+/// [`parameters`](Module::parameters) (and in an optimizer), once in a
+/// checkpoint (under its first name in
+/// [`named_parameters`](Module::named_parameters); its other names are
+/// aliases, optional in a file being loaded), and receives the gradients of
+/// both layers. `Clone` and [`try_fork`](Module::try_fork) keep it shared,
+/// through this scope. ([`Tensor::fork`] copies: a layer built from a fork
+/// of a parameter is untied.)
+///
+/// # Examples
+///
+/// Two layers tied by one weight, in a chain:
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::{Linear, Module, Sequential};
+///
+/// let w = Tensor::from_vec(vec![2.0], &[1, 1])?;
+/// let model = Sequential::new()
+///     .with(Linear::from_parts(w.clone(), None)?)
+///     .with(Linear::from_parts(w.clone(), None)?);
+/// assert_eq!(model.named_parameters().len(), 2, "two names...");
+/// assert_eq!(model.parameters().len(), 1, "...one parameter");
+///
+/// // y = w·(w·x): dy/dw = 2·w·x = 4 at x = 1, from both layers.
+/// model.forward(&Tensor::ones(&[1, 1]))?.sum().backward();
+/// assert_eq!(w.grad().unwrap().to_vec(), vec![4.0]);
+///
+/// // A fork (Clone) is tied too: one parameter, shared by its two layers.
+/// let fork = model.try_clone()?;
+/// assert_eq!(fork.parameters().len(), 1);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
+    crate::tensor::fork_scope(f)
+}
+
+/// Each distinct tensor of `params` once, in order (the first of a tied
+/// parameter's names).
+pub(crate) fn unique_named(params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut unique: Vec<(String, Tensor)> = Vec::with_capacity(params.len());
+    for (name, p) in params {
+        if !unique.iter().any(|(_, q)| q.same(&p)) {
+            unique.push((name, p));
+        }
+    }
+    unique
 }
 
 /// Prefixes every name of `params` with `prefix.`.

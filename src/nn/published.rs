@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::autograd::{eval_mode, no_grad};
 use crate::error::Error;
 use crate::error::Result;
-use crate::nn::Module;
+use crate::nn::{Module, fork_scope};
 use crate::sync::{Arc, AtomicArc, Mutex};
 use crate::tensor::Tensor;
 
@@ -137,7 +137,7 @@ impl Published {
     ///
     /// As [`new`](Published::new).
     pub fn with_version<M: Module + ?Sized>(model: &M, number: u64) -> Result<Published> {
-        let version = Version::freeze(model.try_fork()?, number);
+        let version = Version::freeze(fork_scope(|| model.try_fork())?, number);
         Ok(Published {
             current: AtomicArc::new(Arc::new(version)),
             publishing: Mutex::new(()),
@@ -213,7 +213,7 @@ impl Published {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn publish<M: Module + ?Sized>(&self, model: &M) -> Result<u64> {
-        Ok(self.publish_model(model.try_fork()?))
+        Ok(self.publish_model(fork_scope(|| model.try_fork())?))
     }
 
     /// Publishes `model` itself as the next version (it is frozen and set

@@ -5,7 +5,9 @@ use std::fmt;
 use rand::Rng;
 
 use crate::error::{Error, Result, or_panic};
-use crate::nn::{Activation, BufferState, Linear, Module, TrainingFlag, prefixed, prefixed_states};
+use crate::nn::{
+    Activation, BufferState, Linear, Module, TrainingFlag, fork_scope, prefixed, prefixed_states,
+};
 use crate::tensor::Tensor;
 
 /// A chain of modules, each applied to the output of the one before.
@@ -121,17 +123,19 @@ impl Sequential {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn try_clone(&self) -> Result<Sequential> {
-        let layers = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, layer)| {
-                layer.try_fork().map_err(|err| Error::Unsupported {
-                    op: "Sequential::try_clone",
-                    message: format!("layer {i}: {err}"),
+        // In one fork scope: a weight shared by two layers stays shared.
+        let layers = fork_scope(|| {
+            self.layers
+                .iter()
+                .enumerate()
+                .map(|(i, layer)| {
+                    layer.try_fork().map_err(|err| Error::Unsupported {
+                        op: "Sequential::try_clone",
+                        message: format!("layer {i}: {err}"),
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>()
+        })?;
         Ok(Sequential {
             layers,
             training: self.training.clone(),
