@@ -45,7 +45,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Error, Result};
-use crate::nn::Module;
+use crate::nn::{Module, TorchLayout};
 use crate::tensor::Tensor;
 
 const FORMAT: &str = "safetensors";
@@ -164,7 +164,7 @@ fn buffer_slots<'a, M: Module + ?Sized>(
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
-    encode(model, None)
+    encode(model, None, Layout::Netcl)
 }
 
 /// The model's parameters in safetensors form, with `metadata` (string
@@ -193,23 +193,67 @@ pub fn to_bytes_with_metadata<M: Module + ?Sized>(
     model: &M,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    encode(model, Some(metadata))
+    encode(model, Some(metadata), Layout::Netcl)
+}
+
+/// Which layout a file holds: netcl's own, or PyTorch's (the parameters
+/// of [`Module::torch_layouts`] converted).
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    Netcl,
+    Torch,
+}
+
+/// The names of the parameters stored transposed in `layout`.
+fn transposed<M: Module + ?Sized>(model: &M, layout: Layout) -> BTreeSet<String> {
+    match layout {
+        Layout::Netcl => BTreeSet::new(),
+        Layout::Torch => model
+            .torch_layouts()
+            .into_iter()
+            .filter(|(_, l)| *l == TorchLayout::Transposed)
+            .map(|(name, _)| name)
+            .collect(),
+    }
+}
+
+/// The transpose of the row-major `[rows, cols]` matrix `values`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
 }
 
 fn encode<M: Module + ?Sized>(
     model: &M,
     metadata: Option<&BTreeMap<String, String>>,
+    layout: Layout,
 ) -> Result<Vec<u8>> {
-    let params = tensors_by_name("io::to_bytes", model)?;
+    let op = match layout {
+        Layout::Netcl => "io::to_bytes",
+        Layout::Torch => "io::to_torch_bytes",
+    };
+    let params = tensors_by_name(op, model)?;
+    let transposed = transposed(model, layout);
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .into_iter()
         .map(|(name, p)| {
-            let bytes = p.to_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, p.shape().to_vec(), bytes)
+            let (shape, values) = match p.shape() {
+                &[rows, cols] if transposed.contains(&name) => {
+                    (vec![cols, rows], transpose(&p.to_vec(), rows, cols))
+                }
+                shape => (shape.to_vec(), p.to_vec()),
+            };
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
         })
         .collect();
     let format_error = |message: String| Error::Format {
-        op: "io::to_bytes",
+        op,
         source_name: "the model".to_string(),
         format: FORMAT,
         message,
@@ -387,18 +431,31 @@ pub fn load_bytes<M: Module + ?Sized>(model: &M, bytes: &[u8]) -> Result<()> {
 }
 
 fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) -> Result<()> {
-    const OP: &str = "io::load";
+    load_layout(model, bytes, source_name, Layout::Netcl)
+}
+
+fn load_layout<M: Module + ?Sized>(
+    model: &M,
+    bytes: &[u8],
+    source_name: &str,
+    layout: Layout,
+) -> Result<()> {
+    let op = match layout {
+        Layout::Netcl => "io::load",
+        Layout::Torch => "io::load_torch",
+    };
+    let transposed = transposed(model, layout);
     let file = SafeTensors::deserialize(bytes).map_err(|err| Error::Format {
-        op: OP,
+        op,
         source_name: source_name.to_string(),
         format: FORMAT,
         message: err.to_string(),
     })?;
-    let (params, aliases) = parameters_and_aliases(OP, model)?;
-    let (states, slots) = buffer_slots(OP, model, &params)?;
+    let (params, aliases) = parameters_and_aliases(op, model)?;
+    let (states, slots) = buffer_slots(op, model, &params)?;
     if let Some((name, _)) = states.iter().find(|(_, state)| state.is_frozen()) {
         return Err(Error::InvalidArgument {
-            op: OP,
+            op,
             message: format!("the buffers `{name}` are frozen (a published version never changes)"),
         });
     }
@@ -418,7 +475,7 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(Error::ParameterNames {
-            op: OP,
+            op,
             missing,
             unexpected,
         });
@@ -426,26 +483,36 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
     let mut updates = Vec::with_capacity(params.len());
     for (name, param) in &params {
         let view = file.tensor(name).map_err(|err| Error::Format {
-            op: OP,
+            op,
             source_name: source_name.to_string(),
             format: FORMAT,
             message: err.to_string(),
         })?;
-        if view.dtype() != Dtype::F32 || view.shape() != param.shape() {
+        // The shape the file should hold: PyTorch's `[out, in]` for a
+        // transposed parameter.
+        let flip = param.ndim() == 2 && transposed.contains(name);
+        let mut expected = param.shape().to_vec();
+        if flip {
+            expected.reverse();
+        }
+        if view.dtype() != Dtype::F32 || view.shape() != expected.as_slice() {
             return Err(Error::ParameterMismatch {
-                op: OP,
+                op,
                 name: name.clone(),
-                expected: param.shape().to_vec(),
+                expected,
                 found: view.shape().to_vec(),
                 found_dtype: view.dtype().to_string(),
             });
         }
         // deserialize checked that the data has shape · 4 bytes.
-        let values: Vec<f32> = view
+        let mut values: Vec<f32> = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if flip {
+            values = transpose(&values, expected[0], expected[1]);
+        }
         updates.push((param, crate::storage::Data::from_vec(param.shape(), values)));
     }
     let mut buffer_values: Vec<Vec<Option<Tensor>>> = states
@@ -454,7 +521,7 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         .collect();
     for (name, (i, j, shape)) in &slots {
         let view = file.tensor(name).map_err(|err| Error::Format {
-            op: OP,
+            op,
             source_name: source_name.to_string(),
             format: FORMAT,
             message: err.to_string(),
@@ -481,7 +548,7 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
             }
             _ => {
                 return Err(Error::ParameterMismatch {
-                    op: OP,
+                    op,
                     name: name.clone(),
                     expected: shape.clone(),
                     found: view.shape().to_vec(),
@@ -504,6 +571,95 @@ fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) ->
         let _ = state.store(values);
     }
     Ok(())
+}
+
+/// The model's parameters and buffers in safetensors form, in the layout of
+/// the PyTorch model it mirrors: what `torch.nn.Module.state_dict()` saved
+/// with `safetensors.torch.save_file` holds.
+///
+/// The names are netcl's ([`Module::named_parameters`],
+/// [`Module::named_buffers`]), which the layers choose to match PyTorch's
+/// attributes (a [`Sequential`](crate::nn::Sequential)'s `0.weight` is
+/// `nn.Sequential`'s). The parameters listed by
+/// [`Module::torch_layouts`] are converted, and only those: a
+/// [`Linear`](crate::nn::Linear) weight, `[in, out]` in netcl, is stored
+/// transposed, `[out, in]`, as `nn.Linear.weight`. This (with
+/// [`load_torch_bytes`]) is the one place where netcl's layouts meet
+/// PyTorch's; [`to_bytes`] and [`load`] keep netcl's own.
+///
+/// An [`Mlp`](crate::nn::Mlp)'s names start with `layers.` (a PyTorch
+/// module holding `self.layers = nn.Sequential(..)`); save
+/// [`Mlp::layers`](crate::nn::Mlp::layers) instead for a bare
+/// `nn.Sequential`'s names (`0.weight`).
+///
+/// # Errors
+///
+/// As [`to_bytes`].
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::Linear;
+///
+/// // netcl's weight [in = 2, out = 3]; PyTorch's nn.Linear(2, 3).weight is [3, 2].
+/// let layer = Linear::from_parts(Tensor::from_vec(vec![1., 2., 3., 4., 5., 6.], &[2, 3])?, None)?;
+/// let bytes = netcl::io::to_torch_bytes(&layer)?;
+///
+/// let fresh = Linear::from_parts(Tensor::zeros(&[2, 3]), None)?;
+/// netcl::io::load_torch_bytes(&fresh, &bytes)?;
+/// assert_eq!(fresh.weight().to_vec(), layer.weight().to_vec());
+///
+/// // netcl's own layout is not PyTorch's: loading one as the other fails,
+/// // naming the parameter with the shape expected in the file.
+/// let err = netcl::io::load_torch_bytes(&fresh, &netcl::io::to_bytes(&layer)?).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "io::load_torch: parameter `weight` is stored as F32 [2, 3], the model expects F32 [3, 2]"
+/// );
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn to_torch_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
+    encode(model, None, Layout::Torch)
+}
+
+/// Saves the model in PyTorch's layout ([`to_torch_bytes`]) to `path`,
+/// atomically as [`save`] does: a file `safetensors.torch.load_file`
+/// reads and `load_state_dict` accepts.
+///
+/// # Errors
+///
+/// As [`save`].
+pub fn save_torch<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = to_torch_bytes(model)?;
+    write_atomically(path, &bytes).map_err(|err| io_error("io::save_torch", path, &err))
+}
+
+/// Loads a PyTorch `state_dict` saved as safetensors (for example with
+/// `safetensors.torch.save_file(model.state_dict(), path)`) into a netcl
+/// model that mirrors the PyTorch one, in place: the names must match
+/// (see [`to_torch_bytes`]) and the parameters of
+/// [`Module::torch_layouts`] are converted from PyTorch's layout.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be read, and the errors of
+/// [`load_torch_bytes`]. On error the model is unchanged.
+pub fn load_torch<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|err| io_error("io::load_torch", path, &err))?;
+    load_layout(model, &bytes, &path.display().to_string(), Layout::Torch)
+}
+
+/// [`load_torch`] from bytes in memory.
+///
+/// # Errors
+///
+/// As [`load_bytes`], with [`Error::ParameterMismatch`] giving the shape
+/// expected in PyTorch's layout (`[out, in]` for a `Linear` weight).
+pub fn load_torch_bytes<M: Module + ?Sized>(model: &M, bytes: &[u8]) -> Result<()> {
+    load_layout(model, bytes, "the given bytes", Layout::Torch)
 }
 
 /// Reads every tensor of a safetensors file of `F32` tensors, by name (in

@@ -6,7 +6,7 @@ use rand::Rng;
 
 use crate::array::checked_numel;
 use crate::error::{Error, Result, or_panic};
-use crate::nn::{Module, TrainingFlag};
+use crate::nn::{Module, TorchLayout, TrainingFlag};
 use crate::tensor::Tensor;
 
 /// A fully connected layer: `y = x · W + b`.
@@ -17,8 +17,12 @@ use crate::tensor::Tensor;
 ///
 /// The weight is stored input-major so the forward is one matrix product of
 /// two row-major operands with no transpose node on the tape. PyTorch's
-/// `nn.Linear` stores the transpose (`[out_features, in_features]`): transpose
-/// such weights when importing them.
+/// `nn.Linear` stores the transpose (`[out_features, in_features]`):
+/// [`io::load_torch`](crate::io::load_torch) and
+/// [`io::save_torch`](crate::io::save_torch) transpose it, in one place,
+/// guided by [`Module::torch_layouts`]; [`io::load`](crate::io::load) and
+/// [`io::save`](crate::io::save) keep netcl's layout, so every netcl
+/// checkpoint still loads.
 ///
 /// New layers use the usual default initialisation (Kaiming-uniform with
 /// `a = √5`, as PyTorch's `nn.Linear`): weight and bias drawn uniformly from
@@ -325,6 +329,10 @@ impl Module for Linear {
 
     fn training_flag(&self) -> Option<&TrainingFlag> {
         Some(&self.training)
+    }
+
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        vec![("weight".to_string(), TorchLayout::Transposed)]
     }
 
     fn try_fork(&self) -> Result<Box<dyn Module>> {

@@ -240,6 +240,30 @@ pub trait Module: Send + Sync + fmt::Debug {
             .collect()
     }
 
+    /// The parameters whose layout differs from the PyTorch module this
+    /// module mirrors, by name (as in
+    /// [`named_parameters`](Module::named_parameters)): `[("weight",
+    /// TorchLayout::Transposed)]` for a [`Linear`], which stores `[in,
+    /// out]` where `nn.Linear` stores `[out, in]`. None by default.
+    ///
+    /// [`io::load_torch`](crate::io::load_torch) and
+    /// [`io::save_torch`](crate::io::save_torch) convert these parameters,
+    /// and only these, between the two layouts; containers prefix their
+    /// children's names.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Module, ReLU, Sequential, TorchLayout};
+    ///
+    /// let model = Sequential::new().with(Linear::zeros(4, 3)?).with(ReLU::new());
+    /// assert_eq!(model.torch_layouts(), [("0.weight".to_string(), TorchLayout::Transposed)]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        Vec::new()
+    }
+
     /// Sets the module's own training (`true`) or evaluation (`false`)
     /// flag, and its children's: the default mode for threads that set
     /// none.
@@ -429,6 +453,9 @@ macro_rules! forward_module {
             fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
                 (**self).named_buffer_states()
             }
+            fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+                (**self).torch_layouts()
+            }
             fn named_buffers(&self) -> Vec<(String, Tensor)> {
                 (**self).named_buffers()
             }
@@ -452,6 +479,16 @@ macro_rules! forward_module {
 }
 
 forward_module!(Box<M>, Arc<M>, &M);
+
+/// How a parameter's layout differs from PyTorch's
+/// ([`Module::torch_layouts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TorchLayout {
+    /// A 2-D parameter stored as the transpose of PyTorch's: netcl's
+    /// [`Linear`] weight is `[in, out]`, `nn.Linear`'s `[out, in]`.
+    Transposed,
+}
 
 /// A module's own training/evaluation flag: an atomic, so that a shared
 /// model can switch its default mode through `&self`

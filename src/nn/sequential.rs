@@ -6,7 +6,8 @@ use rand::Rng;
 
 use crate::error::{Error, Result, or_panic};
 use crate::nn::{
-    Activation, BufferState, Linear, Module, TrainingFlag, fork_scope, prefixed, prefixed_states,
+    Activation, BufferState, Linear, Module, TorchLayout, TrainingFlag, fork_scope, prefixed,
+    prefixed_states,
 };
 use crate::tensor::Tensor;
 
@@ -176,6 +177,20 @@ impl Module for Sequential {
             .iter()
             .enumerate()
             .flat_map(|(i, layer)| prefixed(&i.to_string(), layer.named_parameters()))
+            .collect()
+    }
+
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                let prefix = i.to_string();
+                layer
+                    .torch_layouts()
+                    .into_iter()
+                    .map(move |(name, layout)| (format!("{prefix}.{name}"), layout))
+            })
             .collect()
     }
 
@@ -424,6 +439,14 @@ impl Module for Mlp {
 
     fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
         prefixed_states("layers", self.layers.named_buffer_states())
+    }
+
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        self.layers
+            .torch_layouts()
+            .into_iter()
+            .map(|(name, layout)| (format!("layers.{name}"), layout))
+            .collect()
     }
 
     fn set_training(&self, training: bool) {
