@@ -1,42 +1,7 @@
 //! Buffers: a module's named, non-trained state (BatchNorm's running
 //! statistics), kept as immutable snapshots swapped whole.
 //!
-//! # Design
-//!
-//! A stateful layer keeps its buffers in a [`BufferState`]: a pointer to
-//! one immutable [`Buffers`] snapshot (every buffer of the layer, together),
-//! replaced whole by read-copy-update:
-//!
-//! - **A forward reads one consistent state.** It loads the snapshot once
-//!   ([`BufferState::load`], no lock, never waits) and reads every buffer
-//!   from it: never a mean of one update with a variance of another.
-//! - **An update never holds a lock while computing.** A training forward
-//!   computes its new statistics (the functional op returns them) and calls
-//!   [`BufferState::update`], which computes the next snapshot from the
-//!   current one with no lock held and installs it with one
-//!   compare-and-swap. If another thread installed a snapshot in between,
-//!   the swap fails and the update is recomputed from the newer snapshot.
-//! - **Concurrent updates are never lost.** Two threads training one layer
-//!   at once see their updates applied one after the other, each exactly
-//!   once, in some order (updates are linearizable): with a count buffer,
-//!   `n` updates from any threads add exactly `n`. (Running averages with
-//!   momentum depend on that order, as they depend on batch order in one
-//!   thread.) Updates are lock-free, not wait-free: an update retries only
-//!   because another one succeeded.
-//! - **A served version never changes.** [`Published`](crate::nn::Published)
-//!   versions freeze their buffer states ([`BufferState::freeze`]): a
-//!   forward in training mode on a version still normalises with its batch,
-//!   but its update is skipped (`Ok(false)`), and loading a checkpoint into
-//!   it is an error. Freezing is itself a swap, so no update can land after
-//!   `freeze` returns.
-//! - **Forks are independent.** [`BufferState::fork`] starts from the same
-//!   snapshot (O(1): the values are shared copy-on-write) and is updated on
-//!   its own from then on; [`Module::try_fork`](crate::nn::Module::try_fork)
-//!   forks a layer's buffer states as it forks its parameters.
-//!
-//! The tensors inside a snapshot are never written: [`Buffers::get`] hands
-//! out detached tensors (O(1), copy-on-write), so writing to one changes
-//! only the caller's copy.
+//! The semantics are documented on [`BufferState`].
 
 use std::fmt;
 
@@ -210,14 +175,49 @@ impl fmt::Debug for Buffers {
 }
 
 /// The buffers of a stateful layer: the current [`Buffers`] snapshot,
-/// loaded without a lock and replaced whole by compare-and-swap (see the
-/// [module docs](self) for the semantics under concurrent training).
+/// loaded without a lock and replaced whole by compare-and-swap.
 ///
 /// A layer keeps one, returns it from
 /// [`Module::named_buffer_states`](crate::nn::Module::named_buffer_states)
 /// (so that `io`, forks and [`Published`](crate::nn::Published) versions
 /// carry its buffers), reads it once per forward, and updates it from a
 /// training forward.
+///
+/// # Semantics under concurrent training
+///
+/// The state is a pointer to one immutable [`Buffers`] snapshot (every
+/// buffer of the layer, together), replaced whole by read-copy-update:
+///
+/// - **A forward reads one consistent state.** It loads the snapshot once
+///   ([`BufferState::load`], no lock, never waits) and reads every buffer
+///   from it: never a mean of one update with a variance of another.
+/// - **An update never holds a lock while computing.** A training forward
+///   computes its new statistics (the functional op returns them) and calls
+///   [`BufferState::update`], which computes the next snapshot from the
+///   current one with no lock held and installs it with one
+///   compare-and-swap. If another thread installed a snapshot in between,
+///   the swap fails and the update is recomputed from the newer snapshot.
+/// - **Concurrent updates are never lost.** Two threads training one layer
+///   at once see their updates applied one after the other, each exactly
+///   once, in some order (updates are linearizable): with a count buffer,
+///   `n` updates from any threads add exactly `n`. (Running averages with
+///   momentum depend on that order, as they depend on batch order in one
+///   thread.) Updates are lock-free, not wait-free: an update retries only
+///   because another one succeeded.
+/// - **A served version never changes.** [`Published`](crate::nn::Published)
+///   versions freeze their buffer states ([`BufferState::freeze`]): a
+///   forward in training mode on a version still normalises with its batch,
+///   but its update is skipped (`Ok(false)`), and loading a checkpoint into
+///   it is an error. Freezing is itself a swap, so no update can land after
+///   `freeze` returns.
+/// - **Forks are independent.** [`BufferState::fork`] starts from the same
+///   snapshot (O(1): the values are shared copy-on-write) and is updated on
+///   its own from then on; [`Module::try_fork`](crate::nn::Module::try_fork)
+///   forks a layer's buffer states as it forks its parameters.
+///
+/// The tensors inside a snapshot are never written: [`Buffers::get`] hands
+/// out detached tensors (O(1), copy-on-write), so writing to one changes
+/// only the caller's copy.
 ///
 /// # Examples
 ///
