@@ -301,3 +301,32 @@ fn concurrent_training_loses_no_update_and_readers_see_whole_states() {
     assert_eq!(buffer(&layer, "running_sum"), vec![expected; 4]);
     assert!(reads > 0, "the readers ran");
 }
+
+/// A safetensors file by hand: an 8-byte header length, the JSON header,
+/// then the data.
+fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+#[test]
+fn a_pytorch_int64_counter_loads_into_a_buffer() {
+    // PyTorch saves BatchNorm's num_batches_tracked as a 0-d int64.
+    let header = r#"{"num_samples":{"dtype":"I64","shape":[],"data_offsets":[0,8]},"running_sum":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+    let mut data = 12i64.to_le_bytes().to_vec();
+    for v in [3.0f32, 6.0] {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    let layer = RunningMean::new(2);
+    netcl::io::load_torch_bytes(&layer, &safetensors(header, &data)).unwrap();
+    assert_eq!(buffer(&layer, "num_samples"), [12.0]);
+    assert_eq!(buffer(&layer, "running_sum"), [3.0, 6.0]);
+
+    // A parameter stays F32-only.
+    let header = r#"{"weight":{"dtype":"I64","shape":[1,1],"data_offsets":[0,8]}}"#;
+    let linear = Linear::from_parts(Tensor::zeros(&[1, 1]), None).unwrap();
+    let err = netcl::io::load_bytes(&linear, &safetensors(header, &data[..8])).unwrap_err();
+    assert!(err.to_string().contains("I64"), "{err}");
+}

@@ -9,6 +9,8 @@
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
 //! | [`Published`] | the versions of a model served while it trains |
 //! | [`BufferState`], [`Buffers`] | a stateful layer's buffers (running statistics), swapped whole |
+//! | [`fork_scope`] | forks that keep tied (shared) weights shared |
+//! | [`TorchLayout`] | how a parameter's layout differs from PyTorch's, for [`io::load_torch`](crate::io::load_torch) |
 //!
 //! # Sharing one model between threads
 //!
@@ -26,6 +28,11 @@
 //!   model instead: the trainer publishes the whole parameter set as one
 //!   immutable version (O(1) per parameter), and readers run each forward
 //!   against one version.
+//! - **Buffers are snapshots.** A stateful layer's running statistics live
+//!   in a [`BufferState`]: a forward reads them from one immutable
+//!   snapshot, a training forward installs the next one by
+//!   compare-and-swap (no update is lost when threads train one layer at
+//!   once), and a [`Published`] version's are frozen.
 //! - **Training and evaluation are per thread.** [`eval_mode`] and
 //!   [`train_mode`] set the mode of the calling thread only (and travel with
 //!   its [`GradMode`](crate::autograd::GradMode) into `netcl::parallel`
