@@ -204,6 +204,11 @@ pub enum NonFinite {
     Skip,
 }
 
+/// The rate of a step schedule after `steps` steps.
+fn step_lr(schedule: &dyn LrSchedule, steps: u64) -> f32 {
+    schedule.lr(usize::try_from(steps).unwrap_or(usize::MAX))
+}
+
 /// Stops a [`Trainer`]'s [`fit`](Trainer::fit) after its current step,
 /// from any thread; made by [`Trainer::stop_handle`]. Cheap to clone.
 ///
@@ -445,6 +450,7 @@ pub struct Trainer<M: Module, O: Optimizer> {
     eval_batch_size: usize,
     seed: u64,
     schedule: Option<Box<dyn LrSchedule>>,
+    step_schedule: Option<Box<dyn LrSchedule>>,
     loss_fn: Box<LossFn>,
     progress: bool,
     history: Vec<EpochMetrics>,
@@ -470,6 +476,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             eval_batch_size: 256,
             seed: 0,
             schedule: None,
+            step_schedule: None,
             loss_fn: Box::new(cross_entropy),
             progress: true,
             history: Vec::new(),
@@ -515,6 +522,49 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     #[must_use]
     pub fn schedule(mut self, schedule: impl LrSchedule + 'static) -> Self {
         self.schedule = Some(Box::new(schedule));
+        self
+    }
+
+    /// Sets a learning-rate schedule indexed by optimisation step, applied
+    /// before every step: the step's rate is `schedule.lr(n)` with `n` the
+    /// steps taken before it over the trainer's life (0 for the first), so
+    /// a [`Warmup`](crate::optim::Warmup) warms up over steps, as a model
+    /// that trains for less than an epoch needs. It takes precedence over
+    /// a per-epoch [`schedule`](Trainer::schedule). [`StepInfo::lr`] is the
+    /// step's rate and [`EpochMetrics::lr`] the rate of the epoch's first
+    /// step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Constant, Sgd, SgdConfig, Warmup};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[32, 2]), Tensor::zeros(&[32]))?;
+    /// let rates = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&rates);
+    /// let mut trainer = Trainer::new(model, optimizer, data)
+    ///     .batch_size(8)
+    ///     .progress(false)
+    ///     .step_schedule(Warmup::new(4, Constant(0.1)))
+    ///     .on_step(move |info, _| log.lock().unwrap().push(info.lr));
+    /// trainer.fit(2)?;
+    /// let expected = [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1];
+    /// let rates = rates.lock().unwrap();
+    /// assert!(rates.iter().zip(expected).all(|(r, e)| (r - e).abs() < 1e-7), "{rates:?}");
+    /// assert_eq!(trainer.history()[1].lr, 0.1);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn step_schedule(mut self, schedule: impl LrSchedule + 'static) -> Self {
+        self.step_schedule = Some(Box::new(schedule));
         self
     }
 
@@ -801,7 +851,10 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     ) -> Result<Option<EpochMetrics>> {
         let start = Instant::now();
         let epoch = self.history.len();
-        if let Some(schedule) = &self.schedule {
+        if let Some(schedule) = &self.step_schedule {
+            self.optimizer
+                .set_learning_rate(step_lr(&**schedule, self.steps));
+        } else if let Some(schedule) = &self.schedule {
             self.optimizer.set_learning_rate(schedule.lr(epoch));
         }
         let lr = self.optimizer.learning_rate();
@@ -838,6 +891,11 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 }
                 self.optimizer.zero_grad();
                 loss.try_backward()?;
+                if let Some(schedule) = &self.step_schedule {
+                    self.optimizer
+                        .set_learning_rate(step_lr(&**schedule, self.steps));
+                }
+                let lr = self.optimizer.learning_rate();
                 self.optimizer.step();
                 loss_sum += f64::from(value) * batch.len() as f64;
                 samples += batch.len();

@@ -416,3 +416,37 @@ fn a_stop_handle_ends_fit_after_the_current_step_from_another_thread() -> Result
     );
     Ok(())
 }
+
+#[test]
+fn a_step_schedule_sets_every_steps_rate_and_overrides_the_epoch_schedule() {
+    use netcl::optim::{Constant, LrSchedule, Warmup};
+    // 16 samples in batches of 4: 4 steps per epoch, 3 epochs. Warm-up over
+    // 6 steps to 0.6: 0.1, 0.2, ..., 0.6, then 0.6; the per-epoch schedule
+    // (constant 9) is ignored.
+    let model = Linear::zeros(2, 2).unwrap();
+    let optimizer = Sgd::new(model.parameters(), SgdConfig::new(1.0));
+    let data = TensorDataset::new(Tensor::ones(&[16, 2]), Tensor::zeros(&[16])).unwrap();
+    let rates = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&rates);
+    let schedule = Warmup::new(6, Constant(0.6));
+    let mut trainer = Trainer::new(model, optimizer, data)
+        .batch_size(4)
+        .progress(false)
+        .schedule(Constant(9.0))
+        .step_schedule(schedule)
+        .on_step(move |info, _| log.lock().unwrap().push((info.step, info.lr)));
+    trainer.fit(3).unwrap();
+    let rates = rates.lock().unwrap();
+    assert_eq!(rates.len(), 12);
+    for &(step, lr) in rates.iter() {
+        let expected = schedule.lr(step as usize - 1);
+        assert!(
+            (lr - expected).abs() < 1e-7,
+            "step {step}: {lr} vs {expected}"
+        );
+    }
+    assert!((rates[0].1 - 0.1).abs() < 1e-7 && rates[11].1 == 0.6);
+    let epoch_rates: Vec<f32> = trainer.history().iter().map(|m| m.lr).collect();
+    assert!((epoch_rates[0] - 0.1).abs() < 1e-7, "the first step's rate");
+    assert!((epoch_rates[1] - 0.5).abs() < 1e-7, "step 5's rate");
+}
