@@ -5,8 +5,9 @@
 //! [`Module::named_parameters`] (`layers.0.weight`, ...) and
 //! [`Module::named_buffers`] (`1.running_mean`); a parameter shared by two
 //! layers (a tied weight, see [`fork_scope`](crate::nn::fork_scope)) is
-//! stored once, under its first name, and its other names may be absent
-//! from a file being loaded (if present, they are ignored). Values are
+//! stored once, under its first name; a file being loaded needs it under
+//! one of its names (the first if present, else any other: PyTorch's
+//! `save_model` keeps either). Values are
 //! little-endian
 //! `F32` tensors in row-major order, so files open with any safetensors
 //! reader. Loading checks the file against the model before changing
@@ -69,24 +70,28 @@ fn parameters_by_name<M: Module + ?Sized>(
     Ok(parameters_and_aliases(op, model)?.0)
 }
 
-/// The parameters by (first) name, and the other names of tied parameters.
+/// The parameters by (first) name, and the other names of tied parameters
+/// (alias -> first name).
 fn parameters_and_aliases<M: Module + ?Sized>(
     op: &'static str,
     model: &M,
-) -> Result<(BTreeMap<String, Tensor>, BTreeSet<String>)> {
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
     let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
-    let mut aliases = BTreeSet::new();
+    let mut aliases = BTreeMap::new();
     for (name, p) in model.named_parameters() {
-        if params.contains_key(&name) || aliases.contains(&name) {
+        if params.contains_key(&name) || aliases.contains_key(&name) {
             return Err(Error::InvalidArgument {
                 op,
                 message: format!("the model has two parameters named `{name}`"),
             });
         }
-        if params.values().any(|q| q.same(&p)) {
-            aliases.insert(name);
-        } else {
-            params.insert(name, p);
+        match params.iter().find(|(_, q)| q.same(&p)) {
+            Some((first, _)) => {
+                aliases.insert(name, first.clone());
+            }
+            None => {
+                params.insert(name, p);
+            }
         }
     }
     Ok((params, aliases))
@@ -460,16 +465,29 @@ fn load_layout<M: Module + ?Sized>(
         });
     }
     let stored: BTreeSet<&str> = file.names().into_iter().collect();
+    // Where each parameter is read from: its first name, or else the first
+    // of its other names (a tied weight) that the file has.
+    let source = |name: &String| -> Option<String> {
+        if stored.contains(name.as_str()) {
+            return Some(name.clone());
+        }
+        aliases
+            .iter()
+            .find(|(alias, first)| *first == name && stored.contains(alias.as_str()))
+            .map(|(alias, _)| alias.clone())
+    };
     let missing: Vec<String> = params
         .keys()
-        .chain(slots.keys())
-        .filter(|name| !stored.contains(name.as_str()))
+        .filter(|name| source(name).is_none())
+        .chain(slots.keys().filter(|name| !stored.contains(name.as_str())))
         .cloned()
         .collect();
     let unexpected: Vec<String> = stored
         .iter()
         .filter(|name| {
-            !params.contains_key(**name) && !slots.contains_key(**name) && !aliases.contains(**name)
+            !params.contains_key(**name)
+                && !slots.contains_key(**name)
+                && !aliases.contains_key(**name)
         })
         .map(|name| name.to_string())
         .collect();
@@ -481,7 +499,8 @@ fn load_layout<M: Module + ?Sized>(
         });
     }
     let mut updates = Vec::with_capacity(params.len());
-    for (name, param) in &params {
+    for (first, param) in &params {
+        let name = &source(first).expect("checked above: every parameter has a source");
         let view = file.tensor(name).map_err(|err| Error::Format {
             op,
             source_name: source_name.to_string(),

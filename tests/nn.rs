@@ -400,6 +400,39 @@ mod weight_tying {
     }
 
     #[test]
+    fn a_tied_weight_loads_from_any_of_its_names() {
+        // Only the second name (as PyTorch's save_model may keep): read
+        // from it.
+        let w = Tensor::from_vec(vec![4.0], &[1, 1]).unwrap();
+        let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+        let second_only = Sequential::new()
+            .with(netcl::nn::ReLU::new())
+            .with(Linear::from_parts(w, Some(b)).unwrap());
+        let bytes = netcl::io::to_bytes(&second_only).unwrap();
+        let (w, model) = tied(0.0);
+        netcl::io::load_bytes(&model, &bytes).unwrap();
+        assert_eq!(w.to_vec(), [4.0]);
+
+        // Both names (an untied model's file): the first name wins.
+        let both = Sequential::new()
+            .with(Linear::from_parts(Tensor::full(&[1, 1], 2.0), None).unwrap())
+            .with(
+                Linear::from_parts(Tensor::full(&[1, 1], 3.0), Some(Tensor::zeros(&[1]))).unwrap(),
+            );
+        netcl::io::load_bytes(&model, &netcl::io::to_bytes(&both).unwrap()).unwrap();
+        assert_eq!(w.to_vec(), [2.0]);
+
+        // Neither: missing under its first name.
+        let neither = netcl::io::to_bytes(&Linear::zeros(1, 1).unwrap()).unwrap();
+        match netcl::io::load_bytes(&model, &neither).unwrap_err() {
+            netcl::Error::ParameterNames { missing, .. } => {
+                assert_eq!(missing, ["0.weight", "1.bias"])
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
     fn clones_forks_and_versions_keep_the_tie() {
         let (w, model) = tied(3.0);
         let fork = model.try_clone().unwrap();
