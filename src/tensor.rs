@@ -880,6 +880,24 @@ impl Tensor {
         Tensor::from_data(self.read().into_data())
     }
 
+    /// True if both handles name the same tensor: a clone of a handle, or a
+    /// parameter shared by two layers (a tied weight). A
+    /// [`fork`](Tensor::fork) or a [`detach`](Tensor::detach) is another
+    /// tensor, even while it shares the values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let w = Tensor::ones(&[2]);
+    /// assert!(w.same_tensor(&w.clone()));
+    /// assert!(!w.same_tensor(&w.fork()));
+    /// ```
+    pub fn same_tensor(&self, other: &Tensor) -> bool {
+        self.same(other)
+    }
+
     /// A new leaf with this tensor's current values and its
     /// [`requires_grad`](Tensor::requires_grad) flag, without gradient or
     /// graph: an independent copy of a parameter.

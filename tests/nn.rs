@@ -460,3 +460,73 @@ mod weight_tying {
         assert_eq!(d.to_vec(), [3.0]);
     }
 }
+
+/// An output layer tied to an embedding table ([vocab, d], PyTorch's
+/// layout for both), in a custom container as a language model holds them.
+mod tied_embedding_head {
+    use netcl::functional::embedding;
+    use netcl::nn::{Module, TiedLinear, fork_scope};
+    use netcl::{Result, Tensor};
+
+    #[derive(Debug)]
+    struct TinyLm {
+        table: Tensor,
+        head: TiedLinear,
+    }
+
+    impl TinyLm {
+        fn new(values: Vec<f32>) -> TinyLm {
+            let table = Tensor::from_vec(values, &[3, 2])
+                .unwrap()
+                .requires_grad_(true);
+            let head = TiedLinear::new(&table, Some(Tensor::zeros(&[3]))).unwrap();
+            TinyLm { table, head }
+        }
+    }
+
+    impl Module for TinyLm {
+        fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+            self.head.forward(&embedding(ids, &self.table))
+        }
+        fn named_parameters(&self) -> Vec<(String, Tensor)> {
+            let mut params = vec![("embed.weight".to_string(), self.table.clone())];
+            for (name, p) in self.head.named_parameters() {
+                params.push((format!("head.{name}"), p));
+            }
+            params
+        }
+        fn try_fork(&self) -> Result<Box<dyn Module>> {
+            // One scope: the head's fork of the table is the table's fork.
+            fork_scope(|| {
+                let table = self.table.fork();
+                let head = self.head.clone();
+                assert!(head.weight().same_tensor(&table));
+                Ok(Box::new(TinyLm { table, head }) as Box<dyn Module>)
+            })
+        }
+    }
+
+    #[test]
+    fn the_head_shares_the_table_in_training_checkpoints_and_forks() {
+        let lm = TinyLm::new(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        assert_eq!(lm.parameters().len(), 2, "the table once, the head's bias");
+        let path = std::env::temp_dir().join(format!("netcl-tiedlm-{}.st", std::process::id()));
+        netcl::io::save_torch(&lm, &path).unwrap();
+        let names: Vec<String> = netcl::io::read_tensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["embed.weight", "head.bias"]);
+        let fresh = TinyLm::new(vec![0.0; 6]);
+        netcl::io::load_torch(&fresh, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(fresh.head.weight().to_vec(), lm.table.to_vec());
+
+        let fork = lm.try_fork().unwrap();
+        fork.parameters()[0].with_data_mut(|mut t| t.fill(0.0));
+        let ids = Tensor::from_vec(vec![2.0], &[1]).unwrap();
+        assert_eq!(fork.forward(&ids).unwrap().to_vec(), [0.0; 3]);
+        assert_eq!(lm.forward(&ids).unwrap().to_vec(), [1.0, 1.0, 2.0]);
+    }
+}

@@ -3,6 +3,7 @@
 //! | | |
 //! |---|---|
 //! | [`Linear`] | `x · W + b`, Kaiming-uniform initialised from a seeded RNG |
+//! | [`TiedLinear`] | `x · Wᵀ + b` with a shared `[out, in]` weight: an output layer tied to an embedding |
 //! | [`ReLU`], [`Sigmoid`], [`Tanh`] | element-wise activations |
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
@@ -88,7 +89,7 @@ pub use activation::{Activation, ReLU, Sigmoid, Tanh};
 pub(crate) use buffers::prefixed_states;
 pub use buffers::{BufferState, Buffers};
 pub use dropout::Dropout;
-pub use linear::Linear;
+pub use linear::{Linear, TiedLinear};
 pub use published::{Published, Version};
 pub use sequential::{Mlp, Sequential};
 
@@ -623,6 +624,7 @@ pub(crate) fn prefixed(prefix: &str, params: Vec<(String, Tensor)>) -> Vec<(Stri
 const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Linear>();
+    assert_send_sync::<TiedLinear>();
     assert_send_sync::<Dropout>();
     assert_send_sync::<Sequential>();
     assert_send_sync::<Mlp>();
