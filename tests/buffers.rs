@@ -330,3 +330,59 @@ fn a_pytorch_int64_counter_loads_into_a_buffer() {
     let err = netcl::io::load_bytes(&linear, &safetensors(header, &data[..8])).unwrap_err();
     assert!(err.to_string().contains("I64"), "{err}");
 }
+
+/// The torn-read detector with a stateful layer: a trainer moves the
+/// weight `w` and the running mean together to state `k` (w = k, mean = k)
+/// and publishes version `k`, while readers serve published versions. For
+/// x = 2 a version's output is `2w - mean`, so `k` for a whole version and
+/// anything else for a mix (a weight of one state with the statistics of
+/// another): every read must give exactly the version's number.
+#[test]
+fn published_versions_carry_parameters_and_buffers_together() {
+    const VERSIONS: u64 = 300;
+    let model = Sequential::new()
+        .with(Linear::from_parts(Tensor::zeros(&[1, 1]), None).unwrap())
+        .with(RunningMean::new(1));
+    model.named_buffer_states()[0]
+        .1
+        .store(vec![Tensor::zeros(&[1]), Tensor::scalar(1.0)])
+        .unwrap();
+    let published = Published::new(&model).unwrap();
+    let done = AtomicBool::new(false);
+    let (reads, torn) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let x = Tensor::full(&[1, 1], 2.0);
+                while !done.load(Ordering::Acquire) {
+                    let version = published.load();
+                    let y = version.predict(&x).unwrap().item();
+                    if y != version.number() as f32 {
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for k in 1..=VERSIONS {
+            assert!(Instant::now() < deadline, "the trainer made no progress");
+            let k = k as f32;
+            model.parameters()[0].with_data_mut(|mut w| w.fill(k));
+            model.named_buffer_states()[0]
+                .1
+                .store(vec![Tensor::full(&[1], k), Tensor::scalar(1.0)])
+                .unwrap();
+            published.publish(&model).unwrap();
+        }
+        done.store(true, Ordering::Release);
+    });
+    let (reads, torn) = (reads.into_inner(), torn.into_inner());
+    println!("published buffers: {VERSIONS} versions, {reads} reads, {torn} torn");
+    assert_eq!(
+        torn, 0,
+        "a version mixed a weight and statistics of two states"
+    );
+    assert!(reads > 0);
+    assert_eq!(published.version(), VERSIONS);
+}
