@@ -604,13 +604,13 @@ pub fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
 /// Each distinct tensor of `params` once, in order (the first of a tied
 /// parameter's names).
 pub(crate) fn unique_named(params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    let mut unique: Vec<(String, Tensor)> = Vec::with_capacity(params.len());
-    for (name, p) in params {
-        if !unique.iter().any(|(_, q)| q.same(&p)) {
-            unique.push((name, p));
-        }
-    }
-    unique
+    // By address: every tensor is alive in `params`, so addresses are
+    // distinct for distinct tensors.
+    let mut seen = std::collections::HashSet::with_capacity(params.len());
+    params
+        .into_iter()
+        .filter(|(_, p)| seen.insert(p.identity()))
+        .collect()
 }
 
 /// Prefixes every name of `params` with `prefix.`.
