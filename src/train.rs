@@ -187,6 +187,9 @@ pub struct StepInfo {
     pub samples: usize,
     /// The learning rate of the step.
     pub lr: f32,
+    /// The global 2-norm of the gradients before clipping, when the
+    /// trainer clips ([`Trainer::clip_grad_norm`]).
+    pub grad_norm: Option<f32>,
 }
 
 /// What [`Trainer::fit`] does when a batch's loss is NaN or infinite; see
@@ -194,8 +197,9 @@ pub struct StepInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum NonFinite {
-    /// Stop with [`Error::NonFiniteLoss`] naming the epoch and step (the
-    /// default). The step is not taken, so the parameters are those of
+    /// Stop with [`Error::NonFiniteLoss`] (or [`Error::NonFiniteGradient`]
+    /// for a gradient norm, see [`Trainer::clip_grad_norm`]) naming the
+    /// epoch and step (the default). The step is not taken, so the parameters are those of
     /// the last finite step.
     #[default]
     Error,
@@ -451,6 +455,7 @@ pub struct Trainer<M: Module, O: Optimizer> {
     seed: u64,
     schedule: Option<Box<dyn LrSchedule>>,
     step_schedule: Option<Box<dyn LrSchedule>>,
+    clip: Option<f32>,
     loss_fn: Box<LossFn>,
     progress: bool,
     history: Vec<EpochMetrics>,
@@ -477,6 +482,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             seed: 0,
             schedule: None,
             step_schedule: None,
+            clip: None,
             loss_fn: Box::new(cross_entropy),
             progress: true,
             history: Vec::new(),
@@ -565,6 +571,51 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     #[must_use]
     pub fn step_schedule(mut self, schedule: impl LrSchedule + 'static) -> Self {
         self.step_schedule = Some(Box::new(schedule));
+        self
+    }
+
+    /// Clips the gradients to a global 2-norm of at most `max_norm` before
+    /// every optimizer step ([`optim::clip_grad_norm`](crate::optim::clip_grad_norm),
+    /// as PyTorch training loops call `clip_grad_norm_`); each step's norm
+    /// before clipping is in [`StepInfo::grad_norm`].
+    ///
+    /// A step whose norm is NaN or infinite is not taken: [`fit`](Trainer::fit)
+    /// stops with [`Error::NonFiniteGradient`], or skips the batch under
+    /// [`NonFinite::Skip`] (counted by [`skipped_steps`](Trainer::skipped_steps)),
+    /// as for a non-finite loss.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::full(&[8, 2], 100.0), Tensor::zeros(&[8]))?;
+    /// let norms = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&norms);
+    /// let mut trainer = Trainer::new(model, optimizer, data)
+    ///     .batch_size(8)
+    ///     .progress(false)
+    ///     .clip_grad_norm(1.0)
+    ///     .on_step(move |info, _| log.lock().unwrap().push(info.grad_norm.unwrap()));
+    /// trainer.fit(1)?;
+    /// assert!(norms.lock().unwrap()[0] > 1.0, "the gradient was larger...");
+    /// let w = trainer.model().weight().to_vec();
+    /// let b = trainer.model().bias().unwrap().to_vec();
+    /// let step = w.iter().chain(&b).map(|v| v * v).sum::<f32>().sqrt();
+    /// assert!((step - 0.1).abs() < 1e-5, "...the step is lr · 1: {step}");
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn clip_grad_norm(mut self, max_norm: f32) -> Self {
+        self.clip = Some(max_norm);
         self
     }
 
@@ -891,6 +942,31 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 }
                 self.optimizer.zero_grad();
                 loss.try_backward()?;
+                let grad_norm = match self.clip {
+                    Some(max_norm) => {
+                        let params = self.model.parameters();
+                        let norm = crate::optim::try_clip_grad_norm(&params, max_norm, 2.0)?;
+                        if !norm.is_finite() {
+                            let error = Error::NonFiniteGradient {
+                                epoch,
+                                batch: index,
+                                step: self.steps + 1,
+                                norm,
+                            };
+                            match self.non_finite {
+                                NonFinite::Error => return Err(error),
+                                NonFinite::Skip => {
+                                    eprintln!("netcl: warning: {error}; skipped");
+                                    self.optimizer.zero_grad();
+                                    self.skipped += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                        Some(norm)
+                    }
+                    None => None,
+                };
                 if let Some(schedule) = &self.step_schedule {
                     self.optimizer
                         .set_learning_rate(step_lr(&**schedule, self.steps));
@@ -907,6 +983,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                     loss: value,
                     samples: batch.len(),
                     lr,
+                    grad_norm,
                 };
                 for hook in &mut self.hooks {
                     hook(&info, &self.model);

@@ -450,3 +450,38 @@ fn a_step_schedule_sets_every_steps_rate_and_overrides_the_epoch_schedule() {
     assert!((epoch_rates[0] - 0.1).abs() < 1e-7, "the first step's rate");
     assert!((epoch_rates[1] - 0.5).abs() < 1e-7, "step 5's rate");
 }
+
+#[test]
+fn a_non_finite_gradient_norm_stops_or_skips_the_step() {
+    use netcl::train::NonFinite;
+    // loss = sqrt(0 · sum(output)) = 0 is finite, but its gradient is
+    // 0 · 1/(2·√0) = 0 · ∞ = NaN: the clipped step must not be taken.
+    let data = TensorDataset::new(Tensor::ones(&[4, 2]), Tensor::zeros(&[4])).unwrap();
+    let nan_grad = |out: &Tensor, _: &Tensor| Ok((out.sum() * 0.0).sqrt());
+    let trainer = |policy| {
+        let model = Linear::from_parts(Tensor::ones(&[2, 2]), None).unwrap();
+        let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+        Trainer::new(model, optimizer, data.clone())
+            .batch_size(2)
+            .progress(false)
+            .loss_fn(nan_grad)
+            .clip_grad_norm(1.0)
+            .on_non_finite(policy)
+    };
+    let mut stopping = trainer(NonFinite::Error);
+    match stopping.fit(1).unwrap_err() {
+        Error::NonFiniteGradient {
+            epoch: 0,
+            batch: 0,
+            step: 1,
+            norm,
+        } => assert!(norm.is_nan()),
+        other => panic!("{other}"),
+    }
+    assert_eq!(stopping.model().weight().to_vec(), [1.0; 4]);
+
+    let mut skipping = trainer(NonFinite::Skip);
+    skipping.fit(1).unwrap();
+    assert_eq!((skipping.steps_done(), skipping.skipped_steps()), (0, 2));
+    assert_eq!(skipping.model().weight().to_vec(), [1.0; 4]);
+}
