@@ -254,6 +254,23 @@ pub enum Error {
         loss: f32,
     },
 
+    /// The global gradient norm of a training step was NaN or infinite
+    /// ([`Trainer::clip_grad_norm`](crate::train::Trainer::clip_grad_norm)).
+    #[error(
+        "Trainer::fit: the gradient norm of epoch {epoch}, batch {batch} (step {step}) is {norm}; the step was not taken (look for NaN or infinite inputs, a too-high learning rate, or run with autograd::detect_anomaly)"
+    )]
+    NonFiniteGradient {
+        /// The epoch, counting from 0.
+        epoch: usize,
+        /// The batch within the epoch, counting from 0.
+        batch: usize,
+        /// The step it would have been, counting from 1 over the trainer's
+        /// life.
+        step: u64,
+        /// The global 2-norm of the gradients.
+        norm: f32,
+    },
+
     /// An operation is not available for this value, such as forking a
     /// custom module that does not implement
     /// [`Module::try_fork`](crate::nn::Module::try_fork).

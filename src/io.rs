@@ -1,8 +1,14 @@
 //! Saving and loading a model's parameters in the
 //! [safetensors](https://github.com/huggingface/safetensors) format.
 //!
-//! Parameters are stored by the names of
-//! [`Module::named_parameters`] (`layers.0.weight`, ...), as little-endian
+//! Parameters and buffers are stored by the names of
+//! [`Module::named_parameters`] (`layers.0.weight`, ...) and
+//! [`Module::named_buffers`] (`1.running_mean`); a parameter shared by two
+//! layers (a tied weight, see [`fork_scope`](crate::nn::fork_scope)) is
+//! stored once, under its first name; a file being loaded needs it under
+//! one of its names (the first if present, else any other: PyTorch's
+//! `save_model` keeps either). Values are
+//! little-endian
 //! `F32` tensors in row-major order, so files open with any safetensors
 //! reader. Loading checks the file against the model before changing
 //! anything: names (missing and unexpected), element type and shapes, and
@@ -40,7 +46,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Error, Result};
-use crate::nn::Module;
+use crate::nn::{Module, TorchLayout};
 use crate::tensor::Tensor;
 
 const FORMAT: &str = "safetensors";
@@ -54,22 +60,91 @@ fn io_error(op: &'static str, path: &Path, err: &std::io::Error) -> Error {
     }
 }
 
-/// The parameters by name, checking that names are unique.
+/// The parameters by name, checking that names are unique. A parameter
+/// shared by several layers (a tied weight) is listed under its first name
+/// only.
 fn parameters_by_name<M: Module + ?Sized>(
     op: &'static str,
     model: &M,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut params = BTreeMap::new();
+    Ok(parameters_and_aliases(op, model)?.0)
+}
+
+/// The parameters by (first) name, and the other names of tied parameters
+/// (alias -> first name).
+fn parameters_and_aliases<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut aliases = BTreeMap::new();
     for (name, p) in model.named_parameters() {
-        if params.contains_key(&name) {
+        if params.contains_key(&name) || aliases.contains_key(&name) {
             return Err(Error::InvalidArgument {
                 op,
                 message: format!("the model has two parameters named `{name}`"),
             });
         }
-        params.insert(name, p);
+        match params.iter().find(|(_, q)| q.same(&p)) {
+            Some((first, _)) => {
+                aliases.insert(name, first.clone());
+            }
+            None => {
+                params.insert(name, p);
+            }
+        }
     }
-    Ok(params)
+    Ok((params, aliases))
+}
+
+/// The parameters and buffers by name (the buffers' current values), checking
+/// that names are unique across both.
+fn tensors_by_name<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut tensors = parameters_by_name(op, model)?;
+    for (name, b) in model.named_buffers() {
+        if tensors.contains_key(&name) {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("the model has two parameters or buffers named `{name}`"),
+            });
+        }
+        tensors.insert(name, b);
+    }
+    Ok(tensors)
+}
+
+/// The buffers by full name: (index of the state, position in it, shape).
+type BufferSlots = BTreeMap<String, (usize, usize, Vec<usize>)>;
+
+/// The model's buffer states and where each named buffer lives in them.
+fn buffer_slots<'a, M: Module + ?Sized>(
+    op: &'static str,
+    model: &'a M,
+    params: &BTreeMap<String, Tensor>,
+) -> Result<(Vec<(String, &'a crate::nn::BufferState)>, BufferSlots)> {
+    let states = model.named_buffer_states();
+    let mut slots = BTreeMap::new();
+    for (i, (prefix, state)) in states.iter().enumerate() {
+        let snapshot = state.load();
+        for (j, (name, t)) in snapshot.to_vec().into_iter().enumerate() {
+            let full = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}.{name}")
+            };
+            if params.contains_key(&full) || slots.contains_key(&full) {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!("the model has two parameters or buffers named `{full}`"),
+                });
+            }
+            slots.insert(full, (i, j, t.shape().to_vec()));
+        }
+    }
+    Ok((states, slots))
 }
 
 /// The model's parameters in safetensors form.
@@ -94,7 +169,7 @@ fn parameters_by_name<M: Module + ?Sized>(
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn to_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
-    encode(model, None)
+    encode(model, None, Layout::Netcl)
 }
 
 /// The model's parameters in safetensors form, with `metadata` (string
@@ -123,23 +198,67 @@ pub fn to_bytes_with_metadata<M: Module + ?Sized>(
     model: &M,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    encode(model, Some(metadata))
+    encode(model, Some(metadata), Layout::Netcl)
+}
+
+/// Which layout a file holds: netcl's own, or PyTorch's (the parameters
+/// of [`Module::torch_layouts`] converted).
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    Netcl,
+    Torch,
+}
+
+/// The names of the parameters stored transposed in `layout`.
+fn transposed<M: Module + ?Sized>(model: &M, layout: Layout) -> BTreeSet<String> {
+    match layout {
+        Layout::Netcl => BTreeSet::new(),
+        Layout::Torch => model
+            .torch_layouts()
+            .into_iter()
+            .filter(|(_, l)| *l == TorchLayout::Transposed)
+            .map(|(name, _)| name)
+            .collect(),
+    }
+}
+
+/// The transpose of the row-major `[rows, cols]` matrix `values`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
 }
 
 fn encode<M: Module + ?Sized>(
     model: &M,
     metadata: Option<&BTreeMap<String, String>>,
+    layout: Layout,
 ) -> Result<Vec<u8>> {
-    let params = parameters_by_name("io::to_bytes", model)?;
+    let op = match layout {
+        Layout::Netcl => "io::to_bytes",
+        Layout::Torch => "io::to_torch_bytes",
+    };
+    let params = tensors_by_name(op, model)?;
+    let transposed = transposed(model, layout);
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .into_iter()
         .map(|(name, p)| {
-            let bytes = p.to_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, p.shape().to_vec(), bytes)
+            let (shape, values) = match p.shape() {
+                &[rows, cols] if transposed.contains(&name) => {
+                    (vec![cols, rows], transpose(&p.to_vec(), rows, cols))
+                }
+                shape => (shape.to_vec(), p.to_vec()),
+            };
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
         })
         .collect();
     let format_error = |message: String| Error::Format {
-        op: "io::to_bytes",
+        op,
         source_name: "the model".to_string(),
         format: FORMAT,
         message,
@@ -317,65 +436,249 @@ pub fn load_bytes<M: Module + ?Sized>(model: &M, bytes: &[u8]) -> Result<()> {
 }
 
 fn load_named<M: Module + ?Sized>(model: &M, bytes: &[u8], source_name: &str) -> Result<()> {
-    const OP: &str = "io::load";
+    load_layout(model, bytes, source_name, Layout::Netcl)
+}
+
+fn load_layout<M: Module + ?Sized>(
+    model: &M,
+    bytes: &[u8],
+    source_name: &str,
+    layout: Layout,
+) -> Result<()> {
+    let op = match layout {
+        Layout::Netcl => "io::load",
+        Layout::Torch => "io::load_torch",
+    };
+    let transposed = transposed(model, layout);
     let file = SafeTensors::deserialize(bytes).map_err(|err| Error::Format {
-        op: OP,
+        op,
         source_name: source_name.to_string(),
         format: FORMAT,
         message: err.to_string(),
     })?;
-    let params = parameters_by_name(OP, model)?;
+    let (params, aliases) = parameters_and_aliases(op, model)?;
+    let (states, slots) = buffer_slots(op, model, &params)?;
+    if let Some((name, _)) = states.iter().find(|(_, state)| state.is_frozen()) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("the buffers `{name}` are frozen (a published version never changes)"),
+        });
+    }
     let stored: BTreeSet<&str> = file.names().into_iter().collect();
+    // Where each parameter is read from: its first name, or else the first
+    // of its other names (a tied weight) that the file has.
+    let source = |name: &String| -> Option<String> {
+        if stored.contains(name.as_str()) {
+            return Some(name.clone());
+        }
+        aliases
+            .iter()
+            .find(|(alias, first)| *first == name && stored.contains(alias.as_str()))
+            .map(|(alias, _)| alias.clone())
+    };
     let missing: Vec<String> = params
         .keys()
-        .filter(|name| !stored.contains(name.as_str()))
+        .filter(|name| source(name).is_none())
+        .chain(slots.keys().filter(|name| !stored.contains(name.as_str())))
         .cloned()
         .collect();
     let unexpected: Vec<String> = stored
         .iter()
-        .filter(|name| !params.contains_key(**name))
+        .filter(|name| {
+            !params.contains_key(**name)
+                && !slots.contains_key(**name)
+                && !aliases.contains_key(**name)
+        })
         .map(|name| name.to_string())
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(Error::ParameterNames {
-            op: OP,
+            op,
             missing,
             unexpected,
         });
     }
     let mut updates = Vec::with_capacity(params.len());
-    for (name, param) in &params {
+    for (first, param) in &params {
+        let name = &source(first).expect("checked above: every parameter has a source");
         let view = file.tensor(name).map_err(|err| Error::Format {
-            op: OP,
+            op,
             source_name: source_name.to_string(),
             format: FORMAT,
             message: err.to_string(),
         })?;
-        if view.dtype() != Dtype::F32 || view.shape() != param.shape() {
+        // The shape the file should hold: PyTorch's `[out, in]` for a
+        // transposed parameter.
+        let flip = param.ndim() == 2 && transposed.contains(name);
+        let mut expected = param.shape().to_vec();
+        if flip {
+            expected.reverse();
+        }
+        if view.dtype() != Dtype::F32 || view.shape() != expected.as_slice() {
             return Err(Error::ParameterMismatch {
-                op: OP,
+                op,
                 name: name.clone(),
-                expected: param.shape().to_vec(),
+                expected,
                 found: view.shape().to_vec(),
                 found_dtype: view.dtype().to_string(),
             });
         }
         // deserialize checked that the data has shape · 4 bytes.
-        let values: Vec<f32> = view
+        let mut values: Vec<f32> = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if flip {
+            values = transpose(&values, expected[0], expected[1]);
+        }
         updates.push((param, crate::storage::Data::from_vec(param.shape(), values)));
     }
+    let mut buffer_values: Vec<Vec<Option<Tensor>>> = states
+        .iter()
+        .map(|(_, state)| vec![None; state.load().len()])
+        .collect();
+    for (name, (i, j, shape)) in &slots {
+        let view = file.tensor(name).map_err(|err| Error::Format {
+            op,
+            source_name: source_name.to_string(),
+            format: FORMAT,
+            message: err.to_string(),
+        })?;
+        // PyTorch stores `num_batches_tracked` as I64: buffers accept it.
+        let values: Option<Vec<f32>> = match view.dtype() {
+            Dtype::F32 => Some(
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            Dtype::I64 => Some(
+                view.data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+            ),
+            _ => None,
+        };
+        match values {
+            Some(values) if view.shape() == shape.as_slice() => {
+                buffer_values[*i][*j] = Some(Tensor::from_vec(values, shape)?);
+            }
+            _ => {
+                return Err(Error::ParameterMismatch {
+                    op,
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: view.shape().to_vec(),
+                    found_dtype: view.dtype().to_string(),
+                });
+            }
+        }
+    }
     // Every check passed: each parameter now takes its new values in one
-    // O(1) swap. (Readers of the live model may still see some parameters
-    // before and some after; serve a `nn::Published` version to avoid
-    // that.)
+    // O(1) swap, and each layer's buffers in one swap of the whole state.
+    // (Readers of the live model may still see some parameters before and
+    // some after; serve a `nn::Published` version to avoid that.)
     for (param, values) in updates {
         param.replace_data(values);
     }
+    for ((_, state), values) in states.iter().zip(buffer_values) {
+        // Every slot was filled: the names matched. A state frozen since
+        // the check above is left as it is.
+        let values: Vec<Tensor> = values.into_iter().flatten().collect();
+        let _ = state.store(values);
+    }
     Ok(())
+}
+
+/// The model's parameters and buffers in safetensors form, in the layout of
+/// the PyTorch model it mirrors: what `torch.nn.Module.state_dict()` saved
+/// with `safetensors.torch.save_file` holds.
+///
+/// The names are netcl's ([`Module::named_parameters`],
+/// [`Module::named_buffers`]), which the layers choose to match PyTorch's
+/// attributes (a [`Sequential`](crate::nn::Sequential)'s `0.weight` is
+/// `nn.Sequential`'s). The parameters listed by
+/// [`Module::torch_layouts`] are converted, and only those: a
+/// [`Linear`](crate::nn::Linear) weight, `[in, out]` in netcl, is stored
+/// transposed, `[out, in]`, as `nn.Linear.weight`. This (with
+/// [`load_torch_bytes`]) is the one place where netcl's layouts meet
+/// PyTorch's; [`to_bytes`] and [`load`] keep netcl's own.
+///
+/// An [`Mlp`](crate::nn::Mlp)'s names start with `layers.` (a PyTorch
+/// module holding `self.layers = nn.Sequential(..)`); save
+/// [`Mlp::layers`](crate::nn::Mlp::layers) instead for a bare
+/// `nn.Sequential`'s names (`0.weight`).
+///
+/// # Errors
+///
+/// As [`to_bytes`].
+///
+/// # Examples
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::Linear;
+///
+/// // netcl's weight [in = 2, out = 3]; PyTorch's nn.Linear(2, 3).weight is [3, 2].
+/// let layer = Linear::from_parts(Tensor::from_vec(vec![1., 2., 3., 4., 5., 6.], &[2, 3])?, None)?;
+/// let bytes = netcl::io::to_torch_bytes(&layer)?;
+///
+/// let fresh = Linear::from_parts(Tensor::zeros(&[2, 3]), None)?;
+/// netcl::io::load_torch_bytes(&fresh, &bytes)?;
+/// assert_eq!(fresh.weight().to_vec(), layer.weight().to_vec());
+///
+/// // netcl's own layout is not PyTorch's: loading one as the other fails,
+/// // naming the parameter with the shape expected in the file.
+/// let err = netcl::io::load_torch_bytes(&fresh, &netcl::io::to_bytes(&layer)?).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "io::load_torch: parameter `weight` is stored as F32 [2, 3], the model expects F32 [3, 2]"
+/// );
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn to_torch_bytes<M: Module + ?Sized>(model: &M) -> Result<Vec<u8>> {
+    encode(model, None, Layout::Torch)
+}
+
+/// Saves the model in PyTorch's layout ([`to_torch_bytes`]) to `path`,
+/// atomically as [`save`] does: a file `safetensors.torch.load_file`
+/// reads and `load_state_dict` accepts.
+///
+/// # Errors
+///
+/// As [`save`].
+pub fn save_torch<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = to_torch_bytes(model)?;
+    write_atomically(path, &bytes).map_err(|err| io_error("io::save_torch", path, &err))
+}
+
+/// Loads a PyTorch `state_dict` saved as safetensors (for example with
+/// `safetensors.torch.save_file(model.state_dict(), path)`) into a netcl
+/// model that mirrors the PyTorch one, in place: the names must match
+/// (see [`to_torch_bytes`]) and the parameters of
+/// [`Module::torch_layouts`] are converted from PyTorch's layout.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be read, and the errors of
+/// [`load_torch_bytes`]. On error the model is unchanged.
+pub fn load_torch<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|err| io_error("io::load_torch", path, &err))?;
+    load_layout(model, &bytes, &path.display().to_string(), Layout::Torch)
+}
+
+/// [`load_torch`] from bytes in memory.
+///
+/// # Errors
+///
+/// As [`load_bytes`], with [`Error::ParameterMismatch`] giving the shape
+/// expected in PyTorch's layout (`[out, in]` for a `Linear` weight).
+pub fn load_torch_bytes<M: Module + ?Sized>(model: &M, bytes: &[u8]) -> Result<()> {
+    load_layout(model, bytes, "the given bytes", Layout::Torch)
 }
 
 /// Reads every tensor of a safetensors file of `F32` tensors, by name (in

@@ -122,6 +122,44 @@ impl<T> AtomicArc<T> {
     }
 }
 
+impl<T> AtomicArc<T> {
+    /// Replaces the value with `new` if it is still `current` (the same
+    /// allocation): `Ok(())`, or `Err` with the value found instead (and
+    /// `new` dropped). Never waits for a computation: the caller computes
+    /// `new` from `current` before, with no lock held, and retries on `Err`.
+    /// Holding `current` keeps its allocation alive, so a pointer match
+    /// cannot be an ABA coincidence.
+    pub(crate) fn compare_and_swap(&self, current: &Arc<T>, new: Arc<T>) -> Result<(), Arc<T>> {
+        #[cfg(not(loom))]
+        {
+            let found = self.0.compare_and_swap(current, new);
+            if Arc::ptr_eq(&found, current) {
+                Ok(())
+            } else {
+                Err(arc_swap::Guard::into_inner(found))
+            }
+        }
+        #[cfg(loom)]
+        {
+            let mut slot = self
+                .0
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if Arc::ptr_eq(&slot, current) {
+                let old = std::mem::replace(&mut *slot, new);
+                drop(slot);
+                drop(old);
+                Ok(())
+            } else {
+                let found = slot.clone();
+                drop(slot);
+                drop(new);
+                Err(found)
+            }
+        }
+    }
+}
+
 /// Declares a thread-local. std's form takes a `const` initialiser (no lazy
 /// init check on access); loom's has none and gives every modelled thread its
 /// own copy.

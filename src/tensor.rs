@@ -142,6 +142,38 @@ thread_local_const! {
     static WRITING: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
 }
 
+thread_local_const! {
+    /// Inside a fork scope: every tensor this thread forked so far, with its
+    /// fork (the source is kept alive, so no other tensor can take its
+    /// place while the scope lasts).
+    static FORKS: std::cell::RefCell<Option<Vec<(Tensor, Tensor)>>> = std::cell::RefCell::new(None);
+}
+
+/// Runs `f` in a fork scope on this thread (see [`crate::nn::fork_scope`]);
+/// nested scopes join the outermost one.
+pub(crate) fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
+    /// Ends the scope, even if `f` panics.
+    struct End;
+    impl Drop for End {
+        fn drop(&mut self) {
+            let forks = FORKS.with(|forks| forks.borrow_mut().take());
+            drop(forks);
+        }
+    }
+    let outermost = FORKS.with(|forks| {
+        let mut forks = forks.borrow_mut();
+        let outermost = forks.is_none();
+        if outermost {
+            *forks = Some(Vec::new());
+        }
+        outermost
+    });
+    // (Built only when outermost: an `End` dropped at once would end the
+    // enclosing scope.)
+    let _end = if outermost { Some(End) } else { None };
+    f()
+}
+
 /// Marks a tensor as being written by this thread until dropped, so that a
 /// nested write of the same tensor (which would wait for itself forever) is
 /// a clear panic instead of a hang.
@@ -814,6 +846,15 @@ impl Tensor {
     }
 
     /// Adds `grad` into this leaf's gradient, under the leaf's own lock.
+    /// Multiplies the gradient, if any, by `factor` (in place when no
+    /// snapshot shares it).
+    pub(crate) fn scale_grad(&self, factor: f32) {
+        let mut slot = self.0.grad.lock();
+        if let Some(grad) = slot.take() {
+            *slot = Some(Box::new((*grad).map_into(|g| g * factor)));
+        }
+    }
+
     pub(crate) fn accumulate_grad(&self, grad: Data) {
         // In place, unless a snapshot (`grad()`) shares the sum.
         Data::accumulate(&mut *self.0.grad.lock(), grad);
@@ -839,6 +880,24 @@ impl Tensor {
         Tensor::from_data(self.read().into_data())
     }
 
+    /// True if both handles name the same tensor: a clone of a handle, or a
+    /// parameter shared by two layers (a tied weight). A
+    /// [`fork`](Tensor::fork) or a [`detach`](Tensor::detach) is another
+    /// tensor, even while it shares the values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    ///
+    /// let w = Tensor::ones(&[2]);
+    /// assert!(w.same_tensor(&w.clone()));
+    /// assert!(!w.same_tensor(&w.fork()));
+    /// ```
+    pub fn same_tensor(&self, other: &Tensor) -> bool {
+        self.same(other)
+    }
+
     /// A new leaf with this tensor's current values and its
     /// [`requires_grad`](Tensor::requires_grad) flag, without gradient or
     /// graph: an independent copy of a parameter.
@@ -859,8 +918,24 @@ impl Tensor {
     /// w.with_data_mut(|mut v| v.fill(5.0));
     /// assert_eq!(fork.to_vec(), vec![1.0, 1.0]);
     /// ```
+    ///
+    /// Inside a [`fork_scope`](crate::nn::fork_scope) a tensor forked twice
+    /// gives the same fork both times, so that a parameter shared by two
+    /// layers (a tied weight) stays shared in the forked model.
     pub fn fork(&self) -> Tensor {
-        Tensor::with_parts(self.read().into_data(), self.requires_grad(), None)
+        let fresh = || Tensor::with_parts(self.read().into_data(), self.requires_grad(), None);
+        FORKS.with(|forks| {
+            let mut forks = forks.borrow_mut();
+            let Some(forks) = forks.as_mut() else {
+                return fresh();
+            };
+            if let Some((_, fork)) = forks.iter().find(|(source, _)| source.same(self)) {
+                return fork.clone();
+            }
+            let fork = fresh();
+            forks.push((self.clone(), fork.clone()));
+            fork
+        })
     }
 }
 

@@ -187,6 +187,9 @@ pub struct StepInfo {
     pub samples: usize,
     /// The learning rate of the step.
     pub lr: f32,
+    /// The global 2-norm of the gradients before clipping, when the
+    /// trainer clips ([`Trainer::clip_grad_norm`]).
+    pub grad_norm: Option<f32>,
 }
 
 /// What [`Trainer::fit`] does when a batch's loss is NaN or infinite; see
@@ -194,14 +197,20 @@ pub struct StepInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum NonFinite {
-    /// Stop with [`Error::NonFiniteLoss`] naming the epoch and step (the
-    /// default). The step is not taken, so the parameters are those of
+    /// Stop with [`Error::NonFiniteLoss`] (or [`Error::NonFiniteGradient`]
+    /// for a gradient norm, see [`Trainer::clip_grad_norm`]) naming the
+    /// epoch and step (the default). The step is not taken, so the parameters are those of
     /// the last finite step.
     #[default]
     Error,
     /// Skip the batch (no backward, no optimizer step), print a warning to
     /// stderr and go on; [`Trainer::skipped_steps`] counts them.
     Skip,
+}
+
+/// The rate of a step schedule after `steps` steps.
+fn step_lr(schedule: &dyn LrSchedule, steps: u64) -> f32 {
+    schedule.lr(usize::try_from(steps).unwrap_or(usize::MAX))
 }
 
 /// Stops a [`Trainer`]'s [`fit`](Trainer::fit) after its current step,
@@ -445,6 +454,8 @@ pub struct Trainer<M: Module, O: Optimizer> {
     eval_batch_size: usize,
     seed: u64,
     schedule: Option<Box<dyn LrSchedule>>,
+    step_schedule: Option<Box<dyn LrSchedule>>,
+    clip: Option<f32>,
     loss_fn: Box<LossFn>,
     progress: bool,
     history: Vec<EpochMetrics>,
@@ -470,6 +481,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             eval_batch_size: 256,
             seed: 0,
             schedule: None,
+            step_schedule: None,
+            clip: None,
             loss_fn: Box::new(cross_entropy),
             progress: true,
             history: Vec::new(),
@@ -515,6 +528,94 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     #[must_use]
     pub fn schedule(mut self, schedule: impl LrSchedule + 'static) -> Self {
         self.schedule = Some(Box::new(schedule));
+        self
+    }
+
+    /// Sets a learning-rate schedule indexed by optimisation step, applied
+    /// before every step: the step's rate is `schedule.lr(n)` with `n` the
+    /// steps taken before it over the trainer's life (0 for the first), so
+    /// a [`Warmup`](crate::optim::Warmup) warms up over steps, as a model
+    /// that trains for less than an epoch needs. It takes precedence over
+    /// a per-epoch [`schedule`](Trainer::schedule). [`StepInfo::lr`] is the
+    /// step's rate and [`EpochMetrics::lr`] the rate of the epoch's first
+    /// step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Constant, Sgd, SgdConfig, Warmup};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::ones(&[32, 2]), Tensor::zeros(&[32]))?;
+    /// let rates = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&rates);
+    /// let mut trainer = Trainer::new(model, optimizer, data)
+    ///     .batch_size(8)
+    ///     .progress(false)
+    ///     .step_schedule(Warmup::new(4, Constant(0.1)))
+    ///     .on_step(move |info, _| log.lock().unwrap().push(info.lr));
+    /// trainer.fit(2)?;
+    /// let expected = [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1];
+    /// let rates = rates.lock().unwrap();
+    /// assert!(rates.iter().zip(expected).all(|(r, e)| (r - e).abs() < 1e-7), "{rates:?}");
+    /// assert_eq!(trainer.history()[1].lr, 0.1);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn step_schedule(mut self, schedule: impl LrSchedule + 'static) -> Self {
+        self.step_schedule = Some(Box::new(schedule));
+        self
+    }
+
+    /// Clips the gradients to a global 2-norm of at most `max_norm` before
+    /// every optimizer step ([`optim::clip_grad_norm`](crate::optim::clip_grad_norm),
+    /// as PyTorch training loops call `clip_grad_norm_`); each step's norm
+    /// before clipping is in [`StepInfo::grad_norm`].
+    ///
+    /// A step whose norm is NaN or infinite is not taken: [`fit`](Trainer::fit)
+    /// stops with [`Error::NonFiniteGradient`], or skips the batch under
+    /// [`NonFinite::Skip`] (counted by [`skipped_steps`](Trainer::skipped_steps)),
+    /// as for a non-finite loss.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let data = TensorDataset::new(Tensor::full(&[8, 2], 100.0), Tensor::zeros(&[8]))?;
+    /// let norms = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&norms);
+    /// let mut trainer = Trainer::new(model, optimizer, data)
+    ///     .batch_size(8)
+    ///     .progress(false)
+    ///     .clip_grad_norm(1.0)
+    ///     .on_step(move |info, _| log.lock().unwrap().push(info.grad_norm.unwrap()));
+    /// trainer.fit(1)?;
+    /// assert!(norms.lock().unwrap()[0] > 1.0, "the gradient was larger...");
+    /// let w = trainer.model().weight().to_vec();
+    /// let b = trainer.model().bias().unwrap().to_vec();
+    /// let step = w.iter().chain(&b).map(|v| v * v).sum::<f32>().sqrt();
+    /// assert!((step - 0.1).abs() < 1e-5, "...the step is lr · 1: {step}");
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn clip_grad_norm(mut self, max_norm: f32) -> Self {
+        self.clip = Some(max_norm);
         self
     }
 
@@ -801,7 +902,10 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
     ) -> Result<Option<EpochMetrics>> {
         let start = Instant::now();
         let epoch = self.history.len();
-        if let Some(schedule) = &self.schedule {
+        if let Some(schedule) = &self.step_schedule {
+            self.optimizer
+                .set_learning_rate(step_lr(&**schedule, self.steps));
+        } else if let Some(schedule) = &self.schedule {
             self.optimizer.set_learning_rate(schedule.lr(epoch));
         }
         let lr = self.optimizer.learning_rate();
@@ -838,6 +942,36 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                 }
                 self.optimizer.zero_grad();
                 loss.try_backward()?;
+                let grad_norm = match self.clip {
+                    Some(max_norm) => {
+                        let params = self.model.parameters();
+                        let norm = crate::optim::try_clip_grad_norm(&params, max_norm, 2.0)?;
+                        if !norm.is_finite() {
+                            let error = Error::NonFiniteGradient {
+                                epoch,
+                                batch: index,
+                                step: self.steps + 1,
+                                norm,
+                            };
+                            match self.non_finite {
+                                NonFinite::Error => return Err(error),
+                                NonFinite::Skip => {
+                                    eprintln!("netcl: warning: {error}; skipped");
+                                    self.optimizer.zero_grad();
+                                    self.skipped += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                        Some(norm)
+                    }
+                    None => None,
+                };
+                if let Some(schedule) = &self.step_schedule {
+                    self.optimizer
+                        .set_learning_rate(step_lr(&**schedule, self.steps));
+                }
+                let lr = self.optimizer.learning_rate();
                 self.optimizer.step();
                 loss_sum += f64::from(value) * batch.len() as f64;
                 samples += batch.len();
@@ -849,6 +983,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
                     loss: value,
                     samples: batch.len(),
                     lr,
+                    grad_norm,
                 };
                 for hook in &mut self.hooks {
                     hook(&info, &self.model);

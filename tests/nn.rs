@@ -350,3 +350,186 @@ fn boxed_and_shared_modules_are_modules() -> netcl::Result<()> {
     assert_eq!(format!("{:?}", chain.get(1).unwrap()), "ReLU");
     Ok(())
 }
+
+mod weight_tying {
+    use netcl::Tensor;
+    use netcl::nn::{Linear, Module, Published, Sequential, fork_scope};
+
+    /// `Linear(1→1, w) → Linear(1→1, w)` sharing `w`, second with bias 0.5.
+    fn tied(w: f32) -> (Tensor, Sequential) {
+        let w = Tensor::from_vec(vec![w], &[1, 1]).unwrap();
+        let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+        let model = Sequential::new()
+            .with(Linear::from_parts(w.clone(), None).unwrap())
+            .with(Linear::from_parts(w.clone(), Some(b)).unwrap());
+        (w, model)
+    }
+
+    #[test]
+    fn a_tied_weight_is_one_parameter_with_both_layers_gradients() {
+        let (w, model) = tied(3.0);
+        let names: Vec<String> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["0.weight", "1.weight", "1.bias"]);
+        assert_eq!(model.parameters().len(), 2);
+        assert_eq!(model.num_parameters(), 2);
+        // y = w·(w·x) + b at x = 2: dy/dw = 2·w·x = 12 (6 from each layer).
+        let y = model.forward(&Tensor::full(&[1, 1], 2.0)).unwrap();
+        assert_eq!(y.item(), 18.5);
+        y.sum().backward();
+        assert_eq!(w.grad().unwrap().to_vec(), [12.0]);
+    }
+
+    #[test]
+    fn a_tied_weight_is_saved_once_and_loads_without_its_alias() {
+        let (_, model) = tied(3.0);
+        let path = std::env::temp_dir().join(format!("netcl-tied-{}.st", std::process::id()));
+        netcl::io::save(&model, &path).unwrap();
+        let names: Vec<String> = netcl::io::read_tensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["0.weight", "1.bias"]);
+        let (w, fresh) = tied(0.0);
+        netcl::io::load(&fresh, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(w.to_vec(), [3.0], "both layers read the loaded weight");
+        let y = fresh.forward(&Tensor::ones(&[1, 1])).unwrap();
+        assert_eq!(y.item(), 9.5);
+    }
+
+    #[test]
+    fn a_tied_weight_loads_from_any_of_its_names() {
+        // Only the second name (as PyTorch's save_model may keep): read
+        // from it.
+        let w = Tensor::from_vec(vec![4.0], &[1, 1]).unwrap();
+        let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+        let second_only = Sequential::new()
+            .with(netcl::nn::ReLU::new())
+            .with(Linear::from_parts(w, Some(b)).unwrap());
+        let bytes = netcl::io::to_bytes(&second_only).unwrap();
+        let (w, model) = tied(0.0);
+        netcl::io::load_bytes(&model, &bytes).unwrap();
+        assert_eq!(w.to_vec(), [4.0]);
+
+        // Both names (an untied model's file): the first name wins.
+        let both = Sequential::new()
+            .with(Linear::from_parts(Tensor::full(&[1, 1], 2.0), None).unwrap())
+            .with(
+                Linear::from_parts(Tensor::full(&[1, 1], 3.0), Some(Tensor::zeros(&[1]))).unwrap(),
+            );
+        netcl::io::load_bytes(&model, &netcl::io::to_bytes(&both).unwrap()).unwrap();
+        assert_eq!(w.to_vec(), [2.0]);
+
+        // Neither: missing under its first name.
+        let neither = netcl::io::to_bytes(&Linear::zeros(1, 1).unwrap()).unwrap();
+        match netcl::io::load_bytes(&model, &neither).unwrap_err() {
+            netcl::Error::ParameterNames { missing, .. } => {
+                assert_eq!(missing, ["0.weight", "1.bias"])
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn clones_forks_and_versions_keep_the_tie() {
+        let (w, model) = tied(3.0);
+        let fork = model.try_clone().unwrap();
+        assert_eq!(fork.parameters().len(), 2, "still tied");
+        let shared = &fork.parameters()[0];
+        shared.with_data_mut(|mut v| v.fill(1.0));
+        let x = Tensor::ones(&[1, 1]);
+        assert_eq!(
+            fork.forward(&x).unwrap().item(),
+            1.5,
+            "both layers of the fork changed"
+        );
+        assert_eq!(w.to_vec(), [3.0], "the original did not");
+
+        let published = Published::new(&model).unwrap();
+        assert_eq!(published.load().parameters().len(), 2);
+
+        // Outside a scope, two forks of one tensor are two tensors; inside,
+        // one.
+        let (a, b) = fork_scope(|| (w.fork(), w.fork()));
+        a.with_data_mut(|mut v| v.fill(7.0));
+        assert_eq!(b.to_vec(), [7.0]);
+        let (c, d) = (w.fork(), w.fork());
+        c.with_data_mut(|mut v| v.fill(7.0));
+        assert_eq!(d.to_vec(), [3.0]);
+    }
+}
+
+/// An output layer tied to an embedding table ([vocab, d], PyTorch's
+/// layout for both), in a custom container as a language model holds them.
+mod tied_embedding_head {
+    use netcl::functional::embedding;
+    use netcl::nn::{Module, TiedLinear, fork_scope};
+    use netcl::{Result, Tensor};
+
+    #[derive(Debug)]
+    struct TinyLm {
+        table: Tensor,
+        head: TiedLinear,
+    }
+
+    impl TinyLm {
+        fn new(values: Vec<f32>) -> TinyLm {
+            let table = Tensor::from_vec(values, &[3, 2])
+                .unwrap()
+                .requires_grad_(true);
+            let head = TiedLinear::new(&table, Some(Tensor::zeros(&[3]))).unwrap();
+            TinyLm { table, head }
+        }
+    }
+
+    impl Module for TinyLm {
+        fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+            self.head.forward(&embedding(ids, &self.table))
+        }
+        fn named_parameters(&self) -> Vec<(String, Tensor)> {
+            let mut params = vec![("embed.weight".to_string(), self.table.clone())];
+            for (name, p) in self.head.named_parameters() {
+                params.push((format!("head.{name}"), p));
+            }
+            params
+        }
+        fn try_fork(&self) -> Result<Box<dyn Module>> {
+            // One scope: the head's fork of the table is the table's fork.
+            fork_scope(|| {
+                let table = self.table.fork();
+                let head = self.head.clone();
+                assert!(head.weight().same_tensor(&table));
+                Ok(Box::new(TinyLm { table, head }) as Box<dyn Module>)
+            })
+        }
+    }
+
+    #[test]
+    fn the_head_shares_the_table_in_training_checkpoints_and_forks() {
+        let lm = TinyLm::new(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        assert_eq!(lm.parameters().len(), 2, "the table once, the head's bias");
+        let path = std::env::temp_dir().join(format!("netcl-tiedlm-{}.st", std::process::id()));
+        netcl::io::save_torch(&lm, &path).unwrap();
+        let names: Vec<String> = netcl::io::read_tensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["embed.weight", "head.bias"]);
+        let fresh = TinyLm::new(vec![0.0; 6]);
+        netcl::io::load_torch(&fresh, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(fresh.head.weight().to_vec(), lm.table.to_vec());
+
+        let fork = lm.try_fork().unwrap();
+        fork.parameters()[0].with_data_mut(|mut t| t.fill(0.0));
+        let ids = Tensor::from_vec(vec![2.0], &[1]).unwrap();
+        assert_eq!(fork.forward(&ids).unwrap().to_vec(), [0.0; 3]);
+        assert_eq!(lm.forward(&ids).unwrap().to_vec(), [1.0, 1.0, 2.0]);
+    }
+}

@@ -278,3 +278,165 @@ fn cosine_annealing_follows_half_a_cosine() {
     assert_eq!(schedule.lr(100), 0.2);
     assert!(CosineAnnealing::try_new(1.0, 0.0, 0).is_err());
 }
+
+mod clipping_groups_and_warmup {
+    use netcl::Tensor;
+    use netcl::optim::{
+        AdamConfig, AdamW, CosineAnnealing, LrSchedule, Optimizer, ParamGroup, Sgd, SgdConfig,
+        StepDecay, Warmup, clip_grad_norm, no_decay_groups, try_clip_grad_norm,
+    };
+
+    /// A leaf of `values` whose gradient is `grad` (from sum(w · grad)).
+    fn with_grad(values: &[f32], grad: &[f32]) -> Tensor {
+        let w = Tensor::from_vec(values.to_vec(), &[values.len()])
+            .unwrap()
+            .requires_grad_(true);
+        let g = Tensor::from_vec(grad.to_vec(), &[grad.len()]).unwrap();
+        (&w * &g).sum().backward();
+        w
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-6 * y.abs().max(1.0))
+    }
+
+    #[test]
+    fn clip_grad_norm_scales_to_the_global_norm_as_pytorch() {
+        // Gradients (3, 4) and (12): global 2-norm √(9 + 16 + 144) = 13.
+        // torch.nn.utils.clip_grad_norm_([a, b], 6.5) returns 13.0 and
+        // scales by 6.5 / (13 + 1e-6): a.grad = (1.5, 2.0), b.grad = (6.0)
+        // up to 1e-7 relative.
+        let a = with_grad(&[0.0, 0.0], &[3.0, 4.0]);
+        let b = with_grad(&[0.0], &[12.0]);
+        let unused = Tensor::zeros(&[3]).requires_grad_(true);
+        let params = [a.clone(), b.clone(), unused.clone(), a.clone()];
+        assert_eq!(
+            clip_grad_norm(&params, 6.5, 2.0),
+            13.0,
+            "a tied parameter counts once"
+        );
+        let coef = (6.5f64 / (13.0 + 1e-6)) as f32;
+        assert!(close(
+            &a.grad().unwrap().to_vec(),
+            &[3.0 * coef, 4.0 * coef]
+        ));
+        assert!(close(&b.grad().unwrap().to_vec(), &[12.0 * coef]));
+        assert!(unused.grad().is_none(), "no gradient: skipped");
+
+        // Below the limit: untouched, bit for bit.
+        let c = with_grad(&[0.0, 0.0], &[0.3, 0.4]);
+        assert!((clip_grad_norm(std::slice::from_ref(&c), 1.0, 2.0) - 0.5).abs() < 1e-7);
+        assert_eq!(c.grad().unwrap().to_vec(), [0.3, 0.4]);
+    }
+
+    #[test]
+    fn clip_grad_norm_takes_the_one_and_infinity_norms() {
+        // 1-norm: 3 + 4 + 12 = 19; ∞-norm: max |g| = 12, and a limit of 6
+        // halves every gradient (6 / (12 + 1e-6)).
+        let a = with_grad(&[0.0, 0.0], &[3.0, -4.0]);
+        let b = with_grad(&[0.0], &[12.0]);
+        assert_eq!(clip_grad_norm(&[a.clone(), b.clone()], 100.0, 1.0), 19.0);
+        assert_eq!(
+            clip_grad_norm(&[a.clone(), b.clone()], 6.0, f32::INFINITY),
+            12.0
+        );
+        assert!(close(&a.grad().unwrap().to_vec(), &[1.5, -2.0]));
+        assert!(close(&b.grad().unwrap().to_vec(), &[6.0]));
+        assert_eq!(clip_grad_norm(&[], 1.0, 2.0), 0.0);
+    }
+
+    #[test]
+    fn a_non_finite_total_is_returned_and_scales_as_pytorch_without_error_if_nonfinite() {
+        // total = inf, coefficient 1 / (inf + 1e-6) = 0: finite elements
+        // become 0, the infinite one inf · 0 = NaN.
+        let a = with_grad(&[0.0, 0.0], &[f32::INFINITY, 2.0]);
+        let b = with_grad(&[0.0], &[5.0]);
+        let total = clip_grad_norm(&[a.clone(), b.clone()], 1.0, 2.0);
+        assert_eq!(total, f32::INFINITY);
+        let g = a.grad().unwrap().to_vec();
+        assert!(g[0].is_nan() && g[1] == 0.0);
+        assert_eq!(b.grad().unwrap().to_vec(), [0.0]);
+
+        // A NaN gradient: the total is NaN and so is every gradient.
+        let c = with_grad(&[0.0], &[f32::NAN]);
+        let d = with_grad(&[0.0], &[1.0]);
+        assert!(clip_grad_norm(&[c, d.clone()], 1.0, 2.0).is_nan());
+        assert!(d.grad().unwrap().item().is_nan());
+
+        let err = try_clip_grad_norm(&[], 1.0, 0.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "clip_grad_norm: norm_type must be > 0 (or infinity), got 0"
+        );
+    }
+
+    #[test]
+    fn groups_without_decay_are_not_decayed() {
+        // Zero gradients: Adam's step is 0/(0 + ε) = 0, so AdamW only
+        // shrinks: w ← w · (1 - lr · λ) = 1 · (1 - 0.1 · 0.1) = 0.99 in the
+        // decayed group; the group with decay 0 keeps 1. SGD:
+        // w ← w - lr · (g + λ · w) = 1 - 0.1 · 0.1 = 0.99 likewise.
+        let matrix = Tensor::ones(&[2, 2]).requires_grad_(true);
+        let bias = Tensor::ones(&[2]).requires_grad_(true);
+        let backward = || {
+            ((&matrix * 0.0).sum() + (&bias * 0.0).sum()).backward();
+        };
+        let [decay, no_decay] = no_decay_groups([matrix.clone(), bias.clone()]);
+        let mut adamw =
+            AdamW::with_groups([decay, no_decay], AdamConfig::new(0.1).weight_decay(0.1));
+        backward();
+        adamw.step();
+        assert!(close(&matrix.to_vec(), &[0.99; 4]));
+        assert_eq!(bias.to_vec(), [1.0, 1.0]);
+
+        adamw.zero_grad();
+        let mut sgd = Sgd::with_groups(
+            [
+                ParamGroup::new([matrix.clone()]).weight_decay(0.0),
+                ParamGroup::new([bias.clone()]),
+            ],
+            SgdConfig::new(0.1).weight_decay(0.1),
+        );
+        backward();
+        sgd.step();
+        assert!(
+            close(&matrix.to_vec(), &[0.99; 4]),
+            "the matrix kept its value"
+        );
+        assert!(close(&bias.to_vec(), &[0.99, 0.99]));
+
+        let twice = AdamW::try_with_groups(
+            [
+                ParamGroup::new([bias.clone()]),
+                ParamGroup::new([bias.clone()]),
+            ],
+            AdamConfig::new(0.1),
+        )
+        .unwrap_err();
+        assert_eq!(
+            twice.to_string(),
+            "AdamW: a parameter of group 1 is in an earlier group too"
+        );
+        let negative = Sgd::try_with_groups(
+            [ParamGroup::new([bias]).weight_decay(-1.0)],
+            SgdConfig::new(0.1),
+        )
+        .unwrap_err();
+        assert!(negative.to_string().contains("weight_decay"), "{negative}");
+    }
+
+    #[test]
+    fn warmup_ramps_per_step_then_hands_over() {
+        // 3 warm-up steps at base 0.3: 0.1, 0.2, 0.3, then StepDecay from
+        // its own step 0: 0.3, 0.3, 0.03 (halving ×0.1 every 2 steps).
+        let schedule = Warmup::new(3, StepDecay::new(0.3, 2, 0.1));
+        let rates: Vec<f32> = (0..6).map(|t| schedule.lr(t)).collect();
+        assert!(close(&rates, &[0.1, 0.2, 0.3, 0.3, 0.3, 0.03]), "{rates:?}");
+        let none = Warmup::new(0, CosineAnnealing::new(1.0, 0.0, 4));
+        assert_eq!(none.lr(0), 1.0);
+        assert_eq!(none.lr(4), 0.0);
+    }
+}

@@ -423,3 +423,72 @@ fn a_stop_handle_ends_fit_after_the_current_step_from_another_thread() -> Result
     );
     Ok(())
 }
+
+#[test]
+fn a_step_schedule_sets_every_steps_rate_and_overrides_the_epoch_schedule() {
+    use netcl::optim::{Constant, LrSchedule, Warmup};
+    // 16 samples in batches of 4: 4 steps per epoch, 3 epochs. Warm-up over
+    // 6 steps to 0.6: 0.1, 0.2, ..., 0.6, then 0.6; the per-epoch schedule
+    // (constant 9) is ignored.
+    let model = Linear::zeros(2, 2).unwrap();
+    let optimizer = Sgd::new(model.parameters(), SgdConfig::new(1.0));
+    let data = TensorDataset::new(Tensor::ones(&[16, 2]), Tensor::zeros(&[16])).unwrap();
+    let rates = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&rates);
+    let schedule = Warmup::new(6, Constant(0.6));
+    let mut trainer = Trainer::new(model, optimizer, data)
+        .batch_size(4)
+        .progress(false)
+        .schedule(Constant(9.0))
+        .step_schedule(schedule)
+        .on_step(move |info, _| log.lock().unwrap().push((info.step, info.lr)));
+    trainer.fit(3).unwrap();
+    let rates = rates.lock().unwrap();
+    assert_eq!(rates.len(), 12);
+    for &(step, lr) in rates.iter() {
+        let expected = schedule.lr(step as usize - 1);
+        assert!(
+            (lr - expected).abs() < 1e-7,
+            "step {step}: {lr} vs {expected}"
+        );
+    }
+    assert!((rates[0].1 - 0.1).abs() < 1e-7 && rates[11].1 == 0.6);
+    let epoch_rates: Vec<f32> = trainer.history().iter().map(|m| m.lr).collect();
+    assert!((epoch_rates[0] - 0.1).abs() < 1e-7, "the first step's rate");
+    assert!((epoch_rates[1] - 0.5).abs() < 1e-7, "step 5's rate");
+}
+
+#[test]
+fn a_non_finite_gradient_norm_stops_or_skips_the_step() {
+    use netcl::train::NonFinite;
+    // loss = sqrt(0 · sum(output)) = 0 is finite, but its gradient is
+    // 0 · 1/(2·√0) = 0 · ∞ = NaN: the clipped step must not be taken.
+    let data = TensorDataset::new(Tensor::ones(&[4, 2]), Tensor::zeros(&[4])).unwrap();
+    let nan_grad = |out: &Tensor, _: &Tensor| Ok((out.sum() * 0.0).sqrt());
+    let trainer = |policy| {
+        let model = Linear::from_parts(Tensor::ones(&[2, 2]), None).unwrap();
+        let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+        Trainer::new(model, optimizer, data.clone())
+            .batch_size(2)
+            .progress(false)
+            .loss_fn(nan_grad)
+            .clip_grad_norm(1.0)
+            .on_non_finite(policy)
+    };
+    let mut stopping = trainer(NonFinite::Error);
+    match stopping.fit(1).unwrap_err() {
+        Error::NonFiniteGradient {
+            epoch: 0,
+            batch: 0,
+            step: 1,
+            norm,
+        } => assert!(norm.is_nan()),
+        other => panic!("{other}"),
+    }
+    assert_eq!(stopping.model().weight().to_vec(), [1.0; 4]);
+
+    let mut skipping = trainer(NonFinite::Skip);
+    skipping.fit(1).unwrap();
+    assert_eq!((skipping.steps_done(), skipping.skipped_steps()), (0, 2));
+    assert_eq!(skipping.model().weight().to_vec(), [1.0; 4]);
+}

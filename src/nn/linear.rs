@@ -6,7 +6,7 @@ use rand::Rng;
 
 use crate::array::checked_numel;
 use crate::error::{Error, Result, or_panic};
-use crate::nn::{Module, TrainingFlag};
+use crate::nn::{Module, TorchLayout, TrainingFlag};
 use crate::tensor::Tensor;
 
 /// A fully connected layer: `y = x · W + b`.
@@ -17,8 +17,12 @@ use crate::tensor::Tensor;
 ///
 /// The weight is stored input-major so the forward is one matrix product of
 /// two row-major operands with no transpose node on the tape. PyTorch's
-/// `nn.Linear` stores the transpose (`[out_features, in_features]`): transpose
-/// such weights when importing them.
+/// `nn.Linear` stores the transpose (`[out_features, in_features]`):
+/// [`io::load_torch`](crate::io::load_torch) and
+/// [`io::save_torch`](crate::io::save_torch) transpose it, in one place,
+/// guided by [`Module::torch_layouts`]; [`io::load`](crate::io::load) and
+/// [`io::save`](crate::io::save) keep netcl's layout, so every netcl
+/// checkpoint still loads.
 ///
 /// New layers use the usual default initialisation (Kaiming-uniform with
 /// `a = √5`, as PyTorch's `nn.Linear`): weight and bias drawn uniformly from
@@ -327,6 +331,10 @@ impl Module for Linear {
         Some(&self.training)
     }
 
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        vec![("weight".to_string(), TorchLayout::Transposed)]
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -335,6 +343,157 @@ impl Module for Linear {
 impl fmt::Debug for Linear {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Linear")
+            .field("in_features", &self.in_features())
+            .field("out_features", &self.out_features())
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}
+
+/// A fully connected layer whose weight is in PyTorch's layout,
+/// `[out_features, in_features]`, and usually shared with another layer:
+/// `y = x · Wᵀ + b`. It is the output layer tied to an embedding, whose
+/// `[vocab, d]` table is exactly such a weight (GPT-style weight tying).
+///
+/// [`new`](TiedLinear::new) shares the given tensor (a handle, not a
+/// copy): the tied parameter appears once in
+/// [`parameters`](Module::parameters) and once in a checkpoint (under the
+/// name that comes first, usually the embedding's), receives the
+/// gradients of both layers, and stays shared in forks (see
+/// [`fork_scope`](crate::nn::fork_scope)). Its weight needs no transpose
+/// for PyTorch ([`Module::torch_layouts`] lists nothing): in a PyTorch
+/// checkpoint it is `nn.Linear.weight` as it is.
+///
+/// # Examples
+///
+/// A 3-token vocabulary embedded in 2 dimensions, the output layer tied
+/// to the embedding table:
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::functional::embedding;
+/// use netcl::nn::{Module, TiedLinear};
+///
+/// let table = Tensor::from_vec(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2])?.requires_grad_(true);
+/// let head = TiedLinear::new(&table, None)?;
+/// assert_eq!((head.in_features(), head.out_features()), (2, 3));
+///
+/// let ids = Tensor::from_vec(vec![2.0], &[1])?;
+/// let logits = head.forward(&embedding(&ids, &table))?; // e₂ · Eᵀ
+/// assert_eq!(logits.to_vec(), vec![1.0, 1.0, 2.0]);
+///
+/// // One parameter, with the gradients of both uses.
+/// assert!(head.weight().same_tensor(&table));
+/// logits.sum().backward();
+/// // d/dE of sum(e₂ · Eᵀ): every row gets e₂ = (1, 1), and row 2 also gets
+/// // the column sums of E, (2, 2).
+/// assert_eq!(table.grad().unwrap().to_vec(), vec![1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub struct TiedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    training: TrainingFlag,
+}
+
+impl TiedLinear {
+    /// A layer using `weight`, `[out_features, in_features]` (shared, not
+    /// copied), and an optional bias, `[out_features]` (marked as
+    /// requiring grad).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if the weight is not 2-D, [`Error::ShapeMismatch`]
+    /// if the bias is not `[out_features]`, [`Error::NotLeaf`] if the bias
+    /// was computed by a recorded op.
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<TiedLinear> {
+        if weight.ndim() != 2 {
+            return Err(Error::Rank {
+                op: "TiedLinear::new",
+                expected: "a weight of shape [out_features, in_features]",
+                shape: weight.shape().to_vec(),
+            });
+        }
+        let out_features = weight.shape()[0];
+        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [out_features]) {
+            return Err(Error::ShapeMismatch {
+                op: "TiedLinear::new",
+                lhs: vec![out_features],
+                rhs: b.shape().to_vec(),
+            });
+        }
+        Ok(TiedLinear {
+            weight: weight.clone(),
+            bias: bias.map(|b| b.try_requires_grad_(true)).transpose()?,
+            training: TrainingFlag::new(),
+        })
+    }
+
+    /// The shared weight, `[out_features, in_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out_features]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The size of each input row.
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+
+    /// The size of each output row.
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+}
+
+impl Clone for TiedLinear {
+    /// A fork (see [`Module::try_fork`]): still tied to the other layer
+    /// only inside one [`fork_scope`](crate::nn::fork_scope) with it, as
+    /// when the container holding both is forked.
+    fn clone(&self) -> TiedLinear {
+        TiedLinear {
+            weight: self.weight.fork(),
+            bias: self.bias.as_ref().map(Tensor::fork),
+            training: self.training.clone(),
+        }
+    }
+}
+
+impl Module for TiedLinear {
+    /// `input · Wᵀ + b` for `input` of shape `[.., in_features]`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rank`] if `input` is 0-dimensional,
+    /// [`Error::MatmulShape`] if its last dimension is not `in_features`.
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        input.try_linear(&self.weight.try_t()?, self.bias.as_ref())
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut params = vec![("weight".to_string(), self.weight.clone())];
+        if let Some(bias) = &self.bias {
+            params.push(("bias".to_string(), bias.clone()));
+        }
+        params
+    }
+
+    fn training_flag(&self) -> Option<&TrainingFlag> {
+        Some(&self.training)
+    }
+
+    fn try_fork(&self) -> Result<Box<dyn Module>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+impl fmt::Debug for TiedLinear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TiedLinear")
             .field("in_features", &self.in_features())
             .field("out_features", &self.out_features())
             .field("bias", &self.bias.is_some())

@@ -3,11 +3,15 @@
 //! | | |
 //! |---|---|
 //! | [`Linear`] | `x · W + b`, Kaiming-uniform initialised from a seeded RNG |
+//! | [`TiedLinear`] | `x · Wᵀ + b` with a shared `[out, in]` weight: an output layer tied to an embedding |
 //! | [`ReLU`], [`Sigmoid`], [`Tanh`] | element-wise activations |
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
 //! | [`Published`] | the versions of a model served while it trains |
+//! | [`BufferState`], [`Buffers`] | a stateful layer's buffers (running statistics), swapped whole |
+//! | [`fork_scope`] | forks that keep tied (shared) weights shared |
+//! | [`TorchLayout`] | how a parameter's layout differs from PyTorch's, for [`io::load_torch`](crate::io::load_torch) |
 //!
 //! # Sharing one model between threads
 //!
@@ -25,6 +29,11 @@
 //!   model instead: the trainer publishes the whole parameter set as one
 //!   immutable version (O(1) per parameter), and readers run each forward
 //!   against one version.
+//! - **Buffers are snapshots.** A stateful layer's running statistics live
+//!   in a [`BufferState`]: a forward reads them from one immutable
+//!   snapshot, a training forward installs the next one by
+//!   compare-and-swap (no update is lost when threads train one layer at
+//!   once), and a [`Published`] version's are frozen.
 //! - **Training and evaluation are per thread.** [`eval_mode`] and
 //!   [`train_mode`] set the mode of the calling thread only (and travel with
 //!   its [`GradMode`](crate::autograd::GradMode) into `netcl::parallel`
@@ -66,6 +75,7 @@
 //! ```
 
 mod activation;
+mod buffers;
 mod dropout;
 mod linear;
 mod published;
@@ -76,8 +86,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
+pub(crate) use buffers::prefixed_states;
+pub use buffers::{BufferState, Buffers};
 pub use dropout::Dropout;
-pub use linear::Linear;
+pub use linear::{Linear, TiedLinear};
 pub use published::{Published, Version};
 pub use sequential::{Mlp, Sequential};
 
@@ -164,6 +176,101 @@ pub trait Module: Send + Sync + fmt::Debug {
     ///
     /// The tensors are handles to the parameters themselves, not copies.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// The module's buffer states with their names: a stateful layer's
+    /// own [`BufferState`] under the empty name `""`, a container's
+    /// children's prefixed as in [`named_parameters`](Module::named_parameters)
+    /// (`1`, `layers.2`). None by default: implement it in a layer that
+    /// keeps buffers (running statistics), so that [`io`](crate::io),
+    /// [`try_fork`](Module::try_fork) and [`Published`] carry them.
+    ///
+    /// # Examples
+    ///
+    /// A layer that counts the batches it sees in training mode:
+    ///
+    /// ```
+    /// use netcl::nn::{BufferState, Buffers, Module, Published};
+    /// use netcl::{Result, Tensor};
+    ///
+    /// #[derive(Debug)]
+    /// struct Counter(BufferState);
+    ///
+    /// impl Module for Counter {
+    ///     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    ///         if self.effective_training() {
+    ///             self.0.update(|old| Ok(vec![old.get("seen").unwrap() + 1.0]))?;
+    ///         }
+    ///         Ok(x.clone())
+    ///     }
+    ///     fn named_parameters(&self) -> Vec<(String, Tensor)> {
+    ///         Vec::new()
+    ///     }
+    ///     fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+    ///         vec![(String::new(), &self.0)]
+    ///     }
+    ///     fn try_fork(&self) -> Result<Box<dyn Module>> {
+    ///         Ok(Box::new(Counter(self.0.fork())))
+    ///     }
+    /// }
+    ///
+    /// let counter = Counter(BufferState::new(Buffers::new([("seen", Tensor::scalar(0.0))])?));
+    /// let published = Published::new(&counter)?;
+    /// counter.forward(&Tensor::ones(&[2]))?;
+    /// assert_eq!(counter.named_buffers()[0].1.item(), 1.0);
+    ///
+    /// // The published version's buffers are frozen, even in training mode.
+    /// let _train = netcl::nn::train_mode();
+    /// published.load().forward(&Tensor::ones(&[2]))?;
+    /// assert_eq!(published.load().named_buffers()[0].1.item(), 0.0);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        Vec::new()
+    }
+
+    /// The buffers with their names (`1.running_mean`), in a stable
+    /// order: the current values of every
+    /// [`named_buffer_states`](Module::named_buffer_states) entry, each
+    /// state read from one snapshot. The tensors are detached copies
+    /// (O(1), copy-on-write): writing to them changes nothing in the
+    /// module. None for a module without buffers.
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.named_buffer_states()
+            .into_iter()
+            .flat_map(|(prefix, state)| {
+                state
+                    .load()
+                    .to_vec()
+                    .into_iter()
+                    .map(move |(name, t)| (buffers::join(&prefix, &name), t))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The parameters whose layout differs from the PyTorch module this
+    /// module mirrors, by name (as in
+    /// [`named_parameters`](Module::named_parameters)): `[("weight",
+    /// TorchLayout::Transposed)]` for a [`Linear`], which stores `[in,
+    /// out]` where `nn.Linear` stores `[out, in]`. None by default.
+    ///
+    /// [`io::load_torch`](crate::io::load_torch) and
+    /// [`io::save_torch`](crate::io::save_torch) convert these parameters,
+    /// and only these, between the two layouts; containers prefix their
+    /// children's names.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Linear, Module, ReLU, Sequential, TorchLayout};
+    ///
+    /// let model = Sequential::new().with(Linear::zeros(4, 3)?).with(ReLU::new());
+    /// assert_eq!(model.torch_layouts(), [("0.weight".to_string(), TorchLayout::Transposed)]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        Vec::new()
+    }
 
     /// Sets the module's own training (`true`) or evaluation (`false`)
     /// flag, and its children's: the default mode for threads that set
@@ -259,7 +366,9 @@ pub trait Module: Send + Sync + fmt::Debug {
     }
 
     /// The parameters, in the order of
-    /// [`named_parameters`](Module::named_parameters).
+    /// [`named_parameters`](Module::named_parameters), each distinct
+    /// tensor once: a parameter shared by two layers (a tied weight, see
+    /// [`fork_scope`]) appears once.
     ///
     /// # Examples
     ///
@@ -272,7 +381,7 @@ pub trait Module: Send + Sync + fmt::Debug {
     /// assert_eq!(shapes, [vec![4, 2], vec![2]]);
     /// ```
     fn parameters(&self) -> Vec<Tensor> {
-        self.named_parameters()
+        unique_named(self.named_parameters())
             .into_iter()
             .map(|(_, p)| p)
             .collect()
@@ -349,6 +458,15 @@ macro_rules! forward_module {
             fn named_parameters(&self) -> Vec<(String, Tensor)> {
                 (**self).named_parameters()
             }
+            fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+                (**self).named_buffer_states()
+            }
+            fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+                (**self).torch_layouts()
+            }
+            fn named_buffers(&self) -> Vec<(String, Tensor)> {
+                (**self).named_buffers()
+            }
             fn set_training(&self, training: bool) {
                 (**self).set_training(training)
             }
@@ -369,6 +487,16 @@ macro_rules! forward_module {
 }
 
 forward_module!(Box<M>, Arc<M>, &M);
+
+/// How a parameter's layout differs from PyTorch's
+/// ([`Module::torch_layouts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TorchLayout {
+    /// A 2-D parameter stored as the transpose of PyTorch's: netcl's
+    /// [`Linear`] weight is `[in, out]`, `nn.Linear`'s `[out, in]`.
+    Transposed,
+}
 
 /// A module's own training/evaluation flag: an atomic, so that a shared
 /// model can switch its default mode through `&self`
@@ -422,6 +550,69 @@ impl TrainingFlag {
     }
 }
 
+/// Runs `f` (a fork of a model) so that parameters shared between layers
+/// stay shared in the fork: inside the scope, [`Tensor::fork`] of a tensor
+/// already forked returns that same fork. Nested scopes join the
+/// outermost one.
+///
+/// The built-in containers ([`Sequential`], [`Mlp`]) and [`Published`]
+/// fork inside a scope already; a custom container whose
+/// [`try_fork`](Module::try_fork) forks several children calls its
+/// children's forks inside one, so that its tied weights stay tied.
+///
+/// # Weight tying
+///
+/// A parameter is a handle: two layers built from clones of one tensor
+/// (`Linear::from_parts(shared.clone(), ..)`) share it, which is weight
+/// tying. The shared parameter appears once in
+/// [`parameters`](Module::parameters) (and in an optimizer), once in a
+/// checkpoint (under its first name in
+/// [`named_parameters`](Module::named_parameters); its other names are
+/// aliases, optional in a file being loaded), and receives the gradients of
+/// both layers. `Clone` and [`try_fork`](Module::try_fork) keep it shared,
+/// through this scope. ([`Tensor::fork`] copies: a layer built from a fork
+/// of a parameter is untied.)
+///
+/// # Examples
+///
+/// Two layers tied by one weight, in a chain:
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::nn::{Linear, Module, Sequential};
+///
+/// let w = Tensor::from_vec(vec![2.0], &[1, 1])?;
+/// let model = Sequential::new()
+///     .with(Linear::from_parts(w.clone(), None)?)
+///     .with(Linear::from_parts(w.clone(), None)?);
+/// assert_eq!(model.named_parameters().len(), 2, "two names...");
+/// assert_eq!(model.parameters().len(), 1, "...one parameter");
+///
+/// // y = w·(w·x): dy/dw = 2·w·x = 4 at x = 1, from both layers.
+/// model.forward(&Tensor::ones(&[1, 1]))?.sum().backward();
+/// assert_eq!(w.grad().unwrap().to_vec(), vec![4.0]);
+///
+/// // A fork (Clone) is tied too: one parameter, shared by its two layers.
+/// let fork = model.try_clone()?;
+/// assert_eq!(fork.parameters().len(), 1);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
+    crate::tensor::fork_scope(f)
+}
+
+/// Each distinct tensor of `params` once, in order (the first of a tied
+/// parameter's names).
+pub(crate) fn unique_named(params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    // By address: every tensor is alive in `params`, so addresses are
+    // distinct for distinct tensors.
+    let mut seen = std::collections::HashSet::with_capacity(params.len());
+    params
+        .into_iter()
+        .filter(|(_, p)| seen.insert(p.identity()))
+        .collect()
+}
+
 /// Prefixes every name of `params` with `prefix.`.
 pub(crate) fn prefixed(prefix: &str, params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     params
@@ -433,6 +624,7 @@ pub(crate) fn prefixed(prefix: &str, params: Vec<(String, Tensor)>) -> Vec<(Stri
 const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Linear>();
+    assert_send_sync::<TiedLinear>();
     assert_send_sync::<Dropout>();
     assert_send_sync::<Sequential>();
     assert_send_sync::<Mlp>();

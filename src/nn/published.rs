@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::autograd::{eval_mode, no_grad};
 use crate::error::Error;
 use crate::error::Result;
-use crate::nn::Module;
+use crate::nn::{Module, fork_scope};
 use crate::sync::{Arc, AtomicArc, Mutex};
 use crate::tensor::Tensor;
 
@@ -24,6 +24,11 @@ use crate::tensor::Tensor;
 /// no values: O(1) per parameter, and the trainer's next update of each
 /// parameter writes into a new buffer instead of the one the version
 /// holds).
+///
+/// A version carries the model's buffers too
+/// ([`Module::named_buffer_states`]): a fork's buffer states start from the
+/// model's current snapshots and are frozen, so a version's running
+/// statistics never change, even under a reader in training mode.
 ///
 /// # Readers never block the trainer, the trainer never blocks readers
 ///
@@ -132,7 +137,7 @@ impl Published {
     ///
     /// As [`new`](Published::new).
     pub fn with_version<M: Module + ?Sized>(model: &M, number: u64) -> Result<Published> {
-        let version = Version::freeze(model.try_fork()?, number);
+        let version = Version::freeze(fork_scope(|| model.try_fork())?, number);
         Ok(Published {
             current: AtomicArc::new(Arc::new(version)),
             publishing: Mutex::new(()),
@@ -208,7 +213,7 @@ impl Published {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn publish<M: Module + ?Sized>(&self, model: &M) -> Result<u64> {
-        Ok(self.publish_model(model.try_fork()?))
+        Ok(self.publish_model(fork_scope(|| model.try_fork())?))
     }
 
     /// Publishes `model` itself as the next version (it is frozen and set
@@ -295,6 +300,11 @@ impl Version {
         for (_, p) in model.named_parameters() {
             // Forked parameters are leaves, so this cannot fail.
             let _ = p.try_requires_grad_(false);
+        }
+        // A served version's running statistics never change, whatever
+        // mode a reader's thread is in.
+        for (_, state) in model.named_buffer_states() {
+            state.freeze();
         }
         model.eval();
         Version {

@@ -5,7 +5,10 @@ use std::fmt;
 use rand::Rng;
 
 use crate::error::{Error, Result, or_panic};
-use crate::nn::{Activation, Linear, Module, TrainingFlag, prefixed};
+use crate::nn::{
+    Activation, BufferState, Linear, Module, TorchLayout, TrainingFlag, fork_scope, prefixed,
+    prefixed_states,
+};
 use crate::tensor::Tensor;
 
 /// A chain of modules, each applied to the output of the one before.
@@ -121,17 +124,19 @@ impl Sequential {
     /// # Ok::<(), netcl::Error>(())
     /// ```
     pub fn try_clone(&self) -> Result<Sequential> {
-        let layers = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, layer)| {
-                layer.try_fork().map_err(|err| Error::Unsupported {
-                    op: "Sequential::try_clone",
-                    message: format!("layer {i}: {err}"),
+        // In one fork scope: a weight shared by two layers stays shared.
+        let layers = fork_scope(|| {
+            self.layers
+                .iter()
+                .enumerate()
+                .map(|(i, layer)| {
+                    layer.try_fork().map_err(|err| Error::Unsupported {
+                        op: "Sequential::try_clone",
+                        message: format!("layer {i}: {err}"),
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>()
+        })?;
         Ok(Sequential {
             layers,
             training: self.training.clone(),
@@ -172,6 +177,28 @@ impl Module for Sequential {
             .iter()
             .enumerate()
             .flat_map(|(i, layer)| prefixed(&i.to_string(), layer.named_parameters()))
+            .collect()
+    }
+
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                let prefix = i.to_string();
+                layer
+                    .torch_layouts()
+                    .into_iter()
+                    .map(move |(name, layout)| (format!("{prefix}.{name}"), layout))
+            })
+            .collect()
+    }
+
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| prefixed_states(&i.to_string(), layer.named_buffer_states()))
             .collect()
     }
 
@@ -408,6 +435,18 @@ impl Module for Mlp {
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         prefixed("layers", self.layers.named_parameters())
+    }
+
+    fn named_buffer_states(&self) -> Vec<(String, &BufferState)> {
+        prefixed_states("layers", self.layers.named_buffer_states())
+    }
+
+    fn torch_layouts(&self) -> Vec<(String, TorchLayout)> {
+        self.layers
+            .torch_layouts()
+            .into_iter()
+            .map(|(name, layout)| (format!("layers.{name}"), layout))
+            .collect()
     }
 
     fn set_training(&self, training: bool) {

@@ -6,7 +6,8 @@ use ndarray::{ArrayD, Zip};
 
 use crate::autograd::no_grad;
 use crate::error::{Result, or_panic};
-use crate::optim::{Optimizer, check, collect_params};
+use crate::optim::groups::{ParamGroup, flatten};
+use crate::optim::{Optimizer, check};
 use crate::tensor::Tensor;
 
 /// The hyper-parameters of [`Adam`] and [`AdamW`], built from the learning
@@ -97,6 +98,8 @@ struct Moments {
 /// What Adam and AdamW share: parameters, moments and the update.
 struct AdamCore {
     params: Vec<Tensor>,
+    /// Each parameter's group weight decay; `None`: the config's.
+    decay: Vec<Option<f32>>,
     moments: Vec<Option<Moments>>,
     config: AdamConfig,
 }
@@ -107,11 +110,20 @@ impl AdamCore {
         params: impl IntoIterator<Item = Tensor>,
         config: AdamConfig,
     ) -> Result<AdamCore> {
+        AdamCore::with_groups(op, [ParamGroup::new(params)], config)
+    }
+
+    fn with_groups(
+        op: &'static str,
+        groups: impl IntoIterator<Item = ParamGroup>,
+        config: AdamConfig,
+    ) -> Result<AdamCore> {
         config.validate(op)?;
-        let params = collect_params(op, params)?;
+        let (params, decay) = flatten(op, groups)?;
         Ok(AdamCore {
             moments: params.iter().map(|_| None).collect(),
             params,
+            decay,
             config,
         })
     }
@@ -126,13 +138,15 @@ impl AdamCore {
             eps,
             weight_decay: wd,
         } = self.config;
-        // Adam adds λ·w to the gradient; AdamW shrinks w by (1 - η·λ) first.
-        let (l2, shrink) = if decoupled {
-            (0.0, 1.0 - lr * wd)
-        } else {
-            (wd, 1.0)
-        };
-        for (param, moments) in self.params.iter().zip(&mut self.moments) {
+        for ((param, moments), decay) in self.params.iter().zip(&mut self.moments).zip(&self.decay)
+        {
+            let wd = decay.unwrap_or(wd);
+            // Adam adds λ·w to the gradient; AdamW shrinks w by (1 - η·λ) first.
+            let (l2, shrink) = if decoupled {
+                (0.0, 1.0 - lr * wd)
+            } else {
+                (wd, 1.0)
+            };
             let Some(grad) = param.grad_data() else {
                 continue;
             };
@@ -243,6 +257,36 @@ macro_rules! adam_variant {
                 config: AdamConfig,
             ) -> Result<$name> {
                 AdamCore::new(stringify!($name), params, config).map($name)
+            }
+
+            /// An optimizer over parameter groups, each with the config's
+            /// weight decay or its own ([`ParamGroup::weight_decay`]).
+            ///
+            /// # Panics
+            ///
+            #[doc = concat!("As [`try_with_groups`](", stringify!($name), "::try_with_groups).")]
+            #[track_caller]
+            pub fn with_groups(
+                groups: impl IntoIterator<Item = ParamGroup>,
+                config: AdamConfig,
+            ) -> $name {
+                or_panic($name::try_with_groups(groups, config))
+            }
+
+            /// An optimizer over parameter groups, each with the config's
+            /// weight decay or its own ([`ParamGroup::weight_decay`]).
+            ///
+            /// # Errors
+            ///
+            #[doc = concat!("As [`try_new`](", stringify!($name), "::try_new), and")]
+            /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if
+            /// a group's weight decay is negative or not finite, or a
+            /// parameter is in two groups.
+            pub fn try_with_groups(
+                groups: impl IntoIterator<Item = ParamGroup>,
+                config: AdamConfig,
+            ) -> Result<$name> {
+                AdamCore::with_groups(stringify!($name), groups, config).map($name)
             }
 
             /// The hyper-parameters (the learning rate as last set).

@@ -6,7 +6,10 @@
 //! | [`Sgd`] | stochastic gradient descent, with momentum, Nesterov momentum and weight decay |
 //! | [`Adam`] | Adam, with L2 weight decay added to the gradient |
 //! | [`AdamW`] | Adam with decoupled weight decay |
-//! | [`StepDecay`], [`CosineAnnealing`] | learning rate as a function of the epoch |
+//! | [`StepDecay`], [`CosineAnnealing`] | learning rate as a function of the epoch (or of the step) |
+//! | [`Warmup`] | linear warm-up in front of any schedule, per optimisation step |
+//! | [`clip_grad_norm`] | scales gradients to a global norm, as PyTorch's `clip_grad_norm_` |
+//! | [`ParamGroup`], [`no_decay_groups`] | per-group weight decay: norms and biases skip it |
 //!
 //! Every [`step`](Optimizer::step) runs under
 //! [`no_grad`](crate::autograd::no_grad) whatever the caller's mode, updates
@@ -43,11 +46,15 @@
 //! ```
 
 mod adam;
+mod clip;
+mod groups;
 mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig, AdamW};
-pub use schedule::{Constant, CosineAnnealing, LrSchedule, StepDecay};
+pub use clip::{clip_grad_norm, try_clip_grad_norm};
+pub use groups::{ParamGroup, no_decay_groups};
+pub use schedule::{Constant, CosineAnnealing, LrSchedule, StepDecay, Warmup};
 pub use sgd::{Sgd, SgdConfig};
 
 use crate::error::{Error, Result};

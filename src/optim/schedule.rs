@@ -1,4 +1,6 @@
-//! Learning-rate schedules: the learning rate as a function of the epoch.
+//! Learning-rate schedules: the learning rate as a function of the epoch,
+//! or of the optimisation step (a language model trains for less than an
+//! epoch: count steps, and set the rate before each step).
 
 use std::fmt;
 
@@ -190,5 +192,79 @@ impl LrSchedule for CosineAnnealing {
         let progress = epoch as f64 / self.epochs as f64;
         let cosine = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
         (f64::from(self.min_lr) + f64::from(self.base_lr - self.min_lr) * cosine) as f32
+    }
+}
+
+/// A linear warm-up over the first `warmup_steps` indices in front of
+/// `schedule`, for schedules indexed by optimisation step:
+///
+/// - `lr(t) = schedule.lr(0) · (t + 1) / warmup_steps` for `t < warmup_steps`
+///   (the first step already moves, the last warm-up step reaches the full
+///   rate);
+/// - `lr(t) = schedule.lr(t - warmup_steps)` after: the wrapped schedule
+///   starts when the warm-up ends (as the warm-up-then-cosine schedules of
+///   GPT-style training do).
+///
+/// Call it with the step count (from 0) before every
+/// [`Optimizer::step`](crate::optim::Optimizer::step). Handed to a
+/// [`Trainer`](crate::train::Trainer), which applies schedules per epoch,
+/// it warms up over epochs instead.
+///
+/// # Examples
+///
+/// 4 warm-up steps, then a cosine decay from 1.0 to 0.0 over 10 steps:
+///
+/// ```
+/// use netcl::Tensor;
+/// use netcl::optim::{CosineAnnealing, LrSchedule, Optimizer, Sgd, SgdConfig, Warmup};
+///
+/// let schedule = Warmup::new(4, CosineAnnealing::new(1.0, 0.0, 10));
+/// let rates: Vec<f32> = (0..6).map(|t| schedule.lr(t)).collect();
+/// assert_eq!(rates, [0.25, 0.5, 0.75, 1.0, 1.0, schedule.lr(5)]);
+/// assert!((schedule.lr(9) - 0.5).abs() < 1e-6, "halfway through the cosine");
+/// assert_eq!(schedule.lr(14), 0.0);
+///
+/// let mut sgd = Sgd::new([Tensor::zeros(&[1]).requires_grad_(true)], SgdConfig::new(1.0));
+/// for step in 0..6 {
+///     sgd.set_learning_rate(schedule.lr(step));
+///     // ... forward, backward ...
+///     sgd.step();
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Warmup<S> {
+    warmup_steps: usize,
+    schedule: S,
+}
+
+impl<S: LrSchedule> Warmup<S> {
+    /// Warm up linearly over `warmup_steps` steps, then follow `schedule`
+    /// (0 steps: `schedule` alone).
+    pub fn new(warmup_steps: usize, schedule: S) -> Warmup<S> {
+        Warmup {
+            warmup_steps,
+            schedule,
+        }
+    }
+
+    /// The number of warm-up steps.
+    pub fn warmup_steps(&self) -> usize {
+        self.warmup_steps
+    }
+
+    /// The schedule that follows the warm-up.
+    pub fn schedule(&self) -> &S {
+        &self.schedule
+    }
+}
+
+impl<S: LrSchedule> LrSchedule for Warmup<S> {
+    fn lr(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            let fraction = (step + 1) as f64 / self.warmup_steps as f64;
+            (f64::from(self.schedule.lr(0)) * fraction) as f32
+        } else {
+            self.schedule.lr(step - self.warmup_steps)
+        }
     }
 }

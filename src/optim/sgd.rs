@@ -6,7 +6,8 @@ use ndarray::{ArrayD, Zip};
 
 use crate::autograd::no_grad;
 use crate::error::{Error, Result, or_panic};
-use crate::optim::{Optimizer, check, collect_params};
+use crate::optim::groups::{ParamGroup, flatten};
+use crate::optim::{Optimizer, check};
 use crate::tensor::Tensor;
 
 /// The hyper-parameters of [`Sgd`], built from the learning rate.
@@ -126,6 +127,8 @@ impl SgdConfig {
 /// ```
 pub struct Sgd {
     params: Vec<Tensor>,
+    /// Each parameter's group weight decay; `None`: the config's.
+    decay: Vec<Option<f32>>,
     /// Momentum buffers, one per parameter, allocated at its first step.
     buffers: Vec<Option<ArrayD<f32>>>,
     config: SgdConfig,
@@ -162,11 +165,38 @@ impl Sgd {
     /// assert_eq!(err.to_string(), "Sgd: Nesterov momentum needs a momentum > 0");
     /// ```
     pub fn try_new(params: impl IntoIterator<Item = Tensor>, config: SgdConfig) -> Result<Sgd> {
+        Sgd::try_with_groups([ParamGroup::new(params)], config)
+    }
+
+    /// An optimizer over parameter groups, each with the config's weight
+    /// decay or its own ([`ParamGroup::weight_decay`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_with_groups`](Sgd::try_with_groups).
+    #[track_caller]
+    pub fn with_groups(groups: impl IntoIterator<Item = ParamGroup>, config: SgdConfig) -> Sgd {
+        or_panic(Sgd::try_with_groups(groups, config))
+    }
+
+    /// An optimizer over parameter groups, each with the config's weight
+    /// decay or its own ([`ParamGroup::weight_decay`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_new`](Sgd::try_new), and [`Error::InvalidArgument`] if a
+    /// group's weight decay is negative or not finite, or a parameter is
+    /// in two groups.
+    pub fn try_with_groups(
+        groups: impl IntoIterator<Item = ParamGroup>,
+        config: SgdConfig,
+    ) -> Result<Sgd> {
         config.validate()?;
-        let params = collect_params("Sgd", params)?;
+        let (params, decay) = flatten("Sgd", groups)?;
         Ok(Sgd {
             buffers: vec![None; params.len()],
             params,
+            decay,
             config,
         })
     }
@@ -191,7 +221,8 @@ impl Optimizer for Sgd {
             nesterov,
             weight_decay: wd,
         } = self.config;
-        for (param, buffer) in self.params.iter().zip(&mut self.buffers) {
+        for ((param, buffer), decay) in self.params.iter().zip(&mut self.buffers).zip(&self.decay) {
+            let wd = decay.unwrap_or(wd);
             let Some(grad) = param.grad_data() else {
                 continue;
             };
