@@ -5,9 +5,11 @@
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::array::{broadcast_shape, reduce_to_shape};
-use crate::autograd::function::{InputGrads, record, record_unary};
+use crate::autograd::function::{GraphGrads, InputGrads, record, record_unary, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
+
+use super::graph::sum_to;
 
 /// `1/√2`.
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
@@ -69,17 +71,34 @@ fn normal_cdf(x: f64) -> f64 {
 }
 
 /// Records `f` of each element of `x` with the derivative `df(grad, x)`,
-/// saving the input.
+/// saving the input; differentiably, `dg(grad, x)` in recorded tensor ops.
 #[track_caller]
-fn map_input_op<F>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, df: F) -> Tensor
+fn map_input_op<F, G>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, df: F, dg: G) -> Tensor
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
+    G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
     let out = input.map(f);
     record_unary(op, x, out, move |_| {
-        move |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.zip_into(&input, &df))
+        with_graph(
+            (input, df, dg),
+            |(input, df, _), grad: Data, grads: &mut InputGrads<'_>| {
+                grads.put(0, grad.zip_into(input, df))
+            },
+            |(input, _, dg), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                let x = grads.input(0, input)?;
+                grads.set(0, dg(grad, &x)?);
+                Ok(())
+            },
+        )
     })
+}
+
+/// A constant (no graph) computed element-wise from `t`'s values: the
+/// derivative of a piecewise-linear op, whose own derivative is 0.
+fn constant(t: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+    Tensor::from_data(t.read().map(f))
 }
 
 /// Which form of GELU [`gelu`] computes, as PyTorch's `approximate`
@@ -160,6 +179,19 @@ impl Tensor {
                 let slope = normal_cdf(x) + x * INV_SQRT_2PI * (-0.5 * x * x).exp();
                 g * slope as f32
             },
+            |g, x| {
+                let cdf = x
+                    .mul_scalar(FRAC_1_SQRT_2 as f32)
+                    .erf()
+                    .add_scalar(1.0)
+                    .mul_scalar(0.5);
+                let density = x
+                    .try_mul(x)?
+                    .mul_scalar(-0.5)
+                    .exp()
+                    .mul_scalar(INV_SQRT_2PI as f32);
+                g.try_mul(&cdf.try_add(&x.try_mul(&density)?)?)
+            },
         )
     }
 
@@ -187,6 +219,23 @@ impl Tensor {
                 let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
                 let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
                 g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+            },
+            |g, x| {
+                let x2 = x.try_mul(x)?;
+                let t = x
+                    .try_add(&x2.try_mul(x)?.mul_scalar(GELU_CUBIC))?
+                    .mul_scalar(SQRT_2_OVER_PI)
+                    .tanh();
+                let du = x2
+                    .mul_scalar(3.0 * GELU_CUBIC)
+                    .add_scalar(1.0)
+                    .mul_scalar(SQRT_2_OVER_PI);
+                let sech2 = t.try_mul(&t)?.rsub_scalar(1.0);
+                let slope = t
+                    .add_scalar(1.0)
+                    .mul_scalar(0.5)
+                    .try_add(&x.try_mul(&sech2)?.try_mul(&du)?.mul_scalar(0.5))?;
+                g.try_mul(&slope)
             },
         )
     }
@@ -216,6 +265,11 @@ impl Tensor {
                 let s = 1.0 / (1.0 + (-x).exp());
                 g * s * (1.0 + x * (1.0 - s))
             },
+            |g, x| {
+                let s = x.sigmoid();
+                let slope = s.try_mul(&x.try_mul(&s.rsub_scalar(1.0))?.add_scalar(1.0))?;
+                g.try_mul(&slope)
+            },
         )
     }
 
@@ -237,9 +291,20 @@ impl Tensor {
     #[track_caller]
     pub fn erf(&self) -> Tensor {
         // d erf(x)/dx = 2/√π e^(-x²)
-        map_input_op(self, "erf", erf32, |g, x| {
-            g * std::f32::consts::FRAC_2_SQRT_PI * (-x * x).exp()
-        })
+        map_input_op(
+            self,
+            "erf",
+            erf32,
+            |g, x| g * std::f32::consts::FRAC_2_SQRT_PI * (-x * x).exp(),
+            |g, x| {
+                let slope = x
+                    .try_mul(x)?
+                    .neg()
+                    .exp()
+                    .mul_scalar(std::f32::consts::FRAC_2_SQRT_PI);
+                g.try_mul(&slope)
+            },
+        )
     }
 
     /// Clamps every element into `[min, max]`.
@@ -314,10 +379,18 @@ impl Tensor {
         };
         // (selecting, not multiplying: an infinite gradient outside the
         // bounds still gives 0)
-        Ok(map_input_op(self, "clamp", clamp, move |g, x| {
-            let s = slope(x);
-            if s == 1.0 { g } else { s }
-        }))
+        // Differentiably: the gradient times the slope as a constant (a
+        // piecewise-linear op has a zero second derivative).
+        Ok(map_input_op(
+            self,
+            "clamp",
+            clamp,
+            move |g, x| {
+                let s = slope(x);
+                if s == 1.0 { g } else { s }
+            },
+            move |g, x| g.try_mul(&constant(x, slope)),
+        ))
     }
 }
 
@@ -373,21 +446,38 @@ fn extremum(
     record(op, &[a, b], out, move |_| {
         // d/da = g · share(a, b), d/db = g · share(b, a), each summed over
         // the axes its operand was broadcast along
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let g = grad.view();
-            for (i, (first, second)) in [(&x, &y), (&y, &x)].into_iter().enumerate() {
-                if grads.needs_grad(i) {
-                    let (p, q) = (first.view(), second.view());
-                    let p = p.broadcast(g.raw_dim()).expect("checked broadcast");
-                    let q = q.broadcast(g.raw_dim()).expect("checked broadcast");
-                    let d = Zip::from(&g)
-                        .and(&p)
-                        .and(&q)
-                        .map_collect(|&g, &p, &q| g * share(p, q));
-                    grads.set(i, reduce_to_shape(d, first.shape()));
+        // Differentiably: the gradient times the shares as constants (a
+        // piecewise-linear op has a zero second derivative).
+        with_graph(
+            (x, y, shape),
+            move |(x, y, _), grad: Data, grads: &mut InputGrads<'_>| {
+                let g = grad.view();
+                for (i, (first, second)) in [(x, y), (y, x)].into_iter().enumerate() {
+                    if grads.needs_grad(i) {
+                        let (p, q) = (first.view(), second.view());
+                        let p = p.broadcast(g.raw_dim()).expect("checked broadcast");
+                        let q = q.broadcast(g.raw_dim()).expect("checked broadcast");
+                        let d = Zip::from(&g)
+                            .and(&p)
+                            .and(&q)
+                            .map_collect(|&g, &p, &q| g * share(p, q));
+                        grads.set(i, reduce_to_shape(d, first.shape()));
+                    }
                 }
-            }
-        }
+            },
+            move |(x, y, shape), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                for (i, (first, second)) in [(x, y), (y, x)].into_iter().enumerate() {
+                    if grads.needs_grad(i) {
+                        let shares = Tensor::from_data(Data::from_array(zip_broadcast(
+                            shape, first, second, share,
+                        )));
+                        let d = grad.try_mul(&shares)?;
+                        grads.set(i, sum_to(&d, first.shape())?);
+                    }
+                }
+                Ok(())
+            },
+        )
     })
 }
 

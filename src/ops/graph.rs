@@ -62,3 +62,65 @@ pub(crate) fn expand(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
         )
     })
 }
+
+/// Flat positions: element `p` (row-major) of a selection's result was
+/// read from element `offsets[p]` (row-major) of its input.
+pub(crate) type Offsets = std::sync::Arc<[usize]>;
+
+/// The values of `x` (of any shape) at `offsets`, as a tensor of `shape`
+/// (`offsets.len()` elements), recorded as `take`: the differentiable
+/// backward of a scatter-add ([`scatter_add`]), whose backward is a
+/// scatter-add again. The gradient form of `index_select`, `gather` and
+/// `embedding`.
+pub(crate) fn take(x: &Tensor, offsets: &Offsets, shape: &[usize]) -> Result<Tensor> {
+    let values = x.read();
+    let xs = values.to_vec();
+    drop(values);
+    let out = Data::collect(shape, offsets.iter().map(|&at| xs[at]));
+    let input = x.shape().to_vec();
+    record("take", &[x], out, |_| {
+        with_graph(
+            (offsets.clone(), input),
+            |(offsets, input): &(Offsets, Vec<usize>), grad: Data, grads: &mut InputGrads<'_>| {
+                grads.put(0, scatter_values(&grad, offsets, input));
+            },
+            |(offsets, input): &(Offsets, Vec<usize>),
+             grad: &Tensor,
+             grads: &mut GraphGrads<'_>| {
+                grads.set(0, scatter_add(grad, offsets, input)?);
+                Ok(())
+            },
+        )
+    })
+}
+
+/// Zeros of `shape` with each value of `grad` (row-major) added at its
+/// position in `offsets`.
+fn scatter_values(grad: &Data, offsets: &Offsets, shape: &[usize]) -> Data {
+    let mut out = vec![0.0; shape.iter().product()];
+    for (&at, g) in offsets.iter().zip(grad.to_vec()) {
+        out[at] += g;
+    }
+    Data::from_vec(shape, out)
+}
+
+/// Zeros of `shape` with each value of `grad` (row-major) added at its
+/// position in `offsets`, recorded as `scatter_add`, whose backward is
+/// [`take`]: the differentiable backward of a selection.
+pub(crate) fn scatter_add(grad: &Tensor, offsets: &Offsets, shape: &[usize]) -> Result<Tensor> {
+    let out = scatter_values(&grad.read().into_data(), offsets, shape);
+    let from = grad.shape().to_vec();
+    record("scatter_add", &[grad], out, |_| {
+        with_graph(
+            (offsets.clone(), from),
+            |(offsets, from): &(Offsets, Vec<usize>), grad: Data, grads: &mut InputGrads<'_>| {
+                let g = grad.to_vec();
+                grads.put(0, Data::collect(from, offsets.iter().map(|&at| g[at])));
+            },
+            |(offsets, from): &(Offsets, Vec<usize>), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                grads.set(0, take(grad, offsets, from)?);
+                Ok(())
+            },
+        )
+    })
+}

@@ -16,11 +16,14 @@ use std::borrow::Cow;
 use ndarray::{Dimension, Zip};
 
 use crate::array::{broadcast_shape, checked_numel, indices, mask, normalize_axis};
-use crate::autograd::function::{InputGrads, record, record_with_constants};
+use crate::autograd::function::{
+    GraphGrads, InputGrads, record, record_with_constants, with_graph,
+};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
 use super::binary::reduce_to;
+use super::graph::{Offsets, scatter_add, sum_to};
 
 /// The values of `data` in row-major order, borrowed when they are stored
 /// that way.
@@ -124,23 +127,44 @@ impl Tensor {
         record(OP, &[self], out, |_| {
             // d y[.., k, ..]/d x[.., ids[k], ..] = 1: scatter-add the
             // gradient's slices back to the rows they were read from.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut gx = vec![0.0; product(&input)];
-                if !gx.is_empty() {
-                    let g = contiguous(&grad);
-                    let mut blocks = g.chunks_exact(inner.max(1));
-                    for o in 0..outer {
-                        for &id in &ids {
-                            let start = (o * len + id) * inner;
-                            let block = blocks.next().unwrap_or(&[]);
-                            for (x, &g) in gx[start..start + inner].iter_mut().zip(block) {
-                                *x += g;
+            // Differentiably, a recorded scatter-add (whose backward
+            // selects again).
+            with_graph(
+                (input, ids),
+                move |(input, ids): &(Vec<usize>, Vec<usize>),
+                      grad: Data,
+                      grads: &mut InputGrads<'_>| {
+                    let mut gx = vec![0.0; product(input)];
+                    if !gx.is_empty() {
+                        let g = contiguous(&grad);
+                        let mut blocks = g.chunks_exact(inner.max(1));
+                        for o in 0..outer {
+                            for &id in ids {
+                                let start = (o * len + id) * inner;
+                                let block = blocks.next().unwrap_or(&[]);
+                                for (x, &g) in gx[start..start + inner].iter_mut().zip(block) {
+                                    *x += g;
+                                }
                             }
                         }
                     }
-                }
-                grads.put(0, Data::from_vec(&input, gx));
-            }
+                    grads.put(0, Data::from_vec(input, gx));
+                },
+                move |(input, ids): &(Vec<usize>, Vec<usize>),
+                      grad: &Tensor,
+                      grads: &mut GraphGrads<'_>| {
+                    let offsets: Offsets = (0..outer)
+                        .flat_map(|o| {
+                            ids.iter().flat_map(move |&id| {
+                                let start = (o * len + id) * inner;
+                                start..start + inner
+                            })
+                        })
+                        .collect();
+                    grads.set(0, scatter_add(grad, &offsets, input)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -213,14 +237,28 @@ impl Tensor {
         drop(data);
         record(OP, &[self], out, |_| {
             // d out[p]/d x[offsets[p]] = 1: scatter-add the gradient.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut gx = vec![0.0; product(&input)];
-                let g = contiguous(&grad);
-                for (&at, &g) in offsets.iter().zip(g.iter()) {
-                    gx[at] += g;
-                }
-                grads.put(0, Data::from_vec(&input, gx));
-            }
+            // Differentiably, a recorded scatter-add (whose backward
+            // gathers again).
+            with_graph(
+                (input, offsets),
+                |(input, offsets): &(Vec<usize>, Vec<usize>),
+                 grad: Data,
+                 grads: &mut InputGrads<'_>| {
+                    let mut gx = vec![0.0; product(input)];
+                    let g = contiguous(&grad);
+                    for (&at, &g) in offsets.iter().zip(g.iter()) {
+                        gx[at] += g;
+                    }
+                    grads.put(0, Data::from_vec(input, gx));
+                },
+                |(input, offsets): &(Vec<usize>, Vec<usize>),
+                 grad: &Tensor,
+                 grads: &mut GraphGrads<'_>| {
+                    let offsets: Offsets = offsets.as_slice().into();
+                    grads.set(0, scatter_add(grad, &offsets, input)?);
+                    Ok(())
+                },
+            )
         })
     }
 }
@@ -336,18 +374,31 @@ pub fn try_embedding(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
     record(OP, &[weight], out, |_| {
         // d out[p, :]/d weight[ids[p], :] = 1: scatter-add each gradient
         // row into its id's row.
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let mut gw = vec![0.0; num * width];
-            if width != 0 {
-                let g = contiguous(&grad);
-                for (&id, row) in ids.iter().zip(g.chunks_exact(width)) {
-                    for (w, &g) in gw[id * width..(id + 1) * width].iter_mut().zip(row) {
-                        *w += g;
+        // Differentiably, a recorded scatter-add (whose backward selects
+        // the rows again).
+        with_graph(
+            ids,
+            move |ids: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                let mut gw = vec![0.0; num * width];
+                if width != 0 {
+                    let g = contiguous(&grad);
+                    for (&id, row) in ids.iter().zip(g.chunks_exact(width)) {
+                        for (w, &g) in gw[id * width..(id + 1) * width].iter_mut().zip(row) {
+                            *w += g;
+                        }
                     }
                 }
-            }
-            grads.put(0, Data::from_vec(&[num, width], gw));
-        }
+                grads.put(0, Data::from_vec(&[num, width], gw));
+            },
+            move |ids: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                let offsets: Offsets = ids
+                    .iter()
+                    .flat_map(|&id| id * width..(id + 1) * width)
+                    .collect();
+                grads.set(0, scatter_add(grad, &offsets, &[num, width])?);
+                Ok(())
+            },
+        )
     })
 }
 
@@ -415,10 +466,20 @@ impl Tensor {
         let input = self.shape().to_vec();
         record_with_constants(OP, &[self], &[value], out, |_| {
             // d out/dx = 0 where the mask is 1, else 1.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let g = grad.zip_into(&m, |g, m| if m == 1.0 { 0.0 } else { g });
-                grads.put(0, reduce_to(g, &input));
-            }
+            // Differentiably, the gradient masked by a recorded masked_fill
+            // (whose backward masks again).
+            with_graph(
+                (m, input),
+                |(m, input): &(Data, Vec<usize>), grad: Data, grads: &mut InputGrads<'_>| {
+                    let g = grad.zip_into(m, |g, m| if m == 1.0 { 0.0 } else { g });
+                    grads.put(0, reduce_to(g, input));
+                },
+                |(m, input): &(Data, Vec<usize>), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let mask = Tensor::from_data(m.clone());
+                    grads.set(0, sum_to(&grad.try_masked_fill(&mask, 0.0)?, input)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -512,21 +573,43 @@ pub fn try_where_(condition: &Tensor, input: &Tensor, other: &Tensor) -> Result<
     let shapes = (input.shape().to_vec(), other.shape().to_vec());
     record(OP, &[input, other], out, |_| {
         // d out/d input = condition, d out/d other = 1 - condition.
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let g_other = grads.needs_grad(1).then(|| {
-                let g = grad
-                    .clone()
-                    .zip_into(&c, |g, c| if c == 1.0 { 0.0 } else { g });
-                reduce_to(g, &shapes.1)
-            });
-            if grads.needs_grad(0) {
-                let g = grad.zip_into(&c, |g, c| if c == 1.0 { g } else { 0.0 });
-                grads.put(0, reduce_to(g, &shapes.0));
-            }
-            if let Some(g) = g_other {
-                grads.put(1, g);
-            }
-        }
+        // Differentiably, the gradient split by a recorded `where` (whose
+        // backward splits again).
+        with_graph(
+            (c, shapes),
+            |(c, shapes): &(Data, (Vec<usize>, Vec<usize>)),
+             grad: Data,
+             grads: &mut InputGrads<'_>| {
+                let g_other = grads.needs_grad(1).then(|| {
+                    let g = grad
+                        .clone()
+                        .zip_into(c, |g, c| if c == 1.0 { 0.0 } else { g });
+                    reduce_to(g, &shapes.1)
+                });
+                if grads.needs_grad(0) {
+                    let g = grad.zip_into(c, |g, c| if c == 1.0 { g } else { 0.0 });
+                    grads.put(0, reduce_to(g, &shapes.0));
+                }
+                if let Some(g) = g_other {
+                    grads.put(1, g);
+                }
+            },
+            |(c, shapes): &(Data, (Vec<usize>, Vec<usize>)),
+             grad: &Tensor,
+             grads: &mut GraphGrads<'_>| {
+                let condition = Tensor::from_data(c.clone());
+                let zero = Tensor::zeros(&[]);
+                if grads.needs_grad(0) {
+                    let g = try_where_(&condition, grad, &zero)?;
+                    grads.set(0, sum_to(&g, &shapes.0)?);
+                }
+                if grads.needs_grad(1) {
+                    let g = try_where_(&condition, &zero, grad)?;
+                    grads.set(1, sum_to(&g, &shapes.1)?);
+                }
+                Ok(())
+            },
+        )
     })
 }
 

@@ -17,11 +17,12 @@
 use ndarray::{Axis, Slice};
 
 use crate::array::{checked_numel, normalize_axis};
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
 use super::binary::reduce_to;
+use super::graph::sum_to;
 
 /// Views: permute, unsqueeze, squeeze, flatten.
 impl Tensor {
@@ -89,7 +90,17 @@ impl Tensor {
         record("permute", &[self], out, |_| {
             // d permute(x)/dx: the gradient permuted back (the inverse
             // permutation).
-            move |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.permute(&inverse))
+            with_graph(
+                inverse,
+                |inverse: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.permute(inverse))
+                },
+                |inverse: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let dims: Vec<isize> = inverse.iter().map(|&d| d as isize).collect();
+                    grads.set(0, grad.try_permute(&dims)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -194,9 +205,16 @@ impl Tensor {
         let out = self.read().reshape_unit_axes(shape);
         record(op, &[self], out, |_| {
             // The same values: the gradient reshaped back.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                grads.put(0, grad.reshape_unit_axes(&input))
-            }
+            with_graph(
+                input,
+                |input: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.reshape_unit_axes(input))
+                },
+                |input: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, grad.try_reshape(input)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -253,7 +271,16 @@ impl Tensor {
         let out = self.read().reshape(&shape);
         record("flatten", &[self], out, |_| {
             // The same values: the gradient reshaped back.
-            move |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, grad.reshape(&input))
+            with_graph(
+                input,
+                |input: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, grad.reshape(input))
+                },
+                |input: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, grad.try_reshape(input)?);
+                    Ok(())
+                },
+            )
         })
     }
 }
@@ -407,7 +434,16 @@ impl Tensor {
         record(op, &[self], out, |_| {
             // Each input element feeds every copy of it: its gradient is
             // the sum over the expanded axes.
-            move |grad: Data, grads: &mut InputGrads<'_>| grads.put(0, reduce_to(grad, &input))
+            with_graph(
+                input,
+                |input: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    grads.put(0, reduce_to(grad, input))
+                },
+                |input: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, sum_to(grad, input)?);
+                    Ok(())
+                },
+            )
         })
     }
 }
@@ -492,15 +528,22 @@ impl Tensor {
         record(op, &[self], out, |_| {
             // d x[begin..begin+length]/dx: the gradient in the slice, zero
             // elsewhere.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let grad = grad.view();
-                grads.put(
-                    0,
-                    Data::build(&input, |mut g| {
-                        g.slice_axis_mut(Axis(axis), range).assign(&grad)
-                    }),
-                );
-            }
+            with_graph(
+                input,
+                move |input: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    let grad = grad.view();
+                    grads.put(
+                        0,
+                        Data::build(input, |mut g| {
+                            g.slice_axis_mut(Axis(axis), range).assign(&grad)
+                        }),
+                    );
+                },
+                move |input: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    grads.set(0, pad_axis(grad, input, axis, begin)?);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -768,17 +811,43 @@ impl Tensor {
         let input = self.shape().to_vec();
         record(op, &[self], out, |_| {
             // d x[.., index, ..]/dx: the gradient at `index`, zero elsewhere.
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let grad = grad.view();
-                grads.put(
-                    0,
-                    Data::build(&input, |mut g| {
-                        g.index_axis_mut(Axis(axis), index).assign(&grad)
-                    }),
-                );
-            }
+            with_graph(
+                input,
+                move |input: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                    let grad = grad.view();
+                    grads.put(
+                        0,
+                        Data::build(input, |mut g| {
+                            g.index_axis_mut(Axis(axis), index).assign(&grad)
+                        }),
+                    );
+                },
+                move |input: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let grad = grad.try_unsqueeze(axis as isize)?;
+                    grads.set(0, pad_axis(&grad, input, axis, index)?);
+                    Ok(())
+                },
+            )
         })
     }
+}
+
+/// `grad` placed at `begin` along `axis` of zeros of shape `shape`, in
+/// recorded ops (a `cat` with constant zeros, whose backward narrows): the
+/// differentiable backward of a slice.
+fn pad_axis(grad: &Tensor, shape: &[usize], axis: usize, begin: usize) -> Result<Tensor> {
+    let len = grad.shape()[axis];
+    if len == shape[axis] {
+        return Ok(grad.clone());
+    }
+    let zeros = |n: usize| {
+        let mut s = shape.to_vec();
+        s[axis] = n;
+        Tensor::zeros(&s)
+    };
+    let before = zeros(begin);
+    let after = zeros(shape[axis] - begin - len);
+    try_cat(&[&before, grad, &after], axis as isize)
 }
 
 /// Concatenates `tensors` along `dim`, as `torch.cat`.
@@ -871,17 +940,30 @@ pub fn try_cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     record("cat", tensors, out, |_| {
         // d cat(x_0, x_1, ..)/dx_i: the output gradient's slice where x_i
         // was placed.
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let grad = grad.view();
-            let mut begin = 0;
-            for (i, &len) in lengths.iter().enumerate() {
-                if grads.needs_grad(i) {
-                    let slice = grad.slice_axis(Axis(axis), Slice::from(begin..begin + len));
-                    grads.put(i, Data::from_view(slice));
+        with_graph(
+            lengths,
+            move |lengths: &Vec<usize>, grad: Data, grads: &mut InputGrads<'_>| {
+                let grad = grad.view();
+                let mut begin = 0;
+                for (i, &len) in lengths.iter().enumerate() {
+                    if grads.needs_grad(i) {
+                        let slice = grad.slice_axis(Axis(axis), Slice::from(begin..begin + len));
+                        grads.put(i, Data::from_view(slice));
+                    }
+                    begin += len;
                 }
-                begin += len;
-            }
-        }
+            },
+            move |lengths: &Vec<usize>, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                let mut begin = 0;
+                for (i, &len) in lengths.iter().enumerate() {
+                    if grads.needs_grad(i) {
+                        grads.set(i, grad.try_narrow(axis as isize, begin as isize, len)?);
+                    }
+                    begin += len;
+                }
+                Ok(())
+            },
+        )
     })
 }
 
@@ -947,14 +1029,25 @@ pub fn try_stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     record("stack", tensors, out, |_| {
         // d stack(x_0, x_1, ..)/dx_i: the output gradient at index i of
         // the new axis.
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let grad = grad.view();
-            for i in 0..grads.len() {
-                if grads.needs_grad(i) {
-                    grads.put(i, Data::from_view(grad.index_axis(Axis(axis), i)));
+        with_graph(
+            axis,
+            |&axis: &usize, grad: Data, grads: &mut InputGrads<'_>| {
+                let grad = grad.view();
+                for i in 0..grads.len() {
+                    if grads.needs_grad(i) {
+                        grads.put(i, Data::from_view(grad.index_axis(Axis(axis), i)));
+                    }
                 }
-            }
-        }
+            },
+            |&axis: &usize, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                for i in 0..grads.len() {
+                    if grads.needs_grad(i) {
+                        grads.set(i, grad.try_select(axis as isize, i as isize)?);
+                    }
+                }
+                Ok(())
+            },
+        )
     })
 }
 

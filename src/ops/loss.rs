@@ -7,6 +7,7 @@ use ndarray::Axis;
 use crate::array::reduce_to_shape;
 use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
+use crate::ops::graph::{expand, sum_to};
 use crate::ops::softmax::log_softmax_inplace;
 use crate::tensor::{Data, Tensor};
 
@@ -319,6 +320,28 @@ fn reduce_rows(rows: Vec<f32>, count: usize, reduction: Reduction) -> Data {
 }
 
 /// The gradient of each row's loss from the gradient of the reduced one.
+/// [`row_grads`] in recorded ops, as a column `[n, 1]` (times `rows`, a
+/// constant column of 1 for the rows that count and 0 for ignored ones),
+/// or `None` when no row counts (a zero gradient).
+fn row_grads_graph(
+    grad: &Tensor,
+    n: usize,
+    count: usize,
+    reduction: Reduction,
+    rows: Vec<f32>,
+) -> Result<Option<Tensor>> {
+    if count == 0 {
+        return Ok(None);
+    }
+    let scales = match reduction {
+        Reduction::None => grad.try_reshape(&[n, 1])?,
+        Reduction::Mean => grad.div_scalar(count as f32).try_reshape(&[1, 1])?,
+        Reduction::Sum => grad.try_reshape(&[1, 1])?,
+    };
+    let rows = Tensor::from_vec(rows, &[n, 1])?;
+    Ok(Some(scales.try_mul(&rows)?))
+}
+
 fn row_grads(grad: &Data, n: usize, count: usize, reduction: Reduction) -> Vec<f32> {
     let g = grad.to_vec();
     match reduction {
@@ -450,20 +473,48 @@ pub fn try_cross_entropy(
     let out = reduce_rows(rows, count, reduction);
     record(op, &[input], out, |_| {
         // d loss_i / d z_ij = softmax_ij - (1 - ε) [j = t_i] - ε / classes
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let scales = row_grads(&grad, n, count, reduction);
-            let mut g = log_probs.mapv(f32::exp);
-            for ((mut row, t), &scale) in g.axis_iter_mut(Axis(0)).zip(&targets).zip(&scales) {
-                match t {
-                    None => row.fill(0.0),
-                    Some(t) => {
-                        row[*t] -= 1.0 - eps;
-                        row.mapv_inplace(|v| (v - smooth) * scale);
+        // Differentiably: (softmax(z) - (1 - ε) onehot - ε / classes) times
+        // the row scales, with the saved log-softmax standing in for the
+        // logits (softmax is shift-invariant, see `Tensor::cross_entropy`).
+        with_graph(
+            (log_probs, targets),
+            move |(log_probs, targets): &(ndarray::ArrayD<f32>, Vec<Option<usize>>),
+                  grad: Data,
+                  grads: &mut InputGrads<'_>| {
+                let scales = row_grads(&grad, n, count, reduction);
+                let mut g = log_probs.mapv(f32::exp);
+                for ((mut row, t), &scale) in g.axis_iter_mut(Axis(0)).zip(targets).zip(&scales) {
+                    match t {
+                        None => row.fill(0.0),
+                        Some(t) => {
+                            row[*t] -= 1.0 - eps;
+                            row.mapv_inplace(|v| (v - smooth) * scale);
+                        }
                     }
                 }
-            }
-            grads.set(0, g);
-        }
+                grads.set(0, g);
+            },
+            move |(log_probs, targets): &(ndarray::ArrayD<f32>, Vec<Option<usize>>),
+                  grad: &Tensor,
+                  grads: &mut GraphGrads<'_>| {
+                let rows = targets.iter().map(|t| f32::from(t.is_some())).collect();
+                let Some(scales) = row_grads_graph(grad, n, count, reduction, rows)? else {
+                    grads.set(0, Tensor::zeros(log_probs.shape()));
+                    return Ok(());
+                };
+                let x = grads.input(0, &Data::from_view(log_probs.view()))?;
+                let mut target = ndarray::ArrayD::from_elem(log_probs.raw_dim(), smooth);
+                for (mut row, t) in target.axis_iter_mut(Axis(0)).zip(targets) {
+                    if let Some(t) = t {
+                        row[*t] += 1.0 - eps;
+                    }
+                }
+                let target = Tensor::from_data(Data::from_array(target));
+                let g = x.try_softmax(1)?.try_sub(&target)?;
+                grads.set(0, g.try_mul(&scales)?);
+                Ok(())
+            },
+        )
     })
 }
 
@@ -527,16 +578,40 @@ pub fn try_nll_loss(input: &Tensor, target: &Tensor, options: NllLossOptions) ->
     let shape = values.shape().to_vec();
     record(op, &[input], out, move |_| {
         // d loss_i / d input_ij = -[j = t_i]
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let scales = row_grads(&grad, n, count, reduction);
-            let mut g = ndarray::ArrayD::zeros(ndarray::IxDyn(&shape));
-            for (i, (t, &scale)) in targets.iter().zip(&scales).enumerate() {
-                if let Some(t) = t {
-                    g[[i, *t]] = -scale;
+        // Differentiably: minus the one-hot targets times the row scales.
+        with_graph(
+            (targets, shape),
+            move |(targets, shape): &(Vec<Option<usize>>, Vec<usize>),
+                  grad: Data,
+                  grads: &mut InputGrads<'_>| {
+                let scales = row_grads(&grad, n, count, reduction);
+                let mut g = ndarray::ArrayD::zeros(ndarray::IxDyn(shape));
+                for (i, (t, &scale)) in targets.iter().zip(&scales).enumerate() {
+                    if let Some(t) = t {
+                        g[[i, *t]] = -scale;
+                    }
                 }
-            }
-            grads.set(0, g);
-        }
+                grads.set(0, g);
+            },
+            move |(targets, shape): &(Vec<Option<usize>>, Vec<usize>),
+                  grad: &Tensor,
+                  grads: &mut GraphGrads<'_>| {
+                let rows = targets.iter().map(|t| f32::from(t.is_some())).collect();
+                let Some(scales) = row_grads_graph(grad, n, count, reduction, rows)? else {
+                    grads.set(0, Tensor::zeros(shape));
+                    return Ok(());
+                };
+                let mut onehot = ndarray::ArrayD::zeros(ndarray::IxDyn(shape));
+                for (i, t) in targets.iter().enumerate() {
+                    if let Some(t) = t {
+                        onehot[[i, *t]] = -1.0;
+                    }
+                }
+                let onehot = Tensor::from_data(Data::from_array(onehot));
+                grads.set(0, onehot.try_mul(&scales)?);
+                Ok(())
+            },
+        )
     })
 }
 
@@ -674,47 +749,110 @@ pub fn try_binary_cross_entropy_with_logits(
         inputs.len() - 1
     });
     let (w_shape, p_shape) = (w.shape().to_vec(), p.shape().to_vec());
+    let saved = (x.clone(), t.clone(), w.clone(), p.clone());
     record(op, &inputs, out, move |_| {
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let g = match reduction {
-                Reduction::None => grad.into_array(),
-                Reduction::Mean => {
-                    ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0] / n as f32)
+        with_graph(
+            saved,
+            move |_, grad: Data, grads: &mut InputGrads<'_>| {
+                let g = match reduction {
+                    Reduction::None => grad.into_array(),
+                    Reduction::Mean => {
+                        ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0] / n as f32)
+                    }
+                    Reduction::Sum => ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0]),
+                };
+                let (x, t) = (x.view(), t.view());
+                let each = |f: &dyn Fn(f32, f32, f32, f32) -> f32| {
+                    ndarray::Zip::from(&g)
+                        .and(&x)
+                        .and(&t)
+                        .and(&wb)
+                        .and(&pb)
+                        .map_collect(|&g, &x, &t, &w, &p| g * f(x, t, w, p))
+                };
+                if grads.needs_grad(0) {
+                    // ∂/∂x = w ((1 - t) - (1 + (p - 1) t) σ(-x))
+                    let sigmoid_neg = |x: f32| 1.0 / (1.0 + x.exp());
+                    grads.set(
+                        0,
+                        each(&|x, t, w, p| {
+                            w * ((1.0 - t) - (1.0 + (p - 1.0) * t) * sigmoid_neg(x))
+                        }),
+                    );
                 }
-                Reduction::Sum => ndarray::ArrayD::from_elem(shape.clone(), grad.to_vec()[0]),
-            };
-            let (x, t) = (x.view(), t.view());
-            let each = |f: &dyn Fn(f32, f32, f32, f32) -> f32| {
-                ndarray::Zip::from(&g)
-                    .and(&x)
-                    .and(&t)
-                    .and(&wb)
-                    .and(&pb)
-                    .map_collect(|&g, &x, &t, &w, &p| g * f(x, t, w, p))
-            };
-            if grads.needs_grad(0) {
-                // ∂/∂x = w ((1 - t) - (1 + (p - 1) t) σ(-x))
-                let sigmoid_neg = |x: f32| 1.0 / (1.0 + x.exp());
-                grads.set(
-                    0,
-                    each(&|x, t, w, p| w * ((1.0 - t) - (1.0 + (p - 1.0) * t) * sigmoid_neg(x))),
-                );
-            }
-            if grads.needs_grad(1) {
-                // ∂/∂t = w ((p - 1) softplus(-x) - x)
-                grads.set(1, each(&|x, _, w, p| w * ((p - 1.0) * softplus_neg(x) - x)));
-            }
-            if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
-                // ∂/∂w = the unweighted loss
-                let d = &g * &unweighted;
-                grads.set(slot, reduce_to_shape(d, &w_shape));
-            }
-            if let Some(slot) = p_slot.filter(|&slot| grads.needs_grad(slot)) {
-                // ∂/∂p = w t softplus(-x)
-                let d = each(&|x, t, w, _| w * t * softplus_neg(x));
-                grads.set(slot, reduce_to_shape(d, &p_shape));
-            }
-        }
+                if grads.needs_grad(1) {
+                    // ∂/∂t = w ((p - 1) softplus(-x) - x)
+                    grads.set(1, each(&|x, _, w, p| w * ((p - 1.0) * softplus_neg(x) - x)));
+                }
+                if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
+                    // ∂/∂w = the unweighted loss
+                    let d = &g * &unweighted;
+                    grads.set(slot, reduce_to_shape(d, &w_shape));
+                }
+                if let Some(slot) = p_slot.filter(|&slot| grads.needs_grad(slot)) {
+                    // ∂/∂p = w t softplus(-x)
+                    let d = each(&|x, t, w, _| w * t * softplus_neg(x));
+                    grads.set(slot, reduce_to_shape(d, &p_shape));
+                }
+            },
+            move |(xd, td, wd, pd): &(Data, Data, Data, Data),
+                  grad: &Tensor,
+                  grads: &mut GraphGrads<'_>| {
+                // The same four derivatives in recorded ops, with
+                // softplus(-x) = log(1 + e^-|x|) + max(-x, 0) (|x| and the
+                // max as x times constant signs, exact also at 0) and
+                // σ(-x) = sigmoid(-x).
+                let shape = xd.shape().to_vec();
+                let g = match reduction {
+                    Reduction::None => grad.clone(),
+                    Reduction::Mean => expand(&grad.div_scalar(n as f32), &shape)?,
+                    Reduction::Sum => expand(grad, &shape)?,
+                };
+                let x = grads.input(0, xd)?;
+                let t = grads.input(1, td)?;
+                let w = match w_slot {
+                    Some(slot) => grads.input(slot, wd)?,
+                    None => Tensor::from_data(wd.clone()),
+                };
+                let p = match p_slot {
+                    Some(slot) => grads.input(slot, pd)?,
+                    None => Tensor::from_data(pd.clone()),
+                };
+                let negative = xd.map(|x| f32::from(x < 0.0));
+                let sign = Tensor::from_data(negative.map(|n| 1.0 - 2.0 * n));
+                let softplus = x
+                    .try_mul(&sign)?
+                    .neg()
+                    .exp()
+                    .add_scalar(1.0)
+                    .log()
+                    .try_sub(&x.try_mul(&Tensor::from_data(negative))?)?;
+                let pt = p.sub_scalar(1.0).try_mul(&t)?.add_scalar(1.0);
+                let gw = g.try_mul(&w)?;
+                if grads.needs_grad(0) {
+                    let d = t
+                        .rsub_scalar(1.0)
+                        .try_sub(&pt.try_mul(&x.neg().sigmoid())?)?;
+                    grads.set(0, gw.try_mul(&d)?);
+                }
+                if grads.needs_grad(1) {
+                    let d = p.sub_scalar(1.0).try_mul(&softplus)?.try_sub(&x)?;
+                    grads.set(1, gw.try_mul(&d)?);
+                }
+                if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
+                    let unweighted = t
+                        .rsub_scalar(1.0)
+                        .try_mul(&x)?
+                        .try_add(&pt.try_mul(&softplus)?)?;
+                    grads.set(slot, sum_to(&g.try_mul(&unweighted)?, wd.shape())?);
+                }
+                if let Some(slot) = p_slot.filter(|&slot| grads.needs_grad(slot)) {
+                    let d = gw.try_mul(&t)?.try_mul(&softplus)?;
+                    grads.set(slot, sum_to(&d, pd.shape())?);
+                }
+                Ok(())
+            },
+        )
     })
 }
 

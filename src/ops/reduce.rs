@@ -4,7 +4,9 @@
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
 use crate::array::normalize_axis;
-use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record, record_unary};
+use crate::autograd::function::{
+    Backprop, GraphGrads, InputGrads, record, record_unary, with_graph,
+};
 use crate::error::{Result, or_panic};
 use crate::ops::graph::expand;
 use crate::tensor::{Data, Tensor};
@@ -651,17 +653,32 @@ impl Tensor {
             m + lane.fold(0.0, |s, &v| s + (v - m).exp()).ln()
         });
         record("logsumexp", &[self], out, |y: &Data| {
-            let y = y.clone();
             // d/dx_i logsumexp(x) = exp(x_i - logsumexp(x))
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut d = spread(&grad, axis, x.shape());
-                let y = spread(&y, axis, x.shape());
-                ndarray::Zip::from(&mut d)
-                    .and(&x.view())
-                    .and(&y)
-                    .for_each(|d, &x, &y| *d *= (x - y).exp());
-                grads.set(0, d);
-            }
+            with_graph(
+                (x, y.clone()),
+                move |(x, y): &(Data, Data), grad: Data, grads: &mut InputGrads<'_>| {
+                    let mut d = spread(&grad, axis, x.shape());
+                    let y = spread(y, axis, x.shape());
+                    ndarray::Zip::from(&mut d)
+                        .and(&x.view())
+                        .and(&y)
+                        .for_each(|d, &x, &y| *d *= (x - y).exp());
+                    grads.set(0, d);
+                },
+                move |(x, y): &(Data, Data), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let xt = grads.input(0, x)?;
+                    let yt = grads.output(y);
+                    let (g, yt) = if keepdim {
+                        (grad.clone(), yt)
+                    } else {
+                        let a = axis as isize;
+                        (grad.try_unsqueeze(a)?, yt.try_unsqueeze(a)?)
+                    };
+                    let d = expand(&g, x.shape())?.try_mul(&xt.try_sub(&yt)?.exp())?;
+                    grads.set(0, d);
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -726,34 +743,61 @@ impl Tensor {
             if root { var.sqrt() } else { var }
         });
         record(op, &[self], out, move |y: &Data| {
-            let y = y.clone();
             // d var/dx_i = 2 (x_i - mean) / (n - correction);
             // d std/dx_i = (x_i - mean) / ((n - correction) std), taken as 0
             // where std is 0 (every value of the lane equal), as PyTorch
-            move |grad: Data, grads: &mut InputGrads<'_>| {
-                let mut d = spread(&grad, axis, x.shape());
-                let mean = spread(&mean, axis, x.shape());
-                if root {
-                    let std = spread(&y, axis, x.shape());
-                    ndarray::Zip::from(&mut d)
-                        .and(&x.view())
-                        .and(&mean)
-                        .and(&std)
-                        .for_each(|d, &x, &m, &s| {
-                            *d = if s == 0.0 {
-                                0.0
-                            } else {
-                                *d * (x - m) / (denom * s)
-                            }
-                        });
-                } else {
-                    ndarray::Zip::from(&mut d)
-                        .and(&x.view())
-                        .and(&mean)
-                        .for_each(|d, &x, &m| *d *= 2.0 * (x - m) / denom);
-                }
-                grads.set(0, d);
-            }
+            // (differentiably, with the mean and the std recorded)
+            with_graph(
+                (x, mean, y.clone()),
+                move |(x, mean, y): &(Data, Data, Data), grad: Data, grads: &mut InputGrads<'_>| {
+                    let mut d = spread(&grad, axis, x.shape());
+                    let mean = spread(mean, axis, x.shape());
+                    if root {
+                        let std = spread(y, axis, x.shape());
+                        ndarray::Zip::from(&mut d)
+                            .and(&x.view())
+                            .and(&mean)
+                            .and(&std)
+                            .for_each(|d, &x, &m, &s| {
+                                *d = if s == 0.0 {
+                                    0.0
+                                } else {
+                                    *d * (x - m) / (denom * s)
+                                }
+                            });
+                    } else {
+                        ndarray::Zip::from(&mut d)
+                            .and(&x.view())
+                            .and(&mean)
+                            .for_each(|d, &x, &m| *d *= 2.0 * (x - m) / denom);
+                    }
+                    grads.set(0, d);
+                },
+                move |(x, _, y): &(Data, Data, Data), grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                    let a = axis as isize;
+                    let xt = grads.input(0, x)?;
+                    let centered = xt.try_sub(&xt.try_mean_axis(a, true)?)?;
+                    let g = if keepdim {
+                        grad.clone()
+                    } else {
+                        grad.try_unsqueeze(a)?
+                    };
+                    let g = expand(&g, x.shape())?;
+                    let d = if root {
+                        let yt = grads.output(y);
+                        let s = if keepdim { yt } else { yt.try_unsqueeze(a)? };
+                        let zero = Tensor::from_data(s.read().map(|s| f32::from(s == 0.0)));
+                        let safe = s.try_masked_fill(&zero, 1.0)?.mul_scalar(denom);
+                        g.try_mul(&centered)?
+                            .try_div(&safe)?
+                            .try_masked_fill(&zero, 0.0)?
+                    } else {
+                        g.try_mul(&centered)?.mul_scalar(2.0 / denom)
+                    };
+                    grads.set(0, d);
+                    Ok(())
+                },
+            )
         })
     }
 }

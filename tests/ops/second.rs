@@ -33,49 +33,20 @@ const PENDING: &[&str] = &[
     "adaptive_avg_pool2d",
     "avg_pool2d",
     "batch_norm",
-    "binary_cross_entropy_with_logits",
-    "broadcast_to",
-    "cat",
-    "chunk",
-    "clamp",
     "conv1d",
     "conv2d",
-    // The functional form with options (`functional::try_cross_entropy`);
-    // the method `Tensor::cross_entropy` has one, and shares the op name,
-    // so its cases pass.
-    "cross_entropy",
-    "embedding",
-    "erf",
-    "expand",
-    "flatten",
-    "gather",
-    "gelu",
-    "gelu_tanh",
-    "index_select",
     "layer_norm",
-    "logsumexp",
-    "masked_fill",
     "max_pool2d",
-    "maximum",
-    "minimum",
-    "narrow",
-    "nll_loss",
-    "permute",
     "rms_norm",
     "scaled_dot_product_attention",
-    "select",
-    "silu",
-    "split",
-    "split_sizes",
-    "squeeze",
-    "squeeze_all",
-    "stack",
-    "std",
-    "unbind",
-    "unsqueeze",
-    "var",
-    "where",
 ];
+
+/// Cases whose point sits on a kink of the first derivative (a tie of
+/// `minimum`'s operands: `x[1, 0] = y[0] = 0.5`), where the gradient jumps
+/// and central differences of it measure the jump (`jump / 2ε`), not a
+/// second derivative. Their Hessian-vector products are still compared
+/// with PyTorch's, and their first derivatives with differences.
+const KINKED: &[&str] = &["elem/minimum"];
 
 thread_local! {
     /// The pending ops this thread's checks found still pending.
@@ -186,7 +157,10 @@ fn double_backward(case: &Case, v: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>,
 fn second_derivatives_match_finite_differences() {
     const STEP: f32 = 1e-2;
     const TOL: f64 = 2e-2;
-    let cases: Vec<Case> = load().into_iter().filter(|c| c.fd).collect();
+    let cases: Vec<Case> = load()
+        .into_iter()
+        .filter(|c| c.fd && !KINKED.contains(&c.label().as_str()))
+        .collect();
     let mut failures = Vec::new();
     for case in &cases {
         let v: Vec<Option<Vec<f32>>> = case
