@@ -21,7 +21,7 @@
 //! infinite) mean or variance, so its whole output and gradient are NaN.
 
 use crate::array::checked_numel;
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
@@ -221,6 +221,7 @@ struct RowNorm {
     means: Vec<f32>,
     rstds: Vec<f32>,
     center: bool,
+    eps: f32,
     slots: (Option<usize>, Option<usize>),
 }
 
@@ -293,6 +294,70 @@ impl RowNorm {
     }
 }
 
+impl RowNorm {
+    /// [`backward`](RowNorm::backward) in recorded ops (`create_graph`):
+    /// the statistics recomputed from the input in recorded ops, so that
+    /// the gradient is differentiable through them.
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let (w_slot, b_slot) = self.slots;
+        let width = self.normalized.iter().product::<usize>();
+        if width == 0 || self.x.shape().contains(&0) {
+            grads.set(0, Tensor::zeros(self.x.shape()));
+            for slot in [w_slot, b_slot].into_iter().flatten() {
+                grads.set(slot, Tensor::zeros(&self.normalized));
+            }
+            return Ok(());
+        }
+        let rows = self.x.len() / width;
+        let x = grads.input(0, &self.x)?.try_reshape(&[rows, width])?;
+        let g = grad.try_reshape(&[rows, width])?;
+        let centered = if self.center {
+            x.try_sub(&x.try_mean_axis(1, true)?)?
+        } else {
+            x
+        };
+        let eps = self.eps;
+        let rstd = centered
+            .try_mul(&centered)?
+            .try_mean_axis(1, true)?
+            .add_scalar(eps)
+            .sqrt()
+            .rdiv_scalar(1.0);
+        let xhat = centered.try_mul(&rstd)?;
+        let w = match (w_slot, &self.weight) {
+            (Some(slot), Some(w)) => Some(
+                grads
+                    .input(slot, &Data::from_vec(&self.normalized, w.clone()))?
+                    .try_reshape(&[1, width])?,
+            ),
+            _ => None,
+        };
+        if grads.needs_grad(0) {
+            let ghat = match &w {
+                Some(w) => g.try_mul(w)?,
+                None => g.clone(),
+            };
+            let mut inner =
+                ghat.try_sub(&xhat.try_mul(&ghat.try_mul(&xhat)?.try_mean_axis(1, true)?)?)?;
+            if self.center {
+                inner = inner.try_sub(&ghat.try_mean_axis(1, true)?)?;
+            }
+            grads.set(0, rstd.try_mul(&inner)?.try_reshape(self.x.shape())?);
+        }
+        if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
+            let dw = g.try_mul(&xhat)?.try_sum_axis(0, false)?;
+            grads.set(slot, dw.try_reshape(&self.normalized)?);
+        }
+        if let Some(slot) = b_slot.filter(|&slot| grads.needs_grad(slot)) {
+            grads.set(
+                slot,
+                g.try_sum_axis(0, false)?.try_reshape(&self.normalized)?,
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `layer_norm` (`center`) and `rms_norm` (not `center`), validated.
 #[track_caller]
 fn row_norm(
@@ -326,9 +391,16 @@ fn row_norm(
             means,
             rstds,
             center,
+            eps,
             slots,
         };
-        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+        with_graph(
+            saved,
+            |saved: &RowNorm, grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads),
+            |saved: &RowNorm, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                saved.backward_graph(grad, grads)
+            },
+        )
     })
 }
 
@@ -706,9 +778,18 @@ pub fn try_batch_norm(
             means,
             rstds,
             batch_stats,
+            eps,
             slots,
         };
-        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+        with_graph(
+            saved,
+            |saved: &ChannelNorm, grad: Data, grads: &mut InputGrads<'_>| {
+                saved.backward(grad, grads)
+            },
+            |saved: &ChannelNorm, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                saved.backward_graph(grad, grads)
+            },
+        )
     })?;
     Ok(BatchNormOutput {
         output,
@@ -725,10 +806,74 @@ struct ChannelNorm {
     means: Vec<f32>,
     rstds: Vec<f32>,
     batch_stats: bool,
+    eps: f32,
     slots: (Option<usize>, Option<usize>),
 }
 
 impl ChannelNorm {
+    /// [`backward`](ChannelNorm::backward) in recorded ops (`create_graph`):
+    /// with batch statistics, they are recomputed from the input in
+    /// recorded ops; in eval mode the running statistics are constants.
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let (w_slot, b_slot) = self.slots;
+        let shape = self.x.shape().to_vec();
+        let (batch, channels) = (shape[0], shape[1]);
+        let spatial: usize = shape[2..].iter().product();
+        if self.x.len() == 0 {
+            grads.set(0, Tensor::zeros(&shape));
+            for slot in [w_slot, b_slot].into_iter().flatten() {
+                grads.set(slot, Tensor::zeros(&[channels]));
+            }
+            return Ok(());
+        }
+        let per_channel = [batch, channels, spatial];
+        let column = |values: &[f32]| Tensor::from_vec(values.to_vec(), &[1, channels, 1]);
+        // The mean over the batch and space of each channel, kept [1, C, 1].
+        let channel_mean =
+            |t: &Tensor| -> Result<Tensor> { t.try_mean_axis(0, true)?.try_mean_axis(2, true) };
+        let channel_sum = |t: &Tensor| -> Result<Tensor> {
+            t.try_sum_axis(0, true)?
+                .try_sum_axis(2, true)?
+                .try_reshape(&[channels])
+        };
+        let x = grads.input(0, &self.x)?.try_reshape(&per_channel)?;
+        let g = grad.try_reshape(&per_channel)?;
+        let (centered, rstd) = if self.batch_stats {
+            let centered = x.try_sub(&channel_mean(&x)?)?;
+            let rstd = channel_mean(&centered.try_mul(&centered)?)?
+                .add_scalar(self.eps)
+                .sqrt()
+                .rdiv_scalar(1.0);
+            (centered, rstd)
+        } else {
+            (x.try_sub(&column(&self.means)?)?, column(&self.rstds)?)
+        };
+        let xhat = centered.try_mul(&rstd)?;
+        if grads.needs_grad(0) {
+            let scale = match (w_slot, &self.weight) {
+                (Some(slot), Some(w)) => {
+                    let w = grads.input(slot, &Data::from_vec(&[channels], w.clone()))?;
+                    rstd.try_mul(&w.try_reshape(&[1, channels, 1])?)?
+                }
+                (None, Some(w)) => rstd.try_mul(&column(w)?)?,
+                _ => rstd.clone(),
+            };
+            let inner = if self.batch_stats {
+                g.try_sub(&channel_mean(&g)?)?
+                    .try_sub(&xhat.try_mul(&channel_mean(&g.try_mul(&xhat)?)?)?)?
+            } else {
+                g.clone()
+            };
+            grads.set(0, scale.try_mul(&inner)?.try_reshape(&shape)?);
+        }
+        if let Some(slot) = w_slot.filter(|&slot| grads.needs_grad(slot)) {
+            grads.set(slot, channel_sum(&g.try_mul(&xhat)?)?);
+        }
+        if let Some(slot) = b_slot.filter(|&slot| grads.needs_grad(slot)) {
+            grads.set(slot, channel_sum(&g)?);
+        }
+        Ok(())
+    }
     /// Per channel over its n values, with `x̂ = (x - mean)·rstd`:
     /// dw = Σ g·x̂, db = Σ g, and dx = rstd·w·(g - Σg/n - x̂·Σ(g·x̂)/n)
     /// through the batch statistics (training), dx = rstd·w·g with running

@@ -32,12 +32,9 @@ use super::{dispatch, report};
 const PENDING: &[&str] = &[
     "adaptive_avg_pool2d",
     "avg_pool2d",
-    "batch_norm",
     "conv1d",
     "conv2d",
-    "layer_norm",
     "max_pool2d",
-    "rms_norm",
     "scaled_dot_product_attention",
 ];
 
