@@ -30,9 +30,11 @@
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::array::{MAX_ELEMENTS, checked_numel};
-use crate::autograd::function::{Backprop, InputGrads, record};
+use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::{gemm_acc_into, gemm_into};
+use crate::ops::graph::{Offsets, scatter_add, take};
+use crate::ops::layout::pad_axis;
 use crate::tensor::{Data, Tensor};
 
 /// A length per spatial axis, `(height, width)`, for the `stride`,
@@ -602,6 +604,88 @@ impl Backprop for ConvBackward {
             }
             grads.put(2, Data::from_vec(&[g.o], db));
         }
+    }
+
+    /// The same gradients in recorded ops, through the column matrices
+    /// (`y[n, g] = W_g · cols[n, g]`): the input padded by a recorded
+    /// `cat` with zeros, the columns read by a recorded `take` (whose
+    /// backward scatter-adds), and batched matmuls;
+    /// `dcols = W_gᵀ · dY`, `dx = scatter_add(dcols)` unpadded,
+    /// `dW_g = Σ_n dY · colsᵀ`, `db = Σ dY`.
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let g = &self.geom;
+        let (og, k, p) = (g.og(), g.k(), g.p());
+        let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+        let padded = [g.n, g.c, hp, wp];
+        let cols_shape = [g.n, g.groups, k, p];
+        let dy = grad.try_reshape(&[g.n, g.groups, og, p])?;
+        let offsets = self.column_offsets();
+        let w = grads
+            .input(1, &self.w)?
+            .try_reshape(&[1, g.groups, og, k])?;
+        if grads.needs_grad(0) {
+            let dcols = w.try_transpose(-1, -2)?.try_matmul(&dy)?;
+            let dxp = scatter_add(&dcols, &offsets, &padded)?;
+            let dx = dxp
+                .try_narrow(2, g.ph as isize, g.h)?
+                .try_narrow(3, g.pw as isize, g.w)?
+                .try_reshape(self.x.shape())?;
+            grads.set(0, dx);
+        }
+        if grads.needs_grad(1) {
+            let x = grads
+                .input(0, &self.x)?
+                .try_reshape(&[g.n, g.c, g.h, g.w])?;
+            let mut xp = x;
+            for (axis, pad, len) in [(2, g.ph, hp), (3, g.pw, wp)] {
+                if pad > 0 {
+                    let mut shape = xp.shape().to_vec();
+                    shape[axis] = len;
+                    xp = pad_axis(&xp, &shape, axis, pad)?;
+                }
+            }
+            let cols = take(&xp, &offsets, &cols_shape)?;
+            let dw = dy
+                .try_matmul(&cols.try_transpose(-1, -2)?)?
+                .try_sum_axis(0, false)?
+                .try_reshape(self.w.shape())?;
+            grads.set(1, dw);
+        }
+        if grads.len() > 2 && grads.needs_grad(2) {
+            let db = grad
+                .try_reshape(&[g.n, g.o, p])?
+                .try_sum_axis(2, false)?
+                .try_sum_axis(0, false)?;
+            grads.set(2, db);
+        }
+        Ok(())
+    }
+}
+
+impl ConvBackward {
+    /// The column matrices of the padded input `[N, C, H + 2pH, W + 2pW]`
+    /// as flat positions: `[N, G, K, P]`, entry `(n, g, (c, i, j), (oy,
+    /// ox))` at `xp[n, g·C/g + c, oy·sH + i·dH, ox·sW + j·dW]`.
+    fn column_offsets(&self) -> Offsets {
+        let g = &self.geom;
+        let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+        let mut offsets = Vec::with_capacity(g.n * g.groups * g.k() * g.p());
+        for n in 0..g.n {
+            for group in 0..g.groups {
+                for c in 0..g.cg() {
+                    let plane = (n * g.c + group * g.cg() + c) * hp * wp;
+                    for i in 0..g.kh {
+                        for j in 0..g.kw {
+                            for oy in 0..g.ho {
+                                let row = plane + (oy * g.sh + i * g.dh) * wp;
+                                offsets.extend((0..g.wo).map(|ox| row + ox * g.sw + j * g.dw));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        offsets.into()
     }
 }
 

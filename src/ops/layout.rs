@@ -835,7 +835,12 @@ impl Tensor {
 /// `grad` placed at `begin` along `axis` of zeros of shape `shape`, in
 /// recorded ops (a `cat` with constant zeros, whose backward narrows): the
 /// differentiable backward of a slice.
-fn pad_axis(grad: &Tensor, shape: &[usize], axis: usize, begin: usize) -> Result<Tensor> {
+pub(crate) fn pad_axis(
+    grad: &Tensor,
+    shape: &[usize],
+    axis: usize,
+    begin: usize,
+) -> Result<Tensor> {
     let len = grad.shape()[axis];
     if len == shape[axis] {
         return Ok(grad.clone());

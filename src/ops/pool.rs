@@ -12,9 +12,10 @@
 //! `avg_pool2d` no `divisor_override`.
 
 use crate::array::checked_numel;
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::conv::{Size2, contiguous, window_count};
+use crate::ops::graph::{Offsets, scatter_add, take};
 use crate::tensor::{Data, Tensor};
 
 /// The window of one output position: input rows `y0..y1` and columns
@@ -251,48 +252,95 @@ pub fn try_max_pool2d(
     let in_shape = x.shape().to_vec();
     let out = Data::from_vec(&shape, out);
     record("max_pool2d", &[input], out, move |_| {
-        // dx[argmax[i]] += dy[i]
-        move |grad: Data, grads: &mut InputGrads<'_>| {
-            let grad = contiguous(grad);
-            let mut dx = vec![0.0; in_shape.iter().product()];
-            for (&i, &g) in argmax.iter().zip(grad.as_slice().expect("row-major")) {
-                dx[i] += g;
-            }
-            grads.put(0, Data::from_vec(&in_shape, dx));
-        }
+        // dx[argmax[i]] += dy[i]; differentiably, a recorded scatter-add
+        // (whose backward picks the maxima again)
+        with_graph(
+            (argmax, in_shape),
+            |(argmax, in_shape): &(Vec<usize>, Vec<usize>),
+             grad: Data,
+             grads: &mut InputGrads<'_>| {
+                let grad = contiguous(grad);
+                let mut dx = vec![0.0; in_shape.iter().product()];
+                for (&i, &g) in argmax.iter().zip(grad.as_slice().expect("row-major")) {
+                    dx[i] += g;
+                }
+                grads.put(0, Data::from_vec(in_shape, dx));
+            },
+            |(argmax, in_shape): &(Vec<usize>, Vec<usize>),
+             grad: &Tensor,
+             grads: &mut GraphGrads<'_>| {
+                let offsets: Offsets = argmax.as_slice().into();
+                grads.set(0, scatter_add(grad, &offsets, in_shape)?);
+                Ok(())
+            },
+        )
     })
 }
 
 /// Backward of a mean over each output's window: each cell of the window
 /// gets `dy / divisor[i]` (`divisors` one per window of a plane).
 fn mean_backward(
-    planes: Planes,
-    divisors: Vec<f32>,
-    in_shape: Vec<usize>,
-) -> impl Fn(Data, &mut InputGrads<'_>) + Send + Sync + 'static {
+    (planes, divisors, in_shape): &(Planes, Vec<f32>, Vec<usize>),
+    grad: Data,
+    grads: &mut InputGrads<'_>,
+) {
     // y = Σ_window x / d  =>  dx[cell] += dy / d for each window holding it
-    move |grad: Data, grads: &mut InputGrads<'_>| {
-        let grad = contiguous(grad);
-        let dy = grad.as_slice().expect("row-major");
-        let (plane, w) = (planes.h * planes.w, planes.w);
-        let mut dx = vec![0.0; in_shape.iter().product()];
-        if !planes.windows.is_empty() {
-            for (dx, dy) in dx
-                .chunks_exact_mut(plane)
-                .zip(dy.chunks_exact(planes.windows.len()))
-            {
-                for ((win, &d), &g) in planes.windows.iter().zip(&divisors).zip(dy) {
-                    let g = g / d;
-                    for iy in win.y0..win.y1 {
-                        for v in &mut dx[iy * w + win.x0..iy * w + win.x1] {
-                            *v += g;
-                        }
+    let grad = contiguous(grad);
+    let dy = grad.as_slice().expect("row-major");
+    let (plane, w) = (planes.h * planes.w, planes.w);
+    let mut dx = vec![0.0; in_shape.iter().product()];
+    if !planes.windows.is_empty() {
+        for (dx, dy) in dx
+            .chunks_exact_mut(plane)
+            .zip(dy.chunks_exact(planes.windows.len()))
+        {
+            for ((win, &d), &g) in planes.windows.iter().zip(divisors.iter()).zip(dy) {
+                let g = g / d;
+                for iy in win.y0..win.y1 {
+                    for v in &mut dx[iy * w + win.x0..iy * w + win.x1] {
+                        *v += g;
                     }
                 }
             }
         }
-        grads.put(0, Data::from_vec(&in_shape, dx));
     }
+    grads.put(0, Data::from_vec(in_shape, dx));
+}
+
+/// [`mean_backward`] in recorded ops: each output's gradient taken once
+/// per cell of its window (a recorded `take`), divided by the window's
+/// divisor, and scatter-added to the cells (a recorded `scatter_add`).
+fn mean_backward_graph(
+    (planes, divisors, in_shape): &(Planes, Vec<f32>, Vec<usize>),
+    grad: &Tensor,
+    grads: &mut GraphGrads<'_>,
+) -> Result<()> {
+    let (plane, w, n) = (planes.h * planes.w, planes.w, planes.windows.len());
+    let (mut outputs, mut cells, mut divide) = (Vec::new(), Vec::new(), Vec::new());
+    if n != 0 {
+        for p in 0..planes.count {
+            for (k, (win, &d)) in planes
+                .windows
+                .iter()
+                .zip(divisors.iter().cycle())
+                .enumerate()
+            {
+                for iy in win.y0..win.y1 {
+                    for ix in win.x0..win.x1 {
+                        outputs.push(p * n + k);
+                        cells.push(p * plane + iy * w + ix);
+                        divide.push(d);
+                    }
+                }
+            }
+        }
+    }
+    let pairs = [outputs.len()];
+    let outputs: Offsets = outputs.into();
+    let cells: Offsets = cells.into();
+    let spread = take(grad, &outputs, &pairs)?.try_div(&Tensor::from_vec(divide, &pairs)?)?;
+    grads.set(0, scatter_add(&spread, &cells, in_shape)?);
+    Ok(())
 }
 
 /// The mean of each window of `planes` over `input`, recorded as `op`.
@@ -318,7 +366,11 @@ fn mean_pool(
     let in_shape = x.shape().to_vec();
     let out = Data::from_vec(shape, out);
     record(op, &[input], out, move |_| {
-        mean_backward(planes, divisors, in_shape)
+        with_graph(
+            (planes, divisors, in_shape),
+            mean_backward,
+            mean_backward_graph,
+        )
     })
 }
 
