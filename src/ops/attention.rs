@@ -33,9 +33,10 @@
 use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Dimension, Ix2, IxDyn};
 
 use crate::array::{broadcast_shape, checked_numel, reduce_to_shape};
-use crate::autograd::function::{InputGrads, record};
+use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::gemm_into;
+use crate::ops::graph::sum_to;
 use crate::tensor::{Data, Tensor};
 
 /// An attention mask, as PyTorch's `attn_mask` of
@@ -239,12 +240,19 @@ pub fn try_scaled_dot_product_attention(
             q,
             k,
             v,
-            mask_shape: mask.map(|m| m.shape().to_vec()),
+            mask,
             probs,
             scale,
+            causal: is_causal,
             dims,
         };
-        move |grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads)
+        with_graph(
+            saved,
+            |saved: &Saved, grad: Data, grads: &mut InputGrads<'_>| saved.backward(grad, grads),
+            |saved: &Saved, grad: &Tensor, grads: &mut GraphGrads<'_>| {
+                saved.backward_graph(grad, grads)
+            },
+        )
     })
 }
 
@@ -463,9 +471,11 @@ struct Saved {
     q: Data,
     k: Data,
     v: Data,
-    mask_shape: Option<Vec<usize>>,
+    /// The mask as additive values (a boolean mask's 0 as -inf).
+    mask: Option<Data>,
     probs: Vec<f32>,
     scale: f32,
+    causal: bool,
     dims: Dims,
 }
 
@@ -523,9 +533,75 @@ impl Saved {
         grads.set(0, reduce_to_shape(dq, self.q.shape()));
         grads.set(1, reduce_to_shape(dk, self.k.shape()));
         grads.set(2, reduce_to_shape(dv, self.v.shape()));
-        if let (true, Some(shape)) = (want_mask, &self.mask_shape) {
-            grads.set(3, reduce_to_shape(dmask, shape));
+        if let (true, Some(mask)) = (want_mask, &self.mask) {
+            grads.set(3, reduce_to_shape(dmask, mask.shape()));
         }
+    }
+
+    /// [`backward`](Saved::backward) in recorded ops (`create_graph`), with
+    /// `P` recomputed from the operands in recorded ops (a row whose keys
+    /// are all hidden is held at 0, as in forward, with no gradient).
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        let Dims { l, s, .. } = self.dims;
+        let q = grads.input(0, &self.q)?;
+        let k = grads.input(1, &self.k)?;
+        let v = grads.input(2, &self.v)?;
+        let mut scores = q
+            .try_matmul(&k.try_transpose(-1, -2)?)?
+            .mul_scalar(self.scale);
+        if let Some(mask) = &self.mask {
+            let mask = if grads.len() > 3 {
+                grads.input(3, mask)?
+            } else {
+                Tensor::from_data(mask.clone())
+            };
+            scores = scores.try_add(&mask)?;
+        }
+        if self.causal {
+            let hidden = (0..l)
+                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }));
+            scores = scores.try_add(&Tensor::from_vec(hidden.collect(), &[l, s])?)?;
+        }
+        // The rows forward held at 0: all their keys hidden.
+        let dead: Vec<f32> = if s == 0 {
+            vec![0.0; self.probs.len() / s.max(1)]
+        } else {
+            self.probs
+                .chunks_exact(s)
+                .map(|row| f32::from(row.iter().all(|&p| p == 0.0)))
+                .collect()
+        };
+        let p = if dead.contains(&1.0) {
+            let dead = Tensor::from_vec(dead, &self.dims.shape(l, 1))?;
+            scores
+                .try_masked_fill(&dead, 0.0)?
+                .try_softmax(-1)?
+                .try_masked_fill(&dead, 0.0)?
+        } else {
+            scores.try_softmax(-1)?
+        };
+        if grads.needs_grad(2) {
+            let dv = p.try_transpose(-1, -2)?.try_matmul(grad)?;
+            grads.set(2, sum_to(&dv, self.v.shape())?);
+        }
+        let dp = grad.try_matmul(&v.try_transpose(-1, -2)?)?;
+        let dot = dp.try_mul(&p)?.try_sum_axis(-1, true)?;
+        let ds = p.try_mul(&dp.try_sub(&dot)?)?;
+        if grads.len() > 3
+            && grads.needs_grad(3)
+            && let Some(mask) = &self.mask
+        {
+            grads.set(3, sum_to(&ds, mask.shape())?);
+        }
+        let ds = ds.mul_scalar(self.scale);
+        if grads.needs_grad(0) {
+            grads.set(0, sum_to(&ds.try_matmul(&k)?, self.q.shape())?);
+        }
+        if grads.needs_grad(1) {
+            let dk = ds.try_transpose(-1, -2)?.try_matmul(&q)?;
+            grads.set(1, sum_to(&dk, self.k.shape())?);
+        }
+        Ok(())
     }
 }
 

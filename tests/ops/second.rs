@@ -29,7 +29,7 @@ use super::{dispatch, report};
 /// still fail that way (a listed op that gained a differentiable backward
 /// fails [`pending_ops_are_still_pending`] until it leaves the list). The
 /// list only shrinks: a new op comes with its differentiable backward.
-const PENDING: &[&str] = &["scaled_dot_product_attention"];
+const PENDING: &[&str] = &[];
 
 /// Cases whose point sits on a kink of the first derivative (a tie of
 /// `minimum`'s operands: `x[1, 0] = y[0] = 0.5`), where the gradient jumps
