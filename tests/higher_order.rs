@@ -459,6 +459,55 @@ fn should_double_diff_shape_ops() {
     );
 }
 
+/// Third derivatives through the recorded gradients of selections and
+/// slices (the internal `take`/`scatter_add` pair, `narrow`'s backward as a
+/// `cat` with zeros and back, `select`/`stack`): for `f = Σ_k sel(x)_k³`,
+/// where `sel` reads `x_i` `c_i` times, the third derivative along the
+/// all-ones direction is `6 c_i`.
+#[test]
+fn third_derivatives_through_selections_and_slices() {
+    let x = Tensor::from_vec(vec![0.5, -1.5, 2.0, 0.25], &[4])
+        .unwrap()
+        .requires_grad_(true);
+    let index = Tensor::from_vec(vec![2.0, 0.0, 2.0], &[3]).unwrap();
+    let selections: [(&str, Box<dyn Fn(&Tensor) -> Tensor>, [f32; 4]); 4] = [
+        (
+            "gather",
+            Box::new(|x| x.gather(0, &index)),
+            [1.0, 0.0, 2.0, 0.0],
+        ),
+        (
+            "index_select",
+            Box::new(|x| x.index_select(0, &index)),
+            [1.0, 0.0, 2.0, 0.0],
+        ),
+        (
+            "narrow and cat",
+            Box::new(|x| netcl::functional::cat(&[&x.narrow(0, 1, 2), x], 0)),
+            [1.0, 2.0, 2.0, 1.0],
+        ),
+        (
+            "select and stack",
+            Box::new(|x| netcl::functional::stack(&[&x.select(0, 3), &x.select(0, 3)], 0)),
+            [0.0, 0.0, 0.0, 2.0],
+        ),
+    ];
+    for (name, sel, counts) in &selections {
+        let y = sel(&x).powf(3.0).sum();
+        let d1 = autograd::grad_with(&[&y], &[&x], &create()).unwrap()[0]
+            .clone()
+            .unwrap();
+        let d2 = autograd::grad_with(&[&d1.sum()], &[&x], &create()).unwrap()[0]
+            .clone()
+            .unwrap();
+        let d3 = autograd::grad_with(&[&d2.sum()], &[&x], &create()).unwrap()[0]
+            .clone()
+            .unwrap();
+        let want: Vec<f32> = counts.iter().map(|c| 6.0 * c).collect();
+        assert_eq!(d3.to_vec(), want, "third derivative through {name}");
+    }
+}
+
 /// The third derivative of tanh by three recorded backwards, against its
 /// closed form: with t = tanh x, t' = 1 - t², t'' = -2t(1 - t²),
 /// t''' = -2(1 - t²)(1 - 3t²).
