@@ -379,7 +379,7 @@ impl Tensor {
         };
         // (selecting, not multiplying: an infinite gradient outside the
         // bounds still gives 0)
-        // Differentiably: the gradient times the slope as a constant (a
+        // Differentiably: a recorded `where` of constant masks (a
         // piecewise-linear op has a zero second derivative).
         Ok(map_input_op(
             self,
@@ -389,7 +389,17 @@ impl Tensor {
                 let s = slope(x);
                 if s == 1.0 { g } else { s }
             },
-            move |g, x| g.try_mul(&constant(x, slope)),
+            move |g, x| {
+                // The gradient where the slope is 1, else the slope (0, or
+                // NaN at NaN), selected as forward does (an infinite
+                // gradient outside the bounds still gives 0).
+                let inside = constant(x, |x| f32::from(slope(x) == 1.0));
+                let outside = constant(x, |x| {
+                    let s = slope(x);
+                    if s == 1.0 { 0.0 } else { s }
+                });
+                crate::ops::index::try_where_(&inside, g, &outside)
+            },
         ))
     }
 }

@@ -28,7 +28,8 @@ use super::{dispatch, report};
 /// (never a silent zero), and these checks skip their cases. Each must
 /// still fail that way (a listed op that gained a differentiable backward
 /// fails [`pending_ops_are_still_pending`] until it leaves the list). The
-/// list only shrinks: a new op comes with its differentiable backward.
+/// list only shrinks, and is empty now: every op of the table has a
+/// differentiable backward, and a new op comes with its own.
 const PENDING: &[&str] = &[];
 
 /// Cases whose point sits on a kink of the first derivative (a tie of
