@@ -5,6 +5,12 @@
 //! | [`Linear`] | `x · W + b`, Kaiming-uniform initialised from a seeded RNG |
 //! | [`TiedLinear`] | `x · Wᵀ + b` with a shared `[out, in]` weight: an output layer tied to an embedding |
 //! | [`ReLU`], [`Sigmoid`], [`Tanh`] | element-wise activations |
+//! | [`Conv2d`] | 2-D convolution, PyTorch's OIHW weight |
+//! | [`MaxPool2d`], [`AvgPool2d`], [`AdaptiveAvgPool2d`], [`Flatten`] | pooling and flattening |
+//! | [`Gelu`], [`Silu`] | the GELU and SiLU activations |
+//! | [`BatchNorm1d`], [`BatchNorm2d`] | batch normalisation with running statistics in a [`BufferState`] |
+//! | [`LayerNorm`], [`RmsNorm`] | normalisation over the last axes |
+//! | [`Embedding`] | a lookup table of vectors |
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
@@ -76,8 +82,10 @@
 
 mod activation;
 mod buffers;
+mod conv;
 mod dropout;
 mod linear;
+mod norm;
 mod published;
 mod sequential;
 
@@ -88,8 +96,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
 pub(crate) use buffers::prefixed_states;
 pub use buffers::{BufferState, Buffers};
+pub use conv::{AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, Gelu, MaxPool2d, Silu};
 pub use dropout::Dropout;
 pub use linear::{Linear, TiedLinear};
+pub use norm::{BatchNorm1d, BatchNorm2d, Embedding, LayerNorm, RmsNorm};
 pub use published::{Published, Version};
 pub use sequential::{Mlp, Sequential};
 
