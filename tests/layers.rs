@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use netcl::functional as F;
 use netcl::nn::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding, Flatten, Gelu,
-    LayerNorm, MaxPool2d, Module, Published, RmsNorm, Silu, eval_mode, train_mode,
+    AdaptiveAvgPool2d, AttentionMasks, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding,
+    Flatten, Gelu, LayerNorm, MaxPool2d, Module, MultiheadAttention, Published, RmsNorm, Silu,
+    TransformerBlock, eval_mode, train_mode,
 };
 use netcl::rand::SeedableRng;
 use netcl::rand::rngs::StdRng;
@@ -477,4 +478,199 @@ fn embedding_matches_functional() {
     check_param_grads(&emb, &ids, 2e-2);
     check_fork(&emb, &ids);
     check_round_trip(&emb, &Embedding::zeros(7, 3).unwrap(), &ids);
+}
+
+/// Multi-head attention written out with the functional ops, from the
+/// PyTorch-layout parameters.
+fn attention_by_hand(
+    attn: &MultiheadAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+) -> Tensor {
+    let d = attn.embed_dim();
+    let h = attn.num_heads();
+    let named: std::collections::HashMap<String, Tensor> =
+        attn.named_parameters().into_iter().collect();
+    let w = named["in_proj_weight"].detach().to_vec();
+    let b = named["in_proj_bias"].detach().to_vec();
+    let part = |i: usize| {
+        (
+            Tensor::from_vec(w[i * d * d..(i + 1) * d * d].to_vec(), &[d, d])
+                .unwrap()
+                .t(),
+            Tensor::from_vec(b[i * d..(i + 1) * d].to_vec(), &[d]).unwrap(),
+        )
+    };
+    let heads = |x: &Tensor, i: usize| {
+        let (wi, bi) = part(i);
+        let (n, l) = (x.shape()[0], x.shape()[1]);
+        x.linear(&wi, Some(&bi))
+            .reshape(&[n, l, h, d / h])
+            .permute(&[0, 2, 1, 3])
+    };
+    let o = F::scaled_dot_product_attention(
+        &heads(q, 0),
+        &heads(k, 1),
+        &heads(v, 2),
+        None,
+        causal,
+        None,
+    );
+    let (n, l) = (q.shape()[0], q.shape()[1]);
+    let o = o.permute(&[0, 2, 1, 3]).reshape(&[n, l, d]);
+    o.linear(
+        &named["out_proj.weight"].detach(),
+        Some(&named["out_proj.bias"].detach()),
+    )
+}
+
+#[test]
+fn multihead_attention_matches_functional() {
+    let attn = MultiheadAttention::new(8, 2, &mut rng(20)).unwrap();
+    randomise(&attn, 21);
+    let names: Vec<String> = attn
+        .named_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "in_proj_weight",
+            "in_proj_bias",
+            "out_proj.weight",
+            "out_proj.bias"
+        ]
+    );
+    assert_eq!(attn.in_proj_weight().shape(), &[24, 8]);
+    assert_eq!(attn.torch_layouts().len(), 1);
+    let x = randn(&[2, 5, 8], 22);
+    let kv = randn(&[2, 3, 8], 23);
+    assert_close(
+        &attn.forward(&x).unwrap().to_vec(),
+        &attention_by_hand(&attn, &x, &x, &x, false).to_vec(),
+        1e-5,
+        "self",
+    );
+    let causal = attn.forward_masked(&x, &AttentionMasks::causal()).unwrap();
+    assert_close(
+        &causal.to_vec(),
+        &attention_by_hand(&attn, &x, &x, &x, true).to_vec(),
+        1e-5,
+        "causal",
+    );
+    let cross = attn
+        .attend(&x, &kv, &kv, &AttentionMasks::default())
+        .unwrap();
+    assert_close(
+        &cross.to_vec(),
+        &attention_by_hand(&attn, &x, &kv, &kv, false).to_vec(),
+        1e-5,
+        "cross",
+    );
+    // Key padding: masking the last key equals dropping it.
+    let pad = Tensor::from_vec(vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0], &[2, 3]).unwrap();
+    let padded = attn
+        .attend(
+            &x,
+            &kv,
+            &kv,
+            &AttentionMasks::default().with_key_padding_mask(pad.clone()),
+        )
+        .unwrap();
+    let short = kv.narrow(1, 0, 2);
+    assert_close(
+        &padded.to_vec(),
+        &attention_by_hand(&attn, &x, &short, &short, false).to_vec(),
+        1e-5,
+        "padding",
+    );
+    // Causal and padding together: the self-attention of the first 4
+    // positions, with position 4 padded, is the causal attention of those 4.
+    let pad5 = Tensor::from_vec(
+        vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        &[2, 5],
+    )
+    .unwrap();
+    let both = attn
+        .forward_masked(&x, &AttentionMasks::causal().with_key_padding_mask(pad5))
+        .unwrap();
+    let x4 = x.narrow(1, 0, 4);
+    let expected = attention_by_hand(&attn, &x4, &x4, &x4, true).to_vec();
+    let got: Vec<f32> = both.narrow(1, 0, 4).to_vec();
+    assert_close(&got, &expected, 1e-5, "causal + padding");
+    assert!(
+        attn.attend(
+            &x,
+            &kv,
+            &kv,
+            &AttentionMasks::default().with_key_padding_mask(Tensor::zeros(&[2, 5]))
+        )
+        .is_err()
+    );
+    check_param_grads(&attn, &x, 2e-2);
+    check_fork(&attn, &x);
+    check_round_trip(&attn, &MultiheadAttention::zeros(8, 2).unwrap(), &x);
+    // In a PyTorch checkpoint out_proj.weight is [out, in]: the transpose.
+    let path = std::env::temp_dir().join(format!("netcl-mha-{}.safetensors", std::process::id()));
+    io::save_torch(&attn, &path).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> =
+        io::read_tensors(&path).unwrap().into_iter().collect();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        tensors["out_proj.weight"].to_vec(),
+        attn.out_proj().weight().t().to_vec()
+    );
+    assert_eq!(
+        tensors["in_proj_weight"].to_vec(),
+        attn.in_proj_weight().to_vec()
+    );
+}
+
+#[test]
+fn transformer_block_matches_its_parts() {
+    let block = TransformerBlock::new(8, 2, 16, &mut rng(30)).unwrap();
+    randomise(&block, 31);
+    let names: Vec<String> = block
+        .named_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ln1.weight",
+            "ln1.bias",
+            "attn.in_proj_weight",
+            "attn.in_proj_bias",
+            "attn.out_proj.weight",
+            "attn.out_proj.bias",
+            "ln2.weight",
+            "ln2.bias",
+            "mlp.0.weight",
+            "mlp.0.bias",
+            "mlp.2.weight",
+            "mlp.2.bias",
+        ]
+    );
+    let layouts: Vec<String> = block.torch_layouts().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        layouts,
+        ["attn.out_proj.weight", "mlp.0.weight", "mlp.2.weight"]
+    );
+    let x = randn(&[2, 4, 8], 32);
+    let a = block.ln1().forward(&x).unwrap();
+    let h = &x + &attention_by_hand(block.attn(), &a, &a, &a, true);
+    let expected = &h
+        + &block
+            .mlp()
+            .forward(&block.ln2().forward(&h).unwrap())
+            .unwrap();
+    let got = block.forward_masked(&x, &AttentionMasks::causal()).unwrap();
+    assert_close(&got.to_vec(), &expected.to_vec(), 1e-5, "block");
+    check_param_grads(&block, &x, 2e-2);
+    check_fork(&block, &x);
+    check_round_trip(&block, &TransformerBlock::zeros(8, 2, 16).unwrap(), &x);
 }

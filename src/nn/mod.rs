@@ -11,6 +11,7 @@
 //! | [`BatchNorm1d`], [`BatchNorm2d`] | batch normalisation with running statistics in a [`BufferState`] |
 //! | [`LayerNorm`], [`RmsNorm`] | normalisation over the last axes |
 //! | [`Embedding`] | a lookup table of vectors |
+//! | [`MultiheadAttention`], [`TransformerBlock`] | batch-first attention (PyTorch's names) and a pre-norm block, with [`AttentionMasks`] |
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
@@ -81,6 +82,7 @@
 //! ```
 
 mod activation;
+mod attention;
 mod buffers;
 mod conv;
 mod dropout;
@@ -94,6 +96,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
+pub use attention::{AttentionMasks, MultiheadAttention, TransformerBlock};
 pub(crate) use buffers::prefixed_states;
 pub use buffers::{BufferState, Buffers};
 pub use conv::{AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, Gelu, MaxPool2d, Silu};
