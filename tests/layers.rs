@@ -330,6 +330,54 @@ fn batch_norm_gradients_fork_and_round_trip() {
     check_round_trip(&bn, &BatchNorm1d::new(3).unwrap(), &x);
 }
 
+/// Whether one eval forward of `bn` (2 channels, updated only with the
+/// batch of `batch_norm_concurrent_trainers_lose_no_update`) used a mean
+/// and a variance of different updates. From a constant input x the output
+/// is (x - mean)/√(var + eps): x = 0 and x = 1 recover the snapshot, and
+/// after k updates from (0, 1) mean = m·(1 - 0.9^k), var = 1 + (v - 1)·(1 -
+/// 0.9^k): a consistent snapshot has one k for both.
+fn torn_snapshot(bn: &BatchNorm2d) -> bool {
+    let _eval = eval_mode();
+    let _g = autograd::no_grad();
+    let probe = Tensor::from_vec(vec![0.0, 0.0, 1.0, 1.0], &[2, 2, 1, 1]).unwrap();
+    let y = bn.forward(&probe).unwrap().to_vec();
+    (0..2).any(|c| {
+        let inv_std = y[2 + c] - y[c];
+        let mean = -y[c] / inv_std;
+        let var = 1.0 / (inv_std * inv_std) - 1e-5;
+        let target = [(1.0, 32.0 / 7.0), (3.0, 128.0 / 7.0)][c];
+        let f_mean = mean / target.0;
+        let f_var = (var - 1.0) / (target.1 - 1.0);
+        (f_mean - f_var).abs() > 1e-3
+    })
+}
+
+#[test]
+fn the_torn_snapshot_detector_detects() {
+    let bn = BatchNorm2d::new(2).unwrap();
+    assert!(!torn_snapshot(&bn));
+    // One update's mean (k = 1) with the initial variance (k = 0).
+    let mean = Tensor::from_vec(vec![0.1, 0.3], &[2]).unwrap();
+    bn.buffer_state()
+        .store(vec![mean, Tensor::ones(&[2]), Tensor::scalar(1.0)])
+        .unwrap();
+    assert!(torn_snapshot(&bn));
+    // k = 1 for both: consistent.
+    let var = Tensor::from_vec(
+        vec![
+            1.0 + 0.1 * (32.0 / 7.0 - 1.0),
+            1.0 + 0.1 * (128.0 / 7.0 - 1.0),
+        ],
+        &[2],
+    )
+    .unwrap();
+    let mean = Tensor::from_vec(vec![0.1, 0.3], &[2]).unwrap();
+    bn.buffer_state()
+        .store(vec![mean, var, Tensor::scalar(1.0)])
+        .unwrap();
+    assert!(!torn_snapshot(&bn));
+}
+
 /// Two trainers update one BatchNorm2d while readers evaluate beside them:
 /// no update is lost, and every eval forward uses one consistent snapshot.
 #[test]
@@ -378,21 +426,9 @@ fn batch_norm_concurrent_trainers_lose_no_update() {
             s.spawn(move || {
                 let _eval = eval_mode();
                 let _g = autograd::no_grad();
-                // A constant input x: output = (x - mean)/√(var + eps); from
-                // the output for x = 0 and x = 1 recover the snapshot.
-                let probe = Tensor::from_vec(vec![0.0, 0.0, 1.0, 1.0], &[2, 2, 1, 1]).unwrap();
                 while !stop.load(Ordering::Relaxed) {
-                    let y = bn.forward(&probe).unwrap().to_vec();
-                    for c in 0..2 {
-                        let inv_std = y[2 + c] - y[c];
-                        let mean = -y[c] / inv_std;
-                        let var = 1.0 / (inv_std * inv_std) - 1e-5;
-                        let target = [(1.0, 32.0 / 7.0), (3.0, 128.0 / 7.0)][c];
-                        let f_mean = mean / target.0;
-                        let f_var = (var - 1.0) / (target.1 - 1.0);
-                        if (f_mean - f_var).abs() > 1e-3 {
-                            inconsistent.fetch_add(1, Ordering::Relaxed);
-                        }
+                    if torn_snapshot(bn) {
+                        inconsistent.fetch_add(1, Ordering::Relaxed);
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
