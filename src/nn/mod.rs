@@ -5,6 +5,13 @@
 //! | [`Linear`] | `x · W + b`, Kaiming-uniform initialised from a seeded RNG |
 //! | [`TiedLinear`] | `x · Wᵀ + b` with a shared `[out, in]` weight: an output layer tied to an embedding |
 //! | [`ReLU`], [`Sigmoid`], [`Tanh`] | element-wise activations |
+//! | [`Conv2d`] | 2-D convolution, PyTorch's OIHW weight |
+//! | [`MaxPool2d`], [`AvgPool2d`], [`AdaptiveAvgPool2d`], [`Flatten`] | pooling and flattening |
+//! | [`Gelu`], [`Silu`] | the GELU and SiLU activations |
+//! | [`BatchNorm1d`], [`BatchNorm2d`] | batch normalisation with running statistics in a [`BufferState`] |
+//! | [`LayerNorm`], [`RmsNorm`] | normalisation over the last axes |
+//! | [`Embedding`] | a lookup table of vectors |
+//! | [`MultiheadAttention`], [`TransformerBlock`] | batch-first attention (PyTorch's names) and a pre-norm block, with [`AttentionMasks`] |
 //! | [`Dropout`] | zeroes inputs at random in training mode, seeded |
 //! | [`Sequential`] | a chain of modules |
 //! | [`Mlp`] | a multi-layer perceptron built from a list of widths |
@@ -75,9 +82,12 @@
 //! ```
 
 mod activation;
+mod attention;
 mod buffers;
+mod conv;
 mod dropout;
 mod linear;
+mod norm;
 mod published;
 mod sequential;
 
@@ -86,10 +96,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
+pub use attention::{AttentionMasks, MultiheadAttention, TransformerBlock};
 pub(crate) use buffers::prefixed_states;
 pub use buffers::{BufferState, Buffers};
+pub use conv::{AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, Gelu, MaxPool2d, Silu};
 pub use dropout::Dropout;
 pub use linear::{Linear, TiedLinear};
+pub use norm::{BatchNorm1d, BatchNorm2d, Embedding, LayerNorm, RmsNorm};
 pub use published::{Published, Version};
 pub use sequential::{Mlp, Sequential};
 
@@ -628,5 +641,19 @@ const _: () = {
     assert_send_sync::<Dropout>();
     assert_send_sync::<Sequential>();
     assert_send_sync::<Mlp>();
+    assert_send_sync::<Conv2d>();
+    assert_send_sync::<MaxPool2d>();
+    assert_send_sync::<AvgPool2d>();
+    assert_send_sync::<AdaptiveAvgPool2d>();
+    assert_send_sync::<Flatten>();
+    assert_send_sync::<Gelu>();
+    assert_send_sync::<Silu>();
+    assert_send_sync::<BatchNorm1d>();
+    assert_send_sync::<BatchNorm2d>();
+    assert_send_sync::<LayerNorm>();
+    assert_send_sync::<RmsNorm>();
+    assert_send_sync::<Embedding>();
+    assert_send_sync::<MultiheadAttention>();
+    assert_send_sync::<TransformerBlock>();
     assert_send_sync::<Box<dyn Module>>();
 };
