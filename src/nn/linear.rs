@@ -320,11 +320,7 @@ impl Module for Linear {
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut params = vec![("weight".to_string(), self.weight.clone())];
-        if let Some(bias) = &self.bias {
-            params.push(("bias".to_string(), bias.clone()));
-        }
-        params
+        super::weight_and_bias(Some(&self.weight), self.bias.as_ref())
     }
 
     fn training_flag(&self) -> Option<&TrainingFlag> {
@@ -475,11 +471,7 @@ impl Module for TiedLinear {
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut params = vec![("weight".to_string(), self.weight.clone())];
-        if let Some(bias) = &self.bias {
-            params.push(("bias".to_string(), bias.clone()));
-        }
-        params
+        super::weight_and_bias(Some(&self.weight), self.bias.as_ref())
     }
 
     fn training_flag(&self) -> Option<&TrainingFlag> {

@@ -614,6 +614,18 @@ pub fn fork_scope<R>(f: impl FnOnce() -> R) -> R {
     crate::tensor::fork_scope(f)
 }
 
+/// The `named_parameters` of a layer with an optional `weight` and an
+/// optional `bias` (PyTorch's names), in that order.
+pub(crate) fn weight_and_bias(
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Vec<(String, Tensor)> {
+    [("weight", weight), ("bias", bias)]
+        .into_iter()
+        .filter_map(|(name, t)| Some((name.to_string(), t?.clone())))
+        .collect()
+}
+
 /// Each distinct tensor of `params` once, in order (the first of a tied
 /// parameter's names).
 pub(crate) fn unique_named(params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {

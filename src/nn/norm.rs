@@ -106,14 +106,7 @@ impl BatchNormCore {
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut params = Vec::new();
-        if let Some(w) = &self.weight {
-            params.push(("weight".to_string(), w.clone()));
-        }
-        if let Some(b) = &self.bias {
-            params.push(("bias".to_string(), b.clone()));
-        }
-        params
+        super::weight_and_bias(self.weight.as_ref(), self.bias.as_ref())
     }
 }
 
@@ -463,14 +456,7 @@ impl Module for LayerNorm {
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut params = Vec::new();
-        if let Some(w) = &self.weight {
-            params.push(("weight".to_string(), w.clone()));
-        }
-        if let Some(b) = &self.bias {
-            params.push(("bias".to_string(), b.clone()));
-        }
-        params
+        super::weight_and_bias(self.weight.as_ref(), self.bias.as_ref())
     }
 
     fn training_flag(&self) -> Option<&TrainingFlag> {
