@@ -54,6 +54,10 @@ macro_rules! activation_layer {
 
             }
 
+            fn architecture(&self) -> Option<crate::nn::Architecture> {
+                self.describe()
+            }
+
             fn try_fork(&self) -> Result<Box<dyn Module>> {
                 Ok(Box::new(self.clone()))
             }
@@ -175,3 +179,16 @@ impl Activation {
         }
     }
 }
+
+/// The architecture node of an activation layer: its kind, no config.
+macro_rules! describe_activation {
+    ($($name:ident),*) => {$(
+        impl $name {
+            pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+                Some(crate::nn::Architecture::new(stringify!($name)))
+            }
+        }
+    )*};
+}
+
+describe_activation!(ReLU, Sigmoid, Tanh);

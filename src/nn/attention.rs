@@ -347,6 +347,10 @@ impl Module for MultiheadAttention {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -549,6 +553,10 @@ impl Module for TransformerBlock {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.try_clone()?))
     }
@@ -562,5 +570,30 @@ impl fmt::Debug for TransformerBlock {
             .field("ln2", &self.ln2)
             .field("mlp", &self.mlp)
             .finish()
+    }
+}
+
+impl MultiheadAttention {
+    /// The architecture node (`Module::architecture`).
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new("MultiheadAttention")
+                .with("embed_dim", self.embed_dim())
+                .with("num_heads", self.num_heads),
+        )
+    }
+}
+
+impl TransformerBlock {
+    /// The architecture node (`Module::architecture`).
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        // mlp.0 is the `[d_model, d_ff]` Linear.
+        let d_ff = *self.mlp.named_parameters().first()?.1.shape().get(1)?;
+        Some(
+            crate::nn::Architecture::new("TransformerBlock")
+                .with("d_model", self.attn.embed_dim())
+                .with("num_heads", self.attn.num_heads)
+                .with("d_ff", d_ff),
+        )
     }
 }

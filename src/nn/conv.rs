@@ -318,6 +318,10 @@ impl Module for Conv2d {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -353,6 +357,10 @@ macro_rules! stateless_module {
 
             fn training_flag(&self) -> Option<&TrainingFlag> {
                 Some(&self.training)
+            }
+
+            fn architecture(&self) -> Option<crate::nn::Architecture> {
+                self.describe()
             }
 
             fn try_fork(&self) -> Result<Box<dyn Module>> {
@@ -650,3 +658,89 @@ impl Default for Silu {
 }
 
 stateless_module!(Silu, |_s, x| Ok(x.silu()));
+
+// Architecture nodes (`Module::architecture`, schema in `nn::architecture`).
+use crate::nn::architecture::{Architecture, size2_value};
+
+impl Conv2d {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        let shape = self.weight.shape();
+        Some(
+            Architecture::new("Conv2d")
+                .with("in_channels", shape[1] * self.groups)
+                .with("out_channels", shape[0])
+                .with("kernel_size", size2_value(Size2(shape[2], shape[3])))
+                .with("stride", size2_value(self.stride))
+                .with("padding", size2_value(self.padding))
+                .with("dilation", size2_value(self.dilation))
+                .with("groups", self.groups)
+                .with("bias", self.bias.is_some()),
+        )
+    }
+}
+
+/// The node of a pooling layer.
+fn pool(kind: &str, kernel_size: Size2, stride: Option<Size2>, padding: Size2) -> Architecture {
+    Architecture::new(kind)
+        .with("kernel_size", size2_value(kernel_size))
+        .with(
+            "stride",
+            stride.map_or(serde_json::Value::Null, size2_value),
+        )
+        .with("padding", size2_value(padding))
+}
+
+impl MaxPool2d {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        Some(pool(
+            "MaxPool2d",
+            self.kernel_size,
+            self.stride,
+            self.padding,
+        ))
+    }
+}
+
+impl AvgPool2d {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        Some(
+            pool("AvgPool2d", self.kernel_size, self.stride, self.padding)
+                .with("count_include_pad", self.count_include_pad),
+        )
+    }
+}
+
+impl AdaptiveAvgPool2d {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        Some(
+            Architecture::new("AdaptiveAvgPool2d")
+                .with("output_size", size2_value(self.output_size)),
+        )
+    }
+}
+
+impl Flatten {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        Some(
+            Architecture::new("Flatten")
+                .with("start_dim", self.start_dim)
+                .with("end_dim", self.end_dim),
+        )
+    }
+}
+
+impl Gelu {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        let approximate = match self.approximate {
+            GeluApproximate::None => "none",
+            GeluApproximate::Tanh => "tanh",
+        };
+        Some(Architecture::new("Gelu").with("approximate", approximate))
+    }
+}
+
+impl Silu {
+    pub(crate) fn describe(&self) -> Option<Architecture> {
+        Some(Architecture::new("Silu"))
+    }
+}

@@ -266,6 +266,10 @@ impl Module for Dropout {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -277,5 +281,16 @@ impl fmt::Debug for Dropout {
             .field("p", &self.p)
             .field("seed", &self.seed)
             .finish()
+    }
+}
+
+impl Dropout {
+    /// The architecture node (`Module::architecture`).
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new("Dropout")
+                .with("p", crate::nn::architecture::number_value(self.p))
+                .with("seed", self.seed),
+        )
     }
 }

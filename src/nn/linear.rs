@@ -331,6 +331,10 @@ impl Module for Linear {
         vec![("weight".to_string(), TorchLayout::Transposed)]
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -490,5 +494,17 @@ impl fmt::Debug for TiedLinear {
             .field("out_features", &self.out_features())
             .field("bias", &self.bias.is_some())
             .finish()
+    }
+}
+
+impl Linear {
+    /// The architecture node (`Module::architecture`).
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new("Linear")
+                .with("in_features", self.in_features())
+                .with("out_features", self.out_features())
+                .with("bias", self.bias.is_some()),
+        )
     }
 }

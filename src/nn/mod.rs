@@ -18,6 +18,7 @@
 //! | [`Published`] | the versions of a model served while it trains |
 //! | [`BufferState`], [`Buffers`] | a stateful layer's buffers (running statistics), swapped whole |
 //! | [`fork_scope`] | forks that keep tied (shared) weights shared |
+//! | [`Architecture`], [`register_kind`] | a model's architecture as data, for self-describing checkpoints ([`io::save_model`](crate::io::save_model)) |
 //! | [`TorchLayout`] | how a parameter's layout differs from PyTorch's, for [`io::load_torch`](crate::io::load_torch) |
 //!
 //! # Sharing one model between threads
@@ -82,6 +83,7 @@
 //! ```
 
 mod activation;
+pub mod architecture;
 mod attention;
 mod buffers;
 mod conv;
@@ -96,6 +98,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use activation::{Activation, ReLU, Sigmoid, Tanh};
+pub use architecture::{
+    ARCHITECTURE_SCHEMA_VERSION, Architecture, BuildContext, BuildFn, known_kinds, register_kind,
+};
 pub use attention::{AttentionMasks, MultiheadAttention, TransformerBlock};
 pub(crate) use buffers::prefixed_states;
 pub use buffers::{BufferState, Buffers};
@@ -378,6 +383,31 @@ pub trait Module: Send + Sync + fmt::Debug {
         })
     }
 
+    /// The module's architecture: its kind, hyperparameters and children
+    /// (the schema of [`architecture`](self::architecture)), what
+    /// [`io::save_model`](crate::io::save_model) stores so that
+    /// [`io::load_model`](crate::io::load_model) rebuilds the module
+    /// without code. `None` by default: a module that cannot be described
+    /// (a custom one, or a container holding one) is saved and loaded with
+    /// [`io::save`](crate::io::save) and [`io::load`](crate::io::load)
+    /// into a model built in code. A custom module implements it with a
+    /// kind registered with [`register_kind`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::{Dropout, Module};
+    ///
+    /// let arch = Dropout::new(0.25, 7).architecture().unwrap();
+    /// assert_eq!(arch.kind(), "Dropout");
+    /// assert_eq!(arch.f32("p")?, 0.25);
+    /// assert_eq!(arch.u64("seed")?, 7);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    fn architecture(&self) -> Option<Architecture> {
+        None
+    }
+
     /// The parameters, in the order of
     /// [`named_parameters`](Module::named_parameters), each distinct
     /// tensor once: a parameter shared by two layers (a tied weight, see
@@ -494,6 +524,9 @@ macro_rules! forward_module {
             }
             fn try_fork(&self) -> Result<Box<dyn Module>> {
                 (**self).try_fork()
+            }
+            fn architecture(&self) -> Option<Architecture> {
+                (**self).architecture()
             }
         }
     )*};

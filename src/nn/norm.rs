@@ -229,6 +229,10 @@ macro_rules! batch_norm_layer {
                 Some(&self.0.training)
             }
 
+            fn architecture(&self) -> Option<crate::nn::Architecture> {
+                self.describe()
+            }
+
             fn try_fork(&self) -> Result<Box<dyn Module>> {
                 Ok(Box::new(self.clone()))
             }
@@ -463,6 +467,10 @@ impl Module for LayerNorm {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -587,6 +595,10 @@ impl Module for RmsNorm {
 
     fn training_flag(&self) -> Option<&TrainingFlag> {
         Some(&self.training)
+    }
+
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
     }
 
     fn try_fork(&self) -> Result<Box<dyn Module>> {
@@ -738,6 +750,10 @@ impl Module for Embedding {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -749,5 +765,68 @@ impl fmt::Debug for Embedding {
             .field("num_embeddings", &self.num_embeddings())
             .field("embedding_dim", &self.embedding_dim())
             .finish()
+    }
+}
+
+// Architecture nodes (`Module::architecture`, schema in `nn::architecture`).
+use crate::nn::architecture::number_value;
+
+impl BatchNormCore {
+    fn describe(&self, kind: &str) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new(kind)
+                .with("num_features", self.num_features)
+                .with("eps", number_value(self.eps))
+                .with("momentum", number_value(self.momentum))
+                .with("affine", self.weight.is_some()),
+        )
+    }
+}
+
+impl BatchNorm1d {
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        self.0.describe("BatchNorm1d")
+    }
+}
+
+impl BatchNorm2d {
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        self.0.describe("BatchNorm2d")
+    }
+}
+
+impl LayerNorm {
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        // Weight and bias come together (`new`) or not at all.
+        Some(
+            crate::nn::Architecture::new("LayerNorm")
+                .with("normalized_shape", self.normalized_shape.clone())
+                .with("eps", number_value(self.eps))
+                .with("affine", self.weight.is_some()),
+        )
+    }
+}
+
+impl RmsNorm {
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new("RmsNorm")
+                .with("normalized_shape", self.normalized_shape.clone())
+                .with(
+                    "eps",
+                    self.eps.map_or(serde_json::Value::Null, number_value),
+                )
+                .with("affine", self.weight.is_some()),
+        )
+    }
+}
+
+impl Embedding {
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        Some(
+            crate::nn::Architecture::new("Embedding")
+                .with("num_embeddings", self.num_embeddings())
+                .with("embedding_dim", self.embedding_dim()),
+        )
     }
 }

@@ -213,6 +213,10 @@ impl Module for Sequential {
         Some(&self.training)
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.try_clone()?))
     }
@@ -457,6 +461,10 @@ impl Module for Mlp {
         self.layers.training_flag()
     }
 
+    fn architecture(&self) -> Option<crate::nn::Architecture> {
+        self.describe()
+    }
+
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.clone()))
     }
@@ -468,5 +476,33 @@ impl fmt::Debug for Mlp {
             .field("dims", &self.dims)
             .field("activation", &self.activation)
             .finish()
+    }
+}
+
+impl Sequential {
+    /// The architecture node (`Module::architecture`): `None` if a layer
+    /// has none.
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        self.layers
+            .iter()
+            .try_fold(crate::nn::Architecture::new("Sequential"), |arch, layer| {
+                Some(arch.with_child(layer.architecture()?))
+            })
+    }
+}
+
+impl Mlp {
+    /// The architecture node (`Module::architecture`).
+    pub(crate) fn describe(&self) -> Option<crate::nn::Architecture> {
+        let activation = match self.activation {
+            Activation::Relu => "relu",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Tanh => "tanh",
+        };
+        Some(
+            crate::nn::Architecture::new("Mlp")
+                .with("dims", self.dims.clone())
+                .with("activation", activation),
+        )
     }
 }

@@ -39,9 +39,21 @@
 //! # Ok::<(), netcl::Error>(())
 //! ```
 
+mod checkpoint;
+mod model;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::Path;
+
+use checkpoint::write_atomically;
+pub use checkpoint::{
+    CheckpointDir, STALE_TEMPORARY_SUFFIX, fault, latest_complete_version, remove_stale_temporaries,
+};
+pub use model::{
+    ARCHITECTURE_KEY, Checkpoint, SCHEMA_VERSION_KEY, load_checkpoint, load_checkpoint_bytes,
+    load_model, load_model_bytes, model_to_bytes, model_to_bytes_with_metadata, save_model,
+    save_model_with_metadata,
+};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
@@ -278,9 +290,11 @@ fn encode<M: Module + ?Sized>(
 /// Saves the model's parameters to `path` in safetensors format.
 ///
 /// The file is written to a temporary file of a unique name in `path`'s
-/// directory, flushed to disk and atomically renamed over `path`, so a
-/// reader never sees a half-written file and an existing file is replaced
-/// only by a complete one. Concurrent saves to one path (from threads or
+/// directory (`.NAME.XXXXXX.netcl-tmp`, see
+/// [`remove_stale_temporaries`]), flushed to disk and atomically renamed
+/// over `path`, and the directory is flushed too (so the rename survives a
+/// power cut): a reader never sees a half-written file and an existing
+/// file is replaced only by a complete one. Concurrent saves to one path (from threads or
 /// processes) each succeed, and the file then holds exactly one of them,
 /// whole. On error no temporary file is left behind.
 ///
@@ -344,31 +358,6 @@ pub fn save_with_metadata<M: Module + ?Sized>(
     let path = path.as_ref();
     let bytes = to_bytes_with_metadata(model, metadata)?;
     write_atomically(path, &bytes).map_err(|err| io_error("io::save", path, &err))
-}
-
-/// Writes `bytes` to a new temporary file beside `path` and renames it over
-/// `path`. The temporary's name is unique (the `tempfile` crate creates it
-/// with `O_EXCL`), so concurrent writers never share one; it is deleted if
-/// anything fails.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(path.file_name().unwrap_or_default());
-    prefix.push(".");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
-    // The permissions of a file created with `File::create` (0o666 less the
-    // umask), not the temporary's private 0o600.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let mut temp = builder.tempfile_in(dir)?;
-    temp.write_all(bytes)?;
-    temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|err| err.error)?;
-    Ok(())
 }
 
 /// Loads parameters saved by [`save`] (or any safetensors file with the
@@ -449,6 +438,17 @@ fn load_layout<M: Module + ?Sized>(
         Layout::Netcl => "io::load",
         Layout::Torch => "io::load_torch",
     };
+    load_layout_as(op, model, bytes, source_name, layout)
+}
+
+/// [`load_layout`], its errors naming `op`.
+fn load_layout_as<M: Module + ?Sized>(
+    op: &'static str,
+    model: &M,
+    bytes: &[u8],
+    source_name: &str,
+    layout: Layout,
+) -> Result<()> {
     let transposed = transposed(model, layout);
     let file = SafeTensors::deserialize(bytes).map_err(|err| Error::Format {
         op,
