@@ -364,6 +364,10 @@ fn load_from(op: &'static str, bytes: &[u8], source_name: &str) -> Result<Checkp
             }
         }
     }
+    // Twice the file's values and 4 MiB more: room for an architecture
+    // that lies by a little (the mismatch is then reported by tensor name
+    // below), and a bound on what a lying file makes the loader allocate.
+    let budget = budget.saturating_mul(2).saturating_add(1 << 20);
     let model = BuildContext::new(op, source_name, budget).build_root(&architecture)?;
     load_layout_as(op, &model, bytes, source_name, Layout::Netcl)?;
     model.eval();

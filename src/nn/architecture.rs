@@ -17,7 +17,8 @@
 //! - `children` (array of nodes, optional, empty if absent): the
 //!   sub-modules of a container, in order.
 //!
-//! No other field is allowed. Sizes are non-negative integers, `[h, w]`
+//! No other field is allowed, nor, in a built-in kind's config, any key
+//! but those below. Sizes are non-negative integers, `[h, w]`
 //! pairs are arrays of two integers, `eps`, `momentum` and `p` are numbers
 //! (written with enough digits to give back the same `f32`). The built-in
 //! kinds and their configs:
@@ -49,8 +50,9 @@
 //!
 //! The version of this schema, [`ARCHITECTURE_SCHEMA_VERSION`], is stored
 //! beside it; a reader refuses a newer version, naming both. A new
-//! *kind* or a new *optional* config key does not change the version; a
-//! change in the meaning of an existing kind or key does.
+//! *kind* does not change the version (an older reader refuses it as an
+//! unknown kind, naming it); a new config key, or a change in the meaning
+//! of an existing kind or key, does.
 //!
 //! # Models of your own
 //!
@@ -354,10 +356,11 @@ fn size2(s: Size2) -> Value {
     Value::from(vec![s.0, s.1])
 }
 
-/// An `f32` as a JSON number (`null` if not finite), written so that it
-/// parses back to the same `f32`.
+/// An `f32` as a JSON number (`null` if not finite): its shortest decimal
+/// form (`1e-5`, not `9.999999747378752e-6`), which parses back to the
+/// same `f32`.
 fn number(v: f32) -> Value {
-    Value::from(f64::from(v))
+    Value::from(v.to_string().parse::<f64>().unwrap_or(f64::NAN))
 }
 
 /// Parses the JSON text of an architecture, errors from `op` on
@@ -456,38 +459,88 @@ fn registry() -> &'static RwLock<BTreeMap<String, BuildFn>> {
     REGISTRY.get_or_init(|| RwLock::new(BTreeMap::new()))
 }
 
-/// The built-in kinds, in the order of the module docs' table.
-const BUILT_IN: &[(&str, BuildFn)] = &[
-    ("Linear", build_linear),
-    ("Sequential", build_sequential),
-    ("Mlp", build_mlp),
-    ("ReLU", |_, _| Ok(Box::new(ReLU::new()))),
-    ("Sigmoid", |_, _| Ok(Box::new(Sigmoid::new()))),
-    ("Tanh", |_, _| Ok(Box::new(Tanh::new()))),
-    ("Silu", |_, _| Ok(Box::new(Silu::new()))),
-    ("Gelu", build_gelu),
-    ("Dropout", |a, _| {
+const BATCH_NORM: &[&str] = &["num_features", "eps", "momentum", "affine"];
+
+/// The built-in kinds, in the order of the module docs' table, with their
+/// config keys (no other is accepted: a misspelt key is an error, not a
+/// default silently taken) and their builders.
+#[allow(clippy::type_complexity)]
+const BUILT_IN: &[(&str, &[&str], BuildFn)] = &[
+    (
+        "Linear",
+        &["in_features", "out_features", "bias"],
+        build_linear,
+    ),
+    ("Sequential", &[], build_sequential),
+    ("Mlp", &["dims", "activation"], build_mlp),
+    ("ReLU", &[], |_, _| Ok(Box::new(ReLU::new()))),
+    ("Sigmoid", &[], |_, _| Ok(Box::new(Sigmoid::new()))),
+    ("Tanh", &[], |_, _| Ok(Box::new(Tanh::new()))),
+    ("Silu", &[], |_, _| Ok(Box::new(Silu::new()))),
+    ("Gelu", &["approximate"], build_gelu),
+    ("Dropout", &["p", "seed"], |a, _| {
         Ok(Box::new(Dropout::try_new(a.f32("p")?, a.u64("seed")?)?))
     }),
-    ("Conv2d", build_conv2d),
-    ("MaxPool2d", build_max_pool2d),
-    ("AvgPool2d", build_avg_pool2d),
-    ("AdaptiveAvgPool2d", |a, _| {
+    (
+        "Conv2d",
+        &[
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "bias",
+        ],
+        build_conv2d,
+    ),
+    (
+        "MaxPool2d",
+        &["kernel_size", "stride", "padding"],
+        build_max_pool2d,
+    ),
+    (
+        "AvgPool2d",
+        &["kernel_size", "stride", "padding", "count_include_pad"],
+        build_avg_pool2d,
+    ),
+    ("AdaptiveAvgPool2d", &["output_size"], |a, _| {
         Ok(Box::new(AdaptiveAvgPool2d::new(a.size2("output_size")?)))
     }),
-    ("Flatten", |a, _| {
+    ("Flatten", &["start_dim", "end_dim"], |a, _| {
         Ok(Box::new(Flatten::with_dims(
             a.isize("start_dim")?,
             a.isize("end_dim")?,
         )))
     }),
-    ("BatchNorm1d", build_batch_norm1d),
-    ("BatchNorm2d", build_batch_norm2d),
-    ("LayerNorm", build_layer_norm),
-    ("RmsNorm", build_rms_norm),
-    ("Embedding", build_embedding),
-    ("MultiheadAttention", build_attention),
-    ("TransformerBlock", build_transformer_block),
+    ("BatchNorm1d", BATCH_NORM, build_batch_norm1d),
+    ("BatchNorm2d", BATCH_NORM, build_batch_norm2d),
+    (
+        "LayerNorm",
+        &["normalized_shape", "eps", "affine"],
+        build_layer_norm,
+    ),
+    (
+        "RmsNorm",
+        &["normalized_shape", "eps", "affine"],
+        build_rms_norm,
+    ),
+    (
+        "Embedding",
+        &["num_embeddings", "embedding_dim"],
+        build_embedding,
+    ),
+    (
+        "MultiheadAttention",
+        &["embed_dim", "num_heads"],
+        build_attention,
+    ),
+    (
+        "TransformerBlock",
+        &["d_model", "num_heads", "d_ff"],
+        build_transformer_block,
+    ),
 ];
 
 /// Makes `kind` loadable: [`io::load_model`](crate::io::load_model) (and
@@ -548,7 +601,7 @@ const BUILT_IN: &[(&str, BuildFn)] = &[
 /// # Ok::<(), netcl::Error>(())
 /// ```
 pub fn register_kind(kind: &str, build: BuildFn) -> Result<()> {
-    if BUILT_IN.iter().any(|(name, _)| *name == kind) {
+    if BUILT_IN.iter().any(|(name, _, _)| *name == kind) {
         return Err(Error::InvalidArgument {
             op: "nn::register_kind",
             message: format!("`{kind}` is a built-in kind and cannot be replaced"),
@@ -577,29 +630,29 @@ pub fn known_kinds() -> Vec<String> {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     BUILT_IN
         .iter()
-        .map(|(name, _)| name.to_string())
+        .map(|(name, _, _)| name.to_string())
         .chain(registered.keys().cloned())
         .collect()
 }
 
-fn lookup(kind: &str) -> Option<BuildFn> {
-    if let Some((_, build)) = BUILT_IN.iter().find(|(name, _)| *name == kind) {
-        return Some(*build);
+fn lookup(kind: &str) -> Option<(Option<&'static [&'static str]>, BuildFn)> {
+    if let Some((_, keys, build)) = BUILT_IN.iter().find(|(name, _, _)| *name == kind) {
+        return Some((Some(keys), *build));
     }
     registry()
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .get(kind)
-        .copied()
+        .map(|build| (None, *build))
 }
 
 /// What a [`BuildFn`] builds with: children, and a budget of tensor
 /// elements that the tensors it allocates must fit in.
 ///
-/// When a checkpoint is loaded, the budget is the number of values the
-/// checkpoint's tensors hold: a model whose parameters and buffers are all
-/// in the file never needs more, and an architecture that claims more is
-/// refused before anything is allocated.
+/// When a checkpoint is loaded, the budget is twice the number of values
+/// the checkpoint's tensors hold, plus 2^20: a model whose parameters and
+/// buffers are all in the file never needs more, and an architecture that
+/// claims more is refused before anything is allocated.
 #[derive(Debug)]
 pub struct BuildContext {
     op: &'static str,
@@ -637,7 +690,26 @@ impl BuildContext {
 
     fn build_at(&self, arch: &Architecture) -> Result<Box<dyn Module>> {
         let result = match lookup(&arch.kind) {
-            Some(build) => build(arch, self),
+            Some((Some(keys), _))
+                if let Some(key) = arch.config.keys().find(|k| !keys.contains(&k.as_str())) =>
+            {
+                Err(Error::InvalidArgument {
+                    op: self.op,
+                    message: format!(
+                        "unknown config key `{key}` (`{}` has {})",
+                        arch.kind,
+                        if keys.is_empty() {
+                            "none".to_string()
+                        } else {
+                            keys.iter()
+                                .map(|k| format!("`{k}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    ),
+                })
+            }
+            Some((_, build)) => build(arch, self),
             None => Err(Error::Unsupported {
                 op: self.op,
                 message: format!(
