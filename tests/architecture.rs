@@ -730,3 +730,22 @@ proptest! {
 fn forged_empty(architecture: &str) -> Vec<u8> {
     forged(&Sequential::new(), "1", architecture)
 }
+
+#[test]
+fn a_loaded_model_is_published_and_replaced_by_a_newer_checkpoint() {
+    let v1 = Linear::from_parts(Tensor::full(&[2, 1], 1.0), None).unwrap();
+    let v2 = Linear::from_parts(Tensor::full(&[2, 1], 2.0), None).unwrap();
+    let loaded = io::load_model_bytes(&io::model_to_bytes(&v1).unwrap()).unwrap();
+    let published = netcl::nn::Published::new(&loaded).unwrap();
+    let x = Tensor::ones(&[1, 2]);
+    assert_eq!(published.load().forward(&x).unwrap().to_vec(), [2.0]);
+    // What a server following a checkpoint directory does.
+    let newer = io::load_model_bytes(&io::model_to_bytes(&v2).unwrap()).unwrap();
+    published.publish_model(newer);
+    assert_eq!(published.load().forward(&x).unwrap().to_vec(), [4.0]);
+    assert_eq!(
+        published.load().architecture(),
+        v2.architecture(),
+        "a published version describes itself"
+    );
+}

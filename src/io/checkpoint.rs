@@ -345,10 +345,10 @@ impl CheckpointDir {
 /// at a chosen point or simulate a full disk. Not part of the API's
 /// promise.
 ///
-/// Two switches, both consulted at each [`Stage`] of every atomic write
+/// Two switches, both consulted at each [`Stage`](fault::Stage) of every atomic write
 /// (`io::save`, `io::save_model`, `CheckpointDir::save_model`, ...):
 ///
-/// - in process, the hook set with [`set_hook`];
+/// - in process, the hook set with [`set_hook`](fault::set_hook);
 /// - with the cargo feature `fault-injection` only, the environment
 ///   variable `NETCL_CHECKPOINT_FAULT=<stage>:<action>`, `<stage>` one of
 ///   `write`, `before-rename`, `before-dir-sync` and `<action>` `pause`

@@ -16,6 +16,29 @@
 //! [`Error`] naming what is wrong; the model is then left untouched, and
 //! nothing panics whatever the bytes.
 //!
+//! # Self-describing checkpoints
+//!
+//! [`save_model`] stores the model's architecture
+//! ([`Module::architecture`], the versioned schema of
+//! [`nn::architecture`](crate::nn::architecture)) in the file's metadata
+//! beside the weights, and [`load_model`] rebuilds the model from it with
+//! no code: a server loads any built-in model, or a model of a kind
+//! registered with [`nn::register_kind`](crate::nn::register_kind). Extra
+//! string metadata (a language model's vocabulary, a training step)
+//! travels with [`save_model_with_metadata`] and comes back from
+//! [`load_checkpoint`].
+//!
+//! # Atomic writes and version directories
+//!
+//! Every save ([`save`], [`save_model`], [`save_torch`], ...) writes a
+//! temporary file beside the target, flushes it, renames it over the
+//! target and flushes the directory: a crash leaves the old file or the
+//! new one, whole, and at most a temporary named `.NAME.XXXXXX.netcl-tmp`,
+//! which [`remove_stale_temporaries`] clears. A [`CheckpointDir`] holds
+//! numbered versions (`DIR/<version>.safetensors`), and
+//! [`latest_complete_version`] finds the newest whole one, for a server
+//! that follows a trainer.
+//!
 //! # Examples
 //!
 //! ```

@@ -384,7 +384,7 @@ pub trait Module: Send + Sync + fmt::Debug {
     }
 
     /// The module's architecture: its kind, hyperparameters and children
-    /// (the schema of [`architecture`](self::architecture)), what
+    /// (the schema of [`nn::architecture`](self::architecture)), what
     /// [`io::save_model`](crate::io::save_model) stores so that
     /// [`io::load_model`](crate::io::load_model) rebuilds the module
     /// without code. `None` by default: a module that cannot be described
