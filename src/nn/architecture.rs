@@ -690,24 +690,25 @@ impl BuildContext {
 
     fn build_at(&self, arch: &Architecture) -> Result<Box<dyn Module>> {
         let result = match lookup(&arch.kind) {
-            Some((Some(keys), _))
-                if let Some(key) = arch.config.keys().find(|k| !keys.contains(&k.as_str())) =>
-            {
-                Err(Error::InvalidArgument {
-                    op: self.op,
-                    message: format!(
-                        "unknown config key `{key}` (`{}` has {})",
-                        arch.kind,
-                        if keys.is_empty() {
-                            "none".to_string()
-                        } else {
-                            keys.iter()
-                                .map(|k| format!("`{k}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        }
-                    ),
-                })
+            Some((Some(keys), build)) => {
+                match arch.config.keys().find(|k| !keys.contains(&k.as_str())) {
+                    Some(key) => Err(Error::InvalidArgument {
+                        op: self.op,
+                        message: format!(
+                            "unknown config key `{key}` (`{}` has {})",
+                            arch.kind,
+                            if keys.is_empty() {
+                                "none".to_string()
+                            } else {
+                                keys.iter()
+                                    .map(|k| format!("`{k}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            }
+                        ),
+                    }),
+                    None => build(arch, self),
+                }
             }
             Some((_, build)) => build(arch, self),
             None => Err(Error::Unsupported {
