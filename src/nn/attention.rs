@@ -332,7 +332,7 @@ fn check_heads(embed_dim: usize, num_heads: usize) -> Result<()> {
     }
     // `in_proj_weight` is [3·d, d]; a size whose product overflows is an
     // error here, not a panic in the allocation.
-    let rows = embed_dim.checked_mul(3).unwrap_or(usize::MAX);
+    let rows = embed_dim.saturating_mul(3);
     crate::array::checked_numel("MultiheadAttention", &[rows, embed_dim])?;
     Ok(())
 }
