@@ -72,6 +72,18 @@ fn batch_norm_try_new_rejects_zero_features_and_new_panics() {
         BatchNorm2d::without_affine(0);
     });
 
+    let err = BatchNorm1d::try_new(usize::MAX).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeTooLarge {
+                op: "BatchNorm1d",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
     // Good arguments: the two forms build the same layer.
     let (a, b) = (BatchNorm2d::new(3), BatchNorm2d::try_new(3).unwrap());
     assert_eq!(a.named_buffers().len(), b.named_buffers().len());

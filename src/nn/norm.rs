@@ -135,7 +135,9 @@ macro_rules! batch_norm_layer {
             ///
             /// # Errors
             ///
-            /// [`Error::InvalidArgument`] if `num_features` is zero.
+            /// [`Error::InvalidArgument`] if `num_features` is zero,
+            /// [`Error::ShapeTooLarge`] if it is above
+            /// [`Tensor::MAX_ELEMENTS`].
             ///
             /// # Examples
             ///
@@ -165,7 +167,9 @@ macro_rules! batch_norm_layer {
             ///
             /// # Errors
             ///
-            /// [`Error::InvalidArgument`] if `num_features` is zero.
+            /// [`Error::InvalidArgument`] if `num_features` is zero,
+            /// [`Error::ShapeTooLarge`] if it is above
+            /// [`Tensor::MAX_ELEMENTS`].
             pub fn try_without_affine(num_features: usize) -> Result<$name> {
                 BatchNormCore::new($label, num_features, false).map($name)
             }
