@@ -41,11 +41,11 @@ fn assert_agrees(got: &Tensor, expected: &Tensor, what: &str) {
 fn cnn() -> Sequential {
     Sequential::new()
         .with(Conv2d::zeros(1, 4, 3).unwrap().with_padding(1))
-        .with(BatchNorm2d::new(4).unwrap())
+        .with(BatchNorm2d::new(4))
         .with(ReLU::new())
         .with(MaxPool2d::new(2))
         .with(Conv2d::zeros(4, 8, 3).unwrap().with_padding(1))
-        .with(BatchNorm2d::new(8).unwrap())
+        .with(BatchNorm2d::new(8))
         .with(ReLU::new())
         .with(MaxPool2d::new(2))
         .with(Flatten::new())
@@ -124,7 +124,7 @@ fn a_pytorch_one_block_transformer_loads_and_gives_pytorchs_logits() {
     let lm = TinyLm {
         tok: Embedding::zeros(11, 8).unwrap(),
         block: TransformerBlock::zeros(8, 2, 16).unwrap(),
-        ln_f: LayerNorm::new(&[8]).unwrap(),
+        ln_f: LayerNorm::new(&[8]),
         head: Linear::zeros(8, 11).unwrap(),
     };
     netcl::io::load_torch(&lm, fixture("torch_tiny_lm.safetensors")).unwrap();

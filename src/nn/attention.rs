@@ -4,7 +4,7 @@ use std::fmt;
 
 use rand::Rng;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, or_panic};
 use crate::functional::{AttnMask, try_scaled_dot_product_attention};
 use crate::nn::{
     Gelu, LayerNorm, Linear, Module, Sequential, TorchLayout, TrainingFlag, fork_scope, prefixed,
@@ -83,7 +83,7 @@ impl AttentionMasks {
 /// use netcl::nn::{AttentionMasks, Module, MultiheadAttention};
 /// use netcl::rand::SeedableRng;
 ///
-/// let attn = MultiheadAttention::new(8, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0))?;
+/// let attn = MultiheadAttention::new(8, 2, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let x = Tensor::ones(&[3, 5, 8]);
 /// assert_eq!(attn.forward(&x)?.shape(), &[3, 5, 8]);
 /// assert_eq!(attn.forward_masked(&x, &AttentionMasks::causal())?.shape(), &[3, 5, 8]);
@@ -103,11 +103,42 @@ impl MultiheadAttention {
     /// Attention over `embed_dim` features in `num_heads` heads,
     /// initialised from `rng`.
     ///
+    /// # Panics
+    ///
+    /// As [`try_new`](MultiheadAttention::try_new): if a size is zero or
+    /// `num_heads` does not divide `embed_dim`.
+    #[track_caller]
+    pub fn new<R: Rng + ?Sized>(
+        embed_dim: usize,
+        num_heads: usize,
+        rng: &mut R,
+    ) -> MultiheadAttention {
+        or_panic(MultiheadAttention::try_new(embed_dim, num_heads, rng))
+    }
+
+    /// Attention over `embed_dim` features in `num_heads` heads,
+    /// initialised from `rng`.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if a size is zero or `num_heads` does
-    /// not divide `embed_dim`.
-    pub fn new<R: Rng + ?Sized>(
+    /// not divide `embed_dim`, [`Error::ShapeTooLarge`] if the
+    /// projections would hold more than [`Tensor::MAX_ELEMENTS`] values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::MultiheadAttention;
+    /// use netcl::rand::SeedableRng;
+    ///
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
+    /// let err = MultiheadAttention::try_new(10, 4, &mut rng).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "MultiheadAttention: num_heads (4) must be positive and divide embed_dim (10)"
+    /// );
+    /// ```
+    pub fn try_new<R: Rng + ?Sized>(
         embed_dim: usize,
         num_heads: usize,
         rng: &mut R,
@@ -133,7 +164,7 @@ impl MultiheadAttention {
     ///
     /// # Errors
     ///
-    /// As [`new`](MultiheadAttention::new).
+    /// As [`try_new`](MultiheadAttention::try_new).
     pub fn zeros(embed_dim: usize, num_heads: usize) -> Result<MultiheadAttention> {
         check_heads(embed_dim, num_heads)?;
         MultiheadAttention::from_parts(
@@ -299,6 +330,10 @@ fn check_heads(embed_dim: usize, num_heads: usize) -> Result<()> {
             ),
         });
     }
+    // `in_proj_weight` is [3·d, d]; a size whose product overflows is an
+    // error here, not a panic in the allocation.
+    let rows = embed_dim.saturating_mul(3);
+    crate::array::checked_numel("MultiheadAttention", &[rows, embed_dim])?;
     Ok(())
 }
 
@@ -389,7 +424,7 @@ impl fmt::Debug for MultiheadAttention {
 /// use netcl::nn::{AttentionMasks, Module, TransformerBlock};
 /// use netcl::rand::SeedableRng;
 ///
-/// let block = TransformerBlock::new(8, 2, 32, &mut netcl::rand::rngs::StdRng::seed_from_u64(0))?;
+/// let block = TransformerBlock::new(8, 2, 32, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let x = Tensor::ones(&[2, 4, 8]);
 /// let y = block.forward_masked(&x, &AttentionMasks::causal())?;
 /// assert_eq!(y.shape(), &[2, 4, 8]);
@@ -410,17 +445,46 @@ impl TransformerBlock {
     /// A block over `d_model` features with `num_heads` heads and an MLP
     /// of width `d_ff`, initialised from `rng`.
     ///
-    /// # Errors
+    /// # Panics
     ///
-    /// [`Error::InvalidArgument`] if a size is zero or `num_heads` does
-    /// not divide `d_model`.
+    /// As [`try_new`](TransformerBlock::try_new): if a size is zero or
+    /// `num_heads` does not divide `d_model`.
+    #[track_caller]
     pub fn new<R: Rng + ?Sized>(
         d_model: usize,
         num_heads: usize,
         d_ff: usize,
         rng: &mut R,
+    ) -> TransformerBlock {
+        or_panic(TransformerBlock::try_new(d_model, num_heads, d_ff, rng))
+    }
+
+    /// A block over `d_model` features with `num_heads` heads and an MLP
+    /// of width `d_ff`, initialised from `rng`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if a size is zero or `num_heads` does
+    /// not divide `d_model`, [`Error::ShapeTooLarge`] if a weight would
+    /// hold more than [`Tensor::MAX_ELEMENTS`] values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::TransformerBlock;
+    /// use netcl::rand::SeedableRng;
+    ///
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
+    /// let err = TransformerBlock::try_new(8, 2, 0, &mut rng).unwrap_err();
+    /// assert_eq!(err.to_string(), "Linear: sizes must be positive, got 8 -> 0");
+    /// ```
+    pub fn try_new<R: Rng + ?Sized>(
+        d_model: usize,
+        num_heads: usize,
+        d_ff: usize,
+        rng: &mut R,
     ) -> Result<TransformerBlock> {
-        let attn = MultiheadAttention::new(d_model, num_heads, rng)?;
+        let attn = MultiheadAttention::try_new(d_model, num_heads, rng)?;
         let mlp = Sequential::new()
             .with(Linear::try_new(d_model, d_ff, rng)?)
             .with(Gelu::new())
@@ -433,7 +497,7 @@ impl TransformerBlock {
     ///
     /// # Errors
     ///
-    /// As [`new`](TransformerBlock::new).
+    /// As [`try_new`](TransformerBlock::try_new).
     pub fn zeros(d_model: usize, num_heads: usize, d_ff: usize) -> Result<TransformerBlock> {
         let attn = MultiheadAttention::zeros(d_model, num_heads)?;
         let mlp = Sequential::new()
@@ -449,9 +513,9 @@ impl TransformerBlock {
         mlp: Sequential,
     ) -> Result<TransformerBlock> {
         Ok(TransformerBlock {
-            ln1: LayerNorm::new(&[d_model])?,
+            ln1: LayerNorm::try_new(&[d_model])?,
             attn,
-            ln2: LayerNorm::new(&[d_model])?,
+            ln2: LayerNorm::try_new(&[d_model])?,
             mlp,
             training: TrainingFlag::new(),
         })

@@ -375,7 +375,7 @@ impl fmt::Debug for Linear {
 /// use netcl::nn::{Module, TiedLinear};
 ///
 /// let table = Tensor::from_vec(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2])?.requires_grad_(true);
-/// let head = TiedLinear::new(&table, None)?;
+/// let head = TiedLinear::new(&table, None);
 /// assert_eq!((head.in_features(), head.out_features()), (2, 3));
 ///
 /// let ids = Tensor::from_vec(vec![2.0], &[1])?;
@@ -401,15 +401,42 @@ impl TiedLinear {
     /// copied), and an optional bias, `[out_features]` (marked as
     /// requiring grad).
     ///
+    /// # Panics
+    ///
+    /// As [`try_new`](TiedLinear::try_new): if the weight is not 2-D, the
+    /// bias is not `[out_features]` or was computed by a recorded op.
+    #[track_caller]
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> TiedLinear {
+        or_panic(TiedLinear::try_new(weight, bias))
+    }
+
+    /// A layer using `weight`, `[out_features, in_features]` (shared, not
+    /// copied), and an optional bias, `[out_features]` (marked as
+    /// requiring grad).
+    ///
     /// # Errors
     ///
     /// [`Error::Rank`] if the weight is not 2-D, [`Error::ShapeMismatch`]
     /// if the bias is not `[out_features]`, [`Error::NotLeaf`] if the bias
     /// was computed by a recorded op.
-    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<TiedLinear> {
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::nn::TiedLinear;
+    ///
+    /// let table = Tensor::zeros(&[5, 2]);
+    /// let err = TiedLinear::try_new(&table, Some(Tensor::zeros(&[2]))).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "TiedLinear: shape mismatch, [5] vs [2]"
+    /// );
+    /// ```
+    pub fn try_new(weight: &Tensor, bias: Option<Tensor>) -> Result<TiedLinear> {
         if weight.ndim() != 2 {
             return Err(Error::Rank {
-                op: "TiedLinear::new",
+                op: "TiedLinear",
                 expected: "a weight of shape [out_features, in_features]",
                 shape: weight.shape().to_vec(),
             });
@@ -417,7 +444,7 @@ impl TiedLinear {
         let out_features = weight.shape()[0];
         if let Some(b) = bias.as_ref().filter(|b| b.shape() != [out_features]) {
             return Err(Error::ShapeMismatch {
-                op: "TiedLinear::new",
+                op: "TiedLinear",
                 lhs: vec![out_features],
                 rhs: b.shape().to_vec(),
             });

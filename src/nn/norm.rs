@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, or_panic};
 use crate::functional::try_batch_norm;
 use crate::nn::{BufferState, Buffers, Module, TrainingFlag};
 use crate::tensor::Tensor;
@@ -24,9 +24,10 @@ impl BatchNormCore {
         if num_features == 0 {
             return Err(Error::InvalidArgument {
                 op,
-                message: "num_features must be positive".to_string(),
+                message: format!("num_features must be positive, got {num_features}"),
             });
         }
+        crate::array::checked_numel(op, &[num_features])?;
         let state = BufferState::new(Buffers::new([
             ("running_mean", Tensor::zeros(&[num_features])),
             ("running_var", Tensor::ones(&[num_features])),
@@ -121,11 +122,44 @@ macro_rules! batch_norm_layer {
             /// `weight` (ones) and `bias` (zeros), running statistics
             /// tracked (mean zeros, variance ones).
             ///
+            /// # Panics
+            ///
+            #[doc = concat!("As [`try_new`](", $label, "::try_new): if `num_features` is zero.")]
+            #[track_caller]
+            pub fn new(num_features: usize) -> $name {
+                or_panic($name::try_new(num_features))
+            }
+
+            /// A layer over `num_features` channels with PyTorch's
+            #[doc = concat!("defaults, as [`new`](", $label, "::new).")]
+            ///
             /// # Errors
             ///
-            /// [`Error::InvalidArgument`] if `num_features` is zero.
-            pub fn new(num_features: usize) -> Result<$name> {
+            /// [`Error::InvalidArgument`] if `num_features` is zero,
+            /// [`Error::ShapeTooLarge`] if it is above
+            /// [`Tensor::MAX_ELEMENTS`].
+            ///
+            /// # Examples
+            ///
+            /// ```
+            #[doc = concat!("use netcl::nn::", $label, ";")]
+            ///
+            #[doc = concat!("let err = ", $label, "::try_new(0).unwrap_err();")]
+            #[doc = concat!("assert_eq!(err.to_string(), \"", $label, ": num_features must be positive, got 0\");")]
+            /// ```
+            pub fn try_new(num_features: usize) -> Result<$name> {
                 BatchNormCore::new($label, num_features, true).map($name)
+            }
+
+            /// A layer without `weight` and `bias` (PyTorch's
+            /// `affine=False`).
+            ///
+            /// # Panics
+            ///
+            #[doc = concat!("As [`try_without_affine`](", $label, "::try_without_affine): if `num_features` is zero.")]
+            #[track_caller]
+            pub fn without_affine(num_features: usize) -> $name {
+                or_panic($name::try_without_affine(num_features))
             }
 
             /// A layer without `weight` and `bias` (PyTorch's
@@ -133,8 +167,10 @@ macro_rules! batch_norm_layer {
             ///
             /// # Errors
             ///
-            /// [`Error::InvalidArgument`] if `num_features` is zero.
-            pub fn without_affine(num_features: usize) -> Result<$name> {
+            /// [`Error::InvalidArgument`] if `num_features` is zero,
+            /// [`Error::ShapeTooLarge`] if it is above
+            /// [`Tensor::MAX_ELEMENTS`].
+            pub fn try_without_affine(num_features: usize) -> Result<$name> {
                 BatchNormCore::new($label, num_features, false).map($name)
             }
 
@@ -280,7 +316,7 @@ batch_norm_layer!(
     /// use netcl::Tensor;
     /// use netcl::nn::{BatchNorm1d, Module, eval_mode};
     ///
-    /// let bn = BatchNorm1d::new(2)?;
+    /// let bn = BatchNorm1d::new(2);
     /// let x = Tensor::from_vec(vec![1.0, 10.0, 3.0, 30.0], &[2, 2])?;
     /// let y = bn.forward(&x)?; // training mode: the batch's statistics
     /// assert!((y.to_vec()[0] + 1.0).abs() < 1e-4);
@@ -314,7 +350,7 @@ batch_norm_layer!(
     /// use netcl::Tensor;
     /// use netcl::nn::{BatchNorm2d, Module, Published, train_mode};
     ///
-    /// let bn = BatchNorm2d::new(3)?;
+    /// let bn = BatchNorm2d::new(3);
     /// let published = Published::new(&bn)?;
     /// let _train = train_mode();
     /// let x = Tensor::ones(&[2, 3, 4, 4]);
@@ -339,6 +375,7 @@ fn check_normalized_shape(op: &'static str, shape: &[usize]) -> Result<()> {
             message: format!("normalized_shape must be non-empty and positive, got {shape:?}"),
         });
     }
+    crate::array::checked_numel(op, shape)?;
     Ok(())
 }
 
@@ -355,7 +392,7 @@ fn check_normalized_shape(op: &'static str, shape: &[usize]) -> Result<()> {
 /// use netcl::Tensor;
 /// use netcl::nn::{LayerNorm, Module};
 ///
-/// let ln = LayerNorm::new(&[2])?;
+/// let ln = LayerNorm::new(&[2]);
 /// let y = ln.forward(&Tensor::from_vec(vec![1.0, 3.0], &[1, 2])?)?.to_vec();
 /// assert!((y[0] + 1.0).abs() < 1e-4 && (y[1] - 1.0).abs() < 1e-4);
 /// let names: Vec<String> = ln.named_parameters().into_iter().map(|(n, _)| n).collect();
@@ -374,20 +411,55 @@ impl LayerNorm {
     /// A layer normalising over the last axes, of shape
     /// `normalized_shape`, with an elementwise affine `weight` and `bias`.
     ///
+    /// # Panics
+    ///
+    /// As [`try_new`](LayerNorm::try_new): if `normalized_shape` is empty
+    /// or has a zero.
+    #[track_caller]
+    pub fn new(normalized_shape: &[usize]) -> LayerNorm {
+        or_panic(LayerNorm::try_new(normalized_shape))
+    }
+
+    /// A layer normalising over the last axes, of shape
+    /// `normalized_shape`, with an elementwise affine `weight` and `bias`.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `normalized_shape` is empty or has a
-    /// zero.
-    pub fn new(normalized_shape: &[usize]) -> Result<LayerNorm> {
+    /// zero, [`Error::ShapeTooLarge`] if it holds more than
+    /// [`Tensor::MAX_ELEMENTS`] values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::LayerNorm;
+    ///
+    /// let err = LayerNorm::try_new(&[4, 0]).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "LayerNorm: normalized_shape must be non-empty and positive, got [4, 0]"
+    /// );
+    /// ```
+    pub fn try_new(normalized_shape: &[usize]) -> Result<LayerNorm> {
         LayerNorm::build(normalized_shape, true)
+    }
+
+    /// A layer without `weight` and `bias` (`elementwise_affine=False`).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_without_affine`](LayerNorm::try_without_affine).
+    #[track_caller]
+    pub fn without_affine(normalized_shape: &[usize]) -> LayerNorm {
+        or_panic(LayerNorm::try_without_affine(normalized_shape))
     }
 
     /// A layer without `weight` and `bias` (`elementwise_affine=False`).
     ///
     /// # Errors
     ///
-    /// As [`new`](LayerNorm::new).
-    pub fn without_affine(normalized_shape: &[usize]) -> Result<LayerNorm> {
+    /// As [`try_new`](LayerNorm::try_new).
+    pub fn try_without_affine(normalized_shape: &[usize]) -> Result<LayerNorm> {
         LayerNorm::build(normalized_shape, false)
     }
 
@@ -498,7 +570,7 @@ impl fmt::Debug for LayerNorm {
 /// use netcl::Tensor;
 /// use netcl::nn::{Module, RmsNorm};
 ///
-/// let norm = RmsNorm::new(&[2])?;
+/// let norm = RmsNorm::new(&[2]);
 /// let y = norm.forward(&Tensor::from_vec(vec![3.0, 4.0], &[1, 2])?)?.to_vec();
 /// let rms = (12.5f32).sqrt();
 /// assert!((y[0] - 3.0 / rms).abs() < 1e-5);
@@ -516,11 +588,36 @@ impl RmsNorm {
     /// A layer normalising over the last axes, of shape
     /// `normalized_shape`, with an elementwise `weight`.
     ///
+    /// # Panics
+    ///
+    /// As [`try_new`](RmsNorm::try_new): if `normalized_shape` is empty or
+    /// has a zero.
+    #[track_caller]
+    pub fn new(normalized_shape: &[usize]) -> RmsNorm {
+        or_panic(RmsNorm::try_new(normalized_shape))
+    }
+
+    /// A layer normalising over the last axes, of shape
+    /// `normalized_shape`, with an elementwise `weight`.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `normalized_shape` is empty or has a
-    /// zero.
-    pub fn new(normalized_shape: &[usize]) -> Result<RmsNorm> {
+    /// zero, [`Error::ShapeTooLarge`] if it holds more than
+    /// [`Tensor::MAX_ELEMENTS`] values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::RmsNorm;
+    ///
+    /// let err = RmsNorm::try_new(&[]).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "RmsNorm: normalized_shape must be non-empty and positive, got []"
+    /// );
+    /// ```
+    pub fn try_new(normalized_shape: &[usize]) -> Result<RmsNorm> {
         check_normalized_shape("RmsNorm", normalized_shape)?;
         Ok(RmsNorm {
             normalized_shape: normalized_shape.to_vec(),
@@ -532,11 +629,21 @@ impl RmsNorm {
 
     /// A layer without `weight` (`elementwise_affine=False`).
     ///
+    /// # Panics
+    ///
+    /// As [`try_without_affine`](RmsNorm::try_without_affine).
+    #[track_caller]
+    pub fn without_affine(normalized_shape: &[usize]) -> RmsNorm {
+        or_panic(RmsNorm::try_without_affine(normalized_shape))
+    }
+
+    /// A layer without `weight` (`elementwise_affine=False`).
+    ///
     /// # Errors
     ///
-    /// As [`new`](RmsNorm::new).
-    pub fn without_affine(normalized_shape: &[usize]) -> Result<RmsNorm> {
-        let mut norm = RmsNorm::new(normalized_shape)?;
+    /// As [`try_new`](RmsNorm::try_new).
+    pub fn try_without_affine(normalized_shape: &[usize]) -> Result<RmsNorm> {
+        let mut norm = RmsNorm::try_new(normalized_shape)?;
         norm.weight = None;
         Ok(norm)
     }
@@ -631,7 +738,7 @@ impl fmt::Debug for RmsNorm {
 /// use netcl::nn::{Embedding, Module};
 /// use netcl::rand::SeedableRng;
 ///
-/// let emb = Embedding::new(10, 4, &mut netcl::rand::rngs::StdRng::seed_from_u64(0))?;
+/// let emb = Embedding::new(10, 4, &mut netcl::rand::rngs::StdRng::seed_from_u64(0));
 /// let ids = Tensor::from_vec(vec![1.0, 7.0, 7.0], &[3])?;
 /// let y = emb.forward(&ids)?;
 /// assert_eq!(y.shape(), &[3, 4]);
@@ -648,11 +755,39 @@ impl Embedding {
     /// A table of `num_embeddings` vectors of `embedding_dim`, drawn from
     /// N(0, 1) with `rng`.
     ///
+    /// # Panics
+    ///
+    /// As [`try_new`](Embedding::try_new): if a size is zero or the table
+    /// would be too large.
+    #[track_caller]
+    pub fn new<R: rand::Rng + ?Sized>(
+        num_embeddings: usize,
+        embedding_dim: usize,
+        rng: &mut R,
+    ) -> Embedding {
+        or_panic(Embedding::try_new(num_embeddings, embedding_dim, rng))
+    }
+
+    /// A table of `num_embeddings` vectors of `embedding_dim`, drawn from
+    /// N(0, 1) with `rng`.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if a size is zero,
-    /// [`Error::ShapeTooLarge`] if the table would be too large.
-    pub fn new<R: rand::Rng + ?Sized>(
+    /// [`Error::ShapeTooLarge`] if the table would hold more than
+    /// [`Tensor::MAX_ELEMENTS`] values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::nn::Embedding;
+    /// use netcl::rand::SeedableRng;
+    ///
+    /// let mut rng = netcl::rand::rngs::StdRng::seed_from_u64(0);
+    /// let err = Embedding::try_new(10, 0, &mut rng).unwrap_err();
+    /// assert_eq!(err.to_string(), "Embedding: sizes must be positive, got 10 x 0");
+    /// ```
+    pub fn try_new<R: rand::Rng + ?Sized>(
         num_embeddings: usize,
         embedding_dim: usize,
         rng: &mut R,
@@ -664,7 +799,7 @@ impl Embedding {
     ///
     /// # Errors
     ///
-    /// As [`new`](Embedding::new).
+    /// As [`try_new`](Embedding::try_new).
     pub fn zeros(num_embeddings: usize, embedding_dim: usize) -> Result<Embedding> {
         Embedding::build(num_embeddings, embedding_dim, Tensor::zeros)
     }
