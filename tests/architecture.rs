@@ -158,30 +158,18 @@ fn conv_and_pooling_layers_round_trip() {
 
 #[test]
 fn norms_round_trip_with_their_buffers() {
-    let bn1 = BatchNorm1d::new(3)
-        .unwrap()
-        .with_eps(1e-3)
-        .with_momentum(0.25);
+    let bn1 = BatchNorm1d::new(3).with_eps(1e-3).with_momentum(0.25);
     round_trip(&bn1, &input(&[5, 3], 7));
+    round_trip(&BatchNorm1d::without_affine(3), &input(&[5, 3, 4], 8));
+    round_trip(&BatchNorm2d::new(4).with_eps(0.1), &input(&[2, 4, 3, 3], 9));
     round_trip(
-        &BatchNorm1d::without_affine(3).unwrap(),
-        &input(&[5, 3, 4], 8),
-    );
-    round_trip(
-        &BatchNorm2d::new(4).unwrap().with_eps(0.1),
-        &input(&[2, 4, 3, 3], 9),
-    );
-    round_trip(
-        &LayerNorm::new(&[2, 3]).unwrap().with_eps(1e-4),
+        &LayerNorm::new(&[2, 3]).with_eps(1e-4),
         &input(&[4, 2, 3], 10),
     );
+    round_trip(&LayerNorm::without_affine(&[3]), &input(&[4, 3], 11));
+    round_trip(&RmsNorm::new(&[4]), &input(&[3, 4], 12));
     round_trip(
-        &LayerNorm::without_affine(&[3]).unwrap(),
-        &input(&[4, 3], 11),
-    );
-    round_trip(&RmsNorm::new(&[4]).unwrap(), &input(&[3, 4], 12));
-    round_trip(
-        &RmsNorm::without_affine(&[2, 2]).unwrap().with_eps(1e-6),
+        &RmsNorm::without_affine(&[2, 2]).with_eps(1e-6),
         &input(&[3, 2, 2], 13),
     );
 }
@@ -189,10 +177,10 @@ fn norms_round_trip_with_their_buffers() {
 #[test]
 fn embedding_attention_and_transformer_round_trip() {
     let ids = Tensor::from_vec(vec![0.0, 4.0, 2.0, 2.0, 1.0, 3.0], &[2, 3]).unwrap();
-    round_trip(&Embedding::new(5, 3, &mut rng(14)).unwrap(), &ids);
+    round_trip(&Embedding::new(5, 3, &mut rng(14)), &ids);
     let x = input(&[2, 4, 8], 15);
-    round_trip(&MultiheadAttention::new(8, 2, &mut rng(16)).unwrap(), &x);
-    round_trip(&TransformerBlock::new(8, 4, 12, &mut rng(17)).unwrap(), &x);
+    round_trip(&MultiheadAttention::new(8, 2, &mut rng(16)), &x);
+    round_trip(&TransformerBlock::new(8, 4, 12, &mut rng(17)), &x);
 }
 
 #[test]
@@ -215,7 +203,7 @@ fn nested_sequentials_round_trip() {
         .with(Sequential::new().with(Sequential::new().with(Linear::new(8, 8, &mut r))))
         .with(Sequential::new())
         .with(Dropout::new(0.5, 1))
-        .with(BatchNorm1d::new(8).unwrap())
+        .with(BatchNorm1d::new(8))
         .with(Mlp::new(&[8, 4, 2], Activation::Tanh, &mut r));
     let loaded = round_trip(&model, &input(&[3, 6], 21));
     let names: Vec<String> = loaded
@@ -232,7 +220,7 @@ fn a_cnn_round_trips() {
     let mut r = rng(22);
     let cnn = Sequential::new()
         .with(Conv2d::new(1, 4, 3, &mut r).with_padding(1))
-        .with(BatchNorm2d::new(4).unwrap())
+        .with(BatchNorm2d::new(4))
         .with(ReLU::new())
         .with(MaxPool2d::new(2))
         .with(Conv2d::new(4, 8, 3, &mut r))
@@ -290,7 +278,7 @@ fn metadata_travels_beside_the_architecture_and_netcl_keys_are_reserved() {
 #[test]
 fn a_model_without_an_architecture_is_refused_at_save() {
     let emb = Embedding::zeros(4, 3).unwrap();
-    let tied = TiedLinear::new(emb.weight(), None).unwrap();
+    let tied = TiedLinear::new(emb.weight(), None);
     let model = Sequential::new().with(emb.clone()).with(tied);
     let err = io::model_to_bytes(&model).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
@@ -358,7 +346,7 @@ fn a_mis_shaped_tensor_is_named_with_both_shapes() {
         "io::load_model: parameter `weight` is stored as F32 [3, 2], the model expects F32 [4, 2]"
     );
     // A buffer too.
-    let stored = BatchNorm1d::new(3).unwrap();
+    let stored = BatchNorm1d::new(3);
     let claimed = r#"{"kind":"BatchNorm1d","config":{"num_features":3,"eps":1e-5,"momentum":0.1,"affine":false}}"#;
     let err = load_err(&forged(&stored, "1", claimed));
     assert!(matches!(err, Error::ParameterNames { .. }), "{err}");
@@ -582,11 +570,11 @@ fn sample_bytes() -> (Vec<u8>, String) {
     let mut r = rng(40);
     let model = Sequential::new()
         .with(Conv2d::new(1, 2, 3, &mut r))
-        .with(BatchNorm2d::new(2).unwrap())
+        .with(BatchNorm2d::new(2))
         .with(MaxPool2d::new(2))
         .with(Flatten::new())
         .with(Linear::new(2, 3, &mut r))
-        .with(LayerNorm::new(&[3]).unwrap())
+        .with(LayerNorm::new(&[3]))
         .with(Dropout::new(0.1, 3));
     let json = model.architecture().unwrap().to_json_string();
     (io::model_to_bytes(&model).unwrap(), json)

@@ -878,9 +878,9 @@ fn reserve_batch_norm(a: &Architecture, cx: &BuildContext) -> Result<(usize, boo
 fn build_batch_norm1d(a: &Architecture, cx: &BuildContext) -> Result<Box<dyn Module>> {
     let (n, affine) = reserve_batch_norm(a, cx)?;
     let norm = if affine {
-        BatchNorm1d::new(n)?
+        BatchNorm1d::try_new(n)?
     } else {
-        BatchNorm1d::without_affine(n)?
+        BatchNorm1d::try_without_affine(n)?
     };
     Ok(Box::new(
         norm.with_eps(a.f32("eps")?)
@@ -891,9 +891,9 @@ fn build_batch_norm1d(a: &Architecture, cx: &BuildContext) -> Result<Box<dyn Mod
 fn build_batch_norm2d(a: &Architecture, cx: &BuildContext) -> Result<Box<dyn Module>> {
     let (n, affine) = reserve_batch_norm(a, cx)?;
     let norm = if affine {
-        BatchNorm2d::new(n)?
+        BatchNorm2d::try_new(n)?
     } else {
-        BatchNorm2d::without_affine(n)?
+        BatchNorm2d::try_without_affine(n)?
     };
     Ok(Box::new(
         norm.with_eps(a.f32("eps")?)
@@ -906,9 +906,9 @@ fn build_layer_norm(a: &Architecture, cx: &BuildContext) -> Result<Box<dyn Modul
     let norm = if a.bool("affine")? {
         cx.reserve(&shape)?;
         cx.reserve(&shape)?;
-        LayerNorm::new(&shape)?
+        LayerNorm::try_new(&shape)?
     } else {
-        LayerNorm::without_affine(&shape)?
+        LayerNorm::try_without_affine(&shape)?
     };
     Ok(Box::new(norm.with_eps(a.f32("eps")?)))
 }
@@ -919,9 +919,9 @@ fn build_rms_norm(a: &Architecture, cx: &BuildContext) -> Result<Box<dyn Module>
     // RmsNorm::new allocates its weight even when it is dropped after.
     cx.reserve(&shape)?;
     let mut norm = if affine {
-        RmsNorm::new(&shape)?
+        RmsNorm::try_new(&shape)?
     } else {
-        RmsNorm::without_affine(&shape)?
+        RmsNorm::try_without_affine(&shape)?
     };
     if !affine {
         // Give the unused share of the budget back.
