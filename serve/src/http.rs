@@ -50,17 +50,16 @@ impl Registry {
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no default model is served"))
     }
 
-    /// The `model` label of a request to `path`: a known model's name, else
-    /// empty (so that unknown names cannot add series).
-    fn label_of(&self, path: &str) -> &Arc<String> {
-        let entry = match path {
+    /// The model a request to `path` is for, if a known one (so that
+    /// unknown names add no series: their `model` label is empty).
+    fn entry_of(&self, path: &str) -> Option<&Arc<Entry>> {
+        match path {
             "/v1/predict" | "/v1/model" => self.default.as_ref(),
             _ => path
                 .strip_prefix("/v1/models/")
                 .map(|rest| rest.split('/').next().unwrap_or(rest))
                 .and_then(|name| self.by_name.get(name)),
-        };
-        entry.map_or(&self.none, |e| &e.name)
+        }
     }
 }
 
@@ -169,7 +168,7 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = Route::of_path(request.uri().path());
-    let model = Arc::clone(state.models.label_of(request.uri().path()));
+    let entry = state.models.entry_of(request.uri().path()).cloned();
     let response = match tokio::time::timeout(state.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
@@ -181,9 +180,25 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         )
         .into_response(),
     };
-    state
-        .metrics
-        .record_response(route, &model, response.status().as_u16(), start.elapsed());
+    let status = response.status().as_u16();
+    match (route, &entry) {
+        (Route::Predict, Some(entry)) => {
+            state
+                .metrics
+                .record_in(&entry.series[0], status, start.elapsed());
+        }
+        (Route::ModelPredict, Some(entry)) => {
+            state
+                .metrics
+                .record_in(&entry.series[1], status, start.elapsed());
+        }
+        _ => {
+            let model = entry.as_ref().map_or(&state.models.none, |e| &e.name);
+            state
+                .metrics
+                .record_response(route, model, status, start.elapsed());
+        }
+    }
     response
 }
 

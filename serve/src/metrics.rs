@@ -51,9 +51,12 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/v1/models" => Route::Models,
             _ => match path.strip_prefix("/v1/models/") {
-                Some(rest) if rest.ends_with("/predict") => Route::ModelPredict,
                 Some(rest) if !rest.contains('/') => Route::Models,
-                _ => Route::Other,
+                Some(rest) => match rest.strip_suffix("/predict") {
+                    Some(name) if !name.contains('/') => Route::ModelPredict,
+                    _ => Route::Other,
+                },
+                None => Route::Other,
             },
         }
     }
@@ -199,6 +202,16 @@ impl ModelSeries {
     }
 }
 
+/// The series of one route of one model, looked up once, so that a
+/// successful request costs no label lookup.
+#[derive(Debug, Clone)]
+pub struct RequestSeries {
+    route: Route,
+    model: Arc<String>,
+    ok: Counter,
+    latency: Histogram,
+}
+
 fn as_i64<T: TryInto<i64>>(value: T) -> i64 {
     value.try_into().unwrap_or(i64::MAX)
 }
@@ -306,6 +319,33 @@ impl Metrics {
                 model: Arc::clone(name),
             }),
         }
+    }
+
+    /// The series of `route` for `model`.
+    pub fn request_series(&self, route: Route, model: &Arc<String>) -> RequestSeries {
+        RequestSeries {
+            route,
+            model: Arc::clone(model),
+            ok: self.requests.get_or_create_owned(&RequestLabels {
+                route: route.label(),
+                status: 200,
+                model: Arc::clone(model),
+            }),
+            latency: self.latency.get_or_create_owned(&RouteLabels {
+                route: route.label(),
+                model: Arc::clone(model),
+            }),
+        }
+    }
+
+    /// As [`Metrics::record_response`], for the route and model of `series`.
+    pub fn record_in(&self, series: &RequestSeries, status: u16, latency: Duration) {
+        if status != 200 {
+            return self.record_response(series.route, &series.model, status, latency);
+        }
+        series.ok.inc();
+        self.statuses[usize::from(200 - STATUS_RANGE.start)].fetch_add(1, Ordering::Relaxed);
+        series.latency.observe(latency.as_secs_f64());
     }
 
     /// Counts a response and its latency; `model` is the model it was
@@ -547,6 +587,7 @@ mod tests {
             ("/v1/models/digits", Route::Models),
             ("/v1/models/digits/predict", Route::ModelPredict),
             ("/v1/models/a/b", Route::Other),
+            ("/v1/models/a/b/predict", Route::Other),
             ("/nope", Route::Other),
         ] {
             assert_eq!(Route::of_path(path), route, "{path}");

@@ -21,7 +21,7 @@ use netcl::Tensor;
 use netcl::nn::{Module, Published};
 
 use crate::batcher::{self, BatchSettings, Job};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestSeries, Route};
 use crate::model::{ModelState, VersionInfo};
 use crate::{Config, Error};
 
@@ -164,6 +164,9 @@ pub(crate) struct Entry {
     pub(crate) layers: Option<Vec<usize>>,
     /// Whether a trainer publishes its versions.
     pub(crate) training: bool,
+    /// The request series of `/v1/predict` (when it is the default) and of
+    /// `/v1/models/{name}/predict`.
+    pub(crate) series: [RequestSeries; 2],
 }
 
 /// Builds a [`ModelService`]; from [`ModelService::builder`].
@@ -291,8 +294,11 @@ impl ModelServiceBuilder {
             &stop,
         )
         .map_err(|err| Error::Thread(err.to_string()))?;
+        let series =
+            [Route::Predict, Route::ModelPredict].map(|route| metrics.request_series(route, &name));
         Ok(ModelService {
             entry: Arc::new(Entry {
+                series,
                 name,
                 jobs,
                 queue_capacity: self.queue_capacity,
