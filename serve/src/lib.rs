@@ -1,11 +1,25 @@
-//! `netcl-serve`: the reference HTTP server of netcl. It serves the digits
-//! MLP over HTTP/1.1 + JSON while (optionally) training it, publishing each
-//! new version through [`netcl::nn::Published`].
+//! `netcl-serve`: the reference HTTP server of netcl, and a library that
+//! serves any [`netcl::nn::Module`] over HTTP/1.1 + JSON.
 //!
-//! - `POST /v1/predict`: classes and probabilities of 1 to `max_batch`
-//!   rows of 64 raw pixels, and the version that computed them;
-//! - `GET /v1/model`: the current version, its training steps, last loss
-//!   and held-out accuracy;
+//! As a library, [`ModelService::builder`] serves a module held in a
+//! [`netcl::nn::Published`] with an [`InputSpec`] and an [`OutputSpec`],
+//! and returns a router to nest in one's own axum app and a
+//! [`ModelHandle`] that publishes new versions; [`Models`] serves several
+//! behind one router. Each model has its own bounded queue and model
+//! threads ([`batcher`]).
+//!
+//! As a server ([`start`], the binary), it serves the digits MLP while
+//! (optionally) training it, publishing each new version through
+//! [`netcl::nn::Published`], and any number of models from checkpoints
+//! ([`Config::models`], [`loader`]):
+//!
+//! - `POST /v1/models/{name}/predict`, and `POST /v1/predict` for the
+//!   default model: 1 to `max_batch` rows (64 raw pixels for the digits),
+//!   the classes and probabilities (or outputs), and the version that
+//!   computed them;
+//! - `GET /v1/models`, `GET /v1/models/{name}`, and `GET /v1/model` for the
+//!   default model: version, input spec, parameter count, training steps,
+//!   last loss and held-out accuracy;
 //! - `GET /healthz`, `GET /metrics` (Prometheus text format).
 //!
 //! The binary is a thin command line over [`start`]; tests start servers
