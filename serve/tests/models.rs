@@ -145,9 +145,19 @@ async fn a_model_path_that_does_not_load_is_refused_at_start_naming_it() {
     std::fs::write(&path, b"garbage").unwrap();
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
+    // A NaN weight is refused at load, never served.
+    let poisoned = trained(1);
+    poisoned.parameters()[0].with_data_mut(|mut w| {
+        if let Some(v) = w.iter_mut().next() {
+            *v = f32::NAN;
+        }
+    });
+    let nan = dir.join("nan.safetensors");
+    write(&poisoned, 1, &nan);
     for (name, path, what) in [
         ("bad", path.clone(), path.display().to_string()),
         ("empty", empty.clone(), "no numbered version".to_string()),
+        ("nan", nan.clone(), "holds a non-finite value".to_string()),
     ] {
         let err = netcl_serve::start(netcl_serve::Config {
             models: vec![(name.to_string(), path)],
