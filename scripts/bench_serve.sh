@@ -9,6 +9,9 @@
 #   DURATION=30s scripts/bench_serve.sh
 #   SERVE_FLAGS="--max-wait-us 100" ONLY=netcl scripts/bench_serve.sh
 #   ONLY=netcl-train scripts/bench_serve.sh   # netcl-serve --train alone
+#   ONLY=train-ceiling ROUNDS=3 BASELINE_BIN=/tmp/old/netcl-serve scripts/bench_serve.sh
+#       # rounds of: [the baseline binary --train,] netcl-serve --train, the
+#       # ceiling, one after the other; ratios to the ceiling per round
 #
 # Needs wrk (apt-get install -y wrk) and curl.
 set -euo pipefail
@@ -70,7 +73,7 @@ bench_netcl() { # NAME FLAGS...
     local name=$1
     shift
     # shellcheck disable=SC2086
-    "$BIN" --listen "127.0.0.1:$PORT" --weights "$TMP/model.safetensors" "$@" $SERVE_FLAGS \
+    "${SERVE_BIN:-$BIN}" --listen "127.0.0.1:$PORT" --weights "$TMP/model.safetensors" "$@" $SERVE_FLAGS \
         2>"$TMP/$name.log" &
     SERVER_PID=$!
     wait_up "http://127.0.0.1:$PORT/healthz"
@@ -115,6 +118,25 @@ bench_fastapi() { # NAME FLAGS...
 }
 
 echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency -s $LUA (netcl-serve flags: ${SERVE_FLAGS:-defaults})"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+if [[ "$ONLY" == train-ceiling ]]; then
+    uptime
+    for round in $(seq "${ROUNDS:-3}"); do
+        if [[ -n "${BASELINE_BIN:-}" ]]; then
+            SERVE_BIN=$BASELINE_BIN bench_netcl baseline_train --train
+            echo "round $round baseline --train: $(cat "$TMP/baseline_train")"
+        fi
+        bench_netcl netcl_train --train
+        echo "round $round netcl-serve --train: $(cat "$TMP/netcl_train")"
+        bench_ceiling
+        echo "round $round ceiling: $(cat "$TMP/ceiling")"
+        for name in ${BASELINE_BIN:+baseline_train} netcl_train; do
+            echo "round $round $name / ceiling: req/s $(ratio "$(field $name rps)" "$(field ceiling rps)")x, p99 $(ratio "$(field $name p99_ms)" "$(field ceiling p99_ms)")x"
+        done
+    done
+    uptime
+    exit 0
+fi
 bench_netcl netcl_train --train
 echo "netcl-serve --train: $(cat "$TMP/netcl_train")"
 if [[ "$ONLY" == netcl-train ]]; then
@@ -152,7 +174,6 @@ if [[ $have_torch == yes ]]; then
     row "FastAPI+PyTorch" fastapi
 fi
 echo
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 rps=$(field netcl_train rps)
 echo "training steps/s under load: $(field netcl_train steps_per_s)"
 echo "netcl-serve --train / ceiling: req/s $(ratio "$rps" "$(field ceiling rps)")x (goal >= 0.6), p99 $(ratio "$(field netcl_train p99_ms)" "$(field ceiling p99_ms)")x (goal <= 1.5)"

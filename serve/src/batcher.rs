@@ -27,16 +27,17 @@ use netcl::Tensor;
 use netcl::autograd::{GradMode, Tape};
 use tokio::sync::oneshot;
 
-use crate::metrics::Metrics;
-use crate::model::{CLASSES, FEATURES, ModelState, classes_of, scale};
+use crate::metrics::{Metrics, ModelSeries};
+use crate::model::{ModelState, classes_of};
+use crate::service::{OutputSpec, Spec};
 
 /// One request's rows, waiting for the model.
 #[derive(Debug)]
 pub struct Job {
     /// The number of rows.
     pub rows: usize,
-    /// `rows * FEATURES` raw pixels, row-major.
-    pub pixels: Vec<f32>,
+    /// `rows * width` input values (the model's row width), row-major.
+    pub values: Vec<f32>,
     /// Where the result goes.
     pub reply: oneshot::Sender<Result<Prediction, String>>,
 }
@@ -44,10 +45,14 @@ pub struct Job {
 /// The model's answer for one request's rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
-    /// The class of each row (the arg-max of its logits).
+    /// The class of each row (the arg-max of its output) with
+    /// [`OutputSpec::Classes`], else empty.
     pub classes: Vec<u32>,
-    /// `rows * CLASSES` probabilities (the softmax of the logits).
-    pub probabilities: Vec<f32>,
+    /// `rows * width` values: the probabilities (the softmax of the
+    /// output) with [`OutputSpec::Classes`], else the output as it came.
+    pub values: Vec<f32>,
+    /// The values per row.
+    pub width: usize,
     /// The version that computed every row.
     pub version: u64,
 }
@@ -61,27 +66,39 @@ pub struct BatchSettings {
     pub max_wait: Duration,
 }
 
-/// Starts `threads` model threads (none for 0) taking jobs from `jobs`. They stop when
-/// every sender is gone or, within 50 ms, when `stop` is set.
+/// Starts `threads` model threads (none for 0) of model `name` taking
+/// jobs from `jobs`. They stop when every sender is gone or, within 50 ms,
+/// when `stop` is set.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     threads: usize,
     jobs: &Receiver<Job>,
     model: &Arc<ModelState>,
+    spec: &Arc<Spec>,
     metrics: &Arc<Metrics>,
+    name: &Arc<String>,
     settings: BatchSettings,
     stop: &Arc<AtomicBool>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     (0..threads)
         .map(|i| {
-            let (jobs, model, metrics, stop) = (
+            let (jobs, model, spec, metrics, stop) = (
                 jobs.clone(),
                 Arc::clone(model),
+                Arc::clone(spec),
                 Arc::clone(metrics),
                 Arc::clone(stop),
             );
+            let series = metrics.model_series(name);
+            // The digits model keeps the thread names it always had.
+            let thread = if name.as_str() == crate::DEFAULT_MODEL {
+                format!("netcl-model-{i}")
+            } else {
+                format!("netcl-model-{name}-{i}")
+            };
             std::thread::Builder::new()
-                .name(format!("netcl-model-{i}"))
-                .spawn(move || run(&jobs, &model, &metrics, settings, &stop))
+                .name(thread)
+                .spawn(move || run(&jobs, &model, &spec, &metrics, &series, settings, &stop))
         })
         .collect()
 }
@@ -92,7 +109,9 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 fn run(
     jobs: &Receiver<Job>,
     model: &ModelState,
+    spec: &Spec,
     metrics: &Metrics,
+    series: &ModelSeries,
     settings: BatchSettings,
     stop: &AtomicBool,
 ) {
@@ -137,29 +156,35 @@ fn run(
             rows += next.rows;
             batch.push(next);
         }
-        answer(batch, model, metrics);
+        answer(batch, model, spec, series);
     }
 }
 
 /// Runs one forward for `batch` and sends each job its rows.
-fn answer(mut batch: Vec<Job>, model: &ModelState, metrics: &Metrics) {
+fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSeries) {
     // Requests that timed out meanwhile need no forward.
     batch.retain(|job| !job.reply.is_closed());
     if batch.is_empty() {
         return;
     }
     let rows: usize = batch.iter().map(|job| job.rows).sum();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&batch, rows, model)))
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&batch, rows, model, spec)))
         .unwrap_or_else(|_| Err("the forward panicked".to_string()));
-    metrics.record_batch(rows);
+    series.record_batch(rows);
     match result {
-        Ok((classes, probabilities, version)) => {
+        Ok(Output {
+            classes,
+            values,
+            width,
+            version,
+        }) => {
             let mut start = 0;
             for job in batch {
                 let end = start + job.rows;
                 let prediction = Prediction {
-                    classes: classes[start..end].to_vec(),
-                    probabilities: probabilities[start * CLASSES..end * CLASSES].to_vec(),
+                    classes: classes.get(start..end).unwrap_or_default().to_vec(),
+                    values: values[start * width..end * width].to_vec(),
+                    width,
                     version,
                 };
                 start = end;
@@ -176,25 +201,55 @@ fn answer(mut batch: Vec<Job>, model: &ModelState, metrics: &Metrics) {
     }
 }
 
-/// The predicted class of each of the batch's rows, their probabilities
-/// (`rows * CLASSES`), and the version that computed them.
-fn forward(
-    batch: &[Job],
-    rows: usize,
-    model: &ModelState,
-) -> Result<(Vec<u32>, Vec<f32>, u64), String> {
-    let mut pixels = Vec::with_capacity(rows * FEATURES);
+/// One batch's answer.
+struct Output {
+    classes: Vec<u32>,
+    values: Vec<f32>,
+    width: usize,
+    version: u64,
+}
+
+/// The batch's rows through the preprocessing and the current version,
+/// and the output as the spec wants it.
+fn forward(batch: &[Job], rows: usize, model: &ModelState, spec: &Spec) -> Result<Output, String> {
+    let mut values = Vec::with_capacity(rows * spec.input.width);
     for job in batch {
-        pixels.extend_from_slice(&job.pixels);
+        values.extend_from_slice(&job.values);
     }
-    let input = Tensor::from_vec(pixels, &[rows, FEATURES]).map_err(|e| e.to_string())?;
+    let mut shape = Vec::with_capacity(1 + spec.input.shape.len());
+    shape.push(rows);
+    shape.extend_from_slice(&spec.input.shape);
+    let mut input = Tensor::from_vec(values, &shape).map_err(|e| e.to_string())?;
+    if let Some(preprocess) = &spec.input.preprocess {
+        input = preprocess(&input).map_err(|e| format!("preprocessing: {e}"))?;
+    }
     let version = model.published().load();
-    let logits = version.predict(&scale(&input)).map_err(|e| e.to_string())?;
-    let probabilities = logits.try_softmax(-1).map_err(|e| e.to_string())?;
-    let classes = logits.try_argmax(-1).map_err(|e| e.to_string())?;
-    Ok((
-        classes_of(&classes),
-        probabilities.to_vec(),
-        version.number(),
-    ))
+    let output = version.predict(&input).map_err(|e| e.to_string())?;
+    if output.shape().first() != Some(&rows) {
+        return Err(format!(
+            "the model's output has shape {:?}, expected {rows} rows first",
+            output.shape()
+        ));
+    }
+    let width = output.numel() / rows;
+    let (classes, values) = match spec.output {
+        OutputSpec::Classes => {
+            if output.ndim() != 2 {
+                return Err(format!(
+                    "the model's output has shape {:?}, expected [rows, classes] for class outputs",
+                    output.shape()
+                ));
+            }
+            let probabilities = output.try_softmax(-1).map_err(|e| e.to_string())?;
+            let classes = output.try_argmax(-1).map_err(|e| e.to_string())?;
+            (classes_of(&classes), probabilities.to_vec())
+        }
+        OutputSpec::Logits | OutputSpec::Map(_) => (Vec::new(), output.to_vec()),
+    };
+    Ok(Output {
+        classes,
+        values,
+        width,
+        version: version.number(),
+    })
 }

@@ -8,33 +8,72 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
+use serde::Serialize;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use std::collections::HashMap;
+
 use crate::batcher::Job;
-use crate::metrics::{Gauges, Metrics, Route};
-use crate::model::{CLASSES, FEATURES, ModelState, PIXEL_MAX};
+use crate::metrics::{Gauges, Metrics, ModelGauges, Route};
+use crate::service::{Entry, OutputSpec};
 
 /// The largest request body accepted: 1 MiB.
 pub const BODY_LIMIT: usize = 1 << 20;
 
+/// The models a router serves.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub(crate) by_name: HashMap<String, Arc<Entry>>,
+    /// In the order they were added.
+    pub(crate) list: Vec<Arc<Entry>>,
+    /// The model of `/v1/predict` and `/v1/model`.
+    pub(crate) default: Option<Arc<Entry>>,
+    /// The empty `model` label of requests for no model.
+    pub(crate) none: Arc<String>,
+}
+
+impl Registry {
+    fn get(&self, name: &str) -> Result<&Arc<Entry>, ApiError> {
+        self.by_name.get(name).ok_or_else(|| unknown_model(name))
+    }
+
+    fn default(&self) -> Result<&Arc<Entry>, ApiError> {
+        self.default
+            .as_ref()
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no default model is served"))
+    }
+
+    /// The model a request to `path` is for, if a known one (so that
+    /// unknown names add no series: their `model` label is empty).
+    fn entry_of(&self, path: &str) -> Option<&Arc<Entry>> {
+        match path {
+            "/v1/predict" | "/v1/model" => self.default.as_ref(),
+            _ => path
+                .strip_prefix("/v1/models/")
+                .map(|rest| rest.split('/').next().unwrap_or(rest))
+                .and_then(|name| self.by_name.get(name)),
+        }
+    }
+}
+
+/// A 404 naming the model.
+fn unknown_model(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no model named {name:?}")).model(name)
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) jobs: Sender<Job>,
-    pub(crate) queue_capacity: usize,
-    pub(crate) model: Arc<ModelState>,
+    pub(crate) models: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) max_batch: usize,
     pub(crate) request_timeout: Duration,
-    pub(crate) training: bool,
 }
 
 /// The router with every route, limit and layer.
@@ -42,6 +81,9 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/predict", post(predict))
         .route("/v1/model", get(model_info))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}", get(named_model_info))
+        .route("/v1/models/{name}/predict", post(named_predict))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -62,6 +104,8 @@ pub(crate) fn router(state: AppState) -> Router {
 pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
+    /// The model the error is about, when one was named.
+    model: Option<String>,
 }
 
 impl ApiError {
@@ -69,7 +113,13 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            model: None,
         }
+    }
+
+    fn model(mut self, name: &str) -> ApiError {
+        self.model = Some(name.to_string());
+        self
     }
 }
 
@@ -78,11 +128,14 @@ impl IntoResponse for ApiError {
         #[derive(Serialize)]
         struct Body<'a> {
             error: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            model: Option<&'a str>,
         }
         json_response(
             self.status,
             &Body {
                 error: &self.message,
+                model: self.model.as_deref(),
             },
         )
     }
@@ -115,6 +168,7 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = Route::of_path(request.uri().path());
+    let entry = state.models.entry_of(request.uri().path()).cloned();
     let response = match tokio::time::timeout(state.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
@@ -126,61 +180,118 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         )
         .into_response(),
     };
-    state
-        .metrics
-        .record_response(route, response.status().as_u16(), start.elapsed());
+    let status = response.status().as_u16();
+    match (route, &entry) {
+        (Route::Predict, Some(entry)) => {
+            state
+                .metrics
+                .record_in(&entry.series[0], status, start.elapsed());
+        }
+        (Route::ModelPredict, Some(entry)) => {
+            state
+                .metrics
+                .record_in(&entry.series[1], status, start.elapsed());
+        }
+        _ => {
+            let model = entry.as_ref().map_or(&state.models.none, |e| &e.name);
+            state
+                .metrics
+                .record_response(route, model, status, start.elapsed());
+        }
+    }
     response
 }
 
-/// The body of `POST /v1/predict`.
-#[derive(Debug, Deserialize)]
-struct PredictRequest {
-    inputs: Rows,
-}
-
-/// Rows of `FEATURES` finite pixel values in `0..=PIXEL_MAX`, parsed
-/// straight into one flat buffer.
+/// Rows of `width` finite values (in the spec's range), parsed straight
+/// into one flat buffer.
 #[derive(Debug)]
 struct Rows {
     count: usize,
-    pixels: Vec<f32>,
+    values: Vec<f32>,
 }
 
-impl<'de> Deserialize<'de> for Rows {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Rows, D::Error> {
-        struct RowsVisitor;
+/// What a row must be.
+#[derive(Debug, Clone, Copy)]
+struct RowRule {
+    width: usize,
+    range: Option<(f32, f32)>,
+}
 
-        impl<'de> Visitor<'de> for RowsVisitor {
-            type Value = Rows;
+/// Parses the body's object, finding `inputs` with [`RowRule`].
+struct RequestSeed(RowRule);
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "an array of rows of {FEATURES} numbers")
-            }
+impl<'de> DeserializeSeed<'de> for RequestSeed {
+    type Value = Rows;
 
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rows, A::Error> {
-                let mut pixels = Vec::with_capacity(seq.size_hint().unwrap_or(1) * FEATURES);
-                let mut count = 0;
-                while seq
-                    .next_element_seed(RowSeed {
-                        row: count,
-                        pixels: &mut pixels,
-                    })?
-                    .is_some()
-                {
-                    count += 1;
-                }
-                Ok(Rows { count, pixels })
-            }
-        }
-
-        deserializer.deserialize_seq(RowsVisitor)
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Rows, D::Error> {
+        deserializer.deserialize_map(self)
     }
 }
 
-/// Parses row number `row` onto the end of `pixels`.
+impl<'de> Visitor<'de> for RequestSeed {
+    type Value = Rows;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object with inputs")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Rows, A::Error> {
+        let mut rows = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "inputs" {
+                if rows.is_some() {
+                    return Err(de::Error::duplicate_field("inputs"));
+                }
+                rows = Some(map.next_value_seed(RowsSeed(self.0))?);
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        rows.ok_or_else(|| de::Error::missing_field("inputs"))
+    }
+}
+
+/// Parses `inputs`.
+struct RowsSeed(RowRule);
+
+impl<'de> DeserializeSeed<'de> for RowsSeed {
+    type Value = Rows;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Rows, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowsSeed {
+    type Value = Rows;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of rows of {} numbers", self.0.width)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rows, A::Error> {
+        let rule = self.0;
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(1) * rule.width);
+        let mut count = 0;
+        while seq
+            .next_element_seed(RowSeed {
+                row: count,
+                rule,
+                values: &mut values,
+            })?
+            .is_some()
+        {
+            count += 1;
+        }
+        Ok(Rows { count, values })
+    }
+}
+
+/// Parses row number `row` onto the end of `values`.
 struct RowSeed<'a> {
     row: usize,
-    pixels: &'a mut Vec<f32>,
+    rule: RowRule,
+    values: &'a mut Vec<f32>,
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
@@ -197,25 +308,27 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "inputs[{}] to be an array of {FEATURES} numbers",
-            self.row
+            "inputs[{}] to be an array of {} numbers",
+            self.row, self.rule.width
         )
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let width = self.rule.width;
         let mut column = 0;
         while let Some(value) = seq.next_element_seed(Pixel {
             row: self.row,
             column,
+            range: self.rule.range,
         })? {
-            if column < FEATURES {
-                self.pixels.push(value);
+            if column < width {
+                self.values.push(value);
             }
             column += 1;
         }
-        if column != FEATURES {
+        if column != width {
             return Err(de::Error::custom(format!(
-                "inputs[{}] has {column} values, expected {FEATURES}",
+                "inputs[{}] has {column} values, expected {width}",
                 self.row
             )));
         }
@@ -223,10 +336,11 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     }
 }
 
-/// One pixel: a finite number in `0..=PIXEL_MAX`.
+/// One value: a finite number in the range, if any.
 struct Pixel {
     row: usize,
     column: usize,
+    range: Option<(f32, f32)>,
 }
 
 impl<'de> DeserializeSeed<'de> for Pixel {
@@ -245,9 +359,11 @@ impl Pixel {
                 self.row, self.column
             )));
         }
-        if !(0.0..=f64::from(PIXEL_MAX)).contains(&value) {
+        if let Some((low, high)) = self.range
+            && !(f64::from(low)..=f64::from(high)).contains(&value)
+        {
             return Err(E::custom(format!(
-                "inputs[{}][{}] is {value}, outside the pixel range 0..={PIXEL_MAX}",
+                "inputs[{}][{}] is {value}, outside the input range {low}..={high}",
                 self.row, self.column
             )));
         }
@@ -276,8 +392,12 @@ impl Visitor<'_> for Pixel {
 }
 
 /// Parses and validates a predict body.
-fn parse_predict(body: &[u8], max_batch: usize) -> Result<Rows, ApiError> {
-    let request: PredictRequest = serde_json::from_slice(body).map_err(|err| {
+fn parse_predict(body: &[u8], rule: RowRule, max_batch: usize) -> Result<Rows, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let request = RequestSeed(rule)
+        .deserialize(&mut deserializer)
+        .and_then(|rows| deserializer.end().map(|()| rows));
+    let rows = request.map_err(|err| {
         let status = match err.classify() {
             serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
@@ -288,7 +408,6 @@ fn parse_predict(body: &[u8], max_batch: usize) -> Result<Rows, ApiError> {
         };
         ApiError::new(status, format!("{what}: {err}"))
     })?;
-    let rows = request.inputs;
     if rows.count == 0 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -307,7 +426,7 @@ fn parse_predict(body: &[u8], max_batch: usize) -> Result<Rows, ApiError> {
     Ok(rows)
 }
 
-/// The body of a predict response.
+/// The body of a predict response with class outputs.
 #[derive(Serialize)]
 struct PredictResponse<'a> {
     classes: &'a [u32],
@@ -315,15 +434,35 @@ struct PredictResponse<'a> {
     version: u64,
 }
 
+/// The body of a predict response with other outputs.
+#[derive(Serialize)]
+struct OutputsResponse<T: Serialize> {
+    outputs: Vec<T>,
+    version: u64,
+}
+
 async fn predict(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    match predict_inner(&state, body).await {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
-    }
+    let result = match state.models.default() {
+        Ok(entry) => predict_inner(entry, body).await,
+        Err(err) => Err(err),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn named_predict(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = match state.models.get(&name) {
+        Ok(entry) => predict_inner(entry, body).await,
+        Err(err) => Err(err),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn predict_inner(
-    state: &AppState,
+    entry: &Entry,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
@@ -335,19 +474,23 @@ async fn predict_inner(
         };
         ApiError::new(status, message)
     })?;
-    let rows = parse_predict(&body, state.max_batch)?;
+    let rule = RowRule {
+        width: entry.spec.input.width,
+        range: entry.spec.input.range,
+    };
+    let rows = parse_predict(&body, rule, entry.max_batch)?;
     let (reply, answer) = oneshot::channel();
     let job = Job {
         rows: rows.count,
-        pixels: rows.pixels,
+        values: rows.values,
         reply,
     };
-    state.jobs.try_send(job).map_err(|err| match err {
+    entry.jobs.try_send(job).map_err(|err| match err {
         TrySendError::Full(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "overloaded: {} requests already queued, retry later",
-                state.queue_capacity
+                entry.queue_capacity
             ),
         ),
         TrySendError::Disconnected(_) => {
@@ -357,43 +500,113 @@ async fn predict_inner(
     let prediction = answer
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?
-        .map_err(|message| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &PredictResponse {
-            classes: &prediction.classes,
-            probabilities: prediction.probabilities.chunks(CLASSES).collect(),
-            version: prediction.version,
-        },
-    ))
+        .map_err(|message| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).model(&entry.name)
+        })?;
+    let width = prediction.width.max(1);
+    let rows = prediction.values.chunks(width);
+    Ok(match &entry.spec.output {
+        OutputSpec::Classes => json_response(
+            StatusCode::OK,
+            &PredictResponse {
+                classes: &prediction.classes,
+                probabilities: rows.collect(),
+                version: prediction.version,
+            },
+        ),
+        OutputSpec::Logits => json_response(
+            StatusCode::OK,
+            &OutputsResponse {
+                outputs: rows.collect(),
+                version: prediction.version,
+            },
+        ),
+        OutputSpec::Map(map) => json_response(
+            StatusCode::OK,
+            &OutputsResponse {
+                outputs: rows.map(|row| map(row)).collect(),
+                version: prediction.version,
+            },
+        ),
+    })
 }
 
-/// The body of `GET /v1/model`.
+/// What `GET /v1/model`, `GET /v1/models/{name}` and each item of `GET
+/// /v1/models` say of a model.
 #[derive(Serialize)]
 struct ModelResponse {
+    name: String,
     version: u64,
     training_steps: u64,
     last_loss: Option<f32>,
-    accuracy: f32,
+    accuracy: Option<f32>,
     source: &'static str,
     training: bool,
     training_steps_per_second: f64,
-    layers: [usize; 3],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<Vec<usize>>,
+    input: serde_json::Value,
+    output: &'static str,
+    parameters: usize,
+    max_batch: usize,
+    queue_capacity: usize,
+}
+
+fn describe(entry: &Entry, metrics: &Metrics) -> ModelResponse {
+    let info = entry.model.info();
+    ModelResponse {
+        name: entry.name.to_string(),
+        // A library user may publish through `Published` itself.
+        version: entry.model.published().version().max(info.version),
+        training_steps: info.training_steps,
+        last_loss: info.last_loss.filter(|loss| loss.is_finite()),
+        accuracy: Some(info.accuracy).filter(|a| a.is_finite()),
+        source: info.source,
+        training: entry.training,
+        training_steps_per_second: if entry.training {
+            metrics.steps_per_second()
+        } else {
+            0.0
+        },
+        layers: entry.layers.clone(),
+        input: entry.spec.input.describe(),
+        output: entry.spec.output.kind(),
+        parameters: entry.parameters,
+        max_batch: entry.max_batch,
+        queue_capacity: entry.queue_capacity,
+    }
 }
 
 async fn model_info(State(state): State<AppState>) -> Response {
-    let info = state.model.info();
+    match state.models.default() {
+        Ok(entry) => json_response(StatusCode::OK, &describe(entry, &state.metrics)),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn named_model_info(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match state.models.get(&name) {
+        Ok(entry) => json_response(StatusCode::OK, &describe(entry, &state.metrics)),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Response {
+    #[derive(Serialize)]
+    struct List {
+        default: Option<String>,
+        models: Vec<ModelResponse>,
+    }
     json_response(
         StatusCode::OK,
-        &ModelResponse {
-            version: info.version,
-            training_steps: info.training_steps,
-            last_loss: info.last_loss.filter(|loss| loss.is_finite()),
-            accuracy: info.accuracy,
-            source: info.source,
-            training: state.training,
-            training_steps_per_second: state.metrics.steps_per_second(),
-            layers: crate::model::DIMS,
+        &List {
+            default: state.models.default.as_ref().map(|e| e.name.to_string()),
+            models: state
+                .models
+                .list
+                .iter()
+                .map(|e| describe(e, &state.metrics))
+                .collect(),
         },
     )
 }
@@ -408,22 +621,35 @@ async fn healthz(State(state): State<AppState>) -> Response {
         StatusCode::OK,
         &Health {
             status: "ok",
-            version: state.model.published().version(),
+            version: state
+                .models
+                .default
+                .as_ref()
+                .map_or(0, |e| e.model.published().version()),
         },
     )
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(Gauges {
-        version: state.model.published().version(),
-        queue_depth: state.jobs.len(),
-        queue_capacity: state.queue_capacity,
-        training: state.training,
-    });
+    let gauges = Gauges {
+        models: state
+            .models
+            .list
+            .iter()
+            .map(|e| ModelGauges {
+                name: Arc::clone(&e.name),
+                version: e.model.published().version(),
+                queue_depth: e.jobs.len(),
+                queue_capacity: e.queue_capacity,
+            })
+            .collect(),
+        training: state.models.list.iter().any(|e| e.training),
+    };
+    let text = state.metrics.render(&gauges);
     let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     response
 }
@@ -446,6 +672,12 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 mod tests {
     use super::*;
 
+    const FEATURES: usize = 64;
+    const RULE: RowRule = RowRule {
+        width: FEATURES,
+        range: Some((0.0, 16.0)),
+    };
+
     fn row(value: &str) -> String {
         vec![value; FEATURES].join(",")
     }
@@ -453,10 +685,10 @@ mod tests {
     #[test]
     fn rows_parse_into_one_flat_buffer() {
         let body = format!(r#"{{"inputs": [[{}], [{}]]}}"#, row("16"), row("0.5"));
-        let rows = parse_predict(body.as_bytes(), 4).unwrap();
+        let rows = parse_predict(body.as_bytes(), RULE, 4).unwrap();
         assert_eq!(rows.count, 2);
-        assert_eq!(rows.pixels.len(), 2 * FEATURES);
-        assert_eq!((rows.pixels[0], rows.pixels[FEATURES]), (16.0, 0.5));
+        assert_eq!(rows.values.len(), 2 * FEATURES);
+        assert_eq!((rows.values[0], rows.values[FEATURES]), (16.0, 0.5));
     }
 
     #[test]
@@ -481,7 +713,7 @@ mod tests {
             (
                 format!(r#"{{"inputs": [[{}, 17]]}}"#, vec!["1"; 63].join(",")),
                 422,
-                "inputs[0][63] is 17, outside the pixel range",
+                "inputs[0][63] is 17, outside the input range 0..=16",
             ),
             (r#"{"inputs": []}"#.to_string(), 422, "inputs is empty"),
             (
@@ -498,7 +730,7 @@ mod tests {
             (r#"{"rows": []}"#.to_string(), 422, "missing field `inputs`"),
         ];
         for (body, status, message) in cases {
-            let err = parse_predict(body.as_bytes(), 2).unwrap_err();
+            let err = parse_predict(body.as_bytes(), RULE, 2).unwrap_err();
             assert_eq!(err.status.as_u16(), status, "{body}: {}", err.message);
             assert!(err.message.contains(message), "{body}: {}", err.message);
         }

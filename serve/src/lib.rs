@@ -1,11 +1,25 @@
-//! `netcl-serve`: the reference HTTP server of netcl. It serves the digits
-//! MLP over HTTP/1.1 + JSON while (optionally) training it, publishing each
-//! new version through [`netcl::nn::Published`].
+//! `netcl-serve`: the reference HTTP server of netcl, and a library that
+//! serves any [`netcl::nn::Module`] over HTTP/1.1 + JSON.
 //!
-//! - `POST /v1/predict`: classes and probabilities of 1 to `max_batch`
-//!   rows of 64 raw pixels, and the version that computed them;
-//! - `GET /v1/model`: the current version, its training steps, last loss
-//!   and held-out accuracy;
+//! As a library, [`ModelService::builder`] serves a module held in a
+//! [`netcl::nn::Published`] with an [`InputSpec`] and an [`OutputSpec`],
+//! and returns a router to nest in one's own axum app and a
+//! [`ModelHandle`] that publishes new versions; [`Models`] serves several
+//! behind one router. Each model has its own bounded queue and model
+//! threads ([`batcher`]).
+//!
+//! As a server ([`start`], the binary), it serves the digits MLP while
+//! (optionally) training it, publishing each new version through
+//! [`netcl::nn::Published`], and any number of models from checkpoints
+//! ([`Config::models`], [`loader`]):
+//!
+//! - `POST /v1/models/{name}/predict`, and `POST /v1/predict` for the
+//!   default model: 1 to `max_batch` rows (64 raw pixels for the digits),
+//!   the classes and probabilities (or outputs), and the version that
+//!   computed them;
+//! - `GET /v1/models`, `GET /v1/models/{name}`, and `GET /v1/model` for the
+//!   default model: version, input spec, parameter count, training steps,
+//!   last loss and held-out accuracy;
 //! - `GET /healthz`, `GET /metrics` (Prometheus text format).
 //!
 //! The binary is a thin command line over [`start`]; tests start servers
@@ -42,11 +56,18 @@
 pub mod batcher;
 mod conns;
 mod http;
+pub mod loader;
 pub mod metrics;
 pub mod model;
+mod service;
 mod stall;
 pub mod trainer;
 mod watch;
+
+pub use service::{
+    InputSpec, ModelHandle, ModelService, ModelServiceBuilder, Models, OutputSpec, Preprocess,
+    RowMap,
+};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,10 +84,15 @@ use tower::ServiceExt;
 
 pub use http::BODY_LIMIT;
 
-use crate::batcher::BatchSettings;
+use crate::loader::{DigitsMlpLoader, ModelLoader, load_latest};
 use crate::metrics::Metrics;
 use crate::model::{Digits, ModelState, VersionInfo, accuracy, read_checkpoint, train_startup};
+use crate::service::ModelServiceBuilder as Builder;
 use crate::trainer::TrainSettings;
+
+/// The name of the built-in digits MLP (the model of `--weights`,
+/// `--watch` and `--train`).
+pub const DEFAULT_MODEL: &str = "digits";
 
 /// Everything the server can be told. [`Config::default`] holds the
 /// defaults of the command line, tuned with `wrk` (BENCHMARKS.md).
@@ -82,6 +108,14 @@ pub struct Config {
     /// A checkpoint path to follow: each file renamed into place there is
     /// published as a new version.
     pub watch: Option<PathBuf>,
+    /// More models, by name: each path is a checkpoint or a directory of
+    /// numbered versions (see [`loader`]), loaded at start and followed
+    /// like [`Config::watch`]. The built-in digits model is served beside
+    /// them when this is empty or `train`, `weights` or `watch` is set.
+    pub models: Vec<(String, PathBuf)>,
+    /// The model of `/v1/predict` and `/v1/model`: by default the digits
+    /// model when served, else the first of [`Config::models`].
+    pub default_model: Option<String>,
     /// The most rows in one request, and in one forward.
     pub max_batch: usize,
     /// How long a model thread holding a request waits for more to batch.
@@ -131,6 +165,8 @@ impl Default for Config {
             train: false,
             weights: None,
             watch: None,
+            models: Vec::new(),
+            default_model: None,
             max_batch: 64,
             max_wait: Duration::from_micros(0),
             publish_every: 10,
@@ -205,6 +241,7 @@ pub struct Server {
     addr: SocketAddr,
     shutdown: Arc<signal::Sender<bool>>,
     model: Arc<ModelState>,
+    models: Vec<(String, Arc<ModelState>)>,
     metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<Result<Summary, Error>>,
 }
@@ -228,9 +265,15 @@ impl Server {
         self.addr
     }
 
-    /// The published versions and what is known of the current one.
+    /// The default model's published versions and what is known of the
+    /// current one.
     pub fn model(&self) -> &Arc<ModelState> {
         &self.model
+    }
+
+    /// Model `name`'s published versions, if it is served.
+    pub fn model_named(&self, name: &str) -> Option<&Arc<ModelState>> {
+        self.models.iter().find(|(n, _)| n == name).map(|(_, m)| m)
     }
 
     /// The server's metrics.
@@ -301,16 +344,31 @@ fn initial_model(config: &Config, digits: &Digits) -> Result<(netcl::nn::Mlp, Ve
     ))
 }
 
+/// Whether `config` serves the built-in digits model.
+fn serves_digits(config: &Config) -> bool {
+    config.models.is_empty() || config.train || config.weights.is_some() || config.watch.is_some()
+}
+
+/// A `--model` model loaded at start: its name, path and first version.
+struct Extra {
+    name: String,
+    path: PathBuf,
+    loaded: loader::Loaded,
+}
+
 /// Starts a server on the current tokio runtime: loads or trains the
-/// start-up model, binds [`Config::listen`], starts the model threads, the
-/// trainer (with [`Config::train`]) and the watcher (with
-/// [`Config::watch`]), and returns once it accepts connections.
+/// start-up model, loads each of [`Config::models`], binds
+/// [`Config::listen`], starts each model's threads, the trainer (with
+/// [`Config::train`]) and the watchers (with [`Config::watch`] and for
+/// each of [`Config::models`]), and returns once it accepts connections.
 ///
 /// # Errors
 ///
 /// [`Error::Bind`] if the address cannot be bound, [`Error::Model`] if the
-/// checkpoint at [`Config::weights`] exists but does not load, and
-/// [`Error::Thread`] if a thread cannot be started.
+/// checkpoint at [`Config::weights`] exists but does not load, a path of
+/// [`Config::models`] offers nothing that loads, two models share a name
+/// or [`Config::default_model`] names none, and [`Error::Thread`] if a
+/// thread cannot be started.
 pub async fn start(config: Config) -> Result<Server, Error> {
     let started = Instant::now();
     let listener = TcpListener::bind(config.listen)
@@ -324,74 +382,147 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         source,
     })?;
 
+    let with_digits = serves_digits(&config);
     let prepared = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
             let digits = Digits::load().map_err(|e| Error::Model(e.to_string()))?;
-            let (model, mut info) = initial_model(&config, &digits)?;
-            info.accuracy =
-                accuracy(&model, &digits.test).map_err(|e| Error::Model(e.to_string()))?;
-            Ok((digits, model, info))
+            let first = if with_digits {
+                let (model, mut info) = initial_model(&config, &digits)?;
+                info.accuracy =
+                    accuracy(&model, &digits.test).map_err(|e| Error::Model(e.to_string()))?;
+                Some((model, info))
+            } else {
+                None
+            };
+            let loader = DigitsMlpLoader::new(digits.clone());
+            let mut extras = Vec::new();
+            for (name, path) in &config.models {
+                let (_, loaded) = load_latest(&loader, path)
+                    .map_err(|e| Error::Model(format!("model {name:?}: {e}")))?;
+                extras.push(Extra {
+                    name: name.clone(),
+                    path: path.clone(),
+                    loaded,
+                });
+            }
+            Ok((digits, first, extras))
         })
         .await
         .map_err(|err| Error::Thread(err.to_string()))??
     };
-    let (digits, live, info) = prepared;
-    let model = ModelState::new(&live, info).map_err(|e| Error::Model(e.to_string()))?;
+    let (digits, first, extras) = prepared;
     let metrics = Arc::new(Metrics::new());
-    let stop = Arc::new(AtomicBool::new(false));
-
-    let (jobs, queue) = crossbeam_channel::bounded(config.queue_capacity.max(1));
-    let settings = BatchSettings {
-        max_batch: config.max_batch.max(1),
-        max_wait: config.max_wait,
+    let loader: Arc<dyn ModelLoader> = Arc::new(DigitsMlpLoader::new(digits.clone()));
+    let configure = |builder: Builder| {
+        builder
+            .threads(config.threads)
+            .queue_capacity(config.queue_capacity.max(1))
+            .batching(config.max_batch.max(1), config.max_wait)
+            .metrics(&metrics)
     };
-    let mut threads = batcher::spawn(config.threads, &queue, &model, &metrics, settings, &stop)
-        .map_err(|err| Error::Thread(err.to_string()))?;
-    if config.train {
-        let settings = TrainSettings {
-            publish_every: config.publish_every,
-            duty: config.train_duty,
-            start_steps: info.training_steps,
-            seed: config.seed,
-        };
-        threads.extend(
-            trainer::spawn(&live, digits.clone(), &model, &metrics, settings, &stop)
-                .map_err(|err| Error::Thread(err.to_string()))?,
-        );
-    }
-
     let (shutdown, shutdown_rx) = signal::channel(false);
     let shutdown = Arc::new(shutdown);
-    let watcher = config.watch.clone().map(|path| {
-        tokio::spawn(watch::run(
-            path,
+    let mut services = Vec::new();
+    let mut states = Vec::new();
+    let mut threads = Vec::new();
+    let mut watchers = Vec::new();
+    let mut first_info = None;
+    let trainer_stop = Arc::new(AtomicBool::new(false));
+    if let Some((live, info)) = first {
+        let model = ModelState::new(&live, info).map_err(|e| Error::Model(e.to_string()))?;
+        let service = configure(Builder::from_state(DEFAULT_MODEL, Arc::clone(&model)))
+            .input(DigitsMlpLoader::input())
+            .output(OutputSpec::Classes)
+            .layers(crate::model::DIMS.to_vec())
+            .training(config.train)
+            .build()?;
+        if config.train {
+            let settings = TrainSettings {
+                publish_every: config.publish_every,
+                duty: config.train_duty,
+                start_steps: info.training_steps,
+                seed: config.seed,
+            };
+            threads.extend(
+                trainer::spawn(
+                    &live,
+                    digits.clone(),
+                    &model,
+                    &metrics,
+                    settings,
+                    &trainer_stop,
+                )
+                .map_err(|err| Error::Thread(err.to_string()))?,
+            );
+        }
+        if let Some(path) = config.watch.clone() {
+            watchers.push(tokio::spawn(watch::run(
+                path,
+                config.watch_interval,
+                Arc::clone(&loader),
+                Arc::clone(&model),
+                (Arc::clone(&metrics), Arc::new(DEFAULT_MODEL.to_string())),
+                shutdown_rx.clone(),
+            )));
+        }
+        first_info = Some(info);
+        states.push((DEFAULT_MODEL.to_string(), model));
+        services.push(service);
+    }
+    for extra in extras {
+        let loaded = extra.loaded;
+        let info = VersionInfo {
+            version: loaded.version,
+            training_steps: loaded.steps,
+            last_loss: None,
+            accuracy: loaded.accuracy.unwrap_or(f32::NAN),
+            source: "checkpoint",
+        };
+        let model =
+            ModelState::new(&*loaded.model, info).map_err(|e| Error::Model(e.to_string()))?;
+        let service = configure(Builder::from_state(extra.name.clone(), Arc::clone(&model)))
+            .input(loaded.input)
+            .output(loaded.output)
+            .build()?;
+        watchers.push(tokio::spawn(watch::run(
+            extra.path,
             config.watch_interval,
-            digits.clone(),
+            Arc::clone(&loader),
             Arc::clone(&model),
-            Arc::clone(&metrics),
+            (Arc::clone(&metrics), Arc::new(extra.name.clone())),
             shutdown_rx.clone(),
-        ))
-    });
-    let state = http::AppState {
-        jobs,
-        queue_capacity: config.queue_capacity.max(1),
-        model: Arc::clone(&model),
-        metrics: Arc::clone(&metrics),
-        max_batch: settings.max_batch,
-        request_timeout: config.request_timeout,
-        training: config.train,
-    };
-    let router = http::router(state);
+        )));
+        states.push((extra.name, model));
+        services.push(service);
+    }
+    let mut models = Models::new(&metrics);
+    models.request_timeout(config.request_timeout);
+    for service in &services {
+        models.add(service)?;
+    }
+    if let Some(name) = &config.default_model {
+        models.set_default(name)?;
+    }
+    let router = models.router();
+    let default = config
+        .default_model
+        .as_deref()
+        .and_then(|name| states.iter().find(|(n, _)| n == name))
+        .or_else(|| states.first())
+        .map(|(_, m)| Arc::clone(m))
+        .ok_or_else(|| Error::Model("no model to serve".to_string()))?;
+    let version = default.info();
     tracing::info!(
         %addr,
-        version = info.version,
-        source = info.source,
-        accuracy = info.accuracy,
+        version = version.version,
+        source = version.source,
+        accuracy = first_info.map_or(f32::NAN, |i| i.accuracy),
+        models = ?states.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         train = config.train,
         watch = ?config.watch,
         weights = ?config.weights,
-        max_batch = settings.max_batch,
+        max_batch = config.max_batch,
         max_wait_us = config.max_wait.as_micros() as u64,
         threads = config.threads,
         seconds = started.elapsed().as_secs_f64(),
@@ -402,17 +533,22 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         router,
         config,
         shutdown: shutdown_rx,
-        model: Arc::clone(&model),
+        default: Arc::clone(&default),
+        digits_model: states
+            .iter()
+            .find(|(n, _)| with_digits && n == DEFAULT_MODEL)
+            .map(|(_, m)| Arc::clone(m)),
+        trainer_stop,
         metrics: Arc::clone(&metrics),
-        stop,
+        services,
         threads,
-        watcher,
-        _queue: queue,
+        watchers,
     }));
     Ok(Server {
         addr,
         shutdown,
-        model,
+        model: default,
+        models: states,
         metrics,
         task,
     })
@@ -424,13 +560,17 @@ struct Serving {
     router: axum::Router,
     config: Config,
     shutdown: signal::Receiver<bool>,
-    model: Arc<ModelState>,
+    /// The default model.
+    default: Arc<ModelState>,
+    /// The digits model, whose versions go to `weights` at shutdown.
+    digits_model: Option<Arc<ModelState>>,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
+    /// Every model's queue and model threads.
+    services: Vec<ModelService>,
+    trainer_stop: Arc<AtomicBool>,
+    /// The trainer's threads.
     threads: Vec<JoinHandle<()>>,
-    watcher: Option<tokio::task::JoinHandle<()>>,
-    /// Kept so that the queue stays open even without model threads.
-    _queue: crossbeam_channel::Receiver<batcher::Job>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Accepts connections until shutdown, then drains, stops the threads and
@@ -441,12 +581,13 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         router,
         config,
         mut shutdown,
-        model,
+        default,
+        digits_model,
         metrics,
-        stop,
-        threads,
-        watcher,
-        _queue,
+        services,
+        trainer_stop,
+        mut threads,
+        watchers,
     } = serving;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -519,8 +660,13 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
             config.drain_timeout.as_millis()
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    if let Some(watcher) = watcher {
+    trainer_stop.store(true, Ordering::Relaxed);
+    for service in services {
+        let (stop, model_threads) = service.into_threads();
+        stop.store(true, Ordering::Relaxed);
+        threads.extend(model_threads);
+    }
+    for watcher in watchers {
         let _ = watcher.await;
     }
     let joined = tokio::task::spawn_blocking(move || {
@@ -537,10 +683,10 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
     if !joined {
         tracing::error!("a model or training thread panicked");
     }
-    let current = model.published().load();
-    let steps = model.info().training_steps;
     let mut saved = None;
-    if let Some(path) = config.weights {
+    if let (Some(path), Some(model)) = (config.weights, digits_model) {
+        let current = model.published().load();
+        let steps = model.info().training_steps;
         let version = current.number();
         let path_for_save = path.clone();
         tokio::task::spawn_blocking(move || {
@@ -551,7 +697,7 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         .map_err(|err| Error::Save(err.to_string()))?;
         saved = Some(path);
     }
-    let version = model.published().version();
+    let version = default.published().version();
     tracing::info!(version, drained, saved = ?saved, "netcl-serve stopped");
     Ok(Summary {
         version,

@@ -13,13 +13,16 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use netcl_serve::Config;
 
-/// Serves the digits MLP over HTTP (JSON), optionally training it online.
+/// Serves models over HTTP (JSON): the built-in digits MLP, optionally
+/// training it online, and any number of models from checkpoints.
 ///
-/// Endpoints: POST /v1/predict, GET /v1/model, GET /healthz, GET /metrics.
-/// Stops gracefully on SIGINT or SIGTERM, saving the current version to
-/// --weights if given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
+/// Endpoints: GET /v1/models, GET /v1/models/NAME, POST
+/// /v1/models/NAME/predict, POST /v1/predict and GET /v1/model (the default
+/// model's), GET /healthz, GET /metrics. Stops gracefully on SIGINT or
+/// SIGTERM, saving the digits model's current version to --weights if
+/// given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
 #[derive(Debug, Parser)]
-#[command(name = "netcl-serve", version)]
+#[command(name = "netcl-serve", version, after_long_help = COMBINING)]
 struct Cli {
     /// The address to listen on. The default binds the loopback interface only.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -36,6 +39,16 @@ struct Cli {
     /// and published as a new version; a bad file is logged and ignored.
     #[arg(long, value_name = "PATH")]
     watch: Option<PathBuf>,
+    /// Serve the checkpoint at PATH as model NAME (repeatable). PATH is a
+    /// checkpoint file or a directory of numbered versions (N.safetensors or
+    /// N/model.safetensors; the highest that loads is served), followed like
+    /// --watch. Checkpoints are read as the digits MLP for now.
+    #[arg(long = "model", value_name = "NAME=PATH", value_parser = parse_model)]
+    models: Vec<(String, PathBuf)>,
+    /// The model /v1/predict and /v1/model serve (default: digits when it is
+    /// served, else the first --model).
+    #[arg(long, value_name = "NAME")]
+    default_model: Option<String>,
     /// The most rows per request and per batched forward.
     #[arg(long, value_name = "N", default_value_t = Config::default().max_batch as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_batch: u64,
@@ -77,6 +90,38 @@ struct Cli {
     train_duty: f64,
 }
 
+/// How the model flags combine (the end of `--help`).
+const COMBINING: &str = "\
+How --weights, --watch, --train and --model combine:
+  Per model, a process either trains it (and writes its versions) or serves
+  a path (and follows it).
+  - The built-in model `digits` is served when no --model is given, or when
+    --train, --weights or --watch is. It is the default model then.
+  - --train trains `digits` online; --weights PATH loads it from PATH at start
+    (if PATH exists) and saves it there at shutdown. --watch PATH follows a
+    trainer's PATH instead (a replica): --watch excludes --train.
+  - --model NAME=PATH serves and follows PATH as model NAME, never trains it
+    and never writes to it. NAME must differ from every other model's
+    (`digits` included when it is served).
+Examples:
+  netcl-serve --train --weights digits.safetensors          # train, serve, save
+  netcl-serve --watch digits.safetensors                     # a replica of it
+  netcl-serve --model a=/srv/a --model b=/srv/b.safetensors  # two models, no training
+  netcl-serve --train --model b=/srv/b --default-model b     # digits trains beside b";
+
+/// Parses `NAME=PATH`.
+fn parse_model(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH, got {text:?}"))?;
+    if name.is_empty() || name.contains('/') || path.is_empty() {
+        return Err(format!(
+            "expected NAME=PATH with a NAME without '/' and a PATH, got {text:?}"
+        ));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
 impl Cli {
     fn config(&self) -> Result<Config, String> {
         if !(self.train_duty > 0.0 && self.train_duty <= 1.0) {
@@ -97,6 +142,8 @@ impl Cli {
             train: self.train,
             weights: self.weights.clone(),
             watch: self.watch.clone(),
+            models: self.models.clone(),
+            default_model: self.default_model.clone(),
             max_batch: size(self.max_batch)?,
             max_wait: Duration::from_micros(self.max_wait_us),
             publish_every: self.publish_every,

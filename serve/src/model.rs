@@ -291,14 +291,24 @@ impl ModelState {
     /// # Errors
     ///
     /// The engine's error if the model cannot be forked.
-    pub fn new(model: &Mlp, info: VersionInfo) -> netcl::Result<Arc<ModelState>> {
-        Ok(Arc::new(ModelState {
-            published: Published::with_version(model, info.version)?,
+    pub fn new<M: Module + ?Sized>(model: &M, info: VersionInfo) -> netcl::Result<Arc<ModelState>> {
+        Ok(ModelState::from_published(
+            Published::with_version(model, info.version)?,
+            info,
+        ))
+    }
+
+    /// Serves the versions of `published`, the current one described by
+    /// `info` (whose version field is set to the current number).
+    pub fn from_published(published: Published, mut info: VersionInfo) -> Arc<ModelState> {
+        info.version = published.version();
+        Arc::new(ModelState {
+            published,
             current: Mutex::new(Current {
                 info,
                 subscribers: Vec::new(),
             }),
-        }))
+        })
     }
 
     /// The published versions.

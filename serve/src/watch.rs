@@ -1,4 +1,5 @@
-//! Hot reload: polls a checkpoint path and publishes each new file found
+//! Hot reload: polls a checkpoint path (a file, or a directory of numbered
+//! versions, see [`crate::loader`]) and publishes each new file found
 //! there as one new version.
 //!
 //! A writer replaces the file by renaming a complete one into place
@@ -15,8 +16,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::loader::{ModelLoader, candidates};
 use crate::metrics::Metrics;
-use crate::model::{Digits, ModelState, VersionInfo, accuracy, read_checkpoint};
+use crate::model::{ModelState, VersionInfo};
 
 /// What identifies one file at the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,18 +39,33 @@ fn file_id(path: &std::path::Path) -> Option<FileId> {
     })
 }
 
-/// Watches `path` every `interval` until `shutdown` turns true. The file
-/// present at start (if any) counts as seen: the server loaded it already
-/// or chose not to.
+/// The best file `path` offers now, and its identity.
+fn newest(path: &std::path::Path) -> Option<(PathBuf, Option<u64>, FileId)> {
+    let best = candidates(path).ok()?.into_iter().next()?;
+    let id = file_id(&best.file)?;
+    Some((best.file, best.number, id))
+}
+
+/// Watches `path` every `interval` until `shutdown` turns true, publishing
+/// each new file it offers as a version of model `name`. The file offered
+/// at start (if any) counts as seen: the server loaded it already or chose
+/// not to.
 pub(crate) async fn run(
     path: PathBuf,
     interval: Duration,
-    digits: Digits,
+    loader: Arc<dyn ModelLoader>,
     model: Arc<ModelState>,
-    metrics: Arc<Metrics>,
+    (metrics, name): (Arc<Metrics>, Arc<String>),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen = file_id(&path);
+    let mut seen = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || newest(&path))
+            .await
+            .ok()
+            .flatten()
+            .map(|(file, _, id)| (file, id))
+    };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -56,54 +73,65 @@ pub(crate) async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let current = file_id(&path);
-        if current.is_none() || current == seen {
+        let probe = path.clone();
+        let Ok(Some((file, number, id))) =
+            tokio::task::spawn_blocking(move || newest(&probe)).await
+        else {
+            continue;
+        };
+        if seen.as_ref() == Some(&(file.clone(), id)) {
             continue;
         }
-        seen = current;
-        let (path, digits, model) = (path.clone(), digits.clone(), Arc::clone(&model));
-        let loaded = tokio::task::spawn_blocking(move || reload(&path, &digits, &model)).await;
+        seen = Some((file.clone(), id));
+        let (loader, model) = (Arc::clone(&loader), Arc::clone(&model));
+        let loaded =
+            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &model)).await;
         match loaded {
             Ok(Ok((version, stored))) => {
-                metrics.record_reload(true);
+                metrics.record_model_reload(&name, true);
                 tracing::info!(
+                    model = name.as_str(),
                     version,
                     stored_version = stored,
                     "reloaded the watched checkpoint"
                 );
             }
             Ok(Err(err)) => {
-                metrics.record_reload(false);
-                tracing::error!("ignored the watched checkpoint: {err}");
+                metrics.record_model_reload(&name, false);
+                tracing::error!(
+                    model = name.as_str(),
+                    "ignored the watched checkpoint: {err}"
+                );
             }
             Err(err) => {
-                metrics.record_reload(false);
-                tracing::error!("the reload task failed: {err}");
+                metrics.record_model_reload(&name, false);
+                tracing::error!(model = name.as_str(), "the reload task failed: {err}");
             }
         }
     }
 }
 
-/// Loads the checkpoint at `path` and publishes it, under the version
-/// stored in the file when that is above the current one (so replicas
-/// following one trainer show its numbers), else as the next version;
-/// returns the version it got and the version stored in the file.
+/// Loads the checkpoint at `file` and publishes it, under the version
+/// stored in the file (or its directory entry's `number`) when that is
+/// above the current one (so replicas following one trainer show its
+/// numbers), else as the next version; returns the version it got and the
+/// version stored.
 fn reload(
-    path: &std::path::Path,
-    digits: &Digits,
+    file: &std::path::Path,
+    number: Option<u64>,
+    loader: &dyn ModelLoader,
     model: &ModelState,
 ) -> Result<(u64, u64), String> {
-    let checkpoint = read_checkpoint(path).map_err(|e| e.to_string())?;
-    let accuracy = accuracy(&checkpoint.model, &digits.test).map_err(|e| e.to_string())?;
-    let stored = checkpoint.version;
+    let loaded = loader.load(file).map_err(|e| e.to_string())?;
+    let stored = number.unwrap_or(loaded.version);
     let version = model.publish_as(
-        Box::new(checkpoint.model),
+        loaded.model,
         stored,
         VersionInfo {
             version: 0,
-            training_steps: checkpoint.steps,
+            training_steps: loaded.steps,
             last_loss: None,
-            accuracy,
+            accuracy: loaded.accuracy.unwrap_or(f32::NAN),
             source: "reload",
         },
     );

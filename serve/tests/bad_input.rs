@@ -75,7 +75,7 @@ async fn every_bad_request_gets_its_status_and_a_named_error() {
             "/v1/predict",
             format!(r#"{{"inputs": [[{}, -1]]}}"#, vec!["1"; 63].join(",")),
             422,
-            "inputs[0][63] is -1, outside the pixel range 0..=16",
+            "inputs[0][63] is -1, outside the input range 0..=16",
         ),
         (
             Method::POST,

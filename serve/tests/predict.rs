@@ -96,11 +96,11 @@ async fn model_health_and_metrics_describe_the_server() {
             .starts_with("text/plain; version=0.0.4")
     );
     for line in [
-        "netcl_serve_requests_total{route=\"/v1/predict\",status=\"200\"} 1",
-        "netcl_serve_requests_total{route=\"/v1/model\",status=\"200\"} 1",
-        "netcl_serve_request_duration_seconds_count{route=\"/v1/predict\"} 1",
-        "netcl_serve_batch_rows_sum 3",
-        "netcl_serve_model_version 0",
+        "netcl_serve_requests_total{route=\"/v1/predict\",status=\"200\",model=\"digits\"} 1",
+        "netcl_serve_requests_total{route=\"/v1/model\",status=\"200\",model=\"digits\"} 1",
+        "netcl_serve_request_duration_seconds_count{route=\"/v1/predict\",model=\"digits\"} 1",
+        "netcl_serve_batch_rows_sum{model=\"digits\"} 3.0",
+        "netcl_serve_model_version{model=\"digits\"} 0",
         "netcl_serve_tape_live_nodes{thread=\"serving\"} 0",
         "netcl_serve_training_enabled 0",
         "netcl_serve_open_connections 1",

@@ -1,0 +1,212 @@
+//! Where `--model NAME=PATH` models come from: a [`ModelLoader`] turns a
+//! checkpoint file into a ready model and says what its rows are, and
+//! [`candidates`] finds the files of a PATH that is a checkpoint or a
+//! directory of numbered versions.
+//!
+//! The one loader today, [`DigitsMlpLoader`], reads PATH into the digits
+//! MLP's architecture (as `--weights` does). A loader of self-describing
+//! checkpoints (architecture in the metadata) takes its place behind the
+//! same trait without touching the server.
+//!
+//! # A directory of versions
+//!
+//! PATH may be a directory holding versions named by number, TF Serving
+//! style: `PATH/7.safetensors` or `PATH/7/model.safetensors`. The highest
+//! one that loads is served; a lower one is tried when a higher one does
+//! not load (say it is still being written by hand), and anything else in
+//! the directory (`7.safetensors.tmp`, `notes.txt`) is ignored. The
+//! version served is the directory entry's number.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use netcl::nn::Module;
+
+use crate::model::{
+    CheckpointError, Digits, FEATURES, PIXEL_MAX, accuracy, read_checkpoint, scale,
+};
+use crate::service::{InputSpec, OutputSpec};
+
+/// A model read from a checkpoint, ready to serve.
+pub struct Loaded {
+    /// The model.
+    pub model: Box<dyn Module>,
+    /// The version stored with it (0 if none).
+    pub version: u64,
+    /// The training steps stored with it (0 if none).
+    pub steps: u64,
+    /// Its held-out accuracy, if the loader can measure one.
+    pub accuracy: Option<f32>,
+    /// What one of its input rows is.
+    pub input: InputSpec,
+    /// What its responses carry.
+    pub output: OutputSpec,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loaded")
+            .field("version", &self.version)
+            .field("steps", &self.steps)
+            .field("accuracy", &self.accuracy)
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns a checkpoint file into a model to serve.
+pub trait ModelLoader: Send + Sync + fmt::Debug {
+    /// Reads the checkpoint at `path`.
+    ///
+    /// # Errors
+    ///
+    /// A [`CheckpointError`] naming the file and what is wrong with it.
+    fn load(&self, path: &Path) -> Result<Loaded, CheckpointError>;
+}
+
+/// Reads checkpoints of the digits MLP (64 raw pixels in `0..=16` per row,
+/// scaled by the server; 10 classes), measuring each one's held-out
+/// accuracy.
+#[derive(Debug, Clone)]
+pub struct DigitsMlpLoader {
+    digits: Digits,
+}
+
+impl DigitsMlpLoader {
+    /// A loader measuring accuracy on `digits`' held-out split.
+    pub fn new(digits: Digits) -> DigitsMlpLoader {
+        DigitsMlpLoader { digits }
+    }
+
+    /// What a digits row is: 64 raw pixels in `0..=16`, scaled to `[0, 1]`
+    /// before the forward.
+    pub fn input() -> InputSpec {
+        InputSpec::rows(FEATURES)
+            .range(0.0, PIXEL_MAX)
+            .preprocess(|raw| Ok(scale(raw)))
+    }
+}
+
+impl ModelLoader for DigitsMlpLoader {
+    fn load(&self, path: &Path) -> Result<Loaded, CheckpointError> {
+        let checkpoint = read_checkpoint(path)?;
+        let accuracy = accuracy(&checkpoint.model, &self.digits.test)
+            .map_err(|e| CheckpointError(format!("{}: {e}", path.display())))?;
+        Ok(Loaded {
+            model: Box::new(checkpoint.model),
+            version: checkpoint.version,
+            steps: checkpoint.steps,
+            accuracy: Some(accuracy),
+            input: DigitsMlpLoader::input(),
+            output: OutputSpec::Classes,
+        })
+    }
+}
+
+/// One file a PATH offers, with the version its place gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The checkpoint file.
+    pub file: PathBuf,
+    /// The number of its directory entry (`None` when PATH is a file).
+    pub number: Option<u64>,
+}
+
+/// The checkpoint files PATH offers, best first: PATH itself when it is a
+/// file (or does not exist yet), else its numbered versions, highest first.
+///
+/// # Errors
+///
+/// A [`CheckpointError`] if PATH is a directory that cannot be read.
+pub fn candidates(path: &Path) -> Result<Vec<Candidate>, CheckpointError> {
+    if !path.is_dir() {
+        return Ok(vec![Candidate {
+            file: path.to_path_buf(),
+            number: None,
+        }]);
+    }
+    let entries =
+        std::fs::read_dir(path).map_err(|e| CheckpointError(format!("{}: {e}", path.display())))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let entry_path = entry.path();
+        let (number, file) = if entry_path.is_dir() {
+            (name.parse::<u64>(), entry_path.join("model.safetensors"))
+        } else if let Some(stem) = name.strip_suffix(".safetensors") {
+            (stem.parse::<u64>(), entry_path)
+        } else {
+            continue;
+        };
+        if let Ok(number) = number
+            && file.is_file()
+        {
+            found.push(Candidate {
+                file,
+                number: Some(number),
+            });
+        }
+    }
+    found.sort_by_key(|c| std::cmp::Reverse(c.number));
+    Ok(found)
+}
+
+/// Loads the best of PATH's [`candidates`] that loads, with the candidate
+/// it came from. A candidate's number, when it has one, is the version.
+///
+/// # Errors
+///
+/// A [`CheckpointError`] naming PATH when none loads (with the first
+/// candidate's error), or when a directory holds no version.
+pub fn load_latest(
+    loader: &dyn ModelLoader,
+    path: &Path,
+) -> Result<(Candidate, Loaded), CheckpointError> {
+    let found = candidates(path)?;
+    let mut first_error = None;
+    for candidate in found {
+        match loader.load(&candidate.file) {
+            Ok(mut loaded) => {
+                if let Some(number) = candidate.number {
+                    loaded.version = number;
+                }
+                return Ok((candidate, loaded));
+            }
+            Err(err) => {
+                tracing::warn!("skipped {}: {err}", candidate.file.display());
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| {
+        CheckpointError(format!(
+            "{}: no numbered version (N.safetensors or N/model.safetensors) in the directory",
+            path.display()
+        ))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_offers_its_numbered_versions_highest_first() {
+        let dir =
+            std::env::temp_dir().join(format!("netcl-serve-candidates-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("12")).unwrap();
+        std::fs::create_dir_all(dir.join("30")).unwrap(); // no model inside: skipped
+        std::fs::write(dir.join("12/model.safetensors"), b"x").unwrap();
+        std::fs::write(dir.join("3.safetensors"), b"x").unwrap();
+        std::fs::write(dir.join("40.safetensors.tmp"), b"x").unwrap();
+        std::fs::write(dir.join("latest.safetensors"), b"x").unwrap();
+        let found = candidates(&dir).unwrap();
+        let numbers: Vec<_> = found.iter().map(|c| c.number).collect();
+        assert_eq!(numbers, [Some(12), Some(3)]);
+        assert_eq!(found[0].file, dir.join("12/model.safetensors"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
