@@ -988,9 +988,7 @@ impl Generator {
         let mut tokens: Vec<usize> = prompt.to_vec();
         let mut cache = self.cache();
         let mut start = tokens.len().saturating_sub(context);
-        for &t in &tokens[start..] {
-            self.step(&mut cache, t);
-        }
+        self.run(&mut cache, &tokens[start..]);
         for i in 0..max_tokens {
             let next = choose(&tokens[start..], &cache.logits);
             tokens.push(next);
@@ -998,14 +996,13 @@ impl Generator {
                 break;
             }
             if cache.len == context {
-                // The window is full: restart it from its last half.
+                // The window is full: restart it from its last half, whose
+                // keys and values are recomputed in one pass.
                 start = tokens.len() - (context / 2).max(1);
                 cache.len = 0;
-                for &t in &tokens[start..] {
-                    self.step(&mut cache, t);
-                }
+                self.run(&mut cache, &tokens[start..]);
             } else {
-                self.step(&mut cache, next);
+                self.run(&mut cache, &[next]);
             }
         }
         Ok(())
@@ -1024,23 +1021,26 @@ impl Generator {
             len: 0,
             keys: vec![vec![0.0; context * d]; num_blocks],
             values: vec![vec![0.0; context * d]; num_blocks],
-            x: vec![0.0; d],
-            normed: vec![0.0; d],
-            qkv: vec![0.0; 3 * d],
-            attended: vec![0.0; d],
+            x: vec![0.0; context * d],
+            normed: vec![0.0; context * d],
+            qkv: vec![0.0; context * 3 * d],
+            attended: vec![0.0; context * d],
             scores: vec![0.0; context],
-            hidden: vec![0.0; d_ff],
+            hidden: vec![0.0; context * d_ff],
             logits: vec![0.0; vocab_size],
         }
     }
 
-    /// Runs the model on `token` at position `cache.len`, appending its
-    /// keys and values to the cache; leaves the next-token logits in
-    /// `cache.logits`.
-    fn step(&self, cache: &mut Cache, token: usize) {
+    /// Runs the model on `tokens` at positions `cache.len..`, appending
+    /// their keys and values to the cache; leaves the logits of the token
+    /// after the last one in `cache.logits`. Several tokens (a prompt, a
+    /// restarted window) go through each weight matrix together, so the
+    /// weights are read once for all of them.
+    fn run(&self, cache: &mut Cache, tokens: &[usize]) {
         let d = self.config.d_model;
+        let f = self.config.d_ff;
         let (h, dh) = (self.config.num_heads, d / self.config.num_heads);
-        let pos = cache.len;
+        let (first, rows) = (cache.len, tokens.len());
         let scale = 1.0 / (dh as f32).sqrt();
         let Cache {
             keys,
@@ -1054,54 +1054,68 @@ impl Generator {
             logits,
             ..
         } = cache;
-        for ((xi, t), p) in x
-            .iter_mut()
-            .zip(&self.tok_emb[token * d..(token + 1) * d])
-            .zip(&self.pos_emb[pos * d..(pos + 1) * d])
-        {
-            *xi = t + p;
+        let (x, normed) = (&mut x[..rows * d], &mut normed[..rows * d]);
+        let (qkv, attended) = (&mut qkv[..rows * 3 * d], &mut attended[..rows * d]);
+        let hidden = &mut hidden[..rows * f];
+        for (r, &token) in tokens.iter().enumerate() {
+            let pos = first + r;
+            for ((xi, t), p) in x[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(&self.tok_emb[token * d..(token + 1) * d])
+                .zip(&self.pos_emb[pos * d..(pos + 1) * d])
+            {
+                *xi = t + p;
+            }
         }
         for (b, w) in self.blocks.iter().enumerate() {
-            layer_norm(x, &w.ln1_w, &w.ln1_b, normed);
+            layer_norm_rows(x, &w.ln1_w, &w.ln1_b, normed);
             affine(normed, &w.qkv_w, &w.qkv_b, qkv);
-            keys[b][pos * d..(pos + 1) * d].copy_from_slice(&qkv[d..2 * d]);
-            values[b][pos * d..(pos + 1) * d].copy_from_slice(&qkv[2 * d..]);
-            let (k, v) = (&keys[b][..(pos + 1) * d], &values[b][..(pos + 1) * d]);
-            for head in 0..h {
-                let q = &qkv[head * dh..(head + 1) * dh];
-                let scores = &mut scores[..=pos];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let key = &k[j * d + head * dh..j * d + (head + 1) * dh];
-                    *s = dot(q, key) * scale;
-                    max = max.max(*s);
-                }
-                let mut total = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                let out = &mut attended[head * dh..(head + 1) * dh];
-                out.fill(0.0);
-                for (j, s) in scores.iter().enumerate() {
-                    let p = s / total;
-                    let value = &v[j * d + head * dh..j * d + (head + 1) * dh];
-                    for (o, vv) in out.iter_mut().zip(value) {
-                        *o += p * vv;
+            for r in 0..rows {
+                let pos = first + r;
+                let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
+                keys[b][pos * d..(pos + 1) * d].copy_from_slice(&row[d..2 * d]);
+                values[b][pos * d..(pos + 1) * d].copy_from_slice(&row[2 * d..]);
+            }
+            for r in 0..rows {
+                let pos = first + r;
+                let (k, v) = (&keys[b][..(pos + 1) * d], &values[b][..(pos + 1) * d]);
+                for head in 0..h {
+                    let q = &qkv[r * 3 * d + head * dh..r * 3 * d + (head + 1) * dh];
+                    let scores = &mut scores[..=pos];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let key = &k[j * d + head * dh..j * d + (head + 1) * dh];
+                        *s = dot(q, key) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut total = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let out = &mut attended[r * d + head * dh..r * d + (head + 1) * dh];
+                    out.fill(0.0);
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = s / total;
+                        let value = &v[j * d + head * dh..j * d + (head + 1) * dh];
+                        for (o, vv) in out.iter_mut().zip(value) {
+                            *o += p * vv;
+                        }
                     }
                 }
             }
             affine_add(attended, &w.out_w, &w.out_b, x);
-            layer_norm(x, &w.ln2_w, &w.ln2_b, normed);
+            layer_norm_rows(x, &w.ln2_w, &w.ln2_b, normed);
             affine(normed, &w.fc1_w, &w.fc1_b, hidden);
             for a in hidden.iter_mut() {
                 *a = gelu(*a);
             }
             affine_add(hidden, &w.fc2_w, &w.fc2_b, x);
         }
-        layer_norm(x, &self.ln_f_w, &self.ln_f_b, normed);
-        affine(normed, &self.head_w, &self.head_b, logits);
-        cache.len += 1;
+        let last = &x[(rows - 1) * d..];
+        layer_norm(last, &self.ln_f_w, &self.ln_f_b, &mut normed[..d]);
+        affine(&normed[..d], &self.head_w, &self.head_b, logits);
+        cache.len += rows;
     }
 }
 
@@ -1180,28 +1194,35 @@ fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, rng: &mut StdR
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
 }
 
-/// `y = x · W + b`, `W` `[x.len(), y.len()]`.
+/// `y = x · W + b` for the rows of `x`, `[rows, in]`, with `W` `[in,
+/// out]` and `y` `[rows, out]` (`rows` from the lengths of `b` and `y`).
 fn affine(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
-    y.copy_from_slice(b);
-    accumulate(x, w, y);
-}
-
-/// `y += x · W + b`.
-fn affine_add(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
-    for (yi, bi) in y.iter_mut().zip(b) {
-        *yi += bi;
+    for row in y.chunks_exact_mut(b.len()) {
+        row.copy_from_slice(b);
     }
-    accumulate(x, w, y);
+    accumulate(x, w, y, b.len());
 }
 
-/// `y += x · W`, row by row of `W` (contiguous, vectorised).
-fn accumulate(x: &[f32], w: &[f32], y: &mut [f32]) {
-    let n = y.len();
-    for (xi, row) in x.iter().zip(w.chunks_exact(n)) {
-        for (yo, wo) in y.iter_mut().zip(row) {
-            *yo += xi * wo;
+/// `y += x · W + b`, row by row as [`affine`].
+fn affine_add(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (yi, bi) in row.iter_mut().zip(b) {
+            *yi += bi;
         }
     }
+    accumulate(x, w, y, b.len());
+}
+
+/// `y += x · W`, `x` `[rows, in]`, `W` `[in, out]`, `y` `[rows, out]`,
+/// by the matrix kernel every matmul uses (vectorised for the CPU it runs
+/// on).
+fn accumulate(x: &[f32], w: &[f32], y: &mut [f32], out: usize) {
+    let rows = y.len() / out;
+    let inputs = x.len() / rows;
+    let x = ndarray::ArrayView2::from_shape((rows, inputs), x).expect("x is [rows, in]");
+    let w = ndarray::ArrayView2::from_shape((inputs, out), w).expect("W is [in, out]");
+    let y = ndarray::ArrayViewMut2::from_shape((rows, out), y).expect("y is [rows, out]");
+    crate::ops::gemm::gemm_acc_into(x, w, y);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -1216,6 +1237,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// [`layer_norm`] of each row of `x`, `[rows, w.len()]`.
+fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let n = w.len();
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        layer_norm(xr, w, b, yr);
+    }
 }
 
 /// Layer normalisation of `x` (eps 1e-5, as [`LayerNorm`]) into `y`.
