@@ -84,6 +84,12 @@ WORKLOADS = {
     ),
     "matmul_1024x1024x1024_1t": ("matmul 1024x1024x1024, 1 thread", 3),
     "matmul_1024x1024x1024_2t": ("matmul 1024x1024x1024, 2 threads", 4),
+    "charlm_step_b32_1t": ("char transformer (818k) AdamW step, batch 32, 1 thread", 3),
+    "charlm_step_b32_2t": ("char transformer AdamW step, batch 32, 2 threads", 3),
+    "charlm_generate_256_1t": (
+        "char transformer, 256 characters at batch 1, KV cache, 1 thread",
+        10,
+    ),
 }
 
 # Timed batches per side per round (after one untimed batch); the side's
@@ -268,6 +274,34 @@ def torch_workload(torch, name):
             return torch.autograd.grad(y.sum(), [x, w, b])
 
         return threads, layer_norm
+    if name.startswith("charlm_"):
+        # The model of examples/train_charlm.rs, as scripts/charlm_pytorch.py
+        # defines it (with the same key/value-cached generation as netcl's).
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import charlm_pytorch
+
+        torch.manual_seed(21)
+        model = charlm_pytorch.CharTransformer(63)
+        if name == "charlm_generate_256_1t":
+            model.eval()
+            seeds = iter(range(1, 1 << 30))
+            return threads, lambda: model.generate_cached([0], 256, 1.0, next(seeds))
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=2e-3, weight_decay=0.1
+        )
+        ids = torch.randint(0, 63, (32, 65))
+        xb, yb = ids[:, :-1], ids[:, 1:]
+
+        def lm_step():
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 63), yb.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        return threads, lm_step
     raise KeyError(name)
 
 

@@ -65,6 +65,7 @@ pub mod data;
 mod error;
 pub mod functional;
 pub mod io;
+pub mod models;
 pub mod nn;
 mod ops;
 pub mod optim;
