@@ -512,23 +512,112 @@ fn put_scratch(buffer: Vec<f32>) {
     }
 }
 
-/// Fills the column matrix of `chunk` for `group` (`[K, chunk columns]`,
-/// row-major, into the first values of `buffer`) and returns it.
-fn chunk_cols<'a>(
-    g: &Geom,
-    x: &[f32],
-    chunk: Chunk,
-    group: usize,
-    buffer: &'a mut Vec<f32>,
-) -> ArrayView2<'a, f32> {
-    let (k, ld, band) = (g.k(), chunk.cols(g), chunk.band(g));
-    let cols = first(buffer, k * ld);
-    let image = g.c * g.h * g.w;
-    for (i, n) in (chunk.n0..chunk.n1).enumerate() {
-        let x = &x[n * image + group * g.cg() * g.h * g.w..];
-        im2col(g, x, (chunk.oy0, chunk.oy1), &mut cols[i * band..], ld);
+/// How a convolution's column matrices are built. Small images (whole
+/// images per chunk, see [`Geom::chunks`]) go through a table of the
+/// position each entry of one image's column matrix reads: a gather per
+/// entry, where [`im2col`]'s row copies (several short copies and fills
+/// per output row) cost more than they move on 8x8 images.
+struct Lowering {
+    /// `[K, P]`: the position in the image's group of channels
+    /// (`[C/groups, H, W]`) each entry reads, `C/groups · H · W` for the
+    /// padding; `None` for large images.
+    table: Option<Vec<usize>>,
+    /// One image's group of channels and a 0 after it (the padding's
+    /// value), or its gradient and a slot the padding's gradient goes to.
+    image: Vec<f32>,
+}
+
+impl Lowering {
+    fn new(g: &Geom) -> Lowering {
+        let table = (g.k() * g.p() <= BAND / 2).then(|| {
+            let (plane, pad) = (g.h * g.w, g.cg() * g.h * g.w);
+            let mut table = Vec::with_capacity(g.k() * g.p());
+            for c in 0..g.cg() {
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        for oy in 0..g.ho {
+                            let iy = g.input_row(oy, i);
+                            table.extend((0..g.wo).map(|ox| {
+                                let ix = (ox * g.sw + j * g.dw)
+                                    .checked_sub(g.pw)
+                                    .filter(|&ix| ix < g.w);
+                                match (iy, ix) {
+                                    (Some(iy), Some(ix)) => c * plane + iy * g.w + ix,
+                                    _ => pad,
+                                }
+                            }));
+                        }
+                    }
+                }
+            }
+            table
+        });
+        Lowering {
+            table,
+            image: Vec::new(),
+        }
     }
-    ArrayView2::from_shape((k, ld), &*cols).expect("[K, chunk]")
+
+    /// Fills the column matrix of `chunk` for `group` (`[K, chunk
+    /// columns]`, row-major, into the first values of `buffer`) and
+    /// returns it.
+    fn cols<'a>(
+        &mut self,
+        g: &Geom,
+        x: &[f32],
+        chunk: Chunk,
+        group: usize,
+        buffer: &'a mut Vec<f32>,
+    ) -> ArrayView2<'a, f32> {
+        let (k, ld, band) = (g.k(), chunk.cols(g), chunk.band(g));
+        let cols = first(buffer, k * ld);
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+            let x = &x[n * image + group * len..];
+            match &self.table {
+                Some(table) => {
+                    let padded = first(&mut self.image, len + 1);
+                    padded[..len].copy_from_slice(&x[..len]);
+                    padded[len] = 0.0;
+                    for (r, taps) in table.chunks_exact(band).enumerate() {
+                        let dst = &mut cols[r * ld + i * band..][..band];
+                        for (d, &t) in dst.iter_mut().zip(taps) {
+                            *d = padded[t];
+                        }
+                    }
+                }
+                None => im2col(g, x, (chunk.oy0, chunk.oy1), &mut cols[i * band..], ld),
+            }
+        }
+        ArrayView2::from_shape((k, ld), &*cols).expect("[K, chunk]")
+    }
+
+    /// Adds the column-matrix gradient `dcols` of `chunk` for `group`
+    /// (`[K, chunk columns]`, row-major) into `dx`, the adjoint of
+    /// [`cols`](Lowering::cols).
+    fn add_cols(&mut self, g: &Geom, dcols: &[f32], chunk: Chunk, group: usize, dx: &mut [f32]) {
+        let (ld, band) = (chunk.cols(g), chunk.band(g));
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+            let dx = &mut dx[n * image + group * len..];
+            match &self.table {
+                Some(table) => {
+                    let acc = first(&mut self.image, len + 1);
+                    acc.fill(0.0);
+                    for (r, taps) in table.chunks_exact(band).enumerate() {
+                        let src = &dcols[r * ld + i * band..][..band];
+                        for (&t, &v) in taps.iter().zip(src) {
+                            acc[t] += v;
+                        }
+                    }
+                    for (d, a) in dx[..len].iter_mut().zip(&acc[..len]) {
+                        *d += *a;
+                    }
+                }
+                None => col2im(g, &dcols[i * band..], (chunk.oy0, chunk.oy1), dx, ld),
+            }
+        }
+    }
 }
 
 /// The forward: `y[n, g] = W_g · cols(x[n, g]) + b`, `x` and `w` row-major,
@@ -553,11 +642,12 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
         return out;
     }
     let (mut cols, mut product) = (take_scratch(), Vec::new());
+    let mut lowering = Lowering::new(g);
     for chunk in g.chunks() {
         for group in 0..g.groups {
             let w =
                 ArrayView2::from_shape((og, k), &w[group * og * k..][..og * k]).expect("[O/g, K]");
-            let cols = chunk_cols(g, x, chunk, group, &mut cols);
+            let cols = lowering.cols(g, x, chunk, group, &mut cols);
             let band = chunk.band(g);
             if chunk.images() == 1 {
                 let at = (chunk.n0 * g.o + group * og) * p + chunk.oy0 * g.wo;
@@ -617,7 +707,7 @@ impl Backprop for ConvBackward {
         );
         if !dy.is_empty() && k > 0 {
             let (mut cols, mut dcols, mut dys) = (take_scratch(), take_scratch(), Vec::new());
-            let image = g.c * g.h * g.w;
+            let mut lowering = Lowering::new(g);
             for chunk in g.chunks() {
                 let (band, width) = (chunk.band(g), chunk.cols(g));
                 for group in 0..g.groups {
@@ -641,7 +731,7 @@ impl Backprop for ConvBackward {
                     let w = ArrayView2::from_shape((og, k), &w[group * og * k..][..og * k])
                         .expect("[O/g, K]");
                     if need_w {
-                        let cols = chunk_cols(g, x, chunk, group, &mut cols);
+                        let cols = lowering.cols(g, x, chunk, group, &mut cols);
                         let dwt = ArrayViewMut2::from_shape(
                             (k, og),
                             &mut dwt[group * og * k..][..og * k],
@@ -654,16 +744,7 @@ impl Backprop for ConvBackward {
                         let out =
                             ArrayViewMut2::from_shape((k, width), &mut *dcols).expect("[K, chunk]");
                         gemm_into(w.t(), dy, out);
-                        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
-                            let at = n * image + group * g.cg() * g.h * g.w;
-                            col2im(
-                                g,
-                                &dcols[i * band..],
-                                (chunk.oy0, chunk.oy1),
-                                &mut dx[at..],
-                                width,
-                            );
-                        }
+                        lowering.add_cols(g, dcols, chunk, group, &mut dx);
                     }
                 }
             }
