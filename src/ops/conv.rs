@@ -473,6 +473,20 @@ fn col2im(g: &Geom, cols: &[f32], (oy0, oy1): (usize, usize), x: &mut [f32], ld:
     }
 }
 
+/// `Σ values`, in 16 independent partial sums (one dependent add per
+/// value would be bound by the add's latency; these vectorise).
+fn wide_sum(values: &[f32]) -> f32 {
+    let mut partial = [0.0_f32; 16];
+    let blocks = values.chunks_exact(16);
+    let tail: f32 = blocks.remainder().iter().sum();
+    for block in blocks {
+        for (p, v) in partial.iter_mut().zip(block) {
+            *p += *v;
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
 crate::sync::thread_local_const! {
     /// This thread's column buffer, reused between calls.
     static SCRATCH: std::cell::Cell<Vec<f32>> = std::cell::Cell::new(Vec::new());
@@ -768,7 +782,7 @@ impl Backprop for ConvBackward {
             let mut db = vec![0.0; g.o];
             if p > 0 {
                 for (channel, d) in dy.chunks_exact(p).zip((0..g.o).cycle()) {
-                    db[d] += channel.iter().sum::<f32>();
+                    db[d] += wide_sum(channel);
                 }
             }
             grads.put(2, Data::from_vec(&[g.o], db));
