@@ -8,19 +8,27 @@
 //! the gemm kernel ([`crate::ops::gemm`]): its receptive fields are copied
 //! into a column matrix `cols` of `[C/groups · kH · kW, Ho · Wo]` (im2col),
 //! and the output is `W_g · cols + b` with `W_g` the group's filters as a
-//! `[O/groups, C/groups · kH · kW]` matrix. The column matrix is built a
-//! band of output rows at a time, small enough to stay in cache (the tiling
-//! candle adopted in candle#3119), in a per-thread scratch buffer
-//! (`thread_local!`, never shared between threads, taken out of its slot
-//! while in use so a nested call on the same thread gets its own).
+//! `[O/groups, C/groups · kH · kW]` matrix. The work is split into chunks
+//! whose column matrix stays in cache ([`BAND`] values, in a per-thread
+//! scratch buffer: `thread_local!`, never shared between threads, taken
+//! out of its slot while in use so a nested call on the same thread gets
+//! its own):
 //!
-//! The backward runs the same bands: `dW_gᵀ += cols · dY_gᵀ` (accumulated
+//! - a large image is lowered a band of output rows at a time (the tiling
+//!   candle adopted in candle#3119), by row copies;
+//! - small images (a CNN on 8x8 digits) are lowered several at a time,
+//!   their columns side by side, so one product covers the chunk instead
+//!   of one tiny product per image; each entry is gathered through a
+//!   table of the input position it reads, built once per call (row
+//!   copies of 4-8 values cost more than they move).
+//!
+//! The backward runs the same chunks: `dW_gᵀ += cols · dY_gᵀ` (accumulated
 //! over the batch, transposed into `dW` once at the end: the kernel is
 //! faster with the output channels as the contiguous axis),
 //! `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch and the
 //! positions. The input is saved and its columns rebuilt in the backward
 //! rather than kept (they are `kH · kW` times the input's size).
-//!
+
 //! # Departures from PyTorch
 //!
 //! `padding` is a number (or a pair) of zeros on each side: PyTorch's
@@ -948,8 +956,9 @@ pub fn conv2d(
 /// `stride`, `padding` and `dilation` take a number or a pair
 /// ([`Size2`]); `groups = C` is a depthwise convolution.
 ///
-/// Lowered to the gemm kernel (im2col in cache-sized bands, one product
-/// per image and group; the backward's input, weight and bias gradients
+/// Lowered to the gemm kernel (im2col in cache-sized chunks: bands of a
+/// large image, or several small images side by side in one product,
+/// per group; the backward's input, weight and bias gradients
 /// are products and sums too). NaN and infinities propagate as through any
 /// sum of products. Departure from PyTorch: `padding` is numbers only (no
 /// `"same"`/`"valid"` strings; `"valid"` is 0).
