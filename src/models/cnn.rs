@@ -101,6 +101,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pytorch_state_dict_of_it_loads_into_another_and_gives_its_logits() {
+        // Written in PyTorch's names and layouts (conv OIHW, linear
+        // [out, in]), read back into a model initialised differently,
+        // after a training forward moved the running statistics.
+        let (trained, fresh) = (digits_cnn(1), digits_cnn(2));
+        let x = Tensor::rand(&[6, 1, 8, 8], &mut StdRng::seed_from_u64(3));
+        {
+            let _train = crate::nn::train_mode();
+            trained.forward(&x).unwrap();
+        }
+        let path =
+            std::env::temp_dir().join(format!("digits_cnn_{}.safetensors", std::process::id()));
+        crate::io::save_torch(&trained, &path).unwrap();
+        crate::io::load_torch(&fresh, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let _eval = crate::nn::eval_mode();
+        let _no_grad = crate::no_grad();
+        assert_eq!(
+            fresh.forward(&x).unwrap().to_vec(),
+            trained.forward(&x).unwrap().to_vec()
+        );
+    }
+
+    #[test]
     fn wrong_input_shapes_are_errors_not_panics() {
         let model = digits_cnn(0);
         for shape in [&[2, 64][..], &[2, 3, 8, 8], &[2, 1, 6, 6]] {
