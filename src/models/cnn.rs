@@ -111,11 +111,8 @@ mod tests {
             let _train = crate::nn::train_mode();
             trained.forward(&x).unwrap();
         }
-        let path =
-            std::env::temp_dir().join(format!("digits_cnn_{}.safetensors", std::process::id()));
-        crate::io::save_torch(&trained, &path).unwrap();
-        crate::io::load_torch(&fresh, &path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let bytes = crate::io::to_torch_bytes(&trained).unwrap();
+        crate::io::load_torch_bytes(&fresh, &bytes).unwrap();
         let _eval = crate::nn::eval_mode();
         let _no_grad = crate::no_grad();
         assert_eq!(
