@@ -28,7 +28,7 @@
 //! `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch and the
 //! positions. The input is saved and its columns rebuilt in the backward
 //! rather than kept (they are `kH · kW` times the input's size).
-
+//!
 //! # Departures from PyTorch
 //!
 //! `padding` is a number (or a pair) of zeros on each side: PyTorch's
