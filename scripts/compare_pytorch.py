@@ -74,6 +74,12 @@ WORKLOADS = {
     ),
     "conv2d_fwd_bwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, fwd + bwd, 1 thread", 3),
     "conv2d_fwd_1t": ("conv2d [32,16,32,32] * 32x3x3 pad 1, no_grad fwd, 1 thread", 8),
+    "cnn_step_b64_1t": (
+        "digits CNN (conv-BN-ReLU-pool x2, 16/32 ch) Adam step, batch 64, 1 thread",
+        200,
+    ),
+    "cnn_eval_20k_1t": ("digits CNN evaluation, 20k images in batches of 256, 1 thread", 1),
+    "cnn_eval_20k_2t": ("digits CNN evaluation, 20k images, 2 threads", 1),
     "sdpa_causal_fwd_bwd_1t": (
         "causal attention [8, 4, 64, 32], forward + backward to q, k, v, 1 thread",
         30,
@@ -256,6 +262,44 @@ def torch_workload(torch, name):
                 leaf.grad = None
 
         return threads, conv_step
+    if name.startswith("cnn_"):
+        # models::digits_cnn of netcl, as the nn.Sequential it mirrors.
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(128, 10),
+        )
+        if name == "cnn_step_b64_1t":
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            xb = torch.rand(64, 1, 8, 8)
+            yb = torch.arange(64) % 10
+
+            def cnn_step():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                return loss.item()
+
+            return threads, cnn_step
+        # What Trainer::evaluate does: batches of 256 in eval mode under
+        # no_grad, summing the loss and the correct predictions.
+        model.eval()
+        xs = torch.rand(20000, 1, 8, 8)
+        ys = torch.arange(20000) % 10
+        batches = [(xs[i : i + 256], ys[i : i + 256]) for i in range(0, 20000, 256)]
+
+        def cnn_evaluate():
+            loss, correct = 0.0, 0
+            with torch.no_grad():
+                for xb, yb in batches:
+                    logits = model(xb)
+                    loss += nn.functional.cross_entropy(logits, yb).item() * len(yb)
+                    correct += (logits.argmax(-1) == yb).sum().item()
+            return loss / 20000, correct / 20000
+
+        return threads, cnn_evaluate
     if name == "sdpa_causal_fwd_bwd_1t":
         q, k, v = (torch.randn(8, 4, 64, 32, requires_grad=True) for _ in range(3))
 

@@ -18,6 +18,7 @@
 //! | [`autograd`] | grad mode, tapes, `autograd::grad` and [`grad_with`](autograd::grad_with) (higher-order gradients with `create_graph`), custom ops ([`apply_op`](autograd::apply_op)) |
 //! | [`functional`] | PyTorch's functional API: `cat`, `conv2d`, `embedding`, `layer_norm`, attention, ... |
 //! | [`parallel`] | rayon helpers that carry the caller's grad mode into every task |
+//! | [`models`] | ready-made models named as their PyTorch twins: [`models::digits_cnn`], [`models::CharTransformer`] |
 //! | [`nn`] | `Module`, `Linear`, activations, `Dropout`, `Sequential`, `Mlp` |
 //! | [`optim`] | `Sgd`, `Adam`, `AdamW`, learning-rate schedules |
 //! | [`data`] | datasets, a prefetching `DataLoader`, CSV loading |

@@ -269,6 +269,9 @@ pub const WORKLOADS: &[&str] = &[
     "bmm_8x4x64x32x64_fwd_bwd_1t",
     "conv2d_fwd_bwd_1t",
     "conv2d_fwd_1t",
+    "cnn_step_b64_1t",
+    "cnn_eval_20k_1t",
+    "cnn_eval_20k_2t",
     "sdpa_causal_fwd_bwd_1t",
     "layer_norm_fwd_bwd_1t",
     "matmul_1024x1024x1024_1t",
@@ -302,6 +305,13 @@ pub const WORKLOADS: &[&str] = &[
 ///   every input requiring grad, then `y.sum().backward()` and the leaves'
 ///   gradients cleared; `conv2d_fwd_1t`: the forward alone, no input
 ///   requiring grad (302 MFLOP).
+/// - `cnn_step_b64_1t`: a training step of `models::digits_cnn` (conv,
+///   batch norm, ReLU, max pool, twice, then a linear head) on a batch of
+///   64 `[1, 8, 8]` images in training mode: forward, cross-entropy,
+///   backward, Adam step (lr 1e-3), zero_grad.
+/// - `cnn_eval_20k_{1,2}t`: `Trainer::evaluate` of `models::digits_cnn`
+///   over 20,000 images (batches of 256, eval mode, no_grad, loss and
+///   accuracy), in a pool of 1 or 2 threads.
 /// - `sdpa_causal_fwd_bwd_1t`: causal `scaled_dot_product_attention` of
 ///   q, k, v `[8, 4, 64, 32]` (batch 8, 4 heads, 64 tokens, head size 32),
 ///   all requiring grad, then the gradients of the output's sum with
@@ -448,6 +458,39 @@ pub fn workload(name: &str) -> Option<Workload> {
                 }
             }))
         }
+        "cnn_step_b64_1t" => {
+            let (x, y) = digit_images(64, 21);
+            let model = netcl::models::digits_cnn(22);
+            let mut optimizer =
+                netcl::optim::Adam::new(model.parameters(), netcl::optim::AdamConfig::new(1e-3));
+            single(Box::new(move || {
+                let _train = netcl::nn::train_mode();
+                let loss = model.forward(black_box(&x)).unwrap().cross_entropy(&y);
+                loss.backward();
+                optimizer.step();
+                optimizer.zero_grad();
+                black_box(loss.item());
+            }))
+        }
+        "cnn_eval_20k_1t" | "cnn_eval_20k_2t" => {
+            let (x, y) = digit_images(20_000, 23);
+            let eval_set = netcl::data::TensorDataset::new(x, y).unwrap();
+            let (x, y) = digit_images(64, 24);
+            let train_set = netcl::data::TensorDataset::new(x, y).unwrap();
+            let model = netcl::models::digits_cnn(25);
+            let optimizer =
+                netcl::optim::Sgd::new(model.parameters(), netcl::optim::SgdConfig::new(1e-3));
+            let trainer = netcl::train::Trainer::new(model, optimizer, train_set)
+                .eval_set(eval_set)
+                .eval_batch_size(256)
+                .progress(false);
+            Some(Workload {
+                threads: if name == "cnn_eval_20k_1t" { 1 } else { 2 },
+                run: Box::new(move || {
+                    black_box(trainer.evaluate().unwrap());
+                }),
+            })
+        }
         "sdpa_causal_fwd_bwd_1t" => {
             let mut rng = StdRng::seed_from_u64(11);
             let mut leaf = || Tensor::randn(&[8, 4, 64, 32], &mut rng).requires_grad_(true);
@@ -558,4 +601,13 @@ pub fn charlm() -> (netcl::models::CharTransformer, Tensor, Tensor) {
     let offsets: Vec<usize> = (0..32).map(|i| i * 65).collect();
     let (x, y) = lm_batch(&ids, &offsets, 64).unwrap();
     (model, x, y)
+}
+
+/// `n` seeded `[1, 8, 8]` images with values in [0, 1) and labels cycling
+/// through the 10 classes, the inputs of the CNN workloads.
+pub fn digit_images(n: usize, seed: u64) -> (Tensor, Tensor) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = Tensor::rand(&[n, 1, 8, 8], &mut rng);
+    let y = Tensor::from_vec((0..n).map(|i| (i % 10) as f32).collect(), &[n]).unwrap();
+    (x, y)
 }

@@ -8,13 +8,21 @@
 //! the gemm kernel ([`crate::ops::gemm`]): its receptive fields are copied
 //! into a column matrix `cols` of `[C/groups · kH · kW, Ho · Wo]` (im2col),
 //! and the output is `W_g · cols + b` with `W_g` the group's filters as a
-//! `[O/groups, C/groups · kH · kW]` matrix. The column matrix is built a
-//! band of output rows at a time, small enough to stay in cache (the tiling
-//! candle adopted in candle#3119), in a per-thread scratch buffer
-//! (`thread_local!`, never shared between threads, taken out of its slot
-//! while in use so a nested call on the same thread gets its own).
+//! `[O/groups, C/groups · kH · kW]` matrix. The work is split into chunks
+//! whose column matrix stays in cache ([`BAND`] values, in a per-thread
+//! scratch buffer: `thread_local!`, never shared between threads, taken
+//! out of its slot while in use so a nested call on the same thread gets
+//! its own):
 //!
-//! The backward runs the same bands: `dW_gᵀ += cols · dY_gᵀ` (accumulated
+//! - a large image is lowered a band of output rows at a time (the tiling
+//!   candle adopted in candle#3119), by row copies;
+//! - small images (a CNN on 8x8 digits) are lowered several at a time,
+//!   their columns side by side, so one product covers the chunk instead
+//!   of one tiny product per image; each entry is gathered through a
+//!   table of the input position it reads, built once per call (row
+//!   copies of 4-8 values cost more than they move).
+//!
+//! The backward runs the same chunks: `dW_gᵀ += cols · dY_gᵀ` (accumulated
 //! over the batch, transposed into `dW` once at the end: the kernel is
 //! faster with the output channels as the contiguous axis),
 //! `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch and the
@@ -27,7 +35,7 @@
 //! string forms `"same"` and `"valid"` and its `padding_mode` (a layer
 //! option) are not offered; `"valid"` is `padding = 0`.
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use crate::array::{MAX_ELEMENTS, checked_numel};
 use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record};
@@ -150,6 +158,34 @@ struct Geom {
 /// How many values a band of the column matrix holds at most (1 MiB): the
 /// band stays in the second-level cache while the kernel reads it.
 const BAND: usize = 1 << 18;
+
+/// A unit of the lowering: images `n0..n1`, output rows `oy0..oy1` of
+/// each. Its column matrix is `[K, (n1 − n0) · (oy1 − oy0) · Wo]`, the
+/// columns of each image side by side.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    n0: usize,
+    n1: usize,
+    oy0: usize,
+    oy1: usize,
+}
+
+impl Chunk {
+    /// Images in the chunk.
+    fn images(&self) -> usize {
+        self.n1 - self.n0
+    }
+
+    /// Columns per image: the band's output positions.
+    fn band(&self, g: &Geom) -> usize {
+        (self.oy1 - self.oy0) * g.wo
+    }
+
+    /// Columns of the chunk's column matrix.
+    fn cols(&self, g: &Geom) -> usize {
+        self.images() * self.band(g)
+    }
+}
 
 impl Geom {
     /// Checks the operands of `op` (`"conv1d"`, 1 spatial axis, or
@@ -324,13 +360,34 @@ impl Geom {
         self.ho * self.wo
     }
 
-    /// The bands of output rows `oy0..oy1` whose column matrices fit in
-    /// [`BAND`] values (one row at least).
-    fn bands(&self) -> Vec<(usize, usize)> {
+    /// The units of work, each a column matrix of at most [`BAND`] values
+    /// (one output row at least): several whole images when one image's
+    /// columns are small (so one product covers them all, instead of one
+    /// small product per image), else bands of output rows of one image.
+    fn chunks(&self) -> Vec<Chunk> {
+        let image = self.k() * self.p();
+        if image <= BAND / 2 {
+            let images = (BAND / image.max(1)).max(1);
+            return (0..self.n)
+                .step_by(images)
+                .map(|n0| Chunk {
+                    n0,
+                    n1: (n0 + images).min(self.n),
+                    oy0: 0,
+                    oy1: self.ho,
+                })
+                .collect();
+        }
         let rows = (BAND / (self.k() * self.wo).max(1)).max(1);
-        (0..self.ho)
-            .step_by(rows)
-            .map(|oy0| (oy0, (oy0 + rows).min(self.ho)))
+        (0..self.n)
+            .flat_map(|n| {
+                (0..self.ho).step_by(rows).map(move |oy0| Chunk {
+                    n0: n,
+                    n1: n + 1,
+                    oy0,
+                    oy1: (oy0 + rows).min(self.ho),
+                })
+            })
             .collect()
     }
 
@@ -356,15 +413,18 @@ impl Geom {
 /// group of channels `x` (`[C/groups, H, W]`) into `cols`
 /// (`[C/groups · kH · kW, (oy1 − oy0) · Wo]`): row `(c, i, j)`, column
 /// `(oy, ox)` holds `x[c, oy·sH + i·dH − pH, ox·sW + j·dW − pW]`, 0 in the
-/// padding.
-fn im2col(g: &Geom, x: &[f32], (oy0, oy1): (usize, usize), cols: &mut [f32]) {
+/// padding. Row `r` of `cols` starts at `r · ld` (`ld` at least the
+/// band's width: the columns of several images side by side).
+fn im2col(g: &Geom, x: &[f32], (oy0, oy1): (usize, usize), cols: &mut [f32], ld: usize) {
     let (wo, plane) = (g.wo, g.h * g.w);
-    let mut rows = cols.chunks_exact_mut((oy1 - oy0) * wo);
+    let width = (oy1 - oy0) * wo;
+    let mut row = 0;
     for c in 0..g.cg() {
         let x = &x[c * plane..(c + 1) * plane];
         for i in 0..g.kh {
             for j in 0..g.kw {
-                let dst = rows.next().expect("one row per tap");
+                let dst = &mut cols[row * ld..row * ld + width];
+                row += 1;
                 let (lo, hi, ix) = g.inside_cols(j);
                 for (oy, d) in (oy0..oy1).zip(dst.chunks_exact_mut(wo)) {
                     let Some(iy) = g.input_row(oy, i) else {
@@ -388,15 +448,18 @@ fn im2col(g: &Geom, x: &[f32], (oy0, oy1): (usize, usize), cols: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: adds each value of `cols` into the input
-/// position it was copied from (padding positions are dropped).
-fn col2im(g: &Geom, cols: &[f32], (oy0, oy1): (usize, usize), x: &mut [f32]) {
+/// position it was copied from (padding positions are dropped). Row `r`
+/// of `cols` starts at `r · ld`.
+fn col2im(g: &Geom, cols: &[f32], (oy0, oy1): (usize, usize), x: &mut [f32], ld: usize) {
     let (wo, plane) = (g.wo, g.h * g.w);
-    let mut rows = cols.chunks_exact((oy1 - oy0) * wo);
+    let width = (oy1 - oy0) * wo;
+    let mut row = 0;
     for c in 0..g.cg() {
         let x = &mut x[c * plane..(c + 1) * plane];
         for i in 0..g.kh {
             for j in 0..g.kw {
-                let src = rows.next().expect("one row per tap");
+                let src = &cols[row * ld..row * ld + width];
+                row += 1;
                 let (lo, hi, ix) = g.inside_cols(j);
                 for (oy, s) in (oy0..oy1).zip(src.chunks_exact(wo)) {
                     let Some(iy) = g.input_row(oy, i) else {
@@ -416,6 +479,20 @@ fn col2im(g: &Geom, cols: &[f32], (oy0, oy1): (usize, usize), x: &mut [f32]) {
             }
         }
     }
+}
+
+/// `Σ values`, in 16 independent partial sums (one dependent add per
+/// value would be bound by the add's latency; these vectorise).
+fn wide_sum(values: &[f32]) -> f32 {
+    let mut partial = [0.0_f32; 16];
+    let blocks = values.chunks_exact(16);
+    let tail: f32 = blocks.remainder().iter().sum();
+    for block in blocks {
+        for (p, v) in partial.iter_mut().zip(block) {
+            *p += *v;
+        }
+    }
+    partial.iter().sum::<f32>() + tail
 }
 
 crate::sync::thread_local_const! {
@@ -457,14 +534,118 @@ fn put_scratch(buffer: Vec<f32>) {
     }
 }
 
-/// The band of an output `[O/groups, Ho·Wo]` matrix at output rows
-/// `oy0..oy1`.
-fn band_cols(g: &Geom, (oy0, oy1): (usize, usize)) -> ndarray::Slice {
-    ndarray::Slice::from(oy0 * g.wo..oy1 * g.wo)
+/// How a convolution's column matrices are built. Small images (whole
+/// images per chunk, see [`Geom::chunks`]) go through a table of the
+/// position each entry of one image's column matrix reads: a gather per
+/// entry, where [`im2col`]'s row copies (several short copies and fills
+/// per output row) cost more than they move on 8x8 images.
+struct Lowering {
+    /// `[K, P]`: the position in the image's group of channels
+    /// (`[C/groups, H, W]`) each entry reads, `C/groups · H · W` for the
+    /// padding; `None` for large images.
+    table: Option<Vec<usize>>,
+    /// One image's group of channels and a 0 after it (the padding's
+    /// value), or its gradient and a slot the padding's gradient goes to.
+    image: Vec<f32>,
+}
+
+impl Lowering {
+    fn new(g: &Geom) -> Lowering {
+        let table = (g.k() * g.p() <= BAND / 2).then(|| {
+            let (plane, pad) = (g.h * g.w, g.cg() * g.h * g.w);
+            let mut table = Vec::with_capacity(g.k() * g.p());
+            for c in 0..g.cg() {
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        for oy in 0..g.ho {
+                            let iy = g.input_row(oy, i);
+                            table.extend((0..g.wo).map(|ox| {
+                                let ix = (ox * g.sw + j * g.dw)
+                                    .checked_sub(g.pw)
+                                    .filter(|&ix| ix < g.w);
+                                match (iy, ix) {
+                                    (Some(iy), Some(ix)) => c * plane + iy * g.w + ix,
+                                    _ => pad,
+                                }
+                            }));
+                        }
+                    }
+                }
+            }
+            table
+        });
+        Lowering {
+            table,
+            image: Vec::new(),
+        }
+    }
+
+    /// Fills the column matrix of `chunk` for `group` (`[K, chunk
+    /// columns]`, row-major, into the first values of `buffer`) and
+    /// returns it.
+    fn cols<'a>(
+        &mut self,
+        g: &Geom,
+        x: &[f32],
+        chunk: Chunk,
+        group: usize,
+        buffer: &'a mut Vec<f32>,
+    ) -> ArrayView2<'a, f32> {
+        let (k, ld, band) = (g.k(), chunk.cols(g), chunk.band(g));
+        let cols = first(buffer, k * ld);
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+            let x = &x[n * image + group * len..];
+            match &self.table {
+                Some(table) => {
+                    let padded = first(&mut self.image, len + 1);
+                    padded[..len].copy_from_slice(&x[..len]);
+                    padded[len] = 0.0;
+                    for (r, taps) in table.chunks_exact(band).enumerate() {
+                        let dst = &mut cols[r * ld + i * band..][..band];
+                        for (d, &t) in dst.iter_mut().zip(taps) {
+                            *d = padded[t];
+                        }
+                    }
+                }
+                None => im2col(g, x, (chunk.oy0, chunk.oy1), &mut cols[i * band..], ld),
+            }
+        }
+        ArrayView2::from_shape((k, ld), &*cols).expect("[K, chunk]")
+    }
+
+    /// Adds the column-matrix gradient `dcols` of `chunk` for `group`
+    /// (`[K, chunk columns]`, row-major) into `dx`, the adjoint of
+    /// [`cols`](Lowering::cols).
+    fn add_cols(&mut self, g: &Geom, dcols: &[f32], chunk: Chunk, group: usize, dx: &mut [f32]) {
+        let (ld, band) = (chunk.cols(g), chunk.band(g));
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+            let dx = &mut dx[n * image + group * len..];
+            match &self.table {
+                Some(table) => {
+                    let acc = first(&mut self.image, len + 1);
+                    acc.fill(0.0);
+                    for (r, taps) in table.chunks_exact(band).enumerate() {
+                        let src = &dcols[r * ld + i * band..][..band];
+                        for (&t, &v) in taps.iter().zip(src) {
+                            acc[t] += v;
+                        }
+                    }
+                    for (d, a) in dx[..len].iter_mut().zip(&acc[..len]) {
+                        *d += *a;
+                    }
+                }
+                None => col2im(g, &dcols[i * band..], (chunk.oy0, chunk.oy1), dx, ld),
+            }
+        }
+    }
 }
 
 /// The forward: `y[n, g] = W_g · cols(x[n, g]) + b`, `x` and `w` row-major,
-/// into a new row-major `[N, O, Ho·Wo]` buffer.
+/// into a new row-major `[N, O, Ho·Wo]` buffer. A chunk of several images
+/// is one product into a `[O/groups, images · P]` matrix, added to each
+/// image's output.
 fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (og, k, p) = (g.og(), g.k(), g.p());
     let len = g.n * g.o * p;
@@ -479,33 +660,38 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
         }
         _ => vec![0.0; len],
     };
-    if out.is_empty() {
+    if out.is_empty() || k == 0 {
         return out;
     }
-    if k == 0 {
-        return out;
-    }
-    let mut cols = take_scratch();
-    for (x, y) in x
-        .chunks_exact(g.c * g.h * g.w)
-        .zip(out.chunks_exact_mut(g.o * p))
-    {
+    let (mut cols, mut product) = (take_scratch(), Vec::new());
+    let mut lowering = Lowering::new(g);
+    for chunk in g.chunks() {
         for group in 0..g.groups {
-            let x = &x[group * g.cg() * g.h * g.w..][..g.cg() * g.h * g.w];
             let w =
                 ArrayView2::from_shape((og, k), &w[group * og * k..][..og * k]).expect("[O/g, K]");
-            let mut y = ArrayViewMut2::from_shape((og, p), &mut y[group * og * p..][..og * p])
-                .expect("[O/g, P]");
-            for band in g.bands() {
-                let len = k * (band.1 - band.0) * g.wo;
-                let cols = first(&mut cols, len);
-                im2col(g, x, band, cols);
-                let cols = ArrayView2::from_shape((k, len / k), &*cols).expect("[K, band]");
-                gemm_acc_into(
-                    w,
-                    cols,
-                    y.slice_axis_mut(ndarray::Axis(1), band_cols(g, band)),
-                );
+            let cols = lowering.cols(g, x, chunk, group, &mut cols);
+            let band = chunk.band(g);
+            if chunk.images() == 1 {
+                let at = (chunk.n0 * g.o + group * og) * p + chunk.oy0 * g.wo;
+                let y = ArrayViewMut2::from_shape((og, band).strides((p, 1)), &mut out[at..])
+                    .expect("[O/g, band] of the output");
+                gemm_acc_into(w, cols, y);
+                continue;
+            }
+            let product = first(&mut product, og * cols.ncols());
+            gemm_into(
+                w,
+                cols,
+                ArrayViewMut2::from_shape((og, cols.ncols()), &mut *product).expect("[O/g, chunk]"),
+            );
+            for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+                for o in 0..og {
+                    let y = &mut out[(n * g.o + group * og + o) * p..][..p];
+                    let src = &product[o * cols.ncols() + i * p..][..p];
+                    for (y, v) in y.iter_mut().zip(src) {
+                        *y += *v;
+                    }
+                }
             }
         }
     }
@@ -542,40 +728,45 @@ impl Backprop for ConvBackward {
             self.w.as_slice().expect("row-major"),
         );
         if !dy.is_empty() && k > 0 {
-            let (mut cols, mut dcols) = (take_scratch(), take_scratch());
-            let image = g.c * g.h * g.w;
-            for n in 0..g.n {
+            let (mut cols, mut dcols, mut dys) = (take_scratch(), take_scratch(), Vec::new());
+            let mut lowering = Lowering::new(g);
+            for chunk in g.chunks() {
+                let (band, width) = (chunk.band(g), chunk.cols(g));
                 for group in 0..g.groups {
-                    let at = n * image + group * g.cg() * g.h * g.w;
-                    let dy = ArrayView2::from_shape(
-                        (og, p),
-                        &dy[(n * g.o + group * og) * p..][..og * p],
-                    )
-                    .expect("[O/g, P]");
+                    // dY of the chunk's group as a [O/g, chunk] matrix: a
+                    // view of one image's band, or the images' planes
+                    // gathered side by side.
+                    let dy = if chunk.images() == 1 {
+                        let at = (chunk.n0 * g.o + group * og) * p + chunk.oy0 * g.wo;
+                        ArrayView2::from_shape((og, band).strides((p, 1)), &dy[at..])
+                            .expect("[O/g, band] of dY")
+                    } else {
+                        let gathered = first(&mut dys, og * width);
+                        for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+                            for o in 0..og {
+                                gathered[o * width + i * p..][..p]
+                                    .copy_from_slice(&dy[(n * g.o + group * og + o) * p..][..p]);
+                            }
+                        }
+                        ArrayView2::from_shape((og, width), &*gathered).expect("[O/g, chunk]")
+                    };
                     let w = ArrayView2::from_shape((og, k), &w[group * og * k..][..og * k])
                         .expect("[O/g, K]");
-                    for band in g.bands() {
-                        let dy = dy.slice_axis(ndarray::Axis(1), band_cols(g, band));
-                        let len = k * dy.ncols();
-                        if need_w {
-                            let cols = first(&mut cols, len);
-                            im2col(g, &x[at..], band, cols);
-                            let cols =
-                                ArrayView2::from_shape((k, dy.ncols()), &*cols).expect("[K, band]");
-                            let dwt = ArrayViewMut2::from_shape(
-                                (k, og),
-                                &mut dwt[group * og * k..][..og * k],
-                            )
-                            .expect("[K, O/g]");
-                            gemm_acc_into(cols, dy.t(), dwt);
-                        }
-                        if need_x {
-                            let dcols = first(&mut dcols, len);
-                            let out = ArrayViewMut2::from_shape((k, dy.ncols()), &mut *dcols)
-                                .expect("[K, band]");
-                            gemm_into(w.t(), dy, out);
-                            col2im(g, dcols, band, &mut dx[at..]);
-                        }
+                    if need_w {
+                        let cols = lowering.cols(g, x, chunk, group, &mut cols);
+                        let dwt = ArrayViewMut2::from_shape(
+                            (k, og),
+                            &mut dwt[group * og * k..][..og * k],
+                        )
+                        .expect("[K, O/g]");
+                        gemm_acc_into(cols, dy.t(), dwt);
+                    }
+                    if need_x {
+                        let dcols = first(&mut dcols, k * width);
+                        let out =
+                            ArrayViewMut2::from_shape((k, width), &mut *dcols).expect("[K, chunk]");
+                        gemm_into(w.t(), dy, out);
+                        lowering.add_cols(g, dcols, chunk, group, &mut dx);
                     }
                 }
             }
@@ -599,7 +790,7 @@ impl Backprop for ConvBackward {
             let mut db = vec![0.0; g.o];
             if p > 0 {
                 for (channel, d) in dy.chunks_exact(p).zip((0..g.o).cycle()) {
-                    db[d] += channel.iter().sum::<f32>();
+                    db[d] += wide_sum(channel);
                 }
             }
             grads.put(2, Data::from_vec(&[g.o], db));
@@ -765,8 +956,9 @@ pub fn conv2d(
 /// `stride`, `padding` and `dilation` take a number or a pair
 /// ([`Size2`]); `groups = C` is a depthwise convolution.
 ///
-/// Lowered to the gemm kernel (im2col in cache-sized bands, one product
-/// per image and group; the backward's input, weight and bias gradients
+/// Lowered to the gemm kernel (im2col in cache-sized chunks: bands of a
+/// large image, or several small images side by side in one product,
+/// per group; the backward's input, weight and bias gradients
 /// are products and sums too). NaN and infinities propagate as through any
 /// sum of products. Departure from PyTorch: `padding` is numbers only (no
 /// `"same"`/`"valid"` strings; `"valid"` is 0).

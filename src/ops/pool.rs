@@ -153,6 +153,124 @@ fn pool_map(
     out
 }
 
+/// Max pooling without padding (every window inside the image), as
+/// PyTorch scans each window: row-major, a value wins if greater than the
+/// best so far or NaN. Computed a whole output row at a time, kernel tap
+/// by kernel tap (branch-free selects over the row). With `argmax`, also
+/// pushes each output's winning position in `x`.
+fn unpadded_max(
+    planes: &Planes,
+    x: &[f32],
+    kernel: Size2,
+    stride: Size2,
+    mut argmax: Option<&mut Vec<usize>>,
+) -> Vec<f32> {
+    let (h, w) = (planes.h, planes.w);
+    // The first output row's windows start at row 0.
+    let wo = planes.windows.iter().take_while(|win| win.y0 == 0).count();
+    let ho = planes.windows.len().checked_div(wo).unwrap_or(0);
+    let mut out = Vec::with_capacity(planes.count * ho * wo);
+    if ho == 0 {
+        return out;
+    }
+    if kernel == Size2(2, 2) && stride == Size2(2, 2) {
+        max_2x2(x, h, w, (ho, wo), &mut out, argmax);
+        return out;
+    }
+    let mut best = vec![f32::NEG_INFINITY; wo];
+    let mut index = vec![0usize; wo];
+    for (p, plane) in x.chunks_exact(h * w).enumerate() {
+        for oy in 0..ho {
+            best.fill(f32::NEG_INFINITY);
+            if argmax.is_some() {
+                // The first cell wins if every value is -inf.
+                for (ox, at) in index.iter_mut().enumerate() {
+                    *at = p * h * w + oy * stride.0 * w + ox * stride.1;
+                }
+            }
+            for i in 0..kernel.0 {
+                let y = oy * stride.0 + i;
+                let row = &plane[y * w..(y + 1) * w];
+                for j in 0..kernel.1 {
+                    let taps = row[j..].iter().step_by(stride.1);
+                    if argmax.is_some() {
+                        let at = p * h * w + y * w + j;
+                        for (ox, ((b, i), &v)) in
+                            best.iter_mut().zip(index.iter_mut()).zip(taps).enumerate()
+                        {
+                            // Branch-free: which value wins is data.
+                            let take = v > *b || v.is_nan();
+                            *b = if take { v } else { *b };
+                            let mask = usize::from(take).wrapping_neg();
+                            *i ^= (*i ^ (at + ox * stride.1)) & mask;
+                        }
+                    } else {
+                        for (b, &v) in best.iter_mut().zip(taps) {
+                            *b = if v > *b || v.is_nan() { v } else { *b };
+                        }
+                    }
+                }
+            }
+            out.extend_from_slice(&best);
+            if let Some(argmax) = argmax.as_mut() {
+                argmax.extend_from_slice(&index);
+            }
+        }
+    }
+    out
+}
+
+/// PyTorch's scan step: `v` wins over the best so far `b` if greater or
+/// NaN.
+#[inline(always)]
+fn wins(v: f32, b: f32) -> bool {
+    v > b || v.is_nan()
+}
+
+/// [`unpadded_max`] for the most common pooling, 2x2 windows at stride 2:
+/// the four cells of each window read directly, the winner chosen by
+/// selects rather than branches.
+fn max_2x2(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    (ho, wo): (usize, usize),
+    out: &mut Vec<f32>,
+    mut argmax: Option<&mut Vec<usize>>,
+) {
+    for (p, plane) in x.chunks_exact(h * w).enumerate() {
+        for oy in 0..ho {
+            let top = &plane[2 * oy * w..][..2 * wo];
+            let bottom = &plane[(2 * oy + 1) * w..][..2 * wo];
+            let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+            match argmax.as_mut() {
+                None => out.extend(pairs.map(|(t, b)| {
+                    let mut best = t[0];
+                    for v in [t[1], b[0], b[1]] {
+                        best = if wins(v, best) { v } else { best };
+                    }
+                    best
+                })),
+                Some(argmax) => {
+                    let at = p * h * w + 2 * oy * w;
+                    for (ox, (t, b)) in pairs.enumerate() {
+                        // The first cell is the winner before any scan
+                        // (it stays so if all are -inf).
+                        let (mut best, mut offset) = (t[0], 0);
+                        for (v, o) in [(t[1], 1), (b[0], w), (b[1], w + 1)] {
+                            let take = wins(v, best);
+                            best = if take { v } else { best };
+                            offset = if take { o } else { offset };
+                        }
+                        out.push(best);
+                        argmax.push(at + 2 * ox + offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Max pooling, as PyTorch's `F.max_pool2d`.
 ///
 /// # Panics
@@ -223,35 +341,54 @@ pub fn try_max_pool2d(
     stride: Option<Size2>,
     padding: impl Into<Size2>,
 ) -> Result<Tensor> {
-    let (planes, shape) = sliding(
-        "max_pool2d",
-        input.shape(),
-        kernel_size.into(),
-        stride,
-        padding.into(),
-    )?;
+    let (kernel, padding) = (kernel_size.into(), padding.into());
+    let stride = stride.unwrap_or(kernel);
+    let (planes, shape) = sliding("max_pool2d", input.shape(), kernel, Some(stride), padding)?;
     let x = contiguous(input.read().into_data());
     let w = planes.w;
-    // The position of each output's maximum, in `x`.
-    let mut argmax = Vec::with_capacity(planes.count * planes.windows.len());
-    let out = pool_map(&planes, x.as_slice().expect("row-major"), |at, v, win| {
-        // PyTorch's scan: a value wins if greater or NaN; the first cell
-        // of the window wins if all are -inf.
-        let (mut best, mut index) = (f32::NEG_INFINITY, win.y0 * w + win.x0);
-        for iy in win.y0..win.y1 {
-            for ix in win.x0..win.x1 {
-                let value = v[iy * w + ix];
-                if value > best || value.is_nan() {
-                    (best, index) = (value, iy * w + ix);
+    // Without padding every window lies inside the image: whole output
+    // rows at a time, the maxima without their positions (found only if
+    // the op is recorded).
+    let unpadded = padding == Size2(0, 0);
+    let (out, argmax) = if unpadded {
+        let values = x.as_slice().expect("row-major");
+        if crate::autograd::is_grad_enabled() && input.requires_grad() {
+            // The op will be recorded: the positions in the same pass.
+            let mut argmax = Vec::with_capacity(planes.count * planes.windows.len());
+            let out = unpadded_max(&planes, values, kernel, stride, Some(&mut argmax));
+            (out, Some(argmax))
+        } else {
+            (unpadded_max(&planes, values, kernel, stride, None), None)
+        }
+    } else {
+        // The position of each output's maximum, in `x`.
+        let mut argmax = Vec::with_capacity(planes.count * planes.windows.len());
+        let out = pool_map(&planes, x.as_slice().expect("row-major"), |at, v, win| {
+            // PyTorch's scan: a value wins if greater or NaN; the first
+            // cell of the window wins if all are -inf.
+            let (mut best, mut index) = (f32::NEG_INFINITY, win.y0 * w + win.x0);
+            for iy in win.y0..win.y1 {
+                for ix in win.x0..win.x1 {
+                    let value = v[iy * w + ix];
+                    if value > best || value.is_nan() {
+                        (best, index) = (value, iy * w + ix);
+                    }
                 }
             }
-        }
-        argmax.push(at + index);
-        best
-    });
+            argmax.push(at + index);
+            best
+        });
+        (out, Some(argmax))
+    };
     let in_shape = x.shape().to_vec();
     let out = Data::from_vec(&shape, out);
     record("max_pool2d", &[input], out, move |_| {
+        let argmax = argmax.unwrap_or_else(|| {
+            let mut argmax = Vec::with_capacity(planes.count * planes.windows.len());
+            let values = x.as_slice().expect("row-major");
+            unpadded_max(&planes, values, kernel, stride, Some(&mut argmax));
+            argmax
+        });
         // dx[argmax[i]] += dy[i]; differentiably, a recorded scatter-add
         // (whose backward picks the maxima again)
         with_graph(
@@ -555,6 +692,93 @@ mod tests {
         Tensor::from_vec(values, &[1, 1, h, w])
             .unwrap()
             .requires_grad_(true)
+    }
+
+    /// PyTorch's scan, window by window over the padded image (`-inf`
+    /// outside): the maxima and the winners' positions in `x`.
+    fn scan(
+        x: &[f32],
+        [planes, h, w]: [usize; 3],
+        k: (usize, usize),
+        s: (usize, usize),
+        pad: (usize, usize),
+    ) -> (Vec<f32>, Vec<usize>) {
+        let ho = (h + 2 * pad.0 - k.0) / s.0 + 1;
+        let wo = (w + 2 * pad.1 - k.1) / s.1 + 1;
+        let (mut values, mut positions) = (Vec::new(), Vec::new());
+        for p in 0..planes {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let (mut best, mut at) = (f32::NEG_INFINITY, None);
+                    for i in 0..k.0 {
+                        for j in 0..k.1 {
+                            let (iy, ix) = (
+                                (oy * s.0 + i) as isize - pad.0 as isize,
+                                (ox * s.1 + j) as isize - pad.1 as isize,
+                            );
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let index = p * h * w + iy as usize * w + ix as usize;
+                            at.get_or_insert(index);
+                            if x[index] > best || x[index].is_nan() {
+                                (best, at) = (x[index], Some(index));
+                            }
+                        }
+                    }
+                    values.push(best);
+                    positions.push(at.unwrap());
+                }
+            }
+        }
+        (values, positions)
+    }
+
+    #[test]
+    fn max_pool_paths_agree_with_pytorchs_scan() {
+        // Values drawn from a few levels (ties everywhere), with NaNs,
+        // -inf, and both zeros; 2x2 at stride 2 (its own path), other
+        // unpadded windows (overlapping, uneven), and padded ones.
+        let levels = [0.0, -0.0, 1.0, 1.0, 2.0, f32::NEG_INFINITY, f32::NAN, -3.0];
+        let (planes, h, w) = (6, 7, 9);
+        let x: Vec<f32> = (0..planes * h * w)
+            .map(|i| levels[(i * 7 + i / 5) % levels.len()])
+            .collect();
+        // All -inf in one plane: the first cell of each window wins.
+        let mut x = x;
+        x[..h * w].fill(f32::NEG_INFINITY);
+        for (k, s, pad) in [
+            ((2, 2), (2, 2), (0, 0)),
+            ((3, 2), (1, 2), (0, 0)),
+            ((2, 3), (3, 1), (0, 0)),
+            ((3, 3), (2, 2), (1, 1)),
+        ] {
+            let (want, positions) = scan(&x, [planes, h, w], k, s, pad);
+            let t = Tensor::from_vec(x.clone(), &[2, 3, h, w]).unwrap();
+            for grad in [false, true] {
+                let t = t.clone().requires_grad_(grad);
+                let y = max_pool2d(&t, k, Some(s.into()), pad);
+                let got = y.to_vec();
+                assert_eq!(got.len(), want.len());
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(
+                        g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                        "{k:?} {s:?}: {g} vs {e}"
+                    );
+                }
+                if grad {
+                    // A distinct gradient per output shows where each went.
+                    let dy: Vec<f32> = (0..got.len()).map(|i| 1.0 + i as f32).collect();
+                    let dy = Tensor::from_vec(dy.clone(), y.shape()).unwrap();
+                    (&y * &dy).sum().backward();
+                    let mut expected = vec![0.0; x.len()];
+                    for (i, &at) in positions.iter().enumerate() {
+                        expected[at] += 1.0 + i as f32;
+                    }
+                    assert_eq!(t.grad().unwrap().to_vec(), expected, "{k:?} {s:?} {pad:?}");
+                }
+            }
+        }
     }
 
     #[test]
