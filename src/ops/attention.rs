@@ -502,10 +502,17 @@ impl Saved {
     /// Per batch index: dV = Pᵀ·dO, dP = dO·Vᵀ,
     /// dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     /// dMask = dS; then each summed to its operand's shape.
-    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+    fn backward(&self, mut grad: Data, grads: &mut InputGrads<'_>) {
         let Dims { l, s, e, ev, .. } = self.dims;
         let want_mask = grads.len() > 3 && grads.needs_grad(3);
-        let grad = grad.view();
+        // dV is written over the incoming gradient when that has dV's shape
+        // (L = S, V not broadcast) and is row-major and unshared: one
+        // [batch..., S, Ev] buffer less. Batch b's dV goes into a scratch,
+        // then over batch b's gradient once that has been read.
+        let in_place = l == s
+            && self.v.shape() == self.dims.shape(s, ev).as_slice()
+            && grad.as_slice().is_some()
+            && grad.is_unique();
         let (qv, kv, vv) = (self.q.view(), self.k.view(), self.v.view());
         let (qb, kb, vb) = (
             self.dims.broadcast(&qv, l, e),
@@ -513,15 +520,16 @@ impl Saved {
             self.dims.broadcast(&vv, s, ev),
         );
         let zeros = |rows, cols| ndarray::ArrayD::<f32>::zeros(IxDyn(&self.dims.shape(rows, cols)));
-        let (mut dq, mut dk, mut dv) = (zeros(l, e), zeros(s, e), zeros(s, ev));
+        let (mut dq, mut dk) = (zeros(l, e), zeros(s, e));
+        let mut dv = if in_place { zeros(0, 0) } else { zeros(s, ev) };
+        let mut dv_scratch = ndarray::Array2::<f32>::zeros(if in_place { (s, ev) } else { (0, 0) });
         let mut dmask = if want_mask { zeros(l, s) } else { zeros(0, 0) };
         let mut ds = ndarray::Array2::<f32>::zeros((l, s));
         let mut p = ndarray::Array2::<f32>::zeros((l, s));
         let mv = self.mask.as_ref().map(Data::view);
         let mb = mv.as_ref().map(|m| self.dims.broadcast(m, l, s));
         if l * s > 0 {
-            for index in self.dims.indices() {
-                let g = matrix_at(&grad, &index);
+            for (b, index) in self.dims.indices().enumerate() {
                 let (qi, ki, vi) = (
                     matrix_at(&qb, &index),
                     matrix_at(&kb, &index),
@@ -536,8 +544,22 @@ impl Saved {
                     p.view_mut(),
                 );
                 let p = p.view();
-                gemm_into(p.t(), g, slot(&mut dv, &index));
-                gemm_into(g, vi.t(), ds.view_mut());
+                {
+                    let grad = grad.view();
+                    let g = matrix_at(&grad, &index);
+                    if in_place {
+                        gemm_into(p.t(), g, dv_scratch.view_mut());
+                    } else {
+                        gemm_into(p.t(), g, slot(&mut dv, &index));
+                    }
+                    gemm_into(g, vi.t(), ds.view_mut());
+                }
+                if in_place {
+                    let values = grad.view_mut().expect("checked unique");
+                    let values = values.into_slice().expect("checked row-major");
+                    values[b * l * ev..][..l * ev]
+                        .copy_from_slice(dv_scratch.as_slice().expect("a row-major matrix"));
+                }
                 // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
                 // the mask's gradient (unscaled) is wanted.
                 let scale = if want_mask { 1.0 } else { self.scale };
@@ -564,7 +586,11 @@ impl Saved {
         }
         grads.set(0, reduce_to_shape(dq, self.q.shape()));
         grads.set(1, reduce_to_shape(dk, self.k.shape()));
-        grads.set(2, reduce_to_shape(dv, self.v.shape()));
+        if in_place {
+            grads.put(2, grad);
+        } else {
+            grads.set(2, reduce_to_shape(dv, self.v.shape()));
+        }
         if let (true, Some(mask)) = (want_mask, &self.mask) {
             grads.set(3, reduce_to_shape(dmask, mask.shape()));
         }
