@@ -227,9 +227,7 @@ impl Data {
         let Some(values) = self.as_slice() else {
             return self.map(f);
         };
-        let mut out = vec![0.0; values.len()];
-        crate::ops::vectorized::map(values, &mut out, f);
-        Data::from_vec(&self.shape, out)
+        Data::from_vec(&self.shape, crate::ops::vectorized::map(values, f))
     }
 
     /// `value` at every element of `shape`.
