@@ -219,6 +219,17 @@ impl Data {
         }
     }
 
+    /// The values mapped by `f`, compiled for the widest SIMD extension
+    /// this CPU has ([`vectorized::map`](crate::ops::vectorized::map)):
+    /// for `f` among the vectorising kernels (`exp`, `tanh`, ...), where
+    /// [`map`](Data::map)'s iterator would stay scalar.
+    pub(crate) fn map_simd(&self, f: impl Fn(f32) -> f32) -> Data {
+        let Some(values) = self.as_slice() else {
+            return self.map(f);
+        };
+        Data::from_vec(&self.shape, crate::ops::vectorized::map(values, f))
+    }
+
     /// `value` at every element of `shape`.
     pub(crate) fn full(shape: &[usize], value: f32) -> Data {
         Data::collect(shape, std::iter::repeat_n(value, numel(shape)))
@@ -370,9 +381,7 @@ impl Data {
         if self.strides.is_none()
             && let Some(values) = self.buf.unique_mut()
         {
-            for v in values.iter_mut() {
-                *v = f(*v);
-            }
+            crate::ops::vectorized::map_in_place(values, f);
             return self;
         }
         self.map(f)
@@ -388,9 +397,14 @@ impl Data {
             && let Some(b) = other.as_slice()
         {
             if let Some(a) = self.buf.unique_mut() {
-                for (a, &b) in a.iter_mut().zip(b) {
-                    *a = f(*a, b);
-                }
+                crate::ops::vectorized::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (a, &b) in a.iter_mut().zip(b) {
+                            *a = f(*a, b);
+                        }
+                    },
+                );
                 return self;
             }
             let a = self.buf.as_slice();

@@ -10,6 +10,7 @@ use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
 use super::graph::sum_to;
+use super::vectorized;
 
 /// `1/√2`.
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
@@ -79,7 +80,7 @@ where
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
-    let out = input.map(f);
+    let out = input.map_simd(f);
     record_unary(op, x, out, move |_| {
         with_graph(
             (input, df, dg),
@@ -214,9 +215,9 @@ impl Tensor {
         map_input_op(
             self,
             "gelu_tanh",
-            |x| 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh()),
+            |x| 0.5 * x * (1.0 + vectorized::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))),
             |g, x| {
-                let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+                let t = vectorized::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
                 let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
                 g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
             },
@@ -260,9 +261,9 @@ impl Tensor {
         map_input_op(
             self,
             "silu",
-            |x| x / (1.0 + (-x).exp()),
+            |x| x / (1.0 + vectorized::exp(-x)),
             |g, x| {
-                let s = 1.0 / (1.0 + (-x).exp());
+                let s = vectorized::sigmoid(x);
                 g * s * (1.0 + x * (1.0 - s))
             },
             |g, x| {

@@ -193,7 +193,10 @@ pub fn try_scaled_dot_product_attention(
     );
     let (l, s, ev) = (dims.l, dims.s, dims.ev);
     let batches = dims.batches();
-    let mut probs = vec![0.0_f32; batches * l * s];
+    // P is not saved: the backward recomputes it, one batch index at a
+    // time, into one L·S scratch (as this loop does), which keeps the
+    // graph L·S values per batch index smaller.
+    let mut probs = vec![0.0_f32; l * s];
     let mut out = vec![0.0_f32; batches * l * ev];
     {
         let (qv, kv, vv) = (q.view(), k.view(), v.view());
@@ -206,24 +209,16 @@ pub fn try_scaled_dot_product_attention(
         let mb = mv.as_ref().map(|m| dims.broadcast(m, l, s));
         if l * s > 0 {
             for (b, index) in dims.indices().enumerate() {
-                let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[b * l * s..][..l * s])
+                let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[..])
                     .expect("a slice of L·S values");
-                gemm_into(
+                probs_into(
                     matrix_at(&qb, &index),
-                    matrix_at(&kb, &index).t(),
+                    matrix_at(&kb, &index),
+                    mb.as_ref().map(|m| matrix_at(m, &index)),
+                    scale,
+                    is_causal,
                     p.view_mut(),
                 );
-                let mask = mb.as_ref().map(|m| matrix_at(m, &index));
-                for (i, mut row) in p.rows_mut().into_iter().enumerate() {
-                    let row = row.as_slice_mut().expect("a row-major row");
-                    mask_row(
-                        row,
-                        scale,
-                        mask.as_ref().map(|m| m.row(i)),
-                        is_causal.then_some(i),
-                    );
-                    softmax_row(row);
-                }
                 let o = ArrayViewMut2::from_shape((l, ev), &mut out[b * l * ev..][..l * ev])
                     .expect("a slice of L·Ev values");
                 gemm_into(p.view(), matrix_at(&vb, &index), o);
@@ -241,7 +236,6 @@ pub fn try_scaled_dot_product_attention(
             k,
             v,
             mask,
-            probs,
             scale,
             causal: is_causal,
             dims,
@@ -254,6 +248,30 @@ pub fn try_scaled_dot_product_attention(
             },
         )
     })
+}
+
+/// The probabilities `P = softmax(scale·Q·Kᵀ + mask)` of one batch index
+/// (`q` `[L, E]`, `k` `[S, E]`, `mask` `[L, S]`) written over `p`
+/// `[L, S]`. Forward and backward both call it, so the backward's
+/// recomputed `P` has forward's bits.
+fn probs_into(
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    mask: Option<ArrayView2<'_, f32>>,
+    scale: f32,
+    causal: bool,
+    mut p: ArrayViewMut2<'_, f32>,
+) {
+    gemm_into(q, k.t(), p.view_mut());
+    for (i, mut row) in p.rows_mut().into_iter().enumerate() {
+        let row = row.as_slice_mut().expect("a row-major row");
+        if causal {
+            causal_softmax_row(row, scale, i);
+        } else {
+            mask_row(row, scale, mask.as_ref().map(|m| m.row(i)), None);
+            softmax_row(row);
+        }
+    }
 }
 
 /// Scales a row of scores and adds the mask: the hidden keys of a causal
@@ -276,32 +294,45 @@ fn mask_row(
     }
 }
 
+/// Row `i` of a causal attention's probabilities from its raw scores, in
+/// place: as [`mask_row`] with `causal = Some(i)` then [`softmax_row`], with
+/// the keys past `i` (probability 0) never exponentiated. They are only
+/// scanned: a score there that scales to NaN or `+inf` would have made the
+/// masked row NaN (`NaN - inf`, `inf - inf`), and still does.
+fn causal_softmax_row(row: &mut [f32], scale: f32, i: usize) {
+    let live = (i + 1).min(row.len());
+    let (head, hidden) = row.split_at_mut(live);
+    let spoiled = super::vectorized::dispatch(
+        #[inline(always)]
+        || {
+            hidden.iter().fold(false, |bad, &v| {
+                let v = v * scale;
+                bad | v.is_nan() | (v == f32::INFINITY)
+            })
+        },
+    );
+    if spoiled {
+        row.fill(f32::NAN);
+        return;
+    }
+    hidden.fill(0.0);
+    mask_row(head, scale, None, None);
+    softmax_row(head);
+}
+
 /// Softmax of a row in place, stable (the maximum is subtracted). A row
 /// whose maximum is `-inf` is fully masked and becomes 0; a NaN anywhere
 /// makes the row NaN; a `+inf` gives the limits of
 /// [`softmax`](crate::Tensor::try_softmax) (NaN at the `+inf` entries).
 ///
-/// The maximum and the sum run in eight interleaved lanes (vectorised),
-/// and `-inf` entries (masked keys) skip the exponential.
+/// The maximum, the exponentials and the sum run in SIMD vectors
+/// ([`vectorized`](super::vectorized)).
 fn softmax_row(row: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut nan = false;
-    let chunks = row.chunks_exact(8);
-    for &v in chunks.remainder() {
-        lanes[0] = lanes[0].max(v);
-        nan |= v.is_nan();
-    }
-    for chunk in chunks {
-        for k in 0..8 {
-            lanes[k] = lanes[k].max(chunk[k]);
-            nan |= chunk[k].is_nan();
-        }
-    }
-    let max = if nan {
-        f32::NAN
-    } else {
-        lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
-    };
+    use super::vectorized;
+    let max = vectorized::dispatch(
+        #[inline(always)]
+        || vectorized::max_or_nan(row),
+    );
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
@@ -309,26 +340,15 @@ fn softmax_row(row: &mut [f32]) {
     if !max.is_finite() {
         // NaN, or +inf: exp(v - max) is already the limit (0, or NaN for
         // inf - inf and NaN), -inf entries included.
-        row.iter_mut().for_each(|v| *v = (*v - max).exp());
+        vectorized::map_in_place(row, |v| vectorized::exp(v - max));
         return;
     }
-    for v in row.iter_mut() {
-        *v = if *v == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (*v - max).exp()
-        };
-    }
-    let inv = 1.0 / lane_sum(row);
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// Σ a row, in eight interleaved lanes (vectorised).
-fn lane_sum(row: &[f32]) -> f32 {
-    lane_dot(row, None)
+    // exp(-inf - max) is exactly 0: masked keys need no test.
+    vectorized::softmax_finite_max(row, max);
 }
 
 /// Σ a·b over two rows (Σ a without `b`), in eight interleaved lanes.
+#[inline(always)]
 fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let mut total = 0.0;
@@ -465,15 +485,14 @@ fn check(q: &[usize], k: &[usize], v: &[usize], mask: Option<AttnMask<'_>>) -> R
     Ok(dims)
 }
 
-/// What the backward saved: the operands, the probabilities `P`
-/// (`[batch..., L, S]`, row-major) and the scale.
+/// What the backward saved: the operands, the mask and the scale (the
+/// probabilities `P` are recomputed from them, one batch index at a time).
 struct Saved {
     q: Data,
     k: Data,
     v: Data,
     /// The mask as additive values (a boolean mask's 0 as -inf).
     mask: Option<Data>,
-    probs: Vec<f32>,
     scale: f32,
     causal: bool,
     dims: Dims,
@@ -483,10 +502,17 @@ impl Saved {
     /// Per batch index: dV = Pᵀ·dO, dP = dO·Vᵀ,
     /// dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     /// dMask = dS; then each summed to its operand's shape.
-    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+    fn backward(&self, mut grad: Data, grads: &mut InputGrads<'_>) {
         let Dims { l, s, e, ev, .. } = self.dims;
         let want_mask = grads.len() > 3 && grads.needs_grad(3);
-        let grad = grad.view();
+        // dV is written over the incoming gradient when that has dV's shape
+        // (L = S, V not broadcast) and is row-major and unshared: one
+        // [batch..., S, Ev] buffer less. Batch b's dV goes into a scratch,
+        // then over batch b's gradient once that has been read.
+        let in_place = l == s
+            && self.v.shape() == self.dims.shape(s, ev).as_slice()
+            && grad.as_slice().is_some()
+            && grad.is_unique();
         let (qv, kv, vv) = (self.q.view(), self.k.view(), self.v.view());
         let (qb, kb, vb) = (
             self.dims.broadcast(&qv, l, e),
@@ -494,34 +520,62 @@ impl Saved {
             self.dims.broadcast(&vv, s, ev),
         );
         let zeros = |rows, cols| ndarray::ArrayD::<f32>::zeros(IxDyn(&self.dims.shape(rows, cols)));
-        let (mut dq, mut dk, mut dv) = (zeros(l, e), zeros(s, e), zeros(s, ev));
+        let (mut dq, mut dk) = (zeros(l, e), zeros(s, e));
+        let mut dv = if in_place { zeros(0, 0) } else { zeros(s, ev) };
+        let mut dv_scratch = ndarray::Array2::<f32>::zeros(if in_place { (s, ev) } else { (0, 0) });
         let mut dmask = if want_mask { zeros(l, s) } else { zeros(0, 0) };
         let mut ds = ndarray::Array2::<f32>::zeros((l, s));
+        let mut p = ndarray::Array2::<f32>::zeros((l, s));
+        let mv = self.mask.as_ref().map(Data::view);
+        let mb = mv.as_ref().map(|m| self.dims.broadcast(m, l, s));
         if l * s > 0 {
             for (b, index) in self.dims.indices().enumerate() {
-                let p = ArrayView2::from_shape((l, s), &self.probs[b * l * s..][..l * s])
-                    .expect("a slice of L·S values");
-                let g = matrix_at(&grad, &index);
                 let (qi, ki, vi) = (
                     matrix_at(&qb, &index),
                     matrix_at(&kb, &index),
                     matrix_at(&vb, &index),
                 );
-                gemm_into(p.t(), g, slot(&mut dv, &index));
-                gemm_into(g, vi.t(), ds.view_mut());
+                probs_into(
+                    qi,
+                    ki,
+                    mb.as_ref().map(|m| matrix_at(m, &index)),
+                    self.scale,
+                    self.causal,
+                    p.view_mut(),
+                );
+                let p = p.view();
+                {
+                    let grad = grad.view();
+                    let g = matrix_at(&grad, &index);
+                    if in_place {
+                        gemm_into(p.t(), g, dv_scratch.view_mut());
+                    } else {
+                        gemm_into(p.t(), g, slot(&mut dv, &index));
+                    }
+                    gemm_into(g, vi.t(), ds.view_mut());
+                }
+                if in_place {
+                    let values = grad.view_mut().expect("checked unique");
+                    let values = values.into_slice().expect("checked row-major");
+                    values[b * l * ev..][..l * ev]
+                        .copy_from_slice(dv_scratch.as_slice().expect("a row-major matrix"));
+                }
                 // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
                 // the mask's gradient (unscaled) is wanted.
                 let scale = if want_mask { 1.0 } else { self.scale };
-                for (mut ds, p) in ds.rows_mut().into_iter().zip(p.rows()) {
-                    let (ds, p) = (
-                        ds.as_slice_mut().expect("a row-major row"),
-                        p.to_slice().expect("a row-major row"),
-                    );
-                    let dot = lane_dot(ds, Some(p));
-                    for (d, &p) in ds.iter_mut().zip(p) {
-                        *d = p * (*d - dot) * scale;
-                    }
-                }
+                let ds_rows = ds.as_slice_mut().expect("a row-major matrix");
+                let p_rows = p.to_slice().expect("a row-major matrix");
+                super::vectorized::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (ds, p) in ds_rows.chunks_exact_mut(s).zip(p_rows.chunks_exact(s)) {
+                            let dot = lane_dot(ds, Some(p));
+                            for (d, &p) in ds.iter_mut().zip(p) {
+                                *d = p * (*d - dot) * scale;
+                            }
+                        }
+                    },
+                );
                 if want_mask {
                     slot(&mut dmask, &index).assign(&ds);
                     ds.mapv_inplace(|d| d * self.scale);
@@ -532,10 +586,43 @@ impl Saved {
         }
         grads.set(0, reduce_to_shape(dq, self.q.shape()));
         grads.set(1, reduce_to_shape(dk, self.k.shape()));
-        grads.set(2, reduce_to_shape(dv, self.v.shape()));
+        if in_place {
+            grads.put(2, grad);
+        } else {
+            grads.set(2, reduce_to_shape(dv, self.v.shape()));
+        }
         if let (true, Some(mask)) = (want_mask, &self.mask) {
             grads.set(3, reduce_to_shape(dmask, mask.shape()));
         }
+    }
+
+    /// Forward's probabilities `P` of every batch index, recomputed
+    /// (`[batch..., L, S]`, row-major; `S > 0`).
+    fn probs(&self) -> Vec<f32> {
+        let Dims { l, s, e, .. } = self.dims;
+        let mut probs = vec![0.0_f32; self.dims.batches() * l * s];
+        let (qv, kv) = (self.q.view(), self.k.view());
+        let (qb, kb) = (
+            self.dims.broadcast(&qv, l, e),
+            self.dims.broadcast(&kv, s, e),
+        );
+        let mv = self.mask.as_ref().map(Data::view);
+        let mb = mv.as_ref().map(|m| self.dims.broadcast(m, l, s));
+        if l * s > 0 {
+            for (b, index) in self.dims.indices().enumerate() {
+                let p = ArrayViewMut2::from_shape((l, s), &mut probs[b * l * s..][..l * s])
+                    .expect("a slice of L·S values");
+                probs_into(
+                    matrix_at(&qb, &index),
+                    matrix_at(&kb, &index),
+                    mb.as_ref().map(|m| matrix_at(m, &index)),
+                    self.scale,
+                    self.causal,
+                    p,
+                );
+            }
+        }
+        probs
     }
 
     /// [`backward`](Saved::backward) in recorded ops (`create_graph`), with
@@ -564,9 +651,9 @@ impl Saved {
         }
         // The rows forward held at 0: all their keys hidden.
         let dead: Vec<f32> = if s == 0 {
-            vec![0.0; self.probs.len() / s.max(1)]
+            vec![0.0; self.dims.batches() * l]
         } else {
-            self.probs
+            self.probs()
                 .chunks_exact(s)
                 .map(|row| f32::from(row.iter().all(|&p| p == 0.0)))
                 .collect()

@@ -24,3 +24,4 @@ mod reduce;
 mod shape;
 mod softmax;
 mod unary;
+pub(crate) mod vectorized;

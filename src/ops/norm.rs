@@ -26,9 +26,10 @@ use crate::error::{Error, Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
 /// Σ f(a_i, b_i) over two slices of one length, in eight interleaved f32
-/// lanes (vectorised by the compiler, and more accurate than one running
-/// sum).
-#[inline]
+/// lanes (vectorised by the compiler inside
+/// [`dispatch`](super::vectorized::dispatch), and more accurate than one
+/// running sum).
+#[inline(always)]
 fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -47,7 +48,7 @@ fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// Σ f(a_i, b_i, c_i) over three slices of one length, as [`sum_zip`].
-#[inline]
+#[inline(always)]
 fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let (ac, bc, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
@@ -71,7 +72,7 @@ fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
 }
 
 /// Σ f(a_i) over a slice, as [`sum_zip`].
-#[inline]
+#[inline(always)]
 fn sum_map(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_zip(a, a, |a, _| f(a))
 }
@@ -189,6 +190,36 @@ fn row_norm_forward(
     let mut out = Vec::with_capacity(x.len());
     let rows = x.len() / width;
     let (mut means, mut rstds) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    // Every row's loops compiled for the widest SIMD extension this CPU has.
+    super::vectorized::dispatch(
+        #[inline(always)]
+        || {
+            row_norm_forward_rows(
+                x, width, weight, bias, eps, center, &mut out, &mut means, &mut rstds,
+            )
+        },
+    );
+    (out, means, rstds)
+}
+
+/// The rows of [`row_norm_forward`], appended to `out`, `means` and
+/// `rstds`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the forward's state, split out to be dispatched"
+)]
+#[inline(always)]
+fn row_norm_forward_rows(
+    x: &[f32],
+    width: usize,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    center: bool,
+    out: &mut Vec<f32>,
+    means: &mut Vec<f32>,
+    rstds: &mut Vec<f32>,
+) {
     for x in x.chunks_exact(width) {
         let n = width as f32;
         // Two passes (mean, then squared deviations): no cancellation.
@@ -209,7 +240,6 @@ fn row_norm_forward(
         means.push(mean);
         rstds.push(rstd);
     }
-    (out, means, rstds)
 }
 
 /// What a `layer_norm` or `rms_norm` backward saved: the (row-major)
@@ -262,24 +292,33 @@ impl RowNorm {
                     &ones
                 }
             };
-            let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
-            for (r, (x, g)) in rows.enumerate() {
-                let (mean, rstd) = (self.means[r], self.rstds[r]);
-                // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
-                let sum_g = sum_zip(g, w, |g, w| g * w);
-                let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
-                if want_w || want_b {
-                    for (((dw, db), &g), &x) in dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x) {
-                        *dw += g * (x - mean) * rstd;
-                        *db += g;
+            let (dw, db) = (&mut dw, &mut db);
+            // Every row's loops compiled for the widest SIMD extension.
+            super::vectorized::dispatch(
+                #[inline(always)]
+                || {
+                    let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
+                    for (r, (x, g)) in rows.enumerate() {
+                        let (mean, rstd) = (self.means[r], self.rstds[r]);
+                        // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
+                        let sum_g = sum_zip(g, w, |g, w| g * w);
+                        let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
+                        if want_w || want_b {
+                            for (((dw, db), &g), &x) in
+                                dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x)
+                            {
+                                *dw += g * (x - mean) * rstd;
+                                *db += g;
+                            }
+                        }
+                        let a = if self.center { sum_g / n } else { 0.0 };
+                        let b = sum_gx / n;
+                        for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
+                            *g = rstd * (*g * w - a - (x - mean) * rstd * b);
+                        }
                     }
-                }
-                let a = if self.center { sum_g / n } else { 0.0 };
-                let b = sum_gx / n;
-                for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
-                    *g = rstd * (*g * w - a - (x - mean) * rstd * b);
-                }
-            }
+                },
+            );
         }
         if want_x {
             debug_assert_eq!(shape, self.x.shape());

@@ -17,6 +17,8 @@ use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Result, or_panic};
 use crate::tensor::{Data, Tensor};
 
+use super::vectorized;
+
 /// The largest value of `lane`, or NaN if it holds one (`f32::max` would
 /// skip it); `-inf` for an empty lane.
 fn lane_max(lane: ArrayView1<'_, f32>) -> f32 {
@@ -36,16 +38,29 @@ pub(crate) fn softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
         return;
     }
     for mut lane in x.lanes_mut(Axis(axis)) {
+        if let Some(row) = lane.as_slice_mut() {
+            // A contiguous lane (the last axis): in SIMD vectors.
+            let max = vectorized::dispatch(
+                #[inline(always)]
+                || vectorized::max_or_nan(row),
+            );
+            if max.is_finite() {
+                vectorized::softmax_finite_max(row, max);
+            } else {
+                vectorized::map_in_place(row, |v| vectorized::exp(v - max));
+            }
+            continue;
+        }
         let max = lane_max(lane.view());
         if !max.is_finite() {
             // NaN, or infinities: see the module docs. exp(v - max) is
             // already the limit (0, or NaN for inf - inf and NaN).
-            lane.mapv_inplace(|v| (v - max).exp());
+            lane.mapv_inplace(|v| vectorized::exp(v - max));
             continue;
         }
         let mut sum = 0.0;
         lane.mapv_inplace(|v| {
-            let e = (v - max).exp();
+            let e = vectorized::exp(v - max);
             sum += e;
             e
         });

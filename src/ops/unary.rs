@@ -58,7 +58,7 @@ where
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
-    let out = input.map(f);
+    let out = input.map_simd(f);
     record_unary(op, x, out, move |out| Elementwise {
         saved: match saved {
             Saved::Input => input,
@@ -143,7 +143,7 @@ impl Tensor {
         map_op(
             self,
             "exp",
-            f32::exp,
+            super::vectorized::exp,
             Saved::Output,
             |g, y| g * y,
             |g, y| g.try_mul(y),
@@ -250,7 +250,7 @@ impl Tensor {
         map_op(
             self,
             "sigmoid",
-            |x| 1.0 / (1.0 + (-x).exp()),
+            super::vectorized::sigmoid,
             Saved::Output,
             |g, y| g * y * (1.0 - y),
             |g, y| g.try_mul(&y.mul(&y.rsub_scalar(1.0))),
@@ -264,7 +264,7 @@ impl Tensor {
         map_op(
             self,
             "tanh",
-            f32::tanh,
+            super::vectorized::tanh,
             Saved::Output,
             |g, y| g * (1.0 - y * y),
             |g, y| g.try_mul(&y.mul(y).rsub_scalar(1.0)),

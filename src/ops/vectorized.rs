@@ -1,0 +1,371 @@
+//! Element kernels that vectorise: `exp`, `tanh` and `sigmoid` written in
+//! plain `f32` arithmetic (no table, no branch the compiler cannot turn
+//! into a blend), and [`dispatch`], which compiles a loop for the widest
+//! SIMD extension this CPU has.
+//!
+//! Nothing sets a target CPU for the crate, so a loop compiles for SSE2
+//! unless it runs inside [`dispatch`] (pulp's run-time choice of AVX-512,
+//! AVX2 + FMA or SSE2). The arithmetic is the same in every variant (no
+//! fused multiply-add is written), so results do not depend on the CPU.
+//! libm's `expf`/`tanhf` are scalar calls: in attention's softmax and the
+//! tanh MLP of the Hessian-vector-product benchmark they were the largest
+//! single cost after the matrix products.
+//!
+//! Accuracy, checked against `f64` over dense sweeps in the tests below:
+//! [`exp`] within 2 ulp for results in the normal range (absolute error
+//! below 2⁻¹⁴⁹ · 2 in the subnormal range), [`tanh`] within 3 ulp,
+//! [`sigmoid`] within 4 ulp. NaN gives NaN; `exp(+inf) = +inf`,
+//! `exp(-inf) = 0`, `tanh(±inf) = ±1`, `sigmoid(±inf)` = 1 / 0, and
+//! `tanh(-0.0) = -0.0`.
+
+/// Runs `f` compiled for the widest SIMD extension this CPU has (AVX-512,
+/// AVX2 + FMA, or the baseline SSE2), chosen at run time by
+/// [`pulp::Arch::dispatch`]: `f`'s loops, inlined into each variant,
+/// auto-vectorise for it (mark closures `#[inline(always)]`). Under loom
+/// (no pulp) `f` runs as it is.
+#[inline(always)]
+pub(crate) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(not(loom))]
+    {
+        pulp::Arch::new().dispatch(f)
+    }
+    #[cfg(loom)]
+    {
+        f()
+    }
+}
+
+/// `f` of each value of `src` in a new `Vec` (written once, not zeroed
+/// first), compiled for the widest SIMD extension (see [`dispatch`]); `f`
+/// should be one of this module's kernels or plain arithmetic, inlined.
+#[inline(always)]
+pub(crate) fn map(src: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(src.len());
+    dispatch(
+        #[inline(always)]
+        || out.extend(src.iter().map(|&v| f(v))),
+    );
+    out
+}
+
+/// `values[i] = f(values[i])` in place, as [`map`].
+#[inline(always)]
+pub(crate) fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
+    dispatch(
+        #[inline(always)]
+        || {
+            for v in values.iter_mut() {
+                *v = f(*v);
+            }
+        },
+    );
+}
+
+/// The largest value of `values`, or NaN if one is NaN (`f32::max` would
+/// skip it); `-inf` for an empty slice. In sixteen lanes: call it inside
+/// [`dispatch`].
+#[inline(always)]
+pub(crate) fn max_or_nan(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut nan = [false; 16];
+    let chunks = values.chunks_exact(16);
+    for &v in chunks.remainder() {
+        lanes[0] = if v > lanes[0] { v } else { lanes[0] };
+        nan[0] |= v.is_nan();
+    }
+    for chunk in chunks {
+        for k in 0..16 {
+            lanes[k] = if chunk[k] > lanes[k] {
+                chunk[k]
+            } else {
+                lanes[k]
+            };
+            nan[k] |= chunk[k].is_nan();
+        }
+    }
+    if nan.iter().any(|&n| n) {
+        return f32::NAN;
+    }
+    lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// Σ values in sixteen interleaved lanes (more accurate than one running
+/// sum); call it inside [`dispatch`] to vectorise.
+#[inline(always)]
+pub(crate) fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0_f32; 16];
+    let chunks = values.chunks_exact(16);
+    let mut total = chunks.remainder().iter().sum::<f32>();
+    for chunk in chunks {
+        for k in 0..16 {
+            lanes[k] += chunk[k];
+        }
+    }
+    let mut width = 8;
+    while width > 0 {
+        for k in 0..width {
+            lanes[k] += lanes[k + width];
+        }
+        width /= 2;
+    }
+    total += lanes[0];
+    total
+}
+
+/// Softmax of a row whose maximum `max` is finite, in place:
+/// `e^(v - max) / Σ`, the exponentials in SIMD vectors (a `-inf` entry
+/// gives exactly 0).
+pub(crate) fn softmax_finite_max(row: &mut [f32], max: f32) {
+    dispatch(
+        #[inline(always)]
+        || {
+            for v in row.iter_mut() {
+                *v = exp(*v - max);
+            }
+            let total = sum(row);
+            for v in row.iter_mut() {
+                *v /= total;
+            }
+        },
+    );
+}
+
+/// `1.5 · 2²³`: adding it rounds an `f32` below 2²² in magnitude to the
+/// nearest integer (ties to even), which its low mantissa bits then hold.
+const ROUND: f32 = 12_582_912.0;
+
+/// `e^x` (see the module's accuracy note).
+///
+/// `x = n·ln2 + r` with `n` an integer and `|r| ≤ ln2/2`; `e^r` by its
+/// Taylor polynomial of degree 7 (truncation error below 6·10⁻⁹ relative),
+/// then scaled by `2^n` in two steps so that results down in the
+/// subnormal range and up to overflow come out right.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: the high one has 9 significant bits, so n · LN2_HI
+    // is exact for |n| ≤ 2¹⁵.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Below -104 the result is 0, above 89 +inf; NaN stays NaN (clamp
+    // keeps it).
+    let x = x.clamp(-104.0, 89.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // n ∈ [-150, 129] from its bits; 2^n = 2^(n/2) · 2^(n - n/2), each a
+    // normal number. (A NaN input gives garbage here, but NaN · anything
+    // is NaN.)
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let n = n.clamp(-160, 160);
+    let half = n >> 1;
+    let s1 = f32::from_bits(((half + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n - half + 127) as u32) << 23);
+    p * s1 * s2
+}
+
+/// Coefficients of `P` in `tanh(a) ≈ a + a³·P(a²)` on `[0, 0.625]`,
+/// least-squares fitted to the relative error (below 10⁻⁹ before f32
+/// rounding).
+const TANH_SMALL: [f32; 6] = [
+    -0.333_333_3,
+    0.133_332_27,
+    -0.053_949_397,
+    0.021_715_553,
+    -0.008_214_972,
+    0.002_178_023_6,
+];
+
+/// `tanh(x)` (see the module's accuracy note): the odd polynomial above
+/// for `|x| < 0.625`, `1 - 2 / (e^{2|x|} + 1)` above (no cancellation
+/// there: the subtracted term is at most 0.45 of 1), with `x`'s sign.
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    let s = a * a;
+    let [c0, c1, c2, c3, c4, c5] = TANH_SMALL;
+    let small = a + a * s * (c0 + s * (c1 + s * (c2 + s * (c3 + s * (c4 + s * c5)))));
+    let big = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    // A NaN fails the comparison and takes `big`, which is NaN.
+    let t = if a < 0.625 { small } else { big };
+    t.copysign(x)
+}
+
+/// The logistic function `1 / (1 + e^-x)` (see the module's accuracy
+/// note).
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The distance in units in the last place between an f32 result and
+    /// the exact value rounded to f32 (both finite, same sign).
+    fn ulps(got: f32, want: f64) -> u32 {
+        let want = want as f32;
+        if got == want {
+            return 0;
+        }
+        assert!(
+            got.is_finite() && want.is_finite() && (got >= 0.0) == (want >= 0.0),
+            "{got} vs {want}"
+        );
+        (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    /// Every `step`-th f32 between `lo` and `hi` (by bit pattern, both
+    /// signs handled by the caller).
+    fn sweep(lo: f32, hi: f32, count: u32) -> impl Iterator<Item = f32> {
+        (0..=count).map(move |i| lo + (hi - lo) * (i as f32 / count as f32))
+    }
+
+    #[test]
+    fn exp_is_within_2_ulp_of_f64_over_its_normal_range() {
+        let mut worst = (0, 0.0);
+        for x in sweep(-87.3, 88.7, 2_000_000).chain(sweep(-1e-3, 1e-3, 10_000)) {
+            let want = f64::from(x).exp();
+            let got = exp(x);
+            let u = ulps(got, want);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        assert!(worst.0 <= 2, "exp: {} ulp at {}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn exp_underflows_gradually_and_overflows_to_inf() {
+        for x in sweep(-104.0, -87.4, 100_000) {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp(x));
+            assert!(
+                (got - want).abs() <= 2.0 * 2f64.powi(-149),
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp(-104.5), 0.0);
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(88.8), f32::INFINITY);
+        assert_eq!(exp(1e30), f32::INFINITY);
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_propagates_nan_and_takes_the_limits_at_infinity() {
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(-f32::NAN).is_nan());
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn tanh_is_within_3_ulp_of_f64() {
+        let mut worst = (0, 0.0);
+        let xs = sweep(-20.0, 20.0, 2_000_000)
+            .chain(sweep(-1.0, 1.0, 1_000_000))
+            .chain(sweep(-1e-6, 1e-6, 10_000))
+            .chain([1e-30, -1e-30, 1e-40, 0.625, -0.625, 0.624_999_94]);
+        for x in xs {
+            let want = f64::from(x).tanh();
+            let u = ulps(tanh(x), want);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        assert!(worst.0 <= 3, "tanh: {} ulp at {}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn tanh_propagates_nan_and_keeps_signs() {
+        assert!(tanh(f32::NAN).is_nan());
+        assert_eq!(tanh(f32::INFINITY), 1.0);
+        assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
+        assert_eq!(tanh(1e30), 1.0);
+        assert_eq!(tanh(0.0).to_bits(), 0.0_f32.to_bits());
+        assert_eq!(tanh(-0.0).to_bits(), (-0.0_f32).to_bits());
+    }
+
+    #[test]
+    fn sigmoid_is_within_4_ulp_of_f64() {
+        let mut worst = (0, 0.0);
+        for x in sweep(-87.0, 40.0, 2_000_000) {
+            let want = 1.0 / (1.0 + (-f64::from(x)).exp());
+            let u = ulps(sigmoid(x), want);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        assert!(worst.0 <= 4, "sigmoid: {} ulp at {}", worst.0, worst.1);
+        assert!(sigmoid(f32::NAN).is_nan());
+        assert_eq!(sigmoid(f32::INFINITY), 1.0);
+        assert_eq!(sigmoid(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn max_or_nan_and_sum_cover_every_lane_and_the_tail() {
+        for len in [0, 1, 15, 16, 17, 40] {
+            let values: Vec<f32> = (0..len).map(|i| ((i * 7) % 11) as f32 - 3.0).collect();
+            let want_max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max_or_nan(&values), want_max, "len {len}");
+            let want_sum: f32 = values.iter().sum();
+            assert_eq!(
+                sum(&values),
+                want_sum,
+                "len {len} (small integers add exactly)"
+            );
+            for at in 0..len {
+                let mut with_nan = values.clone();
+                with_nan[at] = f32::NAN;
+                assert!(max_or_nan(&with_nan).is_nan(), "len {len}, NaN at {at}");
+                assert!(sum(&with_nan).is_nan(), "len {len}, NaN at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_hidden_entries_are_zero() {
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        row[3] = f32::NEG_INFINITY;
+        let max = max_or_nan(&row);
+        let want: Vec<f64> = {
+            let e: Vec<f64> = row
+                .iter()
+                .map(|&v| (f64::from(v) - f64::from(max)).exp())
+                .collect();
+            let total: f64 = e.iter().sum();
+            e.iter().map(|e| e / total).collect()
+        };
+        softmax_finite_max(&mut row, max);
+        assert_eq!(row[3], 0.0);
+        for (&got, &want) in row.iter().zip(&want) {
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-6 * want.max(1e-30),
+                "{got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_dispatched_loops_give_the_scalar_kernels_bits() {
+        let src: Vec<f32> = sweep(-30.0, 30.0, 999).collect();
+        let dst = map(&src, tanh);
+        for (&x, &y) in src.iter().zip(&dst) {
+            assert_eq!(y.to_bits(), tanh(x).to_bits(), "at {x}");
+        }
+        let mut values = src.clone();
+        map_in_place(&mut values, exp);
+        for (&x, &y) in src.iter().zip(&values) {
+            assert_eq!(y.to_bits(), exp(x).to_bits(), "at {x}");
+        }
+    }
+}
