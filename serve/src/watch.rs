@@ -1,6 +1,6 @@
-//! Hot reload: polls a checkpoint path (a file, or a directory of numbered
-//! versions, see [`crate::loader`]) and publishes each new file found
-//! there as one new version.
+//! Hot reload: polls a [`VersionSource`] (a checkpoint file, or a
+//! directory of numbered versions, see [`crate::source`]) and publishes
+//! each new version found there.
 //!
 //! A writer replaces the file by renaming a complete one into place
 //! (`netcl::io::save*` do), so each change of the path's identity (inode,
@@ -9,49 +9,22 @@
 //! logged and skipped, and the current version keeps serving; the same
 //! file is not tried again, the next one is.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::loader::{ModelLoader, candidates};
+use crate::loader::ModelLoader;
 use crate::metrics::Metrics;
 use crate::model::{ModelState, VersionInfo};
+use crate::source::VersionSource;
 
-/// What identifies one file at the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-fn file_id(path: &std::path::Path) -> Option<FileId> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(FileId {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        len: meta.len(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    })
-}
-
-/// The best file `path` offers now, and its identity.
-fn newest(path: &std::path::Path) -> Option<(PathBuf, Option<u64>, FileId)> {
-    let best = candidates(path).ok()?.into_iter().next()?;
-    let id = file_id(&best.file)?;
-    Some((best.file, best.number, id))
-}
-
-/// Watches `path` every `interval` until `shutdown` turns true, publishing
-/// each new file it offers as a version of model `name`. The file offered
+/// Watches `source` every `interval` until `shutdown` turns true,
+/// publishing each new version it offers as a version of model `name`. The file offered
 /// at start (if any) counts as seen: the server loaded it already or chose
 /// not to.
 pub(crate) async fn run(
-    path: PathBuf,
+    source: Arc<dyn VersionSource>,
     interval: Duration,
     loader: Arc<dyn ModelLoader>,
     model: Arc<ModelState>,
@@ -59,12 +32,12 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut seen = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || newest(&path))
+        let source = Arc::clone(&source);
+        tokio::task::spawn_blocking(move || source.latest())
             .await
             .ok()
             .flatten()
-            .map(|(file, _, id)| (file, id))
+            .map(|offer| (offer.file, offer.identity))
     };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -73,16 +46,15 @@ pub(crate) async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let probe = path.clone();
-        let Ok(Some((file, number, id))) =
-            tokio::task::spawn_blocking(move || newest(&probe)).await
-        else {
+        let probe = Arc::clone(&source);
+        let Ok(Some(offer)) = tokio::task::spawn_blocking(move || probe.latest()).await else {
             continue;
         };
-        if seen.as_ref() == Some(&(file.clone(), id)) {
+        let (file, number) = (offer.file.clone(), offer.number);
+        if seen.as_ref() == Some(&(offer.file, offer.identity.clone())) {
             continue;
         }
-        seen = Some((file.clone(), id));
+        seen = Some((file.clone(), offer.identity));
         let (loader, model) = (Arc::clone(&loader), Arc::clone(&model));
         let loaded =
             tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &model)).await;
