@@ -50,6 +50,10 @@ struct Cli {
     /// (as --model NAME=PATH), which may be combined with --train.
     #[arg(long, value_name = "[NAME=]PATH")]
     watch: Vec<String>,
+    /// How often (milliseconds) watched paths (--watch, --model) are checked
+    /// for a new version.
+    #[arg(long, value_name = "MS", default_value_t = Config::default().watch_interval.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    watch_interval_ms: u64,
     /// Serve the checkpoint at PATH as model NAME (repeatable). PATH is a
     /// checkpoint file or a directory of numbered versions (N.safetensors or
     /// N/model.safetensors; the highest that loads is served), followed like
@@ -205,6 +209,7 @@ impl Cli {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             startup_epochs: size(self.startup_epochs)?,
             train_duty: self.train_duty,
+            watch_interval: Duration::from_millis(self.watch_interval_ms),
             ..Config::default()
         })
     }
