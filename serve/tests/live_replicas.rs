@@ -6,8 +6,9 @@
 //! feature) or at random moments, never leaves a file a replica loads
 //! half, and its restart continues above the last complete version.
 //!
-//! The kill test runs `NETCL_KILL_ROUNDS` rounds of each kind (default 3;
-//! the full count is 20).
+//! The kill test runs `NETCL_KILL_ROUNDS` rounds of each kind (default 20,
+//! the count: 60 kills, about 15 s in a debug build; set it lower
+//! on a slow machine).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -312,7 +313,7 @@ fn killed_trainers_never_corrupt_what_replicas_load() {
     let rounds: usize = std::env::var("NETCL_KILL_ROUNDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(20);
     let dir = temp_dir("kill");
     let args = trainer_args(&dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -397,5 +398,41 @@ fn killed_trainers_never_corrupt_what_replicas_load() {
         );
     }
     eprintln!("{kills} kills, last complete version {last}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The training steps behind the version a server serves.
+fn training_steps(addr: SocketAddr) -> u64 {
+    let (status, body) = request(addr, "GET", "/v1/model", "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["training_steps"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no training_steps in {body}"))
+}
+
+#[test]
+fn a_full_disk_is_logged_and_training_goes_on() {
+    let dir = temp_dir("full");
+    let args = trainer_args(&dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = Proc::start(&args, None);
+    wait_until("the trainer's first version", || latest(&dir) >= 1);
+    first.kill();
+    let good = latest(&dir);
+    let good_file = dir.join(format!("{good}.safetensors"));
+    let good_bytes = std::fs::read(&good_file).unwrap();
+    // Every write fails as on a full disk.
+    let mut trainer = Proc::start(&args, Some("write:fail"));
+    let steps = training_steps(trainer.addr);
+    for _ in 0..3 {
+        let line = trainer.wait_for_line("the checkpoint was not written");
+        assert!(line.contains("injected failure"), "{line}");
+    }
+    wait_until("training to go on", || training_steps(trainer.addr) > steps);
+    assert_eq!(latest(&dir), good);
+    assert_eq!(std::fs::read(&good_file).unwrap(), good_bytes);
+    assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+    trainer.kill();
     std::fs::remove_dir_all(&dir).unwrap();
 }
