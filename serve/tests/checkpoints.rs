@@ -157,6 +157,9 @@ fn edit_header(bytes: &mut [u8], from: &str, to: &str) {
     header[at..at + from.len()].copy_from_slice(to.as_bytes());
 }
 
+/// Spoils a checkpoint's bytes.
+type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+
 async fn start_error(name: &str, path: &Path) -> String {
     let err = netcl_serve::start(Config {
         models: vec![(name.to_string(), path.to_path_buf())],
@@ -172,7 +175,7 @@ async fn a_bad_checkpoint_is_refused_at_start_naming_the_model_and_the_problem()
     let dir = temp_dir("bad");
     let good = netcl::io::model_to_bytes(&tiny(3)).unwrap();
     let path = dir.join("m.safetensors");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Corruption, &str)> = vec![
         (
             "unknown-kind",
             Box::new(|b| edit_header(b, "Linear", "Linxar")),

@@ -106,8 +106,7 @@ impl Proc {
     fn kill(mut self) -> Vec<String> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let log = self.log.lock().unwrap().clone();
-        log
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
     }
 }
 
