@@ -33,6 +33,7 @@
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
 //! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
 //! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
+//! | `netcl-checkpoint` (with [`Config::checkpoint_every`]) | writes the current version into the [`Config::weights`] directory ([`checkpointer`]) | normal |
 //!
 //! # Examples
 //!
