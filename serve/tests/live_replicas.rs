@@ -435,3 +435,52 @@ fn a_full_disk_is_logged_and_training_goes_on() {
     trainer.kill();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_trainer_follows_other_models_and_watching_digits_excludes_training() {
+    let dir = temp_dir("beside");
+    let other = dir.join("other");
+    let versions = netcl::io::CheckpointDir::create(&other).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let model = netcl::nn::Linear::new(5, 2, &mut rng);
+    versions.save_model(1, &model).unwrap();
+    let weights = dir.join("digits");
+    let follow = format!("other={}", other.display());
+    let mut trainer = Proc::start(
+        &[
+            "--train",
+            "--weights",
+            &weights.display().to_string(),
+            "--checkpoint-every",
+            "0.1",
+            "--watch",
+            &follow,
+        ],
+        None,
+    );
+    let body = serde_json::json!({ "inputs": [[1.0, 2.0, 3.0, 4.0, 5.0]] }).to_string();
+    let (status, reply) = request(trainer.addr, "POST", "/v1/models/other/predict", &body).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    versions.save_model(2, &model).unwrap();
+    trainer.wait_for_line("reloaded the watched checkpoint");
+    wait_until("the trainer's first version", || latest(&weights) >= 1);
+    trainer.kill();
+
+    // `digits` is trained or followed, not both; --checkpoint-every needs
+    // a trainer.
+    let bin = env!("CARGO_BIN_EXE_netcl-serve");
+    for (args, expected) in [
+        (
+            vec!["--train", "--watch", "/tmp/x"],
+            "--train and --watch PATH",
+        ),
+        (vec!["--checkpoint-every", "1"], "--checkpoint-every needs"),
+        (vec!["--train", "--checkpoint-every", "0"], "seconds"),
+    ] {
+        let output = Command::new(bin).args(&args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
