@@ -395,10 +395,9 @@ fn serves_digits(config: &Config) -> bool {
     config.models.is_empty() || config.train || config.weights.is_some() || config.watch.is_some()
 }
 
-/// A `--model` model loaded at start: its name, path and first version.
+/// A `--model` model loaded at start: its name and first version.
 struct Extra {
     name: String,
-    path: PathBuf,
     loaded: loader::Loaded,
 }
 
@@ -429,6 +428,24 @@ pub async fn start(config: Config) -> Result<Server, Error> {
     })?;
 
     let with_digits = serves_digits(&config);
+    // What each followed place offers before its model is loaded: the
+    // watchers take anything offered after this as new (see `watch::run`).
+    let sources = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let offer = |path: &PathBuf| {
+                let source: Arc<dyn source::VersionSource> = Arc::new(PathSource::new(path));
+                let offer = source.latest();
+                (source, offer)
+            };
+            let digits = config.watch.as_ref().map(offer);
+            let models: Vec<_> = config.models.iter().map(|(_, path)| offer(path)).collect();
+            (digits, models)
+        })
+        .await
+        .map_err(|err| Error::Thread(err.to_string()))?
+    };
+    let (digits_source, mut model_sources) = (sources.0, sources.1.into_iter());
     let prepared = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -448,7 +465,6 @@ pub async fn start(config: Config) -> Result<Server, Error> {
                     .map_err(|e| Error::Model(format!("model {name:?}: {e}")))?;
                 extras.push(Extra {
                     name: name.clone(),
-                    path: path.clone(),
                     loaded,
                 });
             }
@@ -509,11 +525,13 @@ pub async fn start(config: Config) -> Result<Server, Error> {
                 );
             }
         }
-        if let Some(path) = config.watch.clone() {
+        if let Some(source) = digits_source {
+            // The digits model follows digits checkpoints only.
             watchers.push(tokio::spawn(watch::run(
-                Arc::new(PathSource::new(path)),
+                source,
                 config.watch_interval,
-                Arc::clone(&loader),
+                Arc::new(DigitsMlpLoader::new(digits.clone())),
+                DigitsMlpLoader::input().row_shape().to_vec(),
                 Arc::clone(&model),
                 (Arc::clone(&metrics), Arc::new(DEFAULT_MODEL.to_string())),
                 shutdown_rx.clone(),
@@ -534,14 +552,18 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         };
         let model =
             ModelState::new(&*loaded.model, info).map_err(|e| Error::Model(e.to_string()))?;
+        let row_shape = loaded.input.row_shape().to_vec();
         let service = configure(Builder::from_state(extra.name.clone(), Arc::clone(&model)))
             .input(loaded.input)
             .output(loaded.output)
             .build()?;
         watchers.push(tokio::spawn(watch::run(
-            Arc::new(PathSource::new(extra.path)),
+            model_sources
+                .next()
+                .ok_or_else(|| Error::Model(format!("no source for model {:?}", extra.name)))?,
             config.watch_interval,
             Arc::clone(&loader),
+            row_shape,
             Arc::clone(&model),
             (Arc::clone(&metrics), Arc::new(extra.name.clone())),
             shutdown_rx.clone(),

@@ -17,28 +17,23 @@ use tokio::sync::watch;
 use crate::loader::ModelLoader;
 use crate::metrics::Metrics;
 use crate::model::{ModelState, VersionInfo};
-use crate::source::VersionSource;
+use crate::source::{Offer, VersionSource};
 
 /// Watches `source` every `interval` until `shutdown` turns true,
-/// publishing each new version it offers as a version of model `name`. The file offered
-/// at start (if any) counts as seen: the server loaded it already or chose
-/// not to.
+/// publishing each new version it offers as a version of model `name`.
+/// `at_start` is what the source offered before the server loaded the
+/// model: it counts as seen (the server loaded it already or chose not
+/// to), and anything offered since is new.
 pub(crate) async fn run(
-    source: Arc<dyn VersionSource>,
+    (source, at_start): (Arc<dyn VersionSource>, Option<Offer>),
     interval: Duration,
     loader: Arc<dyn ModelLoader>,
+    row_shape: Vec<usize>,
     model: Arc<ModelState>,
     (metrics, name): (Arc<Metrics>, Arc<String>),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen = {
-        let source = Arc::clone(&source);
-        tokio::task::spawn_blocking(move || source.latest())
-            .await
-            .ok()
-            .flatten()
-            .map(|offer| (offer.file, offer.identity))
-    };
+    let mut seen = at_start.map(|offer| (offer.file, offer.identity));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -55,9 +50,18 @@ pub(crate) async fn run(
             continue;
         }
         seen = Some((file.clone(), offer.identity));
-        let (loader, model) = (Arc::clone(&loader), Arc::clone(&model));
+        // A numbered version not above the one served is not news (the
+        // server loaded it at start, say): republishing it would give it
+        // a number of its own, no longer the source's.
+        if let Some(n) = number
+            && n <= model.published().version()
+        {
+            continue;
+        }
+        let (loader, model, shape) = (Arc::clone(&loader), Arc::clone(&model), row_shape.clone());
         let loaded =
-            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &model)).await;
+            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &shape, &model))
+                .await;
         match loaded {
             Ok(Ok((version, stored))) => {
                 metrics.record_model_reload(&name, true);
@@ -83,7 +87,8 @@ pub(crate) async fn run(
     }
 }
 
-/// Loads the checkpoint at `file` and publishes it, under the version
+/// Loads the checkpoint at `file` and publishes it if its rows are of
+/// `row_shape`, under the version
 /// stored in the file (or its directory entry's `number`) when that is
 /// above the current one (so replicas following one trainer show its
 /// numbers), else as the next version; returns the version it got and the
@@ -92,9 +97,19 @@ fn reload(
     file: &std::path::Path,
     number: Option<u64>,
     loader: &dyn ModelLoader,
+    row_shape: &[usize],
     model: &ModelState,
 ) -> Result<(u64, u64), String> {
     let loaded = loader.load(file).map_err(|e| e.to_string())?;
+    // The server answers with the input spec it started with: a version
+    // taking other rows would fail every request.
+    if loaded.input.row_shape() != row_shape {
+        return Err(format!(
+            "{}: its rows are of shape {:?}, the served model's {row_shape:?}",
+            file.display(),
+            loaded.input.row_shape()
+        ));
+    }
     let stored = number.unwrap_or(loaded.version);
     let version = model.publish_as(
         loaded.model,

@@ -255,21 +255,33 @@ async fn a_bad_watched_version_is_logged_and_the_previous_keeps_serving() {
     assert_eq!(still.json["version"], 1, "{}", still.text);
     assert_eq!(classes_of(&still), classes_of(&first));
 
-    // Version 3 is good: served, under its number.
-    versions.save_model(3, &tiny(7)).unwrap();
+    // Version 3 loads, but takes rows of 5: every request would fail.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    versions
+        .save_model(3, &Linear::new(5, 3, &mut rng))
+        .unwrap();
+    wait_until(PATIENCE, "the other-shaped version to be rejected", || {
+        metrics.reloads().1 >= 2
+    })
+    .await;
+    let still = predict(&mut client, "tiny", &probe).await;
+    assert_eq!(still.json["version"], 1, "{}", still.text);
+
+    // Version 4 is good: served, under its number.
+    versions.save_model(4, &tiny(7)).unwrap();
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
         let reply = predict(&mut client, "tiny", &probe).await;
         let v = reply.json["version"].as_u64().unwrap();
-        assert!(v == 1 || v == 3, "{}", reply.text);
-        if v == 3 {
-            let saved = netcl::io::load_model(dir.join("3.safetensors")).unwrap();
+        assert!(v == 1 || v == 4, "{}", reply.text);
+        if v == 4 {
+            let saved = netcl::io::load_model(dir.join("4.safetensors")).unwrap();
             assert_eq!(classes_of(&reply), engine_classes(&*saved, &probe, &[4]));
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "version 3 never served"
+            "version 4 never served"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

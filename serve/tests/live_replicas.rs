@@ -284,9 +284,9 @@ fn two_replicas_follow_a_live_trainer() {
     wait_until("both replicas to see 4 versions", || {
         poll_a.distinct() >= 4 && poll_b.distinct() >= 4
     });
-    let written = latest(&dir);
     let versions_a = poll_a.finish("replica a");
     let versions_b = poll_b.finish("replica b");
+    let written = latest(&dir);
     for versions in [&versions_a, &versions_b] {
         // Every version served is one the trainer wrote.
         assert!(
