@@ -7,7 +7,12 @@
 //! size, modification time) is one complete file. A file that does not
 //! load (garbage, truncated, another model's shapes, non-finite values) is
 //! logged and skipped, and the current version keeps serving; the same
-//! file is not tried again, the next one is.
+//! file is not tried again, the next one is. So is a version whose rows
+//! differ from the served model's (the server keeps its input spec).
+//!
+//! A numbered version is published under its number, and only when that
+//! is above the served one: a replica's version only ever grows, and
+//! equals the trainer's.
 
 use std::sync::Arc;
 use std::time::Duration;
