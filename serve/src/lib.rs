@@ -33,6 +33,7 @@
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
 //! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
 //! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
+//! | `netcl-checkpoint` (with [`Config::checkpoint_every`]) | writes the current version into the [`Config::weights`] directory ([`checkpointer`]) | normal |
 //!
 //! # Examples
 //!
@@ -54,12 +55,14 @@
 #![deny(missing_docs)]
 
 pub mod batcher;
+pub mod checkpointer;
 mod conns;
 mod http;
 pub mod loader;
 pub mod metrics;
 pub mod model;
 mod service;
+pub mod source;
 mod stall;
 pub mod trainer;
 mod watch;
@@ -84,10 +87,11 @@ use tower::ServiceExt;
 
 pub use http::BODY_LIMIT;
 
-use crate::loader::{DigitsMlpLoader, ModelLoader, load_latest};
+use crate::loader::{CheckpointLoader, DigitsMlpLoader, ModelLoader, load_latest};
 use crate::metrics::Metrics;
 use crate::model::{Digits, ModelState, VersionInfo, accuracy, read_checkpoint, train_startup};
 use crate::service::ModelServiceBuilder as Builder;
+use crate::source::PathSource;
 use crate::trainer::TrainSettings;
 
 /// The name of the built-in digits MLP (the model of `--weights`,
@@ -103,8 +107,16 @@ pub struct Config {
     /// Train online while serving.
     pub train: bool,
     /// A checkpoint loaded at start when it exists, and where the current
-    /// version is saved on shutdown.
+    /// version is saved on shutdown. When it is a directory, or
+    /// [`Config::checkpoint_every`] is set, it is a directory of numbered
+    /// versions ([`netcl::io::CheckpointDir`]): its stale temporaries are
+    /// removed at start, its highest complete version is loaded, and each
+    /// version written takes the next number.
     pub weights: Option<PathBuf>,
+    /// With [`Config::train`] and [`Config::weights`]: write the current
+    /// version into the `weights` directory this often (when it changed),
+    /// not only at shutdown ([`checkpointer`]).
+    pub checkpoint_every: Option<Duration>,
     /// A checkpoint path to follow: each file renamed into place there is
     /// published as a new version.
     pub watch: Option<PathBuf>,
@@ -164,6 +176,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             train: false,
             weights: None,
+            checkpoint_every: None,
             watch: None,
             models: Vec::new(),
             default_model: None,
@@ -314,7 +327,24 @@ fn initial_model(config: &Config, digits: &Digits) -> Result<(netcl::nn::Mlp, Ve
         accuracy: 0.0,
         source,
     };
-    if let Some(path) = config.weights.as_ref().filter(|p| p.exists()) {
+    if let Some(dir) = versions_dir(config)? {
+        match dir.remove_stale_temporaries() {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed stale temporary checkpoint files");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!("cannot remove stale temporary files: {err}"),
+        }
+        let latest = dir.latest().map_err(|e| Error::Model(e.to_string()))?;
+        if let Some((version, path)) = latest {
+            // The highest complete version must load: better to refuse to
+            // start than to train from scratch beside it.
+            let checkpoint = read_checkpoint(&path).map_err(|e| Error::Model(e.to_string()))?;
+            tracing::info!(version, path = %path.display(), "resuming from a checkpoint");
+            let steps = checkpoint.steps;
+            return Ok((checkpoint.model, info(version, steps, None, "checkpoint")));
+        }
+    } else if let Some(path) = config.weights.as_ref().filter(|p| p.exists()) {
         // A checkpoint the operator named must load: better to refuse to
         // start than to serve (and later overwrite it with) another model.
         let checkpoint = read_checkpoint(path).map_err(|e| Error::Model(e.to_string()))?;
@@ -325,15 +355,17 @@ fn initial_model(config: &Config, digits: &Digits) -> Result<(netcl::nn::Mlp, Ve
         ));
     }
     if let Some(path) = config.watch.as_ref().filter(|p| p.exists()) {
-        match read_checkpoint(path) {
-            Ok(checkpoint) => {
-                let steps = checkpoint.steps;
-                return Ok((
-                    checkpoint.model,
-                    info(checkpoint.version, steps, None, "checkpoint"),
-                ));
+        // The best version the path offers that loads (a file, or the
+        // highest of a directory's numbered versions).
+        for candidate in loader::candidates(path).unwrap_or_default() {
+            match read_checkpoint(&candidate.file) {
+                Ok(checkpoint) => {
+                    let steps = checkpoint.steps;
+                    let version = candidate.number.unwrap_or(checkpoint.version);
+                    return Ok((checkpoint.model, info(version, steps, None, "checkpoint")));
+                }
+                Err(err) => tracing::error!("ignored the watched checkpoint at start: {err}"),
             }
-            Err(err) => tracing::error!("ignored the watched checkpoint at start: {err}"),
         }
     }
     let trained = train_startup(digits, config.startup_epochs, config.seed)
@@ -344,15 +376,28 @@ fn initial_model(config: &Config, digits: &Digits) -> Result<(netcl::nn::Mlp, Ve
     ))
 }
 
+/// The directory of numbered versions [`Config::weights`] names, if it
+/// names one (a directory, or any path with [`Config::checkpoint_every`]),
+/// created if missing.
+fn versions_dir(config: &Config) -> Result<Option<netcl::io::CheckpointDir>, Error> {
+    match &config.weights {
+        Some(path) if path.is_dir() || config.checkpoint_every.is_some() => {
+            netcl::io::CheckpointDir::create(path)
+                .map(Some)
+                .map_err(|e| Error::Model(e.to_string()))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Whether `config` serves the built-in digits model.
 fn serves_digits(config: &Config) -> bool {
     config.models.is_empty() || config.train || config.weights.is_some() || config.watch.is_some()
 }
 
-/// A `--model` model loaded at start: its name, path and first version.
+/// A `--model` model loaded at start: its name and first version.
 struct Extra {
     name: String,
-    path: PathBuf,
     loaded: loader::Loaded,
 }
 
@@ -383,6 +428,24 @@ pub async fn start(config: Config) -> Result<Server, Error> {
     })?;
 
     let with_digits = serves_digits(&config);
+    // What each followed place offers before its model is loaded: the
+    // watchers take anything offered after this as new (see `watch::run`).
+    let sources = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let offer = |path: &PathBuf| {
+                let source: Arc<dyn source::VersionSource> = Arc::new(PathSource::new(path));
+                let offer = source.latest();
+                (source, offer)
+            };
+            let digits = config.watch.as_ref().map(offer);
+            let models: Vec<_> = config.models.iter().map(|(_, path)| offer(path)).collect();
+            (digits, models)
+        })
+        .await
+        .map_err(|err| Error::Thread(err.to_string()))?
+    };
+    let (digits_source, mut model_sources) = (sources.0, sources.1.into_iter());
     let prepared = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -395,14 +458,13 @@ pub async fn start(config: Config) -> Result<Server, Error> {
             } else {
                 None
             };
-            let loader = DigitsMlpLoader::new(digits.clone());
+            let loader = CheckpointLoader::new(digits.clone());
             let mut extras = Vec::new();
             for (name, path) in &config.models {
                 let (_, loaded) = load_latest(&loader, path)
                     .map_err(|e| Error::Model(format!("model {name:?}: {e}")))?;
                 extras.push(Extra {
                     name: name.clone(),
-                    path: path.clone(),
                     loaded,
                 });
             }
@@ -413,7 +475,8 @@ pub async fn start(config: Config) -> Result<Server, Error> {
     };
     let (digits, first, extras) = prepared;
     let metrics = Arc::new(Metrics::new());
-    let loader: Arc<dyn ModelLoader> = Arc::new(DigitsMlpLoader::new(digits.clone()));
+    let loader: Arc<dyn ModelLoader> = Arc::new(CheckpointLoader::new(digits.clone()));
+    let versions = versions_dir(&config)?;
     let configure = |builder: Builder| {
         builder
             .threads(config.threads)
@@ -455,12 +518,20 @@ pub async fn start(config: Config) -> Result<Server, Error> {
                 )
                 .map_err(|err| Error::Thread(err.to_string()))?,
             );
+            if let (Some(dir), Some(every)) = (versions.clone(), config.checkpoint_every) {
+                threads.push(
+                    checkpointer::spawn(dir, every, Arc::clone(&model), Arc::clone(&trainer_stop))
+                        .map_err(|err| Error::Thread(err.to_string()))?,
+                );
+            }
         }
-        if let Some(path) = config.watch.clone() {
+        if let Some(source) = digits_source {
+            // The digits model follows digits checkpoints only.
             watchers.push(tokio::spawn(watch::run(
-                path,
+                source,
                 config.watch_interval,
-                Arc::clone(&loader),
+                Arc::new(DigitsMlpLoader::new(digits.clone())),
+                DigitsMlpLoader::input().row_shape().to_vec(),
                 Arc::clone(&model),
                 (Arc::clone(&metrics), Arc::new(DEFAULT_MODEL.to_string())),
                 shutdown_rx.clone(),
@@ -481,14 +552,18 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         };
         let model =
             ModelState::new(&*loaded.model, info).map_err(|e| Error::Model(e.to_string()))?;
+        let row_shape = loaded.input.row_shape().to_vec();
         let service = configure(Builder::from_state(extra.name.clone(), Arc::clone(&model)))
             .input(loaded.input)
             .output(loaded.output)
             .build()?;
         watchers.push(tokio::spawn(watch::run(
-            extra.path,
+            model_sources
+                .next()
+                .ok_or_else(|| Error::Model(format!("no source for model {:?}", extra.name)))?,
             config.watch_interval,
             Arc::clone(&loader),
+            row_shape,
             Arc::clone(&model),
             (Arc::clone(&metrics), Arc::new(extra.name.clone())),
             shutdown_rx.clone(),
@@ -539,6 +614,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
             .find(|(n, _)| with_digits && n == DEFAULT_MODEL)
             .map(|(_, m)| Arc::clone(m)),
         trainer_stop,
+        versions,
         metrics: Arc::clone(&metrics),
         services,
         threads,
@@ -568,6 +644,8 @@ struct Serving {
     /// Every model's queue and model threads.
     services: Vec<ModelService>,
     trainer_stop: Arc<AtomicBool>,
+    /// The directory of numbered versions `weights` names, if it does.
+    versions: Option<netcl::io::CheckpointDir>,
     /// The trainer's threads.
     threads: Vec<JoinHandle<()>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
@@ -586,6 +664,7 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         metrics,
         services,
         trainer_stop,
+        versions,
         mut threads,
         watchers,
     } = serving;
@@ -684,7 +763,18 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         tracing::error!("a model or training thread panicked");
     }
     let mut saved = None;
-    if let (Some(path), Some(model)) = (config.weights, digits_model) {
+    // A directory of versions gets a new version at shutdown when the
+    // model trained here (or was trained at start-up into an empty one).
+    let versioned = versions.is_some();
+    let write_dir = versions.filter(|dir| config.train || matches!(dir.latest(), Ok(None)));
+    if let (Some(dir), Some(model)) = (write_dir, digits_model.as_ref()) {
+        let model = Arc::clone(model);
+        let (_, path) = tokio::task::spawn_blocking(move || checkpointer::write_next(&dir, &model))
+            .await
+            .map_err(|err| Error::Save(err.to_string()))?
+            .map_err(|err| Error::Save(err.to_string()))?;
+        saved = Some(path);
+    } else if let (false, Some(path), Some(model)) = (versioned, config.weights, digits_model) {
         let current = model.published().load();
         let steps = model.info().training_steps;
         let version = current.number();

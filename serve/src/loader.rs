@@ -3,10 +3,29 @@
 //! [`candidates`] finds the files of a PATH that is a checkpoint or a
 //! directory of numbered versions.
 //!
-//! The one loader today, [`DigitsMlpLoader`], reads PATH into the digits
-//! MLP's architecture (as `--weights` does). A loader of self-describing
-//! checkpoints (architecture in the metadata) takes its place behind the
-//! same trait without touching the server.
+//! [`CheckpointLoader`], the binary's loader, reads any model from a
+//! self-describing checkpoint (`netcl::io::save_model`: the architecture
+//! in the metadata) and falls back to the digits MLP's layout
+//! ([`DigitsMlpLoader`], as `--weights` reads) for plain weight files.
+//!
+//! # The input of a loaded model
+//!
+//! A self-describing checkpoint says what the model is, not what its rows
+//! are; [`CheckpointLoader`] finds them in this order:
+//!
+//! 1. the metadata key [`INPUT_KEY`] (`netcl-serve.input`) = `digits`: the
+//!    digits MLP's rows (64 raw pixels in `0..=16`, scaled by the server;
+//!    held-out accuracy measured at load). The trainer writes it.
+//! 2. the metadata key [`INPUT_SHAPE_KEY`] (`netcl-serve.input_shape`):
+//!    one row's shape as comma-separated sizes (`64`, or `1,8,8` for
+//!    one-channel 8x8 images), written beside the architecture with
+//!    `netcl::io::save_model_with_metadata`;
+//! 3. else the architecture's first layer (through `Sequential`s): a
+//!    `Linear`'s `in_features` or an `Mlp`'s first size give rows of that
+//!    width. Any other first layer (a `Conv2d`, say) needs the key of 2:
+//!    the loader refuses the file and says so.
+//!
+//! Responses carry classes and probabilities ([`OutputSpec::Classes`]).
 //!
 //! # A directory of versions
 //!
@@ -23,7 +42,8 @@ use std::path::{Path, PathBuf};
 use netcl::nn::Module;
 
 use crate::model::{
-    CheckpointError, Digits, FEATURES, PIXEL_MAX, accuracy, read_checkpoint, scale,
+    CheckpointError, Digits, FEATURES, PIXEL_MAX, STEPS_KEY, VERSION_KEY, accuracy,
+    read_checkpoint, scale,
 };
 use crate::service::{InputSpec, OutputSpec};
 
@@ -99,6 +119,144 @@ impl ModelLoader for DigitsMlpLoader {
             steps: checkpoint.steps,
             accuracy: Some(accuracy),
             input: DigitsMlpLoader::input(),
+            output: OutputSpec::Classes,
+        })
+    }
+}
+
+/// The metadata key naming a known input (only `digits` for now): see the
+/// [module docs](self).
+pub const INPUT_KEY: &str = "netcl-serve.input";
+
+/// The metadata key holding one input row's shape, comma-separated (`64`,
+/// `1,8,8`): see the [module docs](self).
+pub const INPUT_SHAPE_KEY: &str = "netcl-serve.input_shape";
+
+/// Reads any self-describing checkpoint (`netcl::io::save_model`) as a
+/// ready model, and a plain weight file (no architecture in its metadata)
+/// as the digits MLP. See the [module docs](self) for its input spec.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use netcl::nn::Linear;
+/// use netcl_serve::loader::{CheckpointLoader, INPUT_SHAPE_KEY, ModelLoader};
+/// use netcl_serve::model::Digits;
+///
+/// let path = std::env::temp_dir().join(format!("netcl-serve-doc-{}.safetensors", std::process::id()));
+/// let metadata = BTreeMap::from([(INPUT_SHAPE_KEY.to_string(), "3".to_string())]);
+/// netcl::io::save_model_with_metadata(&Linear::zeros(3, 2)?, &path, &metadata)?;
+///
+/// let loader = CheckpointLoader::new(Digits::load()?);
+/// let loaded = loader.load(&path).unwrap();
+/// assert_eq!(loaded.input.row_shape(), [3]);
+/// assert_eq!(loaded.model.num_parameters(), 8);
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), netcl::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CheckpointLoader {
+    digits: DigitsMlpLoader,
+}
+
+impl CheckpointLoader {
+    /// A loader measuring digits models' accuracy on `digits`' held-out
+    /// split.
+    pub fn new(digits: Digits) -> CheckpointLoader {
+        CheckpointLoader {
+            digits: DigitsMlpLoader::new(digits),
+        }
+    }
+}
+
+/// The input rows an architecture's first layer takes, if it says.
+fn input_of(architecture: &netcl::nn::Architecture) -> Option<usize> {
+    let config = architecture.config();
+    match architecture.kind() {
+        "Linear" => config.get("in_features")?.as_u64()?.try_into().ok(),
+        "Mlp" => config.get("dims")?.get(0)?.as_u64()?.try_into().ok(),
+        "Sequential" => input_of(architecture.children().first()?),
+        _ => None,
+    }
+}
+
+/// The first layer's kind, through `Sequential`s.
+fn first_kind(architecture: &netcl::nn::Architecture) -> &str {
+    match (architecture.kind(), architecture.children().first()) {
+        ("Sequential", Some(first)) => first_kind(first),
+        (kind, _) => kind,
+    }
+}
+
+impl ModelLoader for CheckpointLoader {
+    fn load(&self, path: &Path) -> Result<Loaded, CheckpointError> {
+        let fail = |message: String| CheckpointError(format!("{}: {message}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let metadata = netcl::io::metadata_from_bytes(&bytes).map_err(|e| fail(e.to_string()))?;
+        if !metadata.contains_key(netcl::io::SCHEMA_VERSION_KEY) {
+            // A plain weight file: the digits MLP's layout, as --weights.
+            return self.digits.load(path);
+        }
+        let checkpoint =
+            netcl::io::load_checkpoint_bytes(&bytes).map_err(|e| fail(e.to_string()))?;
+        let number = |key: &str| match checkpoint.metadata.get(key) {
+            None => Ok(0),
+            Some(text) => text
+                .parse()
+                .map_err(|_| fail(format!("metadata {key} = {text:?} is not a number"))),
+        };
+        let (version, steps) = (number(VERSION_KEY)?, number(STEPS_KEY)?);
+        let mut accuracy_on_digits = None;
+        let input = match (
+            checkpoint.metadata.get(INPUT_KEY).map(String::as_str),
+            checkpoint.metadata.get(INPUT_SHAPE_KEY),
+        ) {
+            (Some("digits"), _) => {
+                let measured = accuracy(&*checkpoint.model, &self.digits.digits.test)
+                    .map_err(|e| fail(format!("the digits model does not run: {e}")))?;
+                accuracy_on_digits = Some(measured);
+                DigitsMlpLoader::input()
+            }
+            (Some(other), _) => {
+                return Err(fail(format!(
+                    "metadata {INPUT_KEY} = {other:?}: the known inputs are \"digits\""
+                )));
+            }
+            (None, Some(shape)) => {
+                let sizes: Option<Vec<usize>> = shape
+                    .split(',')
+                    .map(|s| s.trim().parse().ok().filter(|&n: &usize| n > 0))
+                    .collect();
+                match sizes {
+                    Some(sizes) if !sizes.is_empty() => InputSpec::shape(&sizes),
+                    _ => {
+                        return Err(fail(format!(
+                            "metadata {INPUT_SHAPE_KEY} = {shape:?} is not a row shape \
+                             (positive sizes separated by commas, such as \"1,8,8\")"
+                        )));
+                    }
+                }
+            }
+            (None, None) => match input_of(&checkpoint.architecture) {
+                Some(width) => InputSpec::rows(width),
+                None => {
+                    return Err(fail(format!(
+                        "cannot tell the input of a model whose first layer is a {}: save it \
+                         with the metadata key {INPUT_SHAPE_KEY} (one row's shape, such as \
+                         \"1,8,8\")",
+                        first_kind(&checkpoint.architecture)
+                    )));
+                }
+            },
+        };
+        Ok(Loaded {
+            model: checkpoint.model,
+            version,
+            steps,
+            accuracy: accuracy_on_digits,
+            input,
             output: OutputSpec::Classes,
         })
     }

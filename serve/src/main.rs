@@ -32,17 +32,33 @@ struct Cli {
     train: bool,
     /// A checkpoint (safetensors) loaded at start if it exists (else the model
     /// is trained at start-up), and where the current version is saved on
-    /// shutdown, with its version number in the metadata.
+    /// shutdown, with its version number in the metadata. A directory (or any
+    /// PATH with --checkpoint-every) holds numbered versions N.safetensors:
+    /// stale temporaries are removed at start, the highest complete version is
+    /// loaded, and each save writes the next number.
     #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
-    /// Follow a checkpoint: each new file renamed into place at PATH is loaded
-    /// and published as a new version; a bad file is logged and ignored.
-    #[arg(long, value_name = "PATH")]
-    watch: Option<PathBuf>,
+    /// With --train and --weights DIR: write the current version into DIR as
+    /// a new numbered version every SECONDS (atomic and fsynced), not only at
+    /// shutdown. A failed write (a full disk) is logged; training goes on.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    checkpoint_every: Option<Duration>,
+    /// Follow a checkpoint: each new version at PATH (a file renamed into
+    /// place, or a higher N.safetensors in a directory) is loaded and
+    /// published; a bad one is logged and ignored, the previous keeps
+    /// serving. PATH follows the digits model; NAME=PATH follows model NAME
+    /// (as --model NAME=PATH), which may be combined with --train.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    watch: Vec<String>,
+    /// How often (milliseconds) watched paths (--watch, --model) are checked
+    /// for a new version.
+    #[arg(long, value_name = "MS", default_value_t = Config::default().watch_interval.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    watch_interval_ms: u64,
     /// Serve the checkpoint at PATH as model NAME (repeatable). PATH is a
     /// checkpoint file or a directory of numbered versions (N.safetensors or
     /// N/model.safetensors; the highest that loads is served), followed like
-    /// --watch. Checkpoints are read as the digits MLP for now.
+    /// --watch. Self-describing checkpoints (netcl::io::save_model) load as
+    /// any model; plain weight files as the digits MLP.
     #[arg(long = "model", value_name = "NAME=PATH", value_parser = parse_model)]
     models: Vec<(String, PathBuf)>,
     /// The model /v1/predict and /v1/model serve (default: digits when it is
@@ -98,16 +114,33 @@ How --weights, --watch, --train and --model combine:
   - The built-in model `digits` is served when no --model is given, or when
     --train, --weights or --watch is. It is the default model then.
   - --train trains `digits` online; --weights PATH loads it from PATH at start
-    (if PATH exists) and saves it there at shutdown. --watch PATH follows a
-    trainer's PATH instead (a replica): --watch excludes --train.
-  - --model NAME=PATH serves and follows PATH as model NAME, never trains it
-    and never writes to it. NAME must differ from every other model's
-    (`digits` included when it is served).
+    (if PATH exists) and saves it there at shutdown (and every
+    --checkpoint-every SECONDS, as numbered versions of the directory PATH).
+    --watch PATH follows a trainer's PATH instead (a replica): `digits` is
+    trained or followed, so --watch PATH excludes --train.
+  - --model NAME=PATH (or --watch NAME=PATH) serves and follows PATH as model
+    NAME, never trains it and never writes to it: a process may train
+    `digits` and follow other models. NAME must differ from every other
+    model's (`digits` included when it is served).
 Examples:
   netcl-serve --train --weights digits.safetensors          # train, serve, save
   netcl-serve --watch digits.safetensors                     # a replica of it
+  netcl-serve --train --weights ckpt/ --checkpoint-every 10  # a live trainer
+  netcl-serve --watch ckpt/ --listen 127.0.0.1:8081          # a replica following it
+  netcl-serve --train --watch b=/srv/b                       # train digits, follow b
   netcl-serve --model a=/srv/a --model b=/srv/b.safetensors  # two models, no training
   netcl-serve --train --model b=/srv/b --default-model b     # digits trains beside b";
+
+/// Parses a positive number of seconds (fractions allowed).
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got {text:?}"))?;
+    if !(seconds > 0.0 && seconds <= 1e9) {
+        return Err(format!("expected seconds in (0, 1e9], got {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
 
 /// Parses `NAME=PATH`.
 fn parse_model(text: &str) -> Result<(String, PathBuf), String> {
@@ -130,9 +163,29 @@ impl Cli {
                 self.train_duty
             ));
         }
-        if self.train && self.watch.is_some() {
+        let mut watch = None;
+        let mut models = self.models.clone();
+        for spec in &self.watch {
+            // NAME=PATH when the part before `=` names a model.
+            match spec.split_once('=') {
+                Some((name, _)) if !name.is_empty() && !name.contains('/') => {
+                    models.push(parse_model(spec)?);
+                }
+                _ if watch.is_none() => watch = Some(PathBuf::from(spec)),
+                _ => return Err("--watch PATH (the digits model) is given twice".to_string()),
+            }
+        }
+        if self.train && watch.is_some() {
             return Err(
-                "--train and --watch exclude each other: a replica follows a trainer's checkpoint"
+                "--train and --watch PATH exclude each other: the digits model is either trained \
+                 here or followed from a trainer's checkpoint (--watch NAME=PATH follows another \
+                 model beside training)"
+                    .to_string(),
+            );
+        }
+        if self.checkpoint_every.is_some() && !(self.train && self.weights.is_some()) {
+            return Err(
+                "--checkpoint-every needs --train and --weights DIR (where the versions go)"
                     .to_string(),
             );
         }
@@ -141,8 +194,9 @@ impl Cli {
             listen: self.listen,
             train: self.train,
             weights: self.weights.clone(),
-            watch: self.watch.clone(),
-            models: self.models.clone(),
+            checkpoint_every: self.checkpoint_every,
+            watch,
+            models,
             default_model: self.default_model.clone(),
             max_batch: size(self.max_batch)?,
             max_wait: Duration::from_micros(self.max_wait_us),
@@ -155,6 +209,7 @@ impl Cli {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             startup_epochs: size(self.startup_epochs)?,
             train_duty: self.train_duty,
+            watch_interval: Duration::from_millis(self.watch_interval_ms),
             ..Config::default()
         })
     }

@@ -1,71 +1,44 @@
-//! Hot reload: polls a checkpoint path (a file, or a directory of numbered
-//! versions, see [`crate::loader`]) and publishes each new file found
-//! there as one new version.
+//! Hot reload: polls a [`VersionSource`] (a checkpoint file, or a
+//! directory of numbered versions, see [`crate::source`]) and publishes
+//! each new version found there.
 //!
 //! A writer replaces the file by renaming a complete one into place
 //! (`netcl::io::save*` do), so each change of the path's identity (inode,
 //! size, modification time) is one complete file. A file that does not
 //! load (garbage, truncated, another model's shapes, non-finite values) is
 //! logged and skipped, and the current version keeps serving; the same
-//! file is not tried again, the next one is.
+//! file is not tried again, the next one is. So is a version whose rows
+//! differ from the served model's (the server keeps its input spec).
+//!
+//! A numbered version is published under its number, and only when that
+//! is above the served one: a replica's version only ever grows, and
+//! equals the trainer's.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::loader::{ModelLoader, candidates};
+use crate::loader::ModelLoader;
 use crate::metrics::Metrics;
 use crate::model::{ModelState, VersionInfo};
+use crate::source::{Offer, VersionSource};
 
-/// What identifies one file at the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-fn file_id(path: &std::path::Path) -> Option<FileId> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(FileId {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        len: meta.len(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    })
-}
-
-/// The best file `path` offers now, and its identity.
-fn newest(path: &std::path::Path) -> Option<(PathBuf, Option<u64>, FileId)> {
-    let best = candidates(path).ok()?.into_iter().next()?;
-    let id = file_id(&best.file)?;
-    Some((best.file, best.number, id))
-}
-
-/// Watches `path` every `interval` until `shutdown` turns true, publishing
-/// each new file it offers as a version of model `name`. The file offered
-/// at start (if any) counts as seen: the server loaded it already or chose
-/// not to.
+/// Watches `source` every `interval` until `shutdown` turns true,
+/// publishing each new version it offers as a version of model `name`.
+/// `at_start` is what the source offered before the server loaded the
+/// model: it counts as seen (the server loaded it already or chose not
+/// to), and anything offered since is new.
 pub(crate) async fn run(
-    path: PathBuf,
+    (source, at_start): (Arc<dyn VersionSource>, Option<Offer>),
     interval: Duration,
     loader: Arc<dyn ModelLoader>,
+    row_shape: Vec<usize>,
     model: Arc<ModelState>,
     (metrics, name): (Arc<Metrics>, Arc<String>),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || newest(&path))
-            .await
-            .ok()
-            .flatten()
-            .map(|(file, _, id)| (file, id))
-    };
+    let mut seen = at_start.map(|offer| (offer.file, offer.identity));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -73,19 +46,27 @@ pub(crate) async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let probe = path.clone();
-        let Ok(Some((file, number, id))) =
-            tokio::task::spawn_blocking(move || newest(&probe)).await
-        else {
+        let probe = Arc::clone(&source);
+        let Ok(Some(offer)) = tokio::task::spawn_blocking(move || probe.latest()).await else {
             continue;
         };
-        if seen.as_ref() == Some(&(file.clone(), id)) {
+        let (file, number) = (offer.file.clone(), offer.number);
+        if seen.as_ref() == Some(&(offer.file, offer.identity.clone())) {
             continue;
         }
-        seen = Some((file.clone(), id));
-        let (loader, model) = (Arc::clone(&loader), Arc::clone(&model));
+        seen = Some((file.clone(), offer.identity));
+        // A numbered version not above the one served is not news (the
+        // server loaded it at start, say): republishing it would give it
+        // a number of its own, no longer the source's.
+        if let Some(n) = number
+            && n <= model.published().version()
+        {
+            continue;
+        }
+        let (loader, model, shape) = (Arc::clone(&loader), Arc::clone(&model), row_shape.clone());
         let loaded =
-            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &model)).await;
+            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &shape, &model))
+                .await;
         match loaded {
             Ok(Ok((version, stored))) => {
                 metrics.record_model_reload(&name, true);
@@ -111,7 +92,8 @@ pub(crate) async fn run(
     }
 }
 
-/// Loads the checkpoint at `file` and publishes it, under the version
+/// Loads the checkpoint at `file` and publishes it if its rows are of
+/// `row_shape`, under the version
 /// stored in the file (or its directory entry's `number`) when that is
 /// above the current one (so replicas following one trainer show its
 /// numbers), else as the next version; returns the version it got and the
@@ -120,9 +102,19 @@ fn reload(
     file: &std::path::Path,
     number: Option<u64>,
     loader: &dyn ModelLoader,
+    row_shape: &[usize],
     model: &ModelState,
 ) -> Result<(u64, u64), String> {
     let loaded = loader.load(file).map_err(|e| e.to_string())?;
+    // The server answers with the input spec it started with: a version
+    // taking other rows would fail every request.
+    if loaded.input.row_shape() != row_shape {
+        return Err(format!(
+            "{}: its rows are of shape {:?}, the served model's {row_shape:?}",
+            file.display(),
+            loaded.input.row_shape()
+        ));
+    }
     let stored = number.unwrap_or(loaded.version);
     let version = model.publish_as(
         loaded.model,

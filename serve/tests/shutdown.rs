@@ -323,6 +323,8 @@ fn help_lists_every_flag() {
         "--max-wait-us",
         "--publish-every",
         "--threads",
+        "--checkpoint-every",
+        "--watch-interval-ms",
     ] {
         assert!(help.contains(flag), "{flag} missing from\n{help}");
     }
