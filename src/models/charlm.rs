@@ -387,10 +387,7 @@ impl CharTransformer {
     ///
     /// [`Error::InvalidArgument`] if a size is zero, `num_heads` does not
     /// divide `d_model` or the dropout is not in `[0, 1)`.
-    pub fn try_new<R: Rng + ?Sized>(
-        config: CharLmConfig,
-        rng: &mut R,
-    ) -> Result<CharTransformer> {
+    pub fn try_new<R: Rng + ?Sized>(config: CharLmConfig, rng: &mut R) -> Result<CharTransformer> {
         config.check()?;
         let tok_emb = Embedding::try_new(config.vocab_size, config.d_model, rng)?;
         let pos_emb = Embedding::try_new(config.context, config.d_model, rng)?;
