@@ -57,6 +57,7 @@
 pub mod batcher;
 pub mod checkpointer;
 mod conns;
+pub mod generate;
 mod http;
 pub mod loader;
 pub mod metrics;
