@@ -271,8 +271,14 @@ mod tests {
     fn each_bad_request_names_its_problem() {
         let cases = [
             (r#"{"prompt": ""}"#, "prompt is empty"),
-            (r#"{"prompt": "abcabc"}"#, "prompt has 6 characters, at most 5"),
-            (r#"{"prompt": "a", "max_tokens": 11}"#, "max_tokens is 11, at most 10"),
+            (
+                r#"{"prompt": "abcabc"}"#,
+                "prompt has 6 characters, at most 5",
+            ),
+            (
+                r#"{"prompt": "a", "max_tokens": 11}"#,
+                "max_tokens is 11, at most 10",
+            ),
             (r#"{"prompt": "a", "temperature": -1}"#, "temperature is -1"),
             (r#"{"prompt": "a", "top_k": 0}"#, "top_k is 0"),
             (r#"{"prompt": "abZ"}"#, "'Z' (U+005A) at position 2"),

@@ -576,10 +576,8 @@ async fn generate_inner(
         )
         .model(&entry.name));
     };
-    let request: crate::generate::GenerateRequest =
-        serde_json::from_slice(&body).map_err(|err| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {err}"))
-        })?;
+    let request: crate::generate::GenerateRequest = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {err}")))?;
     if request.stream {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -611,7 +609,11 @@ async fn generate_inner(
                 sampling.seed,
             )
             .map_err(|err| err.to_string())?;
-        let text = generation.lm.vocab.decode(&ids).map_err(|err| err.to_string())?;
+        let text = generation
+            .lm
+            .vocab
+            .decode(&ids)
+            .map_err(|err| err.to_string())?;
         Ok::<_, String>((text, ids.len(), version.number()))
     })
     .await

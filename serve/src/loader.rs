@@ -27,6 +27,14 @@
 //!
 //! Responses carry classes and probabilities ([`OutputSpec::Classes`]).
 //!
+//! # Language models
+//!
+//! A checkpoint written by `CharTransformer::save` (the sizes and the
+//! vocabulary in the metadata, as `cargo run --release --example
+//! train_charlm` writes `charlm.safetensors`) loads as a language model:
+//! [`Loaded::generation`] holds its vocabulary and sizes, and it answers
+//! `POST /v1/models/{name}/generate` only (see [`crate::generate`]).
+//!
 //! # A directory of versions
 //!
 //! PATH may be a directory holding versions named by number, TF Serving
@@ -41,6 +49,7 @@ use std::path::{Path, PathBuf};
 
 use netcl::nn::Module;
 
+use crate::generate::LanguageModel;
 use crate::model::{
     CheckpointError, Digits, FEATURES, PIXEL_MAX, STEPS_KEY, VERSION_KEY, accuracy,
     read_checkpoint, scale,
@@ -61,6 +70,9 @@ pub struct Loaded {
     pub input: InputSpec,
     /// What its responses carry.
     pub output: OutputSpec,
+    /// For a language model: its vocabulary and sizes (it then answers
+    /// generate, not predict).
+    pub generation: Option<LanguageModel>,
 }
 
 impl fmt::Debug for Loaded {
@@ -71,6 +83,7 @@ impl fmt::Debug for Loaded {
             .field("accuracy", &self.accuracy)
             .field("input", &self.input)
             .field("output", &self.output)
+            .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +133,7 @@ impl ModelLoader for DigitsMlpLoader {
             accuracy: Some(accuracy),
             input: DigitsMlpLoader::input(),
             output: OutputSpec::Classes,
+            generation: None,
         })
     }
 }
@@ -195,6 +209,13 @@ impl ModelLoader for CheckpointLoader {
         let fail = |message: String| CheckpointError(format!("{}: {message}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         let metadata = netcl::io::metadata_from_bytes(&bytes).map_err(|e| fail(e.to_string()))?;
+        if !metadata.contains_key(netcl::io::SCHEMA_VERSION_KEY)
+            && metadata.contains_key("vocab")
+            && metadata.contains_key("vocab_size")
+        {
+            // A `CharTransformer::save` checkpoint: a language model.
+            return load_char_lm(path, &metadata);
+        }
         if !metadata.contains_key(netcl::io::SCHEMA_VERSION_KEY) {
             // A plain weight file: the digits MLP's layout, as --weights.
             return self.digits.load(path);
@@ -258,8 +279,41 @@ impl ModelLoader for CheckpointLoader {
             accuracy: accuracy_on_digits,
             input,
             output: OutputSpec::Classes,
+            generation: None,
         })
     }
+}
+
+/// Loads a `CharTransformer::save` checkpoint as a language model.
+fn load_char_lm(
+    path: &Path,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Loaded, CheckpointError> {
+    let fail = |message: String| CheckpointError(format!("{}: {message}", path.display()));
+    let (model, vocab) =
+        netcl::models::CharTransformer::load(path).map_err(|e| fail(e.to_string()))?;
+    // A NaN weight would generate garbage forever: refuse it at load.
+    for (name, tensor) in model.named_parameters() {
+        if tensor.to_vec().iter().any(|v| !v.is_finite()) {
+            return Err(fail(format!("parameter {name} holds a non-finite value")));
+        }
+    }
+    let number = |key: &str| match metadata.get(key) {
+        None => Ok(0),
+        Some(text) => text
+            .parse()
+            .map_err(|_| fail(format!("metadata {key} = {text:?} is not a number"))),
+    };
+    let config = *model.config();
+    Ok(Loaded {
+        version: number(VERSION_KEY)?,
+        steps: number(STEPS_KEY)?,
+        accuracy: None,
+        input: InputSpec::rows(config.context),
+        output: OutputSpec::Logits,
+        generation: Some(LanguageModel::new(vocab, config)),
+        model: Box::new(model),
+    })
 }
 
 /// One file a PATH offers, with the version its place gives it.

@@ -54,7 +54,10 @@ impl Route {
             "/v1/models" => Route::Models,
             _ => match path.strip_prefix("/v1/models/") {
                 Some(rest) if !rest.contains('/') => Route::Models,
-                Some(rest) => match (rest.strip_suffix("/predict"), rest.strip_suffix("/generate")) {
+                Some(rest) => match (
+                    rest.strip_suffix("/predict"),
+                    rest.strip_suffix("/generate"),
+                ) {
                     (Some(name), _) if !name.contains('/') => Route::ModelPredict,
                     (_, Some(name)) if !name.contains('/') => Route::ModelGenerate,
                     _ => Route::Other,
