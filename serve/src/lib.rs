@@ -17,6 +17,8 @@
 //!   default model: 1 to `max_batch` rows (64 raw pixels for the digits),
 //!   the classes and probabilities (or outputs), and the version that
 //!   computed them;
+//! - `POST /v1/models/{name}/generate` for a language model ([`generate`]):
+//!   text sampled after a prompt, deterministic per seed and version;
 //! - `GET /v1/models`, `GET /v1/models/{name}`, and `GET /v1/model` for the
 //!   default model: version, input spec, parameter count, training steps,
 //!   last loss and held-out accuracy;

@@ -17,7 +17,8 @@ use netcl_serve::Config;
 /// training it online, and any number of models from checkpoints.
 ///
 /// Endpoints: GET /v1/models, GET /v1/models/NAME, POST
-/// /v1/models/NAME/predict, POST /v1/predict and GET /v1/model (the default
+/// /v1/models/NAME/predict, POST /v1/models/NAME/generate (language
+/// models), POST /v1/predict and GET /v1/model (the default
 /// model's), GET /healthz, GET /metrics. Stops gracefully on SIGINT or
 /// SIGTERM, saving the digits model's current version to --weights if
 /// given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
