@@ -343,3 +343,60 @@ async fn each_published_version_generates_with_its_own_weights() {
     assert_eq!(body["model"], "lm");
     service.stop().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_language_model_takes_new_versions_of_its_vocabulary_only() {
+    let dir = temp_dir("generate-follow");
+    let versions = dir.join("lm");
+    std::fs::create_dir_all(&versions).unwrap();
+    let (first, vocab) = language_model(5);
+    first.save(&vocab, versions.join("1.safetensors")).unwrap();
+    let server = start(netcl_serve::Config {
+        models: vec![("lm".to_string(), versions.clone())],
+        ..test_config()
+    })
+    .await;
+    let state = std::sync::Arc::clone(server.model_named("lm").unwrap());
+    let mut client = Client::connect(server.local_addr()).await;
+    let request = json!({"prompt": "the ", "max_tokens": 12, "temperature": 1.0, "seed": 3});
+    let reply = generate(&mut client, "lm", &request).await;
+    assert_eq!(
+        (reply.status, &reply.json["version"]),
+        (200, &json!(1)),
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.json["text"], expected(&first, &vocab, &request));
+
+    // Another vocabulary (same sizes, '!' for '.'): logged and skipped.
+    let other_vocab = Vocab::from_text("abcdefghijklmnopqrstuvwxyz !\n");
+    assert_eq!(other_vocab.len(), vocab.len(), "the sizes should match");
+    let (other, _) = language_model(6);
+    other
+        .save(&other_vocab, versions.join("2.safetensors"))
+        .unwrap();
+    common::wait_until(common::PATIENCE, "the reload failure", || {
+        server.metrics().reloads().1 == 1
+    })
+    .await;
+    assert_eq!(state.published().version(), 1);
+
+    // The same vocabulary: published, and generated from.
+    let (third, _) = language_model(7);
+    third.save(&vocab, versions.join("3.safetensors")).unwrap();
+    common::wait_until(common::PATIENCE, "version 3", || {
+        state.published().version() == 3
+    })
+    .await;
+    let reply = generate(&mut client, "lm", &request).await;
+    assert_eq!(
+        (reply.status, &reply.json["version"]),
+        (200, &json!(3)),
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.json["text"], expected(&third, &vocab, &request));
+    server.shutdown();
+    server.wait().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
