@@ -84,6 +84,11 @@ WORKLOADS = {
         "causal attention [8, 4, 64, 32], forward + backward to q, k, v, 1 thread",
         30,
     ),
+    "tanh_mlp_fwd_bwd_b32_1t": ("tanh MLP 784-256-256-10 forward + backward, batch 32, 1 thread", 100),
+    "tanh_mlp_hvp_b32_1t": (
+        "tanh MLP Hessian-vector product by double backward, batch 32, 1 thread",
+        30,
+    ),
     "layer_norm_fwd_bwd_1t": (
         "layer_norm [32, 64, 128] with weight and bias, forward + backward, 1 thread",
         60,
@@ -230,6 +235,34 @@ def torch_workload(torch, name):
                 return sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in batches)
 
         return threads, evaluate
+    if name.startswith("tanh_mlp_"):
+        torch.manual_seed(4)
+        sizes = [784, 256, 256, 10]
+        params = []
+        for i, o in zip(sizes[:-1], sizes[1:]):
+            params.append((torch.randn(i, o) / i**0.5).requires_grad_())
+            params.append(torch.zeros(o).requires_grad_())
+        x = torch.rand(32, 784)
+        y = torch.arange(32) % 10
+        v = [torch.randn_like(p) for p in params]
+
+        def tanh_loss():
+            h = x
+            for layer in range(3):
+                h = h @ params[2 * layer] + params[2 * layer + 1]
+                if layer < 2:
+                    h = torch.tanh(h)
+            return nn.functional.cross_entropy(h, y)
+
+        if name == "tanh_mlp_fwd_bwd_b32_1t":
+            return threads, lambda: torch.autograd.grad(tanh_loss(), params)
+
+        def tanh_hvp():
+            grads = torch.autograd.grad(tanh_loss(), params, create_graph=True)
+            dot = sum((g * u).sum() for g, u in zip(grads, v))
+            return torch.autograd.grad(dot, params)
+
+        return threads, tanh_hvp
     if name == "bmm_8x4x64x32x64_fwd_bwd_1t":
         lhs = torch.rand(8, 4, 64, 32, requires_grad=True)
         rhs = torch.rand(8, 4, 32, 64, requires_grad=True)

@@ -274,6 +274,8 @@ pub const WORKLOADS: &[&str] = &[
     "cnn_eval_20k_2t",
     "sdpa_causal_fwd_bwd_1t",
     "layer_norm_fwd_bwd_1t",
+    "tanh_mlp_fwd_bwd_b32_1t",
+    "tanh_mlp_hvp_b32_1t",
     "matmul_1024x1024x1024_1t",
     "matmul_1024x1024x1024_2t",
     "charlm_step_b32_1t",
@@ -316,6 +318,9 @@ pub const WORKLOADS: &[&str] = &[
 ///   q, k, v `[8, 4, 64, 32]` (batch 8, 4 heads, 64 tokens, head size 32),
 ///   all requiring grad, then the gradients of the output's sum with
 ///   respect to all three (`autograd::grad`).
+/// - `tanh_mlp_fwd_bwd_b32_1t`, `tanh_mlp_hvp_b32_1t`: one forward and
+///   backward of the 784-256-256-10 tanh MLP (cross-entropy, batch 32),
+///   and its Hessian-vector product by double backward (issue 20's pair).
 /// - `layer_norm_fwd_bwd_1t`: `layer_norm` of `[32, 64, 128]` over the last
 ///   axis with weight and bias, all requiring grad, then the gradients of
 ///   the output's sum with respect to all three.
@@ -507,6 +512,23 @@ pub fn workload(name: &str) -> Option<Workload> {
                 black_box(autograd::grad(&[&y.sum()], &[&q, &k, &v]).unwrap());
             }))
         }
+        "tanh_mlp_fwd_bwd_b32_1t" | "tanh_mlp_hvp_b32_1t" => {
+            let (x, y) = batch(32, 784, 10, 3);
+            let params = tanh_mlp_params(&[784, 256, 256, 10], 4);
+            let mut rng = StdRng::seed_from_u64(5);
+            let v: Vec<Tensor> = params
+                .iter()
+                .map(|p| Tensor::randn(p.shape(), &mut rng))
+                .collect();
+            let hvp = name == "tanh_mlp_hvp_b32_1t";
+            single(Box::new(move || {
+                if hvp {
+                    black_box(tanh_hvp(&params, &v, black_box(&x), &y));
+                } else {
+                    black_box(tanh_fwd_bwd(&params, black_box(&x), &y));
+                }
+            }))
+        }
         "layer_norm_fwd_bwd_1t" => {
             let mut rng = StdRng::seed_from_u64(12);
             let x = Tensor::randn(&[32, 64, 128], &mut rng).requires_grad_(true);
@@ -610,4 +632,55 @@ pub fn digit_images(n: usize, seed: u64) -> (Tensor, Tensor) {
     let x = Tensor::rand(&[n, 1, 8, 8], &mut rng);
     let y = Tensor::from_vec((0..n).map(|i| (i % 10) as f32).collect(), &[n]).unwrap();
     (x, y)
+}
+
+/// The parameters `[w1, b1, w2, b2, w3, b3]` of the tanh MLP of the
+/// Hessian-vector-product rows (`benches/netcl/hvp.rs` and the
+/// `tanh_mlp_*` workloads), with `[in, out]` weights as netcl's `Linear`.
+pub fn tanh_mlp_params(sizes: &[usize], seed: u64) -> Vec<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    sizes
+        .windows(2)
+        .flat_map(|pair| {
+            let scale = 1.0 / (pair[0] as f32).sqrt();
+            [
+                (Tensor::randn(&[pair[0], pair[1]], &mut rng) * scale).requires_grad_(true),
+                Tensor::zeros(&[pair[1]]).requires_grad_(true),
+            ]
+        })
+        .collect()
+}
+
+/// The tanh MLP's cross-entropy loss on `(x, y)`.
+pub fn tanh_mlp_loss(params: &[Tensor], x: &Tensor, y: &Tensor) -> Tensor {
+    let mut h = x.clone();
+    let layers = params.len() / 2;
+    for (i, layer) in params.chunks(2).enumerate() {
+        h = h.linear(&layer[0], Some(&layer[1]));
+        if i + 1 < layers {
+            h = h.tanh();
+        }
+    }
+    h.cross_entropy(y)
+}
+
+/// One forward and backward, the gradients returned.
+pub fn tanh_fwd_bwd(params: &[Tensor], x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+    let refs: Vec<&Tensor> = params.iter().collect();
+    netcl::autograd::grad(&[&tanh_mlp_loss(params, x, y)], &refs).unwrap()
+}
+
+/// The Hessian-vector product `H v` by double backward.
+pub fn tanh_hvp(params: &[Tensor], v: &[Tensor], x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+    let refs: Vec<&Tensor> = params.iter().collect();
+    let create = netcl::autograd::BackwardOptions::new().create_graph(true);
+    let grads =
+        netcl::autograd::grad_with(&[&tanh_mlp_loss(params, x, y)], &refs, &create).unwrap();
+    let dot = grads
+        .iter()
+        .zip(v)
+        .map(|(g, v)| (g.as_ref().unwrap() * v).sum())
+        .reduce(|a, b| a + b)
+        .unwrap();
+    netcl::autograd::grad(&[&dot], &refs).unwrap()
 }

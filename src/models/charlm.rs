@@ -9,18 +9,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 
 use crate::error::{Error, Result, or_panic};
+use crate::nn::architecture::number_value;
 use crate::nn::{
-    AttentionMasks, Dropout, Embedding, LayerNorm, Linear, Module, TorchLayout, TrainingFlag,
-    TransformerBlock, fork_scope, prefixed,
+    Architecture, AttentionMasks, BuildContext, Dropout, Embedding, LayerNorm, Linear, Module,
+    TorchLayout, TrainingFlag, TransformerBlock, fork_scope, prefixed,
 };
 use crate::tensor::Tensor;
 
 /// The characters a language model knows, each with an id: the distinct
 /// characters of a corpus, in sorted order (id 0 is the smallest).
 ///
-/// Saved with a checkpoint by [`CharTransformer::save`] (in the
-/// safetensors header's metadata, under `vocab`, as the characters in id
-/// order) and read back by [`CharTransformer::load`].
+/// A model carries its vocabulary ([`CharTransformer::with_vocab`]) in
+/// its architecture, so that a self-describing checkpoint
+/// ([`io::save_model`](crate::io::save_model), and
+/// [`CharTransformer::save`]) holds it and a server gets it back from any
+/// loaded model with [`Vocab::of_module`].
 ///
 /// # Examples
 ///
@@ -75,6 +78,78 @@ impl Vocab {
     fn from_sorted(chars: Vec<char>) -> Vocab {
         let ids = chars.iter().enumerate().map(|(i, &c)| (c, i)).collect();
         Vocab { chars, ids }
+    }
+
+    /// The vocabulary in a `CharTransformer` architecture node (its
+    /// `vocab` entry), `None` if it has none.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `arch` is not a valid
+    /// `CharTransformer` node ([`CharLmConfig::from_architecture`]), or
+    /// its `vocab` is not a string of distinct characters, as many as
+    /// `vocab_size`.
+    pub fn from_architecture(arch: &Architecture) -> Result<Option<Vocab>> {
+        let config = CharLmConfig::from_architecture(arch)?;
+        if !arch.config().contains_key("vocab") {
+            return Ok(None);
+        }
+        let vocab =
+            Vocab::from_chars(arch.str("vocab")?).map_err(|err| Error::InvalidArgument {
+                op: "Architecture",
+                message: format!(
+                    "config `vocab` of `{CHAR_TRANSFORMER}` is not a vocabulary: {err}"
+                ),
+            })?;
+        if vocab.len() != config.vocab_size {
+            return Err(Error::InvalidArgument {
+                op: "Architecture",
+                message: format!(
+                    "config `vocab` of `{CHAR_TRANSFORMER}` has {} characters, `vocab_size` is {}",
+                    vocab.len(),
+                    config.vocab_size
+                ),
+            });
+        }
+        Ok(Some(vocab))
+    }
+
+    /// The vocabulary of `model`, a [`CharTransformer`] (a model loaded
+    /// with [`io::load_model`](crate::io::load_model), a published
+    /// [`Version`](crate::nn::Version)'s model, ...), read from its
+    /// [architecture](Module::architecture) without knowing its type.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `model` is not a `CharTransformer`
+    /// (naming its kind) or has no vocabulary.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use netcl::models::{CharLmConfig, CharTransformer, Generator, Vocab};
+    /// use netcl::nn::Module;
+    ///
+    /// let vocab = Vocab::from_text("hello world");
+    /// let config = CharLmConfig::new(vocab.len()).with_width(8).with_heads(2).with_blocks(1).with_context(8);
+    /// let model = CharTransformer::zeros(config)?.try_with_vocab(vocab.clone())?;
+    /// let loaded = netcl::io::load_model_bytes(&netcl::io::model_to_bytes(&model)?)?;
+    ///
+    /// // A server knows only `Box<dyn Module>`.
+    /// assert_eq!(Vocab::of_module(&*loaded)?, vocab);
+    /// let generator = Generator::of_module(&*loaded)?;
+    /// let text = vocab.decode(&generator.generate(&vocab.encode("he")?, 5, 1.0, None, 1))?;
+    /// assert_eq!(text.chars().count(), 5);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    pub fn of_module(model: &dyn Module) -> Result<Vocab> {
+        let arch = char_lm_architecture(model, "Vocab::of_module")?;
+        Vocab::from_architecture(&arch)?.ok_or_else(|| Error::InvalidArgument {
+            op: "Vocab::of_module",
+            message: "the CharTransformer has no vocabulary (give it one with \
+                      CharTransformer::with_vocab before saving)"
+                .to_string(),
+        })
     }
 
     /// The number of characters.
@@ -298,6 +373,74 @@ impl CharLmConfig {
     }
 }
 
+/// The kind of a [`CharTransformer`]'s architecture node.
+const CHAR_TRANSFORMER: &str = "CharTransformer";
+
+/// The architecture of `model`, if it is a `CharTransformer`'s.
+fn char_lm_architecture(model: &dyn Module, op: &'static str) -> Result<Architecture> {
+    match model.architecture() {
+        Some(arch) if arch.kind() == CHAR_TRANSFORMER => Ok(arch),
+        Some(arch) => Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "the model is a `{}`, not a `{CHAR_TRANSFORMER}`",
+                arch.kind()
+            ),
+        }),
+        None => Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "the model does not describe its architecture, so is not a `{CHAR_TRANSFORMER}`"
+            ),
+        }),
+    }
+}
+
+impl CharLmConfig {
+    /// The config in a `CharTransformer` architecture node (see
+    /// [`CharTransformer`]'s [`Module::architecture`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `arch` is of another kind, a size is
+    /// missing or not a non-negative integer, or the config is invalid (a
+    /// size zero, `num_heads` not dividing `d_model`, the dropout not in
+    /// `[0, 1)`), naming it.
+    pub fn from_architecture(arch: &Architecture) -> Result<CharLmConfig> {
+        if arch.kind() != CHAR_TRANSFORMER {
+            return Err(Error::InvalidArgument {
+                op: "CharLmConfig::from_architecture",
+                message: format!(
+                    "the architecture is a `{}`, not a `{CHAR_TRANSFORMER}`",
+                    arch.kind()
+                ),
+            });
+        }
+        let config = CharLmConfig {
+            vocab_size: arch.usize("vocab_size")?,
+            d_model: arch.usize("d_model")?,
+            num_heads: arch.usize("num_heads")?,
+            num_blocks: arch.usize("num_blocks")?,
+            context: arch.usize("context")?,
+            d_ff: arch.usize("d_ff")?,
+            dropout: arch.f32("dropout")?,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The config of `model`, a [`CharTransformer`] of any provenance
+    /// (see [`Vocab::of_module`]), read from its architecture.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `model` is not a `CharTransformer`,
+    /// naming its kind.
+    pub fn of_module(model: &dyn Module) -> Result<CharLmConfig> {
+        CharLmConfig::from_architecture(&char_lm_architecture(model, "CharLmConfig::of_module")?)
+    }
+}
+
 /// A character-level transformer language model (GPT-style, pre-norm):
 /// token and learned position embeddings, [`TransformerBlock`]s with
 /// causal attention, a final [`LayerNorm`] and a [`Linear`] output head
@@ -327,6 +470,22 @@ impl CharLmConfig {
 /// [`loss`](CharTransformer::loss) is the mean cross-entropy against the
 /// next characters. [`generate`](CharTransformer::generate) samples text
 /// with a key/value cache.
+///
+/// # Self-describing checkpoints
+///
+/// The model describes itself ([`Module::architecture`]) as a node of the
+/// built-in kind `CharTransformer` whose config holds the
+/// [`CharLmConfig`] (`vocab_size`, `d_model`, `num_heads`, `num_blocks`,
+/// `context`, `d_ff`, `dropout`) and, if the model has one
+/// ([`with_vocab`](CharTransformer::with_vocab)), its vocabulary under
+/// `vocab`: the characters in id order, as one string. The vocabulary is
+/// part of the architecture, not free metadata, because the model is not
+/// usable without it and its size must match the embedding's: it is
+/// checked when the model is built, and it travels with the model (forks,
+/// published versions). So [`io::save_model`](crate::io::save_model) and
+/// [`io::load_model`](crate::io::load_model) round-trip a ready model with
+/// no code, and [`Vocab::of_module`], [`CharLmConfig::of_module`] and
+/// [`Generator::of_module`] get the rest from a `Box<dyn Module>`.
 ///
 /// # Examples
 ///
@@ -361,9 +520,22 @@ pub struct CharTransformer {
     ln_f: LayerNorm,
     head: Linear,
     training: TrainingFlag,
+    vocab: Option<Vocab>,
 }
 
 impl CharTransformer {
+    /// The config keys of a `CharTransformer` node (`vocab` optional).
+    pub(crate) const ARCHITECTURE_KEYS: &'static [&'static str] = &[
+        "vocab_size",
+        "d_model",
+        "num_heads",
+        "num_blocks",
+        "context",
+        "d_ff",
+        "dropout",
+        "vocab",
+    ];
+
     /// A model of `config`'s sizes initialised from `rng` (each layer as
     /// PyTorch initialises it).
     ///
@@ -387,10 +559,7 @@ impl CharTransformer {
     ///
     /// [`Error::InvalidArgument`] if a size is zero, `num_heads` does not
     /// divide `d_model` or the dropout is not in `[0, 1)`.
-    pub fn try_new<R: Rng + ?Sized>(
-        config: CharLmConfig,
-        rng: &mut R,
-    ) -> Result<CharTransformer> {
+    pub fn try_new<R: Rng + ?Sized>(config: CharLmConfig, rng: &mut R) -> Result<CharTransformer> {
         config.check()?;
         let tok_emb = Embedding::try_new(config.vocab_size, config.d_model, rng)?;
         let pos_emb = Embedding::try_new(config.context, config.d_model, rng)?;
@@ -440,7 +609,80 @@ impl CharTransformer {
             ln_f: LayerNorm::try_new(&[config.d_model])?,
             head,
             training: TrainingFlag::new(),
+            vocab: None,
         })
+    }
+
+    /// This model with vocabulary `vocab`, which its architecture (and so
+    /// a checkpoint of it) then holds.
+    ///
+    /// # Panics
+    ///
+    /// With [`try_with_vocab`](CharTransformer::try_with_vocab)'s error
+    /// message if the sizes differ.
+    #[track_caller]
+    pub fn with_vocab(self, vocab: Vocab) -> CharTransformer {
+        or_panic(self.try_with_vocab(vocab))
+    }
+
+    /// This model with vocabulary `vocab`, or an error if its size is not
+    /// the model's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming both sizes if `vocab.len()` is not
+    /// [`CharLmConfig::vocab_size`].
+    pub fn try_with_vocab(mut self, vocab: Vocab) -> Result<CharTransformer> {
+        if vocab.len() != self.config.vocab_size {
+            return Err(Error::InvalidArgument {
+                op: "CharTransformer::with_vocab",
+                message: format!(
+                    "the vocabulary has {} characters, the model {}",
+                    vocab.len(),
+                    self.config.vocab_size
+                ),
+            });
+        }
+        self.vocab = Some(vocab);
+        Ok(self)
+    }
+
+    /// The model's vocabulary, if it has one.
+    pub fn vocab(&self) -> Option<&Vocab> {
+        self.vocab.as_ref()
+    }
+
+    /// Builds the `CharTransformer` an architecture node describes (all
+    /// weights zero), for the built-in kind table.
+    pub(crate) fn build_kind(arch: &Architecture, cx: &BuildContext) -> Result<Box<dyn Module>> {
+        let config = CharLmConfig::from_architecture(arch)?;
+        let vocab = Vocab::from_architecture(arch)?;
+        let (v, d, c, f) = (
+            config.vocab_size,
+            config.d_model,
+            config.context,
+            config.d_ff,
+        );
+        cx.reserve(&[v, d])?;
+        cx.reserve(&[c, d])?;
+        for _ in 0..config.num_blocks {
+            for _ in 0..5 {
+                cx.reserve(&[d])?; // the norms, the out-projection's bias
+            }
+            cx.reserve(&[3, d, d])?;
+            cx.reserve(&[3, d])?;
+            cx.reserve(&[d, d])?;
+            cx.reserve(&[d, f])?;
+            cx.reserve(&[f])?;
+            cx.reserve(&[f, d])?;
+            cx.reserve(&[d])?;
+        }
+        cx.reserve(&[2, d])?;
+        cx.reserve(&[d, v])?;
+        cx.reserve(&[v])?;
+        let mut model = CharTransformer::zeros(config)?;
+        model.vocab = vocab;
+        Ok(Box::new(model))
     }
 
     /// The model's sizes.
@@ -564,14 +806,18 @@ impl CharTransformer {
         Generator::from_module(self, &self.config)
     }
 
-    /// Saves the weights, the config and `vocab` to `path` (safetensors,
-    /// netcl's layout, the config and the vocabulary in the metadata), as
-    /// [`io::save_with_metadata`](crate::io::save_with_metadata).
+    /// Saves the weights, the config and `vocab` to `path`: a
+    /// self-describing checkpoint ([`io::save_model`](crate::io::save_model)
+    /// of the model with `vocab`), which
+    /// [`io::load_model`](crate::io::load_model) loads without code; the
+    /// config and the vocabulary are also in the metadata under their own
+    /// keys (`vocab_size`, ..., `vocab`), as earlier versions wrote them.
     ///
     /// # Errors
     ///
-    /// As [`io::save`](crate::io::save), and [`Error::InvalidArgument`] if
-    /// the vocabulary's size is not the model's.
+    /// As [`io::save_model`](crate::io::save_model), and
+    /// [`Error::InvalidArgument`] if the vocabulary's size is not the
+    /// model's.
     pub fn save(&self, vocab: &Vocab, path: impl AsRef<Path>) -> Result<()> {
         if vocab.len() != self.config.vocab_size {
             return Err(Error::InvalidArgument {
@@ -585,11 +831,14 @@ impl CharTransformer {
         }
         let mut metadata = self.config.to_metadata();
         metadata.insert("vocab".to_string(), vocab.chars());
-        crate::io::save_with_metadata(self, path, &metadata)
+        let model = self.try_clone()?.try_with_vocab(vocab.clone())?;
+        crate::io::save_model_with_metadata(&model, path, &metadata)
     }
 
-    /// A model and its vocabulary read from a checkpoint written by
-    /// [`save`](CharTransformer::save).
+    /// A model (holding its vocabulary) and its vocabulary read from a
+    /// checkpoint written by [`save`](CharTransformer::save), or by
+    /// [`io::save_model`](crate::io::save_model) of a model with a
+    /// vocabulary.
     ///
     /// # Errors
     ///
@@ -600,6 +849,29 @@ impl CharTransformer {
         let path = path.as_ref();
         let source = path.display().to_string();
         let meta = crate::io::read_metadata(path)?;
+        if !meta.contains_key("vocab_size")
+            && let Some(json) = meta.get(crate::io::ARCHITECTURE_KEY)
+        {
+            let format = |err: Error| Error::Format {
+                op: "CharTransformer::load",
+                source_name: source.clone(),
+                format: "a CharTransformer checkpoint",
+                message: err.to_string(),
+            };
+            let arch = Architecture::from_json_str(json).map_err(format)?;
+            let config = CharLmConfig::from_architecture(&arch).map_err(format)?;
+            let vocab = Vocab::from_architecture(&arch)
+                .map_err(format)?
+                .ok_or_else(|| {
+                    format(Error::InvalidArgument {
+                        op: "CharTransformer::load",
+                        message: "the architecture has no `vocab`".to_string(),
+                    })
+                })?;
+            let model = CharTransformer::zeros(config)?.try_with_vocab(vocab.clone())?;
+            crate::io::load(&model, path)?;
+            return Ok((model, vocab));
+        }
         let config = CharLmConfig::from_metadata(&meta, &source)?;
         let vocab = meta
             .get("vocab")
@@ -615,7 +887,7 @@ impl CharTransformer {
                     config.vocab_size
                 ),
             })?;
-        let model = CharTransformer::zeros(config)?;
+        let model = CharTransformer::zeros(config)?.try_with_vocab(vocab.clone())?;
         crate::io::load(&model, path)?;
         Ok((model, vocab))
     }
@@ -640,6 +912,7 @@ impl CharTransformer {
                 ln_f: self.ln_f.clone(),
                 head: self.head.clone(),
                 training: self.training.clone(),
+                vocab: self.vocab.clone(),
             })
         })
     }
@@ -699,12 +972,31 @@ impl Module for CharTransformer {
     fn try_fork(&self) -> Result<Box<dyn Module>> {
         Ok(Box::new(self.try_clone()?))
     }
+
+    /// A `CharTransformer` node: the config and the vocabulary, if any
+    /// (see [Self-describing checkpoints](CharTransformer#self-describing-checkpoints)).
+    fn architecture(&self) -> Option<Architecture> {
+        let c = &self.config;
+        let arch = Architecture::new(CHAR_TRANSFORMER)
+            .with("vocab_size", c.vocab_size)
+            .with("d_model", c.d_model)
+            .with("num_heads", c.num_heads)
+            .with("num_blocks", c.num_blocks)
+            .with("context", c.context)
+            .with("d_ff", c.d_ff)
+            .with("dropout", number_value(c.dropout));
+        Some(match &self.vocab {
+            Some(vocab) => arch.with("vocab", vocab.chars()),
+            None => arch,
+        })
+    }
 }
 
 impl fmt::Debug for CharTransformer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CharTransformer")
             .field("config", &self.config)
+            .field("vocab", &self.vocab)
             .finish()
     }
 }
@@ -924,6 +1216,20 @@ impl Generator {
             head_w: get("head.weight", &[d, v])?,
             head_b: get("head.bias", &[v])?,
         })
+    }
+
+    /// A generator from `model`, a [`CharTransformer`] of any provenance
+    /// (loaded with [`io::load_model`](crate::io::load_model), a published
+    /// [`Version`](crate::nn::Version)'s model), its config read from its
+    /// architecture ([`CharLmConfig::of_module`]): no need to know the
+    /// concrete type. See [`Vocab::of_module`] for an example.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `model` is not a `CharTransformer`,
+    /// and the errors of [`from_module`](Generator::from_module).
+    pub fn of_module(model: &dyn Module) -> Result<Generator> {
+        Generator::from_module(model, &CharLmConfig::of_module(model)?)
     }
 
     /// The sizes of the model.

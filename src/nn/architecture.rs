@@ -42,6 +42,7 @@
 //! | `Embedding` | `num_embeddings`, `embedding_dim` | |
 //! | `MultiheadAttention` | `embed_dim`, `num_heads` | |
 //! | `TransformerBlock` | `d_model`, `num_heads`, `d_ff` | |
+//! | `CharTransformer` | `vocab_size`, `d_model`, `num_heads`, `num_blocks`, `context`, `d_ff`, `dropout`, and `vocab` (optional: the characters in id order, a string of `vocab_size` distinct characters) | |
 //!
 //! [`TiedLinear`](crate::nn::TiedLinear) shares its weight with another
 //! layer, which a tree of independent layers cannot say: it has no
@@ -540,6 +541,11 @@ const BUILT_IN: &[(&str, &[&str], BuildFn)] = &[
         "TransformerBlock",
         &["d_model", "num_heads", "d_ff"],
         build_transformer_block,
+    ),
+    (
+        "CharTransformer",
+        crate::models::CharTransformer::ARCHITECTURE_KEYS,
+        crate::models::CharTransformer::build_kind,
     ),
 ];
 
