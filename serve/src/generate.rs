@@ -71,6 +71,21 @@ impl LanguageModel {
         }
     }
 
+    /// The vocabulary and sizes a `CharTransformer` carries (one built
+    /// with a vocabulary, loaded with `netcl::io::load_model`, or a
+    /// published version of one), with the default limits.
+    ///
+    /// # Errors
+    ///
+    /// The engine's error if `model` is not a `CharTransformer` or has no
+    /// vocabulary, naming what it is.
+    pub fn of_module(model: &dyn netcl::nn::Module) -> netcl::Result<LanguageModel> {
+        Ok(LanguageModel::new(
+            Vocab::of_module(model)?,
+            CharLmConfig::of_module(model)?,
+        ))
+    }
+
     /// The longest prompt accepted, in characters (400 beyond it).
     pub fn max_prompt(mut self, characters: usize) -> LanguageModel {
         self.max_prompt = characters;

@@ -29,9 +29,11 @@
 //!
 //! # Language models
 //!
-//! A checkpoint written by `CharTransformer::save` (the sizes and the
-//! vocabulary in the metadata, as `cargo run --release --example
-//! train_charlm` writes `charlm.safetensors`) loads as a language model:
+//! A checkpoint of a `CharTransformer` (written by `CharTransformer::save`
+//! or `netcl::io::save_model` with its vocabulary, as `cargo run --release
+//! --example train_charlm` writes `charlm.safetensors`; or by an older
+//! `CharTransformer::save`, the sizes and vocabulary as plain metadata
+//! keys) loads as a language model:
 //! [`Loaded::generation`] holds its vocabulary and sizes, and it answers
 //! `POST /v1/models/{name}/generate` only (see [`crate::generate`]).
 //!
@@ -229,6 +231,20 @@ impl ModelLoader for CheckpointLoader {
                 .map_err(|_| fail(format!("metadata {key} = {text:?} is not a number"))),
         };
         let (version, steps) = (number(VERSION_KEY)?, number(STEPS_KEY)?);
+        if checkpoint.architecture.kind() == CHAR_TRANSFORMER {
+            // A language model: it answers generate, with the vocabulary
+            // and sizes its architecture carries.
+            let lm = language_model_of(&*checkpoint.model).map_err(fail)?;
+            return Ok(Loaded {
+                version,
+                steps,
+                accuracy: None,
+                input: InputSpec::rows(lm.config().context),
+                output: OutputSpec::Logits,
+                generation: Some(lm),
+                model: checkpoint.model,
+            });
+        }
         let mut accuracy_on_digits = None;
         let input = match (
             checkpoint.metadata.get(INPUT_KEY).map(String::as_str),
@@ -284,7 +300,17 @@ impl ModelLoader for CheckpointLoader {
     }
 }
 
-/// Loads a `CharTransformer::save` checkpoint as a language model.
+/// The architecture kind of `netcl::models::CharTransformer`.
+const CHAR_TRANSFORMER: &str = "CharTransformer";
+
+/// The vocabulary and sizes of a loaded `CharTransformer`.
+fn language_model_of(model: &dyn Module) -> Result<LanguageModel, String> {
+    LanguageModel::of_module(model).map_err(|e| e.to_string())
+}
+
+/// Loads a `CharTransformer::save` checkpoint of before self-describing
+/// checkpoints (the sizes and vocabulary in plain metadata keys) as a
+/// language model.
 fn load_char_lm(
     path: &Path,
     metadata: &std::collections::BTreeMap<String, String>,

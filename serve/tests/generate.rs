@@ -298,8 +298,9 @@ async fn call(router: &axum::Router, body: &Value) -> (u16, Value) {
 async fn each_published_version_generates_with_its_own_weights() {
     let (first, vocab) = language_model(3);
     let (second, _) = language_model(4);
+    let first = first.try_with_vocab(vocab.clone()).unwrap();
     let service = ModelService::builder("lm", Published::new(&first).unwrap())
-        .language_model(LanguageModel::new(vocab.clone(), *first.config()))
+        .language_model(LanguageModel::of_module(&first).unwrap())
         .build()
         .unwrap();
     let router = service.router();
@@ -396,6 +397,44 @@ async fn a_followed_language_model_takes_new_versions_of_its_vocabulary_only() {
         reply.text
     );
     assert_eq!(reply.json["text"], expected(&third, &vocab, &request));
+    server.shutdown();
+    server.wait().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_the_older_plain_metadata_layout_is_served_too() {
+    let dir = temp_dir("generate-legacy");
+    let (model, vocab) = language_model(8);
+    // As `CharTransformer::save` wrote before checkpoints described the
+    // architecture: the sizes and the vocabulary as plain metadata keys.
+    let c = *model.config();
+    let metadata: BTreeMap<String, String> = [
+        ("vocab_size", c.vocab_size.to_string()),
+        ("d_model", c.d_model.to_string()),
+        ("num_heads", c.num_heads.to_string()),
+        ("num_blocks", c.num_blocks.to_string()),
+        ("context", c.context.to_string()),
+        ("d_ff", c.d_ff.to_string()),
+        ("dropout", c.dropout.to_string()),
+        ("vocab", vocab.chars()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let path = dir.join("old.safetensors");
+    netcl::io::save_with_metadata(&model, &path, &metadata).unwrap();
+    let server = start(netcl_serve::Config {
+        models: vec![("lm".to_string(), path)],
+        ..test_config()
+    })
+    .await;
+    let mut client = Client::connect(server.local_addr()).await;
+    let request =
+        json!({"prompt": "lazy ", "max_tokens": 15, "temperature": 0.9, "top_k": 4, "seed": 11});
+    let reply = generate(&mut client, "lm", &request).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json["text"], expected(&model, &vocab, &request));
     server.shutdown();
     server.wait().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
