@@ -688,8 +688,17 @@ fn describe(entry: &Entry, metrics: &Metrics) -> ModelResponse {
             0.0
         },
         layers: entry.layers.clone(),
-        input: entry.spec.input.describe(),
-        output: entry.spec.output.kind(),
+        // A language model answering generate only reads no rows.
+        input: if entry.predicts {
+            entry.spec.input.describe()
+        } else {
+            serde_json::Value::Null
+        },
+        output: if entry.predicts {
+            entry.spec.output.kind()
+        } else {
+            "text"
+        },
         capabilities: [
             entry.predicts.then_some("predict"),
             entry.generation.is_some().then_some("generate"),

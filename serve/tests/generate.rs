@@ -269,6 +269,10 @@ async fn the_model_list_says_which_models_generate() {
     let clf = models.iter().find(|m| m["name"] == "clf").unwrap();
     assert_eq!(lm["capabilities"], json!(["generate"]));
     assert_eq!(
+        (&lm["input"], &lm["output"]),
+        (&Value::Null, &json!("text"))
+    );
+    assert_eq!(
         lm["generation"],
         json!({"vocab_size": vocab.len(), "context": 16, "max_prompt": 40, "max_tokens": 30})
     );
