@@ -84,6 +84,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(named_model_info))
         .route("/v1/models/{name}/predict", post(named_predict))
+        .route("/v1/models/{name}/generate", post(named_generate))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -465,15 +466,17 @@ async fn predict_inner(
     entry: &Entry,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body larger than {BODY_LIMIT} bytes")
-        } else {
-            format!("cannot read the request body: {}", rejection.body_text())
-        };
-        ApiError::new(status, message)
-    })?;
+    let body = read_body(body)?;
+    if !entry.predicts {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model {:?} is a language model: POST /v1/models/{}/generate",
+                entry.name, entry.name
+            ),
+        )
+        .model(&entry.name));
+    }
     let rule = RowRule {
         width: entry.spec.input.width,
         range: entry.spec.input.range,
@@ -531,6 +534,118 @@ async fn predict_inner(
     })
 }
 
+/// The body of a generate response.
+#[derive(Serialize)]
+struct GenerateResponse {
+    /// The characters generated (after the prompt).
+    text: String,
+    /// How many were generated.
+    tokens: usize,
+    /// The version that generated them.
+    version: u64,
+    /// The seed used.
+    seed: u64,
+    /// The prompt's length in characters.
+    prompt_tokens: usize,
+}
+
+async fn named_generate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = match state.models.get(&name) {
+        Ok(entry) => generate_inner(entry, body).await,
+        Err(err) => Err(err),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn generate_inner(
+    entry: &Entry,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let Some(generation) = entry.generation.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model {:?} is not a language model: it answers POST /v1/models/{}/predict",
+                entry.name, entry.name
+            ),
+        )
+        .model(&entry.name));
+    };
+    let request: crate::generate::GenerateRequest = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {err}")))?;
+    if request.stream {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "\"stream\": true is not supported yet: send the request without it",
+        ));
+    }
+    let sampling = request
+        .validate(&generation.lm)
+        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message).model(&entry.name))?;
+    // At most `threads` generations run at once; the others wait here
+    // (within the request deadline), holding no thread.
+    let permit = Arc::clone(&generation.running)
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let version = entry.model.published().load();
+    let generation = Arc::clone(generation);
+    let prompt_tokens = sampling.prompt.len();
+    let seed = sampling.seed;
+    let done = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let generator = generation.generator(&version)?;
+        let ids = generator
+            .try_generate(
+                &sampling.prompt,
+                sampling.max_tokens,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.seed,
+            )
+            .map_err(|err| err.to_string())?;
+        let text = generation
+            .lm
+            .vocab
+            .decode(&ids)
+            .map_err(|err| err.to_string())?;
+        Ok::<_, String>((text, ids.len(), version.number()))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation failed"))?;
+    let (text, tokens, version) = done.map_err(|message| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).model(&entry.name)
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &GenerateResponse {
+            text,
+            tokens,
+            version,
+            seed,
+            prompt_tokens,
+        },
+    ))
+}
+
+/// The body, or the error of reading it.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body larger than {BODY_LIMIT} bytes")
+        } else {
+            format!("cannot read the request body: {}", rejection.body_text())
+        };
+        ApiError::new(status, message)
+    })
+}
+
 /// What `GET /v1/model`, `GET /v1/models/{name}` and each item of `GET
 /// /v1/models` say of a model.
 #[derive(Serialize)]
@@ -547,6 +662,10 @@ struct ModelResponse {
     layers: Option<Vec<usize>>,
     input: serde_json::Value,
     output: &'static str,
+    /// What the model answers: `predict` and/or `generate`.
+    capabilities: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<serde_json::Value>,
     parameters: usize,
     max_batch: usize,
     queue_capacity: usize,
@@ -569,8 +688,25 @@ fn describe(entry: &Entry, metrics: &Metrics) -> ModelResponse {
             0.0
         },
         layers: entry.layers.clone(),
-        input: entry.spec.input.describe(),
-        output: entry.spec.output.kind(),
+        // A language model answering generate only reads no rows.
+        input: if entry.predicts {
+            entry.spec.input.describe()
+        } else {
+            serde_json::Value::Null
+        },
+        output: if entry.predicts {
+            entry.spec.output.kind()
+        } else {
+            "text"
+        },
+        capabilities: [
+            entry.predicts.then_some("predict"),
+            entry.generation.is_some().then_some("generate"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        generation: entry.generation.as_ref().map(|g| g.lm.describe()),
         parameters: entry.parameters,
         max_batch: entry.max_batch,
         queue_capacity: entry.queue_capacity,

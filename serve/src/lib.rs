@@ -17,6 +17,8 @@
 //!   default model: 1 to `max_batch` rows (64 raw pixels for the digits),
 //!   the classes and probabilities (or outputs), and the version that
 //!   computed them;
+//! - `POST /v1/models/{name}/generate` for a language model ([`generate`]):
+//!   text sampled after a prompt, deterministic per seed and version;
 //! - `GET /v1/models`, `GET /v1/models/{name}`, and `GET /v1/model` for the
 //!   default model: version, input spec, parameter count, training steps,
 //!   last loss and held-out accuracy;
@@ -57,6 +59,7 @@
 pub mod batcher;
 pub mod checkpointer;
 mod conns;
+pub mod generate;
 mod http;
 pub mod loader;
 pub mod metrics;
@@ -168,6 +171,12 @@ pub struct Config {
     pub train_duty: f64,
     /// The seed of the start-up model and of the training shuffle.
     pub seed: u64,
+    /// The longest prompt a language model accepts, in characters (400
+    /// beyond it).
+    pub max_prompt: usize,
+    /// The most characters one generate request may ask for (400 beyond
+    /// it).
+    pub max_tokens: usize,
 }
 
 impl Default for Config {
@@ -194,6 +203,8 @@ impl Default for Config {
             watch_interval: Duration::from_millis(250),
             train_duty: 1.0,
             seed: 42,
+            max_prompt: generate::DEFAULT_MAX_PROMPT,
+            max_tokens: generate::DEFAULT_MAX_TOKENS,
         }
     }
 }
@@ -531,7 +542,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
                 source,
                 config.watch_interval,
                 Arc::new(DigitsMlpLoader::new(digits.clone())),
-                DigitsMlpLoader::input().row_shape().to_vec(),
+                (DigitsMlpLoader::input().row_shape().to_vec(), None),
                 Arc::clone(&model),
                 (Arc::clone(&metrics), Arc::new(DEFAULT_MODEL.to_string())),
                 shutdown_rx.clone(),
@@ -553,17 +564,25 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         let model =
             ModelState::new(&*loaded.model, info).map_err(|e| Error::Model(e.to_string()))?;
         let row_shape = loaded.input.row_shape().to_vec();
-        let service = configure(Builder::from_state(extra.name.clone(), Arc::clone(&model)))
-            .input(loaded.input)
-            .output(loaded.output)
-            .build()?;
+        let lm = loaded.generation.map(|lm| {
+            lm.max_prompt(config.max_prompt)
+                .max_tokens(config.max_tokens)
+        });
+        let mut builder = configure(Builder::from_state(extra.name.clone(), Arc::clone(&model)))
+            .output(loaded.output);
+        builder = match &lm {
+            // A language model answers generate only.
+            Some(lm) => builder.language_model(lm.clone()),
+            None => builder.input(loaded.input),
+        };
+        let service = builder.build()?;
         watchers.push(tokio::spawn(watch::run(
             model_sources
                 .next()
                 .ok_or_else(|| Error::Model(format!("no source for model {:?}", extra.name)))?,
             config.watch_interval,
             Arc::clone(&loader),
-            row_shape,
+            (row_shape, lm),
             Arc::clone(&model),
             (Arc::clone(&metrics), Arc::new(extra.name.clone())),
             shutdown_rx.clone(),

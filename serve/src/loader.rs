@@ -27,6 +27,16 @@
 //!
 //! Responses carry classes and probabilities ([`OutputSpec::Classes`]).
 //!
+//! # Language models
+//!
+//! A checkpoint of a `CharTransformer` (written by `CharTransformer::save`
+//! or `netcl::io::save_model` with its vocabulary, as `cargo run --release
+//! --example train_charlm` writes `charlm.safetensors`; or by an older
+//! `CharTransformer::save`, the sizes and vocabulary as plain metadata
+//! keys) loads as a language model:
+//! [`Loaded::generation`] holds its vocabulary and sizes, and it answers
+//! `POST /v1/models/{name}/generate` only (see [`crate::generate`]).
+//!
 //! # A directory of versions
 //!
 //! PATH may be a directory holding versions named by number, TF Serving
@@ -41,6 +51,7 @@ use std::path::{Path, PathBuf};
 
 use netcl::nn::Module;
 
+use crate::generate::LanguageModel;
 use crate::model::{
     CheckpointError, Digits, FEATURES, PIXEL_MAX, STEPS_KEY, VERSION_KEY, accuracy,
     read_checkpoint, scale,
@@ -61,6 +72,9 @@ pub struct Loaded {
     pub input: InputSpec,
     /// What its responses carry.
     pub output: OutputSpec,
+    /// For a language model: its vocabulary and sizes (it then answers
+    /// generate, not predict).
+    pub generation: Option<LanguageModel>,
 }
 
 impl fmt::Debug for Loaded {
@@ -71,6 +85,7 @@ impl fmt::Debug for Loaded {
             .field("accuracy", &self.accuracy)
             .field("input", &self.input)
             .field("output", &self.output)
+            .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +135,7 @@ impl ModelLoader for DigitsMlpLoader {
             accuracy: Some(accuracy),
             input: DigitsMlpLoader::input(),
             output: OutputSpec::Classes,
+            generation: None,
         })
     }
 }
@@ -195,6 +211,13 @@ impl ModelLoader for CheckpointLoader {
         let fail = |message: String| CheckpointError(format!("{}: {message}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         let metadata = netcl::io::metadata_from_bytes(&bytes).map_err(|e| fail(e.to_string()))?;
+        if !metadata.contains_key(netcl::io::SCHEMA_VERSION_KEY)
+            && metadata.contains_key("vocab")
+            && metadata.contains_key("vocab_size")
+        {
+            // A `CharTransformer::save` checkpoint: a language model.
+            return load_char_lm(path, &metadata);
+        }
         if !metadata.contains_key(netcl::io::SCHEMA_VERSION_KEY) {
             // A plain weight file: the digits MLP's layout, as --weights.
             return self.digits.load(path);
@@ -208,6 +231,20 @@ impl ModelLoader for CheckpointLoader {
                 .map_err(|_| fail(format!("metadata {key} = {text:?} is not a number"))),
         };
         let (version, steps) = (number(VERSION_KEY)?, number(STEPS_KEY)?);
+        if checkpoint.architecture.kind() == CHAR_TRANSFORMER {
+            // A language model: it answers generate, with the vocabulary
+            // and sizes its architecture carries.
+            let lm = language_model_of(&*checkpoint.model).map_err(fail)?;
+            return Ok(Loaded {
+                version,
+                steps,
+                accuracy: None,
+                input: InputSpec::rows(lm.config().context),
+                output: OutputSpec::Logits,
+                generation: Some(lm),
+                model: checkpoint.model,
+            });
+        }
         let mut accuracy_on_digits = None;
         let input = match (
             checkpoint.metadata.get(INPUT_KEY).map(String::as_str),
@@ -258,8 +295,51 @@ impl ModelLoader for CheckpointLoader {
             accuracy: accuracy_on_digits,
             input,
             output: OutputSpec::Classes,
+            generation: None,
         })
     }
+}
+
+/// The architecture kind of `netcl::models::CharTransformer`.
+const CHAR_TRANSFORMER: &str = "CharTransformer";
+
+/// The vocabulary and sizes of a loaded `CharTransformer`.
+fn language_model_of(model: &dyn Module) -> Result<LanguageModel, String> {
+    LanguageModel::of_module(model).map_err(|e| e.to_string())
+}
+
+/// Loads a `CharTransformer::save` checkpoint of before self-describing
+/// checkpoints (the sizes and vocabulary in plain metadata keys) as a
+/// language model.
+fn load_char_lm(
+    path: &Path,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Loaded, CheckpointError> {
+    let fail = |message: String| CheckpointError(format!("{}: {message}", path.display()));
+    let (model, vocab) =
+        netcl::models::CharTransformer::load(path).map_err(|e| fail(e.to_string()))?;
+    // A NaN weight would generate garbage forever: refuse it at load.
+    for (name, tensor) in model.named_parameters() {
+        if tensor.to_vec().iter().any(|v| !v.is_finite()) {
+            return Err(fail(format!("parameter {name} holds a non-finite value")));
+        }
+    }
+    let number = |key: &str| match metadata.get(key) {
+        None => Ok(0),
+        Some(text) => text
+            .parse()
+            .map_err(|_| fail(format!("metadata {key} = {text:?} is not a number"))),
+    };
+    let config = *model.config();
+    Ok(Loaded {
+        version: number(VERSION_KEY)?,
+        steps: number(STEPS_KEY)?,
+        accuracy: None,
+        input: InputSpec::rows(config.context),
+        output: OutputSpec::Logits,
+        generation: Some(LanguageModel::new(vocab, config)),
+        model: Box::new(model),
+    })
 }
 
 /// One file a PATH offers, with the version its place gives it.

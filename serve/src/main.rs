@@ -17,7 +17,8 @@ use netcl_serve::Config;
 /// training it online, and any number of models from checkpoints.
 ///
 /// Endpoints: GET /v1/models, GET /v1/models/NAME, POST
-/// /v1/models/NAME/predict, POST /v1/predict and GET /v1/model (the default
+/// /v1/models/NAME/predict, POST /v1/models/NAME/generate (language
+/// models), POST /v1/predict and GET /v1/model (the default
 /// model's), GET /healthz, GET /metrics. Stops gracefully on SIGINT or
 /// SIGTERM, saving the digits model's current version to --weights if
 /// given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
@@ -104,6 +105,13 @@ struct Cli {
     /// low OS priority.
     #[arg(long, value_name = "F", default_value_t = Config::default().train_duty)]
     train_duty: f64,
+    /// The longest prompt (characters) a language model's generate accepts;
+    /// beyond it, 400.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_prompt as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_prompt: u64,
+    /// The most characters one generate request may ask for; beyond it, 400.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_tokens as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_tokens: u64,
 }
 
 /// How the model flags combine (the end of `--help`).
@@ -210,6 +218,8 @@ impl Cli {
             startup_epochs: size(self.startup_epochs)?,
             train_duty: self.train_duty,
             watch_interval: Duration::from_millis(self.watch_interval_ms),
+            max_prompt: size(self.max_prompt)?,
+            max_tokens: size(self.max_tokens)?,
             ..Config::default()
         })
     }

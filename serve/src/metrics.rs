@@ -39,6 +39,8 @@ pub enum Route {
     ModelPredict,
     /// `GET /v1/models` and `GET /v1/models/{name}`.
     Models,
+    /// `POST /v1/models/{name}/generate`.
+    ModelGenerate,
 }
 
 impl Route {
@@ -52,8 +54,12 @@ impl Route {
             "/v1/models" => Route::Models,
             _ => match path.strip_prefix("/v1/models/") {
                 Some(rest) if !rest.contains('/') => Route::Models,
-                Some(rest) => match rest.strip_suffix("/predict") {
-                    Some(name) if !name.contains('/') => Route::ModelPredict,
+                Some(rest) => match (
+                    rest.strip_suffix("/predict"),
+                    rest.strip_suffix("/generate"),
+                ) {
+                    (Some(name), _) if !name.contains('/') => Route::ModelPredict,
+                    (_, Some(name)) if !name.contains('/') => Route::ModelGenerate,
                     _ => Route::Other,
                 },
                 None => Route::Other,
@@ -71,6 +77,7 @@ impl Route {
             Route::Other => "other",
             Route::ModelPredict => "/v1/models/{name}/predict",
             Route::Models => "/v1/models",
+            Route::ModelGenerate => "/v1/models/{name}/generate",
         }
     }
 }
@@ -588,6 +595,8 @@ mod tests {
             ("/v1/models/digits/predict", Route::ModelPredict),
             ("/v1/models/a/b", Route::Other),
             ("/v1/models/a/b/predict", Route::Other),
+            ("/v1/models/lm/generate", Route::ModelGenerate),
+            ("/v1/models/a/b/generate", Route::Other),
             ("/nope", Route::Other),
         ] {
             assert_eq!(Route::of_path(path), route, "{path}");

@@ -21,6 +21,7 @@ use netcl::Tensor;
 use netcl::nn::{Module, Published};
 
 use crate::batcher::{self, BatchSettings, Job};
+use crate::generate::{Generation, LanguageModel};
 use crate::metrics::{Metrics, RequestSeries, Route};
 use crate::model::{ModelState, VersionInfo};
 use crate::{Config, Error};
@@ -167,6 +168,11 @@ pub(crate) struct Entry {
     /// The request series of `/v1/predict` (when it is the default) and of
     /// `/v1/models/{name}/predict`.
     pub(crate) series: [RequestSeries; 2],
+    /// For a language model: how to generate from it.
+    pub(crate) generation: Option<Arc<Generation>>,
+    /// Whether it answers predict (a language model served without an
+    /// [`InputSpec`] does not).
+    pub(crate) predicts: bool,
 }
 
 /// Builds a [`ModelService`]; from [`ModelService::builder`].
@@ -182,6 +188,7 @@ pub struct ModelServiceBuilder {
     metrics: Option<Arc<Metrics>>,
     layers: Option<Vec<usize>>,
     training: bool,
+    language_model: Option<LanguageModel>,
 }
 
 impl fmt::Debug for ModelServiceBuilder {
@@ -195,7 +202,8 @@ impl fmt::Debug for ModelServiceBuilder {
 }
 
 impl ModelServiceBuilder {
-    /// What an input row is. Required.
+    /// What an input row is. Required, except for a language model
+    /// ([`ModelServiceBuilder::language_model`]) that answers generate only.
     pub fn input(mut self, input: InputSpec) -> Self {
         self.input = Some(input);
         self
@@ -239,6 +247,47 @@ impl ModelServiceBuilder {
         self
     }
 
+    /// Serves the model as a character language model too: `POST
+    /// /v1/models/{name}/generate` (see [`crate::generate`]), with at most
+    /// [`threads`](ModelServiceBuilder::threads) generations running at
+    /// once. Without an [`input`](ModelServiceBuilder::input), the model
+    /// answers generate only (predict is refused with a 400 saying so).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use axum::body::Body;
+    /// use axum::http::Request;
+    /// use http_body_util::BodyExt;
+    /// use netcl::models::{CharLmConfig, CharTransformer, Vocab};
+    /// use netcl::nn::Published;
+    /// use netcl_serve::ModelService;
+    /// use netcl_serve::generate::LanguageModel;
+    /// use tower::ServiceExt;
+    ///
+    /// let vocab = Vocab::from_text("hello world");
+    /// let config = CharLmConfig::new(vocab.len()).with_width(8).with_heads(2).with_blocks(1).with_context(16);
+    /// let model = CharTransformer::zeros(config)?;
+    /// let service = ModelService::builder("lm", Published::new(&model)?)
+    ///     .language_model(LanguageModel::new(vocab, config))
+    ///     .build()?;
+    ///
+    /// let request = Request::post("/v1/models/lm/generate")
+    ///     .body(Body::from(r#"{"prompt": "hello", "max_tokens": 5, "seed": 1}"#))?;
+    /// let response = service.router().oneshot(request).await?;
+    /// assert_eq!(response.status(), 200);
+    /// let body: serde_json::Value =
+    ///     serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+    /// assert_eq!(body["text"].as_str().unwrap().chars().count(), 5);
+    /// assert_eq!(body["version"], 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn language_model(mut self, lm: LanguageModel) -> Self {
+        self.language_model = Some(lm);
+        self
+    }
+
     pub(crate) fn layers(mut self, layers: Vec<usize>) -> Self {
         self.layers = Some(layers);
         self
@@ -256,12 +305,19 @@ impl ModelServiceBuilder {
     /// [`Error::Model`] without an [`InputSpec`], with a row shape of no
     /// numbers or an empty name; [`Error::Thread`] if a thread cannot start.
     pub fn build(self) -> Result<ModelService, Error> {
-        let input = self.input.ok_or_else(|| {
-            Error::Model(format!(
-                "model {:?}: no input spec (ModelServiceBuilder::input)",
-                self.name
-            ))
-        })?;
+        let predicts = self.input.is_some();
+        let input = match (self.input, &self.language_model) {
+            (Some(input), _) => input,
+            // Predict is refused before a row is read: any spec will do.
+            (None, Some(_)) => InputSpec::rows(1),
+            (None, None) => {
+                return Err(Error::Model(format!(
+                    "model {:?}: no input spec (ModelServiceBuilder::input) and not a language \
+                     model (ModelServiceBuilder::language_model)",
+                    self.name
+                )));
+            }
+        };
         if input.width == 0 {
             return Err(Error::Model(format!(
                 "model {:?}: the input row shape {:?} holds no numbers",
@@ -283,8 +339,11 @@ impl ModelServiceBuilder {
         let parameters = self.state.published().load().num_parameters();
         let (jobs, queue) = crossbeam_channel::bounded(self.queue_capacity);
         let stop = Arc::new(AtomicBool::new(false));
+        let generation = self
+            .language_model
+            .map(|lm| Arc::new(Generation::new(lm, self.threads)));
         let threads = batcher::spawn(
-            self.threads,
+            if predicts { self.threads } else { 0 },
             &queue,
             &self.state,
             &spec,
@@ -308,6 +367,8 @@ impl ModelServiceBuilder {
                 parameters,
                 layers: self.layers,
                 training: self.training,
+                generation,
+                predicts,
             }),
             metrics,
             threads,
@@ -462,6 +523,7 @@ impl ModelServiceBuilder {
             metrics: None,
             layers: None,
             training: false,
+            language_model: None,
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::generate::LanguageModel;
 use crate::loader::ModelLoader;
 use crate::metrics::Metrics;
 use crate::model::{ModelState, VersionInfo};
@@ -33,7 +34,7 @@ pub(crate) async fn run(
     (source, at_start): (Arc<dyn VersionSource>, Option<Offer>),
     interval: Duration,
     loader: Arc<dyn ModelLoader>,
-    row_shape: Vec<usize>,
+    (row_shape, lm): (Vec<usize>, Option<LanguageModel>),
     model: Arc<ModelState>,
     (metrics, name): (Arc<Metrics>, Arc<String>),
     mut shutdown: watch::Receiver<bool>,
@@ -63,10 +64,18 @@ pub(crate) async fn run(
         {
             continue;
         }
-        let (loader, model, shape) = (Arc::clone(&loader), Arc::clone(&model), row_shape.clone());
-        let loaded =
-            tokio::task::spawn_blocking(move || reload(&file, number, &*loader, &shape, &model))
-                .await;
+        let (loader, model) = (Arc::clone(&loader), Arc::clone(&model));
+        let expected = (row_shape.clone(), lm.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            reload(
+                &file,
+                number,
+                &*loader,
+                (&expected.0, expected.1.as_ref()),
+                &model,
+            )
+        })
+        .await;
         match loaded {
             Ok(Ok((version, stored))) => {
                 metrics.record_model_reload(&name, true);
@@ -93,7 +102,8 @@ pub(crate) async fn run(
 }
 
 /// Loads the checkpoint at `file` and publishes it if its rows are of
-/// `row_shape`, under the version
+/// `row_shape` (and, for a language model, it reads the same characters
+/// with the same sizes), under the version
 /// stored in the file (or its directory entry's `number`) when that is
 /// above the current one (so replicas following one trainer show its
 /// numbers), else as the next version; returns the version it got and the
@@ -102,10 +112,38 @@ fn reload(
     file: &std::path::Path,
     number: Option<u64>,
     loader: &dyn ModelLoader,
-    row_shape: &[usize],
+    (row_shape, lm): (&[usize], Option<&LanguageModel>),
     model: &ModelState,
 ) -> Result<(u64, u64), String> {
     let loaded = loader.load(file).map_err(|e| e.to_string())?;
+    // A language model's requests are read with the vocabulary it started
+    // with: a version of another vocabulary or sizes would misread them.
+    match (lm, &loaded.generation) {
+        (Some(served), Some(new)) if !served.same_model(new) => {
+            return Err(format!(
+                "{}: its vocabulary or sizes ({:?}, {:?}) differ from the served language \
+                 model's ({:?}, {:?})",
+                file.display(),
+                new.vocab(),
+                new.config(),
+                served.vocab(),
+                served.config()
+            ));
+        }
+        (Some(_), None) => {
+            return Err(format!(
+                "{}: not a language model, the served model is one",
+                file.display()
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "{}: a language model, the served model is not one",
+                file.display()
+            ));
+        }
+        _ => {}
+    }
     // The server answers with the input spec it started with: a version
     // taking other rows would fail every request.
     if loaded.input.row_shape() != row_shape {
