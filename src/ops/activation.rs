@@ -157,7 +157,16 @@ where
         with_graph(
             (input, df, dg),
             |(input, df, _), grad: Data, grads: &mut InputGrads<'_>| {
-                grads.put(0, grad.zip_into(input, df))
+                // `(*df)`, not `df`: `&F`'s `Fn` shim is not inlined into
+                // the loop, which then stays scalar.
+                grads.put(
+                    0,
+                    grad.zip_into(
+                        input,
+                        #[inline(always)]
+                        |g, x| (*df)(g, x),
+                    ),
+                )
             },
             |(input, _, dg), grad: &Tensor, grads: &mut GraphGrads<'_>| {
                 let x = grads.input(0, input)?;
@@ -247,7 +256,11 @@ impl Tensor {
         map_input_op(
             self,
             "gelu",
-            gelu32,
+            // `inline(always)`: a call per element would keep the loops
+            // scalar.
+            #[inline(always)]
+            |x| gelu32(x),
+            #[inline(always)]
             |g, x| g * gelu_slope32(x),
             |g, x| {
                 let cdf = x
