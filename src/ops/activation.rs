@@ -258,6 +258,9 @@ impl Tensor {
             "gelu",
             // `inline(always)`: a call per element would keep the loops
             // scalar.
+            // (A closure, not the fn item: its `Fn` shim is not
+            // `inline(always)`.)
+            #[allow(clippy::redundant_closure)]
             #[inline(always)]
             |x| gelu32(x),
             #[inline(always)]
