@@ -321,6 +321,18 @@ impl Backprop for MatmulBackward {
     }
 
     fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        if self.a.shape().len() == 2 && self.b.shape().len() == 2 {
+            // dA = G · Bᵀ, dB = Aᵀ · G, each one op with row-major results.
+            if grads.needs_grad(0) {
+                let b = grads.input(1, &self.b)?;
+                grads.set(0, matmul_t(grad, &b, Transposed::Rhs)?);
+            }
+            if grads.needs_grad(1) {
+                let a = grads.input(0, &self.a)?;
+                grads.set(1, matmul_t(&a, grad, Transposed::Lhs)?);
+            }
+            return Ok(());
+        }
         if grads.needs_grad(0) {
             let b = grads.input(1, &self.b)?;
             let g = grad.try_matmul(&b.try_transpose(-2, -1)?)?;
@@ -330,6 +342,111 @@ impl Backprop for MatmulBackward {
             let a = grads.input(0, &self.a)?;
             let g = a.try_transpose(-2, -1)?.try_matmul(grad)?;
             grads.set(1, sum_to(&g, self.b.shape())?);
+        }
+        Ok(())
+    }
+}
+
+/// Which operand of a [`matmul_t`] product is read transposed.
+#[derive(Clone, Copy)]
+pub(crate) enum Transposed {
+    /// `aᵀ · b`.
+    Lhs,
+    /// `a · bᵀ`.
+    Rhs,
+}
+
+/// `aᵀ · b` or `a · bᵀ` of 2-D tensors, recorded as one op
+/// (`matmul_tn`, `matmul_nt`): the differentiable backward of a matrix
+/// product and of `linear`. The kernel reads the transposed operand in
+/// place, and the gradients are row-major products too:
+/// for `C = A · Bᵀ`, `dA = G · B` and `dB = Gᵀ · A`; for `C = Aᵀ · B`,
+/// `dA = B · Gᵀ` and `dB = A · G`. Their differentiable forms are a plain
+/// product and `matmul_t` again, so every order of derivative stays in
+/// these two ops.
+pub(crate) fn matmul_t(a: &Tensor, b: &Tensor, which: Transposed) -> Result<Tensor> {
+    let op = match which {
+        Transposed::Lhs => "matmul_tn",
+        Transposed::Rhs => "matmul_nt",
+    };
+    for shape in [a.shape(), b.shape()] {
+        if shape.len() != 2 {
+            return Err(Error::Rank {
+                op,
+                expected: "a 2-D tensor",
+                shape: shape.to_vec(),
+            });
+        }
+    }
+    let (sa, sb) = (a.shape(), b.shape());
+    let (lhs_inner, rhs_inner, m, n) = match which {
+        Transposed::Lhs => (sa[0], sb[0], sa[1], sb[1]),
+        Transposed::Rhs => (sa[1], sb[1], sa[0], sb[0]),
+    };
+    if lhs_inner != rhs_inner {
+        return Err(Error::MatmulShape {
+            lhs: sa.to_vec(),
+            rhs: sb.to_vec(),
+            lhs_inner,
+            rhs_inner,
+        });
+    }
+    checked_numel(op, &[m, n])?;
+    let (av, bv) = a.read_pair(b).into_pair();
+    let out = match which {
+        Transposed::Lhs => gemm_data(av.view2().reversed_axes(), bv.view2(), &[m, n]),
+        Transposed::Rhs => gemm_data(av.view2(), bv.view2().reversed_axes(), &[m, n]),
+    };
+    record(op, &[a, b], out, move |_| MatmulTBackward {
+        a: av,
+        b: bv,
+        which,
+    })
+}
+
+/// Backward of [`matmul_t`].
+struct MatmulTBackward {
+    a: Data,
+    b: Data,
+    which: Transposed,
+}
+
+impl Backprop for MatmulTBackward {
+    fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
+        let g = grad.view2();
+        let (a, b) = (self.a.view2(), self.b.view2());
+        if grads.needs_grad(0) {
+            let da = match self.which {
+                Transposed::Lhs => gemm_data(b, g.view().reversed_axes(), self.a.shape()),
+                Transposed::Rhs => gemm_data(g.view(), b, self.a.shape()),
+            };
+            grads.put(0, da);
+        }
+        if grads.needs_grad(1) {
+            let db = match self.which {
+                Transposed::Lhs => gemm_data(a, g.view(), self.b.shape()),
+                Transposed::Rhs => gemm_data(g.view().reversed_axes(), a, self.b.shape()),
+            };
+            grads.put(1, db);
+        }
+    }
+
+    fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
+        if grads.needs_grad(0) {
+            let b = grads.input(1, &self.b)?;
+            let da = match self.which {
+                Transposed::Lhs => matmul_t(&b, grad, Transposed::Rhs)?,
+                Transposed::Rhs => grad.try_matmul(&b)?,
+            };
+            grads.set(0, da);
+        }
+        if grads.needs_grad(1) {
+            let a = grads.input(0, &self.a)?;
+            let db = match self.which {
+                Transposed::Lhs => a.try_matmul(grad)?,
+                Transposed::Rhs => matmul_t(grad, &a, Transposed::Lhs)?,
+            };
+            grads.set(1, db);
         }
         Ok(())
     }
@@ -513,15 +630,36 @@ impl Backprop for LinearBackward {
     fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
         let (in_features, out_features) = (self.weight.shape()[0], self.weight.shape()[1]);
         let rows = row_count(self.x.shape());
-        let grad = grad.try_reshape(&[rows, out_features])?;
+        // Reshapes only where the input had more than two axes, and the
+        // transposed products as single ops (`matmul_t`): no transpose
+        // nodes, whose gradients would be strided views that every later
+        // reshape and accumulation copies element by element.
+        let flat = self.x.shape().len() == 2;
+        let grad = if flat {
+            grad.clone()
+        } else {
+            grad.try_reshape(&[rows, out_features])?
+        };
         if grads.needs_grad(0) {
             let weight = grads.input(1, &self.weight)?;
-            let dx = grad.try_matmul(&weight.try_t()?)?;
-            grads.set(0, dx.try_reshape(self.x.shape())?);
+            let dx = matmul_t(&grad, &weight, Transposed::Rhs)?;
+            grads.set(
+                0,
+                if flat {
+                    dx
+                } else {
+                    dx.try_reshape(self.x.shape())?
+                },
+            );
         }
         if grads.needs_grad(1) {
-            let x = grads.input(0, &self.x)?.try_reshape(&[rows, in_features])?;
-            grads.set(1, x.try_t()?.try_matmul(&grad)?);
+            let x = grads.input(0, &self.x)?;
+            let x = if flat {
+                x
+            } else {
+                x.try_reshape(&[rows, in_features])?
+            };
+            grads.set(1, matmul_t(&x, &grad, Transposed::Lhs)?);
         }
         if grads.len() > 2 && grads.needs_grad(2) {
             grads.set(2, grad.try_sum_axis(0, false)?);
