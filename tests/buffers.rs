@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use netcl::nn::{BufferState, Buffers, Linear, Module, Published, Sequential, train_mode};
 use netcl::{Error, Result, Tensor};
 
+mod common;
+use common::{PATIENCE, StopOnDrop, wait_until};
+
 /// A test-only stateful layer, shaped like BatchNorm: in training mode
 /// (on this thread) it adds each batch's column sums and row count to its
 /// buffers; it always returns `x - running_sum / num_samples`, reading both
@@ -352,6 +355,8 @@ fn published_versions_carry_parameters_and_buffers_together() {
     let (reads, torn) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(120);
     std::thread::scope(|s| {
+        // The readers stop even if the writer's loop panics.
+        let _stop = StopOnDrop(&done);
         for _ in 0..3 {
             s.spawn(|| {
                 let x = Tensor::full(&[1, 1], 2.0);
@@ -367,6 +372,16 @@ fn published_versions_carry_parameters_and_buffers_together() {
         }
         for k in 1..=VERSIONS {
             assert!(Instant::now() < deadline, "the trainer made no progress");
+            // Every 30 versions, wait for a read completed since the last
+            // wait: the readers overlap the writes however the threads are
+            // scheduled (before, all 300 versions could be published before
+            // a reader was first scheduled).
+            if k % 30 == 1 {
+                let seen = reads.load(Ordering::Relaxed);
+                wait_until(PATIENCE, "a reader to read a version", || {
+                    reads.load(Ordering::Relaxed) > seen
+                });
+            }
             let k = k as f32;
             model.parameters()[0].with_data_mut(|mut w| w.fill(k));
             model.named_buffer_states()[0]
