@@ -421,6 +421,99 @@ where
     Ok(losses)
 }
 
+/// Data-parallel gradients that can be differentiated again: the
+/// [`create_graph`](crate::autograd::BackwardOptions::create_graph) form of
+/// [`backward_shards`].
+///
+/// Runs `loss` on every shard in parallel (in the caller's mode, with grad
+/// on), takes each shard's gradients with respect to `params` through
+/// [`grad_with`](crate::autograd::grad_with) and `options`, and returns the
+/// shard losses and the gradients summed over the shards, in shard order.
+/// Nothing is written to `params`' [`grad`](Tensor::grad). With
+/// `create_graph` on, the sums are recorded tensors on the caller's tape, so
+/// a Hessian-vector product or a gradient penalty can differentiate them
+/// again with [`grad_with`](crate::autograd::grad_with) or `backward`.
+///
+/// The guarantee is [`backward_shards`]'s: each shard's gradient is
+/// computed on that shard's graph alone and the sum is formed in shard
+/// order, so for a fixed set of shards the gradients, and every derivative
+/// taken through them, are the same bits whatever the number of threads.
+///
+/// A parameter no shard's loss reaches gets what `options` says for an
+/// unused input (zeros by default, `None` with `allow_unused`).
+///
+/// # Errors
+///
+/// The first error (in shard order) returned by `loss` or raised while
+/// differentiating it, as [`backward_shards`]; and
+/// [`Error::NotDifferentiable`](crate::Error::NotDifferentiable) with
+/// `create_graph` if an op on the way has no differentiable backward.
+///
+/// # Examples
+///
+/// A Hessian-vector product of a loss split over four shards:
+///
+/// ```
+/// use netcl::autograd::{self, BackwardOptions};
+/// use netcl::{Tensor, parallel};
+///
+/// let w = Tensor::from_vec(vec![1.0, 2.0], &[2])?.requires_grad_(true);
+/// let shards: Vec<Tensor> = (0..4).map(|i| Tensor::full(&[2], i as f32)).collect();
+/// let create = BackwardOptions::new().create_graph(true);
+/// // Σ_shards Σ x·w²: the gradient is Σ 2·x·w, the Hessian diag(Σ 2·x) = 12·I.
+/// let (losses, grads) =
+///     parallel::grad_shards(&shards, &[w.clone()], &create, |x| Ok((x * &w * &w).sum()))?;
+/// assert_eq!(losses, vec![0.0, 5.0, 10.0, 15.0]);
+/// let g = grads[0].clone().unwrap();
+/// assert_eq!(g.to_vec(), vec![12.0, 24.0]);
+/// let v = Tensor::from_vec(vec![1.0, -1.0], &[2])?;
+/// let hv = autograd::grad(&[&(&g * &v).sum()], &[&w])?;
+/// assert_eq!(hv[0].to_vec(), vec![12.0, -12.0]);
+/// # Ok::<(), netcl::Error>(())
+/// ```
+pub fn grad_shards<S, F>(
+    shards: &[S],
+    params: &[Tensor],
+    options: &crate::autograd::BackwardOptions,
+    loss: F,
+) -> Result<(Vec<f32>, Vec<Option<Tensor>>)>
+where
+    S: Sync,
+    F: Fn(&S) -> Result<Tensor> + Sync + Send,
+{
+    let mode = GradMode::current().with_enabled(true);
+    let inputs: Vec<&Tensor> = params.iter().collect();
+    let shard_grads = |shard: &S| -> Result<(f32, Vec<Option<Tensor>>)> {
+        let loss = loss(shard)?;
+        let value = loss.try_item()?;
+        Ok((
+            value,
+            crate::autograd::grad_with(&[&loss], &inputs, options)?,
+        ))
+    };
+    let per_shard: Vec<Result<(f32, Vec<Option<Tensor>>)>> = mode.run(|| map(shards, shard_grads));
+
+    // The sum in shard order, recorded (with `create_graph`) in the
+    // caller's mode.
+    mode.run(|| {
+        let mut losses = Vec::with_capacity(shards.len());
+        let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+        for result in per_shard {
+            let (value, grads) = result?;
+            losses.push(value);
+            for (sum, grad) in sums.iter_mut().zip(grads) {
+                if let Some(grad) = grad {
+                    *sum = Some(match sum.take() {
+                        None => grad,
+                        Some(total) => total.try_add(&grad)?,
+                    });
+                }
+            }
+        }
+        Ok((losses, sums))
+    })
+}
+
 /// The extension trait and rayon's prelude, for `use
 /// netcl::parallel::prelude::*`.
 #[cfg(not(loom))]

@@ -989,3 +989,71 @@ fn create_graph_without_retain_graph_cannot_differentiate_through_the_released_g
         Err(Error::GraphReleased { node: "tanh" })
     ));
 }
+
+/// `parallel::grad_shards` with `create_graph`: the summed gradients can be
+/// differentiated again, the Hessian-vector product through them equals the
+/// one of the whole batch's loss, and both are the same bits on one thread
+/// and on two (the shards' sum is formed in shard order).
+#[test]
+fn grad_shards_with_create_graph_gives_the_same_hvp_bits_on_any_thread_count() {
+    use netcl::parallel;
+
+    let mut rng = StdRng::seed_from_u64(91);
+    let w1 = randn(&[6, 5], &mut rng).requires_grad_(true);
+    let w2 = randn(&[5, 3], &mut rng).requires_grad_(true);
+    let params = [w1.clone(), w2.clone()];
+    let v = [randn(&[6, 5], &mut rng), randn(&[5, 3], &mut rng)];
+    let shards: Vec<(Tensor, Tensor)> = (0..4)
+        .map(|_| (randn(&[3, 6], &mut rng), randn(&[3, 3], &mut rng)))
+        .collect();
+    let loss = |(x, y): &(Tensor, Tensor)| -> Result<Tensor> {
+        Ok(x.matmul(&w1).tanh().matmul(&w2).mse_loss(y) * 0.25)
+    };
+    let hvp_with = |threads: usize| -> (Vec<f32>, Vec<Vec<f32>>) {
+        let pool = parallel::rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (losses, grads) = parallel::install(&pool, || {
+            parallel::grad_shards(&shards, &params, &create(), loss)
+        })
+        .unwrap();
+        let grads: Vec<Tensor> = grads.into_iter().map(Option::unwrap).collect();
+        assert!(
+            grads.iter().all(Tensor::requires_grad),
+            "create_graph gradients have a graph"
+        );
+        let dot = (&grads[0] * &v[0]).sum() + (&grads[1] * &v[1]).sum();
+        let hv = autograd::grad(&[&dot], &[&w1, &w2]).unwrap();
+        (losses, hv.iter().map(Tensor::to_vec).collect())
+    };
+    let (losses_1, hv_1) = hvp_with(1);
+    let (losses_2, hv_2) = hvp_with(2);
+    assert_eq!(losses_1, losses_2);
+    for (a, b) in hv_1.iter().flatten().zip(hv_2.iter().flatten()) {
+        assert_eq!(a.to_bits(), b.to_bits(), "one thread and two differ");
+    }
+
+    // The same HVP from one loss over all the shards.
+    let total = shards
+        .iter()
+        .map(|shard| loss(shard).unwrap())
+        .reduce(|a, b| a + b)
+        .unwrap();
+    let grads = autograd::grad_with(&[&total], &[&w1, &w2], &create()).unwrap();
+    let dot =
+        (grads[0].as_ref().unwrap() * &v[0]).sum() + (grads[1].as_ref().unwrap() * &v[1]).sum();
+    let whole = autograd::grad(&[&dot], &[&w1, &w2]).unwrap();
+    for (got, want) in hv_1
+        .iter()
+        .flatten()
+        .zip(whole.iter().flat_map(Tensor::to_vec))
+    {
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{got} vs {want}"
+        );
+    }
+    // Nothing was written to the parameters' grad.
+    assert!(w1.grad().is_none() && w2.grad().is_none());
+}
