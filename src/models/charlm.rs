@@ -14,6 +14,8 @@ use crate::nn::{
     Architecture, AttentionMasks, BuildContext, Dropout, Embedding, LayerNorm, Linear, Module,
     TorchLayout, TrainingFlag, TransformerBlock, fork_scope, prefixed,
 };
+use crate::ops::activation::gelu32;
+use crate::ops::attention::{lane_dot, softmax_row};
 use crate::tensor::Tensor;
 
 /// The characters a language model knows, each with an id: the distinct
@@ -1407,21 +1409,14 @@ impl Generator {
                 for head in 0..h {
                     let q = &qkv[r * 3 * d + head * dh..r * 3 * d + (head + 1) * dh];
                     let scores = &mut scores[..=pos];
-                    let mut max = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {
                         let key = &k[j * d + head * dh..j * d + (head + 1) * dh];
-                        *s = dot(q, key) * scale;
-                        max = max.max(*s);
+                        *s = lane_dot(q, Some(key)) * scale;
                     }
-                    let mut total = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
+                    softmax_row(scores);
                     let out = &mut attended[r * d + head * dh..r * d + (head + 1) * dh];
                     out.fill(0.0);
-                    for (j, s) in scores.iter().enumerate() {
-                        let p = s / total;
+                    for (j, &p) in scores.iter().enumerate() {
                         let value = &v[j * d + head * dh..j * d + (head + 1) * dh];
                         for (o, vv) in out.iter_mut().zip(value) {
                             *o += p * vv;
@@ -1432,9 +1427,9 @@ impl Generator {
             affine_add(attended, &w.out_w, &w.out_b, x);
             layer_norm_rows(x, &w.ln2_w, &w.ln2_b, normed);
             affine(normed, &w.fc1_w, &w.fc1_b, hidden);
-            for a in hidden.iter_mut() {
-                *a = gelu(*a);
-            }
+            // The kernel of `Tensor::gelu`, so cached generation computes
+            // what the model's forward does.
+            crate::ops::vectorized::map_in_place(hidden, gelu32);
             affine_add(hidden, &w.fc2_w, &w.fc2_b, x);
         }
         let last = &x[(rows - 1) * d..];
@@ -1550,20 +1545,6 @@ fn accumulate(x: &[f32], w: &[f32], y: &mut [f32], out: usize) {
     crate::ops::gemm::gemm_acc_into(x, w, y);
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums, so the compiler vectorises the reduction.
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// [`layer_norm`] of each row of `x`, `[rows, w.len()]`.
 fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let n = w.len();
@@ -1581,23 +1562,6 @@ fn layer_norm(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     for (((yi, xi), wi), bi) in y.iter_mut().zip(x).zip(w).zip(b) {
         *yi = (xi - mean) * inv * wi + bi;
     }
-}
-
-/// The exact GELU, `x·Φ(x)`, with `erf` from Abramowitz and Stegun 7.1.26
-/// (absolute error below 1.5e-7).
-fn gelu(x: f32) -> f32 {
-    let z = x * std::f32::consts::FRAC_1_SQRT_2;
-    0.5 * x * (1.0 + erf(z))
-}
-
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * (-a * a).exp();
-    if x.is_nan() { x } else { y.copysign(x) }
 }
 
 #[cfg(test)]
@@ -1718,6 +1682,7 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
+        use crate::ops::activation::erf32 as erf;
         for (x, e) in [
             (0.0f32, 0.0f32),
             (0.5, 0.520_499_9),

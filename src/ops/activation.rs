@@ -49,7 +49,7 @@ fn erfc64(x: f64) -> f64 {
 
 /// `erf(x)` for `f32`, via [`erfc64`] (absolute error below 1.2e-7 before
 /// rounding to `f32`).
-fn erf32(x: f32) -> f32 {
+pub(crate) fn erf32(x: f32) -> f32 {
     let x = f64::from(x);
     if x.abs() < 0.5 {
         // Near 0 a Taylor series keeps the relative accuracy that
@@ -132,7 +132,7 @@ fn normal_cdf_and_gauss(x: f32) -> (f32, f32) {
 
 /// Exact GELU `x Φ(x)` in `f32` (see [`normal_cdf_and_gauss`]).
 #[inline(always)]
-fn gelu32(x: f32) -> f32 {
+pub(crate) fn gelu32(x: f32) -> f32 {
     x * normal_cdf_and_gauss(x).0
 }
 

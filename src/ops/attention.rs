@@ -327,7 +327,7 @@ fn causal_softmax_row(row: &mut [f32], scale: f32, i: usize) {
 ///
 /// The maximum, the exponentials and the sum run in SIMD vectors
 /// ([`vectorized`](super::vectorized)).
-fn softmax_row(row: &mut [f32]) {
+pub(crate) fn softmax_row(row: &mut [f32]) {
     use super::vectorized;
     let max = vectorized::dispatch(
         #[inline(always)]
@@ -349,7 +349,7 @@ fn softmax_row(row: &mut [f32]) {
 
 /// Σ a·b over two rows (Σ a without `b`), in eight interleaved lanes.
 #[inline(always)]
-fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
+pub(crate) fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let mut total = 0.0;
     match b {
