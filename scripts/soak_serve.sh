@@ -4,8 +4,15 @@
 # after the first minute and at the end, its growth, and wrk's summary
 # (non-2xx responses and socket errors must be 0).
 #
-#   scripts/soak_serve.sh            # 10 minutes
+#   scripts/soak_serve.sh            # 10 minutes at full load
 #   SECONDS_TOTAL=120 scripts/soak_serve.sh
+#   LOAD=half SECONDS_TOTAL=3600 scripts/soak_serve.sh   # one hour at half load
+#
+# LOAD=half first measures the full-load rate for 20 s, then paces each
+# connection (serve/bench/predict_paced.lua, a 2 ms wait between requests)
+# with as many connections as reach half that rate; the run's own rate is
+# printed beside the probe's. The growth is also measured from minute 5
+# (the allocator's caches settle in the first minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +32,19 @@ done
 
 rss_kib() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB$/\1/p' "/proc/$SERVER_PID/status"; }
 
-wrk -t2 -c32 -d"${TOTAL}s" --latency -s serve/bench/predict.lua \
-    "http://127.0.0.1:$PORT/v1/predict" >"$TMP/wrk.out" &
+if [ "${LOAD:-full}" = half ]; then
+    wrk -t2 -c32 -d20s --latency -s serve/bench/predict.lua \
+        "http://127.0.0.1:$PORT/v1/predict" >"$TMP/probe.out"
+    full=$(sed -n 's/^RESULT rps=\([0-9.]*\).*/\1/p' "$TMP/probe.out")
+    # rate per connection ~ 1000 / (delay + ~0.3 ms of latency)
+    conns=$(awk -v r="$full" 'BEGIN { c = int(r / 2 * 2.3 / 1000 + 0.5); if (c < 2) c = 2; print c }')
+    echo "full-load probe: $full req/s; half load: $conns connections with a 2 ms pause"
+    WRK_DELAY_MS=2 wrk -t2 -c"$conns" -d"${TOTAL}s" --latency -s serve/bench/predict_paced.lua \
+        "http://127.0.0.1:$PORT/v1/predict" >"$TMP/wrk.out" &
+else
+    wrk -t2 -c32 -d"${TOTAL}s" --latency -s serve/bench/predict.lua \
+        "http://127.0.0.1:$PORT/v1/predict" >"$TMP/wrk.out" &
+fi
 WRK_PID=$!
 start=$(date +%s)
 echo "elapsed_s rss_kib version"
@@ -47,4 +65,13 @@ awk -v total="$TOTAL" '
     $1 >= total - 60 { b += $2; nb++ }
     END { printf "mean RSS, second minute: %.0f KiB; last minute: %.0f KiB; growth %.2f%%\n", a / na, b / nb, 100 * (b / nb - a / na) / (a / na) }
 ' "$TMP/rss"
+if [ "$TOTAL" -gt 360 ]; then
+    awk '
+        $1 >= 300 && !s { s = $2; m = $2 }
+        s && $2 > m { m = $2 }
+        { last = $2 }
+        END { printf "from minute 5: RSS %d KiB; at the end %d KiB (%+.1f MiB); highest after minute 5 %d KiB (%+.1f MiB) (goal <= +8 MiB)\n", s, last, (last - s) / 1024, m, (m - s) / 1024 }
+    ' "$TMP/rss"
+fi
+[ "${LOAD:-full}" = half ] && echo "full-load probe: $full req/s"
 grep -E '^RESULT|Non-2xx|Socket errors' "$TMP/wrk.out" || true
