@@ -671,6 +671,37 @@ mod tests {
     }
 
     #[test]
+    fn generated_tokens_and_generations_are_counted_by_model() {
+        let metrics = Metrics::new();
+        let (lm, other) = (Arc::new("lm".to_string()), Arc::new("other".to_string()));
+        let series = metrics.generation_series(&lm);
+        for _ in 0..5 {
+            series.record_token();
+        }
+        series.record_generation("length");
+        series.record_generation("cancelled");
+        metrics
+            .generation_series(&other)
+            .record_generation("timeout");
+        assert_eq!(metrics.generated_tokens("lm"), 5);
+        assert_eq!(metrics.generated_tokens("other"), 0);
+        assert_eq!(metrics.generated_tokens("nope"), 0);
+        assert_eq!(metrics.generations("lm", "length"), 1);
+        assert_eq!(metrics.generations("lm", "timeout"), 0);
+        assert_eq!(metrics.generations("other", "timeout"), 1);
+        assert_eq!(metrics.generations("lm", "bogus"), 0);
+        let text = metrics.render(&gauges(&lm, 0));
+        assert!(
+            text.contains("netcl_serve_generated_tokens_total{model=\"lm\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("netcl_serve_generations_total{model=\"lm\",finish=\"cancelled\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn paths_map_to_their_routes() {
         for (path, route) in [
             ("/v1/predict", Route::Predict),
