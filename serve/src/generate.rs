@@ -17,7 +17,7 @@
 //! summary. A generation stops within one character when its client is
 //! gone (the stream's receiver dropped, or the request's future dropped)
 //! and at the request deadline (`--request-timeout-ms`, finish reason
-//! `"timeout"`); [`run`] is where it checks.
+//! `"timeout"`).
 //!
 //! [`ModelServiceBuilder::language_model`]: crate::ModelServiceBuilder::language_model
 
