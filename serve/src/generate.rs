@@ -12,13 +12,24 @@
 //! its seed and the version that answers it (named in the response), not
 //! on what else runs at the same time.
 //!
+//! With `"stream": true` the characters are sent as server-sent events as
+//! they are drawn, one `token` event each, then a `done` event with the
+//! summary. A generation stops within one character when its client is
+//! gone (the stream's receiver dropped, or the request's future dropped)
+//! and at the request deadline (`--request-timeout-ms`, finish reason
+//! `"timeout"`).
+//!
 //! [`ModelServiceBuilder::language_model`]: crate::ModelServiceBuilder::language_model
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use netcl::models::{CharLmConfig, Generator, Vocab};
 use netcl::nn::Version;
+
+use crate::metrics::GenerationSeries;
 
 /// Default of [`LanguageModel::max_prompt`] (and `--max-prompt`), in
 /// characters.
@@ -266,6 +277,77 @@ impl GenerateRequest {
             seed: self.seed.unwrap_or(0),
         })
     }
+}
+
+/// Why a generation ended (the response's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Finish {
+    /// `max_tokens` characters were generated.
+    Length,
+    /// The request deadline passed first.
+    Timeout,
+    /// The client went away first (nobody reads this one).
+    Cancelled,
+}
+
+impl Finish {
+    /// The value of the metrics' `finish` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Finish::Length => "length",
+            Finish::Timeout => "timeout",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Runs `sampling` on `generator` (on a blocking thread), handing each
+/// character id to `emit` as soon as it is drawn; counts each in `series`.
+///
+/// Stops within one character: after `max_tokens`, when `emit` returns
+/// `Break` (the client is gone: [`Finish::Cancelled`]), or once `deadline`
+/// has passed ([`Finish::Timeout`]); the checks run after each character,
+/// before the model runs to draw the next. Returns the number of
+/// characters drawn and why it stopped, or the engine's error.
+pub(crate) fn run(
+    generator: &Generator,
+    sampling: &Sampling,
+    deadline: Instant,
+    series: &GenerationSeries,
+    mut emit: impl FnMut(usize) -> ControlFlow<()>,
+) -> Result<(usize, Finish), String> {
+    let mut finish = Finish::Length;
+    let drawn = generator
+        .try_generate_with(
+            &sampling.prompt,
+            sampling.max_tokens,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.seed,
+            |id| {
+                series.record_token();
+                if emit(id).is_break() {
+                    finish = Finish::Cancelled;
+                    return ControlFlow::Break(());
+                }
+                if Instant::now() >= deadline {
+                    finish = Finish::Timeout;
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            },
+        )
+        .map_err(|err| {
+            series.record_generation("error");
+            err.to_string()
+        })?;
+    // A deadline reached on the last character cut nothing.
+    if finish == Finish::Timeout && drawn == sampling.max_tokens {
+        finish = Finish::Length;
+    }
+    series.record_generation(finish.label());
+    Ok((drawn, finish))
 }
 
 #[cfg(test)]

@@ -2,15 +2,18 @@
 //! and metrics middleware.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crossbeam_channel::TrySendError;
@@ -21,6 +24,7 @@ use tokio::sync::oneshot;
 use std::collections::HashMap;
 
 use crate::batcher::Job;
+use crate::generate::Finish;
 use crate::metrics::{Gauges, Metrics, ModelGauges, Route};
 use crate::service::{Entry, OutputSpec};
 
@@ -165,12 +169,24 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 }
 
 /// Every request goes through here: a deadline for the whole exchange
-/// (body included), and its status and latency counted.
-async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// (body included), and its status and latency counted (for a stream,
+/// until its response starts).
+async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = Route::of_path(request.uri().path());
     let entry = state.models.entry_of(request.uri().path()).cloned();
-    let response = match tokio::time::timeout(state.request_timeout, next.run(request)).await {
+    // A generation stops at the deadline itself and says so (for a stream,
+    // the deadline covers the whole stream; this timeout its first event).
+    let limit = match route {
+        Route::ModelGenerate => {
+            request
+                .extensions_mut()
+                .insert(Deadline(start + state.request_timeout));
+            state.request_timeout + GENERATE_GRACE
+        }
+        _ => state.request_timeout,
+    };
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -534,12 +550,11 @@ async fn predict_inner(
     })
 }
 
-/// The body of a generate response.
+/// What a generation's response carries besides its text: the `done`
+/// event of a stream, and the rest of a non-streaming response.
 #[derive(Serialize)]
-struct GenerateResponse {
-    /// The characters generated (after the prompt).
-    text: String,
-    /// How many were generated.
+struct GenerateSummary {
+    /// How many characters were generated.
     tokens: usize,
     /// The version that generated them.
     version: u64,
@@ -547,22 +562,156 @@ struct GenerateResponse {
     seed: u64,
     /// The prompt's length in characters.
     prompt_tokens: usize,
+    /// Why it stopped: `length` (max_tokens generated) or `timeout` (the
+    /// request deadline passed first).
+    finish_reason: Finish,
+}
+
+/// The body of a generate response.
+#[derive(Serialize)]
+struct GenerateResponse {
+    /// The characters generated (after the prompt).
+    text: String,
+    #[serde(flatten)]
+    summary: GenerateSummary,
+}
+
+/// The body of a stream's `token` event.
+#[derive(Serialize)]
+struct TokenEvent<'a> {
+    text: &'a str,
+}
+
+/// Events a stream buffers between its generation and its connection:
+/// enough to ride out a slow write, few enough that a generation whose
+/// client stopped reading soon waits (and stops when the client is gone).
+const STREAM_BUFFER: usize = 16;
+
+/// How long past the request deadline the guard waits for a generate
+/// response: the generation itself stops at the deadline (within one
+/// character) and answers with `finish_reason: "timeout"`, so the guard's
+/// 408 is only for a request that never reached its generation (a slow
+/// body).
+const GENERATE_GRACE: Duration = Duration::from_secs(1);
+
+/// When the whole request must be done by, set by [`guard`] (a
+/// generation stops there).
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Instant);
+
+/// Sets its flag when dropped: a generation checks it after each
+/// character, so that a request whose future was dropped (the client
+/// went away, or the guard's timeout fired) stops generating.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a streaming generation sends to its response.
+enum StreamMessage {
+    /// The generator is ready: the response can start.
+    Started,
+    /// An event for the client.
+    Event(Event),
+    /// The generation could not start (answered 500).
+    Failed(String),
+}
+
+/// The events of a streaming generation, as its channel delivers them.
+/// Dropping it (the client went away) closes the channel, which stops the
+/// generation at its next character.
+struct EventStream(tokio::sync::mpsc::Receiver<StreamMessage>);
+
+impl futures_core::Stream for EventStream {
+    type Item = Result<Event, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            match std::task::ready!(self.0.poll_recv(cx)) {
+                Some(StreamMessage::Event(event)) => {
+                    return std::task::Poll::Ready(Some(Ok(event)));
+                }
+                // Only the first message can be one of these.
+                Some(StreamMessage::Started | StreamMessage::Failed(_)) => {}
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// A streamed body holding a value (a connection's busy mark) until it
+/// ends or is dropped.
+struct Holding<T> {
+    body: axum::body::BodyDataStream,
+    _held: T,
+}
+
+impl<T: Unpin> futures_core::Stream for Holding<T> {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.body).poll_next(cx)
+    }
+}
+
+/// `response`, holding `busy` until its body is done if it is a stream of
+/// server-sent events (a stream's connection is not idle while its
+/// generation runs), else dropping it now.
+pub(crate) fn busy_while_streaming<T: Send + Unpin + 'static>(
+    response: Response,
+    busy: T,
+) -> Response {
+    let streaming = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == b"text/event-stream");
+    if !streaming {
+        return response;
+    }
+    response.map(|body| {
+        Body::from_stream(Holding {
+            body: body.into_data_stream(),
+            _held: busy,
+        })
+    })
+}
+
+/// A server-sent event named `name` carrying `data` as JSON.
+fn json_event(name: &'static str, data: &impl Serialize) -> Event {
+    let event = Event::default().event(name);
+    match serde_json::to_string(data) {
+        Ok(json) => event.data(json),
+        Err(err) => event.data(format!("{{\"error\":\"cannot encode the event: {err}\"}}")),
+    }
 }
 
 async fn named_generate(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    deadline: Option<Extension<Deadline>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let deadline = deadline.map_or_else(|| Instant::now() + state.request_timeout, |d| d.0.0);
     let result = match state.models.get(&name) {
-        Ok(entry) => generate_inner(entry, body).await,
+        Ok(entry) => generate_inner(&state, entry, deadline, body).await,
         Err(err) => Err(err),
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn generate_inner(
+    state: &AppState,
     entry: &Entry,
+    deadline: Instant,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
@@ -578,59 +727,115 @@ async fn generate_inner(
     };
     let request: crate::generate::GenerateRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {err}")))?;
-    if request.stream {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "\"stream\": true is not supported yet: send the request without it",
-        ));
-    }
     let sampling = request
         .validate(&generation.lm)
         .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message).model(&entry.name))?;
     // At most `threads` generations run at once; the others wait here
-    // (within the request deadline), holding no thread.
-    let permit = Arc::clone(&generation.running)
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    // (until the request deadline), holding no thread.
+    let permit = tokio::time::timeout_at(
+        deadline.into(),
+        Arc::clone(&generation.running).acquire_owned(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request not completed within {} ms: every generation thread stayed busy",
+                state.request_timeout.as_millis()
+            ),
+        )
+        .model(&entry.name)
+    })?
+    .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
     let version = entry.model.published().load();
     let generation = Arc::clone(generation);
-    let prompt_tokens = sampling.prompt.len();
-    let seed = sampling.seed;
+    let series = state.metrics.generation_series(&entry.name);
+    let (number, seed, prompt_tokens) = (version.number(), sampling.seed, sampling.prompt.len());
+    let summary = move |tokens, finish| GenerateSummary {
+        tokens,
+        version: number,
+        seed,
+        prompt_tokens,
+        finish_reason: finish,
+    };
+    if request.stream {
+        // The generation runs on a blocking thread and sends each event
+        // through a bounded channel; the response reads it as an SSE body.
+        let (events, mut received) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let generator = match generation.generator(&version) {
+                Ok(generator) => generator,
+                Err(message) => {
+                    let _ = events.blocking_send(StreamMessage::Failed(message));
+                    return;
+                }
+            };
+            if events.blocking_send(StreamMessage::Started).is_err() {
+                series.record_generation(Finish::Cancelled.label());
+                return;
+            }
+            let vocab = &generation.lm.vocab;
+            let result = crate::generate::run(&generator, &sampling, deadline, &series, |id| {
+                let text = vocab.decode(&[id]).unwrap_or_default();
+                let event = json_event("token", &TokenEvent { text: &text });
+                // Fails once the response is dropped: the client is gone.
+                match events.blocking_send(StreamMessage::Event(event)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            });
+            let last = match result {
+                Ok((_, Finish::Cancelled)) => return,
+                Ok((tokens, finish)) => json_event("done", &summary(tokens, finish)),
+                Err(error) => json_event("error", &serde_json::json!({ "error": error })),
+            };
+            let _ = events.blocking_send(StreamMessage::Event(last));
+        });
+        // Errors before the first event are still JSON errors.
+        return match received.recv().await {
+            Some(StreamMessage::Started) => Ok(Sse::new(EventStream(received)).into_response()),
+            Some(StreamMessage::Failed(message)) => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).model(&entry.name))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation failed",
+            )),
+        };
+    }
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel = CancelOnDrop(Arc::clone(&cancelled));
     let done = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let generator = generation.generator(&version)?;
-        let ids = generator
-            .try_generate(
-                &sampling.prompt,
-                sampling.max_tokens,
-                sampling.temperature,
-                sampling.top_k,
-                sampling.seed,
-            )
-            .map_err(|err| err.to_string())?;
+        let mut ids = Vec::with_capacity(sampling.max_tokens);
+        let (tokens, finish) =
+            crate::generate::run(&generator, &sampling, deadline, &series, |id| {
+                ids.push(id);
+                if cancelled.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
         let text = generation
             .lm
             .vocab
             .decode(&ids)
             .map_err(|err| err.to_string())?;
-        Ok::<_, String>((text, ids.len(), version.number()))
+        Ok::<_, String>(GenerateResponse {
+            text,
+            summary: summary(tokens, finish),
+        })
     })
     .await
     .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation failed"))?;
-    let (text, tokens, version) = done.map_err(|message| {
+    let response = done.map_err(|message| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).model(&entry.name)
     })?;
-    Ok(json_response(
-        StatusCode::OK,
-        &GenerateResponse {
-            text,
-            tokens,
-            version,
-            seed,
-            prompt_tokens,
-        },
-    ))
+    Ok(json_response(StatusCode::OK, &response))
 }
 
 /// The body, or the error of reading it.

@@ -715,7 +715,8 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         };
         let _ = stream.set_nodelay(true);
         // The connection is busy (not to be evicted) from when hyper hands
-        // a request to the router until the router's future completes.
+        // a request to the router until the router's future completes, or
+        // a streamed response's body ends.
         let activity = slot.activity();
         let router = router.clone();
         let service = hyper::service::service_fn(move |request| {
@@ -723,8 +724,7 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
             let response = router.clone().oneshot(request);
             async move {
                 let response = response.await;
-                drop(busy);
-                response
+                response.map(|response| http::busy_while_streaming(response, busy))
             }
         });
         let connection = http.serve_connection(

@@ -18,7 +18,7 @@ use netcl_serve::Config;
 ///
 /// Endpoints: GET /v1/models, GET /v1/models/NAME, POST
 /// /v1/models/NAME/predict, POST /v1/models/NAME/generate (language
-/// models), POST /v1/predict and GET /v1/model (the default
+/// models; "stream": true sends server-sent events), POST /v1/predict and GET /v1/model (the default
 /// model's), GET /healthz, GET /metrics. Stops gracefully on SIGINT or
 /// SIGTERM, saving the digits model's current version to --weights if
 /// given. Logs go to stderr; set RUST_LOG (e.g. debug) for more.
@@ -90,7 +90,10 @@ struct Cli {
     /// has a request in progress do new ones wait in the listen backlog.
     #[arg(long, value_name = "N", default_value_t = Config::default().max_connections as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
-    /// The deadline of a whole request, body included (milliseconds).
+    /// The deadline of a whole request, body included (milliseconds). A
+    /// generation stops there with finish_reason "timeout" (what it generated
+    /// by then is answered); for a streamed one ("stream": true) it bounds
+    /// the whole stream.
     #[arg(long, value_name = "MS", default_value_t = Config::default().request_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout_ms: u64,
     /// Close a connection that takes longer than this to send a request's

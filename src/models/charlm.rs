@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use rand::rngs::StdRng;
@@ -1266,6 +1267,9 @@ impl Generator {
     /// Deterministic: one prompt, sampling parameters and seed give the
     /// same ids every time, on any thread.
     ///
+    /// To receive each id as it is drawn, or to stop early, use
+    /// [`try_generate_with`](Generator::try_generate_with).
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `prompt` is empty or has an id not
@@ -1279,6 +1283,84 @@ impl Generator {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Vec<usize>> {
+        let mut out = Vec::with_capacity(max_tokens);
+        self.try_generate_with(prompt, max_tokens, temperature, top_k, seed, |next| {
+            out.push(next);
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// As [`generate`](Generator::generate), handing each id to `on_token`
+    /// as soon as it is drawn instead of collecting them; returns how many
+    /// were drawn.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_generate_with`](Generator::try_generate_with).
+    #[track_caller]
+    pub fn generate_with(
+        &self,
+        prompt: &[usize],
+        max_tokens: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        seed: u64,
+        on_token: impl FnMut(usize) -> ControlFlow<()>,
+    ) -> usize {
+        or_panic(self.try_generate_with(prompt, max_tokens, temperature, top_k, seed, on_token))
+    }
+
+    /// As [`try_generate`](Generator::try_generate), handing each id to
+    /// `on_token` as soon as it is drawn (before the model runs on it to
+    /// draw the next one), and stopping as soon as `on_token` returns
+    /// [`ControlFlow::Break`]: the ids handed over are the first ones
+    /// `try_generate` returns for the same arguments, bit for bit, and no
+    /// model step runs after a `Break`. Returns how many ids were handed
+    /// over: `max_tokens`, or fewer if `on_token` stopped it.
+    ///
+    /// This is the form for streaming (send each character as it comes)
+    /// and for cancelling (a client gone, a deadline passed): the check in
+    /// `on_token` runs once per character, so a generation stops within
+    /// one character of being told to.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::ops::ControlFlow;
+    ///
+    /// use netcl::models::{CharLmConfig, CharTransformer};
+    /// use netcl::rand::SeedableRng;
+    ///
+    /// let config = CharLmConfig::new(10).with_width(16).with_blocks(1).with_context(8);
+    /// let model = CharTransformer::try_new(config, &mut netcl::rand::rngs::StdRng::seed_from_u64(0))?;
+    /// let generator = model.generator()?;
+    /// // Stop at the first id 3 (or after 50 ids).
+    /// let mut received = Vec::new();
+    /// let drawn = generator.try_generate_with(&[1, 2], 50, 1.0, None, 7, |id| {
+    ///     received.push(id);
+    ///     if id == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    /// })?;
+    /// assert_eq!(drawn, received.len());
+    /// // The same ids as the collecting form, up to where it stopped.
+    /// let all = generator.try_generate(&[1, 2], 50, 1.0, None, 7)?;
+    /// assert_eq!(received, all[..drawn]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`try_generate`](Generator::try_generate), before any id is
+    /// drawn.
+    pub fn try_generate_with(
+        &self,
+        prompt: &[usize],
+        max_tokens: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        seed: u64,
+        mut on_token: impl FnMut(usize) -> ControlFlow<()>,
+    ) -> Result<usize> {
         if !(temperature >= 0.0 && temperature.is_finite()) || top_k == Some(0) {
             return Err(Error::InvalidArgument {
                 op: "Generator::generate",
@@ -1288,39 +1370,36 @@ impl Generator {
             });
         }
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut sample = |logits: &[f32]| sample(logits, temperature, top_k, &mut rng);
-        let mut out = Vec::with_capacity(max_tokens);
         self.decode(prompt, max_tokens, |_, logits| {
-            let next = sample(logits);
-            out.push(next);
-            next
-        })?;
-        Ok(out)
+            let next = sample(logits, temperature, top_k, &mut rng);
+            (next, on_token(next))
+        })
     }
 
-    /// Decodes `max_tokens` tokens after `prompt`: `choose` receives the
-    /// window of tokens the logits are for and the logits, and returns the
-    /// next token.
+    /// Decodes up to `max_tokens` tokens after `prompt`: `choose` receives
+    /// the window of tokens the logits are for and the logits, and returns
+    /// the next token and whether to go on. Returns the number of tokens
+    /// chosen; no model step runs after a `Break`.
     fn decode(
         &self,
         prompt: &[usize],
         max_tokens: usize,
-        mut choose: impl FnMut(&[usize], &[f32]) -> usize,
-    ) -> Result<()> {
+        mut choose: impl FnMut(&[usize], &[f32]) -> (usize, ControlFlow<()>),
+    ) -> Result<usize> {
         let context = self.config.context;
         check_sampling_ids(prompt, self.config.vocab_size)?;
         if max_tokens == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let mut tokens: Vec<usize> = prompt.to_vec();
         let mut cache = self.cache();
         let mut start = tokens.len().saturating_sub(context);
         self.run(&mut cache, &tokens[start..]);
         for i in 0..max_tokens {
-            let next = choose(&tokens[start..], &cache.logits);
+            let (next, flow) = choose(&tokens[start..], &cache.logits);
             tokens.push(next);
-            if i + 1 == max_tokens {
-                break;
+            if i + 1 == max_tokens || flow.is_break() {
+                return Ok(i + 1);
             }
             if cache.len == context {
                 // The window is full: restart it from its last half, whose
@@ -1332,7 +1411,7 @@ impl Generator {
                 self.run(&mut cache, &[next]);
             }
         }
-        Ok(())
+        Ok(max_tokens)
     }
 
     fn cache(&self) -> Cache {
@@ -1615,7 +1694,10 @@ mod tests {
                     assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
                 }
                 steps += 1;
-                sample(logits, 1.0, None, &mut rng)
+                (
+                    sample(logits, 1.0, None, &mut rng),
+                    ControlFlow::Continue(()),
+                )
             })
             .unwrap();
         assert_eq!(steps, 30);
@@ -1658,6 +1740,69 @@ mod tests {
             assert!([1, 2].contains(&sample(&logits, 5.0, Some(2), &mut rng)));
         }
         assert_eq!(sample(&logits, 0.0, None, &mut rng), 1);
+    }
+
+    #[test]
+    fn generate_with_hands_over_the_ids_of_generate_and_stops_on_break() {
+        let model = small(8);
+        let generator = model.generator().unwrap();
+        // Context 8 and 30 tokens: the window restarts on the way.
+        for (prompt, temperature, top_k, seed) in [
+            (&[1, 2, 3][..], 1.0, None, 0),
+            (&[4][..], 0.7, Some(3), 5),
+            (&[0, 9, 9, 9, 9, 9, 9, 9, 9, 9][..], 0.0, None, 2),
+        ] {
+            let all = generator.generate(prompt, 30, temperature, top_k, seed);
+            let mut streamed = Vec::new();
+            let n = generator.generate_with(prompt, 30, temperature, top_k, seed, |id| {
+                streamed.push(id);
+                ControlFlow::Continue(())
+            });
+            assert_eq!((n, &streamed), (30, &all));
+            // Stopping after k ids: exactly the first k, no call after.
+            for k in [1, 2, 7, 8, 29] {
+                let mut prefix = Vec::new();
+                let n = generator
+                    .try_generate_with(prompt, 30, temperature, top_k, seed, |id| {
+                        prefix.push(id);
+                        if prefix.len() == k {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    })
+                    .unwrap();
+                assert_eq!((n, &prefix[..]), (k, &all[..k]), "stopped after {k}");
+            }
+        }
+        // Errors come before any id; zero tokens call nothing.
+        let mut calls = 0;
+        let mut count = |_| {
+            calls += 1;
+            ControlFlow::Continue(())
+        };
+        assert!(
+            generator
+                .try_generate_with(&[], 3, 1.0, None, 0, &mut count)
+                .is_err()
+        );
+        assert!(
+            generator
+                .try_generate_with(&[11], 3, 1.0, None, 0, &mut count)
+                .is_err()
+        );
+        assert!(
+            generator
+                .try_generate_with(&[1], 3, -1.0, None, 0, &mut count)
+                .is_err()
+        );
+        assert_eq!(
+            generator
+                .try_generate_with(&[1], 0, 1.0, None, 0, &mut count)
+                .unwrap(),
+            0
+        );
+        assert_eq!(calls, 0);
     }
 
     #[test]
