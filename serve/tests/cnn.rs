@@ -261,7 +261,8 @@ fn the_binary_serves_the_cnn_checkpoint_with_the_models_classes() {
     // One row at a time (batched by the server with whatever else is
     // queued): the same classes.
     for (row, class) in rows.iter().zip(&expected).take(10) {
-        let (status, reply, text) = server.predict("/v1/models/cnn/predict", &[row.clone()]);
+        let (status, reply, text) =
+            server.predict("/v1/models/cnn/predict", std::slice::from_ref(row));
         assert_eq!(status, 200, "{text}");
         assert_eq!(classes_of(&reply, &text), [*class]);
     }
