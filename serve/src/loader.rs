@@ -14,8 +14,13 @@
 //! are; [`CheckpointLoader`] finds them in this order:
 //!
 //! 1. the metadata key [`INPUT_KEY`] (`netcl-serve.input`) = `digits`: the
-//!    digits MLP's rows (64 raw pixels in `0..=16`, scaled by the server;
-//!    held-out accuracy measured at load). The trainer writes it.
+//!    digits MLP's rows (64 raw pixels in `0..=16`, scaled by the server to
+//!    `[0, 1]` by dividing by 16; held-out accuracy measured at load). The
+//!    trainer writes it. With [`INPUT_SHAPE_KEY`] beside it (64 numbers in
+//!    all, such as `1,8,8`), the model sees those pixels in that shape: a
+//!    client posts the same 64 raw pixels, and the digits CNN
+//!    (`cargo run --release --example train_cnn -- --save PATH` writes both
+//!    keys) gets them as `[rows, 1, 8, 8]` images.
 //! 2. the metadata key [`INPUT_SHAPE_KEY`] (`netcl-serve.input_shape`):
 //!    one row's shape as comma-separated sizes (`64`, or `1,8,8` for
 //!    one-channel 8x8 images), written beside the architecture with
@@ -49,6 +54,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use netcl::data::TensorDataset;
 use netcl::nn::Module;
 
 use crate::generate::LanguageModel;
@@ -250,32 +256,46 @@ impl ModelLoader for CheckpointLoader {
             checkpoint.metadata.get(INPUT_KEY).map(String::as_str),
             checkpoint.metadata.get(INPUT_SHAPE_KEY),
         ) {
-            (Some("digits"), _) => {
-                let measured = accuracy(&*checkpoint.model, &self.digits.digits.test)
+            (Some("digits"), shape) => {
+                let input = match shape {
+                    None => DigitsMlpLoader::input(),
+                    Some(shape) => {
+                        let sizes = row_shape(shape).map_err(fail)?;
+                        let numbers: usize = sizes.iter().product();
+                        if numbers != FEATURES {
+                            return Err(fail(format!(
+                                "metadata {INPUT_SHAPE_KEY} = {shape:?} holds {numbers} numbers \
+                                 per row, but {INPUT_KEY} = \"digits\" rows are {FEATURES} pixels"
+                            )));
+                        }
+                        InputSpec::shape(&sizes)
+                            .range(0.0, PIXEL_MAX)
+                            .preprocess(|raw| Ok(scale(raw)))
+                    }
+                };
+                let test = &self.digits.digits.test;
+                let n = test.inputs().shape().first().copied().unwrap_or(0);
+                let mut shape = vec![n];
+                shape.extend_from_slice(input.row_shape());
+                let measured = test
+                    .inputs()
+                    .try_reshape(&shape)
+                    .and_then(|images| {
+                        accuracy(
+                            &*checkpoint.model,
+                            &TensorDataset::new(images, test.targets().clone())?,
+                        )
+                    })
                     .map_err(|e| fail(format!("the digits model does not run: {e}")))?;
                 accuracy_on_digits = Some(measured);
-                DigitsMlpLoader::input()
+                input
             }
             (Some(other), _) => {
                 return Err(fail(format!(
                     "metadata {INPUT_KEY} = {other:?}: the known inputs are \"digits\""
                 )));
             }
-            (None, Some(shape)) => {
-                let sizes: Option<Vec<usize>> = shape
-                    .split(',')
-                    .map(|s| s.trim().parse().ok().filter(|&n: &usize| n > 0))
-                    .collect();
-                match sizes {
-                    Some(sizes) if !sizes.is_empty() => InputSpec::shape(&sizes),
-                    _ => {
-                        return Err(fail(format!(
-                            "metadata {INPUT_SHAPE_KEY} = {shape:?} is not a row shape \
-                             (positive sizes separated by commas, such as \"1,8,8\")"
-                        )));
-                    }
-                }
-            }
+            (None, Some(shape)) => InputSpec::shape(&row_shape(shape).map_err(fail)?),
             (None, None) => match input_of(&checkpoint.architecture) {
                 Some(width) => InputSpec::rows(width),
                 None => {
@@ -297,6 +317,22 @@ impl ModelLoader for CheckpointLoader {
             output: OutputSpec::Classes,
             generation: None,
         })
+    }
+}
+
+/// The sizes of the row shape `text` (the value of [`INPUT_SHAPE_KEY`]),
+/// or what is wrong with it.
+fn row_shape(text: &str) -> Result<Vec<usize>, String> {
+    let sizes: Option<Vec<usize>> = text
+        .split(',')
+        .map(|s| s.trim().parse().ok().filter(|&n: &usize| n > 0))
+        .collect();
+    match sizes {
+        Some(sizes) if !sizes.is_empty() => Ok(sizes),
+        _ => Err(format!(
+            "metadata {INPUT_SHAPE_KEY} = {text:?} is not a row shape \
+             (positive sizes separated by commas, such as \"1,8,8\")"
+        )),
     }
 }
 

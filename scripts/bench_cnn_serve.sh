@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The digits CNN through HTTP: netcl-serve against FastAPI + uvicorn +
+# PyTorch serving the same checkpoint, under the same wrk command, in
+# alternating rounds in this one invocation (only one server runs at a
+# time). Prints each round's throughput, p50 and p99, the ratio of
+# netcl-serve's throughput to FastAPI's per round, and their median.
+#
+#   scripts/bench_cnn_serve.sh                      # 3 rounds of wrk -t2 -c32 -d15s --latency
+#   PYTHON=/path/to/venv/bin/python scripts/bench_cnn_serve.sh
+#   ROUNDS=5 DURATION=30s scripts/bench_cnn_serve.sh
+#   SERVE_FLAGS="--threads 2" scripts/bench_cnn_serve.sh   # netcl-serve flags beyond its defaults
+#   WORKERS=1 scripts/bench_cnn_serve.sh            # uvicorn worker processes (default 2)
+#   CNN=digits_cnn.safetensors scripts/bench_cnn_serve.sh  # an existing checkpoint
+#   NO_BUILD=1 scripts/bench_cnn_serve.sh           # use target/release as it is
+#
+# netcl-serve runs with its defaults (micro-batching: --max-batch 64
+# --max-wait-us 0 --threads 1 model thread, --http-threads 2) plus
+# SERVE_FLAGS; FastAPI is scripts/fastapi_cnn.py (uvicorn, WORKERS
+# processes, torch.set_num_threads(1) in each). Both get the same request
+# (serve/bench/predict.lua: one digit, 64 raw pixels) on
+# /v1/models/cnn/predict, and must give the same classes for the first 50
+# digits before anything is measured. The checkpoint is trained with
+# `cargo run --release --example train_cnn -- --save` unless CNN names one.
+#
+# Needs wrk (apt-get install -y wrk), curl, and a Python with torch,
+# safetensors, fastapi and uvicorn (pip install torch safetensors fastapi
+# "uvicorn[standard]"); PYTHON names it (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-15s}
+WARMUP=${WARMUP:-2s}
+CONNECTIONS=${CONNECTIONS:-32}
+WRK_THREADS=${WRK_THREADS:-2}
+ROUNDS=${ROUNDS:-3}
+SERVE_FLAGS=${SERVE_FLAGS:-}
+WORKERS=${WORKERS:-2}
+PYTHON=${PYTHON:-python3}
+PORT=${PORT:-18191}
+LUA=serve/bench/predict.lua
+ROUTE=/v1/models/cnn/predict
+
+for tool in wrk curl; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed (apt-get install -y $tool)"; exit 1; }
+done
+if ! "$PYTHON" -c 'import torch, safetensors, fastapi, uvicorn' 2>/dev/null; then
+    echo "$PYTHON cannot import torch, safetensors, fastapi and uvicorn: install them or set PYTHON"
+    exit 1
+fi
+if [[ -z "${NO_BUILD:-}" ]]; then
+    cargo build --release --quiet -p netcl-serve --bin netcl-serve
+fi
+BIN=target/release/netcl-serve
+
+TMP=$(mktemp -d)
+SERVER_PID=""
+stop_server() {
+    if [[ -n "$SERVER_PID" ]]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+trap 'stop_server; rm -rf "$TMP"' EXIT
+
+if [[ -z "${CNN:-}" ]]; then
+    CNN=$TMP/digits_cnn.safetensors
+    [[ -n "${NO_BUILD:-}" ]] || cargo build --release --quiet -p netcl --example train_cnn
+    target/release/examples/train_cnn --save "$CNN" | tail -1
+fi
+
+wait_up() {
+    for _ in $(seq 1200); do
+        curl -sf "$1" >/dev/null 2>&1 && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "the server exited; its log:"; cat "$2"; exit 1; }
+        sleep 0.05
+    done
+    echo "no answer from $1"
+    exit 1
+}
+
+start_netcl() {
+    # shellcheck disable=SC2086
+    "$BIN" --listen "127.0.0.1:$PORT" --model "cnn=$CNN" $SERVE_FLAGS 2>"$TMP/netcl.log" &
+    SERVER_PID=$!
+    wait_up "http://127.0.0.1:$PORT/healthz" "$TMP/netcl.log"
+}
+
+start_fastapi() {
+    "$PYTHON" scripts/fastapi_cnn.py --port "$PORT" --workers "$WORKERS" --weights "$CNN" \
+        2>"$TMP/fastapi.log" &
+    SERVER_PID=$!
+    wait_up "http://127.0.0.1:$PORT/healthz" "$TMP/fastapi.log"
+}
+
+# The first N digits of data/digits.csv as a predict body (raw pixels).
+digits_body() {
+    awk -F, -v n="$1" 'NR > 1 && NR <= n + 1 {
+        row = $1; for (i = 2; i <= 64; i++) row = row "," $i
+        rows = rows (NR > 2 ? "," : "") "[" row "]"
+    } END { print "{\"inputs\": [" rows "]}" }' data/digits.csv
+}
+
+classes() {
+    curl -sf "http://127.0.0.1:$PORT$ROUTE" -H 'content-type: application/json' \
+        --data-binary @"$TMP/rows.json" | sed -n 's/.*"classes":\[\([0-9,]*\)\].*/\1/p'
+}
+
+# run_wrk NAME: a warm-up, then the measured wrk run; its RESULT line goes to $TMP/NAME.
+run_wrk() {
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$LUA" "http://127.0.0.1:$PORT$ROUTE" >/dev/null
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$LUA" \
+        "http://127.0.0.1:$PORT$ROUTE" >"$TMP/$1.out"
+    grep '^RESULT' "$TMP/$1.out" | sed 's/^RESULT //' >"$TMP/$1"
+}
+
+field() { tr ' ' '\n' <"$TMP/$1" | sed -n "s/^$2=//p"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a / b }'; }
+
+# Both servers must give the same answers before they are compared.
+digits_body 50 >"$TMP/rows.json"
+start_netcl
+netcl_classes=$(classes)
+stop_server
+start_fastapi
+fastapi_classes=$(classes)
+stop_server
+if [[ -z "$netcl_classes" || "$netcl_classes" != "$fastapi_classes" ]]; then
+    echo "the servers disagree on the first 50 digits:"
+    echo "  netcl-serve: [$netcl_classes]"
+    echo "  FastAPI:     [$fastapi_classes]"
+    exit 1
+fi
+echo "same classes from both for the first 50 digits: [$netcl_classes]"
+
+echo "CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(nproc) vCPUs"
+echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency -s $LUA (after a $WARMUP warm-up) on $ROUTE"
+echo "netcl-serve flags: --model cnn=CHECKPOINT ${SERVE_FLAGS:-(defaults)}; FastAPI: uvicorn --workers $WORKERS, torch threads 1"
+echo "load before: $(uptime)"
+ratios=()
+for round in $(seq "$ROUNDS"); do
+    start_netcl
+    run_wrk "netcl$round"
+    stop_server
+    start_fastapi
+    run_wrk "fastapi$round"
+    stop_server
+    r=$(ratio "$(field "netcl$round" rps)" "$(field "fastapi$round" rps)")
+    ratios+=("$r")
+    echo "round $round: netcl-serve $(cat "$TMP/netcl$round")"
+    echo "round $round: FastAPI     $(cat "$TMP/fastapi$round")"
+    echo "round $round: netcl-serve / FastAPI req/s ${r}x"
+done
+echo "load after: $(uptime)"
+
+echo
+printf '%-6s %-20s %10s %9s %9s %8s\n' round server "req/s" "p50 ms" "p99 ms" non-2xx
+for round in $(seq "$ROUNDS"); do
+    for side in netcl fastapi; do
+        label=$([[ $side == netcl ]] && echo "netcl-serve" || echo "FastAPI+PyTorch")
+        printf '%-6s %-20s %10s %9s %9s %8s\n' "$round" "$label" "$(field "$side$round" rps)" \
+            "$(field "$side$round" p50_ms)" "$(field "$side$round" p99_ms)" "$(field "$side$round" non2xx)"
+    done
+done
+sorted=$(printf '%s\n' "${ratios[@]}" | sort -g)
+echo
+echo "netcl-serve / FastAPI+PyTorch req/s: median $(echo "$sorted" | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')x" \
+    "(rounds: ${ratios[*]}; goal >= 20)"
