@@ -150,7 +150,10 @@ fn fwd_bwd(out: &Tensor, inputs: &[&Tensor]) -> Outputs {
 /// part of it, or accumulate into it: each case builds its inputs and
 /// returns its outputs. Every buffer here is at least 64 KiB, so each one
 /// can come from the cache.
-fn zero_relying_cases() -> Vec<(&'static str, fn() -> Outputs)> {
+/// A named case: builds its inputs, returns its outputs.
+type Case = (&'static str, fn() -> Outputs);
+
+fn zero_relying_cases() -> Vec<Case> {
     vec![
         ("zeros and full", || {
             vec![
