@@ -16,7 +16,16 @@
 //! what every later pass costs. Tensors of this size are allocated with
 //! `mmap` and returned to the system when freed (the children run with
 //! glibc's mmap threshold fixed at 128 KiB), so the resident set follows
-//! the live tensors. Each figure is the median of five processes.
+//! the live tensors, apart from what netcl's per-thread cache of freed
+//! buffers keeps for reuse ([`netcl::memory`], at most its limit per
+//! thread: 16 MiB by default). That memory is resident before a later
+//! pass, so the "later" figure leaves it out; the "kept" row shows it:
+//! the resident set after the first pass (its tensors dropped) minus the
+//! one before it. Each figure is the median of five processes.
+//!
+//! ```text
+//! NETCL_BUFFER_CACHE_BYTES=0 cargo run --release --example memory   # the cache off
+//! ```
 
 use std::process::Command;
 
@@ -110,15 +119,20 @@ fn measure(dims: &[usize], mode: &str) {
     };
     let mut line = Vec::new();
     let mut checksum = 0.0;
-    for _ in 0..2 {
+    let start = status_bytes("VmRSS:");
+    let mut kept = 0;
+    for i in 0..2 {
         let before = status_bytes("VmRSS:");
         checksum = pass();
         let peak = status_bytes("VmHWM:");
         line.push(peak.saturating_sub(before).to_string());
+        if i == 0 {
+            kept = status_bytes("VmRSS:").saturating_sub(start);
+        }
         // Resets VmHWM to the current resident set (Linux 4.0 and later).
         std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak resident set");
     }
-    println!("{} {checksum}", line.join(" "));
+    println!("{} {kept} {checksum}", line.join(" "));
 }
 
 fn main() {
@@ -141,11 +155,12 @@ fn main() {
         "model", "pass", "grad", "no_grad", "raw_ndarray", "no_grad vs grad", "no_grad vs raw"
     );
     for (name, _) in MODELS {
-        // peaks[pass][mode]
-        let mut peaks = [[0.0; 3]; 2];
+        // peaks[pass][mode]: the first pass's peak, a later pass's, and
+        // what the first pass left resident.
+        let mut peaks = [[0.0; 3]; 3];
         let mut checksums = Vec::new();
         for (m, mode) in MODES.iter().enumerate() {
-            let mut runs: Vec<([f64; 2], f32)> = (0..5)
+            let mut runs: Vec<([f64; 3], f32)> = (0..5)
                 .map(|_| {
                     let out = Command::new(&exe)
                         .args(["--model", name, "--mode", mode])
@@ -161,8 +176,8 @@ fn main() {
                     let text = String::from_utf8(out.stdout).unwrap();
                     let fields: Vec<&str> = text.split_whitespace().collect();
                     let mib = |f: &str| f.parse::<u64>().unwrap() as f64 / (1 << 20) as f64;
-                    let checksum = fields[2].parse::<f32>().unwrap();
-                    ([mib(fields[0]), mib(fields[1])], checksum)
+                    let checksum = fields[3].parse::<f32>().unwrap();
+                    ([mib(fields[0]), mib(fields[1]), mib(fields[2])], checksum)
                 })
                 .collect();
             for (pass, row) in peaks.iter_mut().enumerate() {
@@ -190,12 +205,20 @@ fn main() {
                 100.0 * (p[1] / p[2] - 1.0),
             );
         }
+        let p = &peaks[2];
+        println!(
+            "{:<24} {:<6} {:>8.1} {:>8.1} {:>12.1}",
+            name, "kept", p[0], p[1], p[2]
+        );
     }
     println!(
         "(\"no_grad vs grad\": how much lower no_grad's peak is; \"vs raw\": how much above raw ndarray's;"
     );
     println!(
-        " \"first\": a process's first pass, which also touches the kernel's per-thread buffers; \"later\": every pass after it)"
+        " \"first\": a process's first pass, which also touches the kernel's per-thread buffers; \"later\": every pass after it;"
+    );
+    println!(
+        " \"kept\": resident after the first pass, its tensors dropped: the kernel's buffers and netcl's cache of freed buffers)"
     );
 }
 

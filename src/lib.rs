@@ -66,6 +66,7 @@ pub mod data;
 mod error;
 pub mod functional;
 pub mod io;
+pub mod memory;
 pub mod models;
 pub mod nn;
 mod ops;

@@ -19,6 +19,13 @@
 //! copy ([`Buf::Vec`]), so a big input or a gradient is never copied to be
 //! stored.
 //!
+//! A large buffer (64 KiB and up) held in a [`Buf::Vec`] goes, when its
+//! last handle drops, to the dropping thread's bounded [`cache`] of freed
+//! buffers, and the next large buffer an op on that thread asks for
+//! ([`cache::take`], [`Data::collect`], [`Data::full`]) is taken from it:
+//! see [`cache`] for why, and [`netcl::memory`](crate::memory) for the
+//! limit.
+//!
 //! A `Data` is immutable once shared: cloning it is an O(1) snapshot (one
 //! reference-count increment), and writing goes through
 //! [`Data::view_mut`], which only succeeds on a buffer no snapshot shares (the copy-on-write of [`Tensor::with_data_mut`] relies on that).
@@ -102,8 +109,238 @@ enum Buf {
     /// Values computed by an op: counts and values in one allocation.
     Slice(Arc<[f32]>),
     /// Values moved in from a `Vec` (an ndarray array's, a gradient's)
-    /// without copying them.
-    Vec(Arc<Vec<f32>>),
+    /// without copying them, and large values an op computed; offered to
+    /// the dropping thread's [`cache`] when the last handle drops.
+    Vec(Arc<Cached>),
+}
+
+/// A `Vec` whose buffer, when dropped, is offered to the dropping thread's
+/// [`cache`] instead of going straight back to the allocator.
+struct Cached(Vec<f32>);
+
+impl Drop for Cached {
+    fn drop(&mut self) {
+        cache::give(std::mem::take(&mut self.0));
+    }
+}
+
+/// A bounded, per-thread cache of recently freed large `f32` buffers.
+///
+/// # Why
+///
+/// A training step that returns fresh large tensors (an op's output, a
+/// gradient: a few hundred KiB and up) frees them when the caller drops
+/// them, and glibc gives such memory back to the system (`munmap` of an
+/// mmapped block, or `madvise` when a thread arena's free top exceeds its
+/// trim threshold), so the next step faults the same pages in again, one
+/// fault per 4 KiB page: `layer_norm` over `[32, 64, 128]` forward and
+/// backward took about 480 page faults per call on a rayon worker, most of
+/// its time. Keeping the last few freed buffers per thread turns those
+/// faults into reuse, without changing the process's allocator settings (a
+/// library must not).
+///
+/// # Bound
+///
+/// Each thread keeps at most [`limit`] bytes (the sum of the cached
+/// buffers' capacities, [`netcl::memory::buffer_cache_limit`]) in at most
+/// [`MAX_BUFFERS`] buffers; the oldest is freed first when a new one would
+/// exceed either. A buffer below [`MIN_LEN`] values is never cached (the
+/// allocator's free lists serve those well), nor one larger than the
+/// limit. A lowered limit applies to a thread's cache the next time that
+/// thread frees or takes a buffer.
+///
+/// # Safety of reuse
+///
+/// [`take`] hands out an *empty* `Vec` (length 0) with room for the
+/// values: old contents are never readable through it, and every caller
+/// writes or resizes the values it needs ([`zeros`] fills with zeros).
+///
+/// # Threads
+///
+/// A `thread_local!`: a buffer freed on one thread is only ever reused by
+/// that thread, no lock is taken, and a thread's cache is freed when the
+/// thread exits. Under loom the cache is off (every buffer is freed).
+///
+/// [`netcl::memory::buffer_cache_limit`]: crate::memory::buffer_cache_limit
+pub(crate) mod cache {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Buffers below this many values (64 KiB) are never cached.
+    pub(crate) const MIN_LEN: usize = 16 * 1024;
+    /// The most buffers a thread keeps.
+    pub(crate) const MAX_BUFFERS: usize = 8;
+    /// The limit when neither the environment nor
+    /// [`set_limit`] sets one: bytes per thread.
+    pub(crate) const DEFAULT_LIMIT: usize = 16 << 20;
+    /// The environment variable read once for the limit, in bytes.
+    pub(crate) const ENV: &str = "NETCL_BUFFER_CACHE_BYTES";
+
+    /// Not yet read from the environment.
+    const UNSET: usize = usize::MAX;
+    static LIMIT: AtomicUsize = AtomicUsize::new(UNSET);
+
+    /// The limit in bytes per thread: set by [`set_limit`], else read once
+    /// from [`ENV`] (a whole number of bytes; anything else is ignored),
+    /// else [`DEFAULT_LIMIT`].
+    pub(crate) fn limit() -> usize {
+        match LIMIT.load(Ordering::Relaxed) {
+            UNSET => {
+                let from_env = std::env::var(ENV)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .map_or(DEFAULT_LIMIT, |v| v.min(UNSET - 1));
+                // A concurrent `set_limit` wins over the environment.
+                match LIMIT.compare_exchange(UNSET, from_env, Ordering::Relaxed, Ordering::Relaxed)
+                {
+                    Ok(_) => from_env,
+                    Err(set) => set,
+                }
+            }
+            limit => limit,
+        }
+    }
+
+    /// Sets the limit in bytes per thread (saturating below `usize::MAX`).
+    pub(crate) fn set_limit(bytes: usize) {
+        LIMIT.store(bytes.min(UNSET - 1), Ordering::Relaxed);
+    }
+
+    /// One thread's cached buffers, oldest first, and their capacities'
+    /// sum in bytes.
+    #[cfg_attr(loom, allow(dead_code))]
+    #[derive(Default)]
+    struct Free {
+        buffers: Vec<Vec<f32>>,
+        bytes: usize,
+        /// How many buffers [`take`] has handed out from the cache.
+        reused: u64,
+    }
+
+    #[cfg_attr(loom, allow(dead_code))]
+    impl Free {
+        /// Frees the oldest buffers until at most `limit` bytes and
+        /// `buffers` buffers remain.
+        fn shrink_to(&mut self, limit: usize, buffers: usize) {
+            let mut oldest = 0;
+            while oldest < self.buffers.len()
+                && (self.bytes > limit || self.buffers.len() - oldest > buffers)
+            {
+                self.bytes -= bytes_of(&self.buffers[oldest]);
+                oldest += 1;
+            }
+            self.buffers.drain(..oldest);
+        }
+    }
+
+    fn bytes_of(values: &Vec<f32>) -> usize {
+        values.capacity() * size_of::<f32>()
+    }
+
+    #[cfg(not(loom))]
+    std::thread_local! {
+        static FREE: std::cell::RefCell<Free> = const {
+            std::cell::RefCell::new(Free { buffers: Vec::new(), bytes: 0, reused: 0 })
+        };
+    }
+
+    /// Runs `f` on this thread's cache; `None` during thread exit (the
+    /// cache already gone) or a re-entrant call, and always under loom.
+    #[inline]
+    fn with_free<R>(f: impl FnOnce(&mut Free) -> R) -> Option<R> {
+        #[cfg(not(loom))]
+        {
+            FREE.try_with(|free| free.try_borrow_mut().ok().map(|mut free| f(&mut free)))
+                .ok()
+                .flatten()
+        }
+        #[cfg(loom)]
+        {
+            let _ = f;
+            None
+        }
+    }
+
+    /// An empty `Vec` with room for `len` values: the smallest of this
+    /// thread's cached buffers holding between `len` and 1.25 `len`
+    /// values if there is one, a new allocation otherwise.
+    pub(crate) fn take(len: usize) -> Vec<f32> {
+        if len >= MIN_LEN {
+            let found = with_free(|free| {
+                let limit = limit();
+                if free.bytes > limit {
+                    free.shrink_to(limit, MAX_BUFFERS);
+                }
+                let (i, _) = free
+                    .buffers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| (len..=len + len / 4).contains(&b.capacity()))
+                    .min_by_key(|(_, b)| b.capacity())?;
+                let mut values = free.buffers.remove(i);
+                free.bytes -= bytes_of(&values);
+                free.reused += 1;
+                values.clear();
+                Some(values)
+            })
+            .flatten();
+            if let Some(values) = found {
+                return values;
+            }
+        }
+        Vec::with_capacity(len)
+    }
+
+    /// `len` copies of `value`, in a cached buffer when this thread has
+    /// one.
+    pub(crate) fn filled(len: usize, value: f32) -> Vec<f32> {
+        let mut values = take(len);
+        values.resize(len, value);
+        values
+    }
+
+    /// `len` zeros, in a cached buffer when this thread has one.
+    pub(crate) fn zeros(len: usize) -> Vec<f32> {
+        filled(len, 0.0)
+    }
+
+    /// Offers `values`' buffer to this thread's cache: kept if it is large
+    /// enough and fits the limit (the oldest buffers freed to make room),
+    /// freed otherwise.
+    pub(crate) fn give(values: Vec<f32>) {
+        if values.capacity() < MIN_LEN {
+            return;
+        }
+        let limit = limit();
+        if bytes_of(&values) > limit {
+            return;
+        }
+        // During thread exit or a re-entrant call the buffer is freed.
+        with_free(move |free| {
+            free.shrink_to(limit - bytes_of(&values), MAX_BUFFERS - 1);
+            free.bytes += bytes_of(&values);
+            free.buffers.push(values);
+        });
+    }
+
+    /// The bytes this thread's cache holds.
+    pub(crate) fn thread_bytes() -> usize {
+        with_free(|free| free.bytes).unwrap_or(0)
+    }
+
+    /// How many buffers this thread has taken from its cache.
+    pub(crate) fn thread_reused() -> u64 {
+        with_free(|free| free.reused).unwrap_or(0)
+    }
+
+    /// Frees every buffer of this thread's cache.
+    pub(crate) fn clear_thread() {
+        let buffers = with_free(|free| {
+            free.bytes = 0;
+            std::mem::take(&mut free.buffers)
+        });
+        // Freed outside the borrow.
+        drop(buffers);
+    }
 }
 
 impl Buf {
@@ -111,7 +348,7 @@ impl Buf {
         match self {
             Buf::Inline { len, values } => &values[..*len as usize],
             Buf::Slice(values) => values,
-            Buf::Vec(values) => values,
+            Buf::Vec(values) => &values.0,
         }
     }
 
@@ -119,7 +356,7 @@ impl Buf {
         match self {
             Buf::Inline { len, values } => Some(&mut values[..*len as usize]),
             Buf::Slice(values) => Arc::get_mut(values),
-            Buf::Vec(values) => Arc::get_mut(values).map(Vec::as_mut_slice),
+            Buf::Vec(values) => Arc::get_mut(values).map(|values| values.0.as_mut_slice()),
         }
     }
 
@@ -169,7 +406,7 @@ impl Data {
             return Data::collect(shape, values.into_iter());
         }
         Data {
-            buf: Buf::Vec(Arc::new(values)),
+            buf: Buf::Vec(Arc::new(Cached(values))),
             shape: Dims::from_slice(shape),
             strides: None,
         }
@@ -191,6 +428,12 @@ impl Data {
                 len: len as u8,
                 values: inline,
             }
+        } else if len >= cache::MIN_LEN {
+            // Large values in a buffer from this thread's cache (and back
+            // to it when freed).
+            let mut buffer = cache::take(len);
+            buffer.extend(values);
+            Buf::Vec(Arc::new(Cached(buffer)))
         } else {
             Buf::Slice(values.collect())
         };
@@ -232,7 +475,11 @@ impl Data {
 
     /// `value` at every element of `shape`.
     pub(crate) fn full(shape: &[usize], value: f32) -> Data {
-        Data::collect(shape, std::iter::repeat_n(value, numel(shape)))
+        let len = numel(shape);
+        if len < cache::MIN_LEN {
+            return Data::collect(shape, std::iter::repeat_n(value, len));
+        }
+        Data::from_vec(shape, cache::filled(len, value))
     }
 
     /// Values of `shape` written by `fill` into a new buffer (zeroed
@@ -254,7 +501,7 @@ impl Data {
         };
         match array.into_raw_vec_and_offset() {
             (values, Some(0) | None) if values.len() == numel(&shape) => Data {
-                buf: Buf::Vec(Arc::new(values)),
+                buf: Buf::Vec(Arc::new(Cached(values))),
                 shape,
                 strides: None,
             },
@@ -356,7 +603,11 @@ impl Data {
     /// The values in row-major order as a new `Vec`.
     pub(crate) fn to_vec(&self) -> Vec<f32> {
         match self.as_slice() {
-            Some(values) => values.to_vec(),
+            Some(values) => {
+                let mut out = cache::take(values.len());
+                out.extend_from_slice(values);
+                out
+            }
             None => {
                 let strides = self.strides.as_deref().expect("strided: not row-major");
                 strided_to_vec(self.buf.as_slice(), &self.shape, strides)
@@ -371,7 +622,10 @@ impl Data {
         if self.strides.is_none()
             && let Buf::Vec(values) = self.buf
         {
-            let values = Arc::try_unwrap(values).unwrap_or_else(|shared| (*shared).clone());
+            let values = match Arc::try_unwrap(values) {
+                Ok(mut values) => std::mem::take(&mut values.0),
+                Err(shared) => shared.0.clone(),
+            };
             return ArrayD::from_shape_vec(IxDyn(&self.shape), values)
                 .expect("the layout fits the buffer (the invariant of Data)");
         }
@@ -609,7 +863,7 @@ impl Data {
 /// element.
 fn strided_to_vec(values: &[f32], shape: &[usize], strides: &[usize]) -> Vec<f32> {
     let len = numel(shape);
-    let mut out = Vec::with_capacity(len);
+    let mut out = cache::take(len);
     if len == 0 {
         return out;
     }

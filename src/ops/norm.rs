@@ -186,8 +186,8 @@ fn row_norm_forward(
     if x.is_empty() || width == 0 {
         return (vec![0.0; x.len()], Vec::new(), Vec::new());
     }
-    // Written once, not zeroed first.
-    let mut out = Vec::with_capacity(x.len());
+    // Written once, not zeroed first; from this thread's buffer cache.
+    let mut out = crate::storage::cache::take(x.len());
     let rows = x.len() / width;
     let (mut means, mut rstds) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
     // Every row's loops compiled for the widest SIMD extension this CPU has.
@@ -793,7 +793,7 @@ pub fn try_batch_norm(
         }
     }
     // y = x · scale + shift per channel, scale = rstd·w, shift = b - mean·scale.
-    let mut out = vec![0.0; xs.len()];
+    let mut out = crate::storage::cache::zeros(xs.len());
     if !xs.is_empty() {
         for c in 0..channels {
             let scale = rstds[c] * w.as_ref().map_or(1.0, |w| w[c]);

@@ -143,7 +143,7 @@ fn pool_map(
     mut f: impl FnMut(usize, &[f32], &Window) -> f32,
 ) -> Vec<f32> {
     let plane = planes.h * planes.w;
-    let mut out = Vec::with_capacity(planes.count * planes.windows.len());
+    let mut out = crate::storage::cache::take(planes.count * planes.windows.len());
     if planes.windows.is_empty() {
         return out;
     }
@@ -169,7 +169,7 @@ fn unpadded_max(
     // The first output row's windows start at row 0.
     let wo = planes.windows.iter().take_while(|win| win.y0 == 0).count();
     let ho = planes.windows.len().checked_div(wo).unwrap_or(0);
-    let mut out = Vec::with_capacity(planes.count * ho * wo);
+    let mut out = crate::storage::cache::take(planes.count * ho * wo);
     if ho == 0 {
         return out;
     }
@@ -397,7 +397,7 @@ pub fn try_max_pool2d(
              grad: Data,
              grads: &mut InputGrads<'_>| {
                 let grad = contiguous(grad);
-                let mut dx = vec![0.0; in_shape.iter().product()];
+                let mut dx = crate::storage::cache::zeros(in_shape.iter().product());
                 for (&i, &g) in argmax.iter().zip(grad.as_slice().expect("row-major")) {
                     dx[i] += g;
                 }
@@ -425,7 +425,7 @@ fn mean_backward(
     let grad = contiguous(grad);
     let dy = grad.as_slice().expect("row-major");
     let (plane, w) = (planes.h * planes.w, planes.w);
-    let mut dx = vec![0.0; in_shape.iter().product()];
+    let mut dx = crate::storage::cache::zeros(in_shape.iter().product());
     if !planes.windows.is_empty() {
         for (dx, dy) in dx
             .chunks_exact_mut(plane)

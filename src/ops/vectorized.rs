@@ -43,7 +43,10 @@ pub(crate) fn map(src: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
     // A copy mapped in place: LLVM vectorises this loop at the dispatched
     // width, where `Vec::extend` over a mapped iterator kept a heavy body
     // (exact GELU) at four lanes.
-    let mut out = src.to_vec();
+    // The copy in a buffer from this thread's cache of freed buffers (an
+    // activation's output reuses the one freed before it).
+    let mut out = crate::storage::cache::take(src.len());
+    out.extend_from_slice(src);
     map_in_place(&mut out, f);
     out
 }
