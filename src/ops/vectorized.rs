@@ -141,10 +141,10 @@ pub(crate) fn map_pieces<T: Send, R: Send>(
 
 /// `slice` cut into consecutive parts of the given lengths (which must add
 /// up to at most its length; zero lengths allowed).
-pub(crate) fn split_lengths<'a, T>(
-    mut slice: &'a mut [T],
+pub(crate) fn split_lengths<T>(
+    mut slice: &mut [T],
     lengths: impl IntoIterator<Item = usize>,
-) -> Vec<&'a mut [T]> {
+) -> Vec<&mut [T]> {
     lengths
         .into_iter()
         .map(|len| {
