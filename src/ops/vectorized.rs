@@ -116,11 +116,14 @@ pub(crate) fn should_split(work: usize) -> bool {
 /// the pieces (chunks of an output with their inputs) from the sizes
 /// alone, so what each call computes never depends on the thread count.
 pub(crate) fn for_each_piece<T: Send>(pieces: Vec<T>, work: usize, f: impl Fn(T) + Sync + Send) {
-    #[cfg(not(loom))]
     if pieces.len() > 1 && should_split(work) {
-        use rayon::prelude::*;
-        pieces.into_par_iter().for_each(f);
-        return;
+        // (Never under loom: `should_split` is false there.)
+        #[cfg(not(loom))]
+        {
+            use rayon::prelude::*;
+            pieces.into_par_iter().for_each(f);
+            return;
+        }
     }
     pieces.into_iter().for_each(f);
 }
@@ -131,10 +134,13 @@ pub(crate) fn map_pieces<T: Send, R: Send>(
     work: usize,
     f: impl Fn(T) -> R + Sync + Send,
 ) -> Vec<R> {
-    #[cfg(not(loom))]
     if pieces.len() > 1 && should_split(work) {
-        use rayon::prelude::*;
-        return pieces.into_par_iter().map(f).collect();
+        // (Never under loom: `should_split` is false there.)
+        #[cfg(not(loom))]
+        {
+            use rayon::prelude::*;
+            return pieces.into_par_iter().map(f).collect();
+        }
     }
     pieces.into_iter().map(f).collect()
 }
