@@ -145,24 +145,36 @@ fn gelu_slope32(x: f32) -> f32 {
 
 /// Records `f` of each element of `x` with the derivative `df(grad, x)`,
 /// saving the input; differentiably, `dg(grad, x)` in recorded tensor ops.
+/// `cost` is `f`'s price in simple operations: forward and backward split
+/// across the caller's rayon pool when the tensor is large enough
+/// ([`vectorized::par_map`]; the same bits on any thread count).
 #[track_caller]
-fn map_input_op<F, G>(x: &Tensor, op: &'static str, f: impl Fn(f32) -> f32, df: F, dg: G) -> Tensor
+fn map_input_op<F, G>(
+    x: &Tensor,
+    op: &'static str,
+    cost: usize,
+    f: impl Fn(f32) -> f32 + Send + Sync,
+    df: F,
+    dg: G,
+) -> Tensor
 where
     F: Fn(f32, f32) -> f32 + Send + Sync + 'static,
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
-    let out = input.map_simd(f);
+    let out = vectorized::map_data(&input, cost, f);
     record_unary(op, x, out, move |_| {
         with_graph(
             (input, df, dg),
-            |(input, df, _), grad: Data, grads: &mut InputGrads<'_>| {
+            move |(input, df, _), grad: Data, grads: &mut InputGrads<'_>| {
                 // `(*df)`, not `df`: `&F`'s `Fn` shim is not inlined into
                 // the loop, which then stays scalar.
                 grads.put(
                     0,
-                    grad.zip_into(
+                    vectorized::zip_data(
+                        grad,
                         input,
+                        cost,
                         #[inline(always)]
                         |g, x| (*df)(g, x),
                     ),
@@ -256,6 +268,7 @@ impl Tensor {
         map_input_op(
             self,
             "gelu",
+            12,
             // `inline(always)`: a call per element would keep the loops
             // scalar.
             // (A closure, not the fn item: its `Fn` shim is not
@@ -300,6 +313,7 @@ impl Tensor {
         map_input_op(
             self,
             "gelu_tanh",
+            8,
             |x| 0.5 * x * (1.0 + vectorized::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))),
             |g, x| {
                 let t = vectorized::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
@@ -346,6 +360,7 @@ impl Tensor {
         map_input_op(
             self,
             "silu",
+            6,
             |x| x / (1.0 + vectorized::exp(-x)),
             |g, x| {
                 let s = vectorized::sigmoid(x);
@@ -380,6 +395,7 @@ impl Tensor {
         map_input_op(
             self,
             "erf",
+            12,
             erf32,
             |g, x| g * std::f32::consts::FRAC_2_SQRT_PI * (-x * x).exp(),
             |g, x| {
@@ -470,6 +486,7 @@ impl Tensor {
         Ok(map_input_op(
             self,
             "clamp",
+            1,
             clamp,
             move |g, x| {
                 let s = slope(x);

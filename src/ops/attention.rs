@@ -14,6 +14,11 @@
 //!
 //! each summed over the batch axes its operand was broadcast along.
 //!
+//! Forward and backward split the batch indices into pieces across the
+//! caller's rayon pool when there is enough work (each index is computed
+//! alone and writes its own matrices, so the bits do not depend on the
+//! thread count; see [`vectorized`](super::vectorized)).
+//!
 //! # Masked rows, NaN and infinities
 //!
 //! Masking is additive, as PyTorch's: a boolean mask's false entries and
@@ -37,6 +42,7 @@ use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Error, Result, or_panic};
 use crate::ops::gemm::gemm_into;
 use crate::ops::graph::sum_to;
+use crate::ops::vectorized::{for_each_piece, split_lengths};
 use crate::tensor::{Data, Tensor};
 
 /// An attention mask, as PyTorch's `attn_mask` of
@@ -194,9 +200,8 @@ pub fn try_scaled_dot_product_attention(
     let (l, s, ev) = (dims.l, dims.s, dims.ev);
     let batches = dims.batches();
     // P is not saved: the backward recomputes it, one batch index at a
-    // time, into one L·S scratch (as this loop does), which keeps the
-    // graph L·S values per batch index smaller.
-    let mut probs = vec![0.0_f32; l * s];
+    // time, into one L·S scratch per piece (as this loop does), which
+    // keeps the graph L·S values per batch index smaller.
     let mut out = vec![0.0_f32; batches * l * ev];
     {
         let (qv, kv, vv) = (q.view(), k.view(), v.view());
@@ -208,21 +213,31 @@ pub fn try_scaled_dot_product_attention(
         let mv = mask.as_ref().map(Data::view);
         let mb = mv.as_ref().map(|m| dims.broadcast(m, l, s));
         if l * s > 0 {
-            for (b, index) in dims.indices().enumerate() {
-                let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[..])
-                    .expect("a slice of L·S values");
-                probs_into(
-                    matrix_at(&qb, &index),
-                    matrix_at(&kb, &index),
-                    mb.as_ref().map(|m| matrix_at(m, &index)),
-                    scale,
-                    is_causal,
-                    p.view_mut(),
-                );
-                let o = ArrayViewMut2::from_shape((l, ev), &mut out[b * l * ev..][..l * ev])
-                    .expect("a slice of L·Ev values");
-                gemm_into(p.view(), matrix_at(&vb, &index), o);
-            }
+            // Pieces of consecutive batch indices, on the caller's rayon
+            // pool when large enough: each index is computed alone, so the
+            // same bits on any thread count.
+            let ranges = dims.pieces();
+            let outs = split_lengths(&mut out, ranges.iter().map(|r| r.len() * l * ev));
+            let pieces: Vec<_> = ranges.into_iter().zip(outs).collect();
+            for_each_piece(pieces, dims.work(), |(range, out)| {
+                let mut probs = vec![0.0_f32; l * s];
+                for (j, b) in range.enumerate() {
+                    let index = dims.index(b);
+                    let mut p = ArrayViewMut2::from_shape((l, s), &mut probs[..])
+                        .expect("a slice of L·S values");
+                    probs_into(
+                        matrix_at(&qb, &index),
+                        matrix_at(&kb, &index),
+                        mb.as_ref().map(|m| matrix_at(m, &index)),
+                        scale,
+                        is_causal,
+                        p.view_mut(),
+                    );
+                    let o = ArrayViewMut2::from_shape((l, ev), &mut out[j * l * ev..][..l * ev])
+                        .expect("a slice of L·Ev values");
+                    gemm_into(p.view(), matrix_at(&vb, &index), o);
+                }
+            });
         }
     }
     let out = Data::from_vec(&dims.shape(l, ev), out);
@@ -377,6 +392,17 @@ pub(crate) fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
     total + lanes.iter().sum::<f32>()
 }
 
+/// The values of a new row-major array.
+fn row_major(array: &mut ndarray::ArrayD<f32>) -> &mut [f32] {
+    array.as_slice_mut().expect("a new row-major array")
+}
+
+/// Matrix `j` (`rows × cols`) of consecutive row-major matrices, to write.
+fn matrix_mut(values: &mut [f32], j: usize, rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
+    let values = &mut values[j * rows * cols..][..rows * cols];
+    ArrayViewMut2::from_shape((rows, cols), values).expect("a matrix's values")
+}
+
 /// The matrix of a broadcast operand at one batch index.
 fn matrix_at<'a>(view: &ArrayViewD<'a, f32>, index: &[usize]) -> ArrayView2<'a, f32> {
     let mut view = view.clone();
@@ -386,6 +412,10 @@ fn matrix_at<'a>(view: &ArrayViewD<'a, f32>, index: &[usize]) -> ArrayView2<'a, 
     view.into_dimensionality::<Ix2>()
         .expect("two trailing axes")
 }
+
+/// Multiply-adds per piece of a split attention: enough to outweigh the
+/// cost of handing a piece to another thread many times over.
+const PIECE_WORK: usize = 1 << 18;
 
 /// The validated sizes of an attention: the broadcast batch axes, `L`,
 /// `S`, `E` and `Ev`.
@@ -425,6 +455,35 @@ impl Dims {
         ndarray::indices(IxDyn(&self.batch))
             .into_iter()
             .map(|index| index.slice().to_vec())
+    }
+
+    /// The batch index at position `b` of the row-major order.
+    fn index(&self, mut b: usize) -> Vec<usize> {
+        let mut index = vec![0; self.batch.len()];
+        for (i, &n) in self.batch.iter().enumerate().rev() {
+            index[i] = b % n.max(1);
+            b /= n.max(1);
+        }
+        index
+    }
+
+    /// Multiply-adds of the forward (two products per batch index).
+    fn work(&self) -> usize {
+        let per_index = (self.l * self.s).saturating_mul(self.e + self.ev);
+        self.batches().saturating_mul(per_index)
+    }
+
+    /// Consecutive ranges of batch indices, the pieces a forward or
+    /// backward splits into across the caller's rayon pool: about
+    /// [`PIECE_WORK`] multiply-adds each, cut from the sizes alone.
+    fn pieces(&self) -> Vec<std::ops::Range<usize>> {
+        let per_index = (self.l * self.s).saturating_mul(self.e + self.ev).max(1);
+        let per_piece = (PIECE_WORK / per_index).max(1);
+        let batches = self.batches();
+        (0..batches)
+            .step_by(per_piece)
+            .map(|b| b..(b + per_piece).min(batches))
+            .collect()
     }
 }
 
@@ -522,67 +581,105 @@ impl Saved {
         let zeros = |rows, cols| ndarray::ArrayD::<f32>::zeros(IxDyn(&self.dims.shape(rows, cols)));
         let (mut dq, mut dk) = (zeros(l, e), zeros(s, e));
         let mut dv = if in_place { zeros(0, 0) } else { zeros(s, ev) };
-        let mut dv_scratch = ndarray::Array2::<f32>::zeros(if in_place { (s, ev) } else { (0, 0) });
         let mut dmask = if want_mask { zeros(l, s) } else { zeros(0, 0) };
-        let mut ds = ndarray::Array2::<f32>::zeros((l, s));
-        let mut p = ndarray::Array2::<f32>::zeros((l, s));
         let mv = self.mask.as_ref().map(Data::view);
         let mb = mv.as_ref().map(|m| self.dims.broadcast(m, l, s));
         if l * s > 0 {
-            for (b, index) in self.dims.indices().enumerate() {
-                let (qi, ki, vi) = (
-                    matrix_at(&qb, &index),
-                    matrix_at(&kb, &index),
-                    matrix_at(&vb, &index),
-                );
-                probs_into(
-                    qi,
-                    ki,
-                    mb.as_ref().map(|m| matrix_at(m, &index)),
-                    self.scale,
-                    self.causal,
-                    p.view_mut(),
-                );
-                let p = p.view();
-                {
-                    let grad = grad.view();
-                    let g = matrix_at(&grad, &index);
+            // Pieces of consecutive batch indices, on the caller's rayon
+            // pool when large enough. Every batch index writes its own
+            // matrices of dQ, dK, dV and dMask (of the broadcast shapes;
+            // reduced to the operands' after), so the same bits on any
+            // thread count.
+            let ranges = self.dims.pieces();
+            let lengths = |len: usize| ranges.iter().map(move |r| r.len() * len);
+            let dqs = split_lengths(row_major(&mut dq), lengths(l * e));
+            let dks = split_lengths(row_major(&mut dk), lengths(s * e));
+            let dmasks: Vec<Option<&mut [f32]>> = if want_mask {
+                split_lengths(row_major(&mut dmask), lengths(l * s))
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            } else {
+                ranges.iter().map(|_| None).collect()
+            };
+            // dV's pieces: of dV, or of the incoming gradient itself.
+            let (grad_view, dvs) = if in_place {
+                let values = grad.view_mut().expect("checked unique");
+                let values = values.into_slice().expect("checked row-major");
+                (None, split_lengths(values, lengths(l * ev)))
+            } else {
+                let dvs = split_lengths(row_major(&mut dv), lengths(s * ev));
+                (Some(grad.view()), dvs)
+            };
+            let pieces: Vec<_> = ranges
+                .iter()
+                .cloned()
+                .zip(dqs)
+                .zip(dks)
+                .zip(dvs)
+                .zip(dmasks)
+                .collect();
+            let work = self.dims.work().saturating_mul(2);
+            for_each_piece(pieces, work, |((((range, dq), dk), dv), mut dmask)| {
+                let mut ds = ndarray::Array2::<f32>::zeros((l, s));
+                let mut p = ndarray::Array2::<f32>::zeros((l, s));
+                let mut dv_scratch =
+                    ndarray::Array2::<f32>::zeros(if in_place { (s, ev) } else { (0, 0) });
+                for (j, b) in range.enumerate() {
+                    let index = self.dims.index(b);
+                    let (qi, ki, vi) = (
+                        matrix_at(&qb, &index),
+                        matrix_at(&kb, &index),
+                        matrix_at(&vb, &index),
+                    );
+                    probs_into(
+                        qi,
+                        ki,
+                        mb.as_ref().map(|m| matrix_at(m, &index)),
+                        self.scale,
+                        self.causal,
+                        p.view_mut(),
+                    );
+                    let p = p.view();
+                    let dv = &mut dv[j * s * ev..][..s * ev];
                     if in_place {
+                        // Batch b's dV goes into a scratch, then over batch
+                        // b's gradient once that has been read (L = S).
+                        let g = ArrayView2::from_shape((l, ev), &*dv).expect("L·Ev values");
                         gemm_into(p.t(), g, dv_scratch.view_mut());
+                        gemm_into(g, vi.t(), ds.view_mut());
+                        dv.copy_from_slice(dv_scratch.as_slice().expect("a row-major matrix"));
                     } else {
-                        gemm_into(p.t(), g, slot(&mut dv, &index));
+                        let g = matrix_at(grad_view.as_ref().expect("not in place"), &index);
+                        let dv = ArrayViewMut2::from_shape((s, ev), dv).expect("S·Ev values");
+                        gemm_into(p.t(), g, dv);
+                        gemm_into(g, vi.t(), ds.view_mut());
                     }
-                    gemm_into(g, vi.t(), ds.view_mut());
-                }
-                if in_place {
-                    let values = grad.view_mut().expect("checked unique");
-                    let values = values.into_slice().expect("checked row-major");
-                    values[b * l * ev..][..l * ev]
-                        .copy_from_slice(dv_scratch.as_slice().expect("a row-major matrix"));
-                }
-                // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
-                // the mask's gradient (unscaled) is wanted.
-                let scale = if want_mask { 1.0 } else { self.scale };
-                let ds_rows = ds.as_slice_mut().expect("a row-major matrix");
-                let p_rows = p.to_slice().expect("a row-major matrix");
-                super::vectorized::dispatch(
-                    #[inline(always)]
-                    || {
-                        for (ds, p) in ds_rows.chunks_exact_mut(s).zip(p_rows.chunks_exact(s)) {
-                            let dot = lane_dot(ds, Some(p));
-                            for (d, &p) in ds.iter_mut().zip(p) {
-                                *d = p * (*d - dot) * scale;
+                    // dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale unless
+                    // the mask's gradient (unscaled) is wanted.
+                    let scale = if want_mask { 1.0 } else { self.scale };
+                    let ds_rows = ds.as_slice_mut().expect("a row-major matrix");
+                    let p_rows = p.to_slice().expect("a row-major matrix");
+                    super::vectorized::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (ds, p) in ds_rows.chunks_exact_mut(s).zip(p_rows.chunks_exact(s)) {
+                                let dot = lane_dot(ds, Some(p));
+                                for (d, &p) in ds.iter_mut().zip(p) {
+                                    *d = p * (*d - dot) * scale;
+                                }
                             }
-                        }
-                    },
-                );
-                if want_mask {
-                    slot(&mut dmask, &index).assign(&ds);
-                    ds.mapv_inplace(|d| d * self.scale);
+                        },
+                    );
+                    if let Some(dmask) = dmask.as_deref_mut() {
+                        dmask[j * l * s..][..l * s]
+                            .copy_from_slice(ds.as_slice().expect("a row-major matrix"));
+                        ds.mapv_inplace(|d| d * self.scale);
+                    }
+                    gemm_into(ds.view(), ki, matrix_mut(dq, j, l, e));
+                    gemm_into(ds.t(), qi, matrix_mut(dk, j, s, e));
                 }
-                gemm_into(ds.view(), ki, slot(&mut dq, &index));
-                gemm_into(ds.t(), qi, slot(&mut dk, &index));
-            }
+            });
         }
         grads.set(0, reduce_to_shape(dq, self.q.shape()));
         grads.set(1, reduce_to_shape(dk, self.k.shape()));
@@ -690,16 +787,6 @@ impl Saved {
         }
         Ok(())
     }
-}
-
-/// The matrix of a batched gradient at one batch index, to write.
-fn slot<'a>(array: &'a mut ndarray::ArrayD<f32>, index: &[usize]) -> ArrayViewMut2<'a, f32> {
-    let mut view = array.view_mut();
-    for &i in index {
-        view = view.index_axis_move(Axis(0), i);
-    }
-    view.into_dimensionality::<Ix2>()
-        .expect("two trailing axes")
 }
 
 #[cfg(test)]

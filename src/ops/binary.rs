@@ -13,14 +13,25 @@ use crate::error::{Result, or_panic};
 use crate::ops::graph::sum_to;
 use crate::tensor::{Data, Tensor};
 
-/// `f(a, b)` element-wise over the broadcast of `a` and `b`.
+/// `f(a, b)` element-wise over the broadcast of `a` and `b`. Two large
+/// row-major operands of one shape split across the caller's rayon pool
+/// ([`par_zip`](super::vectorized::par_zip); the same bits on any thread
+/// count).
 fn zip_broadcast(
     op: &'static str,
     a: &Data,
     b: &Data,
-    f: impl Fn(f32, f32) -> f32,
+    f: impl Fn(f32, f32) -> f32 + Send + Sync,
 ) -> Result<Data> {
     if same_shape(a.shape(), b.shape()) {
+        if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice())
+            && super::vectorized::should_split(x.len())
+        {
+            return Ok(Data::from_vec(
+                a.shape(),
+                super::vectorized::par_zip(x, y, 1, f),
+            ));
+        }
         // The small-op path: two slices in, one allocation out.
         if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
             return Ok(Data::collect(
@@ -116,7 +127,7 @@ fn linear_op(
     op: &'static str,
     a: &Tensor,
     b: &Tensor,
-    f: impl Fn(f32, f32) -> f32,
+    f: impl Fn(f32, f32) -> f32 + Send + Sync,
     sign_b: f32,
 ) -> Result<Tensor> {
     let operands = a.read_pair(b);
@@ -232,7 +243,10 @@ impl Tensor {
 /// `grad * factor` (element-wise, `factor` broadcasting to `grad`), summed
 /// back to `shape`.
 fn scaled(grad: Data, factor: &Data, shape: &[usize]) -> Data {
-    reduce_to(grad.zip_into(factor, |g, f| g * f), shape)
+    reduce_to(
+        super::vectorized::zip_data(grad, factor, 1, |g, f| g * f),
+        shape,
+    )
 }
 
 /// d(a*b)/da = b, d(a*b)/db = a.
@@ -314,7 +328,7 @@ impl Backprop for DivBackward {
             grads.put(1, reduce_to(Data::from_array(g), self.b.shape()));
         }
         if grads.needs_grad(0) {
-            let g = grad.zip_into(&self.b, |g, b| g / b);
+            let g = super::vectorized::zip_data(grad, &self.b, 1, |g, b| g / b);
             grads.put(0, reduce_to(g, self.a.shape()));
         }
     }

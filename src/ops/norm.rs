@@ -172,6 +172,16 @@ fn check_normalized(
     Ok((rows, width))
 }
 
+/// Rows per block when a row norm's forward or backward splits across the
+/// caller's rayon pool. Fixed, so the backward's weight and bias gradients
+/// (summed per block, then over the blocks in order) have the same bits on
+/// any thread count.
+const ROW_BLOCK: usize = 128;
+
+/// A row norm's price per value in simple operations, for
+/// [`should_split`](super::vectorized::should_split).
+const ROW_COST: usize = 6;
+
 /// The forward of `layer_norm` (`center`) and `rms_norm` (not `center`) over
 /// rows of `width` values: the output, and each row's mean (0 for
 /// `rms_norm`) and rstd.
@@ -190,6 +200,34 @@ fn row_norm_forward(
     let mut out = crate::storage::cache::take(x.len());
     let rows = x.len() / width;
     let (mut means, mut rstds) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    let work = x.len().saturating_mul(ROW_COST);
+    if rows > ROW_BLOCK && super::vectorized::should_split(work) {
+        // Blocks of rows on the caller's rayon pool (each row computed
+        // alone, so the same bits on any thread count), appended in order.
+        let blocks = x.chunks(ROW_BLOCK * width).collect();
+        let parts = super::vectorized::map_pieces(blocks, work, |x| {
+            let rows = x.len() / width;
+            let mut part = (
+                Vec::with_capacity(x.len()),
+                Vec::with_capacity(rows),
+                Vec::with_capacity(rows),
+            );
+            super::vectorized::dispatch(
+                #[inline(always)]
+                || {
+                    let (out, means, rstds) = &mut part;
+                    row_norm_forward_rows(x, width, weight, bias, eps, center, out, means, rstds)
+                },
+            );
+            part
+        });
+        for (o, m, r) in parts {
+            out.extend_from_slice(&o);
+            means.extend_from_slice(&m);
+            rstds.extend_from_slice(&r);
+        }
+        return (out, means, rstds);
+    }
     // Every row's loops compiled for the widest SIMD extension this CPU has.
     super::vectorized::dispatch(
         #[inline(always)]
@@ -292,33 +330,54 @@ impl RowNorm {
                     &ones
                 }
             };
-            let (dw, db) = (&mut dw, &mut db);
-            // Every row's loops compiled for the widest SIMD extension.
-            super::vectorized::dispatch(
-                #[inline(always)]
-                || {
-                    let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
-                    for (r, (x, g)) in rows.enumerate() {
-                        let (mean, rstd) = (self.means[r], self.rstds[r]);
-                        // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
-                        let sum_g = sum_zip(g, w, |g, w| g * w);
-                        let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
-                        if want_w || want_b {
-                            for (((dw, db), &g), &x) in
-                                dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x)
-                            {
-                                *dw += g * (x - mean) * rstd;
-                                *db += g;
+            // Blocks of ROW_BLOCK rows, on the caller's rayon pool when
+            // large enough: each block's dw and db summed row by row, then
+            // the blocks' sums in order (one block: the plain row loop).
+            let blocks: Vec<_> = x
+                .chunks(ROW_BLOCK * width)
+                .zip(g.chunks_mut(ROW_BLOCK * width))
+                .enumerate()
+                .collect();
+            let work = x.len().saturating_mul(ROW_COST);
+            let sums = super::vectorized::map_pieces(blocks, work, |(block, (x, g))| {
+                let (mut dw, mut db) = (vec![0.0; width], vec![0.0; width]);
+                // Every row's loops compiled for the widest SIMD extension.
+                super::vectorized::dispatch(
+                    #[inline(always)]
+                    || {
+                        let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
+                        for (r, (x, g)) in rows.enumerate() {
+                            let r = block * ROW_BLOCK + r;
+                            let (mean, rstd) = (self.means[r], self.rstds[r]);
+                            // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
+                            let sum_g = sum_zip(g, w, |g, w| g * w);
+                            let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
+                            if want_w || want_b {
+                                for (((dw, db), &g), &x) in
+                                    dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x)
+                                {
+                                    *dw += g * (x - mean) * rstd;
+                                    *db += g;
+                                }
+                            }
+                            let a = if self.center { sum_g / n } else { 0.0 };
+                            let b = sum_gx / n;
+                            for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
+                                *g = rstd * (*g * w - a - (x - mean) * rstd * b);
                             }
                         }
-                        let a = if self.center { sum_g / n } else { 0.0 };
-                        let b = sum_gx / n;
-                        for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
-                            *g = rstd * (*g * w - a - (x - mean) * rstd * b);
-                        }
-                    }
-                },
-            );
+                    },
+                );
+                (dw, db)
+            });
+            let mut sums = sums.into_iter();
+            if let Some((first_w, first_b)) = sums.next() {
+                (dw, db) = (first_w, first_b);
+                for (block_w, block_b) in sums {
+                    dw.iter_mut().zip(&block_w).for_each(|(s, v)| *s += v);
+                    db.iter_mut().zip(&block_b).for_each(|(s, v)| *s += v);
+                }
+            }
         }
         if want_x {
             debug_assert_eq!(shape, self.x.shape());

@@ -11,7 +11,7 @@
 //! the `+inf` entries themselves, `inf - inf`, are NaN; a lane of only
 //! `-inf` has no mass to share and is NaN.
 
-use ndarray::{ArrayView1, ArrayViewMutD, Axis, Zip};
+use ndarray::{ArrayView1, ArrayViewMut1, ArrayViewMutD, Axis, Zip};
 
 use crate::autograd::function::{GraphGrads, InputGrads, record, with_graph};
 use crate::error::{Result, or_panic};
@@ -30,6 +30,45 @@ fn lane_max(lane: ArrayView1<'_, f32>) -> f32 {
     )
 }
 
+/// Softmax of one contiguous lane in place, in SIMD vectors.
+#[inline]
+fn softmax_row(row: &mut [f32]) {
+    let max = vectorized::dispatch(
+        #[inline(always)]
+        || vectorized::max_or_nan(row),
+    );
+    if max.is_finite() {
+        vectorized::softmax_finite_max(row, max);
+    } else {
+        vectorized::map_in_place(row, |v| vectorized::exp(v - max));
+    }
+}
+
+/// Log-softmax of one lane in place (see [`log_softmax_inplace`]).
+fn log_softmax_lane(mut lane: ArrayViewMut1<'_, f32>) {
+    let max = lane_max(lane.view());
+    if !max.is_finite() {
+        // v - max is the limit: -inf, or NaN for inf - inf and NaN.
+        lane.mapv_inplace(|v| v - max);
+        return;
+    }
+    let log_sum = lane.fold(0.0, |s, &v| s + (v - max).exp()).ln();
+    lane.mapv_inplace(|v| (v - max) - log_sum);
+}
+
+/// The rows of `x` if `axis` is its last axis and its values are
+/// row-major: then the lanes are rows of one slice, which
+/// [`par_rows`](vectorized::par_rows) splits across the caller's rayon pool
+/// when there are enough of them (each row computed alone: the same bits
+/// on any thread count).
+fn rows<'a>(x: &'a mut ArrayViewMutD<'_, f32>, axis: usize) -> Option<(&'a mut [f32], usize)> {
+    let width = *x.shape().last()?;
+    if axis + 1 != x.ndim() {
+        return None;
+    }
+    Some((x.as_slice_mut()?, width))
+}
+
 /// `softmax` of each lane along `axis` of `x`, in place.
 pub(crate) fn softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
     if x.is_empty() {
@@ -37,18 +76,14 @@ pub(crate) fn softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
         // (an empty axis beside a long one).
         return;
     }
+    if let Some((values, width)) = rows(&mut x, axis) {
+        vectorized::par_rows(values, width, 6, |_, row| softmax_row(row));
+        return;
+    }
     for mut lane in x.lanes_mut(Axis(axis)) {
         if let Some(row) = lane.as_slice_mut() {
             // A contiguous lane (the last axis): in SIMD vectors.
-            let max = vectorized::dispatch(
-                #[inline(always)]
-                || vectorized::max_or_nan(row),
-            );
-            if max.is_finite() {
-                vectorized::softmax_finite_max(row, max);
-            } else {
-                vectorized::map_in_place(row, |v| vectorized::exp(v - max));
-            }
+            softmax_row(row);
             continue;
         }
         let max = lane_max(lane.view());
@@ -76,15 +111,15 @@ pub(crate) fn log_softmax_inplace(mut x: ArrayViewMutD<'_, f32>, axis: usize) {
         // (an empty axis beside a long one).
         return;
     }
-    for mut lane in x.lanes_mut(Axis(axis)) {
-        let max = lane_max(lane.view());
-        if !max.is_finite() {
-            // v - max is the limit: -inf, or NaN for inf - inf and NaN.
-            lane.mapv_inplace(|v| v - max);
-            continue;
-        }
-        let log_sum = lane.fold(0.0, |s, &v| s + (v - max).exp()).ln();
-        lane.mapv_inplace(|v| (v - max) - log_sum);
+    if let Some((values, width)) = rows(&mut x, axis) {
+        // libm's scalar exp per value: about 10 simple operations.
+        vectorized::par_rows(values, width, 10, |_, row| {
+            log_softmax_lane(ArrayViewMut1::from(row));
+        });
+        return;
+    }
+    for lane in x.lanes_mut(Axis(axis)) {
+        log_softmax_lane(lane);
     }
 }
 

@@ -22,6 +22,8 @@ enum Saved {
 struct Elementwise<F, G> {
     saved: Data,
     kind: Saved,
+    /// `df`'s price in simple operations (see [`map_op`]).
+    cost: usize,
     df: F,
     dg: G,
 }
@@ -32,7 +34,17 @@ where
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     fn backward(&self, grad: Data, grads: &mut InputGrads<'_>) {
-        grads.put(0, grad.zip_into(&self.saved, &self.df));
+        let df = &self.df;
+        grads.put(
+            0,
+            super::vectorized::zip_data(
+                grad,
+                &self.saved,
+                self.cost,
+                #[inline(always)]
+                |g, s| (*df)(g, s),
+            ),
+        );
     }
 
     fn backward_graph(&self, grad: &Tensor, grads: &mut GraphGrads<'_>) -> Result<()> {
@@ -46,11 +58,17 @@ where
     }
 }
 
+/// Records `f` of each element of `x` with the backward `df(grad, saved)`.
+/// `cost` is `f`'s price in simple operations: forward and backward split
+/// across the caller's rayon pool when the tensor is large enough
+/// ([`par_map`](super::vectorized::par_map); the same bits on any thread
+/// count).
 #[track_caller]
 fn map_op<F, G>(
     x: &Tensor,
     op: &'static str,
-    f: impl Fn(f32) -> f32,
+    cost: usize,
+    f: impl Fn(f32) -> f32 + Send + Sync,
     saved: Saved,
     df: F,
     dg: G,
@@ -60,13 +78,14 @@ where
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let input = x.read().into_data();
-    let out = input.map_simd(f);
+    let out = super::vectorized::map_data(&input, cost, f);
     record_unary(op, x, out, move |out| Elementwise {
         saved: match saved {
             Saved::Input => input,
             Saved::Output => out.clone(),
         },
         kind: saved,
+        cost,
         df,
         dg,
     })
@@ -119,6 +138,7 @@ impl Tensor {
         map_op(
             self,
             "powf",
+            8,
             |x| x.powf(exponent),
             Saved::Input,
             move |g, x| {
@@ -145,6 +165,7 @@ impl Tensor {
         map_op(
             self,
             "exp",
+            4,
             super::vectorized::exp,
             Saved::Output,
             |g, y| g * y,
@@ -159,6 +180,7 @@ impl Tensor {
         map_op(
             self,
             "log",
+            4,
             f32::ln,
             Saved::Input,
             |g, x| g / x,
@@ -173,6 +195,7 @@ impl Tensor {
         map_op(
             self,
             "sqrt",
+            2,
             f32::sqrt,
             Saved::Output,
             |g, y| g / (2.0 * y),
@@ -188,6 +211,7 @@ impl Tensor {
         map_op(
             self,
             "abs",
+            1,
             f32::abs,
             Saved::Input,
             |g, x| if x == 0.0 { 0.0 } else { g * x.signum() },
@@ -219,6 +243,7 @@ impl Tensor {
         map_op(
             self,
             "relu",
+            1,
             |x| if x > 0.0 || x.is_nan() { x } else { 0.0 },
             Saved::Output,
             |g, y| {
@@ -252,6 +277,7 @@ impl Tensor {
         map_op(
             self,
             "sigmoid",
+            5,
             super::vectorized::sigmoid,
             Saved::Output,
             |g, y| g * y * (1.0 - y),
@@ -266,6 +292,7 @@ impl Tensor {
         map_op(
             self,
             "tanh",
+            5,
             super::vectorized::tanh,
             Saved::Output,
             |g, y| g * (1.0 - y * y),

@@ -17,6 +17,21 @@
 //! [`sigmoid`] within 4 ulp. NaN gives NaN; `exp(+inf) = +inf`,
 //! `exp(-inf) = 0`, `tanh(±inf) = ±1`, `sigmoid(±inf)` = 1 / 0, and
 //! `tanh(-0.0) = -0.0`.
+//!
+//! # Splitting across threads
+//!
+//! Large element maps, row loops and per-batch kernels split across the
+//! caller's rayon pool (the pool the op is called in: a user's, or rayon's
+//! global one outside any) through [`should_split`], [`for_each_piece`]
+//! and the `par_` helpers. The pieces are cut from the sizes alone, and a
+//! sum across pieces adds them in a fixed order, so an op gives the same
+//! bits on any thread count. Small tensors stay on the calling thread (see
+//! [`MIN_PARALLEL_WORK`]), as does all work inside a task of a netcl
+//! data-parallel operation and everything under loom. A task runs plain
+//! arithmetic on buffers: no tensor op (so nothing records on a tape from
+//! a worker thread), and no lock is taken.
+
+use crate::storage::Data;
 
 /// Runs `f` compiled for the widest SIMD extension this CPU has (AVX-512,
 /// AVX2 + FMA, or the baseline SSE2), chosen at run time by
@@ -62,6 +77,253 @@ pub(crate) fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
             }
         },
     );
+}
+
+/// Work, in element operations (about a nanosecond each on one core),
+/// below which a kernel stays on the calling thread: splitting less would
+/// cost more in waking a sleeping pool worker (20 µs to several hundred on
+/// the 2-vCPU machines measured, see [`parallel`](crate::parallel)) than
+/// the second thread saves.
+pub(crate) const MIN_PARALLEL_WORK: usize = 1 << 17;
+
+/// Elements per piece of a split element map: a fixed size, so the pieces
+/// never depend on the thread count.
+const MAP_PIECE: usize = 1 << 14;
+
+/// Whether a kernel of `work` element operations should split across the
+/// caller's rayon pool (the current one: a user's pool, or the global one
+/// outside any): it is large enough, the pool has more than one thread,
+/// and this thread is not running a task of a netcl data-parallel
+/// operation, whose parallelism is already taken. Never under loom.
+///
+/// Kernels that split compute on plain buffers only: no tensor op runs in
+/// a task, so nothing records on a tape from a worker thread, and no lock
+/// is held while the pieces run.
+#[inline]
+pub(crate) fn should_split(work: usize) -> bool {
+    #[cfg(not(loom))]
+    {
+        // The matrix kernel's thread count for a product past its own
+        // threshold: the pool's threads, or 1 inside a data-parallel task.
+        work >= MIN_PARALLEL_WORK && crate::parallel::kernel_threads(usize::MAX, 1, 1) > 1
+    }
+    #[cfg(loom)]
+    {
+        let _ = work;
+        false
+    }
+}
+
+/// `f` of every piece: on the caller's rayon pool when [`should_split`]
+/// says so for `work`, in order on this thread otherwise. The caller cuts
+/// the pieces (chunks of an output with their inputs) from the sizes
+/// alone, so what each call computes never depends on the thread count.
+pub(crate) fn for_each_piece<T: Send>(pieces: Vec<T>, work: usize, f: impl Fn(T) + Sync + Send) {
+    if pieces.len() > 1 && should_split(work) {
+        // (Never under loom: `should_split` is false there.)
+        #[cfg(not(loom))]
+        {
+            use rayon::prelude::*;
+            pieces.into_par_iter().for_each(f);
+            return;
+        }
+    }
+    pieces.into_iter().for_each(f);
+}
+
+/// `f` of every piece, in order, computed as [`for_each_piece`] does.
+pub(crate) fn map_pieces<T: Send, R: Send>(
+    pieces: Vec<T>,
+    work: usize,
+    f: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    if pieces.len() > 1 && should_split(work) {
+        // (Never under loom: `should_split` is false there.)
+        #[cfg(not(loom))]
+        {
+            use rayon::prelude::*;
+            return pieces.into_par_iter().map(f).collect();
+        }
+    }
+    pieces.into_iter().map(f).collect()
+}
+
+/// `slice` cut into consecutive parts of the given lengths (which must add
+/// up to at most its length; zero lengths allowed).
+pub(crate) fn split_lengths<T>(
+    mut slice: &mut [T],
+    lengths: impl IntoIterator<Item = usize>,
+) -> Vec<&mut [T]> {
+    lengths
+        .into_iter()
+        .map(|len| {
+            let (head, tail) = std::mem::take(&mut slice).split_at_mut(len);
+            slice = tail;
+            head
+        })
+        .collect()
+}
+
+/// [`map`], split across the caller's pool when `src.len() · cost` element
+/// operations are worth it ([`should_split`]); `cost` is `f`'s price in
+/// simple operations (1 for an add, about 10 for exact GELU). The same
+/// bits on any thread count: each value is `f` of its input alone.
+#[inline(always)]
+pub(crate) fn par_map(src: &[f32], cost: usize, f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let work = src.len().saturating_mul(cost);
+    if !should_split(work) {
+        return map(src, f);
+    }
+    let mut out = vec![0.0_f32; src.len()];
+    let pieces: Vec<_> = out
+        .chunks_mut(MAP_PIECE)
+        .zip(src.chunks(MAP_PIECE))
+        .collect();
+    for_each_piece(pieces, work, |(out, src)| {
+        dispatch(
+            #[inline(always)]
+            || {
+                for (o, &s) in out.iter_mut().zip(src) {
+                    *o = f(s);
+                }
+            },
+        );
+    });
+    out
+}
+
+/// `a[i] = f(a[i], b[i])` in place (`b` as long as `a`), in the widest SIMD
+/// extension and split as [`par_map`].
+#[inline(always)]
+pub(crate) fn par_zip_in_place(
+    a: &mut [f32],
+    b: &[f32],
+    cost: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) {
+    assert_eq!(a.len(), b.len(), "zip_in_place: operands of one length");
+    let zip = |a: &mut [f32], b: &[f32]| {
+        dispatch(
+            #[inline(always)]
+            || {
+                for (a, &b) in a.iter_mut().zip(b) {
+                    *a = f(*a, b);
+                }
+            },
+        );
+    };
+    let work = a.len().saturating_mul(cost);
+    if !should_split(work) {
+        return zip(a, b);
+    }
+    let pieces: Vec<_> = a.chunks_mut(MAP_PIECE).zip(b.chunks(MAP_PIECE)).collect();
+    for_each_piece(pieces, work, |(a, b)| zip(a, b));
+}
+
+/// `f(a[i], b[i])` into a new `Vec` (`b` as long as `a`), in the widest
+/// SIMD extension and split as [`par_map`].
+#[inline(always)]
+pub(crate) fn par_zip(
+    a: &[f32],
+    b: &[f32],
+    cost: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "zip: operands of one length");
+    let zip = |out: &mut [f32], a: &[f32], b: &[f32]| {
+        dispatch(
+            #[inline(always)]
+            || {
+                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                    *o = f(a, b);
+                }
+            },
+        );
+    };
+    let mut out = vec![0.0_f32; a.len()];
+    let work = a.len().saturating_mul(cost);
+    if !should_split(work) {
+        zip(&mut out, a, b);
+        return out;
+    }
+    let pieces: Vec<_> = out
+        .chunks_mut(MAP_PIECE)
+        .zip(a.chunks(MAP_PIECE))
+        .zip(b.chunks(MAP_PIECE))
+        .collect();
+    for_each_piece(pieces, work, |((out, a), b)| zip(out, a, b));
+    out
+}
+
+/// `f(i, row)` for every row `i` of `width` values of `values`: in blocks of
+/// rows on the caller's rayon pool when `values.len() · cost` element
+/// operations are worth it ([`should_split`]), in order on this thread
+/// otherwise. Each row is computed alone, so the same bits on any thread
+/// count.
+pub(crate) fn par_rows(
+    values: &mut [f32],
+    width: usize,
+    cost: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if width == 0 {
+        return;
+    }
+    let work = values.len().saturating_mul(cost);
+    if !should_split(work) {
+        values
+            .chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+        return;
+    }
+    let block = (MAP_PIECE / width).max(1);
+    let pieces: Vec<_> = values.chunks_mut(block * width).enumerate().collect();
+    for_each_piece(pieces, work, |(b, rows)| {
+        for (i, row) in rows.chunks_mut(width).enumerate() {
+            f(b * block + i, row);
+        }
+    });
+}
+
+/// `data.map_simd(f)`, split as [`par_map`] when the values are row-major
+/// and the work is worth it.
+#[inline(always)]
+pub(crate) fn map_data(data: &Data, cost: usize, f: impl Fn(f32) -> f32 + Sync + Send) -> Data {
+    match data.as_slice() {
+        Some(values) if should_split(values.len().saturating_mul(cost)) => {
+            Data::from_vec(data.shape(), par_map(values, cost, f))
+        }
+        _ => data.map_simd(f),
+    }
+}
+
+/// `grad.zip_into(other, f)` (in place when no snapshot shares `grad`),
+/// split as [`par_zip_in_place`] when both are row-major values of one
+/// shape and the work is worth it.
+#[inline(always)]
+pub(crate) fn zip_data(
+    mut grad: Data,
+    other: &Data,
+    cost: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Data {
+    if grad.shape() == other.shape()
+        && should_split(grad.len().saturating_mul(cost))
+        && let (Some(_), Some(b)) = (grad.as_slice(), other.as_slice())
+    {
+        if grad.is_unique() {
+            {
+                let a = grad.view_mut().expect("a unique buffer");
+                let a = a.into_slice().expect("row-major values");
+                par_zip_in_place(a, b, cost, f);
+            }
+            return grad;
+        }
+        let a = grad.as_slice().expect("row-major values");
+        return Data::from_vec(grad.shape(), par_zip(a, b, cost, f));
+    }
+    grad.zip_into(other, f)
 }
 
 /// The largest value of `values`, or NaN if one is NaN (`f32::max` would

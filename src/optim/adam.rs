@@ -129,62 +129,151 @@ impl AdamCore {
     }
 
     /// One step; `decoupled` selects AdamW's weight decay.
+    ///
+    /// The parameters are updated independently, on the caller's rayon
+    /// pool when there are enough values to pay for it (each one on a
+    /// single thread, under its own writer lock and nothing else, so the
+    /// result never depends on the thread count).
     fn step(&mut self, decoupled: bool) {
         let _guard = no_grad();
-        let AdamConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay: wd,
-        } = self.config;
-        for ((param, moments), decay) in self.params.iter().zip(&mut self.moments).zip(&self.decay)
-        {
-            let wd = decay.unwrap_or(wd);
-            // Adam adds λ·w to the gradient; AdamW shrinks w by (1 - η·λ) first.
-            let (l2, shrink) = if decoupled {
-                (0.0, 1.0 - lr * wd)
-            } else {
-                (wd, 1.0)
-            };
-            let Some(grad) = param.grad_data() else {
-                continue;
-            };
-            let grad = grad.view();
-            // The new values go to a buffer of their own, swapped in at the
-            // end (see `Tensor::with_data_mut`).
-            param.update(|w, mut next| {
-                let state = moments.get_or_insert_with(|| Moments {
-                    step: 0,
-                    m: ArrayD::zeros(w.raw_dim()),
-                    v: ArrayD::zeros(w.raw_dim()),
-                });
-                state.step += 1;
-                // Bias corrections in f64, as PyTorch computes them.
-                let bc1 = 1.0 - f64::from(beta1).powi(state.step);
-                let bc2 = 1.0 - f64::from(beta2).powi(state.step);
-                let step_size = (f64::from(lr) / bc1) as f32;
-                let bc2_sqrt = bc2.sqrt() as f32;
-                Zip::from(&mut next)
-                    .and(&w)
-                    .and(&grad)
-                    .and(&mut state.m)
-                    .and(&mut state.v)
-                    .for_each(|n, &w, &g, m, v| {
-                        let w = w * shrink;
-                        let d = g + l2 * w;
-                        *m = beta1 * *m + (1.0 - beta1) * d;
-                        *v = beta2 * *v + (1.0 - beta2) * d * d;
-                        *n = w - step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                    });
-            });
-        }
+        let config = self.config;
+        let values: usize = self.params.iter().map(Tensor::numel).sum();
+        let jobs: Vec<_> = self
+            .params
+            .iter()
+            .zip(&mut self.moments)
+            .zip(&self.decay)
+            .collect();
+        crate::ops::vectorized::for_each_piece(
+            jobs,
+            values.saturating_mul(UPDATE_COST),
+            |((param, moments), decay)| {
+                update(
+                    param,
+                    moments,
+                    decay.unwrap_or(config.weight_decay),
+                    config,
+                    decoupled,
+                );
+            },
+        );
     }
 
     fn zero_grad(&self) {
         for p in &self.params {
             p.zero_grad();
         }
+    }
+}
+
+/// The price of one value's update in simple operations (a square root
+/// and a division among them), for [`should_split`](crate::ops::vectorized::should_split).
+const UPDATE_COST: usize = 4;
+
+/// One parameter's Adam (AdamW if `decoupled`) update with weight decay
+/// `wd`, on this thread.
+fn update(
+    param: &Tensor,
+    moments: &mut Option<Moments>,
+    wd: f32,
+    config: AdamConfig,
+    decoupled: bool,
+) {
+    let AdamConfig {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        ..
+    } = config;
+    // Adam adds λ·w to the gradient; AdamW shrinks w by (1 - η·λ) first.
+    let (l2, shrink) = if decoupled {
+        (0.0, 1.0 - lr * wd)
+    } else {
+        (wd, 1.0)
+    };
+    let Some(grad) = param.grad_data() else {
+        return;
+    };
+    let grad = grad.view();
+    // The new values go to a buffer of their own, swapped in at the
+    // end (see `Tensor::with_data_mut`).
+    param.update(|w, mut next| {
+        let state = moments.get_or_insert_with(|| Moments {
+            step: 0,
+            m: ArrayD::zeros(w.raw_dim()),
+            v: ArrayD::zeros(w.raw_dim()),
+        });
+        state.step += 1;
+        // Bias corrections in f64, as PyTorch computes them.
+        let bc1 = 1.0 - f64::from(beta1).powi(state.step);
+        let bc2 = 1.0 - f64::from(beta2).powi(state.step);
+        let step_size = (f64::from(lr) / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let rule = Rule {
+            shrink,
+            l2,
+            beta1,
+            beta2,
+            step_size,
+            bc2_sqrt,
+            eps,
+        };
+        // Row-major operands (the usual case): one loop in the widest
+        // SIMD extension (the same arithmetic, so the same bits).
+        if let (Some(n), Some(w), Some(g), Some(m), Some(v)) = (
+            next.as_slice_mut(),
+            w.as_slice(),
+            grad.as_slice(),
+            state.m.as_slice_mut(),
+            state.v.as_slice_mut(),
+        ) {
+            crate::ops::vectorized::dispatch(
+                #[inline(always)]
+                || {
+                    for ((((n, &w), &g), m), v) in n
+                        .iter_mut()
+                        .zip(w)
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                    {
+                        rule.apply(n, w, g, m, v);
+                    }
+                },
+            );
+            return;
+        }
+        Zip::from(&mut next)
+            .and(&w)
+            .and(&grad)
+            .and(&mut state.m)
+            .and(&mut state.v)
+            .for_each(|n, &w, &g, m, v| rule.apply(n, w, g, m, v));
+    });
+}
+
+/// The coefficients of one parameter's update at one step.
+struct Rule {
+    shrink: f32,
+    l2: f32,
+    beta1: f32,
+    beta2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl Rule {
+    /// The update of one value `w` with gradient `g` and moments `m`, `v`
+    /// (updated in place), written to `n`.
+    #[inline(always)]
+    fn apply(&self, n: &mut f32, w: f32, g: f32, m: &mut f32, v: &mut f32) {
+        let w = w * self.shrink;
+        let d = g + self.l2 * w;
+        *m = self.beta1 * *m + (1.0 - self.beta1) * d;
+        *v = self.beta2 * *v + (1.0 - self.beta2) * d * d;
+        *n = w - self.step_size * *m / (v.sqrt() / self.bc2_sqrt + self.eps);
     }
 }
 
