@@ -436,8 +436,14 @@ where
 ///
 /// The guarantee is [`backward_shards`]'s: each shard's gradient is
 /// computed on that shard's graph alone and the sum is formed in shard
-/// order, so for a fixed set of shards the gradients, and every derivative
-/// taken through them, are the same bits whatever the number of threads.
+/// order, so for a fixed set of shards the losses and the gradients are
+/// the same bits whatever the number of threads. A derivative taken
+/// through them with `create_graph` (a Hessian-vector product) is not
+/// bit-for-bit: its backward walks the shards' graphs, which the threads
+/// recorded on one tape at the same time, in the order they were
+/// recorded, so the shards' contributions to a parameter are added in an
+/// order that can change from run to run (the results agree to float
+/// rounding).
 ///
 /// A parameter no shard's loss reaches gets what `options` says for an
 /// unused input (zeros by default, `None` with `allow_unused`).
