@@ -1508,7 +1508,14 @@ impl Generator {
             affine(normed, &w.fc1_w, &w.fc1_b, hidden);
             // The kernel of `Tensor::gelu`, so cached generation computes
             // what the model's forward does.
-            crate::ops::vectorized::map_in_place(hidden, gelu32);
+            // (A closure, not the fn item: the fn item's `Fn` shim is not
+            // `inline(always)`, and a call per element keeps the loop scalar.)
+            crate::ops::vectorized::map_in_place(
+                hidden,
+                #[allow(clippy::redundant_closure)]
+                #[inline(always)]
+                |v| gelu32(v),
+            );
             affine_add(hidden, &w.fc2_w, &w.fc2_b, x);
         }
         let last = &x[(rows - 1) * d..];
