@@ -174,7 +174,8 @@ pub(crate) fn par_map(src: &[f32], cost: usize, f: impl Fn(f32) -> f32 + Sync + 
     if !should_split(work) {
         return map(src, f);
     }
-    let mut out = vec![0.0_f32; src.len()];
+    // From this thread's cache of freed buffers, as `map`'s.
+    let mut out = crate::storage::cache::zeros(src.len());
     let pieces: Vec<_> = out
         .chunks_mut(MAP_PIECE)
         .zip(src.chunks(MAP_PIECE))
@@ -240,7 +241,7 @@ pub(crate) fn par_zip(
             },
         );
     };
-    let mut out = vec![0.0_f32; a.len()];
+    let mut out = crate::storage::cache::zeros(a.len());
     let work = a.len().saturating_mul(cost);
     if !should_split(work) {
         zip(&mut out, a, b);
