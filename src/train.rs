@@ -459,6 +459,8 @@ pub struct Trainer<M: Module, O: Optimizer> {
     loss_fn: Box<LossFn>,
     progress: bool,
     history: Vec<EpochMetrics>,
+    history_limit: Option<usize>,
+    epochs: usize,
     steps: u64,
     stop: StopHandle,
     skipped: u64,
@@ -486,6 +488,8 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
             loss_fn: Box::new(cross_entropy),
             progress: true,
             history: Vec::new(),
+            history_limit: None,
+            epochs: 0,
             steps: 0,
             stop: StopHandle::default(),
             skipped: 0,
@@ -797,6 +801,51 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         self.skipped
     }
 
+    /// Keeps the metrics of at most the last `epochs` epochs in
+    /// [`history`](Trainer::history) (the default keeps every epoch's).
+    ///
+    /// A trainer that runs without end, such as a server's online training
+    /// calling [`fit(1)`](Trainer::fit) in a loop, would otherwise grow its
+    /// history by one [`EpochMetrics`] per epoch for as long as it runs.
+    /// [`fit`](Trainer::fit) still returns the metrics of every epoch it
+    /// trained, and [`epochs_done`](Trainer::epochs_done) still counts every
+    /// epoch.
+    ///
+    /// ```
+    /// use netcl::Tensor;
+    /// use netcl::data::TensorDataset;
+    /// use netcl::nn::{Linear, Module};
+    /// use netcl::optim::{Sgd, SgdConfig};
+    /// use netcl::train::Trainer;
+    ///
+    /// let data = TensorDataset::new(Tensor::ones(&[10, 2]), Tensor::zeros(&[10]))?;
+    /// let model = Linear::zeros(2, 3)?;
+    /// let optimizer = Sgd::new(model.parameters(), SgdConfig::new(0.1));
+    /// let mut trainer = Trainer::new(model, optimizer, data).history_limit(2).progress(false);
+    /// for _ in 0..5 {
+    ///     trainer.fit(1)?;
+    /// }
+    /// assert_eq!(trainer.epochs_done(), 5);
+    /// let kept: Vec<usize> = trainer.history().iter().map(|m| m.epoch).collect();
+    /// assert_eq!(kept, [3, 4]);
+    /// # Ok::<(), netcl::Error>(())
+    /// ```
+    #[must_use]
+    pub fn history_limit(mut self, epochs: usize) -> Self {
+        self.history_limit = Some(epochs);
+        self.trim_history();
+        self
+    }
+
+    fn trim_history(&mut self) {
+        if let Some(limit) = self.history_limit
+            && self.history.len() > limit
+        {
+            let excess = self.history.len() - limit;
+            self.history.drain(..excess);
+        }
+    }
+
     /// Shows (`true`, the default; only on a terminal) or hides the
     /// progress bar.
     #[must_use]
@@ -821,14 +870,15 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         &mut self.optimizer
     }
 
-    /// The metrics of every epoch trained so far.
+    /// The metrics of every epoch trained so far, oldest first (of the last
+    /// ones only, with a [`history_limit`](Trainer::history_limit)).
     pub fn history(&self) -> &[EpochMetrics] {
         &self.history
     }
 
     /// The number of epochs trained so far (the number of the next epoch).
     pub fn epochs_done(&self) -> usize {
-        self.history.len()
+        self.epochs
     }
 
     /// The model and the optimizer.
@@ -871,15 +921,20 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         let loader =
             DataLoader::new(Arc::clone(&self.train_set), self.batch_size).shuffle(self.seed);
         let bar = self.progress_bar((epochs * loader.len()) as u64);
-        let first = self.history.len();
+        let mut trained = Vec::with_capacity(epochs.min(1024));
         for _ in 0..epochs {
             match self.train_epoch(&loader, &bar)? {
-                Some(metrics) => self.history.push(metrics),
+                Some(metrics) => {
+                    self.epochs += 1;
+                    trained.push(metrics);
+                    self.history.push(metrics);
+                    self.trim_history();
+                }
                 None => break,
             }
         }
         bar.finish_and_clear();
-        Ok(self.history[first..].to_vec())
+        Ok(trained)
     }
 
     fn progress_bar(&self, steps: u64) -> ProgressBar {
@@ -901,7 +956,7 @@ impl<M: Module, O: Optimizer> Trainer<M, O> {
         bar: &ProgressBar,
     ) -> Result<Option<EpochMetrics>> {
         let start = Instant::now();
-        let epoch = self.history.len();
+        let epoch = self.epochs;
         if let Some(schedule) = &self.step_schedule {
             self.optimizer
                 .set_learning_rate(step_lr(&**schedule, self.steps));
@@ -1054,7 +1109,7 @@ impl<M: Module, O: Optimizer + fmt::Debug> fmt::Debug for Trainer<M, O> {
             .field("eval_samples", &self.eval_set.as_ref().map(|set| set.len()))
             .field("batch_size", &self.batch_size)
             .field("seed", &self.seed)
-            .field("epochs_done", &self.history.len())
+            .field("epochs_done", &self.epochs)
             .finish()
     }
 }

@@ -265,6 +265,70 @@ fn a_schedule_sets_each_epochs_learning_rate() -> Result<()> {
     Ok(())
 }
 
+/// A trainer that keeps only its last epochs' metrics trains exactly as one
+/// that keeps them all: the epoch count behind the schedule and the data
+/// order goes on past what the history holds.
+#[test]
+fn a_history_limit_keeps_the_last_epochs_and_trains_the_same() -> Result<()> {
+    let (train, _) = digits();
+    let train = train.subset(&(0..128).collect::<Vec<_>>())?;
+    let trainer = |limit: Option<usize>| {
+        let model = Mlp::new(&[64, 10], Activation::Relu, &mut StdRng::seed_from_u64(0));
+        let optimizer = Sgd::new(model.parameters(), SgdConfig::new(1.0));
+        let trainer = Trainer::new(model, optimizer, train.clone())
+            .seed(3)
+            .schedule(StepDecay::new(0.2, 2, 0.5))
+            .progress(false);
+        match limit {
+            Some(limit) => trainer.history_limit(limit),
+            None => trainer,
+        }
+    };
+    let (mut all, mut last_two, mut none) = (trainer(None), trainer(Some(2)), trainer(Some(0)));
+    let mut returned = Vec::new();
+    for _ in 0..6 {
+        all.fit(1)?;
+        returned.extend(last_two.fit(1)?);
+        none.fit(1)?;
+    }
+    for trainer in [&last_two, &none] {
+        assert_eq!(trainer.epochs_done(), 6);
+    }
+    assert_eq!(all.history().len(), 6);
+    assert_eq!(last_two.history().len(), 2);
+    assert!(none.history().is_empty());
+    // fit returned every epoch; the history keeps the last two.
+    let epochs: Vec<usize> = returned.iter().map(|m| m.epoch).collect();
+    assert_eq!(epochs, [0, 1, 2, 3, 4, 5]);
+    let without_time = |history: &[train::EpochMetrics]| -> Vec<(usize, f32, f32)> {
+        history
+            .iter()
+            .map(|m| (m.epoch, m.lr, m.train_loss))
+            .collect()
+    };
+    assert_eq!(
+        without_time(last_two.history()),
+        without_time(&all.history()[4..])
+    );
+    let rates: Vec<f32> = returned.iter().map(|m| m.lr).collect();
+    assert_eq!(rates, [0.2, 0.2, 0.1, 0.1, 0.05, 0.05]);
+    for other in [&last_two, &none] {
+        for (a, b) in all
+            .model()
+            .parameters()
+            .iter()
+            .zip(other.model().parameters())
+        {
+            assert_eq!(a.to_vec(), b.to_vec());
+        }
+    }
+    // Lowering the limit later trims at once.
+    let all = all.history_limit(1);
+    assert_eq!(all.history().len(), 1);
+    assert_eq!(all.history()[0].epoch, 5);
+    Ok(())
+}
+
 #[test]
 fn misuse_gives_clear_errors() -> Result<()> {
     let (train, test) = digits();

@@ -152,6 +152,9 @@ fn run(
     let trainer = Trainer::new(live, optimizer, digits.train)
         .batch_size(BATCH_SIZE)
         .seed(settings.seed)
+        // It trains until shutdown, one `fit(1)` per epoch: a full history
+        // would grow by an epoch's metrics every few dozen steps.
+        .history_limit(1)
         .progress(false);
     // Shutdown ends training after the current step, not the epoch.
     let stop_training = trainer.stop_handle();
