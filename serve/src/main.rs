@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use netcl_serve::Config;
