@@ -120,7 +120,12 @@ struct Cached(Vec<f32>);
 
 impl Drop for Cached {
     fn drop(&mut self) {
-        cache::give(std::mem::take(&mut self.0));
+        // One compare, inlined: a small buffer goes straight back to the
+        // allocator (as the `Vec`'s own drop would) without a call into
+        // the cache.
+        if self.0.capacity() >= cache::MIN_LEN {
+            cache::give(std::mem::take(&mut self.0));
+        }
     }
 }
 

@@ -24,16 +24,15 @@ fn zip_broadcast(
     f: impl Fn(f32, f32) -> f32 + Send + Sync,
 ) -> Result<Data> {
     if same_shape(a.shape(), b.shape()) {
-        if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice())
-            && super::vectorized::should_split(x.len())
-        {
-            return Ok(Data::from_vec(
-                a.shape(),
-                super::vectorized::par_zip(x, y, 1, f),
-            ));
-        }
-        // The small-op path: two slices in, one allocation out.
         if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
+            // One compare of the length first: a tiny op pays nothing more.
+            if super::vectorized::should_split(x.len()) {
+                return Ok(Data::from_vec(
+                    a.shape(),
+                    super::vectorized::par_zip(x, y, 1, f),
+                ));
+            }
+            // The small-op path: two slices in, one allocation out.
             return Ok(Data::collect(
                 a.shape(),
                 x.iter().zip(y).map(|(&x, &y)| f(x, y)),

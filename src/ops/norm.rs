@@ -47,34 +47,162 @@ fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     total
 }
 
-/// Σ f(a_i, b_i, c_i) over three slices of one length, as [`sum_zip`].
-#[inline(always)]
-fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let mut lanes = [0.0_f32; 8];
-    let (ac, bc, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
-    let mut total = 0.0;
-    for ((&a, &b), &c) in ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .zip(cc.remainder())
-    {
-        total += f(a, b, c);
-    }
-    for ((a, b), c) in ac.zip(bc).zip(cc) {
-        for k in 0..8 {
-            lanes[k] += f(a[k], b[k], c[k]);
-        }
-    }
-    total
-        + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-}
-
 /// Σ f(a_i) over a slice, as [`sum_zip`].
 #[inline(always)]
 fn sum_map(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_zip(a, a, |a, _| f(a))
+}
+
+/// Lanes of the row kernels' sums: one AVX-512 vector, two AVX2 ones, four
+/// SSE2 ones. Fixed (not the dispatched vector width), so a row's sums add
+/// in the same order, and give the same bits, on every CPU.
+const LANES: usize = 16;
+
+/// The sum of `lanes`, added pairwise in a fixed order.
+#[inline(always)]
+fn lane_total(lanes: [f32; LANES]) -> f32 {
+    let mut half = [0.0_f32; LANES / 2];
+    for k in 0..LANES / 2 {
+        half[k] = lanes[k] + lanes[k + LANES / 2];
+    }
+    let mut quarter = [0.0_f32; LANES / 4];
+    for k in 0..LANES / 4 {
+        quarter[k] = half[k] + half[k + LANES / 4];
+    }
+    (quarter[0] + quarter[2]) + (quarter[1] + quarter[3])
+}
+
+/// Σ (v - shift) over `row`, or Σ (v - shift)² with `square`, in
+/// [`LANES`] lanes (one vector register each under AVX-512: the eight-lane
+/// [`sum_map`] came out as 128-bit shuffles here). `shift = 0` gives the
+/// plain sum: `v - 0.0` is `v`, for every `v`.
+#[inline(always)]
+fn row_sum(row: &[f32], shift: f32, square: bool) -> f32 {
+    let (chunks, tail) = row.as_chunks::<LANES>();
+    let mut lanes = [0.0_f32; LANES];
+    for chunk in chunks {
+        for k in 0..LANES {
+            let d = chunk[k] - shift;
+            lanes[k] += if square { d * d } else { d };
+        }
+    }
+    let mut total = lane_total(lanes);
+    for &v in tail {
+        let d = v - shift;
+        total += if square { d * d } else { d };
+    }
+    total
+}
+
+/// One row of `layer_norm` / `rms_norm`'s forward: `out`, a copy of `x`,
+/// normalised in place; returns the row's mean (0
+/// without `center`) and rstd.
+#[inline(always)]
+fn forward_row(
+    x: &[f32],
+    out: &mut [f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    center: bool,
+) -> (f32, f32) {
+    let n = x.len() as f32;
+    // Two passes (mean, then squared deviations): no cancellation.
+    let mean = if center {
+        row_sum(x, 0.0, false) / n
+    } else {
+        0.0
+    };
+    let var = row_sum(x, mean, true) / n;
+    let rstd = 1.0 / (var + eps).sqrt();
+    match (weight, bias) {
+        (Some(w), Some(b)) => {
+            for ((o, &w), &b) in out.iter_mut().zip(w).zip(b) {
+                *o = (*o - mean) * rstd * w + b;
+            }
+        }
+        (Some(w), None) => {
+            for (o, &w) in out.iter_mut().zip(w) {
+                *o = (*o - mean) * rstd * w;
+            }
+        }
+        (None, Some(b)) => {
+            for (o, &b) in out.iter_mut().zip(b) {
+                *o = (*o - mean) * rstd + b;
+            }
+        }
+        (None, None) => {
+            for o in out.iter_mut() {
+                *o = (*o - mean) * rstd;
+            }
+        }
+    }
+    (mean, rstd)
+}
+
+/// One row of `layer_norm` / `rms_norm`'s backward: with
+/// `x̂ = (x - mean)·rstd` and `ĝ = g·w`, adds `g·x̂` to `dw` and `g` to
+/// `db` (with `want_wb`), and overwrites `g` with
+/// `rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂))` (no `mean(ĝ)` term without
+/// `center`). One pass for the two sums (and `dw`, `db`) in [`LANES`]
+/// lanes, one for `dx`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one row's state, inlined into the dispatched loop"
+)]
+#[inline(always)]
+fn backward_row(
+    x: &[f32],
+    g: &mut [f32],
+    w: &[f32],
+    (mean, rstd): (f32, f32),
+    center: bool,
+    want_wb: bool,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let n = x.len() as f32;
+    let (xc, xt) = x.as_chunks::<LANES>();
+    let (gc, gt) = g.as_chunks::<LANES>();
+    let (wc, wt) = w.as_chunks::<LANES>();
+    let (dwc, dwt) = dw.as_chunks_mut::<LANES>();
+    let (dbc, dbt) = db.as_chunks_mut::<LANES>();
+    // Σ ĝ and Σ ĝ·(x - mean), lane by lane.
+    let (mut sg, mut sgx) = ([0.0_f32; LANES], [0.0_f32; LANES]);
+    if want_wb {
+        for ((((x, g), w), dw), db) in xc.iter().zip(gc).zip(wc).zip(dwc).zip(dbc) {
+            for k in 0..LANES {
+                let (xm, gw) = (x[k] - mean, g[k] * w[k]);
+                sg[k] += gw;
+                sgx[k] += gw * xm;
+                dw[k] += g[k] * xm * rstd;
+                db[k] += g[k];
+            }
+        }
+    } else {
+        for ((x, g), w) in xc.iter().zip(gc).zip(wc) {
+            for k in 0..LANES {
+                let (xm, gw) = (x[k] - mean, g[k] * w[k]);
+                sg[k] += gw;
+                sgx[k] += gw * xm;
+            }
+        }
+    }
+    let (mut sum_g, mut sum_gx) = (lane_total(sg), lane_total(sgx));
+    for ((((&x, &g), &w), dw), db) in xt.iter().zip(gt).zip(wt).zip(dwt).zip(dbt) {
+        let xm = x - mean;
+        sum_g += g * w;
+        sum_gx += g * w * xm;
+        if want_wb {
+            *dw += g * xm * rstd;
+            *db += g;
+        }
+    }
+    let a = if center { sum_g / n } else { 0.0 };
+    let b = sum_gx * rstd / n;
+    for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
+        *g = rstd * (*g * w - a - (x - mean) * rstd * b);
+    }
 }
 
 /// The values of `data` in row-major order: its own buffer when it has
@@ -259,22 +387,10 @@ fn row_norm_forward_rows(
     rstds: &mut Vec<f32>,
 ) {
     for x in x.chunks_exact(width) {
-        let n = width as f32;
-        // Two passes (mean, then squared deviations): no cancellation.
-        let mean = if center { sum_map(x, |v| v) / n } else { 0.0 };
-        let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
-        let rstd = 1.0 / (var + eps).sqrt();
-        match (weight, bias) {
-            (Some(w), Some(b)) => out.extend(
-                x.iter()
-                    .zip(w)
-                    .zip(b)
-                    .map(|((&x, &w), &b)| (x - mean) * rstd * w + b),
-            ),
-            (Some(w), None) => out.extend(x.iter().zip(w).map(|(&x, &w)| (x - mean) * rstd * w)),
-            (None, Some(b)) => out.extend(x.iter().zip(b).map(|(&x, &b)| (x - mean) * rstd + b)),
-            (None, None) => out.extend(x.iter().map(|&x| (x - mean) * rstd)),
-        }
+        // The row copied, then normalised in place.
+        let start = out.len();
+        out.extend_from_slice(x);
+        let (mean, rstd) = forward_row(x, &mut out[start..], weight, bias, eps, center);
         means.push(mean);
         rstds.push(rstd);
     }
@@ -321,7 +437,7 @@ impl RowNorm {
         let mut dw = vec![0.0; width];
         let mut db = vec![0.0; width];
         if width > 0 && !x.is_empty() {
-            let n = width as f32;
+            let want_wb = want_w || want_b;
             let ones;
             let w = match &self.weight {
                 Some(w) => w.as_slice(),
@@ -348,23 +464,8 @@ impl RowNorm {
                         let rows = x.chunks_exact(width).zip(g.chunks_exact_mut(width));
                         for (r, (x, g)) in rows.enumerate() {
                             let r = block * ROW_BLOCK + r;
-                            let (mean, rstd) = (self.means[r], self.rstds[r]);
-                            // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
-                            let sum_g = sum_zip(g, w, |g, w| g * w);
-                            let sum_gx = sum_zip3(g, w, x, |g, w, x| g * w * (x - mean)) * rstd;
-                            if want_w || want_b {
-                                for (((dw, db), &g), &x) in
-                                    dw.iter_mut().zip(db.iter_mut()).zip(&*g).zip(x)
-                                {
-                                    *dw += g * (x - mean) * rstd;
-                                    *db += g;
-                                }
-                            }
-                            let a = if self.center { sum_g / n } else { 0.0 };
-                            let b = sum_gx / n;
-                            for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
-                                *g = rstd * (*g * w - a - (x - mean) * rstd * b);
-                            }
+                            let stats = (self.means[r], self.rstds[r]);
+                            backward_row(x, g, w, stats, self.center, want_wb, &mut dw, &mut db);
                         }
                     },
                 );
@@ -1140,6 +1241,77 @@ mod tests {
         assert_eq!(out.running_var.unwrap().to_vec(), vec![1.5, 0.5]);
         assert_eq!(mean.to_vec(), vec![1.0, 1.0]);
         assert_eq!(var.to_vec(), vec![1.0, 1.0]);
+    }
+
+    // Rows wide enough for the row kernels' 16-lane sums, with and
+    // without a tail (16, 37 = 2·16 + 5, 128), each row with its own
+    // scale and offset: values and all three gradients against the f64
+    // formulas, for `layer_norm` and `rms_norm` (its rows have no mean).
+    #[test]
+    fn wide_rows_match_the_f64_formulas() {
+        for (width, rows) in [(16, 3), (37, 4), (128, 5)] {
+            let value = |i: usize, k: f64| ((i as f64 * k).sin() * 2.0) as f32;
+            let xv: Vec<f32> = (0..rows * width)
+                .map(|i| value(i, 0.37) + (i / width) as f32 * 1.5)
+                .collect();
+            let (wv, bv): (Vec<f32>, Vec<f32>) =
+                (0..width).map(|i| (value(i, 0.71), value(i, 1.3))).unzip();
+            let rv: Vec<f32> = (0..rows * width).map(|i| value(i, 0.53)).collect();
+            let f = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            for center in [true, false] {
+                let x = leaf(&xv, &[rows, width]);
+                let (w, b) = (leaf(&wv, &[width]), leaf(&bv, &[width]));
+                let y = if center {
+                    try_layer_norm(&x, &[width], Some(&w), Some(&b), 0.0).unwrap()
+                } else {
+                    let y = try_rms_norm(&x, &[width], Some(&w), Some(0.0)).unwrap();
+                    &y + &b
+                };
+                (&y * &t(&rv, &[rows, width])).sum().backward();
+                let (y, dx) = (y.to_vec(), x.grad().unwrap().to_vec());
+                let (mut dw, mut db) = (vec![0.0; width], vec![0.0; width]);
+                for r in 0..rows {
+                    let at = r * width..(r + 1) * width;
+                    let (xr, gr) = (f(&xv[at.clone()]), f(&rv[at.clone()]));
+                    let n = width as f64;
+                    let mean = if center {
+                        xr.iter().sum::<f64>() / n
+                    } else {
+                        0.0
+                    };
+                    let sigma = (xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+                    let xh: Vec<f64> = xr.iter().map(|v| (v - mean) / sigma).collect();
+                    let gh: Vec<f64> = gr.iter().zip(f(&wv)).map(|(g, w)| g * w).collect();
+                    let a = if center {
+                        gh.iter().sum::<f64>() / n
+                    } else {
+                        0.0
+                    };
+                    let c = gh.iter().zip(&xh).map(|(g, x)| g * x).sum::<f64>() / n;
+                    for k in 0..width {
+                        let want_y = xh[k] * f64::from(wv[k]) + f64::from(bv[k]);
+                        let want_dx = (gh[k] - a - xh[k] * c) / sigma;
+                        for (got, want) in [(y[at.start + k], want_y), (dx[at.start + k], want_dx)]
+                        {
+                            let tol = 1e-4 * (1.0 + want.abs());
+                            assert!(
+                                (f64::from(got) - want).abs() < tol,
+                                "width {width}, center {center}, row {r}, column {k}: {got} vs {want}"
+                            );
+                        }
+                        dw[k] += gr[k] * xh[k];
+                        db[k] += gr[k];
+                    }
+                }
+                for (got, want) in [(&w, dw), (&b, db)] {
+                    let got = got.grad().unwrap().to_vec();
+                    for (g, w) in got.iter().zip(&want) {
+                        let tol = 1e-4 * (1.0 + w.abs());
+                        assert!((f64::from(*g) - w).abs() < tol, "{got:?} vs {want:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
