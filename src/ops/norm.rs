@@ -79,19 +79,98 @@ fn lane_total(lanes: [f32; LANES]) -> f32 {
 #[inline(always)]
 fn row_sum(row: &[f32], shift: f32, square: bool) -> f32 {
     let (chunks, tail) = row.as_chunks::<LANES>();
-    let mut lanes = [0.0_f32; LANES];
-    for chunk in chunks {
-        for k in 0..LANES {
-            let d = chunk[k] - shift;
-            lanes[k] += if square { d * d } else { d };
-        }
-    }
+    let body = &row[..chunks.len() * LANES];
+    #[cfg(not(loom))]
+    let lanes = pulp::Arch::new().dispatch(RowSum {
+        body,
+        shift,
+        square,
+    });
+    #[cfg(loom)]
+    let lanes = row_sum_lanes(body, shift, square);
     let mut total = lane_total(lanes);
     for &v in tail {
         let d = v - shift;
         total += if square { d * d } else { d };
     }
     total
+}
+
+/// [`row_sum`]'s lanes over `body` (a whole number of [`LANES`] chunks),
+/// lane `k` summing the values at `k`, `k + LANES`, ...
+#[inline(always)]
+fn row_sum_lanes(body: &[f32], shift: f32, square: bool) -> [f32; LANES] {
+    let mut lanes = [0.0_f32; LANES];
+    for chunk in body.as_chunks::<LANES>().0 {
+        for k in 0..LANES {
+            let d = chunk[k] - shift;
+            lanes[k] += if square { d * d } else { d };
+        }
+    }
+    lanes
+}
+
+/// [`row_sum_lanes`] in explicit vectors: the same lanes, added in the
+/// same order (so the same bits), held in one AVX-512 register or two AVX2
+/// ones. Left to the compiler, the lane array stayed in memory or came out
+/// as 128-bit shuffles.
+#[cfg(not(loom))]
+struct RowSum<'a> {
+    body: &'a [f32],
+    shift: f32,
+    square: bool,
+}
+
+#[cfg(not(loom))]
+impl pulp::WithSimd for RowSum<'_> {
+    type Output = [f32; LANES];
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) -> [f32; LANES] {
+        let RowSum {
+            body,
+            shift,
+            square,
+        } = self;
+        let (vectors, _) = S::as_simd_f32s(body);
+        let shift_v = simd.splat_f32s(shift);
+        let zero = simd.splat_f32s(0.0);
+        match LANES / S::F32_LANES {
+            1 => {
+                let mut a = zero;
+                for &v in vectors {
+                    a = simd.add_f32s(a, deviation(simd, v, shift_v, square));
+                }
+                lanes_of::<S>(&[a])
+            }
+            2 => {
+                let (mut a, mut b) = (zero, zero);
+                for pair in vectors.as_chunks::<2>().0 {
+                    a = simd.add_f32s(a, deviation(simd, pair[0], shift_v, square));
+                    b = simd.add_f32s(b, deviation(simd, pair[1], shift_v, square));
+                }
+                lanes_of::<S>(&[a, b])
+            }
+            _ => row_sum_lanes(body, shift, square),
+        }
+    }
+}
+
+/// `v - shift`, squared with `square`.
+#[cfg(not(loom))]
+#[inline(always)]
+fn deviation<S: pulp::Simd>(simd: S, v: S::f32s, shift: S::f32s, square: bool) -> S::f32s {
+    let d = simd.sub_f32s(v, shift);
+    if square { simd.mul_f32s(d, d) } else { d }
+}
+
+/// The [`LANES`] values of `vectors` (one AVX-512 or two AVX2 registers).
+#[cfg(not(loom))]
+#[inline(always)]
+fn lanes_of<S: pulp::Simd>(vectors: &[S::f32s]) -> [f32; LANES] {
+    let mut lanes = [0.0_f32; LANES];
+    lanes.copy_from_slice(pulp::bytemuck::cast_slice(vectors));
+    lanes
 }
 
 /// One row of `layer_norm` / `rms_norm`'s forward: `out`, a copy of `x`,
@@ -163,32 +242,25 @@ fn backward_row(
 ) {
     let n = x.len() as f32;
     let (xc, xt) = x.as_chunks::<LANES>();
-    let (gc, gt) = g.as_chunks::<LANES>();
-    let (wc, wt) = w.as_chunks::<LANES>();
-    let (dwc, dwt) = dw.as_chunks_mut::<LANES>();
-    let (dbc, dbt) = db.as_chunks_mut::<LANES>();
+    let gt = &g[xc.len() * LANES..];
+    let wt = &w[xc.len() * LANES..];
     // Σ ĝ and Σ ĝ·(x - mean), lane by lane.
-    let (mut sg, mut sgx) = ([0.0_f32; LANES], [0.0_f32; LANES]);
-    if want_wb {
-        for ((((x, g), w), dw), db) in xc.iter().zip(gc).zip(wc).zip(dwc).zip(dbc) {
-            for k in 0..LANES {
-                let (xm, gw) = (x[k] - mean, g[k] * w[k]);
-                sg[k] += gw;
-                sgx[k] += gw * xm;
-                dw[k] += g[k] * xm * rstd;
-                db[k] += g[k];
-            }
-        }
-    } else {
-        for ((x, g), w) in xc.iter().zip(gc).zip(wc) {
-            for k in 0..LANES {
-                let (xm, gw) = (x[k] - mean, g[k] * w[k]);
-                sg[k] += gw;
-                sgx[k] += gw * xm;
-            }
-        }
-    }
+    let body = xc.len() * LANES;
+    let sums = RowSums {
+        x: &x[..body],
+        g: &g[..body],
+        w: &w[..body],
+        wb: want_wb.then(|| (&mut dw[..body], &mut db[..body])),
+        mean,
+        rstd,
+    };
+    #[cfg(not(loom))]
+    let (sg, sgx) = pulp::Arch::new().dispatch(sums);
+    #[cfg(loom)]
+    let (sg, sgx) = sums.lanes();
     let (mut sum_g, mut sum_gx) = (lane_total(sg), lane_total(sgx));
+    let body = xc.len() * LANES;
+    let (dwt, dbt) = (&mut dw[body..], &mut db[body..]);
     for ((((&x, &g), &w), dw), db) in xt.iter().zip(gt).zip(wt).zip(dwt).zip(dbt) {
         let xm = x - mean;
         sum_g += g * w;
@@ -203,6 +275,147 @@ fn backward_row(
     for ((g, &w), &x) in g.iter_mut().zip(w).zip(x) {
         *g = rstd * (*g * w - a - (x - mean) * rstd * b);
     }
+}
+
+/// The first pass of [`backward_row`] over the whole [`LANES`] chunks of a
+/// row: the lanes of Σ ĝ and Σ ĝ·(x - mean), and (with `wb`) `g·x̂` added
+/// to `dw` and `g` to `db`.
+struct RowSums<'a> {
+    x: &'a [f32],
+    g: &'a [f32],
+    w: &'a [f32],
+    wb: Option<(&'a mut [f32], &'a mut [f32])>,
+    mean: f32,
+    rstd: f32,
+}
+
+impl RowSums<'_> {
+    /// The pass lane by lane, as plain arrays.
+    #[inline(always)]
+    fn lanes(self) -> ([f32; LANES], [f32; LANES]) {
+        let (mean, rstd) = (self.mean, self.rstd);
+        let (mut sg, mut sgx) = ([0.0_f32; LANES], [0.0_f32; LANES]);
+        let chunks = self.x.as_chunks::<LANES>().0;
+        let chunks = chunks.iter().zip(self.g.as_chunks::<LANES>().0);
+        let chunks = chunks.zip(self.w.as_chunks::<LANES>().0);
+        match self.wb {
+            Some((dw, db)) => {
+                let dw = dw.as_chunks_mut::<LANES>().0;
+                let db = db.as_chunks_mut::<LANES>().0;
+                for (((x, g), w), (dw, db)) in chunks.zip(dw.iter_mut().zip(db)) {
+                    for k in 0..LANES {
+                        let (xm, gw) = (x[k] - mean, g[k] * w[k]);
+                        sg[k] += gw;
+                        sgx[k] += gw * xm;
+                        dw[k] += g[k] * xm * rstd;
+                        db[k] += g[k];
+                    }
+                }
+            }
+            None => {
+                for ((x, g), w) in chunks {
+                    for k in 0..LANES {
+                        let (xm, gw) = (x[k] - mean, g[k] * w[k]);
+                        sg[k] += gw;
+                        sgx[k] += gw * xm;
+                    }
+                }
+            }
+        }
+        (sg, sgx)
+    }
+}
+
+/// [`RowSums::lanes`] in explicit vectors (the same lanes in the same
+/// order, as [`RowSum`]): the compiler kept the two lane arrays in memory,
+/// stored and reloaded on every chunk.
+#[cfg(not(loom))]
+impl pulp::WithSimd for RowSums<'_> {
+    type Output = ([f32; LANES], [f32; LANES]);
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) -> Self::Output {
+        let per = LANES / S::F32_LANES;
+        if per != 1 && per != 2 {
+            return self.lanes();
+        }
+        let (x, _) = S::as_simd_f32s(self.x);
+        let (g, _) = S::as_simd_f32s(self.g);
+        let (w, _) = S::as_simd_f32s(self.w);
+        let (mean, rstd) = (simd.splat_f32s(self.mean), simd.splat_f32s(self.rstd));
+        let zero = simd.splat_f32s(0.0);
+        // One chunk's vector `i` into the accumulators (sg, sgx); returns
+        // them and x - mean.
+        // Lanes 0..F32_LANES in `a`, and (AVX2) F32_LANES..16 in `b`.
+        let (mut a, mut b) = ((zero, zero), (zero, zero));
+        match (self.wb, per) {
+            (Some((dw, db)), _) => {
+                let (dw, _) = S::as_mut_simd_f32s(dw);
+                let (db, _) = S::as_mut_simd_f32s(db);
+                if per == 1 {
+                    for i in 0..x.len() {
+                        let xm;
+                        (a, xm) = backward_step(simd, (x[i], g[i], w[i]), mean, a);
+                        (dw[i], db[i]) = weight_step(simd, g[i], xm, rstd, (dw[i], db[i]));
+                    }
+                } else {
+                    for i in (0..x.len()).step_by(2) {
+                        let (xm0, xm1);
+                        (a, xm0) = backward_step(simd, (x[i], g[i], w[i]), mean, a);
+                        (b, xm1) = backward_step(simd, (x[i + 1], g[i + 1], w[i + 1]), mean, b);
+                        (dw[i], db[i]) = weight_step(simd, g[i], xm0, rstd, (dw[i], db[i]));
+                        (dw[i + 1], db[i + 1]) =
+                            weight_step(simd, g[i + 1], xm1, rstd, (dw[i + 1], db[i + 1]));
+                    }
+                }
+            }
+            (None, 1) => {
+                for i in 0..x.len() {
+                    a = backward_step(simd, (x[i], g[i], w[i]), mean, a).0;
+                }
+            }
+            (None, _) => {
+                for i in (0..x.len()).step_by(2) {
+                    a = backward_step(simd, (x[i], g[i], w[i]), mean, a).0;
+                    b = backward_step(simd, (x[i + 1], g[i + 1], w[i + 1]), mean, b).0;
+                }
+            }
+        }
+        let (sg, sgx) = ([a.0, b.0], [a.1, b.1]);
+        (lanes_of::<S>(&sg[..per]), lanes_of::<S>(&sgx[..per]))
+    }
+}
+
+/// One vector of [`RowSums`]: `(Σ ĝ, Σ ĝ·(x - mean))` updated, and
+/// `x - mean`.
+#[cfg(not(loom))]
+#[inline(always)]
+fn backward_step<S: pulp::Simd>(
+    simd: S,
+    (x, g, w): (S::f32s, S::f32s, S::f32s),
+    mean: S::f32s,
+    (sg, sgx): (S::f32s, S::f32s),
+) -> ((S::f32s, S::f32s), S::f32s) {
+    let (xm, gw) = (simd.sub_f32s(x, mean), simd.mul_f32s(g, w));
+    let sums = (
+        simd.add_f32s(sg, gw),
+        simd.add_f32s(sgx, simd.mul_f32s(gw, xm)),
+    );
+    (sums, xm)
+}
+
+/// One vector of [`RowSums`]' `dw += g·(x - mean)·rstd`, `db += g`.
+#[cfg(not(loom))]
+#[inline(always)]
+fn weight_step<S: pulp::Simd>(
+    simd: S,
+    g: S::f32s,
+    xm: S::f32s,
+    rstd: S::f32s,
+    (dw, db): (S::f32s, S::f32s),
+) -> (S::f32s, S::f32s) {
+    let dw = simd.add_f32s(dw, simd.mul_f32s(simd.mul_f32s(g, xm), rstd));
+    (dw, simd.add_f32s(db, g))
 }
 
 /// The values of `data` in row-major order: its own buffer when it has
@@ -1247,6 +1460,49 @@ mod tests {
     // without a tail (16, 37 = 2·16 + 5, 128), each row with its own
     // scale and offset: values and all three gradients against the f64
     // formulas, for `layer_norm` and `rms_norm` (its rows have no mean).
+    /// The sums in explicit vectors (AVX-512 or AVX2, whichever this CPU
+    /// runs) give the bits of the plain lane arrays, whatever the values.
+    #[cfg(not(loom))]
+    #[test]
+    fn vector_sums_have_the_bits_of_the_lane_arrays() {
+        let value = |i: usize, k: f64| ((i as f64 * k).sin() * 3.0).exp() as f32;
+        for chunks in [1, 2, 3, 8, 9] {
+            let n = chunks * LANES;
+            let x: Vec<f32> = (0..n).map(|i| value(i, 0.37) - 1.0).collect();
+            let g: Vec<f32> = (0..n).map(|i| value(i, 0.53) - 2.0).collect();
+            let w: Vec<f32> = (0..n).map(|i| value(i, 0.71)).collect();
+            for (shift, square) in [(0.0, false), (0.7, true), (-1.3, true)] {
+                let vector = pulp::Arch::new().dispatch(RowSum {
+                    body: &x,
+                    shift,
+                    square,
+                });
+                let plain = row_sum_lanes(&x, shift, square);
+                assert_eq!(vector.map(f32::to_bits), plain.map(f32::to_bits));
+            }
+            let (mean, rstd) = (0.3, 1.7);
+            let (mut dw1, mut db1) = (vec![0.5; n], vec![-0.25; n]);
+            let (mut dw2, mut db2) = (dw1.clone(), db1.clone());
+            for with_wb in [true, false] {
+                let sums = |dw, db| RowSums {
+                    x: &x,
+                    g: &g,
+                    w: &w,
+                    wb: with_wb.then_some((dw, db)),
+                    mean,
+                    rstd,
+                };
+                let vector = pulp::Arch::new().dispatch(sums(&mut dw1, &mut db1));
+                let plain = sums(&mut dw2, &mut db2).lanes();
+                assert_eq!(vector.0.map(f32::to_bits), plain.0.map(f32::to_bits));
+                assert_eq!(vector.1.map(f32::to_bits), plain.1.map(f32::to_bits));
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&dw1), bits(&dw2));
+                assert_eq!(bits(&db1), bits(&db2));
+            }
+        }
+    }
+
     #[test]
     fn wide_rows_match_the_f64_formulas() {
         for (width, rows) in [(16, 3), (37, 4), (128, 5)] {
