@@ -757,6 +757,7 @@ impl Rows {
     /// The adjoint of [`cols`](Rows::cols) (junk columns dropped): adds
     /// `dcols` (`[K, (oy1 − oy0) · Wp]`, its junk columns zeroed here
     /// first) into the padded gradient `acc` (`[C/groups, Hp, Wp]`).
+    #[inline(always)]
     fn add_cols(&self, g: &Geom, dcols: &mut [f32], (oy0, oy1): (usize, usize), acc: &mut [f32]) {
         let wp = self.wp;
         let width = (oy1 - oy0) * wp;
@@ -869,7 +870,12 @@ impl Rows {
                             dyp,
                             ArrayViewMut2::from_shape((k, width), &mut *dcols).expect("[K, band]"),
                         );
-                        self.add_cols(g, dcols, band, &mut acc);
+                        // The adds compiled for the widest SIMD (the
+                        // baseline build adds four values at a time).
+                        super::vectorized::dispatch(
+                            #[inline(always)]
+                            || self.add_cols(g, dcols, band, &mut acc),
+                        );
                     }
                 }
                 if let Some(dx) = dx.as_deref_mut() {
