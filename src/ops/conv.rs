@@ -733,22 +733,14 @@ impl Rows {
         // The last row's junk would read past the plane's end.
         let run = width - (wp - g.wo);
         let cols = first(buffer, k * width);
-        let plane = self.hp * wp;
-        let mut rows = cols.chunks_exact_mut(width);
-        for c in 0..g.cg() {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let row = rows.next().expect("K rows");
-                    let at = c * plane + (oy0 + i * g.dh) * wp + j * g.dw;
-                    row[..run].copy_from_slice(&padded[at..at + run]);
-                    if zero_junk {
-                        for junk in row.chunks_exact_mut(wp) {
-                            junk[g.wo..].fill(0.0);
-                        }
-                    } else {
-                        row[run..].fill(0.0);
-                    }
+        for (row, at) in cols.chunks_exact_mut(width).zip(self.starts(g, oy0)) {
+            row[..run].copy_from_slice(&padded[at..at + run]);
+            if zero_junk {
+                for junk in row.chunks_exact_mut(wp) {
+                    junk[g.wo..].fill(0.0);
                 }
+            } else {
+                row[run..].fill(0.0);
             }
         }
         ArrayView2::from_shape((k, width), &*cols).expect("[K, band]")
@@ -762,22 +754,27 @@ impl Rows {
         let wp = self.wp;
         let width = (oy1 - oy0) * wp;
         let run = width - (wp - g.wo);
-        let plane = self.hp * wp;
-        let mut rows = dcols.chunks_exact_mut(width);
-        for c in 0..g.cg() {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let row = rows.next().expect("K rows");
-                    for junk in row.chunks_exact_mut(wp) {
-                        junk[g.wo..].fill(0.0);
-                    }
-                    let at = c * plane + (oy0 + i * g.dh) * wp + j * g.dw;
-                    for (d, v) in acc[at..at + run].iter_mut().zip(&row[..run]) {
-                        *d += *v;
-                    }
-                }
+        for (row, at) in dcols.chunks_exact_mut(width).zip(self.starts(g, oy0)) {
+            for junk in row.chunks_exact_mut(wp) {
+                junk[g.wo..].fill(0.0);
+            }
+            for (d, v) in acc[at..at + run].iter_mut().zip(&row[..run]) {
+                *d += *v;
             }
         }
+    }
+
+    /// Where each of the `K` column rows of a band starting at output row
+    /// `oy0` starts in the padded image (`[C/groups, Hp, Wp]`): channel,
+    /// then kernel row, then kernel column, as the weight's `K` axis.
+    #[inline(always)]
+    fn starts(&self, g: &Geom, oy0: usize) -> impl Iterator<Item = usize> {
+        let (plane, wp) = (self.hp * self.wp, self.wp);
+        let (kh, kw, dh, dw) = (g.kh, g.kw, g.dh, g.dw);
+        (0..g.cg()).flat_map(move |c| {
+            (0..kh)
+                .flat_map(move |i| (0..kw).map(move |j| c * plane + (oy0 + i * dh) * wp + j * dw))
+        })
     }
 
     /// The forward of [`conv_forward`] through padded rows, into `out`
