@@ -141,16 +141,19 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
         versions.len()
     );
 
-    // Serving records nothing; the trainer's thread runs at nice 19.
+    // Serving records nothing; the trainer's thread runs at nice 19, the
+    // others at the nice the test runs at (0 unless started under `nice`).
     assert_eq!(server.metrics().serving_tape_nodes(), 0);
     assert!(server.metrics().training_steps() > 0);
     assert_eq!(thread_nice("netcl-train"), Some(19));
-    assert_eq!(thread_nice("netcl-model-0"), Some(0));
+    let own = nice_of(std::path::Path::new("/proc/thread-self"));
+    assert!(own.is_some());
+    assert_eq!(thread_nice("netcl-model-0"), own);
     // Predictions load the current version without a lock (arc-swap), but
     // publishing takes the lock `GET /v1/model` reads the version's details
     // under: a thread of normal priority does it, so that a nice-19 trainer
     // descheduled mid-publish cannot hold that lock.
-    assert_eq!(thread_nice("netcl-publish"), Some(0));
+    assert_eq!(thread_nice("netcl-publish"), own);
 
     let info = common::get(addr, "/v1/model").await;
     assert_eq!(info.json["source"], "training");
@@ -167,10 +170,15 @@ fn thread_nice(name: &str) -> Option<i32> {
         let dir = task.ok()?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
         if comm.trim() == name {
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            let after_name = &stat[stat.rfind(')')? + 2..];
-            return after_name.split(' ').nth(16)?.parse().ok();
+            return nice_of(&dir);
         }
     }
     None
+}
+
+/// The nice value in a `/proc` task directory's `stat`.
+fn nice_of(task: &std::path::Path) -> Option<i32> {
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(16)?.parse().ok()
 }
