@@ -11,20 +11,16 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use axum::body::Body;
+use common::lm::requests;
 use common::{Client, get, start, test_config};
 use http_body_util::BodyExt;
 use hyper::Method;
-use netcl::models::{CharLmConfig, CharTransformer, Vocab};
+use netcl::models::{CharTransformer, Vocab};
 use netcl::nn::{Linear, Published};
-use netcl::rand::SeedableRng;
-use netcl::rand::rngs::StdRng;
 use netcl_serve::ModelService;
 use netcl_serve::generate::LanguageModel;
-use netcl_serve::loader::INPUT_SHAPE_KEY;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-
-const TEXT: &str = "the quick brown fox jumps over the lazy dog.\n";
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("netcl-serve-{name}-{}", std::process::id()));
@@ -33,29 +29,14 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A small random language model over [`TEXT`]'s characters.
+/// A small random language model over `common::lm::TEXT`'s characters.
 fn language_model(seed: u64) -> (CharTransformer, Vocab) {
-    let vocab = Vocab::from_text(TEXT);
-    let config = CharLmConfig::new(vocab.len())
-        .with_width(16)
-        .with_heads(2)
-        .with_blocks(1)
-        .with_context(16);
-    let model = CharTransformer::try_new(config, &mut StdRng::seed_from_u64(seed)).unwrap();
-    (model, vocab)
+    common::lm::language_model(seed, 16, 1)
 }
 
 /// What the engine generates for one request.
 fn expected(model: &CharTransformer, vocab: &Vocab, request: &Value) -> String {
-    let prompt = vocab.encode(request["prompt"].as_str().unwrap()).unwrap();
-    let ids = model.generator().unwrap().generate(
-        &prompt,
-        request["max_tokens"].as_u64().unwrap() as usize,
-        request["temperature"].as_f64().unwrap() as f32,
-        request["top_k"].as_u64().map(|k| k as usize),
-        request["seed"].as_u64().unwrap(),
-    );
-    vocab.decode(&ids).unwrap()
+    common::lm::expected(model, vocab, request, None)
 }
 
 /// A server with the language model `lm` (limits: 40 prompt characters,
@@ -65,20 +46,13 @@ async fn serve_lm(
     model: &CharTransformer,
     vocab: &Vocab,
 ) -> netcl_serve::Server {
-    let lm_path = dir.join("charlm.safetensors");
-    model.save(vocab, &lm_path).unwrap();
-    let clf_path = dir.join("clf.safetensors");
-    let metadata = BTreeMap::from([(INPUT_SHAPE_KEY.to_string(), "3".to_string())]);
-    netcl::io::save_model_with_metadata(&Linear::zeros(3, 2).unwrap(), &clf_path, &metadata)
-        .unwrap();
-    start(netcl_serve::Config {
-        models: vec![("lm".to_string(), lm_path), ("clf".to_string(), clf_path)],
+    let config = netcl_serve::Config {
         threads: 2,
         max_prompt: 40,
         max_tokens: 30,
         ..test_config()
-    })
-    .await
+    };
+    common::lm::serve_lm(dir, model, vocab, config).await
 }
 
 async fn generate(client: &mut Client, name: &str, body: &Value) -> common::Reply {
@@ -97,19 +71,7 @@ async fn concurrent_generations_equal_the_same_requests_one_at_a_time_and_the_en
     let (model, vocab) = language_model(7);
     let server = serve_lm(&dir, &model, &vocab).await;
     let addr = server.local_addr();
-    let requests: Vec<Value> = (0..12u64)
-        .map(|i| {
-            let prompt = ["the ", "quick brown", "z", "dog.\n"][i as usize % 4];
-            let temperature = [1.0, 0.7, 0.0][i as usize % 3];
-            json!({
-                "prompt": prompt,
-                "max_tokens": 10 + i as usize,
-                "temperature": temperature,
-                "top_k": if i % 2 == 0 { Value::Null } else { json!(5) },
-                "seed": i / 2,
-            })
-        })
-        .collect();
+    let requests = requests();
 
     // One at a time, on one connection.
     let mut client = Client::connect(addr).await;

@@ -11,15 +11,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Client, PATIENCE, start, test_config};
+use common::lm::{expected, language_model, requests, serve_lm};
+use common::{Client, PATIENCE, test_config};
 use hyper::Method;
-use netcl::models::{CharLmConfig, CharTransformer, Vocab};
 use netcl::nn::{Linear, Published};
-use netcl::rand::SeedableRng;
-use netcl::rand::rngs::StdRng;
 use netcl_serve::ModelService;
 use netcl_serve::generate::LanguageModel;
 use serde_json::{Value, json};
@@ -33,68 +31,11 @@ use tokio::net::TcpStream;
 /// take longer than a character (it failed once so in CI).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const TEXT: &str = "the quick brown fox jumps over the lazy dog.\n";
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("netcl-stream-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A random language model over [`TEXT`]'s characters, `width` wide with
-/// `blocks` blocks (its cost per character grows with both).
-fn language_model(seed: u64, width: usize, blocks: usize) -> (CharTransformer, Vocab) {
-    let vocab = Vocab::from_text(TEXT);
-    let config = CharLmConfig::new(vocab.len())
-        .with_width(width)
-        .with_heads(2)
-        .with_blocks(blocks)
-        .with_context(16);
-    let model = CharTransformer::try_new(config, &mut StdRng::seed_from_u64(seed)).unwrap();
-    (model, vocab)
-}
-
-/// What the engine generates for one request (its first `tokens`
-/// characters, or `max_tokens`).
-fn expected(
-    model: &CharTransformer,
-    vocab: &Vocab,
-    request: &Value,
-    tokens: Option<usize>,
-) -> String {
-    let prompt = vocab.encode(request["prompt"].as_str().unwrap()).unwrap();
-    let ids = model.generator().unwrap().generate(
-        &prompt,
-        tokens.unwrap_or(request["max_tokens"].as_u64().unwrap() as usize),
-        request["temperature"].as_f64().unwrap() as f32,
-        request["top_k"].as_u64().map(|k| k as usize),
-        request["seed"].as_u64().unwrap(),
-    );
-    vocab.decode(&ids).unwrap()
-}
-
-/// A server of `model` as `lm` and a classifier `clf`.
-async fn serve_lm(
-    dir: &Path,
-    model: &CharTransformer,
-    vocab: &Vocab,
-    config: netcl_serve::Config,
-) -> netcl_serve::Server {
-    let lm_path = dir.join("charlm.safetensors");
-    model.save(vocab, &lm_path).unwrap();
-    let clf_path = dir.join("clf.safetensors");
-    let metadata = std::collections::BTreeMap::from([(
-        netcl_serve::loader::INPUT_SHAPE_KEY.to_string(),
-        "3".to_string(),
-    )]);
-    netcl::io::save_model_with_metadata(&Linear::zeros(3, 2).unwrap(), &clf_path, &metadata)
-        .unwrap();
-    start(netcl_serve::Config {
-        models: vec![("lm".to_string(), lm_path), ("clf".to_string(), clf_path)],
-        ..config
-    })
-    .await
 }
 
 /// One server-sent event: its name and its data parsed as JSON.
@@ -234,22 +175,6 @@ async fn stream(addr: std::net::SocketAddr, request: &Value) -> (String, Value) 
     assert_eq!(others.len(), 1, "{others:?}");
     assert_eq!(others[0].name, "done", "{others:?}");
     (text, others[0].data.clone())
-}
-
-fn requests() -> Vec<Value> {
-    (0..12u64)
-        .map(|i| {
-            let prompt = ["the ", "quick brown", "z", "dog.\n"][i as usize % 4];
-            let temperature = [1.0, 0.7, 0.0][i as usize % 3];
-            json!({
-                "prompt": prompt,
-                "max_tokens": 10 + i as usize,
-                "temperature": temperature,
-                "top_k": if i % 2 == 0 { Value::Null } else { json!(5) },
-                "seed": i / 2,
-            })
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
