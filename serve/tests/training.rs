@@ -2,7 +2,8 @@
 //! versions that never go back, and every response's classes are what its
 //! version computes (every response is checked: the test receives every
 //! version the server publishes). The trainer runs at background priority; its versions
-//! are published by a thread of normal priority.
+//! are published by a thread of normal priority. The same with the
+//! forwards run inline, on the runtime's threads.
 
 mod common;
 
@@ -24,7 +25,17 @@ type Seen = (u64, Vec<f32>, Vec<u32>, Vec<f32>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
+    clients_while_training(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_inline_forwards_clients_see_monotonic_versions_and_their_forward() {
+    clients_while_training(true).await;
+}
+
+async fn clients_while_training(inline_forwards: bool) {
     let server = start(Config {
+        inline_forwards,
         train: true,
         // A new version every 20 steps: several during the run, each
         // answering a good number of requests.
@@ -148,12 +159,27 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
     assert_eq!(thread_nice("netcl-train"), Some(19));
     let own = nice_of(std::path::Path::new("/proc/thread-self"));
     assert!(own.is_some());
-    assert_eq!(thread_nice("netcl-model-0"), own);
+    // The model threads too (with inline forwards there are none, but the
+    // other test's server runs in this process beside this one).
+    if !inline_forwards {
+        assert_eq!(thread_nice("netcl-model-0"), own);
+    }
     // Predictions load the current version without a lock (arc-swap), but
     // publishing takes the lock `GET /v1/model` reads the version's details
     // under: a thread of normal priority does it, so that a nice-19 trainer
     // descheduled mid-publish cannot hold that lock.
     assert_eq!(thread_nice("netcl-publish"), own);
+
+    // Requests were batched together: fewer forwards than requests.
+    let text = common::get(addr, "/metrics").await.text;
+    let forwards: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("netcl_serve_batch_rows_count{model=\"digits\"} "))
+        .expect("the batch histogram")
+        .parse()
+        .unwrap();
+    println!("{} requests in {forwards} forwards", seen.len());
+    assert!(forwards >= 1.0 && forwards < seen.len() as f64);
 
     let info = common::get(addr, "/v1/model").await;
     assert_eq!(info.json["source"], "training");
