@@ -12,6 +12,11 @@
 #   WORKERS=1 scripts/bench_cnn_serve.sh            # uvicorn worker processes (default 2)
 #   CNN=digits_cnn.safetensors scripts/bench_cnn_serve.sh  # an existing checkpoint
 #   NO_BUILD=1 scripts/bench_cnn_serve.sh           # use target/release as it is
+#   SERVE_FLAGS_B="--threads 2 --inline-forwards" scripts/bench_cnn_serve.sh
+#       # a second netcl-serve configuration in each round ("netcl-serve B")
+#   CEILING=1 scripts/bench_cnn_serve.sh            # and the bare axum ceiling
+#       # (serve/examples/ceiling.rs: parses the body, answers a fixed
+#       # prediction, computes nothing): what HTTP alone allows here
 #
 # netcl-serve runs with its defaults (micro-batching: --max-batch 64
 # --max-wait-us 0 --threads 1 model thread, --http-threads 2) plus
@@ -48,9 +53,11 @@ if ! "$PYTHON" -c 'import torch, safetensors, fastapi, uvicorn' 2>/dev/null; the
     exit 1
 fi
 if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release --quiet -p netcl-serve --bin netcl-serve
+    cargo build --release --quiet -p netcl-serve --bin netcl-serve --example ceiling
 fi
 BIN=target/release/netcl-serve
+CEILING_BIN=target/release/examples/ceiling
+SERVE_FLAGS_B=${SERVE_FLAGS_B:-}
 
 TMP=$(mktemp -d)
 SERVER_PID=""
@@ -79,11 +86,23 @@ wait_up() {
     exit 1
 }
 
-start_netcl() {
+start_netcl() { # [FLAGS]: netcl-serve with FLAGS (default SERVE_FLAGS)
     # shellcheck disable=SC2086
-    "$BIN" --listen "127.0.0.1:$PORT" --model "cnn=$CNN" $SERVE_FLAGS 2>"$TMP/netcl.log" &
+    "$BIN" --listen "127.0.0.1:$PORT" --model "cnn=$CNN" ${1-$SERVE_FLAGS} 2>"$TMP/netcl.log" &
     SERVER_PID=$!
     wait_up "http://127.0.0.1:$PORT/healthz" "$TMP/netcl.log"
+}
+
+start_ceiling() {
+    "$CEILING_BIN" "127.0.0.1:$PORT" 2>"$TMP/ceiling.log" &
+    SERVER_PID=$!
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "the ceiling did not start; its log:"
+    cat "$TMP/ceiling.log"
+    exit 1
 }
 
 start_fastapi() {
@@ -136,33 +155,51 @@ echo "same classes from both for the first 50 digits: [$netcl_classes]"
 echo "CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(nproc) vCPUs"
 echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency -s $LUA (after a $WARMUP warm-up) on $ROUTE"
 echo "netcl-serve flags: --model cnn=CHECKPOINT ${SERVE_FLAGS:-(defaults)}; FastAPI: uvicorn --workers $WORKERS, torch threads 1"
+[[ -z "$SERVE_FLAGS_B" ]] || echo "netcl-serve B flags: --model cnn=CHECKPOINT $SERVE_FLAGS_B"
 echo "load before: $(uptime)"
-ratios=()
+sides=(netcl)
+[[ -z "$SERVE_FLAGS_B" ]] || sides+=(netclB)
+[[ -z "${CEILING:-}" ]] || sides+=(ceiling)
+label() {
+    case $1 in
+    netcl) echo "netcl-serve" ;;
+    netclB) echo "netcl-serve B" ;;
+    ceiling) echo "bare axum ceiling" ;;
+    fastapi) echo "FastAPI+PyTorch" ;;
+    esac
+}
+declare -A ratios
 for round in $(seq "$ROUNDS"); do
-    start_netcl
-    run_wrk "netcl$round"
-    stop_server
-    start_fastapi
-    run_wrk "fastapi$round"
-    stop_server
-    r=$(ratio "$(field "netcl$round" rps)" "$(field "fastapi$round" rps)")
-    ratios+=("$r")
-    echo "round $round: netcl-serve $(cat "$TMP/netcl$round")"
-    echo "round $round: FastAPI     $(cat "$TMP/fastapi$round")"
-    echo "round $round: netcl-serve / FastAPI req/s ${r}x"
+    for side in "${sides[@]}" fastapi; do
+        case $side in
+        netcl) start_netcl ;;
+        netclB) start_netcl "$SERVE_FLAGS_B" ;;
+        ceiling) start_ceiling ;;
+        fastapi) start_fastapi ;;
+        esac
+        run_wrk "$side$round"
+        stop_server
+        echo "round $round: $(label "$side") $(cat "$TMP/$side$round")"
+    done
+    for side in "${sides[@]}"; do
+        r=$(ratio "$(field "$side$round" rps)" "$(field "fastapi$round" rps)")
+        ratios[$side]+="$r "
+        echo "round $round: $(label "$side") / FastAPI req/s ${r}x"
+    done
 done
 echo "load after: $(uptime)"
 
 echo
 printf '%-6s %-20s %10s %9s %9s %8s\n' round server "req/s" "p50 ms" "p99 ms" non-2xx
 for round in $(seq "$ROUNDS"); do
-    for side in netcl fastapi; do
-        label=$([[ $side == netcl ]] && echo "netcl-serve" || echo "FastAPI+PyTorch")
-        printf '%-6s %-20s %10s %9s %9s %8s\n' "$round" "$label" "$(field "$side$round" rps)" \
+    for side in "${sides[@]}" fastapi; do
+        printf '%-6s %-20s %10s %9s %9s %8s\n' "$round" "$(label "$side")" "$(field "$side$round" rps)" \
             "$(field "$side$round" p50_ms)" "$(field "$side$round" p99_ms)" "$(field "$side$round" non2xx)"
     done
 done
-sorted=$(printf '%s\n' "${ratios[@]}" | sort -g)
 echo
-echo "netcl-serve / FastAPI+PyTorch req/s: median $(echo "$sorted" | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')x" \
-    "(rounds: ${ratios[*]}; goal >= 20)"
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+for side in "${sides[@]}"; do
+    echo "$(label "$side") / FastAPI+PyTorch req/s: median $(echo "${ratios[$side]}" | median)x" \
+        "(rounds: ${ratios[$side]% }; goal >= 20)"
+done

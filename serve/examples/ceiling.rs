@@ -1,4 +1,4 @@
-//! The benchmark's ceiling: a bare axum server on netcl-serve's route that
+//! The benchmark's ceiling: a bare axum server on netcl-serve's routes that
 //! parses the same JSON body and answers a fixed prediction, computing
 //! nothing. No micro-batching, no model, no limits: what HTTP and JSON
 //! alone cost on this machine (scripts/bench_serve.sh).
@@ -42,7 +42,9 @@ fn main() -> std::io::Result<()> {
         .block_on(async {
             let listener = tokio::net::TcpListener::bind(&listen).await?;
             eprintln!("ceiling listening on {}", listener.local_addr()?);
-            let app = Router::new().route("/v1/predict", post(predict));
+            let app = Router::new()
+                .route("/v1/predict", post(predict))
+                .route("/v1/models/{name}/predict", post(predict));
             axum::serve(listener, app).await
         })
 }

@@ -36,6 +36,7 @@
 //! [`ModelServiceBuilder::inline_forwards`]: crate::ModelServiceBuilder::inline_forwards
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use netcl::autograd::{GradMode, Tape};
@@ -216,10 +217,16 @@ impl Inline {
         }
     }
 
-    /// One forward for `batch`, answering each job.
+    /// One forward for `batch`, answering each job. A panic is contained
+    /// here (its jobs' requests get a 503), so that a turn always ends.
     fn answer(&self, batch: Vec<Job>) {
         let _mode = self.mode.enter();
-        batcher::answer(batch, &self.model, &self.spec, &self.series);
+        let answered = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            batcher::answer(batch, &self.model, &self.spec, &self.series);
+        }));
+        if answered.is_err() {
+            tracing::error!("answering a batch panicked");
+        }
     }
 }
 

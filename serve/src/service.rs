@@ -268,9 +268,11 @@ impl ModelServiceBuilder {
     /// For small models whose forward takes microseconds, where the
     /// hand-off to a model thread and back costs more than the forward (a
     /// CNN on the digits: see BENCHMARKS.md). A forward then holds one of
-    /// the runtime's threads while it runs, so keep it off for models
-    /// whose forwards take milliseconds: their requests would hold up
-    /// other requests' I/O. `max_wait` of
+    /// the runtime's threads while it runs, and the tasks queued on that
+    /// thread wait for it: keep it off for models whose forwards take
+    /// milliseconds, and for a model beside others that must not wait for
+    /// it (with model threads, the default, one model's slow forwards
+    /// never hold up another model's requests). `max_wait` of
     /// [`batching`](ModelServiceBuilder::batching) does not apply: a batch
     /// is what is queued when a forward starts.
     ///
