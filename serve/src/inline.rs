@@ -236,11 +236,54 @@ mod tests {
     use crate::batcher::Prediction;
     use crate::service::OutputSpec;
     use crate::{InputSpec, model::VersionInfo};
-    use netcl::nn::Linear;
+    use netcl::Tensor;
+    use netcl::nn::{Linear, Module};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::oneshot;
 
+    /// Passes its input through, counting the forwards under way and the
+    /// most at once, and the largest batch.
+    #[derive(Debug, Default)]
+    struct Counting {
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        largest: Arc<AtomicUsize>,
+    }
+
+    impl Module for Counting {
+        fn forward(&self, input: &Tensor) -> netcl::Result<Tensor> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            self.largest.fetch_max(input.shape()[0], Ordering::SeqCst);
+            // Long enough for the other threads to queue behind it.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(input.clone())
+        }
+
+        fn named_parameters(&self) -> Vec<(String, Tensor)> {
+            Vec::new()
+        }
+
+        fn try_fork(&self) -> netcl::Result<Box<dyn Module>> {
+            Ok(Box::new(Counting {
+                now: Arc::clone(&self.now),
+                most: Arc::clone(&self.most),
+                largest: Arc::clone(&self.largest),
+            }))
+        }
+    }
+
     fn queue(capacity: usize, runners: usize, max_batch: usize) -> Arc<Inline> {
-        let model = Linear::zeros(2, 2).unwrap();
+        queue_of(&Linear::zeros(2, 2).unwrap(), capacity, runners, max_batch)
+    }
+
+    fn queue_of(
+        model: &dyn Module,
+        capacity: usize,
+        runners: usize,
+        max_batch: usize,
+    ) -> Arc<Inline> {
         let info = VersionInfo {
             version: 0,
             training_steps: 0,
@@ -248,7 +291,7 @@ mod tests {
             accuracy: f32::NAN,
             source: "test",
         };
-        let state = ModelState::new(&model, info).unwrap();
+        let state = ModelState::new(model, info).unwrap();
         let spec = Arc::new(Spec {
             input: InputSpec::rows(2),
             output: OutputSpec::Logits,
@@ -332,5 +375,61 @@ mod tests {
         let inline = queue(4, 1, 8);
         inline.close();
         assert_eq!(inline.submit(job(1).0).unwrap_err(), Refused::Closed);
+    }
+
+    /// Threads submitting at once, with no runtime to hand left-over jobs
+    /// to (the turn finishes them itself): every job is answered with its
+    /// own rows, no batch exceeds `max_batch` rows, at most `runners`
+    /// forwards run at once, and some batches hold several requests.
+    #[test]
+    fn jobs_submitted_from_many_threads_are_all_answered_within_the_turns() {
+        for runners in [1, 2] {
+            let model = Counting::default();
+            let (most, largest) = (Arc::clone(&model.most), Arc::clone(&model.largest));
+            let inline = queue_of(&model, 1024, runners, 6);
+            let answered = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for t in 0..8usize {
+                    let inline = Arc::clone(&inline);
+                    let answered = &answered;
+                    scope.spawn(move || {
+                        for i in 0..50usize {
+                            let rows = 1 + (t + i) % 3;
+                            let (reply, mut answer) = oneshot::channel();
+                            let values: Vec<f32> = (0..rows * 2)
+                                .map(|v| (t * 1000 + i * 10 + v) as f32)
+                                .collect();
+                            let job = Job {
+                                rows,
+                                values: values.clone(),
+                                reply,
+                            };
+                            inline.submit(job).unwrap();
+                            // Answered by this thread's turn, or by the turn
+                            // under way, which finishes the queue.
+                            let prediction = loop {
+                                match answer.try_recv() {
+                                    Ok(prediction) => break prediction.unwrap(),
+                                    Err(oneshot::error::TryRecvError::Empty) => {
+                                        std::thread::yield_now();
+                                    }
+                                    Err(err) => panic!("job dropped: {err}"),
+                                }
+                            };
+                            assert_eq!(prediction.values, values);
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            let most = most.load(Ordering::SeqCst);
+            assert!((1..=runners).contains(&most), "{most} forwards at once");
+            let largest = largest.load(Ordering::SeqCst);
+            assert!(largest <= 6, "a batch of {largest} rows");
+            assert!(largest > 3, "no batch held two requests");
+            assert_eq!(answered.load(Ordering::Relaxed), 8 * 50);
+            assert_eq!(inline.len(), 0);
+            assert_eq!(inline.lock().running, 0);
+        }
     }
 }
