@@ -161,7 +161,7 @@ fn run(
 }
 
 /// Runs one forward for `batch` and sends each job its rows.
-pub(crate) fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSeries) {
+fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSeries) {
     // Requests that timed out meanwhile need no forward.
     batch.retain(|job| !job.reply.is_closed());
     if batch.is_empty() {

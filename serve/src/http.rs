@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use crossbeam_channel::TrySendError;
 use serde::Serialize;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use tokio::sync::oneshot;
@@ -24,7 +25,6 @@ use std::collections::HashMap;
 
 use crate::batcher::Job;
 use crate::generate::Finish;
-use crate::inline::Refused;
 use crate::metrics::{Gauges, Metrics, ModelGauges, Route};
 use crate::service::{Entry, OutputSpec};
 
@@ -504,15 +504,17 @@ async fn predict_inner(
         values: rows.values,
         reply,
     };
-    entry.queue.submit(job).map_err(|refused| match refused {
-        Refused::Full => ApiError::new(
+    entry.jobs.try_send(job).map_err(|err| match err {
+        TrySendError::Full(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "overloaded: {} requests already queued, retry later",
                 entry.queue_capacity
             ),
         ),
-        Refused::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        TrySendError::Disconnected(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        }
     })?;
     let prediction = answer
         .await
@@ -978,7 +980,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .map(|e| ModelGauges {
                 name: Arc::clone(&e.name),
                 version: e.model.published().version(),
-                queue_depth: e.queue.len(),
+                queue_depth: e.jobs.len(),
                 queue_capacity: e.queue_capacity,
             })
             .collect(),

@@ -61,7 +61,6 @@ pub mod checkpointer;
 mod conns;
 pub mod generate;
 mod http;
-mod inline;
 pub mod loader;
 pub mod metrics;
 pub mod model;
@@ -145,10 +144,6 @@ pub struct Config {
     /// Worker threads of the async runtime the binary builds (ignored by
     /// [`start`], which runs on the caller's runtime).
     pub http_threads: usize,
-    /// Run the batched forwards on the runtime's threads, with at most
-    /// [`Config::threads`] at once, instead of on model threads
-    /// ([`ModelServiceBuilder::inline_forwards`]; default off).
-    pub inline_forwards: bool,
     /// Predict requests that may wait for the model; one more is answered
     /// 503 at once.
     pub queue_capacity: usize,
@@ -199,7 +194,6 @@ impl Default for Config {
             publish_every: 10,
             threads: 1,
             http_threads: 2,
-            inline_forwards: false,
             queue_capacity: 1024,
             max_connections: 512,
             request_timeout: Duration::from_secs(5),
@@ -499,7 +493,6 @@ pub async fn start(config: Config) -> Result<Server, Error> {
             .threads(config.threads)
             .queue_capacity(config.queue_capacity.max(1))
             .batching(config.max_batch.max(1), config.max_wait)
-            .inline_forwards(config.inline_forwards)
             .metrics(&metrics)
     };
     let (shutdown, shutdown_rx) = signal::channel(false);
@@ -626,7 +619,6 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         max_batch = config.max_batch,
         max_wait_us = config.max_wait.as_micros() as u64,
         threads = config.threads,
-        inline_forwards = config.inline_forwards,
         seconds = started.elapsed().as_secs_f64(),
         "netcl-serve started"
     );

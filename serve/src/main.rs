@@ -80,11 +80,6 @@ struct Cli {
     /// Model threads: each runs batched forwards, off the HTTP threads.
     #[arg(long, value_name = "N", default_value_t = Config::default().threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
-    /// Run the batched forwards on the HTTP runtime's threads (at most
-    /// --threads at once) instead of on model threads: no hand-off between
-    /// threads, for small models whose forwards take microseconds.
-    #[arg(long)]
-    inline_forwards: bool,
     /// Worker threads of the HTTP runtime.
     #[arg(long, value_name = "N", default_value_t = Config::default().http_threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     http_threads: u64,
@@ -220,7 +215,6 @@ impl Cli {
             publish_every: self.publish_every,
             threads: size(self.threads)?,
             http_threads: size(self.http_threads)?,
-            inline_forwards: self.inline_forwards,
             queue_capacity: size(self.queue)?,
             max_connections: size(self.max_connections)?,
             request_timeout: Duration::from_millis(self.request_timeout_ms),

@@ -22,7 +22,6 @@ use netcl::nn::{Module, Published};
 
 use crate::batcher::{self, BatchSettings, Job};
 use crate::generate::{Generation, LanguageModel};
-use crate::inline::{Inline, Refused};
 use crate::metrics::{Metrics, RequestSeries, Route};
 use crate::model::{ModelState, VersionInfo};
 use crate::{Config, Error};
@@ -156,7 +155,7 @@ pub(crate) struct Spec {
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) name: Arc<String>,
-    pub(crate) queue: Queue,
+    pub(crate) jobs: crossbeam_channel::Sender<Job>,
     pub(crate) queue_capacity: usize,
     pub(crate) model: Arc<ModelState>,
     pub(crate) spec: Arc<Spec>,
@@ -176,36 +175,6 @@ pub(crate) struct Entry {
     pub(crate) predicts: bool,
 }
 
-/// Where a model's predict jobs wait, and what runs their forwards.
-#[derive(Debug)]
-pub(crate) enum Queue {
-    /// Model threads ([`crate::batcher`]).
-    Threads(crossbeam_channel::Sender<Job>),
-    /// The runtime's threads ([`crate::inline`]).
-    Inline(Arc<Inline>),
-}
-
-impl Queue {
-    /// Queues `job` (with inline forwards, maybe answering it at once).
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Refused> {
-        match self {
-            Queue::Threads(jobs) => jobs.try_send(job).map_err(|err| match err {
-                crossbeam_channel::TrySendError::Full(_) => Refused::Full,
-                crossbeam_channel::TrySendError::Disconnected(_) => Refused::Closed,
-            }),
-            Queue::Inline(inline) => inline.submit(job),
-        }
-    }
-
-    /// Jobs waiting.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Queue::Threads(jobs) => jobs.len(),
-            Queue::Inline(inline) => inline.len(),
-        }
-    }
-}
-
 /// Builds a [`ModelService`]; from [`ModelService::builder`].
 #[must_use]
 pub struct ModelServiceBuilder {
@@ -220,7 +189,6 @@ pub struct ModelServiceBuilder {
     layers: Option<Vec<usize>>,
     training: bool,
     language_model: Option<LanguageModel>,
-    inline: bool,
 }
 
 impl fmt::Debug for ModelServiceBuilder {
@@ -249,57 +217,8 @@ impl ModelServiceBuilder {
 
     /// Model threads, each running batched forwards (default 1; 0 starts
     /// none, so requests wait until they time out: only to test overload).
-    /// With [`inline_forwards`](ModelServiceBuilder::inline_forwards), the
-    /// most forwards under way at once instead.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
-        self
-    }
-
-    /// Runs the batched forwards on the async runtime's threads instead of
-    /// model threads (default off). A handler whose request finds a turn
-    /// free runs the forward itself, for its own request and whatever else
-    /// is queued, so the request crosses no thread; at most
-    /// [`threads`](ModelServiceBuilder::threads) forwards run at once, and
-    /// requests that arrive meanwhile wait in the queue and are batched, as
-    /// with model threads. Every row of a batch still comes from one
-    /// version, and a connection's version never goes back.
-    ///
-    /// For small models whose forward takes microseconds, where the
-    /// hand-off to a model thread and back costs more than the forward (a
-    /// CNN on the digits: see BENCHMARKS.md). A forward then holds one of
-    /// the runtime's threads while it runs, and the tasks queued on that
-    /// thread wait for it: keep it off for models whose forwards take
-    /// milliseconds, and for a model beside others that must not wait for
-    /// it (with model threads, the default, one model's slow forwards
-    /// never hold up another model's requests). `max_wait` of
-    /// [`batching`](ModelServiceBuilder::batching) does not apply: a batch
-    /// is what is queued when a forward starts.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use axum::body::Body;
-    /// use axum::http::Request;
-    /// use netcl::nn::{Linear, Published};
-    /// use netcl_serve::{InputSpec, ModelService, OutputSpec};
-    /// use tower::ServiceExt;
-    ///
-    /// let model = Linear::zeros(4, 3)?;
-    /// let service = ModelService::builder("tiny", Published::new(&model)?)
-    ///     .input(InputSpec::rows(4))
-    ///     .output(OutputSpec::Logits)
-    ///     .inline_forwards(true)
-    ///     .build()?;
-    /// let request = Request::post("/v1/models/tiny/predict")
-    ///     .body(Body::from(r#"{"inputs": [[1, 2, 3, 4]]}"#))?;
-    /// let response = service.router().oneshot(request).await?;
-    /// assert_eq!(response.status(), 200);
-    /// # Ok(()) }
-    /// ```
-    pub fn inline_forwards(mut self, on: bool) -> Self {
-        self.inline = on;
         self
     }
 
@@ -423,9 +342,8 @@ impl ModelServiceBuilder {
         let generation = self
             .language_model
             .map(|lm| Arc::new(Generation::new(lm, self.threads)));
-        let inline = self.inline && predicts;
         let threads = batcher::spawn(
-            if predicts && !inline { self.threads } else { 0 },
+            if predicts { self.threads } else { 0 },
             &queue,
             &self.state,
             &spec,
@@ -437,24 +355,11 @@ impl ModelServiceBuilder {
         .map_err(|err| Error::Thread(err.to_string()))?;
         let series =
             [Route::Predict, Route::ModelPredict].map(|route| metrics.request_series(route, &name));
-        let jobs = if inline {
-            Queue::Inline(Arc::new(Inline::new(
-                self.queue_capacity,
-                self.threads,
-                self.batch.max_batch,
-                &self.state,
-                &spec,
-                &metrics,
-                &name,
-            )))
-        } else {
-            Queue::Threads(jobs)
-        };
         Ok(ModelService {
             entry: Arc::new(Entry {
                 series,
                 name,
-                queue: jobs,
+                jobs,
                 queue_capacity: self.queue_capacity,
                 model: self.state,
                 spec,
@@ -592,11 +497,7 @@ impl ModelService {
     }
 
     /// Its stop flag and threads, for the server's shutdown.
-    /// With inline forwards, its queue refuses new jobs from now on.
     pub(crate) fn into_threads(self) -> (Arc<AtomicBool>, Vec<JoinHandle<()>>) {
-        if let Queue::Inline(inline) = &self.entry.queue {
-            inline.close();
-        }
         (self.stop, self.threads)
     }
 
@@ -623,7 +524,6 @@ impl ModelServiceBuilder {
             layers: None,
             training: false,
             language_model: None,
-            inline: config.inline_forwards,
         }
     }
 }

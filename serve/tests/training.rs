@@ -2,8 +2,7 @@
 //! versions that never go back, and every response's classes are what its
 //! version computes (every response is checked: the test receives every
 //! version the server publishes). The trainer runs at background priority; its versions
-//! are published by a thread of normal priority. The same with the
-//! forwards run inline, on the runtime's threads.
+//! are published by a thread of normal priority.
 
 mod common;
 
@@ -25,17 +24,7 @@ type Seen = (u64, Vec<f32>, Vec<u32>, Vec<f32>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
-    clients_while_training(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_inline_forwards_clients_see_monotonic_versions_and_their_forward() {
-    clients_while_training(true).await;
-}
-
-async fn clients_while_training(inline_forwards: bool) {
     let server = start(Config {
-        inline_forwards,
         train: true,
         // A new version every 20 steps: several during the run, each
         // answering a good number of requests.
@@ -159,11 +148,7 @@ async fn clients_while_training(inline_forwards: bool) {
     assert_eq!(thread_nice("netcl-train"), Some(19));
     let own = nice_of(std::path::Path::new("/proc/thread-self"));
     assert!(own.is_some());
-    // The model threads too (with inline forwards there are none, but the
-    // other test's server runs in this process beside this one).
-    if !inline_forwards {
-        assert_eq!(thread_nice("netcl-model-0"), own);
-    }
+    assert_eq!(thread_nice("netcl-model-0"), own);
     // Predictions load the current version without a lock (arc-swap), but
     // publishing takes the lock `GET /v1/model` reads the version's details
     // under: a thread of normal priority does it, so that a nice-19 trainer
