@@ -438,11 +438,13 @@ impl Geom {
     /// backward computes dx through it. Its column matrix has `O/g · kH ·
     /// kW` rows where the lowering's adjoint makes one of `C/g · kH · kW`
     /// (the product's output): measured (32 images of 32x32, 3x3, padding
-    /// 1, one thread), the forward takes 0.6x the adjoint's time with 32
-    /// input channels and 16 output, 0.85x with 32 and 32, and 1.15x with
-    /// 16 and 32, so it is used when `O/g ≤ C/g`. Nor where its band would
-    /// be much larger than this convolution's (few output channels of a
-    /// wide image, many input channels).
+    /// 1, one thread, medians of 5-8 alternating runs), the forward takes
+    /// 0.63x the adjoint's time with 32 input channels and 16 output,
+    /// 0.87x with 32 and 32, and 1.0-1.15x with 16 and 32
+    /// (`conv2d_fwd_bwd_1t`), so it is used when `O/g ≤ C/g`, on large
+    /// images only (where it was measured). Nor where its band would be
+    /// much larger than this convolution's (few output channels of a wide
+    /// image, many input channels).
     fn input_gradient_by_forward(&self) -> Option<Geom> {
         #[cfg(test)]
         if let Some(forced) = tests::FORCE_TURNED.get() {
