@@ -32,7 +32,12 @@
 //! faster with the output channels as the contiguous axis),
 //! `dx = col2im(W_gᵀ · dY_g)`, `db = Σ dY` over the batch and the
 //! positions. The input is saved and its columns rebuilt in the backward
-//! rather than kept (they are `kH · kW` times the input's size).
+//! rather than kept (they are `kH · kW` times the input's size). For
+//! stride 1, padding within the kernel's span and no more output channels
+//! than input channels per group, `dx` is instead the forward of `dY` with
+//! the filters turned 180° and their channel axes swapped
+//! ([`Geom::input_gradient`]), which writes `dx` directly where the
+//! adjoint's product and scatter-adds move more data.
 //!
 //! # Departures from PyTorch
 //!
@@ -396,6 +401,61 @@ impl Geom {
             .collect()
     }
 
+    /// The geometry whose forward computes this convolution's input
+    /// gradient, where one exists: for stride 1 and padding at most the
+    /// kernel's span `d·(k − 1)` on each axis, `dx = conv(dY, W′)` with
+    /// `W′[g·C/g + c, o, i, j] = W[g·O/g + o, c, kH − 1 − i, kW − 1 − j]`
+    /// (the filters turned 180° with their channel axes swapped, per
+    /// group), padding `d·(k − 1) − p`, the same dilation and groups: tap
+    /// `(i, j)` of output `(oy, ox)` reads input `(oy + i·d − p, …)`, so
+    /// input `(y, x)` collects `dY[y − i·d + p, …]` through tap `(i, j)`,
+    /// which the turned kernel reads at offset `(kH − 1 − i)·d` of a window
+    /// padded by `d·(kH − 1) − p`.
+    fn input_gradient(&self) -> Option<Geom> {
+        let span_h = self.dh * (self.kh - 1);
+        let span_w = self.dw * (self.kw - 1);
+        (self.sh == 1 && self.sw == 1 && self.ph <= span_h && self.pw <= span_w).then(|| Geom {
+            n: self.n,
+            c: self.o,
+            h: self.ho,
+            w: self.wo,
+            o: self.c,
+            groups: self.groups,
+            kh: self.kh,
+            kw: self.kw,
+            sh: 1,
+            sw: 1,
+            ph: span_h - self.ph,
+            pw: span_w - self.pw,
+            dh: self.dh,
+            dw: self.dw,
+            ho: self.h,
+            wo: self.w,
+        })
+    }
+
+    /// [`input_gradient`](Geom::input_gradient)'s geometry where the
+    /// backward computes dx through it. Its column matrix has `O/g · kH ·
+    /// kW` rows where the lowering's adjoint makes one of `C/g · kH · kW`
+    /// (the product's output): measured (32 images of 32x32, 3x3, padding
+    /// 1, one thread, medians of 5-8 alternating runs), the forward takes
+    /// 0.63x the adjoint's time with 32 input channels and 16 output,
+    /// 0.87x with 32 and 32, and 1.0-1.15x with 16 and 32
+    /// (`conv2d_fwd_bwd_1t`), so it is used when `O/g ≤ C/g`, on large
+    /// images only (where it was measured). Nor where its band would be
+    /// much larger than this convolution's (few output channels of a wide
+    /// image, many input channels).
+    fn input_gradient_by_forward(&self) -> Option<Geom> {
+        #[cfg(test)]
+        if let Some(forced) = tests::FORCE_TURNED.get() {
+            return self.input_gradient().filter(|_| forced);
+        }
+        let band = |g: &Geom| g.k().saturating_mul(g.w + 2 * g.pw);
+        self.input_gradient().filter(|tg| {
+            Rows::plan(self).is_some() && self.og() <= self.cg() && band(tg) <= BAND.max(band(self))
+        })
+    }
+
     /// The input row read by output row `oy` at kernel row `i`, `None` in
     /// the padding.
     fn input_row(&self, oy: usize, i: usize) -> Option<usize> {
@@ -719,7 +779,11 @@ impl Rows {
     /// The columns of one band: `[K, (oy1 − oy0) · Wp]` into the first
     /// values of `buffer`, from the padded image; the junk columns zeroed
     /// when `zero_junk` (else left as they are: a product column depends
-    /// on its own column only, and the forward drops them).
+    /// on its own column only, and the forward drops them, and the width
+    /// rounded up to a multiple of 16 with zero columns: the kernel then
+    /// reads the matrix in place, where another width makes it copy the
+    /// whole band first, 1.4x the time of the input gradient's product
+    /// at `conv2d_fwd_bwd_1t`'s shape).
     fn cols<'a>(
         &self,
         g: &Geom,
@@ -730,10 +794,15 @@ impl Rows {
     ) -> ArrayView2<'a, f32> {
         let (k, wp) = (g.k(), self.wp);
         let width = (oy1 - oy0) * wp;
+        let ld = if zero_junk {
+            width
+        } else {
+            width.next_multiple_of(16)
+        };
         // The last row's junk would read past the plane's end.
         let run = width - (wp - g.wo);
-        let cols = first(buffer, k * width);
-        for (row, at) in cols.chunks_exact_mut(width).zip(self.starts(g, oy0)) {
+        let cols = first(buffer, k * ld);
+        for (row, at) in cols.chunks_exact_mut(ld).zip(self.starts(g, oy0)) {
             row[..run].copy_from_slice(&padded[at..at + run]);
             if zero_junk {
                 for junk in row.chunks_exact_mut(wp) {
@@ -743,7 +812,7 @@ impl Rows {
                 row[run..].fill(0.0);
             }
         }
-        ArrayView2::from_shape((k, width), &*cols).expect("[K, band]")
+        ArrayView2::from_shape((k, ld), &*cols).expect("[K, band]")
     }
 
     /// The adjoint of [`cols`](Rows::cols) (junk columns dropped): adds
@@ -777,36 +846,38 @@ impl Rows {
         })
     }
 
-    /// The forward of [`conv_forward`] through padded rows, into `out`
-    /// (`[N, O, Ho·Wo]`, every value written here: the band's product
-    /// plus the bias).
-    fn forward(&self, g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-        let (og, k, p, wp) = (g.og(), g.k(), g.p(), self.wp);
+    /// The forward of [`conv_forward`] through padded rows, appended to
+    /// `out` (`[N, O, Ho·Wo]`: the product plus the bias, every value in
+    /// order, with no zeroing pass first). The bands' products of one
+    /// image's group go side by side into one `[O/g, Ho·Wp]` buffer, whose
+    /// channels are then appended one after the other.
+    fn forward(&self, g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut Vec<f32>) {
+        let (og, k, wp) = (g.og(), g.k(), self.wp);
         let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
         let (mut padded, mut cols, mut product) = (Vec::new(), take_scratch(), Vec::new());
+        // Room for the last band's columns past `Ho·Wp` (see `cols`).
+        let ld = g.ho * wp + 16;
         for n in 0..g.n {
             for group in 0..g.groups {
                 self.pad(g, &x[n * image + group * len..][..len], &mut padded);
                 let w = ArrayView2::from_shape((og, k), &w[group * og * k..][..og * k])
                     .expect("[O/g, K]");
+                let product = first(&mut product, og * ld);
                 for band in self.bands(g) {
                     let cols = self.cols(g, &padded, band, &mut cols, false);
-                    let width = cols.ncols();
-                    let product = first(&mut product, og * width);
-                    gemm_into(
-                        w,
-                        cols,
-                        ArrayViewMut2::from_shape((og, width), &mut *product).expect("[O/g, band]"),
-                    );
-                    for (o, src) in product.chunks_exact(width).enumerate() {
-                        let channel = group * og + o;
-                        let b = bias.map_or(0.0, |b| b[channel]);
-                        let y = &mut out[(n * g.o + channel) * p + band.0 * g.wo..];
-                        for (y, s) in y.chunks_exact_mut(g.wo).zip(src.chunks_exact(wp)) {
-                            for (y, s) in y.iter_mut().zip(&s[..g.wo]) {
-                                *y = *s + b;
-                            }
-                        }
+                    // Columns past the band's own are overwritten by the
+                    // next band's.
+                    let y = ArrayViewMut2::from_shape(
+                        (og, cols.ncols()).strides((ld, 1)),
+                        &mut product[band.0 * wp..],
+                    )
+                    .expect("[O/g, band] of the product");
+                    gemm_into(w, cols, y);
+                }
+                for (o, src) in product.chunks_exact(ld).enumerate() {
+                    let b = bias.map_or(0.0, |b| b[group * og + o]);
+                    for row in src[..g.ho * wp].chunks_exact(wp) {
+                        out.extend(row[..g.wo].iter().map(|s| *s + b));
                     }
                 }
             }
@@ -815,13 +886,14 @@ impl Rows {
     }
 
     /// The input and weight gradients of [`ConvBackward`] through padded
-    /// rows: `dx` (`[N, C, H, W]`, every value written here when
-    /// `Some`) and `dwt` (`[groups, K, O/g]`, accumulated, when `Some`).
+    /// rows: `dx` (`[N, C, H, W]`, appended in order when `Some`: no
+    /// zeroing pass first) and `dwt` (`[groups, K, O/g]`, accumulated,
+    /// when `Some`).
     fn backward(
         &self,
         g: &Geom,
         (x, w, dy): (&[f32], &[f32], &[f32]),
-        mut dx: Option<&mut [f32]>,
+        mut dx: Option<&mut Vec<f32>>,
         mut dwt: Option<&mut [f32]>,
     ) {
         let (og, k, p, wp) = (g.og(), g.k(), g.p(), self.wp);
@@ -876,13 +948,9 @@ impl Rows {
                     }
                 }
                 if let Some(dx) = dx.as_deref_mut() {
-                    let dx = &mut dx[n * image + group * len..][..len];
-                    for (dst, src) in dx.chunks_exact_mut(g.h * g.w).zip(acc.chunks_exact(plane)) {
-                        for (d, s) in dst
-                            .chunks_exact_mut(g.w)
-                            .zip(src[g.ph * wp..].chunks_exact(wp))
-                        {
-                            d.copy_from_slice(&s[g.pw..g.pw + g.w]);
+                    for src in acc[..g.cg() * plane].chunks_exact(plane) {
+                        for s in src[g.ph * wp..].chunks_exact(wp).take(g.h) {
+                            dx.extend_from_slice(&s[g.pw..g.pw + g.w]);
                         }
                     }
                 }
@@ -904,8 +972,9 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
         && k > 0
         && let Some(rows) = Rows::plan(g)
     {
-        let mut out = crate::storage::cache::zeros(len);
+        let mut out = crate::storage::cache::take(len);
         rows.forward(g, x, w, bias, &mut out);
+        debug_assert_eq!(out.len(), len);
         return out;
     }
     let mut out = match bias {
@@ -958,6 +1027,22 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
     out
 }
 
+/// The weight of [`Geom::input_gradient`]'s convolution, `[C, O/groups,
+/// kH, kW]`, from `w` (`[O, C/groups, kH, kW]`, row-major).
+fn turned_weight(g: &Geom, w: &[f32]) -> Vec<f32> {
+    let (og, cg, taps) = (g.og(), g.cg(), g.kh * g.kw);
+    let mut turned = Vec::with_capacity(w.len());
+    for group in 0..g.groups {
+        for c in 0..cg {
+            for o in 0..og {
+                let filter = &w[((group * og + o) * cg + c) * taps..][..taps];
+                turned.extend(filter.iter().rev());
+            }
+        }
+    }
+    turned
+}
+
 /// Backward of `y[n, g] = W_g · cols(x[n, g]) + b`:
 /// `dW_g = Σ_n dY[n, g] · cols(x[n, g])ᵀ` (computed transposed),
 /// `dx[n, g] = col2im(W_gᵀ · dY[n, g])`, `db = Σ_{n, positions} dY`.
@@ -975,28 +1060,47 @@ impl Backprop for ConvBackward {
         let grad = contiguous(grad);
         let dy = grad.as_slice().expect("row-major");
         let (need_x, need_w) = (grads.needs_grad(0), grads.needs_grad(1));
-        let mut dx = crate::storage::cache::zeros(if need_x { self.x.len() } else { 0 });
+        let (x, w) = (
+            self.x.as_slice().expect("row-major"),
+            self.w.as_slice().expect("row-major"),
+        );
+        // dx by the forward of the turned filters over dY where that is
+        // the faster way (every value written there), else by the adjoint
+        // of the lowering below.
+        // (Not with a weight NaN or infinite: its taps would multiply the
+        // turned convolution's padding, where the adjoint leaves it out.)
+        let turned = need_x
+            .then(|| g.input_gradient_by_forward())
+            .flatten()
+            .filter(|_| w.iter().all(|w| w.is_finite()));
+        if let Some(tg) = &turned {
+            let dx = conv_forward(tg, dy, &turned_weight(g, w), None);
+            grads.put(0, Data::from_vec(self.x.shape(), dx));
+        }
+        let need_x = need_x && turned.is_none();
         // dW_gᵀ = Σ_n cols · dY[n, g]ᵀ, [K, O/g] per group, transposed into
         // dW at the end: the kernel is faster on this shape than on
         // dW_g = dY · colsᵀ (conv2d_fwd_bwd_1t 0.67x the time, measured
         // side by side).
         let mut dwt = crate::storage::cache::zeros(if need_w { self.w.len() } else { 0 });
         let (og, k, p) = (g.og(), g.k(), g.p());
-        let (x, w) = (
-            self.x.as_slice().expect("row-major"),
-            self.w.as_slice().expect("row-major"),
-        );
-        if !dy.is_empty()
-            && k > 0
-            && let Some(rows) = Rows::plan(g)
-        {
+        let computed = !dy.is_empty() && k > 0;
+        let rows = Rows::plan(g).filter(|_| computed);
+        // Padded rows write every value of dx in order; the chunks below
+        // add into it.
+        let mut dx = match (need_x, &rows) {
+            (false, _) => Vec::new(),
+            (true, Some(_)) => crate::storage::cache::take(self.x.len()),
+            (true, None) => crate::storage::cache::zeros(self.x.len()),
+        };
+        if let Some(rows) = rows {
             rows.backward(
                 g,
                 (x, w, dy),
-                need_x.then_some(&mut dx[..]),
+                need_x.then_some(&mut dx),
                 need_w.then_some(&mut dwt[..]),
             );
-        } else if !dy.is_empty() && k > 0 {
+        } else if (need_x || need_w) && computed {
             let (mut cols, mut dcols, mut dys) = (take_scratch(), take_scratch(), Vec::new());
             let mut lowering = Lowering::new(g);
             for chunk in g.chunks() {
@@ -1376,6 +1480,14 @@ pub fn try_conv1d(
 mod tests {
     use super::*;
 
+    std::thread_local! {
+        /// Forces the input gradient's path on this thread: by the forward
+        /// of the turned filters (`Some(true)`, where it exists) or by the
+        /// lowering's adjoint (`Some(false)`).
+        pub(super) static FORCE_TURNED: std::cell::Cell<Option<bool>> =
+            const { std::cell::Cell::new(None) };
+    }
+
     /// The definition, in f64: `y[n, o, oy, ox] = b[o] + Σ w · x` over the
     /// taps inside the image.
     #[allow(clippy::too_many_arguments)]
@@ -1612,5 +1724,178 @@ mod tests {
         let b = Tensor::from_vec(vec![1.0, 2.0], &[2]).unwrap();
         let y = conv2d(&x, &w, Some(&b), 1, 0, 1, 1);
         assert_eq!(y.to_vec(), vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
+    }
+    /// The adjoint of [`direct`] in f64: `dx[n, c, iy, ix] = Σ dy · w`
+    /// over the outputs and taps that read `(iy, ix)`.
+    #[allow(clippy::too_many_arguments)]
+    fn direct_dx(
+        dy: &[f32],
+        xs: [usize; 4],
+        w: &[f32],
+        ws: [usize; 4],
+        s: [usize; 2],
+        p: [usize; 2],
+        d: [usize; 2],
+        groups: usize,
+    ) -> Vec<f64> {
+        let [n, c, h, wd] = xs;
+        let [o, cg, kh, kw] = ws;
+        let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
+        let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
+        let og = o / groups;
+        let mut dx = vec![0.0; n * c * h * wd];
+        for ni in 0..n {
+            for oi in 0..o {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let g = f64::from(dy[((ni * o + oi) * ho + oy) * wo + ox]);
+                        for ci in 0..cg {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let iy = (oy * s[0] + i * d[0]) as isize - p[0] as isize;
+                                    let ix = (ox * s[1] + j * d[1]) as isize - p[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        continue;
+                                    }
+                                    let xc = oi / og * cg + ci;
+                                    let wv = w[((oi * cg + ci) * kh + i) * kw + j];
+                                    dx[((ni * c + xc) * h + iy as usize) * wd + ix as usize] +=
+                                        g * f64::from(wv);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx
+    }
+
+    /// The input, weight and bias gradients of `Σ r · conv2d(x, w, b)`,
+    /// with the input gradient's path forced as `turned` says.
+    #[allow(clippy::too_many_arguments)]
+    fn gradients(
+        x: &[f32],
+        xs: [usize; 4],
+        w: &[f32],
+        ws: [usize; 4],
+        r: &[f32],
+        s: [usize; 2],
+        p: [usize; 2],
+        d: [usize; 2],
+        groups: usize,
+        turned: bool,
+    ) -> [Vec<f32>; 3] {
+        FORCE_TURNED.set(Some(turned));
+        let xt = Tensor::from_vec(x.to_vec(), &xs)
+            .unwrap()
+            .requires_grad_(true);
+        let wt = Tensor::from_vec(w.to_vec(), &ws)
+            .unwrap()
+            .requires_grad_(true);
+        let bt = Tensor::zeros(&[ws[0]]).requires_grad_(true);
+        let y = conv2d(&xt, &wt, Some(&bt), s, p, d, groups);
+        let r = Tensor::from_vec(r.to_vec(), y.shape()).unwrap();
+        (&y * &r).sum().backward();
+        FORCE_TURNED.set(None);
+        [xt.grad(), wt.grad(), bt.grad()].map(|g| g.unwrap().to_vec())
+    }
+
+    #[test]
+    fn input_gradient_by_the_turned_forward_matches_the_adjoint() {
+        // (input, weight, stride, padding, dilation, groups, turned path
+        // exists). Small images (gathered lowering) and large ones (padded
+        // rows), padding 0, dilation, groups, 1x1 and non-square kernels,
+        // one row, and the cases the turned path does not cover (padding
+        // wider than the kernel's span, stride 2).
+        type Case = (
+            [usize; 4],
+            [usize; 4],
+            [usize; 2],
+            [usize; 2],
+            [usize; 2],
+            usize,
+            bool,
+        );
+        let cases: &[Case] = &[
+            ([2, 4, 9, 7], [6, 2, 3, 3], [1, 1], [1, 1], [1, 1], 2, true),
+            ([1, 3, 6, 5], [2, 3, 3, 2], [1, 1], [0, 0], [1, 1], 1, true),
+            ([1, 2, 9, 9], [3, 2, 3, 3], [1, 1], [2, 1], [2, 2], 1, true),
+            ([2, 5, 4, 4], [3, 5, 1, 1], [1, 1], [0, 0], [1, 1], 1, true),
+            ([1, 3, 7, 6], [4, 3, 3, 2], [1, 1], [2, 1], [1, 1], 1, true),
+            ([2, 3, 1, 10], [2, 3, 1, 3], [1, 1], [0, 1], [1, 1], 1, true),
+            (
+                [1, 32, 40, 36],
+                [16, 32, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+                true,
+            ),
+            (
+                [1, 8, 72, 70],
+                [4, 4, 3, 3],
+                [1, 1],
+                [2, 1],
+                [2, 1],
+                2,
+                true,
+            ),
+            ([1, 2, 5, 5], [2, 2, 3, 3], [1, 1], [3, 1], [1, 1], 1, false),
+            ([1, 2, 7, 7], [2, 2, 3, 3], [2, 1], [1, 1], [1, 1], 1, false),
+        ];
+        for &(xs, ws, s, p, d, groups, exists) in cases {
+            let label = format!("{xs:?} * {ws:?}, stride {s:?}, padding {p:?}, dilation {d:?}");
+            let (geom, shape) = Geom::new(
+                "conv2d",
+                2,
+                &xs,
+                &ws,
+                None,
+                Size2(s[0], s[1]),
+                Size2(p[0], p[1]),
+                Size2(d[0], d[1]),
+                groups,
+            )
+            .unwrap();
+            assert_eq!(geom.input_gradient().is_some(), exists, "{label}");
+            let x = values(xs.iter().product(), 0.1);
+            let w = values(ws.iter().product(), 0.3);
+            let r = values(shape.iter().product(), 0.7);
+            let want = direct_dx(&r, xs, &w, ws, s, p, d, groups);
+            let turned = gradients(&x, xs, &w, ws, &r, s, p, d, groups, true);
+            let lowered = gradients(&x, xs, &w, ws, &r, s, p, d, groups, false);
+            for dx in [&turned[0], &lowered[0]] {
+                for (got, want) in dx.iter().zip(&want) {
+                    assert!(
+                        (f64::from(*got) - want).abs() < 1e-4,
+                        "{label}: {got} vs {want}"
+                    );
+                }
+            }
+            // The weight and bias gradients do not depend on the path.
+            assert_eq!(turned[1..], lowered[1..], "{label}");
+        }
+    }
+
+    #[test]
+    fn input_gradient_by_the_turned_forward_is_the_same_bits_in_parallel_tasks() {
+        // Large enough for the kernel to split its product between threads
+        // when it may (on the calling thread).
+        let (xs, ws) = ([2, 32, 40, 36], [16, 32, 3, 3]);
+        let x = values(xs.iter().product(), 0.1);
+        let w = values(ws.iter().product(), 0.3);
+        let r = values(2 * 16 * 40 * 36, 0.7);
+        let run = || gradients(&x, xs, &w, ws, &r, [1, 1], [1, 1], [1, 1], 1, true);
+        let here = run();
+        let there = crate::parallel::map(&[(); 2], |_| run());
+        let again = run();
+        for other in there.iter().chain([&again]) {
+            for (a, b) in here.iter().zip(other) {
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(a), bits(b));
+            }
+        }
     }
 }
