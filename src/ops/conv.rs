@@ -1488,32 +1488,61 @@ mod tests {
             const { std::cell::Cell::new(None) };
     }
 
-    /// The definition, in f64: `y[n, o, oy, ox] = b[o] + Σ w · x` over the
-    /// taps inside the image.
-    #[allow(clippy::too_many_arguments)]
-    fn direct(
-        x: &[f32],
+    /// A convolution's input and weight shapes, stride, padding, dilation
+    /// and groups, for the references below.
+    #[derive(Clone, Copy)]
+    struct Geometry {
         xs: [usize; 4],
-        w: &[f32],
         ws: [usize; 4],
-        b: &[f32],
         s: [usize; 2],
         p: [usize; 2],
         d: [usize; 2],
         groups: usize,
-    ) -> (Vec<f64>, [usize; 4]) {
+    }
+
+    /// (input, weight, stride, padding, dilation, groups).
+    const fn geometry(
+        xs: [usize; 4],
+        ws: [usize; 4],
+        s: [usize; 2],
+        p: [usize; 2],
+        d: [usize; 2],
+        groups: usize,
+    ) -> Geometry {
+        Geometry {
+            xs,
+            ws,
+            s,
+            p,
+            d,
+            groups,
+        }
+    }
+
+    /// Calls `f(y, x, w)` with the flat indices of every output position,
+    /// input value and weight the convolution multiplies together (taps in
+    /// the padding skipped), in the order of the definition's sums; returns
+    /// the output's shape.
+    fn each_tap(case: Geometry, mut f: impl FnMut(usize, usize, usize)) -> [usize; 4] {
+        let Geometry {
+            xs,
+            ws,
+            s,
+            p,
+            d,
+            groups,
+        } = case;
         let [n, c, h, wd] = xs;
         let [o, cg, kh, kw] = ws;
         let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
         let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
         let og = o / groups;
-        let mut y = vec![0.0; n * o * ho * wo];
         for ni in 0..n {
             for oi in 0..o {
                 let g = oi / og;
                 for oy in 0..ho {
                     for ox in 0..wo {
-                        let mut sum = f64::from(b[oi]);
+                        let yi = ((ni * o + oi) * ho + oy) * wo + ox;
                         for ci in 0..cg {
                             for i in 0..kh {
                                 for j in 0..kw {
@@ -1523,19 +1552,31 @@ mod tests {
                                         continue;
                                     }
                                     let xc = g * cg + ci;
-                                    let xv =
-                                        x[((ni * c + xc) * h + iy as usize) * wd + ix as usize];
-                                    let wv = w[((oi * cg + ci) * kh + i) * kw + j];
-                                    sum += f64::from(xv) * f64::from(wv);
+                                    let xi = ((ni * c + xc) * h + iy as usize) * wd + ix as usize;
+                                    f(yi, xi, ((oi * cg + ci) * kh + i) * kw + j);
                                 }
                             }
                         }
-                        y[((ni * o + oi) * ho + oy) * wo + ox] = sum;
                     }
                 }
             }
         }
-        (y, [n, o, ho, wo])
+        [n, o, ho, wo]
+    }
+
+    /// The definition, in f64: `y[n, o, oy, ox] = b[o] + Σ w · x` over the
+    /// taps inside the image.
+    fn direct(case: Geometry, x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, [usize; 4]) {
+        let mut taps = Vec::new();
+        let shape = each_tap(case, |y, x, w| taps.push((y, x, w)));
+        let [n, o, ho, wo] = shape;
+        let mut y: Vec<f64> = (0..n * o * ho * wo)
+            .map(|i| f64::from(b[i / (ho * wo) % o]))
+            .collect();
+        for (yi, xi, wi) in taps {
+            y[yi] += f64::from(x[xi]) * f64::from(w[wi]);
+        }
+        (y, shape)
     }
 
     fn values(len: usize, seed: f32) -> Vec<f32> {
@@ -1548,27 +1589,26 @@ mod tests {
     fn matches_the_definition_across_bands_and_groups() {
         // The first geometry is tall enough to need several bands of the
         // column matrix (144 taps · 64 columns · 28 rows per band).
-        // (input, weight, stride, padding, dilation, groups)
-        type Case = (
-            [usize; 4],
-            [usize; 4],
-            [usize; 2],
-            [usize; 2],
-            [usize; 2],
-            usize,
-        );
-        let cases: &[Case] = &[
-            ([1, 16, 64, 64], [2, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
-            ([2, 4, 9, 7], [6, 2, 3, 2], [2, 1], [1, 2], [1, 2], 2),
-            ([1, 3, 6, 6], [3, 1, 3, 3], [1, 3], [2, 0], [2, 1], 3),
+        let cases = [
+            geometry([1, 16, 64, 64], [2, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([2, 4, 9, 7], [6, 2, 3, 2], [2, 1], [1, 2], [1, 2], 2),
+            geometry([1, 3, 6, 6], [3, 1, 3, 3], [1, 3], [2, 0], [2, 1], 3),
             // Padded rows (stride 1, a large image) with dilation and groups.
-            ([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
+            geometry([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
         ];
-        for &(xs, ws, s, p, d, groups) in cases {
+        for case in cases {
+            let Geometry {
+                xs,
+                ws,
+                s,
+                p,
+                d,
+                groups,
+            } = case;
             let x = values(xs.iter().product(), 0.1);
             let w = values(ws.iter().product(), 0.3);
             let b = values(ws[0], 0.7);
-            let (want, shape) = direct(&x, xs, &w, ws, &b, s, p, d, groups);
+            let (want, shape) = direct(case, &x, &w, &b);
             let xt = Tensor::from_vec(x, &xs).unwrap();
             let wt = Tensor::from_vec(w, &ws).unwrap();
             let bt = Tensor::from_vec(b, &[ws[0]]).unwrap();
@@ -1727,65 +1767,25 @@ mod tests {
     }
     /// The adjoint of [`direct`] in f64: `dx[n, c, iy, ix] = Σ dy · w`
     /// over the outputs and taps that read `(iy, ix)`.
-    #[allow(clippy::too_many_arguments)]
-    fn direct_dx(
-        dy: &[f32],
-        xs: [usize; 4],
-        w: &[f32],
-        ws: [usize; 4],
-        s: [usize; 2],
-        p: [usize; 2],
-        d: [usize; 2],
-        groups: usize,
-    ) -> Vec<f64> {
-        let [n, c, h, wd] = xs;
-        let [o, cg, kh, kw] = ws;
-        let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
-        let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
-        let og = o / groups;
-        let mut dx = vec![0.0; n * c * h * wd];
-        for ni in 0..n {
-            for oi in 0..o {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let g = f64::from(dy[((ni * o + oi) * ho + oy) * wo + ox]);
-                        for ci in 0..cg {
-                            for i in 0..kh {
-                                for j in 0..kw {
-                                    let iy = (oy * s[0] + i * d[0]) as isize - p[0] as isize;
-                                    let ix = (ox * s[1] + j * d[1]) as isize - p[1] as isize;
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                        continue;
-                                    }
-                                    let xc = oi / og * cg + ci;
-                                    let wv = w[((oi * cg + ci) * kh + i) * kw + j];
-                                    dx[((ni * c + xc) * h + iy as usize) * wd + ix as usize] +=
-                                        g * f64::from(wv);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+    fn direct_dx(case: Geometry, dy: &[f32], w: &[f32]) -> Vec<f64> {
+        let mut dx = vec![0.0; case.xs.iter().product()];
+        each_tap(case, |yi, xi, wi| {
+            dx[xi] += f64::from(dy[yi]) * f64::from(w[wi]);
+        });
         dx
     }
 
     /// The input, weight and bias gradients of `Σ r · conv2d(x, w, b)`,
     /// with the input gradient's path forced as `turned` says.
-    #[allow(clippy::too_many_arguments)]
-    fn gradients(
-        x: &[f32],
-        xs: [usize; 4],
-        w: &[f32],
-        ws: [usize; 4],
-        r: &[f32],
-        s: [usize; 2],
-        p: [usize; 2],
-        d: [usize; 2],
-        groups: usize,
-        turned: bool,
-    ) -> [Vec<f32>; 3] {
+    fn gradients(case: Geometry, x: &[f32], w: &[f32], r: &[f32], turned: bool) -> [Vec<f32>; 3] {
+        let Geometry {
+            xs,
+            ws,
+            s,
+            p,
+            d,
+            groups,
+        } = case;
         FORCE_TURNED.set(Some(turned));
         let xt = Tensor::from_vec(x.to_vec(), &xs)
             .unwrap()
@@ -1803,49 +1803,37 @@ mod tests {
 
     #[test]
     fn input_gradient_by_the_turned_forward_matches_the_adjoint() {
-        // (input, weight, stride, padding, dilation, groups, turned path
-        // exists). Small images (gathered lowering) and large ones (padded
-        // rows), padding 0, dilation, groups, 1x1 and non-square kernels,
-        // one row, and the cases the turned path does not cover (padding
-        // wider than the kernel's span, stride 2).
-        type Case = (
-            [usize; 4],
-            [usize; 4],
-            [usize; 2],
-            [usize; 2],
-            [usize; 2],
-            usize,
-            bool,
-        );
-        let cases: &[Case] = &[
-            ([2, 4, 9, 7], [6, 2, 3, 3], [1, 1], [1, 1], [1, 1], 2, true),
-            ([1, 3, 6, 5], [2, 3, 3, 2], [1, 1], [0, 0], [1, 1], 1, true),
-            ([1, 2, 9, 9], [3, 2, 3, 3], [1, 1], [2, 1], [2, 2], 1, true),
-            ([2, 5, 4, 4], [3, 5, 1, 1], [1, 1], [0, 0], [1, 1], 1, true),
-            ([1, 3, 7, 6], [4, 3, 3, 2], [1, 1], [2, 1], [1, 1], 1, true),
-            ([2, 3, 1, 10], [2, 3, 1, 3], [1, 1], [0, 1], [1, 1], 1, true),
-            (
-                [1, 32, 40, 36],
-                [16, 32, 3, 3],
-                [1, 1],
-                [1, 1],
-                [1, 1],
-                1,
-                true,
-            ),
-            (
-                [1, 8, 72, 70],
-                [4, 4, 3, 3],
-                [1, 1],
-                [2, 1],
-                [2, 1],
-                2,
-                true,
-            ),
-            ([1, 2, 5, 5], [2, 2, 3, 3], [1, 1], [3, 1], [1, 1], 1, false),
-            ([1, 2, 7, 7], [2, 2, 3, 3], [2, 1], [1, 1], [1, 1], 1, false),
+        // Small images (gathered lowering) and large ones (padded rows),
+        // padding 0, dilation, groups, 1x1 and non-square kernels, one row;
+        // then the cases the turned path does not cover (padding wider than
+        // the kernel's span, stride 2).
+        let turned = [
+            geometry([2, 4, 9, 7], [6, 2, 3, 3], [1, 1], [1, 1], [1, 1], 2),
+            geometry([1, 3, 6, 5], [2, 3, 3, 2], [1, 1], [0, 0], [1, 1], 1),
+            geometry([1, 2, 9, 9], [3, 2, 3, 3], [1, 1], [2, 1], [2, 2], 1),
+            geometry([2, 5, 4, 4], [3, 5, 1, 1], [1, 1], [0, 0], [1, 1], 1),
+            geometry([1, 3, 7, 6], [4, 3, 3, 2], [1, 1], [2, 1], [1, 1], 1),
+            geometry([2, 3, 1, 10], [2, 3, 1, 3], [1, 1], [0, 1], [1, 1], 1),
+            geometry([1, 32, 40, 36], [16, 32, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
         ];
-        for &(xs, ws, s, p, d, groups, exists) in cases {
+        let not_turned = [
+            geometry([1, 2, 5, 5], [2, 2, 3, 3], [1, 1], [3, 1], [1, 1], 1),
+            geometry([1, 2, 7, 7], [2, 2, 3, 3], [2, 1], [1, 1], [1, 1], 1),
+        ];
+        let cases = turned
+            .map(|case| (case, true))
+            .into_iter()
+            .chain(not_turned.map(|case| (case, false)));
+        for (case, exists) in cases {
+            let Geometry {
+                xs,
+                ws,
+                s,
+                p,
+                d,
+                groups,
+            } = case;
             let label = format!("{xs:?} * {ws:?}, stride {s:?}, padding {p:?}, dilation {d:?}");
             let (geom, shape) = Geom::new(
                 "conv2d",
@@ -1863,9 +1851,9 @@ mod tests {
             let x = values(xs.iter().product(), 0.1);
             let w = values(ws.iter().product(), 0.3);
             let r = values(shape.iter().product(), 0.7);
-            let want = direct_dx(&r, xs, &w, ws, s, p, d, groups);
-            let turned = gradients(&x, xs, &w, ws, &r, s, p, d, groups, true);
-            let lowered = gradients(&x, xs, &w, ws, &r, s, p, d, groups, false);
+            let want = direct_dx(case, &r, &w);
+            let turned = gradients(case, &x, &w, &r, true);
+            let lowered = gradients(case, &x, &w, &r, false);
             for dx in [&turned[0], &lowered[0]] {
                 for (got, want) in dx.iter().zip(&want) {
                     assert!(
@@ -1887,7 +1875,8 @@ mod tests {
         let x = values(xs.iter().product(), 0.1);
         let w = values(ws.iter().product(), 0.3);
         let r = values(2 * 16 * 40 * 36, 0.7);
-        let run = || gradients(&x, xs, &w, ws, &r, [1, 1], [1, 1], [1, 1], 1, true);
+        let case = geometry(xs, ws, [1, 1], [1, 1], [1, 1], 1);
+        let run = || gradients(case, &x, &w, &r, true);
         let here = run();
         let there = crate::parallel::map(&[(); 2], |_| run());
         let again = run();
