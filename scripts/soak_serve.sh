@@ -11,8 +11,9 @@
 # LOAD=half first measures the full-load rate for 20 s, then paces each
 # connection (serve/bench/predict_paced.lua, a 2 ms wait between requests)
 # with as many connections as reach half that rate in two 15 s
-# calibration runs; the run's own rate is printed beside the probe's. The growth is also measured from minute 5
-# (the allocator's caches settle in the first minutes).
+# calibration runs; the run's own rate is printed beside the probe's. The
+# growth is also measured from minute 5 (the allocator's caches settle in
+# the first minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

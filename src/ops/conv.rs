@@ -1519,11 +1519,21 @@ mod tests {
         }
     }
 
+    impl Geometry {
+        /// The output's shape, `[N, O, Ho, Wo]`.
+        fn output(&self) -> [usize; 4] {
+            let ([n, _, h, wd], [o, _, kh, kw]) = (self.xs, self.ws);
+            let (s, p, d) = (self.s, self.p, self.d);
+            let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
+            let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
+            [n, o, ho, wo]
+        }
+    }
+
     /// Calls `f(y, x, w)` with the flat indices of every output position,
     /// input value and weight the convolution multiplies together (taps in
-    /// the padding skipped), in the order of the definition's sums; returns
-    /// the output's shape.
-    fn each_tap(case: Geometry, mut f: impl FnMut(usize, usize, usize)) -> [usize; 4] {
+    /// the padding skipped), in the order of the definition's sums.
+    fn each_tap(case: Geometry, mut f: impl FnMut(usize, usize, usize)) {
         let Geometry {
             xs,
             ws,
@@ -1532,10 +1542,9 @@ mod tests {
             d,
             groups,
         } = case;
-        let [n, c, h, wd] = xs;
-        let [o, cg, kh, kw] = ws;
-        let ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) / s[0] + 1;
-        let wo = (wd + 2 * p[1] - d[1] * (kw - 1) - 1) / s[1] + 1;
+        let [_, c, h, wd] = xs;
+        let [_, cg, kh, kw] = ws;
+        let [n, o, ho, wo] = case.output();
         let og = o / groups;
         for ni in 0..n {
             for oi in 0..o {
@@ -1561,21 +1570,18 @@ mod tests {
                 }
             }
         }
-        [n, o, ho, wo]
     }
 
     /// The definition, in f64: `y[n, o, oy, ox] = b[o] + Σ w · x` over the
     /// taps inside the image.
     fn direct(case: Geometry, x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, [usize; 4]) {
-        let mut taps = Vec::new();
-        let shape = each_tap(case, |y, x, w| taps.push((y, x, w)));
-        let [n, o, ho, wo] = shape;
+        let shape @ [n, o, ho, wo] = case.output();
         let mut y: Vec<f64> = (0..n * o * ho * wo)
             .map(|i| f64::from(b[i / (ho * wo) % o]))
             .collect();
-        for (yi, xi, wi) in taps {
-            y[yi] += f64::from(x[xi]) * f64::from(w[wi]);
-        }
+        each_tap(case, |yi, xi, wi| {
+            y[yi] += f64::from(x[xi]) * f64::from(w[wi])
+        });
         (y, shape)
     }
 
@@ -1765,6 +1771,7 @@ mod tests {
         let y = conv2d(&x, &w, Some(&b), 1, 0, 1, 1);
         assert_eq!(y.to_vec(), vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
     }
+
     /// The adjoint of [`direct`] in f64: `dx[n, c, iy, ix] = Σ dy · w`
     /// over the outputs and taps that read `(iy, ix)`.
     fn direct_dx(case: Geometry, dy: &[f32], w: &[f32]) -> Vec<f64> {

@@ -242,10 +242,9 @@ fn backward_row(
 ) {
     let n = x.len() as f32;
     let (xc, xt) = x.as_chunks::<LANES>();
-    let gt = &g[xc.len() * LANES..];
-    let wt = &w[xc.len() * LANES..];
-    // Σ ĝ and Σ ĝ·(x - mean), lane by lane.
     let body = xc.len() * LANES;
+    let (gt, wt) = (&g[body..], &w[body..]);
+    // Σ ĝ and Σ ĝ·(x - mean), lane by lane.
     let sums = RowSums {
         x: &x[..body],
         g: &g[..body],
@@ -259,7 +258,6 @@ fn backward_row(
     #[cfg(loom)]
     let (sg, sgx) = sums.lanes();
     let (mut sum_g, mut sum_gx) = (lane_total(sg), lane_total(sgx));
-    let body = xc.len() * LANES;
     let (dwt, dbt) = (&mut dw[body..], &mut db[body..]);
     for ((((&x, &g), &w), dw), db) in xt.iter().zip(gt).zip(wt).zip(dwt).zip(dbt) {
         let xm = x - mean;
@@ -344,8 +342,6 @@ impl pulp::WithSimd for RowSums<'_> {
         let (w, _) = S::as_simd_f32s(self.w);
         let (mean, rstd) = (simd.splat_f32s(self.mean), simd.splat_f32s(self.rstd));
         let zero = simd.splat_f32s(0.0);
-        // One chunk's vector `i` into the accumulators (sg, sgx); returns
-        // them and x - mean.
         // Lanes 0..F32_LANES in `a`, and (AVX2) F32_LANES..16 in `b`.
         let (mut a, mut b) = ((zero, zero), (zero, zero));
         match (self.wb, per) {
@@ -1456,10 +1452,6 @@ mod tests {
         assert_eq!(var.to_vec(), vec![1.0, 1.0]);
     }
 
-    // Rows wide enough for the row kernels' 16-lane sums, with and
-    // without a tail (16, 37 = 2·16 + 5, 128), each row with its own
-    // scale and offset: values and all three gradients against the f64
-    // formulas, for `layer_norm` and `rms_norm` (its rows have no mean).
     /// The sums in explicit vectors (AVX-512 or AVX2, whichever this CPU
     /// runs) give the bits of the plain lane arrays, whatever the values.
     #[cfg(not(loom))]
@@ -1503,6 +1495,10 @@ mod tests {
         }
     }
 
+    // Rows wide enough for the row kernels' 16-lane sums, with and
+    // without a tail (16, 37 = 2·16 + 5, 128), each row with its own
+    // scale and offset: values and all three gradients against the f64
+    // formulas, for `layer_norm` and `rms_norm` (its rows have no mean).
     #[test]
     fn wide_rows_match_the_f64_formulas() {
         for (width, rows) in [(16, 3), (37, 4), (128, 5)] {
