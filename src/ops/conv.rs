@@ -50,6 +50,7 @@ use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use crate::array::{MAX_ELEMENTS, checked_numel};
 use crate::autograd::function::{Backprop, GraphGrads, InputGrads, record};
 use crate::error::{Error, Result, or_panic};
+use crate::ops::conv_direct::{self, Direct};
 use crate::ops::gemm::{gemm_acc_into, gemm_into};
 use crate::ops::graph::{Offsets, scatter_add, take};
 use crate::ops::layout::pad_axis;
@@ -452,7 +453,9 @@ impl Geom {
         }
         let band = |g: &Geom| g.k().saturating_mul(g.w + 2 * g.pw);
         self.input_gradient().filter(|tg| {
-            Rows::plan(self).is_some() && self.og() <= self.cg() && band(tg) <= BAND.max(band(self))
+            let direct = Rows::plan(tg).is_some_and(|rows| rows.direct.is_some());
+            Rows::plan(self).is_some()
+                && (direct || self.og() <= self.cg() && band(tg) <= BAND.max(band(self)))
         })
     }
 
@@ -729,6 +732,9 @@ struct Rows {
     wp: usize,
     /// Output rows per band.
     rows: usize,
+    /// The direct kernels, where this CPU runs them: a whole image per
+    /// product, read in place (no column matrix, no bands).
+    direct: Option<Direct>,
 }
 
 impl Rows {
@@ -745,7 +751,22 @@ impl Rows {
         fits.then(|| {
             let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
             let rows = (BAND / (g.k() * wp).max(1)).clamp(1, g.ho);
-            Rows { hp, wp, rows }
+            #[cfg(test)]
+            if tests::FORCE_GEMM.get() {
+                return Rows {
+                    hp,
+                    wp,
+                    rows,
+                    direct: None,
+                };
+            }
+            let direct = Direct::detect();
+            Rows {
+                hp,
+                wp,
+                rows,
+                direct,
+            }
         })
     }
 
@@ -761,7 +782,7 @@ impl Rows {
     /// `padded` (`[C/groups, Hp, Wp]`, zeros around).
     fn pad(&self, g: &Geom, x: &[f32], padded: &mut Vec<f32>) {
         let plane = self.hp * self.wp;
-        let padded = first(padded, g.cg() * plane);
+        let padded = first(padded, (g.cg() * plane).max(self.image_len(g)));
         padded.fill(0.0);
         for (dst, src) in padded
             .chunks_exact_mut(plane)
@@ -833,6 +854,73 @@ impl Rows {
         }
     }
 
+    /// The values [`Direct`]'s kernels read from a padded image (its
+    /// planes and some zeros after them), 0 without them.
+    fn image_len(&self, g: &Geom) -> usize {
+        // The padded rows' vectors reach furthest (the weight gradient's).
+        self.direct.map_or(0, |_| {
+            let starts: Vec<usize> = self.starts(g, 0).collect();
+            conv_direct::image_len(&starts, &conv_direct::padded_vectors(self.positions(g)))
+        })
+    }
+
+    /// The output positions of an image in the padded width, `Ho · Wp`.
+    fn positions(&self, g: &Geom) -> usize {
+        g.ho * self.wp
+    }
+
+    /// The vectors of output positions [`Direct`]'s kernels compute, and
+    /// whether they are the output rows' own (in place, `true`: rows of
+    /// whole vectors) or the padded rows' (junk included, `false`).
+    fn vectors(&self, g: &Geom) -> (Vec<(usize, usize)>, bool) {
+        match conv_direct::row_vectors(g.ho, g.wo, self.wp) {
+            Some(rows) => (rows, true),
+            None => (conv_direct::padded_vectors(self.positions(g)), false),
+        }
+    }
+
+    /// [`forward`](Rows::forward) by [`Direct`]'s kernel: each image's
+    /// group in one product, the bias its starting value, written in place
+    /// when the output rows are whole vectors (else into padded rows first).
+    fn forward_direct(
+        &self,
+        direct: Direct,
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut Vec<f32>,
+    ) {
+        let (og, k, p, wp) = (g.og(), g.k(), g.p(), self.wp);
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        let starts: Vec<usize> = self.starts(g, 0).collect();
+        let (vectors, in_place) = self.vectors(g);
+        let (mut padded, mut product) = (Vec::new(), Vec::new());
+        let ld = conv_direct::row_len(&vectors);
+        let base = out.len();
+        out.resize(base + g.n * g.o * p, 0.0);
+        for group in 0..g.groups {
+            let packed = Direct::pack(og, k, &w[group * og * k..][..og * k]);
+            let bias = bias.map(|b| &b[group * og..][..og]);
+            for n in 0..g.n {
+                self.pad(g, &x[n * image + group * len..][..len], &mut padded);
+                if in_place {
+                    let y = &mut out[base + (n * g.o + group * og) * p..][..og * p];
+                    direct.forward(&packed, og, bias, &padded, &starts, &vectors, y, p);
+                    continue;
+                }
+                let product = first(&mut product, og * ld);
+                direct.forward(&packed, og, bias, &padded, &starts, &vectors, product, ld);
+                let y = &mut out[base + (n * g.o + group * og) * p..][..og * p];
+                for (dst, src) in y.chunks_exact_mut(p).zip(product.chunks_exact(ld)) {
+                    for (d, row) in dst.chunks_exact_mut(g.wo).zip(src.chunks_exact(wp)) {
+                        d.copy_from_slice(&row[..g.wo]);
+                    }
+                }
+            }
+        }
+    }
+
     /// Where each of the `K` column rows of a band starting at output row
     /// `oy0` starts in the padded image (`[C/groups, Hp, Wp]`): channel,
     /// then kernel row, then kernel column, as the weight's `K` axis.
@@ -854,6 +942,9 @@ impl Rows {
     fn forward(&self, g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut Vec<f32>) {
         let (og, k, wp) = (g.og(), g.k(), self.wp);
         let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        if let Some(direct) = self.direct {
+            return self.forward_direct(direct, g, x, w, bias, out);
+        }
         let (mut padded, mut cols, mut product) = (Vec::new(), take_scratch(), Vec::new());
         // Room for the last band's columns past `Ho·Wp` (see `cols`).
         let ld = g.ho * wp + 16;
@@ -894,8 +985,18 @@ impl Rows {
         g: &Geom,
         (x, w, dy): (&[f32], &[f32], &[f32]),
         mut dx: Option<&mut Vec<f32>>,
-        mut dwt: Option<&mut [f32]>,
+        dwt: Option<&mut [f32]>,
     ) {
+        // The weight gradient by the direct kernel where it runs.
+        let mut dwt = match (self.direct, dwt) {
+            (Some(direct), Some(dwt)) => {
+                (!self.weight_grad(direct, g, x, dy, &mut *dwt)).then_some(dwt)
+            }
+            (_, dwt) => dwt,
+        };
+        if dx.is_none() && dwt.is_none() {
+            return;
+        }
         let (og, k, p, wp) = (g.og(), g.k(), g.p(), self.wp);
         let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
         let plane = self.hp * wp;
@@ -959,6 +1060,79 @@ impl Rows {
         put_scratch(cols);
         put_scratch(dcols);
     }
+}
+
+impl Rows {
+    /// The weight gradient of [`ConvBackward`] by [`Direct`]'s kernel:
+    /// `dW_g = Σ_n dY[n, g] · cols(x[n, g])ᵀ`, accumulated into `dwt`
+    /// (`[groups, K, O/g]`). `false` (and nothing computed) where the
+    /// kernel would read junk positions of an image with a NaN or an
+    /// infinity (`0 · ∞` is NaN).
+    fn weight_grad(
+        &self,
+        direct: Direct,
+        g: &Geom,
+        x: &[f32],
+        dy: &[f32],
+        dwt: &mut [f32],
+    ) -> bool {
+        let (og, k, p, wp) = (g.og(), g.k(), g.p(), self.wp);
+        let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
+        let starts: Vec<usize> = self.starts(g, 0).collect();
+        // In the padded width (contiguous vectors, junk included: the
+        // kernel's loads then need no bounds checks), so not with a NaN or
+        // infinity in the image.
+        if !finite(x) {
+            return false;
+        }
+        let vectors = conv_direct::padded_vectors(self.positions(g)).len();
+        let ld = conv_direct::row_len(&conv_direct::padded_vectors(self.positions(g)));
+        let mut padded = Vec::new();
+        // dY of one image's group in the padded width: the junk positions
+        // and those past the last stay zero, the others are overwritten
+        // for each image.
+        let mut dyp = vec![0.0; og * ld];
+        let mut acc = vec![0.0; og * k];
+        for group in 0..g.groups {
+            acc.fill(0.0);
+            for n in 0..g.n {
+                self.pad(g, &x[n * image + group * len..][..len], &mut padded);
+                let dy = &dy[(n * g.o + group * og) * p..][..og * p];
+                for (dst, src) in dyp.chunks_exact_mut(ld).zip(dy.chunks_exact(p)) {
+                    for (d, s) in dst.chunks_exact_mut(wp).zip(src.chunks_exact(g.wo)) {
+                        d[..g.wo].copy_from_slice(s);
+                    }
+                }
+                direct.weight_grad(&dyp, og, ld, &padded, &starts, vectors, &mut acc);
+            }
+            let dwt = &mut dwt[group * og * k..][..og * k];
+            for (o, filter) in acc.chunks_exact(k).enumerate() {
+                for (d, v) in dwt[o..].iter_mut().step_by(og).zip(filter) {
+                    *d += *v;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Whether every value is finite, in one pass compiled for the widest
+/// SIMD (`v · 0` is 0 for a finite `v`, NaN for the others).
+fn finite(values: &[f32]) -> bool {
+    super::vectorized::dispatch(
+        #[inline(always)]
+        || {
+            let mut acc = [0.0f32; 16];
+            let mut chunks = values.chunks_exact(16);
+            for chunk in &mut chunks {
+                for (a, v) in acc.iter_mut().zip(chunk) {
+                    *a += *v * 0.0;
+                }
+            }
+            let tail: f32 = chunks.remainder().iter().map(|v| *v * 0.0).sum();
+            (acc.iter().sum::<f32>() + tail) == 0.0
+        },
+    )
 }
 
 /// The forward: `y[n, g] = W_g · cols(x[n, g]) + b`, `x` and `w` row-major,
@@ -1486,6 +1660,9 @@ mod tests {
         /// lowering's adjoint (`Some(false)`).
         pub(super) static FORCE_TURNED: std::cell::Cell<Option<bool>> =
             const { std::cell::Cell::new(None) };
+        /// Keeps this thread's convolutions off the direct kernels (on the
+        /// lowering onto the `gemm` crate), where this CPU has them.
+        pub(super) static FORCE_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     /// A convolution's input and weight shapes, stride, padding, dilation
@@ -1871,6 +2048,87 @@ mod tests {
             }
             // The weight and bias gradients do not depend on the path.
             assert_eq!(turned[1..], lowered[1..], "{label}");
+        }
+    }
+
+    #[test]
+    fn finite_finds_every_nan_and_infinity() {
+        for len in [0, 1, 15, 16, 17, 100] {
+            let mut values = vec![1.5f32; len];
+            assert!(finite(&values));
+            for at in 0..len {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    values[at] = bad;
+                    assert!(!finite(&values), "{bad} at {at} of {len}");
+                }
+                values[at] = f32::MAX;
+                assert!(finite(&values));
+            }
+        }
+    }
+
+    #[test]
+    fn direct_kernels_match_the_definition_and_the_lowering() {
+        // Large images (padded rows): output rows of whole vectors (written
+        // in place) and not (through padded rows), fewer than and not a
+        // multiple of the forward tile's 8 channels, groups and dilation,
+        // and an input gradient by the turned forward.
+        let cases = [
+            geometry([2, 16, 32, 32], [32, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([1, 16, 64, 64], [2, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([1, 4, 70, 48], [9, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([1, 3, 130, 40], [10, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1),
+            geometry([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
+        ];
+        for case in cases {
+            let Geometry { xs, ws, .. } = case;
+            let label = format!("{xs:?} * {ws:?}");
+            let x = values(xs.iter().product(), 0.1);
+            let w = values(ws.iter().product(), 0.3);
+            let y_shape = case.output();
+            let r = values(y_shape.iter().product(), 0.7);
+            let (want_y, _) = direct(case, &x, &w, &vec![0.0; ws[0]]);
+            let want_dx = direct_dx(case, &r, &w);
+            let mut want_dw = vec![0.0f64; w.len()];
+            each_tap(case, |yi, xi, wi| {
+                want_dw[wi] += f64::from(r[yi]) * f64::from(x[xi]);
+            });
+            let mut runs = Vec::new();
+            for gemm in [false, true] {
+                FORCE_GEMM.set(gemm);
+                let xt = Tensor::from_vec(x.clone(), &xs)
+                    .unwrap()
+                    .requires_grad_(true);
+                let wt = Tensor::from_vec(w.clone(), &ws)
+                    .unwrap()
+                    .requires_grad_(true);
+                let y = conv2d(&xt, &wt, None, case.s, case.p, case.d, case.groups);
+                let rt = Tensor::from_vec(r.clone(), y.shape()).unwrap();
+                (&y * &rt).sum().backward();
+                FORCE_GEMM.set(false);
+                let got = [
+                    y.to_vec(),
+                    xt.grad().unwrap().to_vec(),
+                    wt.grad().unwrap().to_vec(),
+                ];
+                for (name, got, want) in [
+                    ("y", &got[0], &want_y),
+                    ("dx", &got[1], &want_dx),
+                    ("dw", &got[2], &want_dw),
+                ] {
+                    assert_eq!(got.len(), want.len());
+                    for (got, want) in got.iter().zip(want) {
+                        let tolerance = 1e-4 * (1.0 + want.abs());
+                        assert!(
+                            (f64::from(*got) - want).abs() < tolerance,
+                            "{label} {name} (gemm {gemm}): {got} vs {want}"
+                        );
+                    }
+                }
+                runs.push(got);
+            }
+            // Not the same bits: the kernels sum in another order.
+            assert_eq!(runs[0][0].len(), runs[1][0].len(), "{label}");
         }
     }
 

@@ -9,6 +9,7 @@ pub(crate) mod attention;
 mod binary;
 mod compare;
 pub(crate) mod conv;
+mod conv_direct;
 // The one module with unsafe code: calls into the gemm crate, under the
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
