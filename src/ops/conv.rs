@@ -878,8 +878,8 @@ impl Rows {
     }
 
     /// [`forward`](Rows::forward) by [`Direct`]'s kernel: each image's
-    /// group in one product, the bias its starting value, written in place
-    /// when the output rows are whole vectors (else into padded rows first).
+    /// group in one product, the bias its starting value, computed in its
+    /// output rows when they are whole vectors (else in padded rows).
     fn forward_direct(
         &self,
         direct: Direct,
@@ -895,22 +895,27 @@ impl Rows {
         let (vectors, in_place) = self.vectors(g);
         let (mut padded, mut product) = (Vec::new(), Vec::new());
         let ld = conv_direct::row_len(&vectors);
-        let base = out.len();
-        out.resize(base + g.n * g.o * p, 0.0);
-        for group in 0..g.groups {
-            let packed = Direct::pack(og, k, &w[group * og * k..][..og * k]);
-            let bias = bias.map(|b| &b[group * og..][..og]);
-            for n in 0..g.n {
+        let packed: Vec<Vec<f32>> = (0..g.groups)
+            .map(|group| Direct::pack(og, k, &w[group * og * k..][..og * k]))
+            .collect();
+        // Each image's group into a buffer that stays in cache, then
+        // appended: writing the output in place would take a zeroing pass
+        // over it first (and a second trip to memory).
+        for n in 0..g.n {
+            for (group, packed) in packed.iter().enumerate() {
+                let bias = bias.map(|b| &b[group * og..][..og]);
                 self.pad(g, &x[n * image + group * len..][..len], &mut padded);
                 if in_place {
-                    let y = &mut out[base + (n * g.o + group * og) * p..][..og * p];
-                    direct.forward(&packed, og, bias, &padded, &starts, &vectors, y, p);
+                    let y = first(&mut product, og * p);
+                    direct.forward(packed, og, bias, &padded, &starts, &vectors, y, p);
+                    out.extend_from_slice(y);
                     continue;
                 }
                 let product = first(&mut product, og * ld);
-                direct.forward(&packed, og, bias, &padded, &starts, &vectors, product, ld);
-                let y = &mut out[base + (n * g.o + group * og) * p..][..og * p];
-                for (dst, src) in y.chunks_exact_mut(p).zip(product.chunks_exact(ld)) {
+                direct.forward(packed, og, bias, &padded, &starts, &vectors, product, ld);
+                let at = out.len();
+                out.resize(at + og * p, 0.0);
+                for (dst, src) in out[at..].chunks_exact_mut(p).zip(product.chunks_exact(ld)) {
                     copy_rows((dst, g.wo), (src, wp), g.wo, g.ho);
                 }
             }
