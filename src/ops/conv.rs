@@ -2111,6 +2111,9 @@ mod tests {
             geometry([1, 4, 70, 48], [9, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1),
             geometry([1, 3, 130, 40], [10, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1),
             geometry([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
+            // One row (conv1d's shape), of whole vectors and not.
+            geometry([2, 8, 1, 4000], [6, 8, 1, 5], [1, 1], [0, 2], [1, 1], 1),
+            geometry([1, 16, 1, 4001], [6, 8, 1, 5], [1, 1], [0, 4], [1, 2], 2),
         ];
         for case in cases {
             let Geometry { xs, ws, .. } = case;
