@@ -1,5 +1,5 @@
 //! The compute limit of this machine's cores, and how close netcl's matrix
-//! product comes to it.
+//! product and convolution come to it.
 //!
 //! ```text
 //! cargo bench --bench peak                  # ~1 min
@@ -19,7 +19,10 @@
 //!
 //! **The kernel.** `a.matmul(&b)` on `n×n` tensors without grad (the
 //! `gemm` crate's kernel that netcl's products all go through), `2·n³`
-//! flops per product, inside a rayon pool of one or two threads.
+//! flops per product, inside a rayon pool of one or two threads. And the
+//! forward of `conv2d_fwd_1t` (`[32, 16, 32, 32]`, 32 filters 3x3, padding
+//! 1: 302 MFLOP of multiply-adds) on one thread, through the convolution's
+//! own kernel where the CPU has AVX-512.
 //!
 //! Nothing is timed alone: in each round every row runs a short batch (in
 //! one order in even rounds and reversed in odd ones), each product's batch
@@ -233,6 +236,31 @@ fn matmul_row(n: usize, threads: usize, reps: usize, peak_of: Option<usize>) -> 
     }
 }
 
+/// The forward of `conv2d_fwd_1t` (`[32, 16, 32, 32]`, 32 filters 3x3,
+/// padding 1, with bias; 302 MFLOP), `reps` times, without grad, in a
+/// pool of one thread: the convolution's kernel as a fraction of the peak.
+fn conv2d_row(reps: usize, peak_of: Option<usize>) -> Row {
+    let (x, w, b) = common::conv2d_operands();
+    let pool = common::pool(1);
+    Row {
+        name: "netcl conv2d forward [32,16,32,32] * 32x3x3, pad 1".into(),
+        threads: 1,
+        run: Box::new(move || {
+            pool.install(|| {
+                let _guard = autograd::no_grad();
+                for _ in 0..reps {
+                    black_box(netcl::functional::conv2d(&x, &w, Some(&b), 1, 1, 1, 1));
+                }
+            });
+            // Multiply-adds: 32 images · 32 filters · 32·32 positions · 144
+            // taps.
+            (2 * 32 * 32 * 32 * 32 * 144 * reps) as f64
+        }),
+        gflops: Vec::new(),
+        peak_of,
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let markdown = args.iter().any(|a| a == "--markdown");
@@ -284,6 +312,7 @@ fn main() {
             rows.push(matmul_row(n, threads, reps, widest_peak[threads - 1]));
         }
     }
+    rows.push(conv2d_row(if quick { 8 } else { 16 }, widest_peak[0]));
 
     // Warm-up: one batch of each row (pools started, kernel buffers
     // touched, clocks up).
