@@ -1,6 +1,6 @@
 //! The kernels that split their work across the caller's rayon pool
 //! (attention, softmax, layer norm, GELU and the other element maps, the
-//! cross-entropy, AdamW) give the same bits on any thread count: each test
+//! cross-entropy, AdamW, conv2d on large images) give the same bits on any thread count: each test
 //! runs one computation inside pools of 1, 2 and 3 threads and compares
 //! every value bit for bit. The sizes are those of the example language
 //! model's training step (batch 32, width 128, context 64), large enough
@@ -153,6 +153,26 @@ fn softmax_and_cross_entropy_have_the_same_bits_on_1_2_and_3_threads() {
         let g = netcl::autograd::grad(&[&loss], &[&x]).unwrap();
         vec![("loss".into(), bits(&loss)), ("grad".into(), bits(&g[0]))]
     });
+}
+
+#[test]
+fn conv2d_has_the_same_bits_on_1_2_and_3_threads() {
+    // Large images (the convolution's own kernels on AVX-512 CPUs, which
+    // split the batch's images across the pool): whole-vector rows, and
+    // rows that are not (with groups); 11 images, not a multiple of the
+    // pieces.
+    for (x_shape, w_shape, groups) in [
+        ([11, 16, 32, 32], [32, 16, 3, 3], 1),
+        ([11, 16, 48, 50], [6, 8, 3, 3], 2),
+    ] {
+        same_bits_on_1_2_3_threads("conv2d", || {
+            let x = randn(&x_shape, 31);
+            let w = randn(&w_shape, 32);
+            let b = randn(&[w_shape[0]], 33);
+            let y = F::conv2d(&x, &w, Some(&b), 1, 1, 1, groups);
+            grads_of(&y, &[&x, &w, &b], 34)
+        });
+    }
 }
 
 #[test]

@@ -893,32 +893,50 @@ impl Rows {
         let (image, len) = (g.c * g.h * g.w, g.cg() * g.h * g.w);
         let starts: Vec<usize> = self.starts(g, 0).collect();
         let (vectors, in_place) = self.vectors(g);
-        let (mut padded, mut product) = (Vec::new(), Vec::new());
-        let ld = conv_direct::row_len(&vectors);
         let packed: Vec<Vec<f32>> = (0..g.groups)
             .map(|group| Direct::pack(og, k, &w[group * og * k..][..og * k]))
             .collect();
-        // Each image's group into a buffer that stays in cache, then
-        // appended: writing the output in place would take a zeroing pass
-        // over it first (and a second trip to memory).
-        for n in 0..g.n {
-            for (group, packed) in packed.iter().enumerate() {
-                let bias = bias.map(|b| &b[group * og..][..og]);
-                self.pad(g, &x[n * image + group * len..][..len], &mut padded);
-                if in_place {
-                    let y = first(&mut product, og * p);
-                    direct.forward(packed, og, bias, &padded, &starts, &vectors, y, p);
-                    out.extend_from_slice(y);
-                    continue;
-                }
-                let product = first(&mut product, og * ld);
-                direct.forward(packed, og, bias, &padded, &starts, &vectors, product, ld);
-                let at = out.len();
-                out.resize(at + og * p, 0.0);
-                for (dst, src) in out[at..].chunks_exact_mut(p).zip(product.chunks_exact(ld)) {
-                    copy_rows((dst, g.wo), (src, wp), g.wo, g.ho);
+        // The images of `range`, appended to `out`: each image's group
+        // into a buffer that stays in cache, then appended (writing the
+        // output in place would take a zeroing pass over it first, and a
+        // second trip to memory).
+        let images = |range: std::ops::Range<usize>, out: &mut Vec<f32>| {
+            let (mut padded, mut product) = (Vec::new(), Vec::new());
+            let ld = conv_direct::row_len(&vectors);
+            for n in range {
+                for (group, packed) in packed.iter().enumerate() {
+                    let bias = bias.map(|b| &b[group * og..][..og]);
+                    self.pad(g, &x[n * image + group * len..][..len], &mut padded);
+                    if in_place {
+                        let y = first(&mut product, og * p);
+                        direct.forward(packed, og, bias, &padded, &starts, &vectors, y, p);
+                        out.extend_from_slice(y);
+                        continue;
+                    }
+                    let product = first(&mut product, og * ld);
+                    direct.forward(packed, og, bias, &padded, &starts, &vectors, product, ld);
+                    let at = out.len();
+                    out.resize(at + og * p, 0.0);
+                    for (dst, src) in out[at..].chunks_exact_mut(p).zip(product.chunks_exact(ld)) {
+                        copy_rows((dst, g.wo), (src, wp), g.wo, g.ho);
+                    }
                 }
             }
+        };
+        let work = g.n * g.o * k * p;
+        let pieces = image_pieces(g.n);
+        if pieces.len() > 1 && super::vectorized::should_split(work) {
+            // Images are independent: the pieces' outputs side by side.
+            let parts = super::vectorized::map_pieces(pieces, work, |range| {
+                let mut part = Vec::with_capacity(range.len() * g.o * p);
+                images(range, &mut part);
+                part
+            });
+            for part in parts {
+                out.extend_from_slice(&part);
+            }
+        } else {
+            images(0..g.n, out);
         }
     }
 
@@ -1088,31 +1106,50 @@ impl Rows {
         }
         let vectors = conv_direct::padded_vectors(self.positions(g)).len();
         let ld = conv_direct::row_len(&conv_direct::padded_vectors(self.positions(g)));
-        let mut padded = Vec::new();
-        // dY of one image's group in the padded width: the junk positions
-        // and those past the last stay zero, the others are overwritten
-        // for each image.
-        let mut dyp = vec![0.0; og * ld];
-        let mut acc = vec![0.0; og * k];
-        for group in 0..g.groups {
-            acc.fill(0.0);
-            for n in 0..g.n {
-                self.pad(g, &x[n * image + group * len..][..len], &mut padded);
-                let dy = &dy[(n * g.o + group * og) * p..][..og * p];
-                for (dst, src) in dyp.chunks_exact_mut(ld).zip(dy.chunks_exact(p)) {
-                    copy_rows((dst, wp), (src, g.wo), g.wo, g.ho);
+        // The sums of the images of `range`, `[groups, O/g, K]`.
+        let images = |range: std::ops::Range<usize>| -> Vec<f32> {
+            let mut padded = Vec::new();
+            // dY of one image's group in the padded width: the junk
+            // positions and those past the last stay zero, the others are
+            // overwritten for each image.
+            let mut dyp = vec![0.0; og * ld];
+            let mut acc = vec![0.0; g.groups * og * k];
+            for n in range {
+                for (group, acc) in acc.chunks_exact_mut(og * k).enumerate() {
+                    self.pad(g, &x[n * image + group * len..][..len], &mut padded);
+                    let dy = &dy[(n * g.o + group * og) * p..][..og * p];
+                    for (dst, src) in dyp.chunks_exact_mut(ld).zip(dy.chunks_exact(p)) {
+                        copy_rows((dst, wp), (src, g.wo), g.wo, g.ho);
+                    }
+                    direct.weight_grad(&dyp, og, ld, &padded, &starts, vectors, acc);
                 }
-                direct.weight_grad(&dyp, og, ld, &padded, &starts, vectors, &mut acc);
             }
-            let dwt = &mut dwt[group * og * k..][..og * k];
-            for (o, filter) in acc.chunks_exact(k).enumerate() {
-                for (d, v) in dwt[o..].iter_mut().step_by(og).zip(filter) {
-                    *d += *v;
+            acc
+        };
+        // Each piece's sums added in order, split across threads or not:
+        // the same bits on any thread count.
+        let work = g.n * g.o * k * p;
+        for acc in super::vectorized::map_pieces(image_pieces(g.n), work, images) {
+            for (dwt, acc) in dwt.chunks_exact_mut(og * k).zip(acc.chunks_exact(og * k)) {
+                for (o, filter) in acc.chunks_exact(k).enumerate() {
+                    for (d, v) in dwt[o..].iter_mut().step_by(og).zip(filter) {
+                        *d += *v;
+                    }
                 }
             }
         }
         true
     }
+}
+
+/// The images of a batch of `n` cut into at most 8 consecutive ranges (from
+/// the size alone), the pieces the direct kernels split across threads.
+fn image_pieces(n: usize) -> Vec<std::ops::Range<usize>> {
+    let size = n.div_ceil(8).max(1);
+    (0..n)
+        .step_by(size)
+        .map(|n0| n0..(n0 + size).min(n))
+        .collect()
 }
 
 /// Copies `rows` rows of `width` values from `src` (rows `src_stride`
