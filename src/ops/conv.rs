@@ -669,12 +669,20 @@ impl Lowering {
                     let padded = first(&mut self.image, len + 1);
                     padded[..len].copy_from_slice(&x[..len]);
                     padded[len] = 0.0;
-                    for (r, taps) in table.chunks_exact(band).enumerate() {
-                        let dst = &mut cols[r * ld + i * band..][..band];
-                        for (d, &t) in dst.iter_mut().zip(taps) {
-                            *d = padded[t];
-                        }
-                    }
+                    let padded = &*padded;
+                    let cols = &mut *cols;
+                    // Compiled for the widest SIMD (AVX-512 gathers).
+                    super::vectorized::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (r, taps) in table.chunks_exact(band).enumerate() {
+                                let dst = &mut cols[r * ld + i * band..][..band];
+                                for (d, &t) in dst.iter_mut().zip(taps) {
+                                    *d = padded[t];
+                                }
+                            }
+                        },
+                    );
                 }
                 None => im2col(g, x, (chunk.oy0, chunk.oy1), &mut cols[i * band..], ld),
             }
@@ -1255,15 +1263,21 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
                 cols,
                 ArrayViewMut2::from_shape((og, cols.ncols()), &mut *product).expect("[O/g, chunk]"),
             );
-            for (i, n) in (chunk.n0..chunk.n1).enumerate() {
-                for o in 0..og {
-                    let y = &mut out[(n * g.o + group * og + o) * p..][..p];
-                    let src = &product[o * cols.ncols() + i * p..][..p];
-                    for (y, v) in y.iter_mut().zip(src) {
-                        *y += *v;
+            let ncols = cols.ncols();
+            super::vectorized::dispatch(
+                #[inline(always)]
+                || {
+                    for (i, n) in (chunk.n0..chunk.n1).enumerate() {
+                        for o in 0..og {
+                            let y = &mut out[(n * g.o + group * og + o) * p..][..p];
+                            let src = &product[o * ncols + i * p..][..p];
+                            for (y, v) in y.iter_mut().zip(src) {
+                                *y += *v;
+                            }
+                        }
                     }
-                }
-            }
+                },
+            );
         }
     }
     put_scratch(cols);

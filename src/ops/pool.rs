@@ -174,7 +174,11 @@ fn unpadded_max(
         return out;
     }
     if kernel == Size2(2, 2) && stride == Size2(2, 2) {
-        max_2x2(x, h, w, (ho, wo), &mut out, argmax);
+        // Compiled for the widest SIMD.
+        super::vectorized::dispatch(
+            #[inline(always)]
+            || max_2x2(x, h, w, (ho, wo), &mut out, argmax),
+        );
         return out;
     }
     let mut best = vec![f32::NEG_INFINITY; wo];
@@ -230,6 +234,7 @@ fn wins(v: f32, b: f32) -> bool {
 /// [`unpadded_max`] for the most common pooling, 2x2 windows at stride 2:
 /// the four cells of each window read directly, the winner chosen by
 /// selects rather than branches.
+#[inline(always)]
 fn max_2x2(
     x: &[f32],
     h: usize,
@@ -244,13 +249,19 @@ fn max_2x2(
             let bottom = &plane[(2 * oy + 1) * w..][..2 * wo];
             let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
             match argmax.as_mut() {
-                None => out.extend(pairs.map(|(t, b)| {
-                    let mut best = t[0];
-                    for v in [t[1], b[0], b[1]] {
-                        best = if wins(v, best) { v } else { best };
+                None => {
+                    // Into a written slice by index (an `extend` of the
+                    // pairs did not vectorise).
+                    let at = out.len();
+                    out.resize(at + wo, 0.0);
+                    for (j, dst) in out[at..].iter_mut().enumerate() {
+                        let mut best = top[2 * j];
+                        for v in [top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]] {
+                            best = if wins(v, best) { v } else { best };
+                        }
+                        *dst = best;
                     }
-                    best
-                })),
+                }
                 Some(argmax) => {
                     let at = p * h * w + 2 * oy * w;
                     for (ox, (t, b)) in pairs.enumerate() {
