@@ -445,7 +445,10 @@ impl Geom {
     /// (`conv2d_fwd_bwd_1t`), so it is used when `O/g ≤ C/g`, on large
     /// images only (where it was measured). Nor where its band would be
     /// much larger than this convolution's (few output channels of a wide
-    /// image, many input channels).
+    /// image, many input channels). Through [`Direct`]'s kernels (no
+    /// column matrix) it is used wherever both convolutions are large:
+    /// the input gradient of `conv2d_fwd_bwd_1t` then takes about the
+    /// forward's time (1.1-1.2 ms, against 2.2 ms for the adjoint).
     fn input_gradient_by_forward(&self) -> Option<Geom> {
         #[cfg(test)]
         if let Some(forced) = tests::FORCE_TURNED.get() {
@@ -734,6 +737,11 @@ impl Lowering {
 /// row-copy lowering (`compare_pytorch.py --against`, 7 rounds): 0.85x
 /// [0.82-0.90] the time of `conv2d_fwd_bwd_1t`, 0.77x [0.71-0.79] of
 /// `conv2d_fwd_1t`.
+///
+/// Where the CPU has AVX-512 the plan computes through [`Direct`]'s
+/// kernels instead, which read the padded plane's runs in place (no column
+/// matrix, no bands): 0.70-0.74x the time of the above on those two
+/// workloads (BENCHMARKS.md, "conv2d through direct kernels").
 struct Rows {
     /// Padded height and width.
     hp: usize,
