@@ -157,13 +157,14 @@ fn softmax_and_cross_entropy_have_the_same_bits_on_1_2_and_3_threads() {
 
 #[test]
 fn conv2d_has_the_same_bits_on_1_2_and_3_threads() {
-    // Large images (the convolution's own kernels on AVX-512 CPUs, which
-    // split the batch's images across the pool): whole-vector rows, and
-    // rows that are not (with groups); 11 images, not a multiple of the
-    // pieces.
+    // Large and medium images (the convolution's own kernels on AVX-512
+    // CPUs, which split the batch's images across the pool): whole-vector
+    // rows, and rows that are not (with groups); 11 images, not a multiple
+    // of the pieces.
     for (x_shape, w_shape, groups) in [
         ([11, 16, 32, 32], [32, 16, 3, 3], 1),
         ([11, 16, 48, 50], [6, 8, 3, 3], 2),
+        ([11, 32, 8, 8], [64, 32, 3, 3], 1),
     ] {
         same_bits_on_1_2_3_threads("conv2d", || {
             let x = randn(&x_shape, 31);
