@@ -1148,9 +1148,7 @@ impl Rows {
         put_scratch(cols);
         put_scratch(dcols);
     }
-}
 
-impl Rows {
     /// The weight gradient of [`ConvBackward`] by [`Direct`]'s kernel:
     /// `dW_g = Σ_n dY[n, g] · cols(x[n, g])ᵀ`, accumulated into `dwt`
     /// (`[groups, K, O/g]`). `false` (and nothing computed) where the
@@ -1173,8 +1171,8 @@ impl Rows {
         if !finite(x) {
             return false;
         }
-        let vectors = conv_direct::padded_vectors(self.positions(g)).len();
-        let ld = conv_direct::row_len(&conv_direct::padded_vectors(self.positions(g)));
+        let padded_vectors = conv_direct::padded_vectors(self.positions(g));
+        let (vectors, ld) = (padded_vectors.len(), conv_direct::row_len(&padded_vectors));
         // The sums of the images of `range`, `[groups, O/g, K]`.
         let images = |range: std::ops::Range<usize>| -> Vec<f32> {
             let mut padded = Vec::new();
@@ -1924,26 +1922,34 @@ mod tests {
             geometry([1, 8, 72, 70], [4, 4, 3, 3], [1, 1], [2, 1], [2, 1], 2),
         ];
         for case in cases {
-            let Geometry {
-                xs,
-                ws,
-                s,
-                p,
-                d,
-                groups,
-            } = case;
-            let x = values(xs.iter().product(), 0.1);
-            let w = values(ws.iter().product(), 0.3);
-            let b = values(ws[0], 0.7);
-            let (want, shape) = direct(case, &x, &w, &b);
-            let xt = Tensor::from_vec(x, &xs).unwrap();
-            let wt = Tensor::from_vec(w, &ws).unwrap();
-            let bt = Tensor::from_vec(b, &[ws[0]]).unwrap();
-            let y = try_conv2d(&xt, &wt, Some(&bt), s, p, d, groups).unwrap();
-            assert_eq!(y.shape(), shape);
-            for (got, want) in y.to_vec().iter().zip(&want) {
-                assert!((f64::from(*got) - want).abs() < 1e-4, "{got} vs {want}");
-            }
+            assert_matches_the_definition(case);
+        }
+    }
+
+    /// `conv2d` of `case` (with a bias) against the `f64` definition.
+    fn assert_matches_the_definition(case: Geometry) {
+        let Geometry {
+            xs,
+            ws,
+            s,
+            p,
+            d,
+            groups,
+        } = case;
+        let x = values(xs.iter().product(), 0.1);
+        let w = values(ws.iter().product(), 0.3);
+        let b = values(ws[0], 0.7);
+        let (want, shape) = direct(case, &x, &w, &b);
+        let xt = Tensor::from_vec(x, &xs).unwrap();
+        let wt = Tensor::from_vec(w, &ws).unwrap();
+        let bt = Tensor::from_vec(b, &[ws[0]]).unwrap();
+        let y = try_conv2d(&xt, &wt, Some(&bt), s, p, d, groups).unwrap();
+        assert_eq!(y.shape(), shape);
+        for (got, want) in y.to_vec().iter().zip(&want) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-4,
+                "{xs:?}: {got} vs {want}"
+            );
         }
     }
 
@@ -2213,27 +2219,7 @@ mod tests {
         ];
         for _ in 0..2 {
             for case in cases {
-                let Geometry { xs, ws, .. } = case;
-                let x = values(xs.iter().product(), 0.1);
-                let w = values(ws.iter().product(), 0.3);
-                let b = values(ws[0], 0.7);
-                let (want, shape) = direct(case, &x, &w, &b);
-                let y = conv2d(
-                    &Tensor::from_vec(x, &xs).unwrap(),
-                    &Tensor::from_vec(w, &ws).unwrap(),
-                    Some(&Tensor::from_vec(b, &[ws[0]]).unwrap()),
-                    case.s,
-                    case.p,
-                    case.d,
-                    case.groups,
-                );
-                assert_eq!(y.shape(), shape);
-                for (got, want) in y.to_vec().iter().zip(&want) {
-                    assert!(
-                        (f64::from(*got) - want).abs() < 1e-4,
-                        "{xs:?}: {got} vs {want}"
-                    );
-                }
+                assert_matches_the_definition(case);
             }
         }
         let kept: usize = TABLES.with(|t| t.borrow().iter().map(|(_, t)| t.len()).sum());

@@ -249,14 +249,24 @@ impl pulp::WithSimd for Forward<'_> {
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         assert_eq!(S::F32_LANES, LANES);
         let k = self.starts.len();
-        for run in self.vectors.chunks(NR) {
-            for (tile, w) in self.packed.chunks_exact((k * MR).max(1)).enumerate() {
+        // Each tile of channels: its packed weights, first channel, rows
+        // and biases (zero without a bias, and for the missing rows).
+        let tiles: Vec<(&[f32], usize, usize, [f32; MR])> = self
+            .packed
+            .chunks_exact((k * MR).max(1))
+            .enumerate()
+            .map(|(tile, w)| {
                 let o0 = tile * MR;
                 let rows = (self.og - o0).min(MR);
-                let b: [f32; MR] = std::array::from_fn(|m| match self.bias {
+                let b = std::array::from_fn(|m| match self.bias {
                     Some(b) if m < rows => b[o0 + m],
                     _ => 0.0,
                 });
+                (w, o0, rows, b)
+            })
+            .collect();
+        for run in self.vectors.chunks(NR) {
+            for &(w, o0, rows, b) in &tiles {
                 let tile = Tile {
                     w,
                     b,
