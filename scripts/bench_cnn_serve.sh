@@ -2,8 +2,10 @@
 # The digits CNN through HTTP: netcl-serve against FastAPI + uvicorn +
 # PyTorch serving the same checkpoint, under the same wrk command, in
 # alternating rounds in this one invocation (only one server runs at a
-# time). Prints each round's throughput, p50 and p99, the ratio of
-# netcl-serve's throughput to FastAPI's per round, and their median.
+# time). Prints each round's throughput, p50 and p99, and the server's CPU
+# time per request (all its processes and threads, from /proc), the ratio
+# of netcl-serve's throughput to FastAPI's per round, and their median;
+# and the same for requests per CPU-second of the server.
 #
 #   scripts/bench_cnn_serve.sh                      # 3 rounds of wrk -t2 -c32 -d15s --latency
 #   PYTHON=/path/to/venv/bin/python scripts/bench_cnn_serve.sh
@@ -125,12 +127,37 @@ classes() {
         --data-binary @"$TMP/rows.json" | sed -n 's/.*"classes":\[\([0-9,]*\)\].*/\1/p'
 }
 
-# run_wrk NAME: a warm-up, then the measured wrk run; its RESULT line goes to $TMP/NAME.
+# The server process and every process below it (uvicorn's workers).
+descendants() {
+    echo "$1"
+    local child
+    for child in $(pgrep -P "$1"); do descendants "$child"; done
+}
+
+# CPU time (user + system, clock ticks) of the server's process tree.
+server_ticks() {
+    local pid
+    for pid in $(descendants "$SERVER_PID"); do
+        # The fields after the command name: utime and stime are the 12th and 13th.
+        [[ -r /proc/$pid/stat ]] && sed 's/.*) //' "/proc/$pid/stat"
+    done | awk '{ s += $12 + $13 } END { print s + 0 }'
+}
+TICKS_PER_S=$(getconf CLK_TCK)
+
+# run_wrk NAME: a warm-up, then the measured wrk run; its RESULT line, with
+# the server's CPU time per request (cpu_us, all its processes and threads)
+# added, goes to $TMP/NAME.
 run_wrk() {
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$LUA" "http://127.0.0.1:$PORT$ROUTE" >/dev/null
+    local before after requests
+    before=$(server_ticks)
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$LUA" \
         "http://127.0.0.1:$PORT$ROUTE" >"$TMP/$1.out"
-    grep '^RESULT' "$TMP/$1.out" | sed 's/^RESULT //' >"$TMP/$1"
+    after=$(server_ticks)
+    requests=$(sed -n 's/^RESULT .*requests=\([0-9]*\).*/\1/p' "$TMP/$1.out")
+    echo "$(grep '^RESULT' "$TMP/$1.out" | sed 's/^RESULT //')" \
+        "cpu_us=$(awk -v t=$((after - before)) -v hz="$TICKS_PER_S" -v r="$requests" \
+            'BEGIN { printf "%.1f", r ? t * 1e6 / hz / r : 0 }')" >"$TMP/$1"
 }
 
 field() { tr ' ' '\n' <"$TMP/$1" | sed -n "s/^$2=//p"; }
@@ -168,7 +195,7 @@ label() {
     fastapi) echo "FastAPI+PyTorch" ;;
     esac
 }
-declare -A ratios
+declare -A ratios cpu_ratios
 for round in $(seq "$ROUNDS"); do
     for side in "${sides[@]}" fastapi; do
         case $side in
@@ -185,16 +212,20 @@ for round in $(seq "$ROUNDS"); do
         r=$(ratio "$(field "$side$round" rps)" "$(field "fastapi$round" rps)")
         ratios[$side]+="$r "
         echo "round $round: $(label "$side") / FastAPI req/s ${r}x"
+        c=$(ratio "$(field "fastapi$round" cpu_us)" "$(field "$side$round" cpu_us)")
+        cpu_ratios[$side]+="$c "
+        echo "round $round: $(label "$side") serves ${c}x FastAPI's requests per CPU-second"
     done
 done
 echo "load after: $(uptime)"
 
 echo
-printf '%-6s %-20s %10s %9s %9s %8s\n' round server "req/s" "p50 ms" "p99 ms" non-2xx
+printf '%-6s %-20s %10s %9s %9s %8s %12s\n' round server "req/s" "p50 ms" "p99 ms" non-2xx "CPU us/req"
 for round in $(seq "$ROUNDS"); do
     for side in "${sides[@]}" fastapi; do
-        printf '%-6s %-20s %10s %9s %9s %8s\n' "$round" "$(label "$side")" "$(field "$side$round" rps)" \
-            "$(field "$side$round" p50_ms)" "$(field "$side$round" p99_ms)" "$(field "$side$round" non2xx)"
+        printf '%-6s %-20s %10s %9s %9s %8s %12s\n' "$round" "$(label "$side")" "$(field "$side$round" rps)" \
+            "$(field "$side$round" p50_ms)" "$(field "$side$round" p99_ms)" "$(field "$side$round" non2xx)" \
+            "$(field "$side$round" cpu_us)"
     done
 done
 echo
@@ -202,4 +233,11 @@ median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { print
 for side in "${sides[@]}"; do
     echo "$(label "$side") / FastAPI+PyTorch req/s: median $(echo "${ratios[$side]}" | median)x" \
         "(rounds: ${ratios[$side]% }; goal >= 20)"
+done
+# wrk runs on the same cores: the faster a server, the more CPU wrk takes
+# from it. The server's own CPU per request is what a deployment with its
+# clients elsewhere pays.
+for side in "${sides[@]}"; do
+    echo "$(label "$side") requests per server CPU-second / FastAPI+PyTorch's: median" \
+        "$(echo "${cpu_ratios[$side]}" | median)x (rounds: ${cpu_ratios[$side]% })"
 done

@@ -1389,6 +1389,12 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
     let len = g.n * g.o * p;
     if len > 0
         && k > 0
+        && let Some(out) = small_forward(g, x, w, bias)
+    {
+        return out;
+    }
+    if len > 0
+        && k > 0
         && let Some(rows) = Rows::plan(g)
     {
         let mut out = crate::storage::cache::take(len);
@@ -1450,6 +1456,45 @@ fn conv_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
     }
     put_scratch(cols);
     out
+}
+
+/// The fewest output channels per group for [`small_forward`]: its tiles
+/// are 16 channels wide, and below 8 most of a tile is idle.
+const SMALL_MIN_CHANNELS: usize = 8;
+
+/// The forward of a convolution whose images and outputs have at most 16
+/// values per channel (the digits CNN's second layer, 4x4), where the CPU
+/// has AVX-512: each channel of an image is one vector and each tap a
+/// masked permute of it (see [`SmallTaps`](conv_direct::SmallTaps)), so
+/// there is no column matrix to build; `None` elsewhere.
+fn small_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Option<Vec<f32>> {
+    let direct = Direct::detect();
+    #[cfg(test)]
+    let direct = direct.filter(|_| !tests::FORCE_GEMM.get());
+    let direct = direct.filter(|_| g.og() >= SMALL_MIN_CHANNELS)?;
+    let taps = conv_direct::SmallTaps::new(
+        (g.h, g.w),
+        (g.ho, g.wo),
+        (g.kh, g.kw),
+        (g.sh, g.sw),
+        (g.ph, g.pw),
+        (g.dh, g.dw),
+    )?;
+    let (og, cg, k, p, image) = (g.og(), g.cg(), g.k(), g.p(), g.h * g.w);
+    let mut out = crate::storage::cache::take(g.n * g.o * p);
+    out.resize(g.n * g.o * p, 0.0);
+    for group in 0..g.groups {
+        direct.small_forward(
+            &taps,
+            &w[group * og * k..][..og * k],
+            (og, cg),
+            bias.map(|b| &b[group * og..][..og]),
+            g.n,
+            (&x[group * cg * image..], g.c * image),
+            (&mut out[group * og * p..], g.o * p),
+        );
+    }
+    Some(out)
 }
 
 /// The weight of [`Geom::input_gradient`]'s convolution, `[C, O/groups,
@@ -2336,7 +2381,7 @@ mod tests {
     }
 
     #[test]
-    fn small_images_copied_in_runs_match_the_definition() {
+    fn small_images_match_the_definition() {
         // Stride-1 small images build their column matrix from runs of the
         // zero-padded image: widths with a run copy of a fixed size (4, 8,
         // 16) and without (5, 7), padding 0, 1 and 2 (the border zeroed
@@ -2351,9 +2396,45 @@ mod tests {
             geometry([2, 4, 8, 8], [4, 2, 3, 3], [2, 1], [1, 1], [1, 1], 2),
             geometry([2, 3, 7, 8], [2, 3, 3, 3], [1, 1], [2, 2], [2, 2], 1),
             geometry([3, 2, 1, 12], [3, 2, 1, 5], [1, 1], [0, 2], [1, 1], 1),
+            // One vector per channel (where the CPU has AVX-512), with the
+            // bias: a whole tile of 16 filters and a part of one.
+            geometry([3, 16, 4, 4], [32, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([2, 4, 4, 4], [9, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1),
         ];
         for case in cases {
             assert_matches_the_definition(case);
+        }
+    }
+
+    #[test]
+    fn one_vector_images_keep_nan_and_infinity_where_the_lowering_does() {
+        // An infinite input value and a NaN weight: every output the
+        // column matrix's products make NaN or infinite (a padding tap's
+        // 0 · NaN included) is so with the permutes too, and no other.
+        let (xs, ws) = ([2, 3, 4, 4], [9, 3, 3, 3]);
+        let mut x = values(xs.iter().product(), 0.1);
+        x[16 + 5] = f32::INFINITY; // image 0, channel 1, (1, 1)
+        let mut w = values(ws.iter().product(), 0.3);
+        w[27 * 4 + 9 * 2 + 8] = f32::NAN; // filter 4, channel 2, tap (2, 2)
+        let xt = Tensor::from_vec(x, &xs).unwrap();
+        let wt = Tensor::from_vec(w, &ws).unwrap();
+        let runs: Vec<Vec<f32>> = [false, true]
+            .into_iter()
+            .map(|gemm| {
+                FORCE_GEMM.set(gemm);
+                let y = conv2d(&xt, &wt, None, 1, 1, 1, 1).to_vec();
+                FORCE_GEMM.set(false);
+                y
+            })
+            .collect();
+        let (kernel, lowering) = (&runs[0], &runs[1]);
+        assert!(kernel.iter().any(|v| v.is_nan()) && kernel.iter().any(|v| v.is_infinite()));
+        for (i, (a, b)) in kernel.iter().zip(lowering).enumerate() {
+            assert_eq!(a.is_nan(), b.is_nan(), "output {i}: {a} vs {b}");
+            assert_eq!(a.is_infinite(), b.is_infinite(), "output {i}: {a} vs {b}");
+            if a.is_finite() {
+                assert!((a - b).abs() < 1e-4, "output {i}: {a} vs {b}");
+            }
         }
     }
 
@@ -2393,6 +2474,16 @@ mod tests {
             geometry([3, 16, 16, 16], [32, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
             geometry([2, 32, 8, 8], [64, 32, 3, 3], [1, 1], [1, 1], [1, 1], 1),
             geometry([2, 16, 10, 12], [10, 8, 3, 3], [1, 1], [1, 1], [1, 1], 2),
+            // One vector per channel (at most 16 values per image and per
+            // output channel): the digits CNN's second layer, a tile of 9
+            // filters (fewer than its 16), 1x1 filters past one tile (17),
+            // 2x2 with groups, stride 2, dilation 2.
+            geometry([3, 16, 4, 4], [32, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([2, 4, 4, 4], [9, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+            geometry([5, 3, 3, 5], [17, 3, 1, 1], [1, 1], [0, 0], [1, 1], 1),
+            geometry([2, 6, 4, 4], [24, 3, 2, 2], [1, 1], [0, 0], [1, 1], 2),
+            geometry([2, 2, 4, 4], [8, 2, 3, 3], [2, 2], [1, 1], [1, 1], 1),
+            geometry([2, 3, 4, 4], [10, 3, 3, 3], [1, 1], [2, 2], [2, 2], 1),
         ];
         for case in cases {
             let Geometry { xs, ws, .. } = case;

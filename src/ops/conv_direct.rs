@@ -23,6 +23,13 @@
 //! checks), with zeros in the output gradient at the junk positions.
 //! Measured in BENCHMARKS.md ("conv2d through direct kernels").
 //!
+//! Images of at most 16 values per channel whose outputs have at most 16
+//! positions (the digits CNN's 4x4 layer) have no rows to run along: each
+//! channel of an image is one vector, and each tap of a 1x1, 2x2 or 3x3
+//! filter a masked permute of it ([`SmallTaps`]), multiplied into 16
+//! output channels' accumulators at a time ([`Direct::small_forward`], the
+//! forward alone). Any stride, padding and dilation.
+//!
 //! All the code here is safe: pulp's [`V4`] token proves AVX-512 is
 //! present, its operations are safe functions, and every load is from a
 //! checked slice. Only for `x86_64` CPUs with AVX-512 (others, and loom
@@ -217,6 +224,120 @@ impl Direct {
         #[cfg(any(loom, not(target_arch = "x86_64")))]
         {
             let _ = (dy, x);
+            match self.never {}
+        }
+    }
+}
+
+/// The taps of a convolution over images of at most 16 values per channel
+/// whose output has at most 16 positions: each tap `(i, j)` as a permute
+/// of the channel's one vector, lane `p = oy · Wo + ox` taking the value at
+/// `(oy · sH + i · dH − pH, ox · sW + j · dW − pW)`, zero (masked off) in
+/// the padding and past the output's positions.
+#[derive(Debug)]
+pub(super) struct SmallTaps {
+    /// Per tap, the lanes that read inside the image.
+    masks: Vec<u16>,
+    /// Per tap, the image position each lane reads (0 where masked off).
+    index: Vec<[i32; LANES]>,
+    /// Values per channel of the image (`H · W ≤ 16`).
+    image: usize,
+    /// Output positions per channel (`Ho · Wo ≤ 16`).
+    positions: usize,
+}
+
+impl SmallTaps {
+    /// The permutes of a convolution with `image = (H, W)`, output `(Ho,
+    /// Wo)`, and `kernel`, `stride`, `padding`, `dilation` as `(rows,
+    /// columns)`; `None` when the image or the output has more than 16
+    /// values per channel.
+    pub(super) fn new(
+        image: (usize, usize),
+        output: (usize, usize),
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+    ) -> Option<SmallTaps> {
+        let ((h, w), (ho, wo)) = (image, output);
+        if h * w > LANES || ho * wo > LANES || ![1, 4, 9].contains(&(kernel.0 * kernel.1)) {
+            return None;
+        }
+        let mut taps = SmallTaps {
+            masks: Vec::with_capacity(kernel.0 * kernel.1),
+            index: Vec::with_capacity(kernel.0 * kernel.1),
+            image: h * w,
+            positions: ho * wo,
+        };
+        for i in 0..kernel.0 {
+            for j in 0..kernel.1 {
+                let (mut mask, mut index) = (0u16, [0i32; LANES]);
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let iy = (oy * stride.0 + i * dilation.0).checked_sub(padding.0);
+                        let ix = (ox * stride.1 + j * dilation.1).checked_sub(padding.1);
+                        if let (Some(iy), Some(ix)) = (iy, ix)
+                            && iy < h
+                            && ix < w
+                        {
+                            let lane = oy * wo + ox;
+                            mask |= 1 << lane;
+                            // At most 15: fits.
+                            index[lane] = (iy * w + ix) as i32;
+                        }
+                    }
+                }
+                taps.masks.push(mask);
+                taps.index.push(index);
+            }
+        }
+        Some(taps)
+    }
+}
+
+impl Direct {
+    /// `out[n · out_stride + o · P + p] = b[o] + Σ_{c, t} w[o, c, t] ·
+    /// x_{n,c}[tap t at p]` for `images` images, image `n`'s group of
+    /// channels (`[cg, H · W]`) at `n · x_stride` of `x`, the `og` filters
+    /// `w` (`[og, cg, kH, kW]`, row-major), `b` the bias (zero without
+    /// one) and `P` the output positions: one vector per channel, in tiles
+    /// of 16 output channels (16 accumulators), each tap a masked permute
+    /// of the channel's vector.
+    ///
+    /// The slices must hold what these offsets reach (checked: a short one
+    /// panics, as an index out of bounds).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn small_forward(
+        self,
+        taps: &SmallTaps,
+        w: &[f32],
+        (og, cg): (usize, usize),
+        bias: Option<&[f32]>,
+        images: usize,
+        (x, x_stride): (&[f32], usize),
+        (out, out_stride): (&mut [f32], usize),
+    ) {
+        assert!(w.len() == og * cg * taps.masks.len());
+        #[cfg(all(not(loom), target_arch = "x86_64"))]
+        pulp::Simd::vectorize(
+            self.simd,
+            SmallForward {
+                v4: self.simd,
+                taps,
+                w,
+                og,
+                cg,
+                bias,
+                images,
+                x,
+                x_stride,
+                out,
+                out_stride,
+            },
+        );
+        #[cfg(any(loom, not(target_arch = "x86_64")))]
+        {
+            let _ = (taps, w, og, cg, bias, images, x, x_stride, out, out_stride);
             match self.never {}
         }
     }
@@ -418,6 +539,111 @@ fn weight_tile<S: pulp::Simd>(
         }
     }
     sums
+}
+
+/// [`Direct::small_forward`]'s operands, and the token for the permutes
+/// (an AVX-512 instruction pulp's portable operations do not have).
+#[cfg(all(not(loom), target_arch = "x86_64"))]
+struct SmallForward<'a> {
+    v4: V4,
+    taps: &'a SmallTaps,
+    w: &'a [f32],
+    og: usize,
+    cg: usize,
+    bias: Option<&'a [f32]>,
+    images: usize,
+    x: &'a [f32],
+    x_stride: usize,
+    out: &'a mut [f32],
+    out_stride: usize,
+}
+
+#[cfg(all(not(loom), target_arch = "x86_64"))]
+impl pulp::WithSimd for SmallForward<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    fn with_simd<S: pulp::Simd>(mut self, _: S) {
+        use core::arch::x86_64::__m512i;
+        let simd = self.v4;
+        let taps = self.taps;
+        let kk = taps.masks.len();
+        let cg = self.cg;
+        let index: Vec<__m512i> = taps.index.iter().map(|i| pulp::cast(*i)).collect();
+        match kk {
+            9 => small_tiles::<9>(simd, &mut self, &index, cg),
+            4 => small_tiles::<4>(simd, &mut self, &index, cg),
+            _ => small_tiles::<1>(simd, &mut self, &index, cg),
+        }
+    }
+}
+
+/// [`SmallForward`] with `KK` taps: a channel's `KK` permutes and a tile's
+/// 16 accumulators held in registers (25 of the 32 with 9 taps), each
+/// filter's `KK` weights for the channel read as one array.
+#[cfg(all(not(loom), target_arch = "x86_64"))]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn small_tiles<const KK: usize>(
+    simd: V4,
+    op: &mut SmallForward<'_>,
+    index: &[core::arch::x86_64::__m512i],
+    cg: usize,
+) {
+    use core::arch::x86_64::__m512;
+    use pulp::Simd;
+    let (hw, p) = (op.taps.image, op.taps.positions);
+    let masks: &[u16; KK] = op.taps.masks[..].try_into().expect("KK taps");
+    let index: &[_; KK] = index.try_into().expect("KK taps");
+    // A filter's weights: `cg · KK`.
+    let ck = cg * KK;
+    // A tile's weights as `[cg, 16, KK]` (channel by channel, zero past the
+    // last filter): each multiply-add then reads its weight at a constant
+    // offset, and the 16 accumulators stay in registers.
+    let mut packed = vec![0.0f32; cg * LANES * KK];
+    for o0 in (0..op.og).step_by(LANES) {
+        let rows = (op.og - o0).min(LANES);
+        if rows < LANES {
+            packed.fill(0.0);
+        }
+        for m in 0..rows {
+            let filter = &op.w[(o0 + m) * ck..][..ck];
+            for (c, taps) in filter.as_chunks::<KK>().0.iter().enumerate() {
+                let (dst, _) = packed[(c * LANES + m) * KK..][..KK].as_chunks_mut::<KK>();
+                dst[0] = *taps;
+            }
+        }
+        let bias: [f32; LANES] = std::array::from_fn(|m| match op.bias {
+            Some(b) if m < rows => b[o0 + m],
+            _ => 0.0,
+        });
+        for n in 0..op.images {
+            let x = &op.x[n * op.x_stride..][..cg * hw];
+            let mut acc: [pulp::f32x16; LANES] = std::array::from_fn(|m| simd.splat_f32s(bias[m]));
+            for c in 0..cg {
+                let image: __m512 = pulp::cast(simd.partial_load_f32s(&x[c * hw..][..hw]));
+                let shifted: [pulp::f32x16; KK] = std::array::from_fn(|t| {
+                    pulp::cast(
+                        simd.avx512f
+                            ._mm512_maskz_permutexvar_ps(masks[t], index[t], image),
+                    )
+                });
+                let (weights, _) = packed[c * LANES * KK..][..LANES * KK].as_chunks::<KK>();
+                let weights: &[[f32; KK]; LANES] = weights.try_into().expect("16 filters");
+                for t in 0..KK {
+                    for m in 0..LANES {
+                        acc[m] =
+                            simd.mul_add_f32s(simd.splat_f32s(weights[m][t]), shifted[t], acc[m]);
+                    }
+                }
+            }
+            let out = &mut op.out[n * op.out_stride..];
+            for m in 0..rows {
+                simd.partial_store_f32s(&mut out[(o0 + m) * p..][..p], acc[m]);
+            }
+        }
+    }
 }
 
 #[cfg(all(test, not(loom), target_arch = "x86_64"))]
