@@ -528,8 +528,10 @@ fn im2col(g: &Geom, x: &[f32], (oy0, oy1): (usize, usize), cols: &mut [f32], ld:
 
 /// `x`, one image's group of channels (`[C/groups, H, W]`), into the
 /// inside of `padded` (`[C/groups, H + 2pH, W + 2pW]`, its border left as
-/// it is: zeros).
-fn pad_image(g: &Geom, x: &[f32], padded: &mut [f32]) {
+/// it is: zeros). `N` is the width when it is one of the common ones (its
+/// rows then copies of a fixed size), 0 for any other.
+fn pad_image<const N: usize>(g: &Geom, x: &[f32], padded: &mut [f32]) {
+    debug_assert!(N == 0 || N == g.w);
     let wp = g.w + 2 * g.pw;
     for (plane, dst) in x
         .chunks_exact(g.h * g.w)
@@ -537,35 +539,34 @@ fn pad_image(g: &Geom, x: &[f32], padded: &mut [f32]) {
     {
         let rows = &mut dst[g.ph * wp..][..g.h * wp];
         for (row, d) in plane.chunks_exact(g.w).zip(rows.chunks_exact_mut(wp)) {
-            d[g.pw..g.pw + g.w].copy_from_slice(row);
+            copy_run::<N>(row, &mut d[g.pw..g.pw + g.w]);
         }
     }
 }
 
-/// [`pad_image`] for `W = N`: each row a copy of a fixed size.
-fn pad_image_of<const N: usize>(g: &Geom, x: &[f32], padded: &mut [f32]) {
-    let wp = N + 2 * g.pw;
-    for (plane, dst) in x
-        .chunks_exact(g.h * N)
-        .zip(padded.chunks_exact_mut(g.padded_plane()))
-    {
-        let rows = &mut dst[g.ph * wp..][..g.h * wp];
-        let (plane, _) = plane.as_chunks::<N>();
-        for (row, d) in plane.iter().zip(rows.chunks_exact_mut(wp)) {
-            let (d, _) = d[g.pw..][..N].as_chunks_mut::<N>();
-            d[0] = *row;
-        }
+/// `src` into `dst`, both `N` values long when `N` is not 0 (a copy of a
+/// fixed size), else of any equal length.
+#[inline(always)]
+fn copy_run<const N: usize>(src: &[f32], dst: &mut [f32]) {
+    if N == 0 {
+        dst.copy_from_slice(src);
+    } else {
+        let (dst, _) = dst[..N].as_chunks_mut::<N>();
+        let (src, _) = src[..N].as_chunks::<N>();
+        dst[0] = src[0];
     }
 }
 
 /// The column matrix of one whole image of a stride-1 convolution from
 /// its zero-padded image `padded` (see [`pad_image`]): row `(c, i, j)`,
 /// output row `oy` is the run of `Wo` values of `padded` at
-/// `[c, oy·sH + i·dH, j·dW]`. Row `r` starts at `r · ld` of `cols`. On
-/// small images this is a handful of short copies per row where
-/// [`im2col`] computes each row's bounds and fills, and where a gather
-/// per value (the table) took 22% of the digits CNN's forward.
-fn runs(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) {
+/// `[c, oy·sH + i·dH, j·dW]`. Row `r` starts at `r · ld` of `cols`. `WO`
+/// is `Wo` when it is one of the common widths, 0 for any other (see
+/// [`copy_run`]). On small images this is a handful of short copies per
+/// row where [`im2col`] computes each row's bounds and fills, and where a
+/// gather per value (the table) took 22% of the digits CNN's forward.
+fn runs<const WO: usize>(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) {
+    debug_assert!(WO == 0 || WO == g.wo);
     let (plane, wp, wo) = (g.padded_plane(), g.w + 2 * g.pw, g.wo);
     let mut r = 0;
     for c in 0..g.cg() {
@@ -575,27 +576,7 @@ fn runs(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) {
                 let dst = &mut cols[r * ld..][..g.ho * wo];
                 r += 1;
                 for (oy, d) in dst.chunks_exact_mut(wo).enumerate() {
-                    d.copy_from_slice(&plane[(oy * g.sh + i * g.dh) * wp + j * g.dw..][..wo]);
-                }
-            }
-        }
-    }
-}
-
-/// [`runs`] for `Wo = WO`: each run a copy of a fixed size.
-fn runs_of<const WO: usize>(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) {
-    let (plane, wp) = (g.padded_plane(), g.w + 2 * g.pw);
-    let mut r = 0;
-    for c in 0..g.cg() {
-        let plane = &padded[c * plane..][..plane];
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let (dst, _) = cols[r * ld..][..g.ho * WO].as_chunks_mut::<WO>();
-                r += 1;
-                for (oy, d) in dst.iter_mut().enumerate() {
-                    let at = (oy * g.sh + i * g.dh) * wp + j * g.dw;
-                    let (src, _) = plane[at..][..WO].as_chunks::<WO>();
-                    *d = src[0];
+                    copy_run::<WO>(&plane[(oy * g.sh + i * g.dh) * wp + j * g.dw..][..wo], d);
                 }
             }
         }
@@ -805,17 +786,17 @@ impl Lowering {
                         self.zeroed = true;
                     }
                     match g.w {
-                        4 => pad_image_of::<4>(g, &x[..len], padded),
-                        8 => pad_image_of::<8>(g, &x[..len], padded),
-                        16 => pad_image_of::<16>(g, &x[..len], padded),
-                        _ => pad_image(g, &x[..len], padded),
+                        4 => pad_image::<4>(g, &x[..len], padded),
+                        8 => pad_image::<8>(g, &x[..len], padded),
+                        16 => pad_image::<16>(g, &x[..len], padded),
+                        _ => pad_image::<0>(g, &x[..len], padded),
                     }
                     let cols = &mut cols[i * band..];
                     match g.wo {
-                        4 => runs_of::<4>(g, padded, cols, ld),
-                        8 => runs_of::<8>(g, padded, cols, ld),
-                        16 => runs_of::<16>(g, padded, cols, ld),
-                        _ => runs(g, padded, cols, ld),
+                        4 => runs::<4>(g, padded, cols, ld),
+                        8 => runs::<8>(g, padded, cols, ld),
+                        16 => runs::<16>(g, padded, cols, ld),
+                        _ => runs::<0>(g, padded, cols, ld),
                     }
                 }
                 Some(table) => {

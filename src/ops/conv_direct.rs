@@ -227,75 +227,7 @@ impl Direct {
             match self.never {}
         }
     }
-}
 
-/// The taps of a convolution over images of at most 16 values per channel
-/// whose output has at most 16 positions: each tap `(i, j)` as a permute
-/// of the channel's one vector, lane `p = oy · Wo + ox` taking the value at
-/// `(oy · sH + i · dH − pH, ox · sW + j · dW − pW)`, zero (masked off) in
-/// the padding and past the output's positions.
-#[derive(Debug)]
-pub(super) struct SmallTaps {
-    /// Per tap, the lanes that read inside the image.
-    masks: Vec<u16>,
-    /// Per tap, the image position each lane reads (0 where masked off).
-    index: Vec<[i32; LANES]>,
-    /// Values per channel of the image (`H · W ≤ 16`).
-    image: usize,
-    /// Output positions per channel (`Ho · Wo ≤ 16`).
-    positions: usize,
-}
-
-impl SmallTaps {
-    /// The permutes of a convolution with `image = (H, W)`, output `(Ho,
-    /// Wo)`, and `kernel`, `stride`, `padding`, `dilation` as `(rows,
-    /// columns)`; `None` when the image or the output has more than 16
-    /// values per channel.
-    pub(super) fn new(
-        image: (usize, usize),
-        output: (usize, usize),
-        kernel: (usize, usize),
-        stride: (usize, usize),
-        padding: (usize, usize),
-        dilation: (usize, usize),
-    ) -> Option<SmallTaps> {
-        let ((h, w), (ho, wo)) = (image, output);
-        if h * w > LANES || ho * wo > LANES || ![1, 4, 9].contains(&(kernel.0 * kernel.1)) {
-            return None;
-        }
-        let mut taps = SmallTaps {
-            masks: Vec::with_capacity(kernel.0 * kernel.1),
-            index: Vec::with_capacity(kernel.0 * kernel.1),
-            image: h * w,
-            positions: ho * wo,
-        };
-        for i in 0..kernel.0 {
-            for j in 0..kernel.1 {
-                let (mut mask, mut index) = (0u16, [0i32; LANES]);
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let iy = (oy * stride.0 + i * dilation.0).checked_sub(padding.0);
-                        let ix = (ox * stride.1 + j * dilation.1).checked_sub(padding.1);
-                        if let (Some(iy), Some(ix)) = (iy, ix)
-                            && iy < h
-                            && ix < w
-                        {
-                            let lane = oy * wo + ox;
-                            mask |= 1 << lane;
-                            // At most 15: fits.
-                            index[lane] = (iy * w + ix) as i32;
-                        }
-                    }
-                }
-                taps.masks.push(mask);
-                taps.index.push(index);
-            }
-        }
-        Some(taps)
-    }
-}
-
-impl Direct {
     /// `out[n · out_stride + o · P + p] = b[o] + Σ_{c, t} w[o, c, t] ·
     /// x_{n,c}[tap t at p]` for `images` images, image `n`'s group of
     /// channels (`[cg, H · W]`) at `n · x_stride` of `x`, the `og` filters
@@ -340,6 +272,73 @@ impl Direct {
             let _ = (taps, w, og, cg, bias, images, x, x_stride, out, out_stride);
             match self.never {}
         }
+    }
+}
+
+/// The taps of a convolution over images of at most 16 values per channel
+/// whose output has at most 16 positions: each tap `(i, j)` as a permute
+/// of the channel's one vector, lane `p = oy · Wo + ox` taking the value at
+/// `(oy · sH + i · dH − pH, ox · sW + j · dW − pW)`, zero (masked off) in
+/// the padding and past the output's positions.
+#[derive(Debug)]
+pub(super) struct SmallTaps {
+    /// Per tap, the lanes that read inside the image.
+    masks: Vec<u16>,
+    /// Per tap, the image position each lane reads (0 where masked off).
+    index: Vec<[i32; LANES]>,
+    /// Values per channel of the image (`H · W ≤ 16`).
+    image: usize,
+    /// Output positions per channel (`Ho · Wo ≤ 16`).
+    positions: usize,
+}
+
+impl SmallTaps {
+    /// The permutes of a convolution with `image = (H, W)`, output `(Ho,
+    /// Wo)`, and `kernel`, `stride`, `padding`, `dilation` as `(rows,
+    /// columns)`; `None` when the image or the output has more than 16
+    /// values per channel, or the filter other than 1, 4 or 9 taps (the
+    /// kernel's register plan).
+    pub(super) fn new(
+        image: (usize, usize),
+        output: (usize, usize),
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+    ) -> Option<SmallTaps> {
+        let ((h, w), (ho, wo)) = (image, output);
+        if h * w > LANES || ho * wo > LANES || ![1, 4, 9].contains(&(kernel.0 * kernel.1)) {
+            return None;
+        }
+        let mut taps = SmallTaps {
+            masks: Vec::with_capacity(kernel.0 * kernel.1),
+            index: Vec::with_capacity(kernel.0 * kernel.1),
+            image: h * w,
+            positions: ho * wo,
+        };
+        for i in 0..kernel.0 {
+            for j in 0..kernel.1 {
+                let (mut mask, mut index) = (0u16, [0i32; LANES]);
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let iy = (oy * stride.0 + i * dilation.0).checked_sub(padding.0);
+                        let ix = (ox * stride.1 + j * dilation.1).checked_sub(padding.1);
+                        if let (Some(iy), Some(ix)) = (iy, ix)
+                            && iy < h
+                            && ix < w
+                        {
+                            let lane = oy * wo + ox;
+                            mask |= 1 << lane;
+                            // At most 15: fits.
+                            index[lane] = (iy * w + ix) as i32;
+                        }
+                    }
+                }
+                taps.masks.push(mask);
+                taps.index.push(index);
+            }
+        }
+        Some(taps)
     }
 }
 
