@@ -583,6 +583,39 @@ fn runs<const WO: usize>(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) 
     }
 }
 
+/// The adjoint of [`runs`]: adds each run of one image's column-matrix
+/// gradient `dcols` (row `r` at `r · ld`) into the zero-padded image
+/// gradient `acc` (`[C/groups, H + 2pH, W + 2pW]`) it was copied from, the
+/// rows in order (so each position's sum has the order of the gather
+/// table's adjoint, and the same bits). `WO` as in [`runs`].
+fn add_runs<const WO: usize>(g: &Geom, dcols: &[f32], ld: usize, acc: &mut [f32]) {
+    debug_assert!(WO == 0 || WO == g.wo);
+    let (plane, wp, wo) = (g.padded_plane(), g.w + 2 * g.pw, g.wo);
+    let mut r = 0;
+    for c in 0..g.cg() {
+        let plane = &mut acc[c * plane..][..plane];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let src = &dcols[r * ld..][..g.ho * wo];
+                r += 1;
+                for (oy, s) in src.chunks_exact(wo).enumerate() {
+                    let at = (oy * g.sh + i * g.dh) * wp + j * g.dw;
+                    let d = &mut plane[at..][..wo];
+                    if WO == 0 {
+                        for (d, v) in d.iter_mut().zip(s) {
+                            *d += *v;
+                        }
+                    } else {
+                        for k in 0..WO {
+                            d[k] += s[k];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The adjoint of [`im2col`]: adds each value of `cols` into the input
 /// position it was copied from (padding positions are dropped). Row `r`
 /// of `cols` starts at `r · ld`.
@@ -834,6 +867,31 @@ impl Lowering {
         for (i, n) in (chunk.n0..chunk.n1).enumerate() {
             let dx = &mut dx[n * image + group * len..];
             match &self.table {
+                Some(_) if g.sw == 1 => {
+                    self.zeroed = false;
+                    let acc = first(&mut self.image, g.cg() * g.padded_plane());
+                    acc.fill(0.0);
+                    let dcols = &dcols[i * band..];
+                    match g.wo {
+                        4 => add_runs::<4>(g, dcols, ld, acc),
+                        8 => add_runs::<8>(g, dcols, ld, acc),
+                        16 => add_runs::<16>(g, dcols, ld, acc),
+                        _ => add_runs::<0>(g, dcols, ld, acc),
+                    }
+                    // The inside of the padded gradient into `dx`.
+                    let wp = g.w + 2 * g.pw;
+                    for (plane, dx) in acc
+                        .chunks_exact(g.padded_plane())
+                        .zip(dx[..len].chunks_exact_mut(g.h * g.w))
+                    {
+                        let rows = &plane[g.ph * wp..][..g.h * wp];
+                        for (row, d) in rows.chunks_exact(wp).zip(dx.chunks_exact_mut(g.w)) {
+                            for (d, a) in d.iter_mut().zip(&row[g.pw..g.pw + g.w]) {
+                                *d += *a;
+                            }
+                        }
+                    }
+                }
                 Some(table) => {
                     self.zeroed = false;
                     let acc = first(&mut self.image, len + 1);
