@@ -1,10 +1,10 @@
 //! The kernels that split their work across the caller's rayon pool
 //! (attention, softmax, layer norm, GELU and the other element maps, the
-//! cross-entropy, AdamW, conv2d on large images) give the same bits on any thread count: each test
-//! runs one computation inside pools of 1, 2 and 3 threads and compares
-//! every value bit for bit. The sizes are those of the example language
-//! model's training step (batch 32, width 128, context 64), large enough
-//! for every split to happen.
+//! cross-entropy, AdamW, conv2d on large images) give the same bits on any
+//! thread count: each test runs one computation inside pools of 1, 2 and 3
+//! threads and compares every value bit for bit. The sizes are those of
+//! the example language model's training step (batch 32, width 128,
+//! context 64), large enough for every split to happen.
 
 use netcl::Tensor;
 use netcl::functional::{self as F, AttnMask};

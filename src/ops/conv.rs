@@ -526,24 +526,6 @@ fn im2col(g: &Geom, x: &[f32], (oy0, oy1): (usize, usize), cols: &mut [f32], ld:
     }
 }
 
-/// `x`, one image's group of channels (`[C/groups, H, W]`), into the
-/// inside of `padded` (`[C/groups, H + 2pH, W + 2pW]`, its border left as
-/// it is: zeros). `N` is the width when it is one of the common ones (its
-/// rows then copies of a fixed size), 0 for any other.
-fn pad_image<const N: usize>(g: &Geom, x: &[f32], padded: &mut [f32]) {
-    debug_assert!(N == 0 || N == g.w);
-    let wp = g.w + 2 * g.pw;
-    for (plane, dst) in x
-        .chunks_exact(g.h * g.w)
-        .zip(padded.chunks_exact_mut(g.padded_plane()))
-    {
-        let rows = &mut dst[g.ph * wp..][..g.h * wp];
-        for (row, d) in plane.chunks_exact(g.w).zip(rows.chunks_exact_mut(wp)) {
-            copy_run::<N>(row, &mut d[g.pw..g.pw + g.w]);
-        }
-    }
-}
-
 /// `src` into `dst`, both `N` values long when `N` is not 0 (a copy of a
 /// fixed size), else of any equal length.
 #[inline(always)]
@@ -558,8 +540,8 @@ fn copy_run<const N: usize>(src: &[f32], dst: &mut [f32]) {
 }
 
 /// The column matrix of one whole image of a stride-1 convolution from
-/// its zero-padded image `padded` (see [`pad_image`]): row `(c, i, j)`,
-/// output row `oy` is the run of `Wo` values of `padded` at
+/// its zero-padded image `padded` (`[C/groups, H + 2pH, W + 2pW]`): row
+/// `(c, i, j)`, output row `oy` is the run of `Wo` values of `padded` at
 /// `[c, oy·sH + i·dH, j·dW]`. Row `r` starts at `r · ld` of `cols`. `WO`
 /// is `Wo` when it is one of the common widths, 0 for any other (see
 /// [`copy_run`]). On small images this is a handful of short copies per
@@ -587,7 +569,8 @@ fn runs<const WO: usize>(g: &Geom, padded: &[f32], cols: &mut [f32], ld: usize) 
 /// gradient `dcols` (row `r` at `r · ld`) into the zero-padded image
 /// gradient `acc` (`[C/groups, H + 2pH, W + 2pW]`) it was copied from, the
 /// rows in order (so each position's sum has the order of the gather
-/// table's adjoint, and the same bits). `WO` as in [`runs`].
+/// table's adjoint, and the same bits). `WO` is `Wo` when it is one of the
+/// common widths (each run's adds unrolled), 0 for any other.
 fn add_runs<const WO: usize>(g: &Geom, dcols: &[f32], ld: usize, acc: &mut [f32]) {
     debug_assert!(WO == 0 || WO == g.wo);
     let (plane, wp, wo) = (g.padded_plane(), g.w + 2 * g.pw, g.wo);
@@ -818,11 +801,12 @@ impl Lowering {
                         padded.fill(0.0);
                         self.zeroed = true;
                     }
-                    match g.w {
-                        4 => pad_image::<4>(g, &x[..len], padded),
-                        8 => pad_image::<8>(g, &x[..len], padded),
-                        16 => pad_image::<16>(g, &x[..len], padded),
-                        _ => pad_image::<0>(g, &x[..len], padded),
+                    let wp = g.w + 2 * g.pw;
+                    for (dst, src) in padded
+                        .chunks_exact_mut(g.padded_plane())
+                        .zip(x[..len].chunks_exact(g.h * g.w))
+                    {
+                        copy_rows((&mut dst[g.ph * wp + g.pw..], wp), (src, g.w), g.w, g.h);
                     }
                     let cols = &mut cols[i * band..];
                     match g.wo {

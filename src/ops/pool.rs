@@ -835,11 +835,10 @@ mod tests {
         ];
         for (n, &(h, w)) in sizes.iter().enumerate() {
             let planes = 6;
-            let x: Vec<f32> = (0..planes * h * w)
+            let mut x: Vec<f32> = (0..planes * h * w)
                 .map(|i| levels[(i * 7 + i / 5) % levels.len()])
                 .collect();
             // All -inf in one plane: the first cell of each window wins.
-            let mut x = x;
             x[..h * w].fill(f32::NEG_INFINITY);
             for &(k, s, pad) in if n == 0 { &all[..] } else { &all[..1] } {
                 let (want, positions) = scan(&x, [planes, h, w], k, s, pad);
