@@ -33,7 +33,7 @@
 //! |---|---|---|
 //! | async runtime workers | accept, parse HTTP and JSON, answer | normal |
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
-//! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | nice 19, optional duty cycle |
+//! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | `SCHED_IDLE` and nice 19 ([`Config::train_priority`]), optional duty cycle |
 //! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
 //! | `netcl-checkpoint` (with [`Config::checkpoint_every`]) | writes the current version into the [`Config::weights`] directory ([`checkpointer`]) | normal |
 //!
@@ -95,6 +95,7 @@ use crate::metrics::Metrics;
 use crate::model::{Digits, ModelState, VersionInfo, accuracy, read_checkpoint, train_startup};
 use crate::service::ModelServiceBuilder as Builder;
 use crate::source::PathSource;
+pub use crate::trainer::TrainPriority;
 use crate::trainer::TrainSettings;
 
 /// The name of the built-in digits MLP (the model of `--weights`,
@@ -169,6 +170,9 @@ pub struct Config {
     /// The share of one core the trainer may use, in `(0, 1]` (on top of
     /// its low OS priority).
     pub train_duty: f64,
+    /// How the trainer yields the machine to serving (default
+    /// [`TrainPriority::Idle`]: Linux's `SCHED_IDLE`, plus nice 19).
+    pub train_priority: TrainPriority,
     /// The seed of the start-up model and of the training shuffle.
     pub seed: u64,
     /// The longest prompt a language model accepts, in characters (400
@@ -202,6 +206,7 @@ impl Default for Config {
             startup_epochs: 30,
             watch_interval: Duration::from_millis(250),
             train_duty: 1.0,
+            train_priority: TrainPriority::Idle,
             seed: 42,
             max_prompt: generate::DEFAULT_MAX_PROMPT,
             max_tokens: generate::DEFAULT_MAX_TOKENS,
@@ -525,6 +530,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
                     &model,
                     &metrics,
                     settings,
+                    config.train_priority,
                     &trainer_stop,
                 )
                 .map_err(|err| Error::Thread(err.to_string()))?,

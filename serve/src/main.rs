@@ -12,7 +12,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use netcl_serve::Config;
+use netcl_serve::{Config, TrainPriority};
 
 /// Serves models over HTTP (JSON): the built-in digits MLP, optionally
 /// training it online, and any number of models from checkpoints.
@@ -109,6 +109,11 @@ struct Cli {
     /// low OS priority.
     #[arg(long, value_name = "F", default_value_t = Config::default().train_duty)]
     train_duty: f64,
+    /// How the trainer yields the machine to serving: idle (Linux's
+    /// SCHED_IDLE plus nice 19: it runs only on cores serving leaves idle)
+    /// or low (nice 19 only: it keeps a few percent of a loaded core).
+    #[arg(long, value_name = "idle|low", default_value_t = Config::default().train_priority)]
+    train_priority: TrainPriority,
     /// The longest prompt (characters) a language model's generate accepts;
     /// beyond it, 400.
     #[arg(long, value_name = "N", default_value_t = Config::default().max_prompt as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -221,6 +226,7 @@ impl Cli {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             startup_epochs: size(self.startup_epochs)?,
             train_duty: self.train_duty,
+            train_priority: self.train_priority,
             watch_interval: Duration::from_millis(self.watch_interval_ms),
             max_prompt: size(self.max_prompt)?,
             max_tokens: size(self.max_tokens)?,

@@ -4,14 +4,21 @@
 //!
 //! # Background priority
 //!
-//! On a small machine the trainer competes with serving for cores. The
-//! thread lowers its own OS priority to nice 19 (Linux: `setpriority` on
-//! its thread id; threads it starts, such as the data loader's, inherit
-//! it), so the scheduler runs it on what serving leaves idle: under load it
-//! gets a few percent of a core, when idle all of one. On top of that a
-//! duty cycle can cap its share of one core even when the machine is idle
-//! (`duty` below 1: it sleeps after each step in proportion to the step's
-//! time). BENCHMARKS.md measures both.
+//! On a small machine the trainer competes with serving for cores. With
+//! [`TrainPriority::Idle`], the default, the thread moves itself to Linux's
+//! `SCHED_IDLE` policy: it runs only on a core nothing else wants, and a
+//! serving thread that wakes takes the core from it at once, instead of
+//! waiting for the trainer's time slice to end. It also lowers its nice
+//! value to 19 (`setpriority` on its thread id), which is all
+//! [`TrainPriority::Low`] does, and what remains where `SCHED_IDLE` is
+//! refused: under load a nice-19 thread still gets a few percent of a core,
+//! and keeps it for a whole slice once it runs. Threads it starts, such as
+//! the data loader's, inherit both. Under full serving load `SCHED_IDLE`
+//! trains at about a third of the nice-19 rate and serves 9-20% more
+//! requests (BENCHMARKS.md); when serving is idle both train at full
+//! speed. On top of either, a duty cycle can cap the trainer's share of one
+//! core even when the machine is idle (`duty` below 1: it sleeps after
+//! each step in proportion to the step's time).
 //!
 //! # Publishing at normal priority
 //!
@@ -53,6 +60,52 @@ const ONLINE_WEIGHT_DECAY: f32 = 0.1;
 /// The nice value of the training thread.
 pub const TRAINING_NICE: i32 = 19;
 
+/// How the training thread yields the machine to serving.
+///
+/// ```
+/// use netcl_serve::trainer::TrainPriority;
+///
+/// assert_eq!(TrainPriority::default(), TrainPriority::Idle);
+/// assert_eq!("low".parse::<TrainPriority>(), Ok(TrainPriority::Low));
+/// assert!("high".parse::<TrainPriority>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TrainPriority {
+    /// Linux's `SCHED_IDLE` policy, plus nice 19: the trainer runs only on
+    /// cores nothing else wants and gives them up the moment a serving
+    /// thread wakes. Under a full serving load it trains slowest. Elsewhere
+    /// than Linux, or where the policy is refused, the same as
+    /// [`TrainPriority::Low`].
+    #[default]
+    Idle,
+    /// Nice 19 only (the behaviour before [`TrainPriority::Idle`]): the
+    /// trainer keeps a few percent of a loaded core.
+    Low,
+}
+
+impl std::str::FromStr for TrainPriority {
+    type Err = String;
+
+    /// `idle` or `low`.
+    fn from_str(s: &str) -> Result<TrainPriority, String> {
+        match s {
+            "idle" => Ok(TrainPriority::Idle),
+            "low" => Ok(TrainPriority::Low),
+            _ => Err(format!("expected idle or low, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for TrainPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainPriority::Idle => "idle",
+            TrainPriority::Low => "low",
+        })
+    }
+}
+
 /// How the trainer runs.
 #[derive(Debug, Clone, Copy)]
 pub struct TrainSettings {
@@ -77,6 +130,7 @@ pub(crate) fn spawn(
     model: &Arc<ModelState>,
     metrics: &Arc<Metrics>,
     settings: TrainSettings,
+    priority: TrainPriority,
     stop: &Arc<AtomicBool>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let (ready, to_publish) = crossbeam_channel::unbounded::<Ready>();
@@ -96,7 +150,7 @@ pub(crate) fn spawn(
     let trainer = std::thread::Builder::new()
         .name("netcl-train".to_string())
         .spawn(move || {
-            lower_priority();
+            lower_priority(priority);
             if let Err(err) = run(live, digits, &ready, &metrics, settings, &stop) {
                 tracing::error!("training stopped: {err}");
             }
@@ -104,10 +158,30 @@ pub(crate) fn spawn(
     Ok(vec![trainer, publisher])
 }
 
-/// Lowers this thread's scheduling priority to [`TRAINING_NICE`].
-fn lower_priority() {
+/// Moves this thread to `SCHED_IDLE` (with [`TrainPriority::Idle`]) and
+/// lowers its nice value to [`TRAINING_NICE`].
+fn lower_priority(priority: TrainPriority) {
     #[cfg(target_os = "linux")]
     {
+        if priority == TrainPriority::Idle {
+            use thread_priority::unix::{
+                NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+                thread_native_id,
+            };
+            // This also sets the nice value (to 0 for this policy): the nice
+            // value is set after it.
+            match set_thread_priority_and_policy(
+                thread_native_id(),
+                thread_priority::ThreadPriority::Min,
+                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+            ) {
+                Ok(()) => tracing::debug!("training thread at SCHED_IDLE"),
+                Err(err) => tracing::warn!(
+                    "cannot move the training thread to SCHED_IDLE ({err:?}): it runs at nice \
+                     {TRAINING_NICE} only"
+                ),
+            }
+        }
         let tid = rustix::thread::gettid();
         match rustix::process::setpriority_process(Some(tid), TRAINING_NICE) {
             Ok(()) => tracing::debug!("training thread at nice {TRAINING_NICE}"),

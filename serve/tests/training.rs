@@ -141,11 +141,17 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
         versions.len()
     );
 
-    // Serving records nothing; the trainer's thread runs at nice 19, the
-    // others at the nice the test runs at (0 unless started under `nice`).
+    // Serving records nothing; the trainer's thread runs at SCHED_IDLE
+    // (the default TrainPriority) and nice 19, the others at the policy and
+    // nice the test runs at (normal and 0 unless started under `nice`).
     assert_eq!(server.metrics().serving_tape_nodes(), 0);
     assert!(server.metrics().training_steps() > 0);
     assert_eq!(thread_nice("netcl-train"), Some(19));
+    assert_eq!(thread_policy("netcl-train"), Some(SCHED_IDLE));
+    let own_policy = stat_field(std::path::Path::new("/proc/thread-self"), POLICY);
+    assert_ne!(own_policy, Some(SCHED_IDLE));
+    assert_eq!(thread_policy("netcl-model-0"), own_policy);
+    assert_eq!(thread_policy("netcl-publish"), own_policy);
     let own = nice_of(std::path::Path::new("/proc/thread-self"));
     assert!(own.is_some());
     assert_eq!(thread_nice("netcl-model-0"), own);
@@ -174,14 +180,30 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
     server.wait().await.unwrap();
 }
 
-/// The nice value of this process's thread named `name` (Linux), from
-/// `/proc/self/task/*/stat` (field 19).
+/// Linux's number of the `SCHED_IDLE` policy (`sched.h`).
+const SCHED_IDLE: i32 = 5;
+/// The nice value's field of `/proc/*/stat` (field 19, counted from 1).
+const NICE: usize = 19;
+/// The scheduling policy's field of `/proc/*/stat` (field 41).
+const POLICY: usize = 41;
+
+/// The nice value of this process's thread named `name` (Linux).
 fn thread_nice(name: &str) -> Option<i32> {
+    stat_field(&task_named(name)?, NICE)
+}
+
+/// The scheduling policy of this process's thread named `name` (Linux).
+fn thread_policy(name: &str) -> Option<i32> {
+    stat_field(&task_named(name)?, POLICY)
+}
+
+/// The `/proc/self/task` directory of this process's thread named `name`.
+fn task_named(name: &str) -> Option<std::path::PathBuf> {
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let dir = task.ok()?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
         if comm.trim() == name {
-            return nice_of(&dir);
+            return Some(dir);
         }
     }
     None
@@ -189,7 +211,13 @@ fn thread_nice(name: &str) -> Option<i32> {
 
 /// The nice value in a `/proc` task directory's `stat`.
 fn nice_of(task: &std::path::Path) -> Option<i32> {
+    stat_field(task, NICE)
+}
+
+/// Field `field` (counted from 1, as in proc(5)) of a `/proc` task
+/// directory's `stat`, for the fields after the command name (3 on).
+fn stat_field(task: &std::path::Path, field: usize) -> Option<i32> {
     let stat = std::fs::read_to_string(task.join("stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split(' ').nth(16)?.parse().ok()
+    after_name.split(' ').nth(field - 3)?.parse().ok()
 }
