@@ -6,6 +6,9 @@
 //! and its thread count is chosen per call, so a matmul inside a parallel
 //! evaluation task runs on one thread while a large matmul on the caller's
 //! thread uses the pool. Under `cfg(loom)` ndarray's kernel runs instead.
+//! A product of at most eight rows by a matrix that fits in L2 (a layer
+//! answering one request or a small batch) runs the register-blocked kernel
+//! of `gemm_small` instead, which does without the crate's packing.
 //!
 //! # Unsafe code
 //!
@@ -58,6 +61,12 @@ fn gemm_update(
     ndarray::linalg::general_mat_mul(1.0, &a, &b, if accumulate { 1.0 } else { 0.0 }, &mut c);
     #[cfg(not(loom))]
     {
+        if m <= super::gemm_small::MAX_ROWS
+            && crate::parallel::kernel_threads(m, k, n) == 1
+            && super::gemm_small::try_small_rows(a, b, &mut c, accumulate)
+        {
+            return;
+        }
         let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
         // SAFETY: `c` is a mutable view of an m×n matrix with these strides
         // (checked above), its elements initialised, alive for the call and
@@ -72,8 +81,10 @@ fn gemm_update(
 pub(crate) fn gemm_data(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, shape: &[usize]) -> Data {
     let (m, n) = (a.nrows(), b.ncols());
     debug_assert_eq!(m * n, shape.iter().product::<usize>());
+    // A few rows go through `gemm_update` (the small-rows kernel), on a
+    // zeroed buffer.
     #[cfg(not(loom))]
-    if a.ncols() > 0 && m > 0 && n > 0 {
+    if a.ncols() > 0 && m > super::gemm_small::MAX_ROWS && n > 0 {
         assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
         // Not zeroed first, as in `gemm`.
         let mut values = std::sync::Arc::<[f32]>::new_uninit_slice(m * n);
@@ -103,7 +114,7 @@ pub(crate) fn gemm_data(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, shape: &
 pub(crate) fn gemm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     let (m, n) = (a.nrows(), b.ncols());
     #[cfg(not(loom))]
-    if a.ncols() > 0 && m > 0 && n > 0 {
+    if a.ncols() > 0 && m > super::gemm_small::MAX_ROWS && n > 0 {
         assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
         // The output is written without being zeroed first: on large
         // matrices the zeroing pass costs 5-7% of a one-thread product.

@@ -14,6 +14,8 @@ mod conv_direct;
 // contract written on `gemm::kernel`.
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
+#[cfg(not(loom))]
+mod gemm_small;
 mod graph;
 pub(crate) mod index;
 pub(crate) mod layout;
