@@ -161,6 +161,8 @@ pub(crate) fn spawn(
 /// Moves this thread to `SCHED_IDLE` (with [`TrainPriority::Idle`]) and
 /// lowers its nice value to [`TRAINING_NICE`].
 fn lower_priority(priority: TrainPriority) {
+    #[cfg(not(target_os = "linux"))]
+    let _ = priority;
     #[cfg(target_os = "linux")]
     {
         if priority == TrainPriority::Idle {

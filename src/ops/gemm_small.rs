@@ -1,10 +1,10 @@
 //! Products of a few rows by a matrix, `c (+)= a · b` with `a` of at most
 //! [`MAX_ROWS`] rows: the shape of a model answering one request or a
-//! small batch (a linear layer at batch 1-4, a language model's step).
+//! small batch (a linear layer at batch 1-8, a language model's step).
 //!
 //! The `gemm` crate packs its operands into blocks before its kernels run;
-//! with one to four rows the packing and its bookkeeping are most of the
-//! time (BENCHMARKS.md). Here each output row block stays in registers
+//! with a few rows the packing and its bookkeeping are most of the time
+//! (BENCHMARKS.md). Here each output row block stays in registers
 //! while the rows of `b` stream past once: for each `k`, a few vectors of
 //! `b`'s row `k`, times `a[r, k]` broadcast, are added to the accumulators
 //! of every row `r`. Each output element is `c` (or 0) plus the products in
@@ -37,8 +37,8 @@ const ONE_ROW_BLOCK: usize = 8;
 
 /// `c = a · b`, or `c += a · b` when `accumulate`, if the shapes suit this
 /// kernel: `a` of 1 to [`MAX_ROWS`] rows (any strides), `b` of at most
-/// [`MAX_B`] values, `b` and `c` row-major and contiguous. Returns whether it ran (`false`: nothing was
-/// written).
+/// [`MAX_B`] values, `b` and `c` row-major and contiguous. Returns whether
+/// it ran (`false`: nothing was written).
 pub(crate) fn try_small_rows(
     a: ArrayView2<'_, f32>,
     b: ArrayView2<'_, f32>,
