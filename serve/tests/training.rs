@@ -152,7 +152,7 @@ async fn concurrent_clients_see_monotonic_versions_and_their_forward() {
     assert_ne!(own_policy, Some(SCHED_IDLE));
     assert_eq!(thread_policy("netcl-model-0"), own_policy);
     assert_eq!(thread_policy("netcl-publish"), own_policy);
-    let own = nice_of(std::path::Path::new("/proc/thread-self"));
+    let own = stat_field(std::path::Path::new("/proc/thread-self"), NICE);
     assert!(own.is_some());
     assert_eq!(thread_nice("netcl-model-0"), own);
     // Predictions load the current version without a lock (arc-swap), but
@@ -207,11 +207,6 @@ fn task_named(name: &str) -> Option<std::path::PathBuf> {
         }
     }
     None
-}
-
-/// The nice value in a `/proc` task directory's `stat`.
-fn nice_of(task: &std::path::Path) -> Option<i32> {
-    stat_field(task, NICE)
 }
 
 /// Field `field` (counted from 1, as in proc(5)) of a `/proc` task

@@ -568,12 +568,11 @@ impl pulp::WithSimd for SmallForward<'_> {
         let simd = self.v4;
         let taps = self.taps;
         let kk = taps.masks.len();
-        let cg = self.cg;
         let index: Vec<__m512i> = taps.index.iter().map(|i| pulp::cast(*i)).collect();
         match kk {
-            9 => small_tiles::<9>(simd, &mut self, &index, cg),
-            4 => small_tiles::<4>(simd, &mut self, &index, cg),
-            _ => small_tiles::<1>(simd, &mut self, &index, cg),
+            9 => small_tiles::<9>(simd, &mut self, &index),
+            4 => small_tiles::<4>(simd, &mut self, &index),
+            _ => small_tiles::<1>(simd, &mut self, &index),
         }
     }
 }
@@ -588,11 +587,10 @@ fn small_tiles<const KK: usize>(
     simd: V4,
     op: &mut SmallForward<'_>,
     index: &[core::arch::x86_64::__m512i],
-    cg: usize,
 ) {
     use core::arch::x86_64::__m512;
     use pulp::Simd;
-    let (hw, p) = (op.taps.image, op.taps.positions);
+    let (hw, p, cg) = (op.taps.image, op.taps.positions, op.cg);
     let masks: &[u16; KK] = op.taps.masks[..].try_into().expect("KK taps");
     let index: &[_; KK] = index.try_into().expect("KK taps");
     // A filter's weights: `cg · KK`.

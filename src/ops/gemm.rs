@@ -61,8 +61,7 @@ fn gemm_update(
     ndarray::linalg::general_mat_mul(1.0, &a, &b, if accumulate { 1.0 } else { 0.0 }, &mut c);
     #[cfg(not(loom))]
     {
-        if m <= super::gemm_small::MAX_ROWS
-            && crate::parallel::kernel_threads(m, k, n) == 1
+        if crate::parallel::kernel_threads(m, k, n) == 1
             && super::gemm_small::try_small_rows(a, b, &mut c, accumulate)
         {
             return;
