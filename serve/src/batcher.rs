@@ -7,9 +7,12 @@
 //! [`try_send`](crossbeam_channel::Sender::try_send)s a [`Job`] into a
 //! bounded channel, answering 503 at once when it is full, and awaits a
 //! oneshot reply. The forwards run on dedicated model threads, never on the
-//! runtime's threads. A model thread blocks for a first job, then takes
-//! whatever else is queued, up to `max_batch` rows, waiting at most
-//! `max_wait` for more; it loads the current version once, runs one
+//! runtime's threads. The handler rings the model's doorbell (at once,
+//! or on a connection thread once its burst of requests is queued); a
+//! model thread parks until then, takes a first job and whatever else is
+//! queued, up to `max_batch` rows, waiting at most `max_wait` for more, and
+//! answers each job directly or, for a request on a connection thread,
+//! through that thread's inbox, woken once per batch. It loads the current version once, runs one
 //! forward of all the rows under `no_grad` and evaluation mode on its own
 //! serving tape, and answers every job from that one result. So every row
 //! of a response, and of a batch, comes from one version; and a job is
@@ -22,11 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use netcl::Tensor;
 use netcl::autograd::{GradMode, Tape};
 use tokio::sync::oneshot;
 
+use crate::http_threads::Inbox;
 use crate::metrics::{Metrics, ModelSeries};
 use crate::model::{ModelState, classes_of};
 use crate::service::{OutputSpec, Spec};
@@ -40,6 +44,43 @@ pub struct Job {
     pub values: Vec<f32>,
     /// Where the result goes.
     pub reply: oneshot::Sender<Result<Prediction, String>>,
+}
+
+/// A job in a model's queue, and the inbox of the connection thread its
+/// request came in on ([`crate::http_threads`]), if it came in on one.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) job: Job,
+    pub(crate) inbox: Option<Arc<Inbox>>,
+}
+
+/// Wakes a model's threads for jobs just queued.
+///
+/// The model threads never block in the queue itself: they take what is
+/// there, and park when it is empty. Whoever queues a job rings the bell
+/// after it: at once, or, on a connection thread, once at the end of the
+/// burst of requests the thread is serving ([`crate::http_threads`]), so
+/// that a model thread wakes to the whole burst, not to its first request.
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    threads: Vec<std::thread::Thread>,
+}
+
+impl Doorbell {
+    /// The bell of `threads` (the model threads [`spawn`] started).
+    pub(crate) fn new(threads: &[JoinHandle<()>]) -> Doorbell {
+        Doorbell {
+            threads: threads.iter().map(|t| t.thread().clone()).collect(),
+        }
+    }
+
+    /// Wakes every model thread that is parked (one that is not gets a
+    /// token, so its next park returns at once).
+    pub(crate) fn ring(&self) {
+        for thread in &self.threads {
+            thread.unpark();
+        }
+    }
 }
 
 /// The model's answer for one request's rows.
@@ -67,12 +108,12 @@ pub struct BatchSettings {
 }
 
 /// Starts `threads` model threads (none for 0) of model `name` taking
-/// jobs from `jobs`. They stop when every sender is gone or, within 50 ms,
-/// when `stop` is set.
+/// jobs from `jobs`, woken by a [`Doorbell`] of them. They stop within
+/// 50 ms when every sender is gone or `stop` is set.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     threads: usize,
-    jobs: &Receiver<Job>,
+    jobs: &Receiver<Queued>,
     model: &Arc<ModelState>,
     spec: &Arc<Spec>,
     metrics: &Arc<Metrics>,
@@ -107,7 +148,7 @@ pub(crate) fn spawn(
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
 fn run(
-    jobs: &Receiver<Job>,
+    jobs: &Receiver<Queued>,
     model: &ModelState,
     spec: &Spec,
     metrics: &Metrics,
@@ -121,17 +162,22 @@ fn run(
     metrics.add_serving_tape(Arc::clone(&tape));
     let mode = GradMode::new(false, tape).with_training(Some(false));
     let _mode = mode.enter();
-    let mut carried: Option<Job> = None;
+    let mut carried: Option<Queued> = None;
     loop {
         let first = match carried.take() {
             Some(job) => job,
-            None => match jobs.recv_timeout(IDLE_POLL) {
+            None => match jobs.try_recv() {
                 Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+                Err(TryRecvError::Empty) if !stop.load(Ordering::Relaxed) => {
+                    // A ring after the check above leaves a token: the
+                    // park returns at once.
+                    std::thread::park_timeout(IDLE_POLL);
+                    continue;
+                }
                 Err(_) => return,
             },
         };
-        let mut rows = first.rows;
+        let mut rows = first.job.rows;
         let mut batch = vec![first];
         let deadline = Instant::now() + settings.max_wait;
         while rows < settings.max_batch {
@@ -143,34 +189,44 @@ fn run(
                     if left.is_zero() {
                         break;
                     }
-                    match jobs.recv_timeout(left) {
-                        Ok(job) => job,
-                        Err(_) => break,
-                    }
+                    std::thread::park_timeout(left);
+                    continue;
                 }
             };
-            if rows + next.rows > settings.max_batch {
+            if rows + next.job.rows > settings.max_batch {
                 carried = Some(next);
                 break;
             }
-            rows += next.rows;
+            rows += next.job.rows;
             batch.push(next);
         }
         answer(batch, model, spec, series);
     }
 }
 
-/// Runs one forward for `batch` and sends each job its rows.
-fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSeries) {
+/// Runs one forward for `batch` and sends each job its rows: directly, or
+/// through its inbox, each inbox woken once for the batch.
+fn answer(mut batch: Vec<Queued>, model: &ModelState, spec: &Spec, series: &ModelSeries) {
     // Requests that timed out meanwhile need no forward.
-    batch.retain(|job| !job.reply.is_closed());
+    batch.retain(|queued| !queued.job.reply.is_closed());
     if batch.is_empty() {
         return;
     }
-    let rows: usize = batch.iter().map(|job| job.rows).sum();
+    let rows: usize = batch.iter().map(|queued| queued.job.rows).sum();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&batch, rows, model, spec)))
         .unwrap_or_else(|_| Err("the forward panicked".to_string()));
     series.record_batch(rows);
+    let mut woken: Vec<Arc<Inbox>> = Vec::new();
+    let mut send = |queued: Queued, result: Result<Prediction, String>| match queued.inbox {
+        Some(inbox) => {
+            inbox.push(queued.job.reply, result);
+            if !woken.iter().any(|seen| Arc::ptr_eq(seen, &inbox)) {
+                woken.push(inbox);
+            }
+        }
+        // The receiver may have timed out since: nothing to do.
+        None => drop(queued.job.reply.send(result)),
+    };
     match result {
         Ok(Output {
             classes,
@@ -179,8 +235,8 @@ fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSe
             version,
         }) => {
             let mut start = 0;
-            for job in batch {
-                let end = start + job.rows;
+            for queued in batch {
+                let end = start + queued.job.rows;
                 let prediction = Prediction {
                     classes: classes.get(start..end).unwrap_or_default().to_vec(),
                     values: values[start * width..end * width].to_vec(),
@@ -188,16 +244,18 @@ fn answer(mut batch: Vec<Job>, model: &ModelState, spec: &Spec, series: &ModelSe
                     version,
                 };
                 start = end;
-                // The receiver may have timed out since: nothing to do.
-                let _ = job.reply.send(Ok(prediction));
+                send(queued, Ok(prediction));
             }
         }
         Err(message) => {
             tracing::error!(rows, "forward failed: {message}");
-            for job in batch {
-                let _ = job.reply.send(Err(message.clone()));
+            for queued in batch {
+                send(queued, Err(message.clone()));
             }
         }
+    }
+    for inbox in woken {
+        inbox.wake();
     }
 }
 
@@ -211,10 +269,15 @@ struct Output {
 
 /// The batch's rows through the preprocessing and the current version,
 /// and the output as the spec wants it.
-fn forward(batch: &[Job], rows: usize, model: &ModelState, spec: &Spec) -> Result<Output, String> {
+fn forward(
+    batch: &[Queued],
+    rows: usize,
+    model: &ModelState,
+    spec: &Spec,
+) -> Result<Output, String> {
     let mut values = Vec::with_capacity(rows * spec.input.width);
-    for job in batch {
-        values.extend_from_slice(&job.values);
+    for queued in batch {
+        values.extend_from_slice(&queued.job.values);
     }
     let mut shape = Vec::with_capacity(1 + spec.input.shape.len());
     shape.push(rows);

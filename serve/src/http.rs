@@ -23,8 +23,9 @@ use tokio::sync::oneshot;
 
 use std::collections::HashMap;
 
-use crate::batcher::Job;
+use crate::batcher::{Job, Queued};
 use crate::generate::Finish;
+use crate::http_threads::{self, Inbox};
 use crate::metrics::{Gauges, Metrics, ModelGauges, Route};
 use crate::service::{Entry, OutputSpec};
 
@@ -499,10 +500,13 @@ async fn predict_inner(
     };
     let rows = parse_predict(&body, rule, entry.max_batch)?;
     let (reply, answer) = oneshot::channel();
-    let job = Job {
-        rows: rows.count,
-        values: rows.values,
-        reply,
+    let job = Queued {
+        job: Job {
+            rows: rows.count,
+            values: rows.values,
+            reply,
+        },
+        inbox: Inbox::current(),
     };
     entry.jobs.try_send(job).map_err(|err| match err {
         TrySendError::Full(_) => ApiError::new(
@@ -516,6 +520,7 @@ async fn predict_inner(
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
         }
     })?;
+    http_threads::ring(&entry.doorbell);
     let prediction = answer
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?

@@ -31,7 +31,8 @@
 //!
 //! | thread | does | priority |
 //! |---|---|---|
-//! | async runtime workers | accept, parse HTTP and JSON, answer | normal |
+//! | `netcl-http-*` ([`Config::http_threads`], with [`HttpLayout::PerThread`]) | each runs a single-threaded runtime owning the connections handed to it: parse HTTP and JSON, answer | normal |
+//! | the caller's runtime | accept, follow checkpoints; with [`HttpLayout::Shared`], the connections too | normal |
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
 //! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | `SCHED_IDLE` and nice 19 ([`Config::train_priority`]), optional duty cycle |
 //! | `netcl-publish` (with [`Config::train`]) | publishes the trainer's versions | normal |
@@ -61,6 +62,7 @@ pub mod checkpointer;
 mod conns;
 pub mod generate;
 mod http;
+mod http_threads;
 pub mod loader;
 pub mod metrics;
 pub mod model;
@@ -75,6 +77,7 @@ pub use service::{
     RowMap,
 };
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +100,58 @@ use crate::service::ModelServiceBuilder as Builder;
 use crate::source::PathSource;
 pub use crate::trainer::TrainPriority;
 use crate::trainer::TrainSettings;
+
+/// Where a server started by [`start`] runs its connections.
+///
+/// ```
+/// use netcl_serve::HttpLayout;
+///
+/// assert_eq!(HttpLayout::default(), HttpLayout::PerThread);
+/// assert_eq!("shared".parse::<HttpLayout>(), Ok(HttpLayout::Shared));
+/// assert_eq!(HttpLayout::PerThread.to_string(), "per-thread");
+/// assert!("pooled".parse::<HttpLayout>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HttpLayout {
+    /// [`Config::http_threads`] threads named `netcl-http-{i}`, each running
+    /// a single-threaded async runtime that owns the connections handed to
+    /// it (to the thread with the fewest open): their sockets, timers and
+    /// tasks never move between threads, and a model thread wakes each
+    /// connection thread once per batch for all its replies. The accept
+    /// loop, the watchers and the checkpoints stay on the caller's runtime.
+    /// Measured on the digits route beside [`HttpLayout::Shared`]: more
+    /// requests served, with a lower p99 (BENCHMARKS.md, "Connection
+    /// threads").
+    #[default]
+    PerThread,
+    /// Every connection is a task of the runtime [`start`] is called on
+    /// (the layout before [`HttpLayout::PerThread`]): for a caller whose
+    /// runtime should do all the work.
+    Shared,
+}
+
+impl std::str::FromStr for HttpLayout {
+    type Err = String;
+
+    /// `per-thread` or `shared`.
+    fn from_str(s: &str) -> Result<HttpLayout, String> {
+        match s {
+            "per-thread" => Ok(HttpLayout::PerThread),
+            "shared" => Ok(HttpLayout::Shared),
+            _ => Err(format!("expected per-thread or shared, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for HttpLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HttpLayout::PerThread => "per-thread",
+            HttpLayout::Shared => "shared",
+        })
+    }
+}
 
 /// The name of the built-in digits MLP (the model of `--weights`,
 /// `--watch` and `--train`).
@@ -142,9 +197,14 @@ pub struct Config {
     /// requests wait in the queue until they time out: only useful to test
     /// overload.
     pub threads: usize,
-    /// Worker threads of the async runtime the binary builds (ignored by
-    /// [`start`], which runs on the caller's runtime).
+    /// Threads serving HTTP connections. With [`HttpLayout::PerThread`]
+    /// (the default), [`start`] runs this many connection threads of its
+    /// own (at least 1). With [`HttpLayout::Shared`], the worker threads of
+    /// the async runtime the binary builds ([`start`] ignores it then).
     pub http_threads: usize,
+    /// Where connections run: threads of the server's own, or the runtime
+    /// [`start`] is called on.
+    pub http_layout: HttpLayout,
     /// Predict requests that may wait for the model; one more is answered
     /// 503 at once.
     pub queue_capacity: usize,
@@ -198,6 +258,7 @@ impl Default for Config {
             publish_every: 10,
             threads: 1,
             http_threads: 2,
+            http_layout: HttpLayout::PerThread,
             queue_capacity: 1024,
             max_connections: 512,
             request_timeout: Duration::from_secs(5),
@@ -442,6 +503,14 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         addr: config.listen,
         source,
     })?;
+    let http_threads = match config.http_layout {
+        HttpLayout::PerThread => Some(
+            http_threads::HttpThreads::start(config.http_threads).map_err(|err| {
+                Error::Thread(format!("cannot start the connection threads: {err}"))
+            })?,
+        ),
+        HttpLayout::Shared => None,
+    };
 
     let with_digits = serves_digits(&config);
     // What each followed place offers before its model is loaded: the
@@ -630,6 +699,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
     );
     let task = tokio::spawn(serve(Serving {
         listener,
+        http_threads,
         router,
         config,
         shutdown: shutdown_rx,
@@ -658,6 +728,8 @@ pub async fn start(config: Config) -> Result<Server, Error> {
 /// What the accept loop owns.
 struct Serving {
     listener: TcpListener,
+    /// The connection threads, with [`HttpLayout::PerThread`].
+    http_threads: Option<http_threads::HttpThreads>,
     router: axum::Router,
     config: Config,
     shutdown: signal::Receiver<bool>,
@@ -676,11 +748,65 @@ struct Serving {
     watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// One accepted connection, to be served where the layout says.
+struct Connection {
+    http: hyper::server::conn::http1::Builder,
+    router: axum::Router,
+    slot: conns::Slot,
+    watcher: hyper_util::server::graceful::Watcher,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves the connection to its end (or its eviction), on the runtime
+    /// that polls this future.
+    async fn run(self, stream: tokio::net::TcpStream) {
+        let Connection {
+            http,
+            router,
+            slot,
+            watcher,
+            metrics,
+            idle_timeout,
+        } = self;
+        // The connection is busy (not to be evicted) from when hyper hands
+        // a request to the router until the router's future completes, or
+        // a streamed response's body ends.
+        let activity = slot.activity();
+        let service = hyper::service::service_fn(move |request| {
+            let busy = activity.begin_request();
+            let response = router.clone().oneshot(request);
+            async move {
+                let response = response.await;
+                response.map(|response| http::busy_while_streaming(response, busy))
+            }
+        });
+        let connection = http.serve_connection(
+            TokioIo::new(stall::StallTimeout::new(stream, idle_timeout)),
+            service,
+        );
+        let connection = watcher.watch(connection);
+        metrics.add_connections(1);
+        match slot.run(connection).await {
+            Some(Ok(())) => {}
+            Some(Err(err)) => tracing::debug!("connection closed: {err}"),
+            None => {
+                metrics.record_eviction();
+                tracing::debug!("closed an idle connection to make room for a new one");
+            }
+        }
+        metrics.add_connections(-1);
+        drop(slot);
+    }
+}
+
 /// Accepts connections until shutdown, then drains, stops the threads and
 /// saves the checkpoint.
 async fn serve(serving: Serving) -> Result<Summary, Error> {
     let Serving {
         listener,
+        http_threads,
         router,
         config,
         mut shutdown,
@@ -720,38 +846,25 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        // The connection is busy (not to be evicted) from when hyper hands
-        // a request to the router until the router's future completes, or
-        // a streamed response's body ends.
-        let activity = slot.activity();
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let busy = activity.begin_request();
-            let response = router.clone().oneshot(request);
-            async move {
-                let response = response.await;
-                response.map(|response| http::busy_while_streaming(response, busy))
+        let connection = Connection {
+            http: http.clone(),
+            router: router.clone(),
+            slot,
+            watcher: graceful.watcher(),
+            metrics: Arc::clone(&metrics),
+            idle_timeout: config.idle_timeout,
+        };
+        match &http_threads {
+            // Handed over as a std socket, to be registered with the
+            // connection thread's own runtime.
+            Some(pool) => match stream.into_std() {
+                Ok(stream) => pool.spawn(stream, move |stream| connection.run(stream)),
+                Err(err) => tracing::error!("cannot hand a connection over: {err}"),
+            },
+            None => {
+                tokio::spawn(connection.run(stream));
             }
-        });
-        let connection = http.serve_connection(
-            TokioIo::new(stall::StallTimeout::new(stream, config.idle_timeout)),
-            service,
-        );
-        let connection = graceful.watch(connection);
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            metrics.add_connections(1);
-            match slot.run(connection).await {
-                Some(Ok(())) => {}
-                Some(Err(err)) => tracing::debug!("connection closed: {err}"),
-                None => {
-                    metrics.record_eviction();
-                    tracing::debug!("closed an idle connection to make room for a new one");
-                }
-            }
-            metrics.add_connections(-1);
-            drop(slot);
-        });
+        }
     }
     drop(listener);
     tracing::debug!("no longer accepting connections");
@@ -765,6 +878,9 @@ async fn serve(serving: Serving) -> Result<Summary, Error> {
         );
     }
     trainer_stop.store(true, Ordering::Relaxed);
+    if let Some(pool) = http_threads {
+        threads.extend(pool.stop());
+    }
     for service in services {
         let (stop, model_threads) = service.into_threads();
         stop.store(true, Ordering::Relaxed);

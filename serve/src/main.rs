@@ -12,7 +12,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use netcl_serve::{Config, TrainPriority};
+use netcl_serve::{Config, HttpLayout, TrainPriority};
 
 /// Serves models over HTTP (JSON): the built-in digits MLP, optionally
 /// training it online, and any number of models from checkpoints.
@@ -80,9 +80,16 @@ struct Cli {
     /// Model threads: each runs batched forwards, off the HTTP threads.
     #[arg(long, value_name = "N", default_value_t = Config::default().threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
-    /// Worker threads of the HTTP runtime.
+    /// Threads serving HTTP connections: connection threads with
+    /// --http-layout per-thread, runtime workers with shared.
     #[arg(long, value_name = "N", default_value_t = Config::default().http_threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     http_threads: u64,
+    /// per-thread: each connection lives on one of --http-threads threads,
+    /// each with a single-threaded runtime of its own, woken once per batch
+    /// by the model threads. shared: every connection is a task of one
+    /// multi-threaded runtime of --http-threads workers (the layout before).
+    #[arg(long, value_name = "per-thread|shared", default_value_t = Config::default().http_layout)]
+    http_layout: HttpLayout,
     /// Predict requests that may wait for the model; beyond it, 503 at once.
     #[arg(long, value_name = "N", default_value_t = Config::default().queue_capacity as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     queue: u64,
@@ -220,6 +227,7 @@ impl Cli {
             publish_every: self.publish_every,
             threads: size(self.threads)?,
             http_threads: size(self.http_threads)?,
+            http_layout: self.http_layout,
             queue_capacity: size(self.queue)?,
             max_connections: size(self.max_connections)?,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
@@ -271,9 +279,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // With connection threads, the runtime only accepts, follows
+    // checkpoints and waits for signals: one worker is enough.
+    let (workers, name) = match config.http_layout {
+        HttpLayout::Shared => (config.http_threads, "netcl-http"),
+        _ => (1, "netcl-main"),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.http_threads)
-        .thread_name("netcl-http")
+        .worker_threads(workers)
+        .thread_name(name)
         .enable_all()
         .build()
     {

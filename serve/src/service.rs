@@ -20,7 +20,7 @@ use axum::Router;
 use netcl::Tensor;
 use netcl::nn::{Module, Published};
 
-use crate::batcher::{self, BatchSettings, Job};
+use crate::batcher::{self, BatchSettings, Doorbell, Queued};
 use crate::generate::{Generation, LanguageModel};
 use crate::metrics::{Metrics, RequestSeries, Route};
 use crate::model::{ModelState, VersionInfo};
@@ -155,7 +155,9 @@ pub(crate) struct Spec {
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) name: Arc<String>,
-    pub(crate) jobs: crossbeam_channel::Sender<Job>,
+    pub(crate) jobs: crossbeam_channel::Sender<Queued>,
+    /// Rung after a job is queued.
+    pub(crate) doorbell: Arc<Doorbell>,
     pub(crate) queue_capacity: usize,
     pub(crate) model: Arc<ModelState>,
     pub(crate) spec: Arc<Spec>,
@@ -353,6 +355,7 @@ impl ModelServiceBuilder {
             &stop,
         )
         .map_err(|err| Error::Thread(err.to_string()))?;
+        let doorbell = Arc::new(Doorbell::new(&threads));
         let series =
             [Route::Predict, Route::ModelPredict].map(|route| metrics.request_series(route, &name));
         Ok(ModelService {
@@ -360,6 +363,7 @@ impl ModelServiceBuilder {
                 series,
                 name,
                 jobs,
+                doorbell,
                 queue_capacity: self.queue_capacity,
                 model: self.state,
                 spec,
@@ -421,7 +425,7 @@ pub struct ModelService {
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     /// Kept so that the queue stays open even without model threads.
-    _queue: crossbeam_channel::Receiver<Job>,
+    _queue: crossbeam_channel::Receiver<Queued>,
 }
 
 impl fmt::Debug for ModelService {

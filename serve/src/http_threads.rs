@@ -1,0 +1,420 @@
+//! Connection threads: single-threaded runtimes of the server's own, each
+//! serving the connections handed to it, and woken once per batch by the
+//! model threads.
+//!
+//! # Why
+//!
+//! On one multi-threaded runtime (the layout of [`HttpLayout::Shared`]),
+//! every reply of a model thread wakes a runtime worker (a futex or an
+//! event-fd write each time), a socket's readiness is reported to whichever
+//! worker polls the driver, and three busy threads (two workers and the
+//! model thread) share two cores with the load; measured in BENCHMARKS.md
+//! ("Connection threads"), that layout served the digits route at about
+//! 0.75x the throughput of a bare axum server and at 2-3x its p99.
+//!
+//! # Design
+//!
+//! [`HttpThreads`] starts [`Config::http_threads`] threads, each running
+//! one current-thread runtime that owns its connections outright: their
+//! sockets are registered with its driver, their timers are in its wheel,
+//! their tasks run on it and on no other thread. The accept loop hands each
+//! new connection, as a std socket, to the thread with the fewest open
+//! connections.
+//!
+//! Each thread has an [`Inbox`]. A request that came in on a connection
+//! thread queues its job with that inbox; the model thread that answers a
+//! batch puts each reply in its request's inbox, then wakes each inbox it
+//! touched once. The inbox's task, on the connection thread, completes the
+//! replies, which wakes the handlers within the thread at no cost. So a
+//! batch of `n` requests from one thread costs one cross-thread wake
+//! instead of `n`. Requests that come in on other runtimes (a router
+//! nested in an application of one's own) have no inbox and are answered
+//! directly, as before.
+//!
+//! [`Config::http_threads`]: crate::Config::http_threads
+//! [`HttpLayout::Shared`]: crate::HttpLayout::Shared
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{Notify, oneshot};
+
+use crate::batcher::{Doorbell, Prediction};
+
+/// A reply and where it goes.
+type Reply = (
+    oneshot::Sender<Result<Prediction, String>>,
+    Result<Prediction, String>,
+);
+
+thread_local! {
+    /// The inbox of the connection thread this is, if it is one.
+    static CURRENT: RefCell<Option<Arc<Inbox>>> = const { RefCell::new(None) };
+    /// The doorbells a connection thread rings at the end of its burst.
+    static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+}
+
+/// The doorbells to ring once the requests ready on a connection thread
+/// have all been queued.
+struct Outbox {
+    pending: Vec<Arc<Doorbell>>,
+    /// Wakes the task that rings them.
+    flush: Arc<Notify>,
+}
+
+/// Rings `doorbell` after a job was queued: at once, or on a connection
+/// thread, once the other tasks ready on it have run.
+///
+/// A connection thread serves the requests that arrived together one after
+/// the other; ringing at the first would wake the model thread to a batch
+/// of one while the rest are still being parsed. The ringing task is woken
+/// locally (no system call) and runs behind every task already ready, so
+/// the model thread wakes once, to all of them.
+pub(crate) fn ring(doorbell: &Arc<Doorbell>) {
+    let deferred = OUTBOX.with(|outbox| match &mut *outbox.borrow_mut() {
+        Some(outbox) => {
+            if outbox.pending.is_empty() {
+                outbox.flush.notify_one();
+            }
+            if !outbox.pending.iter().any(|d| Arc::ptr_eq(d, doorbell)) {
+                outbox.pending.push(Arc::clone(doorbell));
+            }
+            true
+        }
+        None => false,
+    });
+    if !deferred {
+        doorbell.ring();
+    }
+}
+
+/// The connection thread's ringing task.
+async fn flush(notify: Arc<Notify>) {
+    loop {
+        notify.notified().await;
+        let pending = OUTBOX.with(|outbox| {
+            outbox
+                .borrow_mut()
+                .as_mut()
+                .map(|outbox| std::mem::take(&mut outbox.pending))
+        });
+        for doorbell in pending.into_iter().flatten() {
+            doorbell.ring();
+        }
+    }
+}
+
+/// The replies waiting for one connection thread, and its wake-up.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    sender: Sender<Reply>,
+    receiver: Receiver<Reply>,
+    notify: Notify,
+    stop: AtomicBool,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        Inbox {
+            sender,
+            receiver,
+            notify: Notify::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The calling thread's inbox, when it is a connection thread.
+    pub(crate) fn current() -> Option<Arc<Inbox>> {
+        CURRENT.with(|current| current.borrow().clone())
+    }
+
+    /// Queues a reply; it is sent at the next [`Inbox::wake`].
+    pub(crate) fn push(
+        &self,
+        reply: oneshot::Sender<Result<Prediction, String>>,
+        result: Result<Prediction, String>,
+    ) {
+        // Cannot fail: the inbox holds the receiver.
+        let _ = self.sender.send((reply, result));
+    }
+
+    /// Has the connection thread send every queued reply. One wake for any
+    /// number of pushes before it.
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Sends what is queued until [`Inbox::stop`].
+    async fn run(&self) {
+        loop {
+            // A wake before this point leaves a permit: none is lost.
+            self.notify.notified().await;
+            for (reply, result) in self.receiver.try_iter() {
+                // The handler may have timed out since: nothing to do.
+                let _ = reply.send(result);
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// One connection thread.
+struct HttpThread {
+    handle: tokio::runtime::Handle,
+    inbox: Arc<Inbox>,
+    /// Its open connections.
+    open: Arc<AtomicUsize>,
+    join: JoinHandle<()>,
+}
+
+/// The connection threads of a server ([`HttpLayout::PerThread`]).
+///
+/// [`HttpLayout::PerThread`]: crate::HttpLayout::PerThread
+pub(crate) struct HttpThreads {
+    threads: Vec<HttpThread>,
+}
+
+impl HttpThreads {
+    /// Starts `count` (at least 1) threads named `netcl-http-{i}`.
+    pub(crate) fn start(count: usize) -> std::io::Result<HttpThreads> {
+        let mut threads = Vec::with_capacity(count.max(1));
+        for i in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let inbox = Arc::new(Inbox::new());
+            let own = Arc::clone(&inbox);
+            let spawned = std::thread::Builder::new()
+                .name(format!("netcl-http-{i}"))
+                .spawn(move || {
+                    CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(&own)));
+                    let notify = Arc::new(Notify::new());
+                    OUTBOX.with(|outbox| {
+                        *outbox.borrow_mut() = Some(Outbox {
+                            pending: Vec::new(),
+                            flush: Arc::clone(&notify),
+                        })
+                    });
+                    // A task like the connections', queued behind them.
+                    runtime.spawn(flush(notify));
+                    runtime.block_on(own.run());
+                    // Dropping the runtime here cancels what is left on it
+                    // (connections the drain gave up on).
+                });
+            let join = match spawned {
+                Ok(join) => join,
+                Err(err) => {
+                    // Stop those already started before reporting.
+                    for thread in (HttpThreads { threads }).stop() {
+                        let _ = thread.join();
+                    }
+                    return Err(err);
+                }
+            };
+            threads.push(HttpThread {
+                handle,
+                inbox,
+                open: Arc::default(),
+                join,
+            });
+        }
+        Ok(HttpThreads { threads })
+    }
+
+    /// Runs `serve` for a connection on the thread with the fewest open
+    /// connections, its socket registered with that thread's runtime. A
+    /// socket that cannot be registered is closed and logged.
+    pub(crate) fn spawn<F, Fut>(&self, stream: std::net::TcpStream, serve: F)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(thread) = self
+            .threads
+            .iter()
+            .min_by_key(|thread| thread.open.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        let open = OpenGuard::new(&thread.open);
+        thread.handle.spawn(async move {
+            let _open = open;
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(err) => tracing::error!("cannot register a connection: {err}"),
+            }
+        });
+    }
+
+    /// Stops every thread once it has sent the replies queued so far, and
+    /// returns them to join. Connections still open on them are dropped.
+    pub(crate) fn stop(mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|thread| {
+                thread.inbox.stop();
+                thread.join
+            })
+            .collect()
+    }
+}
+
+impl Drop for HttpThreads {
+    /// Threads not stopped with [`HttpThreads::stop`] (a start-up that
+    /// failed after them) are stopped without waiting.
+    fn drop(&mut self) {
+        for thread in &self.threads {
+            thread.inbox.stop();
+        }
+    }
+}
+
+/// Counts a connection as open on its thread while it lives.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn prediction(version: u64) -> Prediction {
+        Prediction {
+            classes: vec![1],
+            values: vec![0.25, 0.75],
+            width: 2,
+            version,
+        }
+    }
+
+    /// Replies pushed from another thread arrive after one wake, each to
+    /// its own receiver, on the connection thread.
+    #[test]
+    fn one_wake_sends_every_reply_queued_before_it() {
+        let threads = HttpThreads::start(1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A task on the connection thread awaits ten replies.
+        let (listener, addr) = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            (listener, addr)
+        };
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        threads.spawn(server, move |_stream| async move {
+            let inbox = Inbox::current().expect("a connection thread has an inbox");
+            let (senders, receivers): (Vec<_>, Vec<_>) =
+                (0..10).map(|_| oneshot::channel()).unzip();
+            let name = std::thread::current().name().map(str::to_string);
+            // Queue every reply from a thread of its own, then wake once.
+            let pusher = std::thread::spawn(move || {
+                for (i, sender) in senders.into_iter().enumerate() {
+                    inbox.push(sender, Ok(prediction(i as u64)));
+                }
+                inbox.wake();
+            });
+            let mut versions = Vec::new();
+            for receiver in receivers {
+                versions.push(receiver.await.unwrap().unwrap().version);
+            }
+            pusher.join().unwrap();
+            tx.send((versions, name)).unwrap();
+        });
+        let (versions, name) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(versions, (0..10).collect::<Vec<u64>>());
+        assert_eq!(name.as_deref(), Some("netcl-http-0"));
+        drop(client);
+        for thread in threads.stop() {
+            thread.join().unwrap();
+        }
+    }
+
+    /// New connections go to the thread with the fewest open, and a
+    /// thread's count falls when its connection ends.
+    #[test]
+    fn connections_go_to_the_least_busy_thread() {
+        let threads = HttpThreads::start(2).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (names_tx, names_rx) = std::sync::mpsc::channel();
+        let mut ends = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+            let (server, _) = listener.accept().unwrap();
+            server.set_nonblocking(true).unwrap();
+            let (end, ended) = oneshot::channel::<()>();
+            ends.push(end);
+            let names_tx = names_tx.clone();
+            threads.spawn(server, move |_stream| async move {
+                let name = std::thread::current().name().unwrap().to_string();
+                names_tx.send(name).unwrap();
+                let _ = ended.await;
+            });
+            // The count is taken at spawn, so no need to wait for the task.
+        }
+        let mut names: Vec<String> = (0..4)
+            .map(|_| names_rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "netcl-http-0",
+                "netcl-http-0",
+                "netcl-http-1",
+                "netcl-http-1"
+            ]
+        );
+        let open: Vec<usize> = threads
+            .threads
+            .iter()
+            .map(|t| t.open.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(open, [2, 2]);
+        // Each count falls back as its connections end.
+        drop(ends);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while threads
+            .threads
+            .iter()
+            .any(|t| t.open.load(Ordering::Relaxed) != 0)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connections never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(clients);
+        for thread in threads.stop() {
+            thread.join().unwrap();
+        }
+    }
+}
