@@ -6,7 +6,11 @@
 //! values). Rounds alternate the three sides so that the machine's load
 //! hits them alike.
 //!
-//! Run with `cargo run --release -p netcl-serve --example generate_bench`.
+//! Run with `cargo run --release -p netcl-serve --example generate_bench`;
+//! `-- shared` serves from the caller's runtime ([`HttpLayout::Shared`])
+//! instead of connection threads.
+//!
+//! [`HttpLayout::Shared`]: netcl_serve::HttpLayout::Shared
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -78,6 +82,10 @@ async fn main() {
         listen: "127.0.0.1:0".parse().unwrap(),
         models: vec![("lm".to_string(), path)],
         threads: 8,
+        http_layout: std::env::args()
+            .nth(1)
+            .map(|layout| layout.parse().expect("per-thread or shared"))
+            .unwrap_or_default(),
         request_timeout: std::time::Duration::from_secs(120),
         ..netcl_serve::Config::default()
     })
