@@ -19,7 +19,11 @@
 //! sockets are registered with its driver, their timers are in its wheel,
 //! their tasks run on it and on no other thread. The accept loop hands each
 //! new connection, as a std socket, to the thread with the fewest open
-//! connections.
+//! connections. With [`HttpLayout::PerCore`] each thread is pinned to its
+//! own CPU: left to the scheduler, two connection threads sometimes share
+//! one core for seconds while the other runs the load or the model
+//! thread, and their requests wait out each other's time slices (p99 2-4x
+//! that of the pinned layout in the same runs, BENCHMARKS.md).
 //!
 //! Each thread has an [`Inbox`]. A request that came in on a connection
 //! thread queues its job with that inbox; the model thread that answers a
@@ -33,6 +37,7 @@
 //!
 //! [`Config::http_threads`]: crate::Config::http_threads
 //! [`HttpLayout::Shared`]: crate::HttpLayout::Shared
+//! [`HttpLayout::PerCore`]: crate::HttpLayout::PerCore
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -179,18 +184,24 @@ struct HttpThread {
     join: JoinHandle<()>,
 }
 
-/// The connection threads of a server ([`HttpLayout::PerThread`]).
+/// The connection threads of a server ([`HttpLayout::PerCore`],
+/// [`HttpLayout::PerThread`]).
 ///
+/// [`HttpLayout::PerCore`]: crate::HttpLayout::PerCore
 /// [`HttpLayout::PerThread`]: crate::HttpLayout::PerThread
 pub(crate) struct HttpThreads {
     threads: Vec<HttpThread>,
 }
 
 impl HttpThreads {
-    /// Starts `count` (at least 1) threads named `netcl-http-{i}`.
-    pub(crate) fn start(count: usize) -> std::io::Result<HttpThreads> {
+    /// Starts `count` (at least 1) threads named `netcl-http-{i}`; with
+    /// `pin`, thread `i` is pinned to the `i`-th CPU this thread may run on
+    /// (round robin), where the OS allows it.
+    pub(crate) fn start(count: usize, pin: bool) -> std::io::Result<HttpThreads> {
+        let cpus = if pin { allowed_cpus() } else { Vec::new() };
         let mut threads = Vec::with_capacity(count.max(1));
         for i in 0..count.max(1) {
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -200,6 +211,9 @@ impl HttpThreads {
             let spawned = std::thread::Builder::new()
                 .name(format!("netcl-http-{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
                     CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(&own)));
                     let notify = Arc::new(Notify::new());
                     OUTBOX.with(|outbox| {
@@ -282,6 +296,42 @@ impl Drop for HttpThreads {
     }
 }
 
+/// The CPUs the calling thread may run on, in order (none where that
+/// cannot be known).
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> Vec<usize> {
+    use rustix::thread::{CpuSet, sched_getaffinity};
+    match sched_getaffinity(None) {
+        Ok(set) => (0..CpuSet::MAX_CPU)
+            .filter(|&cpu| set.is_set(cpu))
+            .collect(),
+        Err(err) => {
+            tracing::warn!("cannot read the CPU affinity, connection threads not pinned: {err}");
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Vec<usize> {
+    tracing::debug!("connection threads are pinned on Linux only");
+    Vec::new()
+}
+
+/// Pins the calling thread to `cpu`; logs (and runs anywhere) if refused.
+#[cfg(target_os = "linux")]
+fn pin_to(cpu: usize) {
+    use rustix::thread::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    if let Err(err) = sched_setaffinity(None, &set) {
+        tracing::warn!(cpu, "cannot pin a connection thread: {err}");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to(_cpu: usize) {}
+
 /// Counts a connection as open on its thread while it lives.
 struct OpenGuard(Arc<AtomicUsize>);
 
@@ -316,7 +366,7 @@ mod tests {
     /// its own receiver, on the connection thread.
     #[test]
     fn one_wake_sends_every_reply_queued_before_it() {
-        let threads = HttpThreads::start(1).unwrap();
+        let threads = HttpThreads::start(1, false).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // A task on the connection thread awaits ten replies.
         let (listener, addr) = {
@@ -359,7 +409,7 @@ mod tests {
     /// thread's count falls when its connection ends.
     #[test]
     fn connections_go_to_the_least_busy_thread() {
-        let threads = HttpThreads::start(2).unwrap();
+        let threads = HttpThreads::start(2, false).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (names_tx, names_rx) = std::sync::mpsc::channel();

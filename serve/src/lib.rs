@@ -31,7 +31,7 @@
 //!
 //! | thread | does | priority |
 //! |---|---|---|
-//! | `netcl-http-*` ([`Config::http_threads`], with [`HttpLayout::PerThread`]) | each runs a single-threaded runtime owning the connections handed to it: parse HTTP and JSON, answer | normal |
+//! | `netcl-http-*` ([`Config::http_threads`], unless [`HttpLayout::Shared`]) | each runs a single-threaded runtime owning the connections handed to it: parse HTTP and JSON, answer | normal |
 //! | the caller's runtime | accept, follow checkpoints; with [`HttpLayout::Shared`], the connections too | normal |
 //! | `netcl-model-*` ([`Config::threads`]) | micro-batched forwards, off the runtime | normal |
 //! | `netcl-train` (with [`Config::train`]) | AdamW steps on the digits; forks and evaluates a version every [`Config::publish_every`] steps | `SCHED_IDLE` and nice 19 ([`Config::train_priority`]), optional duty cycle |
@@ -106,7 +106,7 @@ use crate::trainer::TrainSettings;
 /// ```
 /// use netcl_serve::HttpLayout;
 ///
-/// assert_eq!(HttpLayout::default(), HttpLayout::PerThread);
+/// assert_eq!(HttpLayout::default(), HttpLayout::PerCore);
 /// assert_eq!("shared".parse::<HttpLayout>(), Ok(HttpLayout::Shared));
 /// assert_eq!(HttpLayout::PerThread.to_string(), "per-thread");
 /// assert!("pooled".parse::<HttpLayout>().is_err());
@@ -114,16 +114,23 @@ use crate::trainer::TrainSettings;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum HttpLayout {
+    /// [`HttpLayout::PerThread`], with connection thread `i` pinned to the
+    /// `i`-th CPU the process may run on (round robin; on Linux; a refusal
+    /// is logged and the thread runs anywhere). The model threads, the
+    /// trainer and the caller's runtime are not pinned. Measured on the
+    /// digits route beside the other layouts: the most requests served and
+    /// the lowest p99 (BENCHMARKS.md, "Connection threads"). For a machine
+    /// the server does not share with other busy processes.
+    #[default]
+    PerCore,
     /// [`Config::http_threads`] threads named `netcl-http-{i}`, each running
     /// a single-threaded async runtime that owns the connections handed to
     /// it (to the thread with the fewest open): their sockets, timers and
-    /// tasks never move between threads, and a model thread wakes each
-    /// connection thread once per batch for all its replies. The accept
-    /// loop, the watchers and the checkpoints stay on the caller's runtime.
-    /// Measured on the digits route beside [`HttpLayout::Shared`]: more
-    /// requests served, with a lower p99 (BENCHMARKS.md, "Connection
-    /// threads").
-    #[default]
+    /// tasks never move between threads. A connection thread wakes a model
+    /// thread once for the burst of requests it has just read, and a model
+    /// thread wakes each connection thread once per batch for all its
+    /// replies. The accept loop, the watchers and the checkpoints stay on
+    /// the caller's runtime. The threads run wherever the OS puts them.
     PerThread,
     /// Every connection is a task of the runtime [`start`] is called on
     /// (the layout before [`HttpLayout::PerThread`]): for a caller whose
@@ -134,12 +141,15 @@ pub enum HttpLayout {
 impl std::str::FromStr for HttpLayout {
     type Err = String;
 
-    /// `per-thread` or `shared`.
+    /// `per-core`, `per-thread` or `shared`.
     fn from_str(s: &str) -> Result<HttpLayout, String> {
         match s {
+            "per-core" => Ok(HttpLayout::PerCore),
             "per-thread" => Ok(HttpLayout::PerThread),
             "shared" => Ok(HttpLayout::Shared),
-            _ => Err(format!("expected per-thread or shared, got {s:?}")),
+            _ => Err(format!(
+                "expected per-core, per-thread or shared, got {s:?}"
+            )),
         }
     }
 }
@@ -147,6 +157,7 @@ impl std::str::FromStr for HttpLayout {
 impl fmt::Display for HttpLayout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            HttpLayout::PerCore => "per-core",
             HttpLayout::PerThread => "per-thread",
             HttpLayout::Shared => "shared",
         })
@@ -197,9 +208,9 @@ pub struct Config {
     /// requests wait in the queue until they time out: only useful to test
     /// overload.
     pub threads: usize,
-    /// Threads serving HTTP connections. With [`HttpLayout::PerThread`]
-    /// (the default), [`start`] runs this many connection threads of its
-    /// own (at least 1). With [`HttpLayout::Shared`], the worker threads of
+    /// Threads serving HTTP connections. With [`HttpLayout::PerCore`] (the
+    /// default) and [`HttpLayout::PerThread`], [`start`] runs this many
+    /// connection threads of its own (at least 1). With [`HttpLayout::Shared`], the worker threads of
     /// the async runtime the binary builds ([`start`] ignores it then).
     pub http_threads: usize,
     /// Where connections run: threads of the server's own, or the runtime
@@ -258,7 +269,7 @@ impl Default for Config {
             publish_every: 10,
             threads: 1,
             http_threads: 2,
-            http_layout: HttpLayout::PerThread,
+            http_layout: HttpLayout::PerCore,
             queue_capacity: 1024,
             max_connections: 512,
             request_timeout: Duration::from_secs(5),
@@ -504,12 +515,13 @@ pub async fn start(config: Config) -> Result<Server, Error> {
         source,
     })?;
     let http_threads = match config.http_layout {
-        HttpLayout::PerThread => Some(
-            http_threads::HttpThreads::start(config.http_threads).map_err(|err| {
-                Error::Thread(format!("cannot start the connection threads: {err}"))
-            })?,
-        ),
         HttpLayout::Shared => None,
+        layout => Some(
+            http_threads::HttpThreads::start(config.http_threads, layout == HttpLayout::PerCore)
+                .map_err(|err| {
+                    Error::Thread(format!("cannot start the connection threads: {err}"))
+                })?,
+        ),
     };
 
     let with_digits = serves_digits(&config);

@@ -80,15 +80,16 @@ struct Cli {
     /// Model threads: each runs batched forwards, off the HTTP threads.
     #[arg(long, value_name = "N", default_value_t = Config::default().threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
-    /// Threads serving HTTP connections: connection threads with
-    /// --http-layout per-thread, runtime workers with shared.
+    /// Threads serving HTTP connections: connection threads, or runtime
+    /// workers with --http-layout shared.
     #[arg(long, value_name = "N", default_value_t = Config::default().http_threads as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
     http_threads: u64,
-    /// per-thread: each connection lives on one of --http-threads threads,
-    /// each with a single-threaded runtime of its own, woken once per batch
-    /// by the model threads. shared: every connection is a task of one
+    /// per-core: each connection lives on one of --http-threads threads,
+    /// each with a single-threaded runtime of its own and pinned to its own
+    /// CPU, woken once per batch by the model threads. per-thread: the
+    /// same, unpinned. shared: every connection is a task of one
     /// multi-threaded runtime of --http-threads workers (the layout before).
-    #[arg(long, value_name = "per-thread|shared", default_value_t = Config::default().http_layout)]
+    #[arg(long, value_name = "per-core|per-thread|shared", default_value_t = Config::default().http_layout)]
     http_layout: HttpLayout,
     /// Predict requests that may wait for the model; beyond it, 503 at once.
     #[arg(long, value_name = "N", default_value_t = Config::default().queue_capacity as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -1,6 +1,7 @@
-//! Both connection layouts answer concurrent clients with the engine's own
-//! forward; connection threads exist exactly while their server runs, and
-//! the requests that arrive together on them are batched together.
+//! Every connection layout answers concurrent clients with the engine's
+//! own forward; connection threads exist exactly while their server runs,
+//! pinned one per CPU with `PerCore`, and the requests that arrive together
+//! on them are batched together.
 //!
 //! One test in its own binary: it counts this process's threads by name,
 //! which another server running beside it would disturb.
@@ -23,6 +24,45 @@ fn threads_named(prefix: &str) -> usize {
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
         .filter(|comm| comm.trim().starts_with(prefix))
         .count()
+}
+
+/// The CPUs a `/proc` task may run on, from its `Cpus_allowed_list`
+/// (`0-3,6`).
+fn allowed_cpus(task: &std::path::Path) -> Vec<usize> {
+    let status = std::fs::read_to_string(task.join("status")).expect("a task's status");
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// The CPUs each of this process's threads `netcl-http-0`, `-1`, ... may
+/// run on.
+fn connection_thread_cpus(count: usize) -> Vec<Vec<usize>> {
+    let tasks: Vec<_> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| task.ok().map(|t| t.path()))
+        .collect();
+    (0..count)
+        .map(|i| {
+            let name = format!("netcl-http-{i}");
+            let task = tasks
+                .iter()
+                .find(|task| {
+                    std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .unwrap_or_else(|| panic!("no thread {name}"));
+            allowed_cpus(task)
+        })
+        .collect()
 }
 
 /// The forwards the server ran for the digits model, from `/metrics`.
@@ -86,17 +126,21 @@ async fn serve_clients(server: &netcl_serve::Server) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_layouts_answer_and_connection_threads_live_with_their_server() {
+async fn every_layout_answers_and_connection_threads_live_with_their_server() {
     assert_eq!(threads_named("netcl-http-"), 0);
 
-    // Connection threads (the default): three, as configured.
+    // Connection threads pinned to CPUs (the default): three, as
+    // configured, thread i on the i-th CPU this process may use.
+    let ours = allowed_cpus(std::path::Path::new("/proc/thread-self"));
+    assert_eq!(test_config().http_layout, HttpLayout::PerCore);
     let server = start(Config {
         http_threads: 3,
         ..test_config()
     })
     .await;
-    assert_eq!(test_config().http_layout, HttpLayout::PerThread);
     assert_eq!(threads_named("netcl-http-"), 3);
+    let expected: Vec<Vec<usize>> = (0..3).map(|i| vec![ours[i % ours.len()]]).collect();
+    assert_eq!(connection_thread_cpus(3), expected);
     let requests = serve_clients(&server).await;
     let ran = forwards(server.local_addr()).await;
     assert!(ran > 0, "no forward recorded");
@@ -108,6 +152,23 @@ async fn both_layouts_answer_and_connection_threads_live_with_their_server() {
     server.wait().await.unwrap();
     // Joined at shutdown (a thread's /proc entry can outlive its join by a
     // moment).
+    common::wait_until(
+        Duration::from_secs(5),
+        "the connection threads to end",
+        || threads_named("netcl-http-") == 0,
+    )
+    .await;
+
+    // The same threads, not pinned.
+    let server = start(Config {
+        http_layout: HttpLayout::PerThread,
+        ..test_config()
+    })
+    .await;
+    assert_eq!(connection_thread_cpus(2), vec![ours.clone(), ours.clone()]);
+    serve_clients(&server).await;
+    server.shutdown();
+    server.wait().await.unwrap();
     common::wait_until(
         Duration::from_secs(5),
         "the connection threads to end",
