@@ -7,14 +7,14 @@
 //! [`try_send`](crossbeam_channel::Sender::try_send)s a [`Job`] into a
 //! bounded channel, answering 503 at once when it is full, and awaits a
 //! oneshot reply. The forwards run on dedicated model threads, never on the
-//! runtime's threads. The handler rings the model's doorbell (at once,
-//! or on a connection thread once its burst of requests is queued); a
-//! model thread parks until then, takes a first job and whatever else is
-//! queued, up to `max_batch` rows, waiting at most `max_wait` for more, and
-//! answers each job directly or, for a request on a connection thread,
-//! through that thread's inbox, woken once per batch. It loads the current version once, runs one
-//! forward of all the rows under `no_grad` and evaluation mode on its own
-//! serving tape, and answers every job from that one result. So every row
+//! runtime's threads. The handler rings the model's doorbell (at once, or
+//! on a connection thread once its burst of requests is queued); a model
+//! thread parks until then, takes a first job and whatever else is queued,
+//! up to `max_batch` rows, waiting at most `max_wait` for more. It loads
+//! the current version once, runs one forward of all the rows under
+//! `no_grad` and evaluation mode on its own serving tape, and answers every
+//! job from that one result: directly, or for a request on a connection
+//! thread through that thread's inbox, woken once per batch. So every row
 //! of a response, and of a batch, comes from one version; and a job is
 //! dequeued only after its request arrived, so the version a connection
 //! sees never goes back.

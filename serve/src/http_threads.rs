@@ -35,6 +35,12 @@
 //! nested in an application of one's own) have no inbox and are answered
 //! directly, as before.
 //!
+//! The other way round, a handler that queued a job does not wake the
+//! model thread itself: [`ring`] leaves the model's doorbell to the
+//! thread's ringing task, which a local wake puts behind every task already
+//! ready, so the model thread wakes once, to all the requests the thread
+//! has just read, instead of to the first of them.
+//!
 //! [`Config::http_threads`]: crate::Config::http_threads
 //! [`HttpLayout::Shared`]: crate::HttpLayout::Shared
 //! [`HttpLayout::PerCore`]: crate::HttpLayout::PerCore
