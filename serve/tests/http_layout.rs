@@ -125,6 +125,20 @@ async fn serve_clients(server: &netcl_serve::Server) -> u64 {
     (CLIENTS * REQUESTS) as u64
 }
 
+/// Stops `server` and waits until its connection threads are gone: joined
+/// at shutdown, though a thread's `/proc` entry can outlive its join by a
+/// moment.
+async fn stop(server: netcl_serve::Server) {
+    server.shutdown();
+    server.wait().await.unwrap();
+    common::wait_until(
+        Duration::from_secs(5),
+        "the connection threads to end",
+        || threads_named("netcl-http-") == 0,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_layout_answers_and_connection_threads_live_with_their_server() {
     assert_eq!(threads_named("netcl-http-"), 0);
@@ -148,16 +162,7 @@ async fn every_layout_answers_and_connection_threads_live_with_their_server() {
         ran < requests,
         "{ran} forwards for {requests} requests: nothing was batched"
     );
-    server.shutdown();
-    server.wait().await.unwrap();
-    // Joined at shutdown (a thread's /proc entry can outlive its join by a
-    // moment).
-    common::wait_until(
-        Duration::from_secs(5),
-        "the connection threads to end",
-        || threads_named("netcl-http-") == 0,
-    )
-    .await;
+    stop(server).await;
 
     // The same threads, not pinned.
     let server = start(Config {
@@ -167,14 +172,7 @@ async fn every_layout_answers_and_connection_threads_live_with_their_server() {
     .await;
     assert_eq!(connection_thread_cpus(2), vec![ours.clone(), ours.clone()]);
     serve_clients(&server).await;
-    server.shutdown();
-    server.wait().await.unwrap();
-    common::wait_until(
-        Duration::from_secs(5),
-        "the connection threads to end",
-        || threads_named("netcl-http-") == 0,
-    )
-    .await;
+    stop(server).await;
 
     // Every connection on the caller's runtime: no threads of its own.
     let server = start(Config {
@@ -184,6 +182,5 @@ async fn every_layout_answers_and_connection_threads_live_with_their_server() {
     .await;
     assert_eq!(threads_named("netcl-http-"), 0);
     serve_clients(&server).await;
-    server.shutdown();
-    server.wait().await.unwrap();
+    stop(server).await;
 }
