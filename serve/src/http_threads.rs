@@ -201,13 +201,13 @@ pub(crate) struct HttpThreads {
 
 impl HttpThreads {
     /// Starts `count` (at least 1) threads named `netcl-http-{i}`; with
-    /// `pin`, thread `i` is pinned to the `i`-th CPU this thread may run on
-    /// (round robin), where the OS allows it.
+    /// `pin`, each pins itself to a CPU of its own ([`Claims`]) where the
+    /// OS allows it.
     pub(crate) fn start(count: usize, pin: bool) -> std::io::Result<HttpThreads> {
-        let cpus = if pin { allowed_cpus() } else { Vec::new() };
+        let claims = pin.then(|| Arc::new(Claims::new(allowed_cpus())));
         let mut threads = Vec::with_capacity(count.max(1));
         for i in 0..count.max(1) {
-            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let claims = claims.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -217,7 +217,7 @@ impl HttpThreads {
             let spawned = std::thread::Builder::new()
                 .name(format!("netcl-http-{i}"))
                 .spawn(move || {
-                    if let Some(cpu) = cpu {
+                    if let Some(cpu) = claims.and_then(|claims| claims.claim()) {
                         pin_to(cpu);
                     }
                     CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(&own)));
@@ -300,6 +300,55 @@ impl Drop for HttpThreads {
             thread.inbox.stop();
         }
     }
+}
+
+/// Which CPU each connection thread of one server pins itself to.
+///
+/// A thread takes the CPU the OS started it on, unless a sibling took it
+/// first, and else the least taken of the CPUs the process may use. Not
+/// simply the `i`-th: the OS starts a new thread on an idle CPU where it
+/// can, so the servers sharing a machine (a trainer and its replicas, say)
+/// spread over its CPUs instead of all pinning to the first ones.
+struct Claims {
+    allowed: Vec<usize>,
+    /// Threads pinned to each of `allowed`.
+    taken: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Claims {
+    fn new(allowed: Vec<usize>) -> Claims {
+        let taken = std::sync::Mutex::new(vec![0; allowed.len()]);
+        Claims { allowed, taken }
+    }
+
+    /// The calling thread's CPU (none when no CPU is known).
+    fn claim(&self) -> Option<usize> {
+        self.claim_from(current_cpu())
+    }
+
+    fn claim_from(&self, here: Option<usize>) -> Option<usize> {
+        let mut taken = self
+            .taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let free_here = here
+            .and_then(|cpu| self.allowed.iter().position(|&c| c == cpu))
+            .filter(|&i| taken[i] == 0);
+        let pick = free_here.or_else(|| (0..taken.len()).min_by_key(|&i| taken[i]))?;
+        taken[pick] += 1;
+        Some(self.allowed[pick])
+    }
+}
+
+/// The CPU the calling thread runs on.
+#[cfg(target_os = "linux")]
+fn current_cpu() -> Option<usize> {
+    Some(rustix::thread::sched_getcpu())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn current_cpu() -> Option<usize> {
+    None
 }
 
 /// The CPUs the calling thread may run on, in order (none where that
@@ -409,6 +458,22 @@ mod tests {
         for thread in threads.stop() {
             thread.join().unwrap();
         }
+    }
+
+    /// A thread keeps the CPU it started on unless a sibling has it; then
+    /// it takes the least taken; nothing to claim without known CPUs.
+    #[test]
+    fn claims_spread_threads_over_the_allowed_cpus() {
+        let claims = Claims::new(vec![2, 3, 5]);
+        assert_eq!(claims.claim_from(Some(3)), Some(3));
+        // Taken: the least taken, the first of them.
+        assert_eq!(claims.claim_from(Some(3)), Some(2));
+        // Not allowed, or unknown: the least taken.
+        assert_eq!(claims.claim_from(Some(7)), Some(5));
+        assert_eq!(claims.claim_from(None), Some(2));
+        assert_eq!(claims.claim_from(Some(5)), Some(3));
+        assert_eq!(*claims.taken.lock().unwrap(), [2, 2, 1]);
+        assert_eq!(Claims::new(Vec::new()).claim_from(Some(0)), None);
     }
 
     /// New connections go to the thread with the fewest open, and a

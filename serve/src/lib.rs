@@ -114,10 +114,12 @@ use crate::trainer::TrainSettings;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum HttpLayout {
-    /// [`HttpLayout::PerThread`], with connection thread `i` pinned to the
-    /// `i`-th CPU the process may run on (round robin; on Linux; a refusal
-    /// is logged and the thread runs anywhere). The model threads, the
-    /// trainer and the caller's runtime are not pinned. Measured on the
+    /// [`HttpLayout::PerThread`], with each connection thread pinned to a
+    /// CPU of its own among those the process may use: the one the OS
+    /// started it on unless another connection thread of the server took
+    /// it, else the least taken (so servers sharing a machine spread over
+    /// it). On Linux; a refusal is logged and the thread runs anywhere. The
+    /// model threads, the trainer and the caller's runtime are not pinned. Measured on the
     /// digits route beside the other layouts: the most requests served and
     /// the lowest p99 (BENCHMARKS.md, "Connection threads"). For a machine
     /// the server does not share with other busy processes.
