@@ -119,10 +119,11 @@ pub enum HttpLayout {
     /// started it on unless another connection thread of the server took
     /// it, else the least taken (so servers sharing a machine spread over
     /// it). On Linux; a refusal is logged and the thread runs anywhere. The
-    /// model threads, the trainer and the caller's runtime are not pinned. Measured on the
-    /// digits route beside the other layouts: the most requests served and
-    /// the lowest p99 (BENCHMARKS.md, "Connection threads"). For a machine
-    /// the server does not share with other busy processes.
+    /// model threads, the trainer and the caller's runtime are not pinned.
+    /// Measured on the digits route beside the other layouts: the most
+    /// requests served and the lowest p99 (BENCHMARKS.md, "Connection
+    /// threads"). For a machine the server does not share with other busy
+    /// processes; there, [`HttpLayout::PerThread`].
     #[default]
     PerCore,
     /// [`Config::http_threads`] threads named `netcl-http-{i}`, each running
@@ -135,7 +136,7 @@ pub enum HttpLayout {
     /// the caller's runtime. The threads run wherever the OS puts them.
     PerThread,
     /// Every connection is a task of the runtime [`start`] is called on
-    /// (the layout before [`HttpLayout::PerThread`]): for a caller whose
+    /// (the layout before the connection threads): for a caller whose
     /// runtime should do all the work.
     Shared,
 }
@@ -212,8 +213,9 @@ pub struct Config {
     pub threads: usize,
     /// Threads serving HTTP connections. With [`HttpLayout::PerCore`] (the
     /// default) and [`HttpLayout::PerThread`], [`start`] runs this many
-    /// connection threads of its own (at least 1). With [`HttpLayout::Shared`], the worker threads of
-    /// the async runtime the binary builds ([`start`] ignores it then).
+    /// connection threads of its own (at least 1). With
+    /// [`HttpLayout::Shared`], the worker threads of the async runtime the
+    /// binary builds ([`start`] ignores it then).
     pub http_threads: usize,
     /// Where connections run: threads of the server's own, or the runtime
     /// [`start`] is called on.
@@ -742,7 +744,7 @@ pub async fn start(config: Config) -> Result<Server, Error> {
 /// What the accept loop owns.
 struct Serving {
     listener: TcpListener,
-    /// The connection threads, with [`HttpLayout::PerThread`].
+    /// The connection threads, unless [`HttpLayout::Shared`].
     http_threads: Option<http_threads::HttpThreads>,
     router: axum::Router,
     config: Config,
