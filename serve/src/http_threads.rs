@@ -417,6 +417,28 @@ mod tests {
         }
     }
 
+    /// Stopping sends what was queued before the stop, then the thread
+    /// ends; a ring off the connection threads wakes the model thread at
+    /// once.
+    #[test]
+    fn stop_sends_what_is_queued_and_rings_elsewhere_are_immediate() {
+        let threads = HttpThreads::start(1, false).unwrap();
+        let inbox = Arc::clone(&threads.threads[0].inbox);
+        let (sender, mut receiver) = oneshot::channel();
+        inbox.push(sender, Ok(prediction(7)));
+        for thread in threads.stop() {
+            thread.join().unwrap();
+        }
+        assert_eq!(receiver.try_recv().unwrap().unwrap().version, 7);
+
+        // This test's thread has no outbox: the ring is not deferred, so
+        // the parked thread wakes without any task to run it.
+        let parked = std::thread::spawn(std::thread::park);
+        let doorbell = Arc::new(Doorbell::new(std::slice::from_ref(&parked)));
+        ring(&doorbell);
+        parked.join().unwrap();
+    }
+
     /// Replies pushed from another thread arrive after one wake, each to
     /// its own receiver, on the connection thread.
     #[test]
