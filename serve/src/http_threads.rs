@@ -208,9 +208,16 @@ impl HttpThreads {
         let mut threads = Vec::with_capacity(count.max(1));
         for i in 0..count.max(1) {
             let claims = claims.clone();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_all();
+            if let Some(claims) = &claims {
+                // A thread inherits its creator's affinity: the runtime's
+                // blocking threads (generations run there) get back every
+                // CPU the process may use, not the one of their thread.
+                let allowed = claims.allowed.clone();
+                builder.on_thread_start(move || set_affinity(&allowed, "a blocking thread"));
+            }
+            let runtime = builder.build()?;
             let handle = runtime.handle().clone();
             let inbox = Arc::new(Inbox::new());
             let own = Arc::clone(&inbox);
@@ -218,7 +225,7 @@ impl HttpThreads {
                 .name(format!("netcl-http-{i}"))
                 .spawn(move || {
                     if let Some(cpu) = claims.and_then(|claims| claims.claim()) {
-                        pin_to(cpu);
+                        set_affinity(&[cpu], "a connection thread");
                     }
                     CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(&own)));
                     let notify = Arc::new(Notify::new());
@@ -373,19 +380,22 @@ fn allowed_cpus() -> Vec<usize> {
     Vec::new()
 }
 
-/// Pins the calling thread to `cpu`; logs (and runs anywhere) if refused.
+/// Lets the calling thread (`what`) run on `cpus` only; logs if refused
+/// (and it runs where it did).
 #[cfg(target_os = "linux")]
-fn pin_to(cpu: usize) {
+fn set_affinity(cpus: &[usize], what: &str) {
     use rustix::thread::{CpuSet, sched_setaffinity};
     let mut set = CpuSet::new();
-    set.set(cpu);
+    for &cpu in cpus {
+        set.set(cpu);
+    }
     if let Err(err) = sched_setaffinity(None, &set) {
-        tracing::warn!(cpu, "cannot pin a connection thread: {err}");
+        tracing::warn!(?cpus, "cannot set the CPUs of {what}: {err}");
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn pin_to(_cpu: usize) {}
+fn set_affinity(_cpus: &[usize], _what: &str) {}
 
 /// Counts a connection as open on its thread while it lives.
 struct OpenGuard(Arc<AtomicUsize>);
@@ -437,6 +447,45 @@ mod tests {
         let doorbell = Arc::new(Doorbell::new(std::slice::from_ref(&parked)));
         ring(&doorbell);
         parked.join().unwrap();
+    }
+
+    /// The CPUs the calling thread may run on, from `/proc`.
+    #[cfg(target_os = "linux")]
+    fn own_cpus() -> String {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A pinned connection thread runs on one CPU, but the blocking threads
+    /// its runtime starts (which inherit its affinity) get back every CPU
+    /// the process may use.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn blocking_threads_of_a_pinned_thread_run_anywhere() {
+        let ours = own_cpus();
+        let threads = HttpThreads::start(1, true).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        threads.spawn(server, move |_stream| async move {
+            let pinned = own_cpus();
+            let blocking = tokio::task::spawn_blocking(own_cpus).await.unwrap();
+            tx.send((pinned, blocking)).unwrap();
+        });
+        let (pinned, blocking) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(pinned.parse::<usize>().is_ok(), "pinned to {pinned:?}");
+        assert_eq!(blocking, ours);
+        drop(client);
+        for thread in threads.stop() {
+            thread.join().unwrap();
+        }
     }
 
     /// Replies pushed from another thread arrive after one wake, each to

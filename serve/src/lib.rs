@@ -119,7 +119,9 @@ pub enum HttpLayout {
     /// started it on unless another connection thread of the server took
     /// it, else the least taken (so servers sharing a machine spread over
     /// it). On Linux; a refusal is logged and the thread runs anywhere. The
-    /// model threads, the trainer and the caller's runtime are not pinned.
+    /// model threads, the trainer, the caller's runtime and the blocking
+    /// threads a connection thread starts (generations run there) are not
+    /// pinned.
     /// Measured on the digits route beside the other layouts: the most
     /// requests served and the lowest p99 (BENCHMARKS.md, "Connection
     /// threads"). For a machine the server does not share with other busy
