@@ -449,6 +449,15 @@ mod tests {
         parked.join().unwrap();
     }
 
+    /// A client socket connected to `listener`, and the server's side of
+    /// it, non-blocking as the accept loop hands it over.
+    fn connection(listener: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, server)
+    }
+
     /// The CPUs the calling thread may run on, from `/proc`.
     #[cfg(target_os = "linux")]
     fn own_cpus() -> String {
@@ -470,9 +479,7 @@ mod tests {
         let ours = own_cpus();
         let threads = HttpThreads::start(1, true).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
+        let (client, server) = connection(&listener);
         let (tx, rx) = std::sync::mpsc::channel();
         threads.spawn(server, move |_stream| async move {
             let pinned = own_cpus();
@@ -495,14 +502,8 @@ mod tests {
         let threads = HttpThreads::start(1, false).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // A task on the connection thread awaits ten replies.
-        let (listener, addr) = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            (listener, addr)
-        };
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (client, server) = connection(&listener);
         threads.spawn(server, move |_stream| async move {
             let inbox = Inbox::current().expect("a connection thread has an inbox");
             let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -553,14 +554,12 @@ mod tests {
     fn connections_go_to_the_least_busy_thread() {
         let threads = HttpThreads::start(2, false).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let (names_tx, names_rx) = std::sync::mpsc::channel();
         let mut ends = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..4 {
-            clients.push(std::net::TcpStream::connect(addr).unwrap());
-            let (server, _) = listener.accept().unwrap();
-            server.set_nonblocking(true).unwrap();
+            let (client, server) = connection(&listener);
+            clients.push(client);
             let (end, ended) = oneshot::channel::<()>();
             ends.push(end);
             let names_tx = names_tx.clone();
